@@ -1,0 +1,53 @@
+//! `ember`: the command line for people. It finds the coordinator and its certificate from flags, the
+//! environment (`EMBER_COORDINATOR`, `EMBER_CA`, `EMBER_CERT`, `EMBER_KEY`) or a config file
+//! (`EMBER_CLI_CONFIG`, default `~/.config/ember/cli.toml`), prints tables for people and `--json` for scripts,
+//! and reports failures as the gRPC status in one line.
+
+mod certs;
+mod connect;
+mod output;
+mod quota;
+mod service;
+mod types;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "ember", version, about = "ember block storage: the command line")]
+struct Cli {
+    #[command(flatten)]
+    conn: connect::ConnectArgs,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the fleet CA and issue certificates.
+    Certs(certs::CertsCmd),
+    /// List, disable and enable services (admin).
+    Service(service::ServiceCmd),
+    /// Manage volume types and their extra specs.
+    Type(types::TypeCmd),
+    /// Show and set project quotas.
+    Quota(quota::QuotaCmd),
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    ember_common::install_crypto_provider();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Certs(c) => certs::run(c, cli.json),
+        Command::Service(c) => service::run(c, &cli.conn, cli.json).await,
+        Command::Type(c) => types::run(c, &cli.conn, cli.json).await,
+        Command::Quota(c) => quota::run(c, &cli.conn, cli.json).await,
+    };
+    if let Err(e) = result {
+        eprintln!("ember: {e}");
+        std::process::exit(1);
+    }
+}

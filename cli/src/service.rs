@@ -1,0 +1,96 @@
+//! `ember service`: the fleet's services, like `cinder service-list`.
+
+use crate::connect::{CliError, ConnectArgs};
+use crate::output;
+use ember_proto::v1::fleet_service_client::FleetServiceClient;
+use ember_proto::v1::*;
+
+/// `ember service …`
+#[derive(Debug, clap::Args)]
+pub struct ServiceCmd {
+    #[command(subcommand)]
+    action: ServiceAction,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ServiceAction {
+    /// List services with their state.
+    List {
+        /// Only this host.
+        #[arg(long, default_value = "")]
+        host: String,
+    },
+    /// Disable a service (`host` or `host@backend`): nothing new is scheduled on it.
+    Disable {
+        /// `host` or `host@backend`.
+        name: String,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Enable a disabled service.
+    Enable {
+        /// `host` or `host@backend`.
+        name: String,
+    },
+}
+
+fn role_name(role: i32) -> &'static str {
+    match ServiceRole::try_from(role).unwrap_or(ServiceRole::Unspecified) {
+        ServiceRole::Storage => "ember-storage",
+        ServiceRole::Compute => "ember-compute",
+        ServiceRole::Backup => "ember-backup",
+        ServiceRole::Unspecified => "?",
+    }
+}
+
+fn to_json(s: &Service) -> serde_json::Value {
+    serde_json::json!({
+        "binary": role_name(s.role), "host": s.name, "zone": s.availability_zone,
+        "status": if s.enabled { "enabled" } else { "disabled" }, "state": if s.up { "up" } else { "down" },
+        "updated_at": output::time(&s.last_heartbeat), "disabled_reason": s.disabled_reason,
+        "instance_id": s.instance_id, "endpoint": s.endpoint, "version": s.version,
+    })
+}
+
+fn print(services: &[Service], json: bool) {
+    if json {
+        output::json(&serde_json::Value::Array(services.iter().map(to_json).collect()));
+        return;
+    }
+    let rows: Vec<Vec<String>> = services
+        .iter()
+        .map(|s| {
+            vec![
+                role_name(s.role).into(),
+                s.name.clone(),
+                s.availability_zone.clone(),
+                if s.enabled { "enabled" } else { "disabled" }.into(),
+                if s.up { "up" } else { "down" }.into(),
+                output::time(&s.last_heartbeat),
+                s.disabled_reason.clone(),
+            ]
+        })
+        .collect();
+    output::table(&["Binary", "Host", "Zone", "Status", "State", "Updated At", "Disabled Reason"], &rows);
+}
+
+/// Runs `ember service …`.
+pub async fn run(cmd: ServiceCmd, conn: &ConnectArgs, json: bool) -> Result<(), CliError> {
+    let mut client = FleetServiceClient::new(conn.channel()?);
+    match cmd.action {
+        ServiceAction::List { host } => {
+            let resp = client.list_services(ListServicesRequest { role: 0, host }).await?.into_inner();
+            print(&resp.services, json);
+        }
+        ServiceAction::Disable { name, reason } => {
+            let s = client.disable_service(DisableServiceRequest { name, reason }).await?.into_inner();
+            print(&[s], json);
+        }
+        ServiceAction::Enable { name } => {
+            let s = client.enable_service(EnableServiceRequest { name }).await?.into_inner();
+            print(&[s], json);
+        }
+    }
+    Ok(())
+}

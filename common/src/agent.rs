@@ -1,0 +1,209 @@
+//! What the three agents share: their common settings and command-line flags, and the loop that registers
+//! with the coordinator and then heartbeats.
+
+use crate::config::{ConfigError, required};
+use crate::tls::{TlsError, TlsFiles};
+use ember_proto::agent::v1::{HeartbeatRequest, RegisterRequest, registration_client::RegistrationClient};
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::time::Duration;
+use tonic::Code;
+
+/// Settings every agent has (the `[agent]`-level keys of its TOML file).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct AgentSettings {
+    /// Node name; must match the name in the agent's certificate.
+    pub name: Option<String>,
+    /// Address to listen on, e.g. `127.0.0.1:7001` (port 0 picks one).
+    pub listen: Option<String>,
+    /// URL the coordinator should call back; default `https://<bound address>`.
+    pub advertise: Option<String>,
+    /// The coordinator's URL, e.g. `https://127.0.0.1:7000`.
+    pub coordinator: Option<String>,
+    /// Availability zone; default `nova` as in Cinder.
+    pub availability_zone: Option<String>,
+    /// TLS material.
+    pub tls: Option<TlsFiles>,
+}
+
+/// Flags every agent accepts; each overrides the config file.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentArgs {
+    /// TOML config file.
+    #[arg(long, short = 'c', env = "EMBER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Node name (must match the certificate).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Listen address.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Callback URL announced to the coordinator.
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Coordinator URL.
+    #[arg(long)]
+    pub coordinator: Option<String>,
+    /// Availability zone.
+    #[arg(long)]
+    pub availability_zone: Option<String>,
+    /// Fleet CA certificate.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// This agent's certificate.
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// This agent's key.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Log one JSON object per line instead of text.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// Resolved agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentIdentity {
+    /// Node name.
+    pub name: String,
+    /// Listen address.
+    pub listen: String,
+    /// Callback URL, when configured (otherwise derived from the bound address).
+    pub advertise: Option<String>,
+    /// Coordinator URL.
+    pub coordinator: String,
+    /// Availability zone.
+    pub availability_zone: String,
+    /// TLS material.
+    pub tls: TlsFiles,
+}
+
+impl AgentArgs {
+    /// Applies the flags over the file's settings.
+    pub fn resolve(&self, file: AgentSettings) -> Result<AgentIdentity, ConfigError> {
+        let tls = match (&self.ca, &self.cert, &self.key, file.tls) {
+            (Some(ca), Some(cert), Some(key), _) => TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() },
+            (_, _, _, Some(t)) => TlsFiles {
+                ca: self.ca.clone().unwrap_or(t.ca),
+                cert: self.cert.clone().unwrap_or(t.cert),
+                key: self.key.clone().unwrap_or(t.key),
+            },
+            _ => return Err(ConfigError::Missing("tls (--ca, --cert and --key) is required".into())),
+        };
+        Ok(AgentIdentity {
+            name: required(self.name.clone().or(file.name), "name")?,
+            listen: self.listen.clone().or(file.listen).unwrap_or_else(|| "127.0.0.1:0".into()),
+            advertise: self.advertise.clone().or(file.advertise),
+            coordinator: required(self.coordinator.clone().or(file.coordinator), "coordinator")?,
+            availability_zone: self
+                .availability_zone
+                .clone()
+                .or(file.availability_zone)
+                .unwrap_or_else(|| "nova".into()),
+            tls,
+        })
+    }
+}
+
+/// Registers with the coordinator (retrying until it answers), then heartbeats at the interval it asks for,
+/// registering again whenever it says it does not know us. `report` builds a fresh registration (with current
+/// capacity) each time. Runs until the task is dropped.
+pub async fn registration_loop(
+    coordinator_url: &str,
+    tls: &TlsFiles,
+    report: impl Fn() -> RegisterRequest,
+) -> Result<(), TlsError> {
+    let mut client = RegistrationClient::new(tls.channel(coordinator_url)?);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let request = report();
+        let interval = match client.register(request.clone()).await {
+            Ok(resp) => {
+                let secs = resp.into_inner().heartbeat_interval_seconds.max(1);
+                tracing::info!(name = %request.name, instance_id = %request.instance_id, "registered with the coordinator");
+                backoff = Duration::from_millis(200);
+                Duration::from_secs(secs as u64)
+            }
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), message = status.message(), "registration failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let mut ticker = tokio::time::interval(interval);
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            let r = report();
+            let hb = HeartbeatRequest {
+                name: r.name,
+                role: r.role,
+                instance_id: r.instance_id,
+                backends: r.backends,
+                repositories: r.repositories,
+            };
+            match client.heartbeat(hb).await {
+                Ok(_) => {}
+                Err(s) if s.code() == Code::NotFound => {
+                    tracing::warn!("coordinator does not know this instance; registering again");
+                    break;
+                }
+                Err(s) => tracing::warn!(code = ?s.code(), message = s.message(), "heartbeat failed"),
+            }
+        }
+    }
+}
+
+/// A new random instance id, made at each agent start.
+pub fn new_instance_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// The `https://` URL for a bound address.
+pub fn url_for(addr: std::net::SocketAddr) -> String {
+    format!("https://{addr}")
+}
+
+/// Serves an agent: binds, registers with the coordinator and heartbeats in the background, and serves
+/// `services` (plus reflection and health) until SIGTERM/SIGINT. `report(endpoint, instance_id)` builds the
+/// registration with fresh capacity each time it is called.
+pub async fn serve_agent<F>(
+    id: AgentIdentity,
+    services: tonic::service::RoutesBuilder,
+    health_names: &[&str],
+    report: F,
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    F: Fn(&str, &str) -> RegisterRequest + Send + Sync + 'static,
+{
+    let (listener, addr) = crate::server::bind(&id.listen).await?;
+    let endpoint = id.advertise.clone().unwrap_or_else(|| url_for(addr));
+    let instance_id = new_instance_id();
+    tracing::info!(name = %id.name, %addr, %endpoint, %instance_id, "agent serving");
+    let (coordinator, tls) = (id.coordinator.clone(), id.tls.clone());
+    let registration = tokio::spawn(async move {
+        if let Err(e) = registration_loop(&coordinator, &tls, || report(&endpoint, &instance_id)).await {
+            tracing::error!("registration stopped: {e}");
+        }
+    });
+    let served =
+        crate::server::serve(listener, &id.tls, services, health_names, crate::server::shutdown_signal()).await;
+    registration.abort();
+    served?;
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+/// Sets up process-wide state every agent needs, parses nothing: installs the crypto provider and logging.
+pub fn start_process(log_json: bool) {
+    crate::install_crypto_provider();
+    crate::logging::init(log_json);
+}
+
+/// Free and total bytes of the filesystem holding `path`.
+pub fn filesystem_space(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    let st = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
+    let frag = st.fragment_size() as u64;
+    Ok((st.blocks() as u64 * frag, st.blocks_available() as u64 * frag))
+}

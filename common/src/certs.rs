@@ -1,0 +1,170 @@
+//! The fleet certificate authority: create it once, then issue a certificate and key per identity.
+//!
+//! Keys are ECDSA P-256. Every issued certificate is valid for both client and server authentication so that
+//! a daemon uses one certificate for serving and for dialling; its identity rides in URI SANs (see
+//! [`crate::identity`]), its reachability in DNS/IP SANs.
+
+use crate::identity::{Identity, Role, valid_name};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use time::{Duration, OffsetDateTime};
+
+/// Why a certificate operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Generation or parsing failed.
+    #[error("certificate: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// The request itself was wrong.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// File names of a CA directory.
+pub const CA_CERT: &str = "ca.pem";
+/// The CA's private key file.
+pub const CA_KEY: &str = "ca.key";
+
+fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), CertError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| CertError::Io { path: path.to_path_buf(), source };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(path)
+        .map_err(io)?;
+    f.write_all(contents.as_bytes()).map_err(io)
+}
+
+fn read_file(path: &Path) -> Result<String, CertError> {
+    std::fs::read_to_string(path).map_err(|source| CertError::Io { path: path.to_path_buf(), source })
+}
+
+/// Creates a new fleet CA (`ca.pem`, `ca.key`) in `dir`. Refuses to overwrite an existing one.
+pub fn init_ca(dir: &Path, common_name: &str) -> Result<(PathBuf, PathBuf), CertError> {
+    std::fs::create_dir_all(dir).map_err(|source| CertError::Io { path: dir.to_path_buf(), source })?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, common_name);
+    params.distinguished_name.push(DnType::OrganizationName, "ember");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(3650);
+    let key = KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    let (cert_path, key_path) = (dir.join(CA_CERT), dir.join(CA_KEY));
+    write_file(&cert_path, &cert.pem(), false)?;
+    write_file(&key_path, &key.serialize_pem(), true)?;
+    Ok((cert_path, key_path))
+}
+
+/// What to put in an issued certificate.
+#[derive(Debug, Clone)]
+pub struct IssueRequest {
+    /// The identity it carries.
+    pub identity: Identity,
+    /// DNS names it is valid for (servers).
+    pub dns: Vec<String>,
+    /// IP addresses it is valid for (servers).
+    pub ips: Vec<IpAddr>,
+    /// Validity in days.
+    pub days: i64,
+}
+
+/// Issues a certificate and key signed by the CA in `ca_dir`, written to `<out_dir>/<file_stem>.pem` and
+/// `<out_dir>/<file_stem>.key`. Refuses to overwrite existing files.
+pub fn issue(
+    ca_dir: &Path,
+    req: &IssueRequest,
+    out_dir: &Path,
+    file_stem: &str,
+) -> Result<(PathBuf, PathBuf), CertError> {
+    let id = &req.identity;
+    if !valid_name(&id.name) {
+        return Err(CertError::Invalid(format!(
+            "name {:?} is not valid: use 1-63 of a-z 0-9 - _ . starting with a letter or digit",
+            id.name
+        )));
+    }
+    match (&id.project, id.role) {
+        (None, Role::Member) => return Err(CertError::Invalid("a member certificate needs --project".into())),
+        (Some(p), Role::Member) if !valid_name(p) => {
+            return Err(CertError::Invalid(format!("project {p:?} is not valid")));
+        }
+        (Some(_), r) if r != Role::Member => {
+            return Err(CertError::Invalid("only member certificates carry a project".into()));
+        }
+        _ => {}
+    }
+    let ca_key = KeyPair::from_pem(&read_file(&ca_dir.join(CA_KEY))?)?;
+    let issuer = Issuer::from_ca_cert_pem(&read_file(&ca_dir.join(CA_CERT))?, ca_key)?;
+
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, format!("{} {}", id.role, id.name));
+    params.distinguished_name.push(DnType::OrganizationName, "ember");
+    let mut sans = Vec::new();
+    for uri in id.to_uris() {
+        sans.push(SanType::URI(uri.try_into()?));
+    }
+    for dns in &req.dns {
+        sans.push(SanType::DnsName(dns.clone().try_into()?));
+    }
+    sans.extend(req.ips.iter().copied().map(SanType::IpAddress));
+    params.subject_alt_names = sans;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(req.days);
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+
+    std::fs::create_dir_all(out_dir).map_err(|source| CertError::Io { path: out_dir.to_path_buf(), source })?;
+    let (cert_path, key_path) = (out_dir.join(format!("{file_stem}.pem")), out_dir.join(format!("{file_stem}.key")));
+    write_file(&cert_path, &cert.pem(), false)?;
+    write_file(&key_path, &key.serialize_pem(), true)?;
+    Ok((cert_path, key_path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_certificate_carries_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path(), "test CA").unwrap();
+        assert!(init_ca(dir.path(), "again").is_err(), "must not overwrite a CA");
+        let identity = Identity { role: Role::Member, name: "alice".into(), project: Some("proj-a".into()) };
+        let req = IssueRequest { identity: identity.clone(), dns: vec!["localhost".into()], ips: vec![], days: 1 };
+        let (cert, _) = issue(dir.path(), &req, dir.path(), "alice").unwrap();
+        let pem = std::fs::read_to_string(cert).unwrap();
+        let der = pem_body(&pem);
+        assert_eq!(Identity::from_der(&der).unwrap(), identity);
+
+        let bad = IssueRequest { identity: Identity { role: Role::Member, name: "bob".into(), project: None }, ..req };
+        assert!(matches!(issue(dir.path(), &bad, dir.path(), "bob"), Err(CertError::Invalid(_))));
+    }
+
+    fn pem_body(pem: &str) -> Vec<u8> {
+        let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        parsed.contents
+    }
+}

@@ -1,0 +1,23 @@
+//! Pieces every ember daemon and the CLI share: identities carried in certificates and the mTLS set-up,
+//! the certificate authority, server bootstrap (reflection, health, graceful shutdown), logging, config
+//! loading, the one runner for external commands, and the agents' registration loop.
+
+pub mod agent;
+pub mod certs;
+pub mod config;
+pub mod identity;
+pub mod logging;
+pub mod runner;
+pub mod server;
+pub mod stub;
+pub mod tls;
+
+/// This build's software version, reported at registration.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Installs rustls' ring crypto provider as the process default. Call first thing in `main`: with no
+/// provider (or two) installed, the TLS stack panics at the first handshake.
+pub fn install_crypto_provider() {
+    // An error only means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

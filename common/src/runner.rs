@@ -1,0 +1,133 @@
+//! The one way ember runs an external program: an argv (never a shell), `LC_ALL=C` so output parses the same
+//! everywhere, a deadline after which the child is killed, a log line per run, and a typed error that keeps
+//! stderr. Only ids and config values become arguments, never user-supplied names.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::process::Command;
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The program is not installed.
+    #[error("{program}: not found (is it installed?)")]
+    NotFound {
+        /// The program.
+        program: String,
+    },
+    /// It could not be started.
+    #[error("{program}: could not start: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// It ran past its deadline and was killed.
+    #[error("{program}: no answer within {timeout:?}; killed")]
+    TimedOut {
+        /// The program.
+        program: String,
+        /// The deadline.
+        timeout: Duration,
+    },
+    /// It exited unsuccessfully.
+    #[error("{program} {args} exited with {code:?}: {stderr}")]
+    Failed {
+        /// The program.
+        program: String,
+        /// The arguments, joined for display.
+        args: String,
+        /// Exit code (`None` when killed by a signal).
+        code: Option<i32>,
+        /// Its standard error, trimmed.
+        stderr: String,
+        /// Its standard output, trimmed.
+        stdout: String,
+    },
+}
+
+/// What a successful run printed.
+#[derive(Debug, Clone)]
+pub struct CommandOutput {
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// Runs `program args…` with a deadline; stdin is closed.
+pub async fn run(program: &str, args: &[&str], timeout: Duration) -> Result<CommandOutput, CommandError> {
+    run_with_input(program, args, timeout, None).await
+}
+
+/// Like [`run`], writing `input` to the child's stdin.
+pub async fn run_with_input(
+    program: &str,
+    args: &[&str],
+    timeout: Duration,
+    input: Option<&[u8]>,
+) -> Result<CommandOutput, CommandError> {
+    let started = Instant::now();
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env("LC_ALL", "C")
+        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => CommandError::NotFound { program: program.to_string() },
+        _ => CommandError::Spawn { program: program.to_string(), source },
+    })?;
+    if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
+        use tokio::io::AsyncWriteExt;
+        let data = data.to_vec();
+        tokio::spawn(async move {
+            let _ = stdin.write_all(&data).await;
+        });
+    }
+    let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(out) => out.map_err(|source| CommandError::Spawn { program: program.to_string(), source })?,
+        Err(_) => {
+            tracing::warn!(program, ?args, ?timeout, "command timed out; killed");
+            return Err(CommandError::TimedOut { program: program.to_string(), timeout });
+        }
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    if output.status.success() {
+        tracing::debug!(program, ?args, elapsed_ms, "command ok");
+        Ok(CommandOutput { stdout, stderr })
+    } else {
+        tracing::info!(program, ?args, elapsed_ms, code = ?output.status.code(), stderr = stderr.trim(), "command failed");
+        Err(CommandError::Failed {
+            program: program.to_string(),
+            args: args.join(" "),
+            code: output.status.code(),
+            stderr: stderr.trim().to_string(),
+            stdout: stdout.trim().to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn runs_with_c_locale_and_reports_failures() {
+        let out = run("sh", &["-c", "echo $LC_ALL"], Duration::from_secs(5)).await.unwrap();
+        assert_eq!(out.stdout.trim(), "C");
+        match run("sh", &["-c", "echo oops >&2; exit 3"], Duration::from_secs(5)).await {
+            Err(CommandError::Failed { code: Some(3), stderr, .. }) => assert_eq!(stderr, "oops"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            run("definitely-not-a-program", &[], Duration::from_secs(5)).await,
+            Err(CommandError::NotFound { .. })
+        ));
+        assert!(matches!(run("sleep", &["5"], Duration::from_millis(100)).await, Err(CommandError::TimedOut { .. })));
+    }
+}

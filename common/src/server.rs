@@ -1,0 +1,84 @@
+//! Serving a daemon's gRPC API: bind, mTLS, server reflection (v1 and v1alpha), `grpc.health.v1`, and a
+//! graceful stop on SIGTERM or SIGINT.
+
+use crate::tls::{TlsError, TlsFiles};
+use std::net::SocketAddr;
+use tokio::net::TcpListener;
+use tonic::service::{Routes, RoutesBuilder};
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+/// Why serving failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The listen address could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// TLS material was missing or wrong.
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
+    /// The server stopped with an error.
+    #[error("server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection could not load the descriptors.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Binds the listen address. Port 0 picks a free port; the bound address is then printed on stdout as
+/// `EMBER_LISTENING <addr>` so tests and scripts learn it without guessing.
+pub async fn bind(listen: &str) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let bind_err = |source| ServeError::Bind { addr: listen.to_string(), source };
+    let listener = TcpListener::bind(listen).await.map_err(bind_err)?;
+    let addr = listener.local_addr().map_err(bind_err)?;
+    println!("EMBER_LISTENING {addr}");
+    Ok((listener, addr))
+}
+
+/// Resolves when the process receives SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received, stopping"),
+        _ = int.recv() => tracing::info!("SIGINT received, stopping"),
+    }
+}
+
+/// Adds reflection and health to `services` and serves them on `listener` with mTLS until `shutdown`
+/// resolves; in-flight calls finish first. `health_names` are the fully qualified service names reported
+/// SERVING.
+pub async fn serve(
+    listener: TcpListener,
+    tls: &TlsFiles,
+    mut services: RoutesBuilder,
+    health_names: &[&str],
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ember_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ember_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in health_names {
+        health.set_service_status(*name, tonic_health::ServingStatus::Serving).await;
+    }
+    services.add_service(reflection_v1).add_service(reflection_v1alpha).add_service(health_service);
+    let routes: Routes = services.routes();
+    Server::builder()
+        .tls_config(tls.server_config()?)?
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
+        .await?;
+    Ok(())
+}

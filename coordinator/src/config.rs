@@ -1,0 +1,37 @@
+//! The coordinator's settings: a TOML file, overridden by flags.
+
+use ember_common::tls::TlsFiles;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// The coordinator's TOML config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// Address to listen on; port 0 picks one.
+    pub listen: String,
+    /// SQLite database file, created if missing.
+    pub database: PathBuf,
+    /// TLS material.
+    pub tls: Option<TlsFiles>,
+    /// Seconds between agent heartbeats (told to agents at registration).
+    pub heartbeat_interval_seconds: u32,
+    /// A service whose last heartbeat is older than this is `down` (Cinder's `service_down_time`).
+    pub service_down_seconds: u32,
+    /// Default quota limits per project; -1 is unlimited. Missing resources use the built-in defaults.
+    pub default_quotas: BTreeMap<String, i64>,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            listen: "127.0.0.1:7000".into(),
+            database: PathBuf::from("ember.db"),
+            tls: None,
+            heartbeat_interval_seconds: 10,
+            service_down_seconds: 60,
+            default_quotas: BTreeMap::new(),
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! `ember-coordinator`: owns the fleet's state in SQLite and serves the public API (`ember.v1`) and the
+//! agents' registration service (`ember.agent.v1.Registration`) over mutual TLS.
+
+mod auth;
+mod clock;
+mod config;
+mod db;
+mod error;
+mod fleet;
+mod pending;
+mod quotas;
+mod registration;
+mod validate;
+mod volume_types;
+
+use clap::Parser;
+use config::CoordinatorConfig;
+use ember_common::identity::{Role, require_roles};
+use ember_common::server;
+use ember_proto::agent::v1::registration_server::RegistrationServer;
+use ember_proto::v1::attachment_service_server::AttachmentServiceServer;
+use ember_proto::v1::backup_service_server::BackupServiceServer;
+use ember_proto::v1::fleet_service_server::FleetServiceServer;
+use ember_proto::v1::instance_service_server::InstanceServiceServer;
+use ember_proto::v1::quota_service_server::QuotaServiceServer;
+use ember_proto::v1::snapshot_service_server::SnapshotServiceServer;
+use ember_proto::v1::volume_service_server::VolumeServiceServer;
+use ember_proto::v1::volume_type_service_server::VolumeTypeServiceServer;
+use std::path::PathBuf;
+use tonic::service::RoutesBuilder;
+
+/// Who may call the public API.
+const PUBLIC: &[Role] = &[Role::Admin, Role::Member];
+/// Who may register.
+const AGENTS: &[Role] = &[Role::StorageAgent, Role::ComputeAgent, Role::BackupAgent];
+
+#[derive(Debug, Parser)]
+#[command(name = "ember-coordinator", version, about = "ember's coordinator: fleet state and the public gRPC API")]
+struct Args {
+    /// TOML config file.
+    #[arg(long, short = 'c', env = "EMBER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address (port 0 picks one and prints `EMBER_LISTENING <addr>`).
+    #[arg(long)]
+    listen: Option<String>,
+    /// SQLite database file.
+    #[arg(long)]
+    database: Option<PathBuf>,
+    /// Fleet CA certificate.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// The coordinator's certificate.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// The coordinator's key.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Seconds between agent heartbeats.
+    #[arg(long)]
+    heartbeat_interval: Option<u32>,
+    /// Seconds without a heartbeat before a service is down.
+    #[arg(long)]
+    service_down: Option<u32>,
+    /// Log one JSON object per line instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn settings(args: &Args) -> Result<CoordinatorConfig, Box<dyn std::error::Error>> {
+    let mut cfg: CoordinatorConfig = ember_common::config::load(args.config.as_deref())?;
+    if let Some(l) = &args.listen {
+        cfg.listen = l.clone();
+    }
+    if let Some(d) = &args.database {
+        cfg.database = d.clone();
+    }
+    if let Some(h) = args.heartbeat_interval {
+        cfg.heartbeat_interval_seconds = h;
+    }
+    if let Some(s) = args.service_down {
+        cfg.service_down_seconds = s;
+    }
+    let tls = cfg.tls.take();
+    cfg.tls = match (&args.ca, &args.cert, &args.key, tls) {
+        (Some(ca), Some(cert), Some(key), _) => {
+            Some(ember_common::tls::TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() })
+        }
+        (_, _, _, Some(t)) => Some(ember_common::tls::TlsFiles {
+            ca: args.ca.clone().unwrap_or(t.ca),
+            cert: args.cert.clone().unwrap_or(t.cert),
+            key: args.key.clone().unwrap_or(t.key),
+        }),
+        _ => None,
+    };
+    Ok(cfg)
+}
+
+#[tokio::main]
+async fn main() {
+    ember_common::install_crypto_provider();
+    let args = Args::parse();
+    ember_common::logging::init(args.log_json);
+    if let Err(e) = run(args).await {
+        tracing::error!("{e}");
+        eprintln!("ember-coordinator: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let cfg = settings(&args)?;
+    let tls = cfg.tls.clone().ok_or("tls (--ca, --cert, --key or [tls] in the config) is required")?;
+    let db = db::open(&cfg.database).await?;
+    tracing::info!(database = %cfg.database.display(), "database open and migrated");
+
+    let (listener, addr) = server::bind(&cfg.listen).await?;
+    let public = require_roles(PUBLIC);
+    let mut routes = RoutesBuilder::default();
+    routes
+        .add_service(VolumeTypeServiceServer::with_interceptor(
+            volume_types::VolumeTypes::new(db.clone()),
+            public.clone(),
+        ))
+        .add_service(FleetServiceServer::with_interceptor(
+            fleet::Fleet::new(db.clone(), cfg.service_down_seconds),
+            public.clone(),
+        ))
+        .add_service(QuotaServiceServer::with_interceptor(
+            quotas::Quotas::new(db.clone(), &cfg.default_quotas),
+            public.clone(),
+        ))
+        .add_service(VolumeServiceServer::with_interceptor(pending::Pending, public.clone()))
+        .add_service(SnapshotServiceServer::with_interceptor(pending::Pending, public.clone()))
+        .add_service(BackupServiceServer::with_interceptor(pending::Pending, public.clone()))
+        .add_service(AttachmentServiceServer::with_interceptor(pending::Pending, public.clone()))
+        .add_service(InstanceServiceServer::with_interceptor(pending::Pending, public))
+        .add_service(RegistrationServer::with_interceptor(
+            registration::Registrar::new(db.clone(), cfg.heartbeat_interval_seconds),
+            require_roles(AGENTS),
+        ));
+    tracing::info!(%addr, "coordinator serving");
+    server::serve(
+        listener,
+        &tls,
+        routes,
+        &["ember.v1.VolumeService", "ember.v1.FleetService", "ember.agent.v1.Registration"],
+        server::shutdown_signal(),
+    )
+    .await?;
+    db.close().await;
+    tracing::info!("coordinator stopped");
+    Ok(())
+}

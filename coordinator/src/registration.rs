@@ -1,0 +1,211 @@
+//! The agents' side door: registration and heartbeats (`ember.agent.v1.Registration`). An agent may only
+//! register under the name and role its certificate carries.
+
+use crate::clock::now_ms;
+use crate::error::{Error, Result};
+use ember_common::identity::{Identity, Role, caller, valid_name};
+use ember_proto::agent::v1::registration_server::Registration;
+use ember_proto::agent::v1::*;
+use sqlx::SqlitePool;
+use tonic::{Request, Response, Status};
+
+/// The gRPC service.
+pub struct Registrar {
+    db: SqlitePool,
+    heartbeat_interval_seconds: u32,
+}
+
+impl Registrar {
+    /// Registers agents into `db`, asking them to heartbeat every `heartbeat_interval_seconds`.
+    pub fn new(db: SqlitePool, heartbeat_interval_seconds: u32) -> Self {
+        Registrar { db, heartbeat_interval_seconds }
+    }
+}
+
+/// The `services.role` column value for an agent role.
+pub fn role_column(role: AgentRole) -> Option<&'static str> {
+    match role {
+        AgentRole::Storage => Some("storage"),
+        AgentRole::Compute => Some("compute"),
+        AgentRole::Backup => Some("backup"),
+        AgentRole::Unspecified => None,
+    }
+}
+
+fn cert_role(role: AgentRole) -> Option<Role> {
+    match role {
+        AgentRole::Storage => Some(Role::StorageAgent),
+        AgentRole::Compute => Some(Role::ComputeAgent),
+        AgentRole::Backup => Some(Role::BackupAgent),
+        AgentRole::Unspecified => None,
+    }
+}
+
+/// Checks that the caller's certificate names this agent and role.
+fn check_claim(id: &Identity, name: &str, role: i32) -> Result<&'static str> {
+    let role = AgentRole::try_from(role).unwrap_or(AgentRole::Unspecified);
+    let column = role_column(role).ok_or_else(|| Error::invalid("role", "must be storage, compute or backup"))?;
+    if cert_role(role) != Some(id.role) {
+        return Err(Error::PermissionDenied(format!("role: certificate is for {}, not a {column} agent", id.role)));
+    }
+    if id.name != name {
+        return Err(Error::PermissionDenied(format!(
+            "name: certificate is for {:?}; it may not act as {name:?}",
+            id.name
+        )));
+    }
+    Ok(column)
+}
+
+/// The per-row report documents for a registration: one row per backend for storage agents.
+fn rows_of(req: &RegisterRequest) -> Result<Vec<(String, String, serde_json::Value)>> {
+    if req.role == AgentRole::Storage as i32 && !req.backends.is_empty() {
+        let mut rows = Vec::new();
+        for b in &req.backends {
+            if !valid_name(&b.name) {
+                return Err(Error::invalid("backends", format!("backend name {:?} is not valid", b.name)));
+            }
+            let az = if b.availability_zone.is_empty() {
+                req.availability_zone.clone()
+            } else {
+                b.availability_zone.clone()
+            };
+            rows.push((b.name.clone(), az, backend_report(b)));
+        }
+        return Ok(rows);
+    }
+    let report = match &req.connector {
+        Some(c) => {
+            serde_json::json!({ "connector": { "host": c.host, "ip": c.ip, "initiator": c.initiator, "connection_types": c.connection_types } })
+        }
+        None => {
+            serde_json::json!({ "repositories": req.repositories.iter().map(|r| serde_json::json!({"name": r.name, "availability_zone": r.availability_zone, "total_bytes": r.total_bytes, "free_bytes": r.free_bytes})).collect::<Vec<_>>() })
+        }
+    };
+    Ok(vec![(String::new(), req.availability_zone.clone(), report)])
+}
+
+/// A backend's stats as stored in `services.report`; the scheduler reads this back.
+pub fn backend_report(b: &Backend) -> serde_json::Value {
+    serde_json::json!({
+        "driver": b.driver,
+        "storage_protocol": b.storage_protocol,
+        "vendor_name": b.vendor_name,
+        "driver_version": b.driver_version,
+        "pools": b.pools.iter().map(|p| serde_json::json!({
+            "name": p.name,
+            "total_capacity_gb": p.total_capacity_gb,
+            "free_capacity_gb": p.free_capacity_gb,
+            "provisioned_capacity_gb": p.provisioned_capacity_gb,
+            "allocated_capacity_gb": p.allocated_capacity_gb,
+            "thin_provisioning_support": p.thin_provisioning_support,
+            "thick_provisioning_support": p.thick_provisioning_support,
+            "reserved_percentage": p.reserved_percentage,
+            "max_over_subscription_ratio": p.max_over_subscription_ratio,
+            "multiattach": p.multiattach,
+            "capabilities": p.capabilities,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+impl Registrar {
+    async fn register(&self, id: &Identity, req: RegisterRequest) -> Result<()> {
+        let role = check_claim(id, &req.name, req.role)?;
+        if !(req.endpoint.starts_with("https://") && req.endpoint.len() > 8) {
+            return Err(Error::invalid("endpoint", "must be an https:// URL"));
+        }
+        if req.instance_id.is_empty() || req.instance_id.len() > 64 {
+            return Err(Error::invalid("instance_id", "must be 1-64 characters"));
+        }
+        if !valid_name(&req.availability_zone) {
+            return Err(Error::invalid("availability_zone", format!("{:?} is not valid", req.availability_zone)));
+        }
+        let rows = rows_of(&req)?;
+        let now = now_ms();
+        let mut tx = self.db.begin().await?;
+        // Backends the agent no longer reports go; the rest keep their enabled/disabled state.
+        let keep: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        let existing: Vec<String> = sqlx::query_scalar("SELECT backend FROM services WHERE host = ? AND role = ?")
+            .bind(&req.name)
+            .bind(role)
+            .fetch_all(&mut *tx)
+            .await?;
+        for gone in existing.iter().filter(|b| !keep.contains(&b.as_str())) {
+            sqlx::query("DELETE FROM services WHERE host = ? AND role = ? AND backend = ?")
+                .bind(&req.name)
+                .bind(role)
+                .bind(gone)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for (backend, az, report) in rows {
+            sqlx::query(
+                "INSERT INTO services (host, role, backend, availability_zone, endpoint, instance_id, version, \
+                 api_version, report, created_at, last_heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (host, role, backend) DO UPDATE SET availability_zone = excluded.availability_zone, \
+                 endpoint = excluded.endpoint, instance_id = excluded.instance_id, version = excluded.version, \
+                 api_version = excluded.api_version, report = excluded.report, last_heartbeat = excluded.last_heartbeat",
+            )
+            .bind(&req.name)
+            .bind(role)
+            .bind(&backend)
+            .bind(&az)
+            .bind(&req.endpoint)
+            .bind(&req.instance_id)
+            .bind(&req.version)
+            .bind(&req.api_version)
+            .bind(report.to_string())
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        tracing::info!(host = %req.name, role, instance_id = %req.instance_id, endpoint = %req.endpoint, "agent registered");
+        Ok(())
+    }
+
+    async fn heartbeat(&self, id: &Identity, req: HeartbeatRequest) -> Result<()> {
+        let role = check_claim(id, &req.name, req.role)?;
+        let now = now_ms();
+        let mut tx = self.db.begin().await?;
+        let touched =
+            sqlx::query("UPDATE services SET last_heartbeat = ? WHERE host = ? AND role = ? AND instance_id = ?")
+                .bind(now)
+                .bind(&req.name)
+                .bind(role)
+                .bind(&req.instance_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        if touched == 0 {
+            return Err(Error::not_found("service instance", format!("{}/{}", req.name, req.instance_id)));
+        }
+        for b in &req.backends {
+            sqlx::query("UPDATE services SET report = ? WHERE host = ? AND role = ? AND backend = ?")
+                .bind(backend_report(b).to_string())
+                .bind(&req.name)
+                .bind(role)
+                .bind(&b.name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl Registration for Registrar {
+    async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let id = caller(&req)?.clone();
+        self.register(&id, req.into_inner()).await?;
+        Ok(Response::new(RegisterResponse { heartbeat_interval_seconds: self.heartbeat_interval_seconds }))
+    }
+
+    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        let id = caller(&req)?.clone();
+        self.heartbeat(&id, req.into_inner()).await?;
+        Ok(Response::new(HeartbeatResponse {}))
+    }
+}

@@ -1,0 +1,268 @@
+//! Volume types and their extra specs (Cinder's `type-*` and `extra-specs` commands). Anyone may read;
+//! admins write. Every write validates first, then changes the database in one transaction.
+
+use crate::auth::require_admin;
+use crate::clock::{now_ms, timestamp};
+use crate::error::{Error, Result};
+use crate::validate;
+use ember_proto::v1::volume_type_service_server::VolumeTypeService;
+use ember_proto::v1::*;
+use sqlx::{Row, SqliteConnection, SqlitePool};
+use std::collections::HashMap;
+use tonic::{Request, Response, Status};
+
+/// The gRPC service.
+pub struct VolumeTypes {
+    db: SqlitePool,
+}
+
+impl VolumeTypes {
+    /// Serves volume types from `db`.
+    pub fn new(db: SqlitePool) -> Self {
+        VolumeTypes { db }
+    }
+}
+
+fn check_specs(specs: &HashMap<String, String>) -> Result<()> {
+    for (k, v) in specs {
+        validate::spec_key("extra_specs", k)?;
+        validate::spec_value("extra_specs", k, v)?;
+    }
+    Ok(())
+}
+
+/// Finds a type's id by id or name.
+pub async fn resolve(conn: &mut SqliteConnection, id_or_name: &str) -> Result<String> {
+    if id_or_name.is_empty() {
+        return Err(Error::invalid("id_or_name", "must not be empty"));
+    }
+    sqlx::query_scalar("SELECT id FROM volume_types WHERE id = ?1 OR name = ?1")
+        .bind(id_or_name)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| Error::not_found("volume type", id_or_name))
+}
+
+/// Reads a whole type.
+pub async fn load(conn: &mut SqliteConnection, id: &str) -> Result<VolumeType> {
+    let row = sqlx::query("SELECT id, name, description, is_default, created_at FROM volume_types WHERE id = ?")
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| Error::not_found("volume type", id))?;
+    let specs = sqlx::query("SELECT key, value FROM volume_type_extra_specs WHERE type_id = ?")
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<String, _>(1)))
+        .collect();
+    Ok(VolumeType {
+        id: row.get(0),
+        name: row.get(1),
+        description: row.get(2),
+        is_default: row.get::<i64, _>(3) != 0,
+        created_at: Some(timestamp(row.get(4))),
+        extra_specs: specs,
+    })
+}
+
+async fn name_taken(conn: &mut SqliteConnection, name: &str, except_id: &str) -> Result<bool> {
+    Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM volume_types WHERE name = ? AND id != ?)")
+        .bind(name)
+        .bind(except_id)
+        .fetch_one(&mut *conn)
+        .await?)
+}
+
+async fn make_default(conn: &mut SqliteConnection, id: &str) -> Result<()> {
+    sqlx::query("UPDATE volume_types SET is_default = 0 WHERE is_default = 1").execute(&mut *conn).await?;
+    sqlx::query("UPDATE volume_types SET is_default = 1 WHERE id = ?").bind(id).execute(&mut *conn).await?;
+    Ok(())
+}
+
+async fn upsert_specs(conn: &mut SqliteConnection, id: &str, specs: &HashMap<String, String>) -> Result<()> {
+    for (k, v) in specs {
+        sqlx::query(
+            "INSERT INTO volume_type_extra_specs (type_id, key, value) VALUES (?, ?, ?) \
+             ON CONFLICT (type_id, key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(id)
+        .bind(k)
+        .bind(v)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+impl VolumeTypes {
+    async fn create(&self, req: CreateVolumeTypeRequest) -> Result<VolumeType> {
+        validate::required_name("name", &req.name)?;
+        validate::text("description", &req.description, 255)?;
+        check_specs(&req.extra_specs)?;
+        let mut tx = self.db.begin().await?;
+        if name_taken(&mut tx, &req.name, "").await? {
+            return Err(Error::AlreadyExists(format!("name: a volume type named {:?} already exists", req.name)));
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        sqlx::query("INSERT INTO volume_types (id, name, description, is_default, created_at) VALUES (?, ?, ?, 0, ?)")
+            .bind(&id)
+            .bind(&req.name)
+            .bind(&req.description)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        upsert_specs(&mut tx, &id, &req.extra_specs).await?;
+        if req.make_default {
+            make_default(&mut tx, &id).await?;
+        }
+        let created = load(&mut tx, &id).await?;
+        tx.commit().await?;
+        tracing::info!(volume_type_id = %id, name = %req.name, "volume type created");
+        Ok(created)
+    }
+
+    async fn update(&self, req: UpdateVolumeTypeRequest) -> Result<VolumeType> {
+        if let Some(name) = &req.name {
+            validate::required_name("name", name)?;
+        }
+        if let Some(d) = &req.description {
+            validate::text("description", d, 255)?;
+        }
+        let mut tx = self.db.begin().await?;
+        let id = resolve(&mut tx, &req.id_or_name).await?;
+        if let Some(name) = &req.name {
+            if name_taken(&mut tx, name, &id).await? {
+                return Err(Error::AlreadyExists(format!("name: a volume type named {name:?} already exists")));
+            }
+            sqlx::query("UPDATE volume_types SET name = ? WHERE id = ?").bind(name).bind(&id).execute(&mut *tx).await?;
+        }
+        if let Some(d) = &req.description {
+            sqlx::query("UPDATE volume_types SET description = ? WHERE id = ?")
+                .bind(d)
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if req.make_default {
+            make_default(&mut tx, &id).await?;
+        }
+        let updated = load(&mut tx, &id).await?;
+        tx.commit().await?;
+        Ok(updated)
+    }
+
+    async fn set_specs(&self, req: SetExtraSpecsRequest) -> Result<VolumeType> {
+        if req.extra_specs.is_empty() {
+            return Err(Error::invalid("extra_specs", "must name at least one key"));
+        }
+        check_specs(&req.extra_specs)?;
+        let mut tx = self.db.begin().await?;
+        let id = resolve(&mut tx, &req.id_or_name).await?;
+        upsert_specs(&mut tx, &id, &req.extra_specs).await?;
+        let updated = load(&mut tx, &id).await?;
+        tx.commit().await?;
+        Ok(updated)
+    }
+
+    async fn unset_specs(&self, req: UnsetExtraSpecsRequest) -> Result<VolumeType> {
+        if req.keys.is_empty() {
+            return Err(Error::invalid("keys", "must name at least one key"));
+        }
+        for k in &req.keys {
+            validate::spec_key("keys", k)?;
+        }
+        let mut tx = self.db.begin().await?;
+        let id = resolve(&mut tx, &req.id_or_name).await?;
+        for k in &req.keys {
+            sqlx::query("DELETE FROM volume_type_extra_specs WHERE type_id = ? AND key = ?")
+                .bind(&id)
+                .bind(k)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let updated = load(&mut tx, &id).await?;
+        tx.commit().await?;
+        Ok(updated)
+    }
+
+    async fn delete(&self, req: DeleteVolumeTypeRequest) -> Result<()> {
+        let mut tx = self.db.begin().await?;
+        let id = resolve(&mut tx, &req.id_or_name).await?;
+        let t = load(&mut tx, &id).await?;
+        if t.is_default {
+            return Err(Error::FailedPrecondition(format!(
+                "volume type {} is the default; make another type the default first",
+                t.name
+            )));
+        }
+        let in_use: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM volumes WHERE volume_type_id = ?")
+            .bind(&id)
+            .fetch_one(&mut *tx)
+            .await?;
+        if in_use > 0 {
+            return Err(Error::FailedPrecondition(format!("volume type {} is in use by {in_use} volume(s)", t.name)));
+        }
+        sqlx::query("DELETE FROM volume_types WHERE id = ?").bind(&id).execute(&mut *tx).await?;
+        tx.commit().await?;
+        tracing::info!(volume_type_id = %id, "volume type deleted");
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<VolumeType>> {
+        let mut conn = self.db.acquire().await?;
+        let ids: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM volume_types ORDER BY name").fetch_all(&mut *conn).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.push(load(&mut conn, &id).await?);
+        }
+        Ok(out)
+    }
+}
+
+#[tonic::async_trait]
+impl VolumeTypeService for VolumeTypes {
+    async fn create_volume_type(&self, req: Request<CreateVolumeTypeRequest>) -> Result<Response<VolumeType>, Status> {
+        require_admin(&req, "change volume types")?;
+        Ok(Response::new(self.create(req.into_inner()).await?))
+    }
+
+    async fn get_volume_type(&self, req: Request<GetVolumeTypeRequest>) -> Result<Response<VolumeType>, Status> {
+        let mut conn = self.db.acquire().await.map_err(Error::from)?;
+        let id = resolve(&mut conn, &req.get_ref().id_or_name).await?;
+        Ok(Response::new(load(&mut conn, &id).await?))
+    }
+
+    async fn list_volume_types(
+        &self,
+        _req: Request<ListVolumeTypesRequest>,
+    ) -> Result<Response<ListVolumeTypesResponse>, Status> {
+        Ok(Response::new(ListVolumeTypesResponse { volume_types: self.list().await? }))
+    }
+
+    async fn update_volume_type(&self, req: Request<UpdateVolumeTypeRequest>) -> Result<Response<VolumeType>, Status> {
+        require_admin(&req, "change volume types")?;
+        Ok(Response::new(self.update(req.into_inner()).await?))
+    }
+
+    async fn set_extra_specs(&self, req: Request<SetExtraSpecsRequest>) -> Result<Response<VolumeType>, Status> {
+        require_admin(&req, "change volume types")?;
+        Ok(Response::new(self.set_specs(req.into_inner()).await?))
+    }
+
+    async fn unset_extra_specs(&self, req: Request<UnsetExtraSpecsRequest>) -> Result<Response<VolumeType>, Status> {
+        require_admin(&req, "change volume types")?;
+        Ok(Response::new(self.unset_specs(req.into_inner()).await?))
+    }
+
+    async fn delete_volume_type(
+        &self,
+        req: Request<DeleteVolumeTypeRequest>,
+    ) -> Result<Response<DeleteVolumeTypeResponse>, Status> {
+        require_admin(&req, "change volume types")?;
+        self.delete(req.into_inner()).await?;
+        Ok(Response::new(DeleteVolumeTypeResponse {}))
+    }
+}

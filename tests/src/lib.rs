@@ -1,0 +1,267 @@
+//! A harness for fleet tests: a fresh CA and certificates in a temporary directory, the real daemons
+//! started as processes on loopback (each on a port it picks and announces), and mTLS clients.
+
+use ember_common::certs::{IssueRequest, init_ca, issue};
+use ember_common::identity::{Identity, Role};
+use ember_common::tls::TlsFiles;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+use tonic::transport::Channel;
+
+/// How often the test fleet's agents heartbeat.
+pub const HEARTBEAT_SECONDS: u32 = 1;
+/// After how long without a heartbeat the test fleet's coordinator calls a service down.
+pub const SERVICE_DOWN_SECONDS: u32 = 3;
+
+/// The path of one of the workspace's binaries (built by `cargo build --workspace --bins`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/debug/deps/<test> → target/debug/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first", path.display());
+    path
+}
+
+/// A running daemon; killed when dropped.
+pub struct Daemon {
+    /// The process.
+    pub child: Child,
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// Where its logs go.
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `cmd` and waits for its `EMBER_LISTENING <addr>` line.
+    pub fn start(mut cmd: Command, log: PathBuf) -> Daemon {
+        let err = std::fs::File::create(&log).expect("log file");
+        cmd.stdout(Stdio::piped()).stderr(err).stdin(Stdio::null()).env("EMBER_LOG", "info,ember=debug");
+        let mut child = cmd.spawn().expect("starting daemon");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            for line in lines.by_ref().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("EMBER_LISTENING ") {
+                    let _ = tx.send(addr.parse::<SocketAddr>().expect("address"));
+                    break;
+                }
+            }
+            // Keep draining so the daemon never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("daemon did not start; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+        };
+        Daemon { child, addr, log }
+    }
+
+    /// The daemon's https URL.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, and wait for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        self.child.wait().expect("wait")
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A test fleet in a temporary directory.
+pub struct Fleet {
+    /// Everything lives here.
+    pub dir: TempDir,
+    /// The coordinator, once started.
+    pub coordinator: Option<Daemon>,
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fleet {
+    /// A new fleet with a CA and certificates for the coordinator and an admin.
+    pub fn new() -> Fleet {
+        ember_common::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("tempdir");
+        init_ca(&dir.path().join("ca"), "test fleet CA").expect("CA");
+        let fleet = Fleet { dir, coordinator: None };
+        fleet.issue(Role::Coordinator, "coordinator", None);
+        fleet.issue(Role::Admin, "admin", None);
+        fleet
+    }
+
+    /// The CA directory.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.path().join("ca")
+    }
+
+    /// Issues a certificate (once) and returns its TLS files.
+    pub fn issue(&self, role: Role, name: &str, project: Option<&str>) -> TlsFiles {
+        let out = self.dir.path().join("certs");
+        let stem = format!("{role}-{name}");
+        if !out.join(format!("{stem}.pem")).exists() {
+            let req = IssueRequest {
+                identity: Identity { role, name: name.into(), project: project.map(String::from) },
+                dns: vec!["localhost".into()],
+                ips: vec!["127.0.0.1".parse().unwrap()],
+                days: 2,
+            };
+            issue(&self.ca_dir(), &req, &out, &stem).expect("issue");
+        }
+        self.tls(&stem)
+    }
+
+    /// TLS files for a certificate stem under `certs/`.
+    pub fn tls(&self, stem: &str) -> TlsFiles {
+        let out = self.dir.path().join("certs");
+        TlsFiles {
+            ca: self.ca_dir().join("ca.pem"),
+            cert: out.join(format!("{stem}.pem")),
+            key: out.join(format!("{stem}.key")),
+        }
+    }
+
+    /// Starts the coordinator with a SQLite file in the fleet directory.
+    pub fn start_coordinator(&mut self) -> &Daemon {
+        let tls = self.tls("coordinator-coordinator");
+        let mut cmd = Command::new(bin("ember-coordinator"));
+        cmd.args(["--listen", "127.0.0.1:0", "--database"])
+            .arg(self.database())
+            .arg("--ca")
+            .arg(&tls.ca)
+            .arg("--cert")
+            .arg(&tls.cert)
+            .arg("--key")
+            .arg(&tls.key)
+            .args(["--heartbeat-interval", &HEARTBEAT_SECONDS.to_string()])
+            .args(["--service-down", &SERVICE_DOWN_SECONDS.to_string()]);
+        self.coordinator = Some(Daemon::start(cmd, self.dir.path().join("coordinator.log")));
+        self.coordinator.as_ref().unwrap()
+    }
+
+    /// The coordinator's SQLite file.
+    pub fn database(&self) -> PathBuf {
+        self.dir.path().join("ember.db")
+    }
+
+    /// The coordinator's URL.
+    pub fn coordinator_url(&self) -> String {
+        self.coordinator.as_ref().expect("coordinator started").url()
+    }
+
+    /// Starts an agent (`storage`, `compute` or `backup`) named `name`, with `extra_toml` appended to its
+    /// config (backends, repositories, ...).
+    pub fn start_agent(&self, kind: &str, name: &str, extra_toml: &str) -> Daemon {
+        let role = match kind {
+            "storage" => Role::StorageAgent,
+            "compute" => Role::ComputeAgent,
+            "backup" => Role::BackupAgent,
+            other => panic!("unknown agent kind {other}"),
+        };
+        let tls = self.issue(role, name, None);
+        let config = self.dir.path().join(format!("{kind}-{name}.toml"));
+        let text = format!(
+            "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ncoordinator = \"{}\"\n{extra_toml}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            self.coordinator_url(),
+            tls.ca.display(),
+            tls.cert.display(),
+            tls.key.display()
+        );
+        std::fs::write(&config, text).expect("agent config");
+        let mut cmd = Command::new(bin(&format!("ember-{kind}-agent")));
+        cmd.arg("--config").arg(&config);
+        Daemon::start(cmd, self.dir.path().join(format!("{kind}-{name}.log")))
+    }
+
+    /// A directory inside the fleet directory, created.
+    pub fn subdir(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::create_dir_all(&p).expect("subdir");
+        p
+    }
+
+    /// A channel to the coordinator as the holder of `tls`.
+    pub fn channel(&self, tls: &TlsFiles) -> Channel {
+        tls.channel(&self.coordinator_url()).expect("channel")
+    }
+
+    /// A channel to the coordinator as admin.
+    pub fn admin(&self) -> Channel {
+        self.channel(&self.tls("admin-admin"))
+    }
+
+    /// A channel to the coordinator as a member of `project`.
+    pub fn member(&self, name: &str, project: &str) -> Channel {
+        let tls = self.issue(Role::Member, name, Some(project));
+        self.channel(&tls)
+    }
+
+    /// Runs the `ember` CLI as admin against this fleet; returns (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        self.cli_as(&self.tls("admin-admin"), args)
+    }
+
+    /// Runs the `ember` CLI with the given identity.
+    pub fn cli_as(&self, tls: &TlsFiles, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(bin("ember"))
+            .args(args)
+            .env("EMBER_COORDINATOR", self.coordinator_url())
+            .env("EMBER_CA", &tls.ca)
+            .env("EMBER_CERT", &tls.cert)
+            .env("EMBER_KEY", &tls.key)
+            .env_remove("EMBER_CLI_CONFIG")
+            .env("HOME", self.dir.path())
+            .output()
+            .expect("running ember");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`. This waits for a condition
+/// to become true; it is not a sleep standing in for synchronisation.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,131 @@
+//! Registration, heartbeats and the service list, with the real binaries.
+
+use ember_fleet_tests::{Fleet, SERVICE_DOWN_SECONDS, wait_for};
+use ember_proto::v1::fleet_service_client::FleetServiceClient;
+use ember_proto::v1::*;
+use std::time::Duration;
+
+async fn services(fleet: &Fleet) -> Vec<Service> {
+    let mut client = FleetServiceClient::new(fleet.admin());
+    client.list_services(ListServicesRequest::default()).await.expect("list services").into_inner().services
+}
+
+fn find<'a>(list: &'a [Service], name: &str) -> Option<&'a Service> {
+    list.iter().find(|s| s.name == name)
+}
+
+#[tokio::test]
+async fn agents_register_go_down_when_killed_and_come_back_with_a_new_instance() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let backend_dir = fleet.subdir("file1");
+    let repo_dir = fleet.subdir("repo1");
+    let storage_toml = format!(
+        "availability_zone = \"az1\"\n[[backends]]\nname = \"file1\"\ndriver = \"file\"\ndirectory = \"{}\"\n",
+        backend_dir.display()
+    );
+    let mut storage = fleet.start_agent("storage", "storage1", &storage_toml);
+    let _compute = fleet.start_agent("compute", "compute1", "");
+    let _backup = fleet.start_agent(
+        "backup",
+        "backup1",
+        &format!("[[repositories]]\nname = \"repo1\"\ndirectory = \"{}\"\n", repo_dir.display()),
+    );
+
+    let list = wait_for("all three agents up", Duration::from_secs(20), || async {
+        let list = services(&fleet).await;
+        (list.len() == 3 && list.iter().all(|s| s.up)).then_some(list)
+    })
+    .await;
+    let storage_row = find(&list, "storage1@file1").expect("storage row named host@backend");
+    assert_eq!(storage_row.role, ServiceRole::Storage as i32);
+    assert_eq!(storage_row.backend, "file1");
+    assert_eq!(storage_row.availability_zone, "az1");
+    assert!(storage_row.enabled);
+    assert!(storage_row.endpoint.starts_with("https://127.0.0.1:"));
+    assert_eq!(find(&list, "compute1").expect("compute row").role, ServiceRole::Compute as i32);
+    assert_eq!(find(&list, "backup1").expect("backup row").role, ServiceRole::Backup as i32);
+    let first_instance = storage_row.instance_id.clone();
+
+    // The pools it reported are stored for the scheduler.
+    let report: String = {
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", fleet.database().display())).await.unwrap();
+        sqlx::query_scalar("SELECT report FROM services WHERE host = 'storage1'").fetch_one(&pool).await.unwrap()
+    };
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert!(report["pools"][0]["total_capacity_gb"].as_f64().unwrap() > 0.0, "{report}");
+    assert_eq!(report["pools"][0]["capabilities"]["volume_backend_name"], "file1");
+
+    storage.kill();
+    let deadline = Duration::from_secs(u64::from(SERVICE_DOWN_SECONDS) + 5);
+    wait_for("the killed storage agent to be down", deadline, || async {
+        let list = services(&fleet).await;
+        let s = find(&list, "storage1@file1")?;
+        (!s.up).then_some(())
+    })
+    .await;
+    let list = services(&fleet).await;
+    assert!(find(&list, "compute1").unwrap().up, "the others stay up");
+
+    let _storage = fleet.start_agent("storage", "storage1", &storage_toml);
+    let restarted = wait_for("the restarted storage agent up", Duration::from_secs(20), || async {
+        let list = services(&fleet).await;
+        let s = find(&list, "storage1@file1")?.clone();
+        (s.up && s.instance_id != first_instance).then_some(s)
+    })
+    .await;
+    assert_ne!(restarted.instance_id, first_instance);
+}
+
+#[tokio::test]
+async fn disabling_and_enabling_a_backend_through_the_cli() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let dir = fleet.subdir("b");
+    let _storage = fleet.start_agent(
+        "storage",
+        "node1",
+        &format!("[[backends]]\nname = \"fast\"\ndriver = \"file\"\ndirectory = \"{}\"\n", dir.display()),
+    );
+    wait_for("storage registered", Duration::from_secs(20), || async {
+        (!services(&fleet).await.is_empty()).then_some(())
+    })
+    .await;
+
+    let (ok, out, err) = fleet.cli(&["service", "disable", "node1@fast", "--reason", "disk replacement"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("disabled") && out.contains("disk replacement"), "{out}");
+    let row = find(&services(&fleet).await, "node1@fast").cloned().unwrap();
+    assert!(!row.enabled);
+    assert_eq!(row.disabled_reason, "disk replacement");
+
+    let (ok, out, _) = fleet.cli(&["--json", "service", "list"]);
+    assert!(ok);
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows[0]["host"], "node1@fast");
+    assert_eq!(rows[0]["status"], "disabled");
+    assert_eq!(rows[0]["binary"], "ember-storage");
+
+    let (ok, _, err) = fleet.cli(&["service", "enable", "node1@fast"]);
+    assert!(ok, "{err}");
+    let row = find(&services(&fleet).await, "node1@fast").cloned().unwrap();
+    assert!(row.enabled && row.disabled_reason.is_empty());
+
+    let (ok, _, err) = fleet.cli(&["service", "disable", "nosuch@host"]);
+    assert!(!ok);
+    assert!(err.starts_with("ember: NOT_FOUND: service nosuch@host"), "{err}");
+}
+
+#[tokio::test]
+async fn coordinator_stops_cleanly_on_sigterm_and_keeps_its_state() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (ok, _, err) = fleet.cli(&["type", "create", "kept"]);
+    assert!(ok, "{err}");
+    let status = fleet.coordinator.as_mut().unwrap().terminate();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(fleet.coordinator.as_ref().unwrap().log_text().contains("coordinator stopped"));
+    fleet.start_coordinator();
+    let (ok, out, _) = fleet.cli(&["type", "show", "kept"]);
+    assert!(ok && out.contains("kept"), "{out}");
+}
