@@ -6,5 +6,7 @@ cd "$(dirname "$0")/.."
 
 ./scripts/install-deps.sh
 # The fleet tests start the real daemons, so every binary must exist before the tests run.
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --bins --locked
 cargo test --workspace --locked --no-fail-fast

@@ -49,7 +49,8 @@ async fn agents_register_go_down_when_killed_and_come_back_with_a_new_instance()
 
     // The pools it reported are stored for the scheduler.
     let report: String = {
-        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", fleet.database().display())).await.unwrap();
+        let pool =
+            sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", fleet.database().display())).await.unwrap();
         sqlx::query_scalar("SELECT report FROM services WHERE host = 'storage1'").fetch_one(&pool).await.unwrap()
     };
     let report: serde_json::Value = serde_json::from_str(&report).unwrap();

@@ -1,0 +1,141 @@
+//! The `ember` CLI's own paths (certificates, finding the coordinator) and the README's all-in-one fleet.
+
+use ember_common::identity::{Identity, Role};
+use ember_fleet_tests::{Fleet, bin};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+#[tokio::test]
+async fn certs_made_by_the_cli_carry_the_identity_and_work() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let dir = fleet.subdir("cli-ca");
+    let run = |args: &[&str]| {
+        let out = Command::new(bin("ember")).args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let d = dir.to_str().unwrap();
+    let (ok, _, err) = run(&["certs", "init", "--dir", d]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(&["certs", "init", "--dir", d]);
+    assert!(!ok && err.contains("ca.pem"), "a second init must not overwrite the CA: {err}");
+    let (ok, out, err) =
+        run(&["--json", "certs", "issue", "--dir", d, "--role", "member", "--name", "carol", "--project", "proj-c"]);
+    assert!(ok, "{err}");
+    let paths: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let pem = std::fs::read_to_string(paths["cert"].as_str().unwrap()).unwrap();
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+    assert_eq!(
+        Identity::from_der(&parsed.contents).unwrap(),
+        Identity { role: Role::Member, name: "carol".into(), project: Some("proj-c".into()) }
+    );
+    let (ok, _, err) = run(&["certs", "issue", "--dir", d, "--role", "member", "--name", "dave"]);
+    assert!(!ok && err.contains("--project"), "{err}");
+    let (ok, _, err) = run(&["certs", "issue", "--dir", d, "--role", "root", "--name", "eve"]);
+    assert!(!ok && err.contains("unknown role"), "{err}");
+    let (ok, _, err) = run(&["certs", "issue", "--dir", d, "--role", "admin", "--name", "Bad/Name"]);
+    assert!(!ok && err.contains("not valid"), "{err}");
+
+    // A CLI config file is enough to find the coordinator.
+    let cfg = fleet.dir.path().join("cli.toml");
+    let admin = fleet.tls("admin-admin");
+    std::fs::write(
+        &cfg,
+        format!(
+            "coordinator = \"{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            fleet.coordinator_url(),
+            admin.ca.display(),
+            admin.cert.display(),
+            admin.key.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin("ember")).args(["type", "list"]).env("EMBER_CLI_CONFIG", &cfg).output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("__DEFAULT__"));
+
+    // With nothing configured the CLI says what is missing, in one line.
+    let out = Command::new(bin("ember"))
+        .args(["type", "list"])
+        .env_remove("EMBER_COORDINATOR")
+        .env_remove("EMBER_CLI_CONFIG")
+        .env("HOME", fleet.dir.path().join("nowhere"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.starts_with("ember: no coordinator: pass --coordinator"), "{err}");
+}
+
+/// The README's first command brings up a working fleet and stops cleanly on Ctrl-C.
+#[tokio::test]
+async fn readme_fleet_script_starts_a_working_fleet_and_stops_on_ctrl_c() {
+    let state = tempfile::tempdir().unwrap();
+    let port = free_port_block();
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let mut script = Command::new("bash")
+        .arg(format!("{root}/scripts/fleet.sh"))
+        .env("EMBER_STATE", state.path())
+        .env("EMBER_PORT", port.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = script.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut banner = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        banner.push_str(&line);
+        banner.push('\n');
+        if line.contains("buf curl") {
+            break;
+        }
+    }
+    assert!(banner.contains("ember fleet running"), "{banner}");
+    assert!(banner.contains(&format!("https://127.0.0.1:{port}")), "{banner}");
+
+    let cli_config = state.path().join("cli.toml");
+    let list =
+        ember_fleet_tests::wait_for("the script's fleet to show three services up", Duration::from_secs(60), || {
+            let out = Command::new(bin("ember"))
+                .args(["--json", "service", "list"])
+                .env("EMBER_CLI_CONFIG", &cli_config)
+                .output()
+                .unwrap();
+            async move {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+                let rows = v.as_array()?.clone();
+                (rows.len() == 3 && rows.iter().all(|r| r["state"] == "up")).then_some(rows)
+            }
+        })
+        .await;
+    let hosts: Vec<_> = list.iter().map(|r| r["host"].as_str().unwrap().to_string()).collect();
+    assert_eq!(hosts, ["backup1", "compute1", "storage1@file1"]);
+
+    let _ = Command::new("kill").args(["-INT", &script.id().to_string()]).status();
+    let status = script.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
+    // Nothing listens any more.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "coordinator still listening");
+}
+
+/// A port p with p..p+3 free right now.
+fn free_port_block() -> u16 {
+    for _ in 0..50 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = l.local_addr().unwrap().port();
+        drop(l);
+        if p < 65000 && (1..4).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
+            return p;
+        }
+    }
+    panic!("no free block of four ports");
+}

@@ -1,0 +1,190 @@
+//! mTLS and authorization: who may call what, and project isolation, against the real coordinator and agents.
+
+use ember_common::certs::{IssueRequest, init_ca, issue};
+use ember_common::identity::{Identity, Role};
+use ember_common::tls::TlsFiles;
+use ember_fleet_tests::{Fleet, wait_for};
+use ember_proto::agent::v1::registration_client::RegistrationClient;
+use ember_proto::agent::v1::storage_agent_client::StorageAgentClient;
+use ember_proto::agent::v1::{AgentRole, ListResourcesRequest, RegisterRequest};
+use ember_proto::v1::fleet_service_client::FleetServiceClient;
+use ember_proto::v1::quota_service_client::QuotaServiceClient;
+use ember_proto::v1::volume_type_service_client::VolumeTypeServiceClient;
+use ember_proto::v1::*;
+use std::time::Duration;
+use tonic::Code;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+fn register_as(name: &str, role: AgentRole) -> RegisterRequest {
+    RegisterRequest {
+        name: name.into(),
+        role: role as i32,
+        endpoint: "https://127.0.0.1:1".into(),
+        instance_id: "test-instance".into(),
+        version: "test".into(),
+        api_version: "v1".into(),
+        availability_zone: "nova".into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn connections_without_a_fleet_certificate_are_refused() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+
+    // No client certificate at all.
+    let ca = std::fs::read(fleet.ca_dir().join("ca.pem")).unwrap();
+    let no_cert = Endpoint::from_shared(fleet.coordinator_url())
+        .unwrap()
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))
+        .unwrap()
+        .connect_lazy();
+    let err = FleetServiceClient::new(no_cert).list_services(ListServicesRequest::default()).await.unwrap_err();
+    assert_ne!(err.code(), Code::Ok);
+    assert_ne!(err.code(), Code::PermissionDenied, "refused at the TLS layer, not by the handler: {err:?}");
+
+    // An admin certificate from another CA.
+    let other = fleet.subdir("other-ca");
+    init_ca(&other, "impostor CA").unwrap();
+    let req = IssueRequest {
+        identity: Identity { role: Role::Admin, name: "admin".into(), project: None },
+        dns: vec![],
+        ips: vec![],
+        days: 1,
+    };
+    issue(&other, &req, &other, "admin").unwrap();
+    let impostor =
+        TlsFiles { ca: fleet.ca_dir().join("ca.pem"), cert: other.join("admin.pem"), key: other.join("admin.key") };
+    let err = FleetServiceClient::new(fleet.channel(&impostor))
+        .list_services(ListServicesRequest::default())
+        .await
+        .unwrap_err();
+    assert_ne!(err.code(), Code::Ok);
+    assert_ne!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // The real admin gets through on the same coordinator.
+    FleetServiceClient::new(fleet.admin()).list_services(ListServicesRequest::default()).await.expect("admin call");
+}
+
+#[tokio::test]
+async fn roles_are_confined_to_their_apis() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let dir = fleet.subdir("b");
+    let storage = fleet.start_agent(
+        "storage",
+        "storage1",
+        &format!("[[backends]]\nname = \"b1\"\ndriver = \"file\"\ndirectory = \"{}\"\n", dir.display()),
+    );
+
+    // A member certificate calling an agent API.
+    let member = fleet.issue(Role::Member, "alice", Some("proj-a"));
+    let err = StorageAgentClient::new(member.channel(&storage.url()).unwrap())
+        .list_resources(ListResourcesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("role member"), "{}", err.message());
+    // ...while the coordinator's certificate reaches it (the call itself is not delivered yet).
+    let coordinator = fleet.tls("coordinator-coordinator");
+    let err = StorageAgentClient::new(coordinator.channel(&storage.url()).unwrap())
+        .list_resources(ListResourcesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+
+    // An agent certificate calling the public admin API.
+    let agent = fleet.tls("storage-agent-storage1");
+    let err =
+        FleetServiceClient::new(fleet.channel(&agent)).list_services(ListServicesRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // A member calling admin-only calls.
+    let err = FleetServiceClient::new(fleet.channel(&member))
+        .disable_service(DisableServiceRequest { name: "storage1@b1".into(), reason: "x".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = VolumeTypeServiceClient::new(fleet.channel(&member))
+        .create_volume_type(CreateVolumeTypeRequest { name: "mine".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // An agent registering under another agent's name, or as another role; an admin registering at all.
+    let mut registration = RegistrationClient::new(fleet.channel(&agent));
+    let err = registration.register(register_as("storage2", AgentRole::Storage)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("storage2"), "{}", err.message());
+    let err = registration.register(register_as("storage1", AgentRole::Compute)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err =
+        RegistrationClient::new(fleet.admin()).register(register_as("admin", AgentRole::Storage)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // None of the refused registrations left a row behind.
+    let list = wait_for("the real agent's row", Duration::from_secs(20), || async {
+        let list = FleetServiceClient::new(fleet.admin())
+            .list_services(ListServicesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .services;
+        (!list.is_empty()).then_some(list)
+    })
+    .await;
+    let names: Vec<_> = list.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["storage1@b1"]);
+}
+
+#[tokio::test]
+async fn members_see_and_touch_only_their_own_project() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let admin = fleet.admin();
+    QuotaServiceClient::new(admin.clone())
+        .set_quota(SetQuotaRequest { project: "proj-b".into(), limits: [("volumes".to_string(), 3)].into() })
+        .await
+        .expect("admin sets B's quota");
+
+    let mut alice = QuotaServiceClient::new(fleet.member("alice", "proj-a"));
+    let mut bob = QuotaServiceClient::new(fleet.member("bob", "proj-b"));
+    let volumes = |q: &Quota| q.items.iter().find(|i| i.resource == "volumes").unwrap().limit;
+
+    let own = alice.get_quota(GetQuotaRequest::default()).await.unwrap().into_inner();
+    assert_eq!(own.project, "proj-a");
+    assert_eq!(volumes(&own), 10, "A keeps the default");
+    let err = alice.get_quota(GetQuotaRequest { project: "proj-b".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = alice
+        .set_quota(SetQuotaRequest { project: "proj-a".into(), limits: [("volumes".to_string(), 99)].into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    let theirs = bob.get_quota(GetQuotaRequest::default()).await.unwrap().into_inner();
+    assert_eq!(theirs.project, "proj-b");
+    assert_eq!(volumes(&theirs), 3);
+
+    // Members see no services; admins see the list.
+    let err = FleetServiceClient::new(fleet.member("alice", "proj-a"))
+        .list_services(ListServicesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    // Members may read volume types.
+    let types = VolumeTypeServiceClient::new(fleet.member("alice", "proj-a"))
+        .list_volume_types(ListVolumeTypesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(types.volume_types.len(), 1);
+
+    // The CLI says the same, in one line with the status.
+    let alice_tls = fleet.issue(Role::Member, "alice", Some("proj-a"));
+    let (ok, _, err) = fleet.cli_as(&alice_tls, &["quota", "show", "proj-b"]);
+    assert!(!ok);
+    assert!(err.starts_with("ember: PERMISSION_DENIED: project proj-b"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}

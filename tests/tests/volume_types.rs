@@ -1,0 +1,231 @@
+//! Volume types and extra specs end to end: the CLI as a person uses it, and bad input refused with the field
+//! named and the database untouched.
+
+use ember_fleet_tests::Fleet;
+use ember_proto::v1::volume_type_service_client::VolumeTypeServiceClient;
+use ember_proto::v1::*;
+use sqlx::Row;
+use tonic::Code;
+
+/// Every volume type and extra spec in the database, as text, to compare before and after.
+async fn snapshot_types(fleet: &Fleet) -> Vec<String> {
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", fleet.database().display())).await.unwrap();
+    let mut rows: Vec<String> = sqlx::query(
+        "SELECT t.id, t.name, t.description, t.is_default, COALESCE(s.key, ''), COALESCE(s.value, '') \
+         FROM volume_types t LEFT JOIN volume_type_extra_specs s ON s.type_id = t.id ORDER BY 1, 5",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|r| {
+        format!(
+            "{}|{}|{}|{}|{}|{}",
+            r.get::<String, _>(0),
+            r.get::<String, _>(1),
+            r.get::<String, _>(2),
+            r.get::<i64, _>(3),
+            r.get::<String, _>(4),
+            r.get::<String, _>(5)
+        )
+    })
+    .collect();
+    rows.sort();
+    pool.close().await;
+    rows
+}
+
+#[tokio::test]
+async fn type_lifecycle_through_the_cli() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+
+    let (ok, out, err) = fleet.cli(&[
+        "--json",
+        "type",
+        "create",
+        "gold",
+        "--description",
+        "fast disks",
+        "--spec",
+        "volume_backend_name=fast",
+        "--spec",
+        "capabilities:thin_provisioning_support=<is> True",
+    ]);
+    assert!(ok, "{err}");
+    let created: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(created[0]["name"], "gold");
+    assert_eq!(created[0]["extra_specs"]["volume_backend_name"], "fast");
+    assert_eq!(created[0]["is_default"], false);
+
+    let (ok, _, err) = fleet.cli(&["type", "set", "gold", "provisioning:type=thin", "multiattach=<is> True"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = fleet.cli(&["type", "unset", "gold", "volume_backend_name", "not-there"]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = fleet.cli(&["--json", "type", "show", "gold"]);
+    assert!(ok);
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let specs = shown[0]["extra_specs"].as_object().unwrap();
+    let mut keys: Vec<_> = specs.keys().cloned().collect();
+    keys.sort();
+    assert_eq!(keys, ["capabilities:thin_provisioning_support", "multiattach", "provisioning:type"]);
+
+    // The human table.
+    let (ok, out, _) = fleet.cli(&["type", "list"]);
+    assert!(ok);
+    assert!(out.lines().next().unwrap().starts_with("ID"), "{out}");
+    assert!(out.contains("__DEFAULT__") && out.contains("gold") && out.contains("provisioning:type=thin"), "{out}");
+
+    // Default handling: the default type cannot be deleted; making gold the default frees __DEFAULT__.
+    let (ok, _, err) = fleet.cli(&["type", "delete", "__DEFAULT__"]);
+    assert!(!ok);
+    assert!(err.starts_with("ember: FAILED_PRECONDITION: volume type __DEFAULT__ is the default"), "{err}");
+    let (ok, _, err) = fleet.cli(&["type", "update", "gold", "--default"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = fleet.cli(&["type", "delete", "__DEFAULT__"]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = fleet.cli(&["--json", "type", "list"]);
+    assert!(ok);
+    let all: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(all.as_array().unwrap().len(), 1);
+    assert_eq!(all[0]["is_default"], true);
+
+    // A type used by a volume cannot be deleted.
+    let (ok, _, err) = fleet.cli(&["type", "create", "silver"]);
+    assert!(ok, "{err}");
+    {
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", fleet.database().display())).await.unwrap();
+        sqlx::query(
+            "INSERT INTO volumes (id, project, size_gb, status, volume_type_id, created_at, updated_at) \
+             SELECT 'f0f0f0f0-0000-4000-8000-000000000001', 'p', 1, 'available', id, 0, 0 \
+             FROM volume_types WHERE name = 'silver'",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+    }
+    let (ok, _, err) = fleet.cli(&["type", "delete", "silver"]);
+    assert!(!ok);
+    assert!(err.contains("FAILED_PRECONDITION") && err.contains("in use by 1 volume"), "{err}");
+    let (ok, _, _) = fleet.cli(&["type", "show", "silver"]);
+    assert!(ok, "silver survives");
+
+    let (ok, _, err) = fleet.cli(&["type", "create", "gold"]);
+    assert!(!ok);
+    assert!(err.starts_with("ember: ALREADY_EXISTS: name:"), "{err}");
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_naming_the_field_and_changes_nothing() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let mut client = VolumeTypeServiceClient::new(fleet.admin());
+    client
+        .create_volume_type(CreateVolumeTypeRequest {
+            name: "gold".into(),
+            extra_specs: [("volume_backend_name".to_string(), "fast".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let before = snapshot_types(&fleet).await;
+
+    let long = "x".repeat(256);
+    let cases: Vec<(CreateVolumeTypeRequest, &str)> = vec![
+        (CreateVolumeTypeRequest { name: String::new(), ..Default::default() }, "name:"),
+        (CreateVolumeTypeRequest { name: long.clone(), ..Default::default() }, "name:"),
+        (CreateVolumeTypeRequest { name: " padded".into(), ..Default::default() }, "name:"),
+        (
+            CreateVolumeTypeRequest { name: "ok".into(), description: long.clone(), ..Default::default() },
+            "description:",
+        ),
+        (
+            CreateVolumeTypeRequest {
+                name: "ok".into(),
+                extra_specs: [("bad key!".to_string(), "v".to_string())].into(),
+                ..Default::default()
+            },
+            "extra_specs:",
+        ),
+        (
+            CreateVolumeTypeRequest {
+                name: "ok".into(),
+                extra_specs: [("k".to_string(), long.clone())].into(),
+                ..Default::default()
+            },
+            "extra_specs:",
+        ),
+    ];
+    for (req, field) in cases {
+        let err = client.create_volume_type(req.clone()).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{req:?}: {err:?}");
+        assert!(err.message().starts_with(field), "{req:?}: {}", err.message());
+    }
+
+    let err = client
+        .set_extra_specs(SetExtraSpecsRequest {
+            id_or_name: "gold".into(),
+            extra_specs: [("good".to_string(), "v".to_string()), ("".to_string(), "v".to_string())].into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("extra_specs:"), "{}", err.message());
+    let err =
+        client.unset_extra_specs(UnsetExtraSpecsRequest { id_or_name: "gold".into(), keys: vec![] }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("keys:"), "{}", err.message());
+    let err = client
+        .update_volume_type(UpdateVolumeTypeRequest {
+            id_or_name: "gold".into(),
+            name: Some(String::new()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    for unknown in ["no-such-type", "0a0a0a0a-1b1b-4c2c-8d3d-4e4e4e4e4e4e"] {
+        let err = client.get_volume_type(GetVolumeTypeRequest { id_or_name: unknown.into() }).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+        assert!(err.message().contains(unknown), "{}", err.message());
+        let err = client
+            .set_extra_specs(SetExtraSpecsRequest {
+                id_or_name: unknown.into(),
+                extra_specs: [("k".to_string(), "v".to_string())].into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+        let err = client.delete_volume_type(DeleteVolumeTypeRequest { id_or_name: unknown.into() }).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+    }
+    let err = client.get_volume_type(GetVolumeTypeRequest { id_or_name: String::new() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("id_or_name:"));
+
+    assert_eq!(snapshot_types(&fleet).await, before, "refused requests changed the database");
+
+    // Quota bad input too.
+    let mut quotas = ember_proto::v1::quota_service_client::QuotaServiceClient::new(fleet.admin());
+    for (limits, needle) in [
+        (vec![("nonsense".to_string(), 1i64)], "unknown quota resource"),
+        (vec![("volumes".to_string(), -5)], "limit must be -1"),
+    ] {
+        let err = quotas
+            .set_quota(SetQuotaRequest { project: "p1".into(), limits: limits.into_iter().collect() })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().starts_with("limits:") && err.message().contains(needle), "{}", err.message());
+    }
+    let err = quotas
+        .set_quota(SetQuotaRequest { project: "Bad/Project".into(), limits: [("volumes".to_string(), 1)].into() })
+        .await
+        .unwrap_err();
+    assert!(err.message().starts_with("project:"), "{}", err.message());
+    let q = quotas.get_quota(GetQuotaRequest { project: "p1".into() }).await.unwrap().into_inner();
+    assert!(q.items.iter().any(|i| i.resource == "gigabytes_gold"), "per-type quotas exist for each type");
+    assert_eq!(q.items.iter().find(|i| i.resource == "volumes").unwrap().limit, 10, "unchanged");
+}
