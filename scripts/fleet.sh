@@ -4,7 +4,7 @@
 # This is the README's first command. Ctrl-C stops everything it started.
 #
 #   EMBER_STATE  state directory (default ./.ember-dev)
-#   EMBER_PORT   coordinator port (default 7000; agents use the next three)
+#   EMBER_PORT   coordinator port (default 7000; agents use the next three, the iSCSI portal the fourth)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -31,7 +31,9 @@ tls() { printf '[tls]\nca = "%s"\ncert = "%s/%s.pem"\nkey = "%s/%s.key"\n' "$cer
 coordinator_url=https://127.0.0.1:$port
 { printf 'listen = "127.0.0.1:%s"\ndatabase = "%s"\n' "$port" "$state/ember.db"; tls coordinator; } >"$state/coordinator.toml"
 agent() { printf 'name = "%s"\nlisten = "127.0.0.1:%s"\ncoordinator = "%s"\n' "$1" "$2" "$coordinator_url"; }
-{ agent storage1 $((port + 1)); printf '\n[[backends]]\nname = "file1"\ndriver = "file"\ndirectory = "%s"\n\n' "$state/file-backend"; tls storage1; } >"$state/storage.toml"
+{ agent storage1 $((port + 1)); printf 'state_dir = "%s"\n' "$state/storage-state"
+  printf '\n[[backends]]\nname = "file1"\ndriver = "file"\ndirectory = "%s"\n\n' "$state/file-backend"
+  printf '[tgt]\ncontrol_port = %s\nportal = "127.0.0.1:%s"\n\n' $(( (port + 5) % 30000 + 1000 )) $((port + 4)); tls storage1; } >"$state/storage.toml"
 { agent compute1 $((port + 2)); tls compute1; } >"$state/compute.toml"
 { agent backup1 $((port + 3)); printf '\n[[repositories]]\nname = "repo1"\ndirectory = "%s"\n\n' "$state/backups"; tls backup1; } >"$state/backup.toml"
 

@@ -3,16 +3,28 @@
 # is already there. Safe to run again.
 set -euo pipefail
 
-apt_packages=(tgt libiscsi-bin)
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+updated=
+apt_install() {
+  export DEBIAN_FRONTEND=noninteractive
+  [ -n "$updated" ] || { apt-get update -qq; updated=1; }
+  apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# tgt: the iSCSI target; libiscsi-bin: a userspace initiator (iscsi-ls).
 missing=()
-for p in "${apt_packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
+for p in tgt libiscsi-bin; do installed "$p" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing apt packages: ${missing[*]}" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt_install "${missing[@]}"
+fi
+
+# qemu-img with its iSCSI driver (qemu-block-extra), the initiator the tests read and write volumes with.
+# A fresh machine ships a backported qemu-utils that Debian 12's qemu-block-extra cannot sit beside, so both
+# come from bookworm together.
+if ! installed qemu-block-extra || ! command -v qemu-img >/dev/null; then
+  echo "installing qemu-utils and qemu-block-extra (Debian 12)" >&2
+  apt_install --allow-downgrades qemu-utils/bookworm qemu-block-extra/bookworm
 fi
 
 # A client that is not ours, for the reflection test and for operators: Python grpcio with reflection.

@@ -8,7 +8,9 @@ mod connect;
 mod output;
 mod quota;
 mod service;
+mod snapshot;
 mod types;
+mod volume;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +36,12 @@ enum Command {
     Type(types::TypeCmd),
     /// Show and set project quotas.
     Quota(quota::QuotaCmd),
+    /// Create, list, show, extend, delete, attach and export volumes.
+    Volume(volume::VolumeCmd),
+    /// Snapshots of volumes.
+    Snapshot(snapshot::SnapshotCmd),
+    /// Attachments of volumes to instances.
+    Attachment(volume::AttachmentCmd),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -45,6 +53,9 @@ async fn main() {
         Command::Service(c) => service::run(c, &cli.conn, cli.json).await,
         Command::Type(c) => types::run(c, &cli.conn, cli.json).await,
         Command::Quota(c) => quota::run(c, &cli.conn, cli.json).await,
+        Command::Volume(c) => volume::run(c, &cli.conn, cli.json).await,
+        Command::Snapshot(c) => snapshot::run(c, &cli.conn, cli.json).await,
+        Command::Attachment(c) => volume::run_attachments(c, &cli.conn, cli.json).await,
     };
     if let Err(e) = result {
         eprintln!("ember: {e}");

@@ -30,6 +30,19 @@ pub fn project_for(id: &Identity, requested: &str) -> Result<String> {
     }
 }
 
+/// The project that will own a new resource: a member's own; for an admin the one named, else `admin`.
+pub fn owner_project(id: &Identity, requested: &str) -> Result<String> {
+    match id.role {
+        Role::Admin if requested.is_empty() => Ok("admin".into()),
+        _ => project_for(id, requested),
+    }
+}
+
+/// Whether `who` may see resources of `project`.
+pub fn can_see(who: &Identity, project: &str) -> bool {
+    who.role == Role::Admin || who.project.as_deref() == Some(project)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,12 @@ pub struct CoordinatorConfig {
     pub heartbeat_interval_seconds: u32,
     /// A service whose last heartbeat is older than this is `down` (Cinder's `service_down_time`).
     pub service_down_seconds: u32,
+    /// Create attempts before a volume goes to `error` (Cinder's `scheduler_max_attempts`).
+    pub max_attempts: u32,
+    /// Capacity weigher multiplier: 1 spreads volumes over pools, -1 stacks them.
+    pub capacity_weight_multiplier: f64,
+    /// Seconds between reconciler passes (resuming operations, sweeping orphans).
+    pub reconcile_interval_seconds: u32,
     /// Default quota limits per project; -1 is unlimited. Missing resources use the built-in defaults.
     pub default_quotas: BTreeMap<String, i64>,
 }
@@ -31,6 +37,9 @@ impl Default for CoordinatorConfig {
             tls: None,
             heartbeat_interval_seconds: 10,
             service_down_seconds: 60,
+            max_attempts: 3,
+            capacity_weight_multiplier: 1.0,
+            reconcile_interval_seconds: 10,
             default_quotas: BTreeMap::new(),
         }
     }

@@ -1,17 +1,28 @@
 //! `ember-coordinator`: owns the fleet's state in SQLite and serves the public API (`ember.v1`) and the
 //! agents' registration service (`ember.agent.v1.Registration`) over mutual TLS.
 
+mod agents;
+mod attachments;
 mod auth;
 mod clock;
 mod config;
+mod context;
 mod db;
 mod error;
+mod failpoint;
 mod fleet;
+mod operations;
 mod pending;
+mod pools;
+mod quota;
 mod quotas;
 mod registration;
+mod scheduler;
+mod snapshots;
+mod sweeper;
 mod validate;
 mod volume_types;
+mod volumes;
 
 use clap::Parser;
 use config::CoordinatorConfig;
@@ -61,6 +72,9 @@ struct Args {
     /// Seconds without a heartbeat before a service is down.
     #[arg(long)]
     service_down: Option<u32>,
+    /// Seconds between reconciler passes.
+    #[arg(long)]
+    reconcile_interval: Option<u32>,
     /// Log one JSON object per line instead of text.
     #[arg(long)]
     log_json: bool,
@@ -79,6 +93,9 @@ fn settings(args: &Args) -> Result<CoordinatorConfig, Box<dyn std::error::Error>
     }
     if let Some(s) = args.service_down {
         cfg.service_down_seconds = s;
+    }
+    if let Some(r) = args.reconcile_interval {
+        cfg.reconcile_interval_seconds = r.max(1);
     }
     let tls = cfg.tls.take();
     cfg.tls = match (&args.ca, &args.cert, &args.key, tls) {
@@ -113,6 +130,20 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let db = db::open(&cfg.database).await?;
     tracing::info!(database = %cfg.database.display(), "database open and migrated");
 
+    let ctx = std::sync::Arc::new(context::Ctx {
+        db: db.clone(),
+        agents: agents::Agents::new(tls.clone(), db.clone()),
+        quota: quota::QuotaEngine::new(&cfg.default_quotas),
+        schedule_lock: tokio::sync::Mutex::new(()),
+        max_attempts: cfg.max_attempts.max(1),
+        capacity_weight_multiplier: cfg.capacity_weight_multiplier,
+        service_down_ms: i64::from(cfg.service_down_seconds) * 1000,
+        running_ops: Default::default(),
+    });
+    let reconciler = tokio::spawn(operations::reconcile_forever(
+        ctx.clone(),
+        std::time::Duration::from_secs(cfg.reconcile_interval_seconds.into()),
+    ));
     let (listener, addr) = server::bind(&cfg.listen).await?;
     let public = require_roles(PUBLIC);
     let mut routes = RoutesBuilder::default();
@@ -129,10 +160,13 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             quotas::Quotas::new(db.clone(), &cfg.default_quotas),
             public.clone(),
         ))
-        .add_service(VolumeServiceServer::with_interceptor(pending::Pending, public.clone()))
-        .add_service(SnapshotServiceServer::with_interceptor(pending::Pending, public.clone()))
+        .add_service(VolumeServiceServer::with_interceptor(volumes::api::Volumes::new(ctx.clone()), public.clone()))
+        .add_service(SnapshotServiceServer::with_interceptor(snapshots::Snapshots::new(ctx.clone()), public.clone()))
         .add_service(BackupServiceServer::with_interceptor(pending::Pending, public.clone()))
-        .add_service(AttachmentServiceServer::with_interceptor(pending::Pending, public.clone()))
+        .add_service(AttachmentServiceServer::with_interceptor(
+            attachments::Attachments::new(ctx.clone()),
+            public.clone(),
+        ))
         .add_service(InstanceServiceServer::with_interceptor(pending::Pending, public))
         .add_service(RegistrationServer::with_interceptor(
             registration::Registrar::new(db.clone(), cfg.heartbeat_interval_seconds),
@@ -147,6 +181,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         server::shutdown_signal(),
     )
     .await?;
+    reconciler.abort();
     db.close().await;
     tracing::info!("coordinator stopped");
     Ok(())

@@ -42,6 +42,14 @@ pub fn spec_value(field: &'static str, key: &str, value: &str) -> Result<()> {
     })
 }
 
+/// A UUID in its canonical hyphenated lowercase form.
+pub fn uuid(field: &'static str, value: &str) -> Result<()> {
+    match uuid::Uuid::parse_str(value) {
+        Ok(u) if u.hyphenated().to_string() == value => Ok(()),
+        _ => Err(Error::invalid(field, format!("{value:?} is not a valid id (a lowercase UUID)"))),
+    }
+}
+
 /// A project name (as carried in member certificates).
 pub fn project(field: &'static str, value: &str) -> Result<()> {
     if ember_common::identity::valid_name(value) {
@@ -65,6 +73,9 @@ mod tests {
         assert!(spec_key("extra_specs", "capabilities:thin_provisioning_support").is_ok());
         assert!(spec_key("extra_specs", "bad key").is_err());
         assert!(spec_key("extra_specs", "").is_err());
+        assert!(uuid("id", "0a0a0a0a-1b1b-4c2c-8d3d-4e4e4e4e4e4e").is_ok());
+        assert!(uuid("id", "0A0A0A0A-1B1B-4C2C-8D3D-4E4E4E4E4E4E").is_err());
+        assert!(uuid("id", "nope").is_err());
         let e = required_name("name", "").unwrap_err().to_string();
         assert!(e.starts_with("name:"), "{e}");
     }

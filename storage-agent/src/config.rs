@@ -1,9 +1,8 @@
-//! The storage agent's TOML config: the common agent keys plus `[[backends]]`.
+//! The storage agent's TOML config: the common agent keys, `state_dir`, `[tgt]` and `[[backends]]`.
 
-use ember_common::agent::{AgentSettings, filesystem_space};
+use ember_common::agent::AgentSettings;
 use ember_common::config::ConfigError;
 use ember_common::identity::valid_name;
-use ember_proto::agent::v1::{Backend, Pool};
 use serde::Deserialize;
 use std::path::PathBuf;
 
@@ -13,9 +12,50 @@ pub struct StorageConfig {
     /// Keys every agent has.
     #[serde(flatten)]
     pub agent: AgentSettings,
+    /// Where the agent keeps what it must remember across restarts (its exports).
+    pub state_dir: Option<PathBuf>,
+    /// The iSCSI target.
+    #[serde(default)]
+    pub tgt: TgtConfig,
     /// The node's backends.
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
+}
+
+/// How to reach (or run) tgtd.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TgtConfig {
+    /// Start and own a tgtd (restarting it if it dies) rather than use one already running.
+    pub manage: bool,
+    /// tgtd's management port (`tgtd -C` / `tgtadm -C`); lets several tgtds share a host.
+    pub control_port: u16,
+    /// The iSCSI portal `ip:port` initiators connect to.
+    pub portal: String,
+    /// Target names are `<iqn_prefix>:volume-<id>`.
+    pub iqn_prefix: String,
+}
+
+impl Default for TgtConfig {
+    fn default() -> Self {
+        TgtConfig {
+            manage: true,
+            control_port: 0,
+            portal: "127.0.0.1:3260".into(),
+            iqn_prefix: "iqn.2010-10.org.ember".into(),
+        }
+    }
+}
+
+/// How a deleted volume's data is destroyed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Wipe {
+    /// Overwrite the data extents with zeros before removing the file.
+    #[default]
+    Zero,
+    /// Just remove the file.
+    None,
 }
 
 /// One backend (Cinder's `[backend]` section).
@@ -39,6 +79,9 @@ pub struct BackendConfig {
     /// Sparse (thin) volumes; false preallocates (thick).
     #[serde(default = "default_true")]
     pub thin: bool,
+    /// How deleted volumes are destroyed.
+    #[serde(default)]
+    pub wipe: Wipe,
 }
 
 fn default_ratio() -> f64 {
@@ -49,11 +92,12 @@ fn default_true() -> bool {
     true
 }
 
-const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
-
 impl StorageConfig {
     /// The backends, checked: valid unique names, a known driver, an existing directory.
     pub fn checked_backends(&self) -> Result<Vec<BackendConfig>, ConfigError> {
+        if self.tgt.control_port > 32767 {
+            return Err(ConfigError::Missing("tgt.control_port must be at most 32767 (tgtadm's limit)".into()));
+        }
         let mut seen = std::collections::HashSet::new();
         for b in &self.backends {
             if !valid_name(&b.name) || !seen.insert(b.name.clone()) {
@@ -72,35 +116,13 @@ impl StorageConfig {
                     b.directory.display()
                 )));
             }
+            if b.max_over_subscription_ratio < 1.0 {
+                return Err(ConfigError::Missing(format!(
+                    "backend {}: max_over_subscription_ratio must be >= 1",
+                    b.name
+                )));
+            }
         }
         Ok(self.backends.clone())
-    }
-}
-
-impl BackendConfig {
-    /// The backend's stats as reported to the coordinator.
-    pub fn report(&self, agent_az: &str) -> Backend {
-        let (total, free) = filesystem_space(&self.directory).unwrap_or((0, 0));
-        Backend {
-            name: self.name.clone(),
-            driver: self.driver.clone(),
-            availability_zone: self.availability_zone.clone().unwrap_or_else(|| agent_az.to_string()),
-            storage_protocol: "iSCSI".into(),
-            vendor_name: "ember".into(),
-            driver_version: ember_common::VERSION.into(),
-            pools: vec![Pool {
-                name: self.name.clone(),
-                total_capacity_gb: total as f64 / GIB,
-                free_capacity_gb: free as f64 / GIB,
-                provisioned_capacity_gb: 0.0,
-                allocated_capacity_gb: 0.0,
-                thin_provisioning_support: self.thin,
-                thick_provisioning_support: !self.thin,
-                reserved_percentage: self.reserved_percentage,
-                max_over_subscription_ratio: self.max_over_subscription_ratio,
-                multiattach: true,
-                capabilities: [("volume_backend_name".to_string(), self.name.clone())].into(),
-            }],
-        }
     }
 }

@@ -1,14 +1,23 @@
-//! `ember-storage-agent`: runs on a storage node, carves volumes out of its backends and exports them.
-//! It registers its backends (with pools, capacity and capabilities) with the coordinator and heartbeats.
+//! `ember-storage-agent`: runs on a storage node, carves volumes out of its backends and exports them over
+//! iSCSI (tgt). It registers its backends (with pools, capacity and capabilities) with the coordinator and
+//! heartbeats.
 
 mod config;
+mod error;
+mod exports;
+mod file_backend;
+mod keeper;
 mod service;
+mod sparse;
+mod tgt;
 
 use clap::Parser;
 use ember_common::agent::{AgentArgs, serve_agent, start_process};
 use ember_common::identity::{Role, require_roles};
 use ember_proto::agent::v1::storage_agent_server::StorageAgentServer;
-use ember_proto::agent::v1::{AgentRole, RegisterRequest};
+use ember_proto::agent::v1::{AgentRole, Backend, RegisterRequest};
+use service::{Storage, StorageService};
+use std::sync::Arc;
 use tonic::service::RoutesBuilder;
 
 /// Callers of the storage agent's API: the coordinator (and, for data, backup agents).
@@ -35,22 +44,54 @@ async fn main() {
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let file: config::StorageConfig = ember_common::config::load(args.agent.config.as_deref())?;
     let id = args.agent.resolve(file.agent.clone())?;
-    let backends = file.checked_backends()?;
+    let state_dir = file.state_dir.clone().unwrap_or_else(|| "/var/lib/ember/storage-agent".into());
+    let mut backends = std::collections::BTreeMap::new();
+    for b in file.checked_backends()? {
+        backends.insert(b.name.clone(), file_backend::FileBackend::open(b)?);
+    }
+    let storage = Arc::new(Storage {
+        backends,
+        tgt: tgt::Tgt { control_port: file.tgt.control_port },
+        portal: file.tgt.portal.clone(),
+        iqn_prefix: file.tgt.iqn_prefix.clone(),
+        exports: tokio::sync::Mutex::new(exports::ExportStore::load(&state_dir)?),
+    });
+    let keeper = keeper::start(storage.clone(), file.tgt.clone()).await;
+
     let az = id.availability_zone.clone();
     let name = id.name.clone();
+    let reporter = storage.clone();
     let mut routes = RoutesBuilder::default();
-    routes.add_service(StorageAgentServer::with_interceptor(service::Storage, require_roles(CALLERS)));
-    serve_agent(id, routes, &["ember.agent.v1.StorageAgent"], move |endpoint, instance_id| RegisterRequest {
-        name: name.clone(),
-        role: AgentRole::Storage as i32,
-        endpoint: endpoint.to_string(),
-        instance_id: instance_id.to_string(),
-        version: ember_common::VERSION.to_string(),
-        api_version: ember_proto::AGENT_API_VERSION.to_string(),
-        availability_zone: az.clone(),
-        backends: backends.iter().map(|b| b.report(&az)).collect(),
-        connector: None,
-        repositories: vec![],
-    })
-    .await
+    routes.add_service(StorageAgentServer::with_interceptor(StorageService(storage), require_roles(CALLERS)));
+    let served =
+        serve_agent(id, routes, &["ember.agent.v1.StorageAgent"], move |endpoint, instance_id| RegisterRequest {
+            name: name.clone(),
+            role: AgentRole::Storage as i32,
+            endpoint: endpoint.to_string(),
+            instance_id: instance_id.to_string(),
+            version: ember_common::VERSION.to_string(),
+            api_version: ember_proto::AGENT_API_VERSION.to_string(),
+            availability_zone: az.clone(),
+            backends: reporter
+                .backends
+                .values()
+                .map(|b| Backend {
+                    name: b.cfg.name.clone(),
+                    driver: b.cfg.driver.clone(),
+                    availability_zone: b.cfg.availability_zone.clone().unwrap_or_else(|| az.clone()),
+                    storage_protocol: "iSCSI".into(),
+                    vendor_name: "ember".into(),
+                    driver_version: ember_common::VERSION.into(),
+                    pools: vec![b.pool()],
+                })
+                .collect(),
+            connector: None,
+            repositories: vec![],
+        })
+        .await;
+    // Stopping the keeper drops our tgtd, which ends it; an agent killed outright leaves tgtd running with its
+    // exports, and the next start adopts it.
+    keeper.abort();
+    let _ = keeper.await;
+    served
 }

@@ -1,26 +1,248 @@
-//! The storage agent's gRPC service. Volume operations arrive with the volume-lifecycle work; until then each
-//! call answers UNIMPLEMENTED.
+//! The storage agent's gRPC service: volume and snapshot operations on the file backends, and exports over
+//! tgt. Every call is idempotent, because the coordinator repeats calls after a crash.
 
+use crate::error::{AgentError, Result};
+use crate::exports::{ExportRecord, ExportStore};
+use crate::file_backend::{FileBackend, Kind, checked_id};
+use crate::tgt::{TargetSpec, Tgt};
 use ember_common::not_yet;
 use ember_proto::agent::v1::storage_agent_server::StorageAgent;
 use ember_proto::agent::v1::*;
+use std::collections::BTreeMap;
 use std::pin::Pin;
+use std::sync::Arc;
+use tokio::sync::Mutex;
 use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
-/// The service.
-pub struct Storage;
+/// The agent's state shared by calls and the export keeper.
+pub struct Storage {
+    /// Backends by name.
+    pub backends: BTreeMap<String, FileBackend>,
+    /// The target daemon.
+    pub tgt: Tgt,
+    /// The portal initiators connect to.
+    pub portal: String,
+    /// IQN prefix.
+    pub iqn_prefix: String,
+    /// Desired exports; the lock also serialises every tgtadm change.
+    pub exports: Mutex<ExportStore>,
+}
+
+impl Storage {
+    fn backend(&self, name: &str) -> Result<&FileBackend> {
+        self.backends.get(name).ok_or_else(|| AgentError::NotFound(format!("backend {name:?}")))
+    }
+
+    fn iqn(&self, volume: &uuid::Uuid) -> String {
+        format!("{}:volume-{volume}", self.iqn_prefix)
+    }
+
+    /// Makes tgtd hold every export in the state file (after an agent or tgtd restart). Returns how many
+    /// targets had to be re-created.
+    pub async fn ensure_exports(&self) -> Result<usize> {
+        let store = self.exports.lock().await;
+        let present: Vec<String> = self.tgt.targets().await?.into_iter().map(|t| t.iqn).collect();
+        let mut recreated = 0;
+        for (volume, rec) in &store.exports {
+            if present.contains(&rec.iqn) {
+                continue;
+            }
+            let backing = self.backend(&rec.backend)?.path(Kind::Volume, &checked_id("volume_id", volume)?);
+            let spec =
+                TargetSpec { iqn: &rec.iqn, backing: &backing, username: &rec.username, password: &rec.password };
+            self.tgt.ensure(&spec).await?;
+            tracing::info!(volume_id = %volume, iqn = %rec.iqn, "export re-created");
+            recreated += 1;
+        }
+        Ok(recreated)
+    }
+
+    async fn export(&self, req: ExportVolumeRequest) -> Result<ExportVolumeResponse> {
+        let id = checked_id("volume_id", &req.volume_id)?;
+        let backend = self.backend(&req.backend)?;
+        let backing = backend.path(Kind::Volume, &id);
+        if !backing.exists() {
+            return Err(AgentError::NotFound(format!("volume {id}")));
+        }
+        if req.chap_username.is_empty() || req.chap_password.len() < 12 {
+            return Err(AgentError::InvalidArgument {
+                field: "chap_password",
+                message: "CHAP credentials are required (secret of 12 characters or more)".into(),
+            });
+        }
+        let iqn = self.iqn(&id);
+        let mut store = self.exports.lock().await;
+        let rec = store.exports.entry(req.volume_id.clone()).or_insert_with(|| ExportRecord {
+            backend: req.backend.clone(),
+            iqn: iqn.clone(),
+            username: req.chap_username.clone(),
+            password: req.chap_password.clone(),
+            initiators: Default::default(),
+        });
+        rec.initiators.insert(req.initiator.clone());
+        let rec = rec.clone();
+        store.save()?;
+        let spec = TargetSpec { iqn: &rec.iqn, backing: &backing, username: &rec.username, password: &rec.password };
+        self.tgt.ensure(&spec).await?;
+        tracing::info!(volume_id = %id, iqn = %iqn, initiator = %req.initiator, "exported");
+        Ok(ExportVolumeResponse {
+            driver_volume_type: "iscsi".into(),
+            target_portal: self.portal.clone(),
+            target_iqn: iqn,
+            target_lun: 1,
+            ..Default::default()
+        })
+    }
+
+    async fn unexport(&self, volume_id: &str, initiator: &str) -> Result<()> {
+        let id = checked_id("volume_id", volume_id)?;
+        let mut store = self.exports.lock().await;
+        let Some(rec) = store.exports.get_mut(volume_id) else {
+            // Nothing recorded; still make sure no target lingers from a crash before the record was saved.
+            return self.tgt.remove(&self.iqn(&id), "").await;
+        };
+        if !initiator.is_empty() {
+            rec.initiators.remove(initiator);
+            if !rec.initiators.is_empty() {
+                store.save()?;
+                return Ok(());
+            }
+        }
+        let rec = rec.clone();
+        self.tgt.remove(&rec.iqn, &rec.username).await?;
+        store.exports.remove(volume_id);
+        store.save()?;
+        tracing::info!(volume_id = %id, "unexported");
+        Ok(())
+    }
+
+    async fn create(&self, req: CreateVolumeRequest) -> Result<VolumeResult> {
+        let id = checked_id("volume_id", &req.volume_id)?;
+        if failpoint_armed("storage.create_volume") {
+            return Err(AgentError::Io {
+                context: "injected failure (EMBER_FAILPOINTS)".into(),
+                source: std::io::Error::other("failpoint"),
+            });
+        }
+        let backend = self.backend(&req.backend)?;
+        if req.size_gb == 0 {
+            return Err(AgentError::InvalidArgument { field: "size_gb", message: "must be at least 1".into() });
+        }
+        let size = if !req.source_snapshot_id.is_empty() {
+            let src = backend.path(Kind::Snapshot, &checked_id("source_snapshot_id", &req.source_snapshot_id)?);
+            backend.create_copy(Kind::Volume, &id, &src, Some(req.size_gb)).await?
+        } else if !req.source_volume_id.is_empty() {
+            let src = backend.path(Kind::Volume, &checked_id("source_volume_id", &req.source_volume_id)?);
+            backend.create_copy(Kind::Volume, &id, &src, Some(req.size_gb)).await?
+        } else {
+            backend.create_blank(&id, req.size_gb)?
+        };
+        tracing::info!(volume_id = %id, backend = %req.backend, size, "volume created");
+        Ok(VolumeResult { volume_id: req.volume_id, size_bytes: size })
+    }
+}
+
+/// Fault injection for tests: `EMBER_FAILPOINTS=storage.create_volume` makes every create fail.
+fn failpoint_armed(name: &str) -> bool {
+    std::env::var("EMBER_FAILPOINTS").map(|v| v.split(',').any(|p| p.trim() == name)).unwrap_or(false)
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<VolumeChunk, Status>> + Send>>;
+
+/// The gRPC face of [`Storage`].
+pub struct StorageService(pub Arc<Storage>);
 
 #[tonic::async_trait]
-impl StorageAgent for Storage {
-    type ReadVolumeStream = Pin<Box<dyn Stream<Item = Result<VolumeChunk, tonic::Status>> + Send>>;
-    not_yet!(create_volume, CreateVolumeRequest, VolumeResult, "creating volumes");
-    not_yet!(delete_volume, DeleteVolumeRequest, DeleteVolumeResponse, "deleting volumes");
-    not_yet!(extend_volume, ExtendVolumeRequest, VolumeResult, "extending volumes");
-    not_yet!(create_snapshot, CreateSnapshotRequest, SnapshotResult, "creating snapshots");
-    not_yet!(delete_snapshot, DeleteSnapshotRequest, DeleteSnapshotResponse, "deleting snapshots");
-    not_yet!(export_volume, ExportVolumeRequest, ExportVolumeResponse, "exporting volumes");
-    not_yet!(unexport_volume, UnexportVolumeRequest, UnexportVolumeResponse, "unexporting volumes");
-    not_yet!(list_resources, ListResourcesRequest, ListResourcesResponse, "listing resources");
+impl StorageAgent for StorageService {
+    type ReadVolumeStream = ChunkStream;
+
+    async fn create_volume(&self, req: Request<CreateVolumeRequest>) -> Result<Response<VolumeResult>, Status> {
+        let span = tracing::info_span!("create_volume", volume_id = %req.get_ref().volume_id);
+        Ok(Response::new(self.0.create(req.into_inner()).instrument(span).await?))
+    }
+
+    async fn delete_volume(&self, req: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let span = tracing::info_span!("delete_volume", volume_id = %r.volume_id);
+        async {
+            let id = checked_id("volume_id", &r.volume_id)?;
+            let backend = self.0.backend(&r.backend)?;
+            self.0.unexport(&r.volume_id, "").await?;
+            backend.remove(Kind::Volume, &id).await?;
+            tracing::info!("volume deleted");
+            Ok::<_, AgentError>(())
+        }
+        .instrument(span)
+        .await?;
+        Ok(Response::new(DeleteVolumeResponse {}))
+    }
+
+    async fn extend_volume(&self, req: Request<ExtendVolumeRequest>) -> Result<Response<VolumeResult>, Status> {
+        let r = req.into_inner();
+        let id = checked_id("volume_id", &r.volume_id)?;
+        let backend = self.0.backend(&r.backend)?;
+        let size = backend.extend(&id, r.new_size_gb)?;
+        let store = self.0.exports.lock().await;
+        if let Some(rec) = store.exports.get(&r.volume_id) {
+            self.0.tgt.refresh_lun(&rec.iqn, &backend.path(Kind::Volume, &id)).await?;
+        }
+        drop(store);
+        tracing::info!(volume_id = %id, size, "volume extended");
+        Ok(Response::new(VolumeResult { volume_id: r.volume_id, size_bytes: size }))
+    }
+
+    async fn create_snapshot(&self, req: Request<CreateSnapshotRequest>) -> Result<Response<SnapshotResult>, Status> {
+        let r = req.into_inner();
+        let snap = checked_id("snapshot_id", &r.snapshot_id)?;
+        let vol = checked_id("volume_id", &r.volume_id)?;
+        let backend = self.0.backend(&r.backend)?;
+        let size = backend.create_copy(Kind::Snapshot, &snap, &backend.path(Kind::Volume, &vol), None).await?;
+        tracing::info!(snapshot_id = %snap, volume_id = %vol, size, "snapshot created");
+        Ok(Response::new(SnapshotResult { snapshot_id: r.snapshot_id, size_bytes: size }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let snap = checked_id("snapshot_id", &r.snapshot_id)?;
+        self.0.backend(&r.backend)?.remove(Kind::Snapshot, &snap).await?;
+        tracing::info!(snapshot_id = %snap, "snapshot deleted");
+        Ok(Response::new(DeleteSnapshotResponse {}))
+    }
+
+    async fn export_volume(&self, req: Request<ExportVolumeRequest>) -> Result<Response<ExportVolumeResponse>, Status> {
+        Ok(Response::new(self.0.export(req.into_inner()).await?))
+    }
+
+    async fn unexport_volume(
+        &self,
+        req: Request<UnexportVolumeRequest>,
+    ) -> Result<Response<UnexportVolumeResponse>, Status> {
+        let r = req.into_inner();
+        self.0.unexport(&r.volume_id, &r.initiator).await?;
+        Ok(Response::new(UnexportVolumeResponse {}))
+    }
+
+    async fn list_resources(
+        &self,
+        req: Request<ListResourcesRequest>,
+    ) -> Result<Response<ListResourcesResponse>, Status> {
+        let r = req.into_inner();
+        let mut out = ListResourcesResponse::default();
+        for (name, backend) in &self.0.backends {
+            if r.backend.is_empty() || r.backend == *name {
+                let (v, s) = backend.list()?;
+                out.volume_ids.extend(v);
+                out.snapshot_ids.extend(s);
+            }
+        }
+        Ok(Response::new(out))
+    }
+
     not_yet!(read_volume, ReadVolumeRequest, Self::ReadVolumeStream, "reading volume data");
     not_yet!(write_volume, tonic::Streaming<VolumeChunk>, WriteVolumeResponse, "writing volume data");
 }

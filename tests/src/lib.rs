@@ -1,6 +1,8 @@
 //! A harness for fleet tests: a fresh CA and certificates in a temporary directory, the real daemons
 //! started as processes on loopback (each on a port it picks and announces), and mTLS clients.
 
+pub mod iscsi;
+
 use ember_common::certs::{IssueRequest, init_ca, issue};
 use ember_common::identity::{Identity, Role};
 use ember_common::tls::TlsFiles;
@@ -71,6 +73,18 @@ impl Daemon {
         format!("https://{}", self.addr)
     }
 
+    /// Waits for the process to exit by itself (e.g. at a failpoint).
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "process did not exit within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL, and reap.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -102,6 +116,29 @@ pub struct Fleet {
     pub dir: TempDir,
     /// The coordinator, once started.
     pub coordinator: Option<Daemon>,
+    /// tgtd control port and iSCSI portal port of each storage agent, by agent name.
+    tgt_ports: std::sync::Mutex<std::collections::HashMap<String, (u16, u16)>>,
+}
+
+/// A free TCP port on loopback right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A tgtd management port no other test in this run uses (they only name a local socket).
+fn next_control_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let base = 1_000 + (std::process::id() % 30_000) as u16; // tgtadm accepts up to 32767
+    base + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        // Agents killed outright leave their tgtd running (by design: exports survive); end them here.
+        for (control, _) in self.tgt_ports.lock().unwrap().values() {
+            let _ = Command::new("pkill").args(["-f", &format!("^tgtd -f -C {control} ")]).status();
+        }
+    }
 }
 
 impl Default for Fleet {
@@ -116,7 +153,7 @@ impl Fleet {
         ember_common::install_crypto_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         init_ca(&dir.path().join("ca"), "test fleet CA").expect("CA");
-        let fleet = Fleet { dir, coordinator: None };
+        let fleet = Fleet { dir, coordinator: None, tgt_ports: Default::default() };
         fleet.issue(Role::Coordinator, "coordinator", None);
         fleet.issue(Role::Admin, "admin", None);
         fleet
@@ -155,9 +192,20 @@ impl Fleet {
 
     /// Starts the coordinator with a SQLite file in the fleet directory.
     pub fn start_coordinator(&mut self) -> &Daemon {
+        self.start_coordinator_with(&[])
+    }
+
+    /// Starts (or restarts, on the same address and database) the coordinator with extra environment, e.g.
+    /// `EMBER_FAILPOINTS`.
+    pub fn start_coordinator_with(&mut self, env: &[(&str, &str)]) -> &Daemon {
         let tls = self.tls("coordinator-coordinator");
+        let listen = self.coordinator.as_ref().map(|d| d.addr.to_string()).unwrap_or_else(|| "127.0.0.1:0".into());
+        if let Some(old) = self.coordinator.as_mut() {
+            old.kill();
+        }
         let mut cmd = Command::new(bin("ember-coordinator"));
-        cmd.args(["--listen", "127.0.0.1:0", "--database"])
+        cmd.envs(env.iter().copied());
+        cmd.args(["--listen", &listen, "--reconcile-interval", "1", "--database"])
             .arg(self.database())
             .arg("--ca")
             .arg(&tls.ca)
@@ -167,8 +215,31 @@ impl Fleet {
             .arg(&tls.key)
             .args(["--heartbeat-interval", &HEARTBEAT_SECONDS.to_string()])
             .args(["--service-down", &SERVICE_DOWN_SECONDS.to_string()]);
-        self.coordinator = Some(Daemon::start(cmd, self.dir.path().join("coordinator.log")));
+        let log = self.dir.path().join(format!("coordinator-{}.log", self.next_log()));
+        self.coordinator = Some(Daemon::start(cmd, log));
         self.coordinator.as_ref().unwrap()
+    }
+
+    fn next_log(&self) -> usize {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A file backend section for a storage agent's config, with its directory created.
+    pub fn file_backend(&self, backend: &str, extra: &str) -> (String, PathBuf) {
+        let dir = self.subdir(&format!("backend-{backend}"));
+        (
+            format!(
+                "[[backends]]\nname = \"{backend}\"\ndriver = \"file\"\ndirectory = \"{}\"\n{extra}\n",
+                dir.display()
+            ),
+            dir,
+        )
+    }
+
+    /// A read-only connection to the coordinator's database, for checking outcomes.
+    pub async fn db(&self) -> sqlx::SqlitePool {
+        sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", self.database().display())).await.expect("database")
     }
 
     /// The coordinator's SQLite file.
@@ -184,6 +255,11 @@ impl Fleet {
     /// Starts an agent (`storage`, `compute` or `backup`) named `name`, with `extra_toml` appended to its
     /// config (backends, repositories, ...).
     pub fn start_agent(&self, kind: &str, name: &str, extra_toml: &str) -> Daemon {
+        self.start_agent_with(kind, name, extra_toml, &[])
+    }
+
+    /// [`Fleet::start_agent`] with extra environment.
+    pub fn start_agent_with(&self, kind: &str, name: &str, extra_toml: &str, env: &[(&str, &str)]) -> Daemon {
         let role = match kind {
             "storage" => Role::StorageAgent,
             "compute" => Role::ComputeAgent,
@@ -192,8 +268,17 @@ impl Fleet {
         };
         let tls = self.issue(role, name, None);
         let config = self.dir.path().join(format!("{kind}-{name}.toml"));
+        let (head, tail) = if role == Role::StorageAgent {
+            let (control, portal) = self.tgt_ports(name);
+            (
+                format!("state_dir = \"{}\"\n", self.subdir(&format!("state-{name}")).display()),
+                format!("[tgt]\ncontrol_port = {control}\nportal = \"127.0.0.1:{portal}\"\n"),
+            )
+        } else {
+            (String::new(), String::new())
+        };
         let text = format!(
-            "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ncoordinator = \"{}\"\n{extra_toml}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ncoordinator = \"{}\"\n{head}{extra_toml}\n{tail}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
             self.coordinator_url(),
             tls.ca.display(),
             tls.cert.display(),
@@ -201,8 +286,23 @@ impl Fleet {
         );
         std::fs::write(&config, text).expect("agent config");
         let mut cmd = Command::new(bin(&format!("ember-{kind}-agent")));
-        cmd.arg("--config").arg(&config);
-        Daemon::start(cmd, self.dir.path().join(format!("{kind}-{name}.log")))
+        cmd.arg("--config").arg(&config).envs(env.iter().copied());
+        Daemon::start(cmd, self.dir.path().join(format!("{kind}-{name}-{}.log", self.next_log())))
+    }
+
+    /// The tgtd control port and portal port of storage agent `name` (stable across its restarts).
+    pub fn tgt_ports(&self, name: &str) -> (u16, u16) {
+        *self.tgt_ports.lock().unwrap().entry(name.to_string()).or_insert_with(|| (next_control_port(), free_port()))
+    }
+
+    /// `tgtadm --op show --mode target` of storage agent `name`'s tgtd.
+    pub fn tgt_show(&self, name: &str) -> String {
+        let (control, _) = self.tgt_ports(name);
+        let out = Command::new("tgtadm")
+            .args(["-C", &control.to_string(), "--lld", "iscsi", "--mode", "target", "--op", "show"])
+            .output()
+            .expect("tgtadm");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// A directory inside the fleet directory, created.

@@ -1,0 +1,425 @@
+//! `ember volume` and `ember attachment`: volumes (like `cinder create/list/show/delete/extend`), exports,
+//! and attaching to instances.
+
+use crate::connect::{CliError, ConnectArgs};
+use crate::output;
+use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
+use ember_proto::v1::volume_service_client::VolumeServiceClient;
+use ember_proto::v1::*;
+use std::io::Write;
+use tonic::transport::Channel;
+
+/// `ember volume …`
+#[derive(Debug, clap::Args)]
+pub struct VolumeCmd {
+    #[command(subcommand)]
+    action: VolumeAction,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum VolumeAction {
+    /// Create a volume (blank, from a snapshot, or a clone).
+    Create {
+        /// Size in GiB (may be omitted with --snapshot or --source-volume).
+        #[arg(long, default_value_t = 0)]
+        size: u64,
+        /// Name.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Description.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Volume type id or name (default type when omitted).
+        #[arg(long = "type", default_value = "")]
+        volume_type: String,
+        /// Availability zone.
+        #[arg(long, default_value = "")]
+        availability_zone: String,
+        /// Metadata `key=value` (repeatable).
+        #[arg(long = "property")]
+        properties: Vec<String>,
+        /// Mark bootable.
+        #[arg(long)]
+        bootable: bool,
+        /// Build from this snapshot.
+        #[arg(long, default_value = "")]
+        snapshot: String,
+        /// Clone this volume.
+        #[arg(long, default_value = "")]
+        source_volume: String,
+        /// Client-chosen key making the create safe to repeat.
+        #[arg(long, default_value = "")]
+        idempotency_key: String,
+        /// Wait until the volume is available (or failed), showing progress.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List volumes.
+    List {
+        /// Only this status.
+        #[arg(long, default_value = "")]
+        status: String,
+        /// Only this name.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Admin: only this project.
+        #[arg(long, default_value = "")]
+        project: String,
+    },
+    /// Show one volume.
+    Show {
+        /// Volume id.
+        id: String,
+    },
+    /// Delete a volume.
+    Delete {
+        /// Volume id.
+        id: String,
+        /// Wait until it is gone.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Grow a volume.
+    Extend {
+        /// Volume id.
+        id: String,
+        /// New size in GiB.
+        size: u64,
+        /// Wait until it is done.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Attach a volume to an instance on a compute host.
+    Attach {
+        /// Volume id.
+        id: String,
+        /// Instance (libvirt domain name or UUID).
+        #[arg(long)]
+        instance: String,
+        /// Compute host.
+        #[arg(long)]
+        host: String,
+        /// Read-only.
+        #[arg(long)]
+        read_only: bool,
+        /// Wait until attached.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Detach an attachment (by attachment id, or by volume id when it has exactly one).
+    Detach {
+        /// Attachment or volume id.
+        id: String,
+        /// Wait until detached.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Export a volume to an initiator and print how to connect (for acting as a compute node by hand).
+    Export {
+        /// Volume id.
+        id: String,
+        /// Initiator IQN.
+        #[arg(long)]
+        initiator: String,
+        /// Initiator host name.
+        #[arg(long, default_value = "")]
+        host: String,
+        /// Initiator IP.
+        #[arg(long, default_value = "")]
+        ip: String,
+    },
+    /// Remove an initiator's access.
+    Unexport {
+        /// Volume id.
+        id: String,
+        /// Initiator IQN.
+        #[arg(long)]
+        initiator: String,
+    },
+}
+
+/// `ember attachment …`
+#[derive(Debug, clap::Args)]
+pub struct AttachmentCmd {
+    #[command(subcommand)]
+    action: AttachmentAction,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum AttachmentAction {
+    /// List attachments.
+    List {
+        /// Only this volume.
+        #[arg(long, default_value = "")]
+        volume: String,
+    },
+}
+
+/// A volume as JSON.
+pub fn volume_json(v: &Volume) -> serde_json::Value {
+    serde_json::json!({
+        "id": v.id, "project": v.project, "name": v.name, "description": v.description, "size_gb": v.size_gb,
+        "status": v.status, "status_reason": v.status_reason, "volume_type": v.volume_type_name,
+        "availability_zone": v.availability_zone, "host": v.host, "metadata": v.metadata, "bootable": v.bootable,
+        "multiattach": v.multiattach, "source_snapshot_id": v.source_snapshot_id, "source_volume_id": v.source_volume_id,
+        "attachments": v.attachments.iter().map(|a| serde_json::json!({"id": a.id, "instance": a.instance, "host": a.host, "device": a.device})).collect::<Vec<_>>(),
+        "created_at": output::time(&v.created_at), "updated_at": output::time(&v.updated_at),
+    })
+}
+
+fn print_volumes(volumes: &[Volume], json: bool) {
+    if json {
+        output::json(&serde_json::Value::Array(volumes.iter().map(volume_json).collect()));
+        return;
+    }
+    let rows: Vec<Vec<String>> = volumes
+        .iter()
+        .map(|v| {
+            let attached: Vec<String> = v.attachments.iter().map(|a| a.instance.clone()).collect();
+            vec![
+                v.id.clone(),
+                v.name.clone(),
+                v.status.clone(),
+                v.size_gb.to_string(),
+                v.volume_type_name.clone(),
+                v.host.clone(),
+                attached.join(","),
+                v.status_reason.clone(),
+            ]
+        })
+        .collect();
+    output::table(&["ID", "Name", "Status", "Size", "Type", "Host", "Attached to", "Reason"], &rows);
+}
+
+/// Follows a volume until a final state, printing each status change to stderr. Returns the last state, or
+/// `None` when it was deleted.
+pub async fn wait_volume(client: &mut VolumeServiceClient<Channel>, id: &str) -> Result<Option<Volume>, CliError> {
+    let mut stream = client.watch_volume(GetVolumeRequest { id: id.into() }).await?.into_inner();
+    let started = std::time::Instant::now();
+    while let Some(v) = stream.message().await? {
+        eprint!("\r{} {:<12} {:>5.1}s", v.id, v.status, started.elapsed().as_secs_f64());
+        let _ = std::io::stderr().flush();
+    }
+    eprintln!();
+    // The stream ends at a final state, or when the volume is gone.
+    match client.get_volume(GetVolumeRequest { id: id.into() }).await {
+        Ok(v) => Ok(Some(v.into_inner())),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+        Err(s) => Err(s.into()),
+    }
+}
+
+async fn finish(client: &mut VolumeServiceClient<Channel>, v: Volume, wait: bool, json: bool) -> Result<(), CliError> {
+    if !wait {
+        print_volumes(&[v], json);
+        return Ok(());
+    }
+    match wait_volume(client, &v.id).await? {
+        Some(v) if v.status.starts_with("error") => {
+            print_volumes(std::slice::from_ref(&v), json);
+            Err(CliError::Other(format!("volume {} is {}: {}", v.id, v.status, v.status_reason)))
+        }
+        Some(v) => {
+            print_volumes(&[v], json);
+            Ok(())
+        }
+        None => {
+            println!("volume {} deleted", v.id);
+            Ok(())
+        }
+    }
+}
+
+/// Runs `ember volume …`.
+pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), CliError> {
+    let channel = conn.channel()?;
+    let mut client = VolumeServiceClient::new(channel.clone());
+    match cmd.action {
+        VolumeAction::Create {
+            size,
+            name,
+            description,
+            volume_type,
+            availability_zone,
+            properties,
+            bootable,
+            snapshot,
+            source_volume,
+            idempotency_key,
+            wait,
+        } => {
+            let req = CreateVolumeRequest {
+                size_gb: size,
+                name,
+                description,
+                volume_type,
+                availability_zone,
+                metadata: crate::types::parse_pairs(&properties)?,
+                bootable,
+                snapshot_id: snapshot,
+                source_volume_id: source_volume,
+                idempotency_key,
+                ..Default::default()
+            };
+            let v = client.create_volume(req).await?.into_inner();
+            finish(&mut client, v, wait, json).await
+        }
+        VolumeAction::List { status, name, project } => {
+            let mut all = Vec::new();
+            let mut token = String::new();
+            loop {
+                let page = PageRequest { page_size: 1000, page_token: token };
+                let resp = client
+                    .list_volumes(ListVolumesRequest {
+                        status: status.clone(),
+                        name: name.clone(),
+                        project: project.clone(),
+                        page: Some(page),
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(resp.volumes);
+                token = resp.page.map(|p| p.next_page_token).unwrap_or_default();
+                if token.is_empty() {
+                    break;
+                }
+            }
+            print_volumes(&all, json);
+            Ok(())
+        }
+        VolumeAction::Show { id } => {
+            let v = client.get_volume(GetVolumeRequest { id }).await?.into_inner();
+            print_volumes(&[v], json);
+            Ok(())
+        }
+        VolumeAction::Delete { id, wait } => {
+            client.delete_volume(DeleteVolumeRequest { id: id.clone() }).await?;
+            if wait && let Some(v) = wait_volume(&mut client, &id).await? {
+                return Err(CliError::Other(format!("volume {} is {}: {}", v.id, v.status, v.status_reason)));
+            }
+            println!("volume {id} {}", if wait { "deleted" } else { "deleting" });
+            Ok(())
+        }
+        VolumeAction::Extend { id, size, wait } => {
+            let v = client.extend_volume(ExtendVolumeRequest { id, new_size_gb: size }).await?.into_inner();
+            finish(&mut client, v, wait, json).await
+        }
+        VolumeAction::Attach { id, instance, host, read_only, wait } => {
+            let mut attachments = AttachmentServiceClient::new(channel);
+            let a = attachments
+                .attach(AttachRequest { volume_id: id.clone(), instance, host, read_only })
+                .await?
+                .into_inner();
+            if wait {
+                let v = wait_volume(&mut client, &id).await?;
+                if let Some(v) = v.filter(|v| v.status != "in-use") {
+                    return Err(CliError::Other(format!(
+                        "attach did not complete: volume {} is {}: {}",
+                        v.id, v.status, v.status_reason
+                    )));
+                }
+            }
+            print_attachments(&[a], json);
+            Ok(())
+        }
+        VolumeAction::Detach { id, wait } => {
+            let mut attachments = AttachmentServiceClient::new(channel);
+            let list = attachments
+                .list_attachments(ListAttachmentsRequest { volume_id: id.clone(), instance: String::new() })
+                .await?
+                .into_inner();
+            let (attachment_id, volume_id) = match list.attachments.as_slice() {
+                [one] => (one.id.clone(), one.volume_id.clone()),
+                [] => {
+                    let a = attachments.get_attachment(GetAttachmentRequest { id: id.clone() }).await?.into_inner();
+                    (a.id, a.volume_id)
+                }
+                _ => {
+                    return Err(CliError::Other(format!(
+                        "volume {id} has several attachments; name the attachment id"
+                    )));
+                }
+            };
+            attachments.detach(DetachRequest { attachment_id: attachment_id.clone() }).await?;
+            if wait {
+                wait_volume(&mut client, &volume_id).await?;
+            }
+            println!("attachment {attachment_id} {}", if wait { "detached" } else { "detaching" });
+            Ok(())
+        }
+        VolumeAction::Export { id, initiator, host, ip } => {
+            let info = client
+                .initialize_connection(InitializeConnectionRequest {
+                    volume_id: id,
+                    connector: Some(Connector { host, ip, initiator, read_only: false }),
+                })
+                .await?
+                .into_inner();
+            let value = serde_json::json!({
+                "driver_volume_type": info.driver_volume_type, "target_portal": info.target_portal,
+                "target_iqn": info.target_iqn, "target_lun": info.target_lun, "auth_method": info.auth_method,
+                "auth_username": info.auth_username, "auth_password": info.auth_password, "volume_id": info.volume_id,
+                "access_mode": info.access_mode,
+            });
+            if json {
+                output::json(&value);
+            } else {
+                for (k, v) in value.as_object().into_iter().flatten() {
+                    println!("{k:<20} {}", v.as_str().map(String::from).unwrap_or_else(|| v.to_string()));
+                }
+            }
+            Ok(())
+        }
+        VolumeAction::Unexport { id, initiator } => {
+            client
+                .terminate_connection(TerminateConnectionRequest {
+                    volume_id: id.clone(),
+                    connector: Some(Connector { initiator, ..Default::default() }),
+                })
+                .await?;
+            println!("volume {id} unexported");
+            Ok(())
+        }
+    }
+}
+
+fn print_attachments(list: &[Attachment], json: bool) {
+    if json {
+        let items: Vec<_> = list
+            .iter()
+            .map(|a| serde_json::json!({"id": a.id, "volume_id": a.volume_id, "instance": a.instance, "host": a.host, "status": a.status, "device": a.device, "mode": a.mode}))
+            .collect();
+        output::json(&serde_json::Value::Array(items));
+        return;
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|a| {
+            vec![
+                a.id.clone(),
+                a.volume_id.clone(),
+                a.instance.clone(),
+                a.host.clone(),
+                a.status.clone(),
+                a.device.clone(),
+                a.mode.clone(),
+            ]
+        })
+        .collect();
+    output::table(&["ID", "Volume", "Instance", "Host", "Status", "Device", "Mode"], &rows);
+}
+
+/// Runs `ember attachment …`.
+pub async fn run_attachments(cmd: AttachmentCmd, conn: &ConnectArgs, json: bool) -> Result<(), CliError> {
+    let mut client = AttachmentServiceClient::new(conn.channel()?);
+    match cmd.action {
+        AttachmentAction::List { volume } => {
+            let list = client
+                .list_attachments(ListAttachmentsRequest { volume_id: volume, instance: String::new() })
+                .await?
+                .into_inner();
+            print_attachments(&list.attachments, json);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,49 @@
+//! Channels from the coordinator to its agents, one per endpoint and reused (a new TLS connection costs about
+//! a millisecond), and lookups of where a backend or host lives.
+
+use crate::error::{Error, Result};
+use ember_common::tls::TlsFiles;
+use ember_proto::agent::v1::storage_agent_client::StorageAgentClient;
+use sqlx::SqlitePool;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use tonic::transport::Channel;
+
+/// The coordinator's clients to agents.
+pub struct Agents {
+    tls: TlsFiles,
+    channels: Mutex<HashMap<String, Channel>>,
+    db: SqlitePool,
+}
+
+impl Agents {
+    /// Clients authenticated with the coordinator's certificate.
+    pub fn new(tls: TlsFiles, db: SqlitePool) -> Self {
+        Agents { tls, channels: Mutex::new(HashMap::new()), db }
+    }
+
+    fn channel(&self, endpoint: &str) -> Result<Channel> {
+        let mut channels = self.channels.lock().expect("channel cache");
+        if let Some(c) = channels.get(endpoint) {
+            return Ok(c.clone());
+        }
+        let c = self
+            .tls
+            .channel(endpoint)
+            .map_err(|e| Error::FailedPrecondition(format!("agent endpoint {endpoint}: {e}")))?;
+        channels.insert(endpoint.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// The storage agent serving `host`.
+    pub async fn storage(&self, host: &str) -> Result<StorageAgentClient<Channel>> {
+        let endpoint: Option<String> =
+            sqlx::query_scalar("SELECT endpoint FROM services WHERE host = ? AND role = 'storage' LIMIT 1")
+                .bind(host)
+                .fetch_optional(&self.db)
+                .await?;
+        let endpoint =
+            endpoint.ok_or_else(|| Error::FailedPrecondition(format!("storage host {host} is not registered")))?;
+        Ok(StorageAgentClient::new(self.channel(&endpoint)?).max_decoding_message_size(64 << 20))
+    }
+}

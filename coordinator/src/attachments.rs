@@ -1,0 +1,315 @@
+//! Attachments: `ember.v1.AttachmentService` and the durable attach/detach flows. A volume moves
+//! available → attaching → in-use and back through detaching; the storage agent exports it to the compute
+//! host's initiator. (Connecting it inside the compute host and editing the guest arrive with the compute
+//! agent; until then the caller acts as the compute node with the connection info.)
+
+use crate::auth::{can_see, who};
+use crate::clock::{now_ms, timestamp};
+use crate::context::Ctx;
+use crate::error::{Error, Result};
+use crate::operations::{self, Op, Outcome};
+use crate::validate;
+use crate::volumes::{flow::transient, store as volumes};
+use ember_common::identity::{Identity, valid_name};
+use ember_proto::agent::v1 as agent;
+use ember_proto::v1::attachment_service_server::AttachmentService;
+use ember_proto::v1::*;
+use sqlx::{Row, SqliteConnection};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+const SELECT: &str = "SELECT a.id, a.volume_id, a.instance, a.host, a.status, a.device, a.mode, a.status_reason, a.created_at, \
+     a.connector, v.project FROM attachments a JOIN volumes v ON v.id = a.volume_id";
+
+fn to_proto(r: &sqlx::sqlite::SqliteRow) -> Attachment {
+    Attachment {
+        id: r.get(0),
+        volume_id: r.get(1),
+        instance: r.get(2),
+        host: r.get(3),
+        status: r.get(4),
+        device: r.get(5),
+        mode: r.get(6),
+        status_reason: r.get(7),
+        created_at: Some(timestamp(r.get(8))),
+    }
+}
+
+async fn visible(conn: &mut SqliteConnection, who: &Identity, id: &str) -> Result<sqlx::sqlite::SqliteRow> {
+    validate::uuid("attachment_id", id)?;
+    match sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} WHERE a.id = ?")))
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?
+    {
+        Some(r) if can_see(who, r.get::<&str, _>(10)) => Ok(r),
+        _ => Err(Error::not_found("attachment", id)),
+    }
+}
+
+/// The volume's status once its attachments are as they are now.
+async fn settle_volume(conn: &mut SqliteConnection, volume_id: &str, reason: &str) -> Result<()> {
+    let attached: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM attachments WHERE volume_id = ? AND status = 'attached'")
+            .bind(volume_id)
+            .fetch_one(&mut *conn)
+            .await?;
+    let to = if attached > 0 { "in-use" } else { "available" };
+    volumes::transition(conn, volume_id, &["attaching", "detaching", "in-use"], to, reason).await?;
+    Ok(())
+}
+
+/// The gRPC service.
+pub struct Attachments {
+    ctx: Arc<Ctx>,
+}
+
+impl Attachments {
+    /// Serves attachments.
+    pub fn new(ctx: Arc<Ctx>) -> Self {
+        Attachments { ctx }
+    }
+
+    async fn attach(&self, who: &Identity, req: AttachRequest) -> Result<Attachment> {
+        validate::uuid("volume_id", &req.volume_id)?;
+        validate::required_name("instance", &req.instance)?;
+        if !valid_name(&req.host) {
+            return Err(Error::invalid("host", format!("{:?} is not a host name", req.host)));
+        }
+        let mut tx = self.ctx.db.begin().await?;
+        let connector: Option<String> =
+            sqlx::query_scalar("SELECT report FROM services WHERE host = ? AND role = 'compute'")
+                .bind(&req.host)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let connector = connector.ok_or_else(|| Error::not_found("compute host", &req.host))?;
+        let connector: serde_json::Value = serde_json::from_str(&connector)?;
+        let v = volumes::visible(&mut tx, who, &req.volume_id).await?;
+        let twice: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM attachments WHERE volume_id = ? AND instance = ?")
+            .bind(&v.id)
+            .bind(&req.instance)
+            .fetch_one(&mut *tx)
+            .await?;
+        if twice > 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {} is already attached to instance {}",
+                v.id, req.instance
+            )));
+        }
+        let from: &[&str] = if v.multiattach { &["available", "in-use"] } else { &["available"] };
+        if !volumes::transition(&mut tx, &v.id, from, "attaching", "").await? {
+            let why = if v.status == "in-use" { " and its type does not allow multiattach" } else { "" };
+            return Err(Error::FailedPrecondition(format!(
+                "volume {} is {}{why}; attach needs available",
+                v.id, v.status
+            )));
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO attachments (id, volume_id, instance, host, status, mode, connector, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, 'attaching', ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(&v.id)
+        .bind(&req.instance)
+        .bind(&req.host)
+        .bind(if req.read_only { "ro" } else { "rw" })
+        .bind(connector["connector"].to_string())
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let op = operations::insert(&mut tx, "attach", "attachment", &id, "exporting", serde_json::json!({})).await?;
+        let shown = to_proto(&visible(&mut tx, who, &id).await?);
+        tx.commit().await?;
+        operations::spawn(&self.ctx, op);
+        Ok(shown)
+    }
+
+    async fn detach(&self, who: &Identity, id: &str) -> Result<()> {
+        let mut tx = self.ctx.db.begin().await?;
+        let a = visible(&mut tx, who, id).await?;
+        let status: String = a.get(4);
+        if status == "detaching" {
+            return Ok(());
+        }
+        let moved = sqlx::query(
+            "UPDATE attachments SET status = 'detaching', updated_at = ? WHERE id = ? AND status = 'attached'",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if moved == 0 {
+            return Err(Error::FailedPrecondition(format!("attachment {id} is {status}; detach needs attached")));
+        }
+        let volume_id: String = a.get(1);
+        volumes::transition(&mut tx, &volume_id, &["in-use"], "detaching", "").await?;
+        let op = operations::insert(&mut tx, "detach", "attachment", id, "unexporting", serde_json::json!({})).await?;
+        tx.commit().await?;
+        operations::spawn(&self.ctx, op);
+        Ok(())
+    }
+}
+
+async fn load(ctx: &Ctx, id: &str) -> Result<Option<(sqlx::sqlite::SqliteRow, volumes::VolumeRow)>> {
+    let mut conn = ctx.db.acquire().await?;
+    let Some(a) = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} WHERE a.id = ?")))
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let v = volumes::find(&mut conn, a.get::<&str, _>(1))
+        .await?
+        .ok_or_else(|| Error::not_found("volume", a.get::<String, _>(1)))?;
+    Ok(Some((a, v)))
+}
+
+/// Attach flow: export to the compute host's initiator → attached, volume in-use.
+pub async fn attach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
+    let Some((a, v)) = load(ctx, &op.resource_id).await? else {
+        let mut conn = ctx.db.acquire().await?;
+        operations::finish(&mut conn, &op, Some("attachment no longer exists")).await?;
+        return Ok(Outcome::Finished);
+    };
+    let connector: serde_json::Value = serde_json::from_str(a.get::<&str, _>(9))?;
+    let (user, password) = {
+        let mut tx = ctx.db.begin().await?;
+        let creds = crate::volumes::api::ensure_chap(&mut tx, &v).await?;
+        tx.commit().await?;
+        creds
+    };
+    let mut client = ctx.agents.storage(&v.host).await?;
+    let call = client
+        .export_volume(agent::ExportVolumeRequest {
+            volume_id: v.id.clone(),
+            backend: v.backend.clone(),
+            initiator: connector["initiator"].as_str().unwrap_or_default().to_string(),
+            chap_username: user,
+            chap_password: password,
+            read_only: a.get::<&str, _>(6) == "ro",
+        })
+        .await;
+    let mut tx = ctx.db.begin().await?;
+    match call {
+        Ok(_) => {
+            sqlx::query("UPDATE attachments SET status = 'attached', updated_at = ? WHERE id = ?")
+                .bind(now_ms())
+                .bind(&op.resource_id)
+                .execute(&mut *tx)
+                .await?;
+            settle_volume(&mut tx, &v.id, "").await?;
+            operations::finish(&mut tx, &op, None).await?;
+            tracing::info!(attachment_id = %op.resource_id, volume_id = %v.id, "attached");
+        }
+        Err(status) if transient(&status) => return Ok(Outcome::Retry(status.message().to_string())),
+        Err(status) => {
+            let reason = format!("attach failed: export on {}: {}", v.host, status.message());
+            sqlx::query("DELETE FROM attachments WHERE id = ?").bind(&op.resource_id).execute(&mut *tx).await?;
+            settle_volume(&mut tx, &v.id, &reason).await?;
+            operations::finish(&mut tx, &op, Some(&reason)).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(Outcome::Finished)
+}
+
+/// Detach flow: remove the initiator's access (unless another attachment of this volume uses it) → record
+/// gone, volume available (or still in-use for its other attachments).
+pub async fn detach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
+    let Some((a, v)) = load(ctx, &op.resource_id).await? else {
+        let mut conn = ctx.db.acquire().await?;
+        operations::finish(&mut conn, &op, None).await?;
+        return Ok(Outcome::Finished);
+    };
+    let connector: serde_json::Value = serde_json::from_str(a.get::<&str, _>(9))?;
+    let initiator = connector["initiator"].as_str().unwrap_or_default().to_string();
+    let shared: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM attachments WHERE volume_id = ? AND id != ? AND json_extract(connector, '$.initiator') = ?",
+    )
+    .bind(&v.id)
+    .bind(&op.resource_id)
+    .bind(&initiator)
+    .fetch_one(&ctx.db)
+    .await?;
+    if shared == 0 {
+        let mut client = ctx.agents.storage(&v.host).await?;
+        if let Err(status) = client
+            .unexport_volume(agent::UnexportVolumeRequest {
+                volume_id: v.id.clone(),
+                backend: v.backend.clone(),
+                initiator,
+            })
+            .await
+        {
+            if transient(&status) {
+                return Ok(Outcome::Retry(status.message().to_string()));
+            }
+            let reason = format!("detach failed: unexport on {}: {}", v.host, status.message());
+            let mut tx = ctx.db.begin().await?;
+            sqlx::query("UPDATE attachments SET status = 'error_detaching', status_reason = ? WHERE id = ?")
+                .bind(&reason)
+                .bind(&op.resource_id)
+                .execute(&mut *tx)
+                .await?;
+            operations::finish(&mut tx, &op, Some(&reason)).await?;
+            tx.commit().await?;
+            return Ok(Outcome::Finished);
+        }
+    }
+    let mut tx = ctx.db.begin().await?;
+    sqlx::query("DELETE FROM attachments WHERE id = ?").bind(&op.resource_id).execute(&mut *tx).await?;
+    settle_volume(&mut tx, &v.id, "").await?;
+    operations::finish(&mut tx, &op, None).await?;
+    tx.commit().await?;
+    tracing::info!(attachment_id = %op.resource_id, volume_id = %v.id, "detached");
+    Ok(Outcome::Finished)
+}
+
+#[tonic::async_trait]
+impl AttachmentService for Attachments {
+    async fn attach(&self, req: Request<AttachRequest>) -> Result<Response<Attachment>, Status> {
+        let who = who(&req)?;
+        Ok(Response::new(Attachments::attach(self, &who, req.into_inner()).await?))
+    }
+
+    async fn detach(&self, req: Request<DetachRequest>) -> Result<Response<DetachResponse>, Status> {
+        let who = who(&req)?;
+        Attachments::detach(self, &who, &req.get_ref().attachment_id).await?;
+        Ok(Response::new(DetachResponse {}))
+    }
+
+    async fn get_attachment(&self, req: Request<GetAttachmentRequest>) -> Result<Response<Attachment>, Status> {
+        let who = who(&req)?;
+        let mut conn = self.ctx.db.acquire().await.map_err(Error::from)?;
+        Ok(Response::new(to_proto(&visible(&mut conn, &who, &req.get_ref().id).await?)))
+    }
+
+    async fn list_attachments(
+        &self,
+        req: Request<ListAttachmentsRequest>,
+    ) -> Result<Response<ListAttachmentsResponse>, Status> {
+        let who = who(&req)?;
+        let r = req.into_inner();
+        let project = if who.role == ember_common::identity::Role::Admin {
+            String::new()
+        } else {
+            who.project.clone().unwrap_or_default()
+        };
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{SELECT} WHERE (?1 = '' OR v.project = ?1) AND (?2 = '' OR a.volume_id = ?2) AND (?3 = '' OR a.instance = ?3) \
+             ORDER BY a.created_at"
+        )))
+        .bind(&project)
+        .bind(&r.volume_id)
+        .bind(&r.instance)
+        .fetch_all(&self.ctx.db)
+        .await
+        .map_err(Error::from)?;
+        Ok(Response::new(ListAttachmentsResponse { attachments: rows.iter().map(to_proto).collect() }))
+    }
+}

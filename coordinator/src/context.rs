@@ -1,0 +1,27 @@
+//! What every operation needs: the database, the agents, quotas, and the coordinator's scheduling settings.
+
+use crate::agents::Agents;
+use crate::quota::QuotaEngine;
+use sqlx::SqlitePool;
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+/// Shared by the API handlers and the operation workers.
+pub struct Ctx {
+    /// The state.
+    pub db: SqlitePool,
+    /// Clients to agents.
+    pub agents: Agents,
+    /// Quota accounting.
+    pub quota: QuotaEngine,
+    /// Serialises scheduling decisions so concurrent creates see each other's reservations.
+    pub schedule_lock: tokio::sync::Mutex<()>,
+    /// Create attempts before a volume goes to `error` (Cinder's `scheduler_max_attempts`).
+    pub max_attempts: u32,
+    /// Capacity weigher multiplier (1 spreads, -1 stacks).
+    pub capacity_weight_multiplier: f64,
+    /// A service silent for longer is down and not scheduled.
+    pub service_down_ms: i64,
+    /// Operation ids with a worker running in this process.
+    pub running_ops: Mutex<HashSet<String>>,
+}

@@ -1,0 +1,176 @@
+//! Durable operations. An operation row is written in the same transaction that moves a resource into a
+//! transitional state, before any agent is called, and advanced after each step. Workers run the steps; at
+//! start (and every few seconds) the reconciler hands every unfinished operation to a worker again, which
+//! resumes at the recorded step. Agent calls are idempotent, so repeating the step in flight is safe.
+
+use crate::clock::now_ms;
+use crate::context::Ctx;
+use crate::error::Result;
+use sqlx::{Row, SqliteConnection};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One operation.
+#[derive(Debug, Clone)]
+pub struct Op {
+    /// Operation id.
+    pub id: String,
+    /// `create_volume`, `delete_volume`, `extend_volume`, `create_snapshot`, `delete_snapshot`, `attach`,
+    /// `detach`.
+    pub kind: String,
+    /// The resource it acts on.
+    pub resource_id: String,
+    /// The step reached.
+    pub step: String,
+    /// Attempts made so far (creates reschedule).
+    pub attempt: i64,
+    /// Step data (backends tried, target size, ...).
+    pub payload: serde_json::Value,
+}
+
+/// Records a new operation; call inside the transaction that changes the resource.
+pub async fn insert(
+    conn: &mut SqliteConnection,
+    kind: &str,
+    resource_type: &str,
+    resource_id: &str,
+    step: &str,
+    payload: serde_json::Value,
+) -> Result<String> {
+    let id = uuid::Uuid::new_v4().to_string();
+    let now = now_ms();
+    sqlx::query(
+        "INSERT INTO operations (id, kind, resource_type, resource_id, step, payload, created_at, updated_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&id)
+    .bind(kind)
+    .bind(resource_type)
+    .bind(resource_id)
+    .bind(step)
+    .bind(payload.to_string())
+    .bind(now)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    tracing::info!(op_id = %id, kind, resource_id, step, "operation recorded");
+    Ok(id)
+}
+
+/// Moves an operation to `step` with new step data.
+pub async fn advance(conn: &mut SqliteConnection, op: &mut Op, step: &str) -> Result<()> {
+    op.step = step.to_string();
+    sqlx::query("UPDATE operations SET step = ?, attempt = ?, payload = ?, updated_at = ? WHERE id = ?")
+        .bind(step)
+        .bind(op.attempt)
+        .bind(op.payload.to_string())
+        .bind(now_ms())
+        .bind(&op.id)
+        .execute(&mut *conn)
+        .await?;
+    tracing::info!(op_id = %op.id, kind = %op.kind, resource_id = %op.resource_id, step, attempt = op.attempt, "operation step");
+    Ok(())
+}
+
+/// Ends an operation.
+pub async fn finish(conn: &mut SqliteConnection, op: &Op, failed: Option<&str>) -> Result<()> {
+    sqlx::query("UPDATE operations SET state = ?, error = ?, updated_at = ? WHERE id = ?")
+        .bind(if failed.is_some() { "failed" } else { "done" })
+        .bind(failed.unwrap_or(""))
+        .bind(now_ms())
+        .bind(&op.id)
+        .execute(&mut *conn)
+        .await?;
+    tracing::info!(op_id = %op.id, kind = %op.kind, resource_id = %op.resource_id, error = failed.unwrap_or(""), "operation finished");
+    Ok(())
+}
+
+async fn load(ctx: &Ctx, id: &str) -> Result<Option<Op>> {
+    let row = sqlx::query(
+        "SELECT id, kind, resource_id, step, attempt, payload FROM operations WHERE id = ? AND state = 'running'",
+    )
+    .bind(id)
+    .fetch_optional(&ctx.db)
+    .await?;
+    Ok(match row {
+        Some(r) => Some(Op {
+            id: r.get(0),
+            kind: r.get(1),
+            resource_id: r.get(2),
+            step: r.get(3),
+            attempt: r.get(4),
+            payload: serde_json::from_str(r.get::<&str, _>(5))?,
+        }),
+        None => None,
+    })
+}
+
+/// What a worker reports when it stops.
+pub enum Outcome {
+    /// The operation reached its end (done or failed) and is recorded so.
+    Finished,
+    /// A dependency (an agent) could not be reached; the operation stays running and is retried later.
+    Retry(String),
+}
+
+/// Starts a worker for operation `id` unless one is running in this process.
+pub fn spawn(ctx: &Arc<Ctx>, id: String) {
+    if !ctx.running_ops.lock().expect("op set").insert(id.clone()) {
+        return;
+    }
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        let result = match load(&ctx, &id).await {
+            Ok(Some(op)) => run(&ctx, op).await,
+            Ok(None) => Ok(Outcome::Finished),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(Outcome::Finished) => {}
+            Ok(Outcome::Retry(why)) => tracing::warn!(op_id = %id, %why, "operation paused; will retry"),
+            Err(e) => tracing::error!(op_id = %id, "operation worker failed: {e}; will retry"),
+        }
+        ctx.running_ops.lock().expect("op set").remove(&id);
+    });
+}
+
+async fn run(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
+    match op.kind.as_str() {
+        "create_volume" => crate::volumes::flow::create(ctx, op).await,
+        "delete_volume" => crate::volumes::flow::delete(ctx, op).await,
+        "extend_volume" => crate::volumes::flow::extend(ctx, op).await,
+        "create_snapshot" => crate::snapshots::create_flow(ctx, op).await,
+        "delete_snapshot" => crate::snapshots::delete_flow(ctx, op).await,
+        "attach" => crate::attachments::attach_flow(ctx, op).await,
+        "detach" => crate::attachments::detach_flow(ctx, op).await,
+        other => {
+            let mut conn = ctx.db.acquire().await?;
+            finish(&mut conn, &op, Some(&format!("unknown operation kind {other}"))).await?;
+            Ok(Outcome::Finished)
+        }
+    }
+}
+
+/// Hands every unfinished operation to a worker now, then again every `every`; sweeps orphans each time.
+pub async fn reconcile_forever(ctx: Arc<Ctx>, every: Duration) {
+    let mut ticker = tokio::time::interval(every);
+    loop {
+        ticker.tick().await;
+        match crate::sweeper::sweep(&ctx).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(removed = n, "orphan sweep removed files"),
+            Err(e) => tracing::error!("orphan sweep: {e}"),
+        }
+        match sqlx::query_scalar::<_, String>("SELECT id FROM operations WHERE state = 'running' ORDER BY created_at")
+            .fetch_all(&ctx.db)
+            .await
+        {
+            Ok(ids) => {
+                for id in ids {
+                    spawn(&ctx, id);
+                }
+            }
+            Err(e) => tracing::error!("reconciler: {e}"),
+        }
+    }
+}

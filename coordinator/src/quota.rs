@@ -1,0 +1,153 @@
+//! Quota accounting inside the caller's transaction, so usage always equals what exists: a create consumes
+//! in the same transaction that inserts the row, a delete releases in the one that removes it, and a change in
+//! flight (an extend) holds a reservation that is committed or rolled back with the operation.
+
+use crate::error::{Error, Result};
+use crate::quotas::default_limits;
+use sqlx::SqliteConnection;
+use std::collections::BTreeMap;
+
+/// A change to one quota resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delta {
+    /// Resource name, e.g. `gigabytes` or `volumes_gold`.
+    pub resource: String,
+    /// Amount (positive).
+    pub amount: i64,
+}
+
+/// The deltas of a volume of `size_gb` GiB of type `type_name`.
+pub fn volume_deltas(type_name: &str, size_gb: i64) -> Vec<Delta> {
+    vec![
+        Delta { resource: "volumes".into(), amount: 1 },
+        Delta { resource: "gigabytes".into(), amount: size_gb },
+        Delta { resource: format!("volumes_{type_name}"), amount: 1 },
+        Delta { resource: format!("gigabytes_{type_name}"), amount: size_gb },
+    ]
+}
+
+/// The deltas of a snapshot of `size_gb` GiB of a volume of type `type_name`.
+pub fn snapshot_deltas(type_name: &str, size_gb: i64) -> Vec<Delta> {
+    vec![
+        Delta { resource: "snapshots".into(), amount: 1 },
+        Delta { resource: "gigabytes".into(), amount: size_gb },
+        Delta { resource: format!("snapshots_{type_name}"), amount: 1 },
+        Delta { resource: format!("gigabytes_{type_name}"), amount: size_gb },
+    ]
+}
+
+/// The limit of a resource for a project: admin-set, else configured default, else unlimited.
+async fn limit(
+    conn: &mut SqliteConnection,
+    defaults: &BTreeMap<String, i64>,
+    project: &str,
+    resource: &str,
+) -> Result<i64> {
+    let set: Option<i64> = sqlx::query_scalar("SELECT hard_limit FROM quota_limits WHERE project = ? AND resource = ?")
+        .bind(project)
+        .bind(resource)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(set.or_else(|| defaults.get(resource).copied()).unwrap_or(-1))
+}
+
+async fn usage(conn: &mut SqliteConnection, project: &str, resource: &str) -> Result<(i64, i64)> {
+    let row: Option<(i64, i64)> =
+        sqlx::query_as("SELECT in_use, reserved FROM quota_usages WHERE project = ? AND resource = ?")
+            .bind(project)
+            .bind(resource)
+            .fetch_optional(&mut *conn)
+            .await?;
+    Ok(row.unwrap_or((0, 0)))
+}
+
+async fn check(
+    conn: &mut SqliteConnection,
+    defaults: &BTreeMap<String, i64>,
+    project: &str,
+    deltas: &[Delta],
+) -> Result<()> {
+    for d in deltas {
+        let lim = limit(conn, defaults, project, &d.resource).await?;
+        if lim < 0 {
+            continue;
+        }
+        let (in_use, reserved) = usage(conn, project, &d.resource).await?;
+        if in_use + reserved + d.amount > lim {
+            return Err(Error::ResourceExhausted(format!(
+                "quota exceeded for {}: requested {}, in use {}, reserved {}, limit {lim}",
+                d.resource, d.amount, in_use, reserved
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn add(conn: &mut SqliteConnection, project: &str, resource: &str, in_use: i64, reserved: i64) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO quota_usages (project, resource, in_use, reserved) VALUES (?1, ?2, MAX(?3, 0), MAX(?4, 0)) \
+         ON CONFLICT (project, resource) DO UPDATE SET in_use = MAX(in_use + ?3, 0), reserved = MAX(reserved + ?4, 0)",
+    )
+    .bind(project)
+    .bind(resource)
+    .bind(in_use)
+    .bind(reserved)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// The quota engine: limits with configured defaults.
+#[derive(Debug, Clone)]
+pub struct QuotaEngine {
+    defaults: BTreeMap<String, i64>,
+}
+
+impl QuotaEngine {
+    /// An engine with configured defaults over the built-in ones.
+    pub fn new(configured: &BTreeMap<String, i64>) -> Self {
+        QuotaEngine { defaults: default_limits(configured) }
+    }
+
+    /// Checks the limits and counts the resources as in use (they exist from this transaction on).
+    pub async fn consume(&self, conn: &mut SqliteConnection, project: &str, deltas: &[Delta]) -> Result<()> {
+        check(conn, &self.defaults, project, deltas).await?;
+        for d in deltas {
+            add(conn, project, &d.resource, d.amount, 0).await?;
+        }
+        Ok(())
+    }
+
+    /// Gives back resources that no longer exist.
+    pub async fn release(&self, conn: &mut SqliteConnection, project: &str, deltas: &[Delta]) -> Result<()> {
+        for d in deltas {
+            add(conn, project, &d.resource, -d.amount, 0).await?;
+        }
+        Ok(())
+    }
+
+    /// Checks the limits and holds the resources for an operation in flight.
+    pub async fn reserve(&self, conn: &mut SqliteConnection, project: &str, deltas: &[Delta]) -> Result<()> {
+        check(conn, &self.defaults, project, deltas).await?;
+        for d in deltas {
+            add(conn, project, &d.resource, 0, d.amount).await?;
+        }
+        Ok(())
+    }
+
+    /// Turns a reservation into use.
+    pub async fn commit(&self, conn: &mut SqliteConnection, project: &str, deltas: &[Delta]) -> Result<()> {
+        for d in deltas {
+            add(conn, project, &d.resource, d.amount, -d.amount).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops a reservation.
+    pub async fn rollback(&self, conn: &mut SqliteConnection, project: &str, deltas: &[Delta]) -> Result<()> {
+        for d in deltas {
+            add(conn, project, &d.resource, 0, -d.amount).await?;
+        }
+        Ok(())
+    }
+}

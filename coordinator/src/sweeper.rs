@@ -1,0 +1,69 @@
+//! The orphan sweeper: removes volume and snapshot files that a storage agent holds but the coordinator does
+//! not place there (a create that failed on an agent that then went away, a crash between an agent call and
+//! its record). It lists the agent first and reads the database second, so a volume placed on the backend
+//! while the sweep runs is always seen as placed, never as an orphan.
+
+use crate::clock::now_ms;
+use crate::context::Ctx;
+use crate::error::Result;
+use ember_proto::agent::v1 as agent;
+use sqlx::Row;
+use std::collections::HashSet;
+
+/// One sweep over every up storage backend. Returns how many orphans were removed.
+pub async fn sweep(ctx: &Ctx) -> Result<usize> {
+    let rows =
+        sqlx::query("SELECT host, backend, last_heartbeat FROM services WHERE role = 'storage' AND backend != ''")
+            .fetch_all(&ctx.db)
+            .await?;
+    let now = now_ms();
+    let mut removed = 0;
+    for r in rows {
+        let (host, backend): (String, String) = (r.get(0), r.get(1));
+        if !crate::fleet::is_up(r.get(2), now, ctx.service_down_ms) {
+            continue;
+        }
+        let Ok(mut client) = ctx.agents.storage(&host).await else { continue };
+        let Ok(held) = client.list_resources(agent::ListResourcesRequest { backend: backend.clone() }).await else {
+            continue;
+        };
+        let held = held.into_inner();
+        let placed: HashSet<String> = sqlx::query_scalar("SELECT id FROM volumes WHERE host = ? AND backend = ?")
+            .bind(&host)
+            .bind(&backend)
+            .fetch_all(&ctx.db)
+            .await?
+            .into_iter()
+            .collect();
+        let snapshots: HashSet<String> = sqlx::query_scalar(
+            "SELECT s.id FROM snapshots s JOIN volumes v ON v.id = s.volume_id WHERE v.host = ? AND v.backend = ?",
+        )
+        .bind(&host)
+        .bind(&backend)
+        .fetch_all(&ctx.db)
+        .await?
+        .into_iter()
+        .collect();
+        for id in held.volume_ids.iter().filter(|id| !placed.contains(*id)) {
+            tracing::warn!(volume_id = %id, %host, %backend, "removing orphaned volume file");
+            if client
+                .delete_volume(agent::DeleteVolumeRequest { volume_id: id.clone(), backend: backend.clone() })
+                .await
+                .is_ok()
+            {
+                removed += 1;
+            }
+        }
+        for id in held.snapshot_ids.iter().filter(|id| !snapshots.contains(*id)) {
+            tracing::warn!(snapshot_id = %id, %host, %backend, "removing orphaned snapshot file");
+            if client
+                .delete_snapshot(agent::DeleteSnapshotRequest { snapshot_id: id.clone(), backend: backend.clone() })
+                .await
+                .is_ok()
+            {
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}

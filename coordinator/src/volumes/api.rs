@@ -1,0 +1,573 @@
+//! `ember.v1.VolumeService`: validation, the status compare-and-swap, quota and the operation row, all in one
+//! transaction; the agents are called afterwards by the operation's worker ([`super::flow`]).
+
+use super::store::{self, VolumeRow};
+use crate::auth::{owner_project, who};
+use crate::clock::now_ms;
+use crate::context::Ctx;
+use crate::error::{Error, Result};
+use crate::{failpoint, operations, quota, validate, volume_types};
+use ember_common::identity::{Identity, Role};
+use ember_proto::agent::v1 as agent;
+use ember_proto::v1::volume_service_server::VolumeService;
+use ember_proto::v1::*;
+use sha2::Digest;
+use sqlx::SqliteConnection;
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+/// Largest volume, in GiB.
+pub const MAX_SIZE_GB: u64 = 65536;
+/// Statuses in which nothing more happens without a new request.
+pub const FINAL_STATUSES: &[&str] =
+    &["available", "in-use", "error", "error_deleting", "error_extending", "error_restoring"];
+
+/// The gRPC service.
+pub struct Volumes {
+    ctx: Arc<Ctx>,
+}
+
+impl Volumes {
+    /// Serves volumes.
+    pub fn new(ctx: Arc<Ctx>) -> Self {
+        Volumes { ctx }
+    }
+}
+
+fn check_metadata(field: &'static str, md: &HashMap<String, String>) -> Result<()> {
+    if md.len() > 64 {
+        return Err(Error::invalid(field, "at most 64 entries"));
+    }
+    for (k, v) in md {
+        validate::spec_key(field, k)?;
+        validate::spec_value(field, k, v)?;
+    }
+    Ok(())
+}
+
+/// A digest of the parameters of a create, to tell a repeat from a conflicting reuse of its key.
+fn request_digest(req: &CreateVolumeRequest, type_id: &str, size_gb: u64) -> String {
+    let md: BTreeMap<_, _> = req.metadata.iter().collect();
+    let canon = serde_json::json!([
+        size_gb,
+        req.name,
+        req.description,
+        type_id,
+        req.availability_zone,
+        md,
+        req.bootable,
+        req.snapshot_id,
+        req.source_volume_id
+    ]);
+    hex::encode(sha2::Sha256::digest(canon.to_string().as_bytes()))
+}
+
+/// The type's extra spec `multiattach` says `<is> True`.
+pub fn type_allows_multiattach(specs: &HashMap<String, String>) -> bool {
+    specs.get("multiattach").map(|v| crate::scheduler::spec_matches("True", v)).unwrap_or(false)
+}
+
+struct Source {
+    size_gb: u64,
+    only: Option<String>,
+}
+
+async fn resolve_source(
+    conn: &mut SqliteConnection,
+    who: &Identity,
+    req: &CreateVolumeRequest,
+) -> Result<Option<Source>> {
+    let given = [
+        !req.snapshot_id.is_empty(),
+        !req.source_volume_id.is_empty(),
+        !req.backup_id.is_empty(),
+        !req.image.is_empty(),
+    ];
+    if given.iter().filter(|g| **g).count() > 1 {
+        return Err(Error::invalid(
+            "snapshot_id",
+            "give at most one of snapshot_id, source_volume_id, backup_id, image",
+        ));
+    }
+    if !req.backup_id.is_empty() {
+        return Err(Error::invalid(
+            "backup_id",
+            "restoring a backup into a new volume is not available in this release",
+        ));
+    }
+    if !req.image.is_empty() {
+        return Err(Error::invalid("image", "creating a volume from an image is not available in this release"));
+    }
+    if !req.snapshot_id.is_empty() {
+        let snap = crate::snapshots::visible(conn, who, &req.snapshot_id).await?;
+        if snap.status != "available" {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {} is {}; it must be available",
+                snap.id, snap.status
+            )));
+        }
+        let vol =
+            store::find(conn, &snap.volume_id).await?.ok_or_else(|| Error::not_found("volume", &snap.volume_id))?;
+        return Ok(Some(Source { size_gb: snap.size_gb as u64, only: Some(format!("{}@{}", vol.host, vol.backend)) }));
+    }
+    if !req.source_volume_id.is_empty() {
+        crate::validate::uuid("source_volume_id", &req.source_volume_id)?;
+        let src = store::visible(conn, who, &req.source_volume_id).await?;
+        if !matches!(src.status.as_str(), "available" | "in-use") {
+            return Err(Error::FailedPrecondition(format!(
+                "source volume {} is {}; it must be available or in-use",
+                src.id, src.status
+            )));
+        }
+        return Ok(Some(Source { size_gb: src.size_gb as u64, only: Some(format!("{}@{}", src.host, src.backend)) }));
+    }
+    Ok(None)
+}
+
+impl Volumes {
+    async fn create(&self, who: &Identity, req: CreateVolumeRequest) -> Result<Volume> {
+        validate::text("name", &req.name, 255)?;
+        validate::text("description", &req.description, 255)?;
+        check_metadata("metadata", &req.metadata)?;
+        validate::text("idempotency_key", &req.idempotency_key, 255)?;
+        let project = owner_project(who, &req.project)?;
+        if !req.snapshot_id.is_empty() {
+            validate::uuid("snapshot_id", &req.snapshot_id)?;
+        }
+        if req.size_gb > MAX_SIZE_GB {
+            return Err(Error::invalid("size_gb", format!("must be at most {MAX_SIZE_GB} GiB")));
+        }
+        let mut tx = self.ctx.db.begin().await?;
+        let type_id = if req.volume_type.is_empty() {
+            sqlx::query_scalar("SELECT id FROM volume_types WHERE is_default = 1")
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| Error::FailedPrecondition("no default volume type; name one in volume_type".into()))?
+        } else {
+            volume_types::resolve(&mut tx, &req.volume_type).await.map_err(|e| match e {
+                Error::NotFound { id, .. } => Error::NotFound { kind: "volume_type", id },
+                other => other,
+            })?
+        };
+        let vtype = volume_types::load(&mut tx, &type_id).await?;
+        let source = resolve_source(&mut tx, who, &req).await?;
+        let size_gb = match (&source, req.size_gb) {
+            (Some(s), 0) => s.size_gb,
+            (Some(s), n) if n < s.size_gb => {
+                return Err(Error::invalid("size_gb", format!("must be at least the source's {} GiB", s.size_gb)));
+            }
+            (None, 0) => return Err(Error::invalid("size_gb", "must be at least 1 GiB")),
+            (_, n) => n,
+        };
+        if !req.availability_zone.is_empty() && !crate::pools::zones(&self.ctx).await?.contains(&req.availability_zone)
+        {
+            return Err(Error::invalid(
+                "availability_zone",
+                format!("{:?} is not a zone with storage", req.availability_zone),
+            ));
+        }
+        let digest = request_digest(&req, &type_id, size_gb);
+        if !req.idempotency_key.is_empty() {
+            let existing: Option<(String, String)> =
+                sqlx::query_as("SELECT id, request_digest FROM volumes WHERE project = ? AND idempotency_key = ?")
+                    .bind(&project)
+                    .bind(&req.idempotency_key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some((id, d)) = existing {
+                if d != digest {
+                    return Err(Error::AlreadyExists(format!(
+                        "idempotency_key: {:?} was used for volume {id} with different parameters",
+                        req.idempotency_key
+                    )));
+                }
+                let v = store::find(&mut tx, &id).await?.ok_or_else(|| Error::not_found("volume", &id))?;
+                return store::to_proto(&mut tx, &v).await;
+            }
+        }
+        self.ctx.quota.consume(&mut tx, &project, &quota::volume_deltas(&vtype.name, size_gb as i64)).await?;
+        let id = uuid::Uuid::new_v4().to_string();
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO volumes (id, project, name, description, size_gb, status, volume_type_id, availability_zone, \
+             metadata, bootable, multiattach, source_snapshot_id, source_volume_id, idempotency_key, request_digest, \
+             created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'creating', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(&project)
+        .bind(&req.name)
+        .bind(&req.description)
+        .bind(size_gb as i64)
+        .bind(&type_id)
+        .bind(&req.availability_zone)
+        .bind(serde_json::to_string(&req.metadata)?)
+        .bind(req.bootable as i64)
+        .bind(type_allows_multiattach(&vtype.extra_specs) as i64)
+        .bind(&req.snapshot_id)
+        .bind(&req.source_volume_id)
+        .bind((!req.idempotency_key.is_empty()).then_some(&req.idempotency_key))
+        .bind(&digest)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let payload = serde_json::json!({ "tried": [], "only": source.and_then(|s| s.only) });
+        let op = operations::insert(&mut tx, "create_volume", "volume", &id, "accepted", payload).await?;
+        let v = store::find(&mut tx, &id).await?.ok_or_else(|| Error::not_found("volume", &id))?;
+        let shown = store::to_proto(&mut tx, &v).await?;
+        tx.commit().await?;
+        tracing::info!(volume_id = %id, project = %project, size_gb, volume_type = %vtype.name, "volume create accepted");
+        failpoint::hit("create_volume.accepted");
+        operations::spawn(&self.ctx, op);
+        Ok(shown)
+    }
+
+    async fn list(&self, who: &Identity, req: &ListVolumesRequest) -> Result<ListVolumesResponse> {
+        let project = match who.role {
+            Role::Admin => req.project.clone(),
+            _ => who.project.clone().unwrap_or_default(),
+        };
+        let page = req.page.clone().unwrap_or_default();
+        let size = if page.page_size == 0 { 100 } else { page.page_size.min(1000) } as i64;
+        let (after_ts, after_id) = match page.page_token.split_once(':') {
+            Some((ts, id)) => {
+                (ts.parse::<i64>().map_err(|_| Error::invalid("page.page_token", "malformed"))?, id.to_string())
+            }
+            None if page.page_token.is_empty() => (i64::MIN, String::new()),
+            None => return Err(Error::invalid("page.page_token", "malformed")),
+        };
+        let mut conn = self.ctx.db.acquire().await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(store::select_sql(
+            "WHERE (?1 = '' OR v.project = ?1) AND (?2 = '' OR v.status = ?2) AND (?3 = '' OR v.name = ?3) \
+             AND (v.created_at, v.id) > (?4, ?5) ORDER BY v.created_at, v.id LIMIT ?6",
+        )))
+        .bind(&project)
+        .bind(&req.status)
+        .bind(&req.name)
+        .bind(after_ts)
+        .bind(&after_id)
+        .bind(size + 1)
+        .fetch_all(&mut *conn)
+        .await?;
+        let mut volumes = Vec::new();
+        let mut rows: Vec<VolumeRow> = rows.iter().map(store::from_row).collect::<Result<_>>()?;
+        let more = rows.len() as i64 > size;
+        rows.truncate(size as usize);
+        for v in &rows {
+            volumes.push(store::to_proto(&mut conn, v).await?);
+        }
+        let next = if more {
+            rows.last().map(|v| format!("{}:{}", v.created_at, v.id)).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(ListVolumesResponse { volumes, page: Some(PageResponse { next_page_token: next }) })
+    }
+
+    async fn update(&self, who: &Identity, req: UpdateVolumeRequest) -> Result<Volume> {
+        if let Some(n) = &req.name {
+            validate::text("name", n, 255)?;
+        }
+        if let Some(d) = &req.description {
+            validate::text("description", d, 255)?;
+        }
+        check_metadata("set_metadata", &req.set_metadata)?;
+        let mut tx = self.ctx.db.begin().await?;
+        let mut v = store::visible(&mut tx, who, &req.id).await?;
+        v.metadata.extend(req.set_metadata.clone());
+        for k in &req.unset_metadata {
+            v.metadata.remove(k);
+        }
+        if v.metadata.len() > 64 {
+            return Err(Error::invalid("set_metadata", "at most 64 entries"));
+        }
+        sqlx::query(
+            "UPDATE volumes SET name = ?, description = ?, bootable = ?, metadata = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(req.name.as_ref().unwrap_or(&v.name))
+        .bind(req.description.as_ref().unwrap_or(&v.description))
+        .bind(req.bootable.unwrap_or(v.bootable) as i64)
+        .bind(serde_json::to_string(&v.metadata)?)
+        .bind(now_ms())
+        .bind(&v.id)
+        .execute(&mut *tx)
+        .await?;
+        let v = store::find(&mut tx, &v.id).await?.ok_or_else(|| Error::not_found("volume", &req.id))?;
+        let shown = store::to_proto(&mut tx, &v).await?;
+        tx.commit().await?;
+        Ok(shown)
+    }
+
+    async fn extend(&self, who: &Identity, req: ExtendVolumeRequest) -> Result<Volume> {
+        let mut tx = self.ctx.db.begin().await?;
+        let v = store::visible(&mut tx, who, &req.id).await?;
+        if req.new_size_gb <= v.size_gb as u64 {
+            return Err(Error::invalid("new_size_gb", format!("must be larger than the current {} GiB", v.size_gb)));
+        }
+        if req.new_size_gb > MAX_SIZE_GB {
+            return Err(Error::invalid("new_size_gb", format!("must be at most {MAX_SIZE_GB} GiB")));
+        }
+        if !store::transition(&mut tx, &v.id, &["available"], "extending", "").await? {
+            return Err(Error::FailedPrecondition(format!("volume {} is {}; extend needs available", v.id, v.status)));
+        }
+        let delta = req.new_size_gb as i64 - v.size_gb;
+        let deltas = extend_deltas(&v.volume_type_name, delta);
+        self.ctx.quota.reserve(&mut tx, &v.project, &deltas).await?;
+        let payload = serde_json::json!({ "new_size_gb": req.new_size_gb, "delta": delta });
+        let op = operations::insert(&mut tx, "extend_volume", "volume", &v.id, "extending", payload).await?;
+        let v = store::find(&mut tx, &v.id).await?.ok_or_else(|| Error::not_found("volume", &req.id))?;
+        let shown = store::to_proto(&mut tx, &v).await?;
+        tx.commit().await?;
+        operations::spawn(&self.ctx, op);
+        Ok(shown)
+    }
+
+    async fn delete(&self, who: &Identity, id: &str) -> Result<()> {
+        validate::uuid("id", id)?;
+        let mut tx = self.ctx.db.begin().await?;
+        let Some(v) = store::find(&mut tx, id).await? else {
+            return Ok(()); // already gone
+        };
+        if !crate::auth::can_see(who, &v.project) {
+            return Err(Error::not_found("volume", id));
+        }
+        if v.status == "deleting" {
+            return Ok(());
+        }
+        let snapshots: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM snapshots WHERE volume_id = ?")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        if snapshots > 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} has {snapshots} snapshot(s); delete them first"
+            )));
+        }
+        let attachments: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM attachments WHERE volume_id = ?")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        if attachments > 0 {
+            return Err(Error::FailedPrecondition(format!("volume {id} is attached; detach it first")));
+        }
+        if !store::transition(&mut tx, id, &["available", "error", "error_extending", "error_deleting"], "deleting", "")
+            .await?
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is {}; delete needs available, error, error_extending or error_deleting",
+                v.status
+            )));
+        }
+        let op = operations::insert(&mut tx, "delete_volume", "volume", id, "deleting", serde_json::json!({})).await?;
+        tx.commit().await?;
+        failpoint::hit("delete_volume.accepted");
+        operations::spawn(&self.ctx, op);
+        Ok(())
+    }
+
+    async fn initialize(&self, who: &Identity, req: InitializeConnectionRequest) -> Result<ConnectionInfo> {
+        let connector = req.connector.ok_or_else(|| Error::invalid("connector", "is required"))?;
+        check_connector(&connector)?;
+        let mut tx = self.ctx.db.begin().await?;
+        let v = store::visible(&mut tx, who, &req.volume_id).await?;
+        if !matches!(v.status.as_str(), "available" | "in-use" | "attaching") {
+            return Err(Error::FailedPrecondition(format!("volume {} is {}; it cannot be exported", v.id, v.status)));
+        }
+        let (user, password) = ensure_chap(&mut tx, &v).await?;
+        tx.commit().await?;
+        let mut client = self.ctx.agents.storage(&v.host).await?;
+        let export = client
+            .export_volume(agent::ExportVolumeRequest {
+                volume_id: v.id.clone(),
+                backend: v.backend.clone(),
+                initiator: connector.initiator.clone(),
+                chap_username: user.clone(),
+                chap_password: password.clone(),
+                read_only: connector.read_only,
+            })
+            .await
+            .map_err(|s| Error::FailedPrecondition(format!("exporting on {}: {}", v.host, s.message())))?
+            .into_inner();
+        tracing::info!(volume_id = %v.id, initiator = %connector.initiator, "connection initialized");
+        Ok(ConnectionInfo {
+            driver_volume_type: export.driver_volume_type,
+            target_portal: export.target_portal,
+            target_iqn: export.target_iqn,
+            target_lun: export.target_lun,
+            auth_method: "CHAP".into(),
+            auth_username: user,
+            auth_password: password,
+            volume_id: v.id,
+            access_mode: if connector.read_only { "ro" } else { "rw" }.into(),
+            export: export.export,
+            path: export.path,
+            mount_options: export.mount_options,
+        })
+    }
+
+    async fn terminate(&self, who: &Identity, req: TerminateConnectionRequest) -> Result<()> {
+        let connector = req.connector.ok_or_else(|| Error::invalid("connector", "is required"))?;
+        check_connector(&connector)?;
+        let mut conn = self.ctx.db.acquire().await?;
+        let v = store::visible(&mut conn, who, &req.volume_id).await?;
+        let mut client = self.ctx.agents.storage(&v.host).await?;
+        client
+            .unexport_volume(agent::UnexportVolumeRequest {
+                volume_id: v.id.clone(),
+                backend: v.backend.clone(),
+                initiator: connector.initiator,
+            })
+            .await
+            .map_err(|s| Error::FailedPrecondition(format!("unexporting on {}: {}", v.host, s.message())))?;
+        Ok(())
+    }
+}
+
+/// The quota deltas of growing a volume by `delta` GiB.
+pub fn extend_deltas(type_name: &str, delta: i64) -> Vec<quota::Delta> {
+    quota::volume_deltas(type_name, delta).into_iter().filter(|d| d.resource.starts_with("gigabytes")).collect()
+}
+
+/// Checks a connector: an iSCSI initiator name is required (`iqn.`/`eui.`/`naa.`, at most 223 bytes).
+pub fn check_connector(c: &Connector) -> Result<()> {
+    let i = &c.initiator;
+    if i.len() > 223 || !(i.starts_with("iqn.") || i.starts_with("eui.") || i.starts_with("naa.")) {
+        return Err(Error::invalid("connector.initiator", format!("{i:?} is not an iSCSI initiator name")));
+    }
+    if i.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+        return Err(Error::invalid("connector.initiator", "must not contain white space"));
+    }
+    validate::text("connector.host", &c.host, 255)?;
+    validate::text("connector.ip", &c.ip, 64)
+}
+
+fn random_string(len: usize) -> String {
+    use rand::Rng;
+    const CHARS: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
+    let mut rng = rand::rng();
+    (0..len).map(|_| CHARS[rng.random_range(0..CHARS.len())] as char).collect()
+}
+
+/// The volume's CHAP credentials, made (20-character user, 16-character secret, as Cinder) on first export.
+pub async fn ensure_chap(conn: &mut SqliteConnection, v: &VolumeRow) -> Result<(String, String)> {
+    if !v.chap_username.is_empty() {
+        return Ok((v.chap_username.clone(), v.chap_password.clone()));
+    }
+    let (user, password) = (random_string(20), random_string(16));
+    sqlx::query("UPDATE volumes SET chap_username = ?, chap_password = ? WHERE id = ? AND chap_username = ''")
+        .bind(&user)
+        .bind(&password)
+        .bind(&v.id)
+        .execute(&mut *conn)
+        .await?;
+    let (u, p): (String, String) = sqlx::query_as("SELECT chap_username, chap_password FROM volumes WHERE id = ?")
+        .bind(&v.id)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok((u, p))
+}
+
+type VolumeStream = Pin<Box<dyn Stream<Item = Result<Volume, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl VolumeService for Volumes {
+    type WatchVolumeStream = VolumeStream;
+
+    async fn create_volume(&self, req: Request<CreateVolumeRequest>) -> Result<Response<Volume>, Status> {
+        let who = who(&req)?;
+        Ok(Response::new(self.create(&who, req.into_inner()).await?))
+    }
+
+    async fn get_volume(&self, req: Request<GetVolumeRequest>) -> Result<Response<Volume>, Status> {
+        let who = who(&req)?;
+        let mut conn = self.ctx.db.acquire().await.map_err(Error::from)?;
+        let v = store::visible(&mut conn, &who, &req.get_ref().id).await?;
+        Ok(Response::new(store::to_proto(&mut conn, &v).await?))
+    }
+
+    async fn list_volumes(&self, req: Request<ListVolumesRequest>) -> Result<Response<ListVolumesResponse>, Status> {
+        let who = who(&req)?;
+        Ok(Response::new(self.list(&who, req.get_ref()).await?))
+    }
+
+    async fn update_volume(&self, req: Request<UpdateVolumeRequest>) -> Result<Response<Volume>, Status> {
+        let who = who(&req)?;
+        Ok(Response::new(self.update(&who, req.into_inner()).await?))
+    }
+
+    async fn extend_volume(&self, req: Request<ExtendVolumeRequest>) -> Result<Response<Volume>, Status> {
+        let who = who(&req)?;
+        Ok(Response::new(self.extend(&who, req.into_inner()).await?))
+    }
+
+    async fn delete_volume(&self, req: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {
+        let who = who(&req)?;
+        self.delete(&who, &req.get_ref().id).await?;
+        Ok(Response::new(DeleteVolumeResponse {}))
+    }
+
+    async fn watch_volume(&self, req: Request<GetVolumeRequest>) -> Result<Response<Self::WatchVolumeStream>, Status> {
+        let who = who(&req)?;
+        let id = req.into_inner().id;
+        {
+            let mut conn = self.ctx.db.acquire().await.map_err(Error::from)?;
+            store::visible(&mut conn, &who, &id).await?;
+        }
+        let db = self.ctx.db.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut last = i64::MIN;
+            loop {
+                let found = match db.acquire().await {
+                    Ok(mut conn) => match store::find(&mut conn, &id).await {
+                        Ok(Some(v)) if v.updated_at != last => {
+                            last = v.updated_at;
+                            let done = FINAL_STATUSES.contains(&v.status.as_str());
+                            let shown = store::to_proto(&mut conn, &v).await.map_err(Status::from);
+                            if tx.send(shown).await.is_err() || done {
+                                return;
+                            }
+                            true
+                        }
+                        Ok(Some(_)) => true,
+                        Ok(None) => false,
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into())).await;
+                            return;
+                        }
+                    },
+                    Err(e) => {
+                        let _ = tx.send(Err(Error::from(e).into())).await;
+                        return;
+                    }
+                };
+                if !found {
+                    return; // deleted
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn initialize_connection(
+        &self,
+        req: Request<InitializeConnectionRequest>,
+    ) -> Result<Response<ConnectionInfo>, Status> {
+        let who = who(&req)?;
+        Ok(Response::new(self.initialize(&who, req.into_inner()).await?))
+    }
+
+    async fn terminate_connection(
+        &self,
+        req: Request<TerminateConnectionRequest>,
+    ) -> Result<Response<TerminateConnectionResponse>, Status> {
+        let who = who(&req)?;
+        self.terminate(&who, req.into_inner()).await?;
+        Ok(Response::new(TerminateConnectionResponse {}))
+    }
+}

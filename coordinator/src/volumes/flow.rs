@@ -1,0 +1,237 @@
+//! The durable volume flows run by operation workers: create (schedule → agent create → available, with
+//! reschedule on failure), delete (agent wipe+remove → row and quota gone) and extend. Each step is recorded
+//! before the next begins, so a restarted coordinator resumes exactly where it stopped.
+
+use super::store;
+use crate::context::Ctx;
+use crate::error::Result;
+use crate::operations::{self, Op, Outcome};
+use crate::scheduler::{self, Request};
+use crate::{failpoint, pools, quota, volume_types};
+use ember_proto::agent::v1 as agent;
+use std::sync::Arc;
+use tonic::Code;
+
+/// An agent error that means "try again later" rather than "this failed".
+pub fn transient(status: &tonic::Status) -> bool {
+    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown)
+}
+
+fn tried(op: &Op) -> Vec<String> {
+    op.payload["tried"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect()
+}
+
+/// Create: `accepted` (schedule) → `scheduled` (agent create) → available.
+pub async fn create(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
+    loop {
+        let mut conn = ctx.db.acquire().await?;
+        let Some(v) = store::find(&mut conn, &op.resource_id).await? else {
+            operations::finish(&mut conn, &op, Some("volume no longer exists")).await?;
+            return Ok(Outcome::Finished);
+        };
+        if v.status != "creating" {
+            operations::finish(&mut conn, &op, None).await?;
+            return Ok(Outcome::Finished);
+        }
+        drop(conn);
+        match op.step.as_str() {
+            "accepted" => {
+                let vtype = {
+                    let mut conn = ctx.db.acquire().await?;
+                    volume_types::load(&mut conn, &v.volume_type_id).await?
+                };
+                let _guard = ctx.schedule_lock.lock().await;
+                let pools = pools::candidates(ctx).await?;
+                let request = Request {
+                    size_gb: v.size_gb as u64,
+                    availability_zone: (!v.availability_zone.is_empty()).then(|| v.availability_zone.clone()),
+                    extra_specs: vtype.extra_specs.into_iter().collect(),
+                    tried: tried(&op),
+                    only: op.payload["only"].as_str().map(String::from),
+                };
+                let mut tx = ctx.db.begin().await?;
+                match scheduler::choose(&request, &pools, ctx.capacity_weight_multiplier) {
+                    Ok(pool) => {
+                        sqlx::query("UPDATE volumes SET host = ?, backend = ?, availability_zone = ? WHERE id = ?")
+                            .bind(&pool.host)
+                            .bind(&pool.backend)
+                            .bind(&pool.availability_zone)
+                            .bind(&v.id)
+                            .execute(&mut *tx)
+                            .await?;
+                        let mut tried = tried(&op);
+                        tried.push(pool.name());
+                        op.payload["tried"] = serde_json::json!(tried);
+                        op.attempt += 1;
+                        operations::advance(&mut tx, &mut op, "scheduled").await?;
+                        tx.commit().await?;
+                        tracing::info!(volume_id = %v.id, pool = %pool.name(), attempt = op.attempt, "volume scheduled");
+                        failpoint::hit("create_volume.scheduled");
+                    }
+                    Err(none) => {
+                        let reason = if op.attempt > 0 {
+                            format!(
+                                "{} (after {} failed attempt(s): {})",
+                                none,
+                                op.attempt,
+                                op.payload["last_error"].as_str().unwrap_or("")
+                            )
+                        } else {
+                            none.to_string()
+                        };
+                        store::transition(&mut tx, &v.id, &["creating"], "error", &reason).await?;
+                        operations::finish(&mut tx, &op, Some(&reason)).await?;
+                        tx.commit().await?;
+                        return Ok(Outcome::Finished);
+                    }
+                }
+            }
+            "scheduled" => {
+                let mut client = ctx.agents.storage(&v.host).await?;
+                let call = client
+                    .create_volume(agent::CreateVolumeRequest {
+                        volume_id: v.id.clone(),
+                        backend: v.backend.clone(),
+                        size_gb: v.size_gb as u64,
+                        source_snapshot_id: v.source_snapshot_id.clone(),
+                        source_volume_id: v.source_volume_id.clone(),
+                        provisioning: String::new(),
+                    })
+                    .await;
+                match call {
+                    Ok(_) => {
+                        failpoint::hit("create_volume.created");
+                        let mut tx = ctx.db.begin().await?;
+                        store::transition(&mut tx, &v.id, &["creating"], "available", "").await?;
+                        operations::finish(&mut tx, &op, None).await?;
+                        tx.commit().await?;
+                        return Ok(Outcome::Finished);
+                    }
+                    Err(status) => {
+                        let pool = format!("{}@{}", v.host, v.backend);
+                        tracing::warn!(volume_id = %v.id, %pool, code = ?status.code(), message = status.message(), "create failed on the backend");
+                        // Leave nothing behind on the backend that failed; the orphan sweeper catches what
+                        // an unreachable agent still holds.
+                        let _ = client
+                            .delete_volume(agent::DeleteVolumeRequest {
+                                volume_id: v.id.clone(),
+                                backend: v.backend.clone(),
+                            })
+                            .await;
+                        op.payload["last_error"] = serde_json::json!(format!("{pool}: {}", status.message()));
+                        let mut tx = ctx.db.begin().await?;
+                        let pinned = op.payload["only"].is_string();
+                        if !pinned && op.attempt < i64::from(ctx.max_attempts) {
+                            sqlx::query("UPDATE volumes SET host = '', backend = '' WHERE id = ?")
+                                .bind(&v.id)
+                                .execute(&mut *tx)
+                                .await?;
+                            operations::advance(&mut tx, &mut op, "accepted").await?;
+                            tx.commit().await?;
+                            continue;
+                        }
+                        let reason = format!(
+                            "create failed after {} attempt(s); last: {pool}: {}",
+                            op.attempt,
+                            status.message()
+                        );
+                        store::transition(&mut tx, &v.id, &["creating"], "error", &reason).await?;
+                        operations::finish(&mut tx, &op, Some(&reason)).await?;
+                        tx.commit().await?;
+                        return Ok(Outcome::Finished);
+                    }
+                }
+            }
+            other => {
+                let mut conn = ctx.db.acquire().await?;
+                operations::finish(&mut conn, &op, Some(&format!("unknown step {other}"))).await?;
+                return Ok(Outcome::Finished);
+            }
+        }
+    }
+}
+
+/// Removes a volume's row and gives its quota back.
+async fn forget(ctx: &Ctx, tx: &mut sqlx::SqliteConnection, v: &store::VolumeRow) -> Result<()> {
+    sqlx::query("DELETE FROM volumes WHERE id = ?").bind(&v.id).execute(&mut *tx).await?;
+    ctx.quota.release(tx, &v.project, &quota::volume_deltas(&v.volume_type_name, v.size_gb)).await?;
+    tracing::info!(volume_id = %v.id, "volume deleted");
+    Ok(())
+}
+
+/// Delete: agent wipe and remove (idempotent) → row and quota gone.
+pub async fn delete(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
+    let mut conn = ctx.db.acquire().await?;
+    let Some(v) = store::find(&mut conn, &op.resource_id).await? else {
+        operations::finish(&mut conn, &op, None).await?;
+        return Ok(Outcome::Finished);
+    };
+    drop(conn);
+    if !v.host.is_empty() {
+        let mut client = ctx.agents.storage(&v.host).await?;
+        if let Err(status) = client
+            .delete_volume(agent::DeleteVolumeRequest { volume_id: v.id.clone(), backend: v.backend.clone() })
+            .await
+        {
+            if transient(&status) {
+                return Ok(Outcome::Retry(format!("storage agent {}: {}", v.host, status.message())));
+            }
+            let reason = format!("delete failed on {}@{}: {}", v.host, v.backend, status.message());
+            let mut tx = ctx.db.begin().await?;
+            store::transition(&mut tx, &v.id, &["deleting"], "error_deleting", &reason).await?;
+            operations::finish(&mut tx, &op, Some(&reason)).await?;
+            tx.commit().await?;
+            return Ok(Outcome::Finished);
+        }
+        failpoint::hit("delete_volume.deleted");
+    }
+    let mut tx = ctx.db.begin().await?;
+    forget(ctx, &mut tx, &v).await?;
+    operations::finish(&mut tx, &op, None).await?;
+    tx.commit().await?;
+    Ok(Outcome::Finished)
+}
+
+/// Extend: agent grows the volume → new size, reservation committed.
+pub async fn extend(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
+    let mut conn = ctx.db.acquire().await?;
+    let Some(v) = store::find(&mut conn, &op.resource_id).await? else {
+        operations::finish(&mut conn, &op, Some("volume no longer exists")).await?;
+        return Ok(Outcome::Finished);
+    };
+    drop(conn);
+    let new_size = op.payload["new_size_gb"].as_u64().unwrap_or(0);
+    let deltas = super::api::extend_deltas(&v.volume_type_name, op.payload["delta"].as_i64().unwrap_or(0));
+    let mut client = ctx.agents.storage(&v.host).await?;
+    let call = client
+        .extend_volume(agent::ExtendVolumeRequest {
+            volume_id: v.id.clone(),
+            backend: v.backend.clone(),
+            new_size_gb: new_size,
+        })
+        .await;
+    let mut tx = ctx.db.begin().await?;
+    match call {
+        Ok(_) => {
+            sqlx::query("UPDATE volumes SET size_gb = ? WHERE id = ?")
+                .bind(new_size as i64)
+                .bind(&v.id)
+                .execute(&mut *tx)
+                .await?;
+            store::transition(&mut tx, &v.id, &["extending"], "available", "").await?;
+            ctx.quota.commit(&mut tx, &v.project, &deltas).await?;
+            operations::finish(&mut tx, &op, None).await?;
+        }
+        Err(status) if transient(&status) => {
+            return Ok(Outcome::Retry(format!("storage agent {}: {}", v.host, status.message())));
+        }
+        Err(status) => {
+            let reason = format!("extend failed on {}@{}: {}", v.host, v.backend, status.message());
+            store::transition(&mut tx, &v.id, &["extending"], "error_extending", &reason).await?;
+            ctx.quota.rollback(&mut tx, &v.project, &deltas).await?;
+            operations::finish(&mut tx, &op, Some(&reason)).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(Outcome::Finished)
+}

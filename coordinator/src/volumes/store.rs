@@ -1,0 +1,158 @@
+//! Volume rows: reading them, showing them, and the conditional status changes that act as locks.
+
+use crate::clock::{now_ms, timestamp};
+use crate::error::{Error, Result};
+use ember_common::identity::{Identity, Role};
+use ember_proto::v1::{Volume, VolumeAttachment};
+use sqlx::{Row, SqliteConnection};
+use std::collections::HashMap;
+
+/// A volume as stored.
+#[derive(Debug, Clone)]
+pub struct VolumeRow {
+    /// Id.
+    pub id: String,
+    /// Project.
+    pub project: String,
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: String,
+    /// GiB.
+    pub size_gb: i64,
+    /// Status.
+    pub status: String,
+    /// Reason for an error status.
+    pub status_reason: String,
+    /// Type id.
+    pub volume_type_id: String,
+    /// Type name.
+    pub volume_type_name: String,
+    /// AZ.
+    pub availability_zone: String,
+    /// Storage host.
+    pub host: String,
+    /// Backend on that host.
+    pub backend: String,
+    /// User metadata.
+    pub metadata: HashMap<String, String>,
+    /// Bootable flag.
+    pub bootable: bool,
+    /// Multiattach allowed.
+    pub multiattach: bool,
+    /// Source snapshot.
+    pub source_snapshot_id: String,
+    /// Source volume.
+    pub source_volume_id: String,
+    /// CHAP user (empty until first export).
+    pub chap_username: String,
+    /// CHAP secret.
+    pub chap_password: String,
+    /// Created.
+    pub created_at: i64,
+    /// Changed.
+    pub updated_at: i64,
+}
+
+const COLUMNS: &str = "v.id, v.project, v.name, v.description, v.size_gb, v.status, v.status_reason, v.volume_type_id, \
+     t.name, v.availability_zone, v.host, v.backend, v.metadata, v.bootable, v.multiattach, v.source_snapshot_id, \
+     v.source_volume_id, v.chap_username, v.chap_password, v.created_at, v.updated_at";
+
+/// `SELECT … FROM volumes v JOIN volume_types t` with the columns [`from_row`] reads.
+pub fn select_sql(where_clause: &str) -> String {
+    format!("SELECT {COLUMNS} FROM volumes v JOIN volume_types t ON t.id = v.volume_type_id {where_clause}")
+}
+
+/// Reads a row selected with [`select_sql`].
+pub fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<VolumeRow> {
+    Ok(VolumeRow {
+        id: r.get(0),
+        project: r.get(1),
+        name: r.get(2),
+        description: r.get(3),
+        size_gb: r.get(4),
+        status: r.get(5),
+        status_reason: r.get(6),
+        volume_type_id: r.get(7),
+        volume_type_name: r.get(8),
+        availability_zone: r.get(9),
+        host: r.get(10),
+        backend: r.get(11),
+        metadata: serde_json::from_str(r.get::<&str, _>(12))?,
+        bootable: r.get::<i64, _>(13) != 0,
+        multiattach: r.get::<i64, _>(14) != 0,
+        source_snapshot_id: r.get(15),
+        source_volume_id: r.get(16),
+        chap_username: r.get(17),
+        chap_password: r.get(18),
+        created_at: r.get(19),
+        updated_at: r.get(20),
+    })
+}
+
+/// The volume, if it exists.
+pub async fn find(conn: &mut SqliteConnection, id: &str) -> Result<Option<VolumeRow>> {
+    let row =
+        sqlx::query(sqlx::AssertSqlSafe(select_sql("WHERE v.id = ?"))).bind(id).fetch_optional(&mut *conn).await?;
+    row.as_ref().map(from_row).transpose()
+}
+
+/// The volume as `who` may see it: NOT_FOUND when absent or in another project (no leak of existence).
+pub async fn visible(conn: &mut SqliteConnection, who: &Identity, id: &str) -> Result<VolumeRow> {
+    crate::validate::uuid("id", id)?;
+    match find(conn, id).await? {
+        Some(v) if who.role == Role::Admin || who.project.as_deref() == Some(v.project.as_str()) => Ok(v),
+        _ => Err(Error::not_found("volume", id)),
+    }
+}
+
+/// The API view of a volume, with its attachments.
+pub async fn to_proto(conn: &mut SqliteConnection, v: &VolumeRow) -> Result<Volume> {
+    let attachments =
+        sqlx::query("SELECT id, instance, host, device FROM attachments WHERE volume_id = ? ORDER BY created_at")
+            .bind(&v.id)
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .map(|r| VolumeAttachment { id: r.get(0), instance: r.get(1), host: r.get(2), device: r.get(3) })
+            .collect();
+    Ok(Volume {
+        id: v.id.clone(),
+        project: v.project.clone(),
+        name: v.name.clone(),
+        description: v.description.clone(),
+        size_gb: v.size_gb as u64,
+        status: v.status.clone(),
+        status_reason: v.status_reason.clone(),
+        volume_type_id: v.volume_type_id.clone(),
+        volume_type_name: v.volume_type_name.clone(),
+        availability_zone: v.availability_zone.clone(),
+        host: if v.host.is_empty() { String::new() } else { format!("{}@{}", v.host, v.backend) },
+        metadata: v.metadata.clone(),
+        bootable: v.bootable,
+        multiattach: v.multiattach,
+        source_snapshot_id: v.source_snapshot_id.clone(),
+        source_volume_id: v.source_volume_id.clone(),
+        source_backup_id: String::new(),
+        attachments,
+        created_at: Some(timestamp(v.created_at)),
+        updated_at: Some(timestamp(v.updated_at)),
+    })
+}
+
+/// Compare-and-swap on status: moves the volume from one of `from` to `to`. Returns whether it moved.
+pub async fn transition(conn: &mut SqliteConnection, id: &str, from: &[&str], to: &str, reason: &str) -> Result<bool> {
+    let placeholders = vec!["?"; from.len()].join(", ");
+    let sql = format!(
+        "UPDATE volumes SET status = ?, status_reason = ?, updated_at = ? WHERE id = ? AND status IN ({placeholders})"
+    );
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(to).bind(reason).bind(now_ms()).bind(id);
+    for f in from {
+        q = q.bind(*f);
+    }
+    let moved = q.execute(&mut *conn).await?.rows_affected() == 1;
+    if moved {
+        tracing::info!(volume_id = id, status = to, reason, "volume status");
+    }
+    Ok(moved)
+}

@@ -1,0 +1,259 @@
+//! The `file` driver: each volume is a file `volume-<id>` (sparse when thin, preallocated when thick) and each
+//! snapshot a file `snapshot-<id>`, in the backend's directory (local, or an NFS mount).
+//!
+//! Every operation is idempotent so the coordinator can repeat it after a crash: new files are built under a
+//! temporary name, flushed, and renamed into place, so a file with the final name is always complete.
+
+use crate::config::BackendConfig;
+use crate::error::{AgentError, Result};
+use crate::sparse;
+use ember_common::runner;
+use ember_proto::agent::v1::Pool;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const GIB: u64 = 1 << 30;
+/// A copy of a whole volume may take long on a slow disk; it is still bounded.
+const COPY_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+/// Which kind of file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `volume-<id>`.
+    Volume,
+    /// `snapshot-<id>`.
+    Snapshot,
+}
+
+impl Kind {
+    fn prefix(self) -> &'static str {
+        match self {
+            Kind::Volume => "volume-",
+            Kind::Snapshot => "snapshot-",
+        }
+    }
+}
+
+/// Checks an id is a canonical UUID: only such ids ever become file names.
+pub fn checked_id(field: &'static str, id: &str) -> Result<uuid::Uuid> {
+    match uuid::Uuid::parse_str(id) {
+        Ok(u) if u.hyphenated().to_string() == id => Ok(u),
+        _ => Err(AgentError::InvalidArgument { field, message: format!("{id:?} is not a lowercase UUID") }),
+    }
+}
+
+/// One file backend.
+#[derive(Debug, Clone)]
+pub struct FileBackend {
+    /// Its configuration.
+    pub cfg: BackendConfig,
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(AgentError::io(format!("syncing {}", dir.display())))
+}
+
+impl FileBackend {
+    /// Opens a backend, removing temporary files a crash left behind.
+    pub fn open(cfg: BackendConfig) -> Result<FileBackend> {
+        let backend = FileBackend { cfg };
+        let entries = std::fs::read_dir(&backend.cfg.directory)
+            .map_err(AgentError::io(format!("reading {}", backend.cfg.directory.display())))?;
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+                tracing::warn!(path = %entry.path().display(), "removing a temporary file left by a crash");
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(backend)
+    }
+
+    /// Path of a volume or snapshot file.
+    pub fn path(&self, kind: Kind, id: &uuid::Uuid) -> PathBuf {
+        self.cfg.directory.join(format!("{}{id}", kind.prefix()))
+    }
+
+    fn tmp_path(&self, kind: Kind, id: &uuid::Uuid) -> PathBuf {
+        self.cfg.directory.join(format!(".tmp-{}{id}", kind.prefix()))
+    }
+
+    /// The size of an existing file, or `None`.
+    fn existing_len(path: &Path) -> Result<Option<u64>> {
+        match std::fs::metadata(path) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(AgentError::io(format!("inspecting {}", path.display()))(e)),
+        }
+    }
+
+    /// Sets the size; thick backends allocate the new range.
+    fn size_file(&self, file: &File, path: &Path, bytes: u64) -> Result<()> {
+        let old = file.metadata().map_err(AgentError::io(format!("inspecting {}", path.display())))?.len();
+        file.set_len(bytes).map_err(AgentError::io(format!("sizing {}", path.display())))?;
+        if !self.cfg.thin && bytes > old {
+            nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::empty(), old as i64, (bytes - old) as i64)
+                .map_err(|e| AgentError::io(format!("allocating {}", path.display()))(e.into()))?;
+        }
+        file.sync_all().map_err(AgentError::io(format!("syncing {}", path.display())))
+    }
+
+    /// Moves a finished temporary file into place.
+    fn publish(&self, tmp: &Path, path: &Path) -> Result<()> {
+        std::fs::rename(tmp, path).map_err(AgentError::io(format!("renaming into {}", path.display())))?;
+        sync_dir(&self.cfg.directory)
+    }
+
+    /// Creates a blank volume of `size_gb` GiB. Repeating it is a no-op; a different size is refused.
+    pub fn create_blank(&self, id: &uuid::Uuid, size_gb: u64) -> Result<u64> {
+        let (path, tmp) = (self.path(Kind::Volume, id), self.tmp_path(Kind::Volume, id));
+        let bytes = size_gb * GIB;
+        if let Some(len) = Self::existing_len(&path)? {
+            return if len == bytes {
+                Ok(len)
+            } else {
+                Err(AgentError::FailedPrecondition(format!("volume {id} exists with another size ({len} bytes)")))
+            };
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(AgentError::io(format!("creating {}", tmp.display())))?;
+        if let Err(e) = self.size_file(&file, &tmp, bytes) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.publish(&tmp, &path)?;
+        Ok(bytes)
+    }
+
+    /// Copies `source` into a new file of `kind`/`id` (reflink where the filesystem supports it, else a copy
+    /// that skips holes), then grows it to `size_gb` if larger. Repeating it is a no-op.
+    pub async fn create_copy(&self, kind: Kind, id: &uuid::Uuid, source: &Path, size_gb: Option<u64>) -> Result<u64> {
+        let (path, tmp) = (self.path(kind, id), self.tmp_path(kind, id));
+        if let Some(len) = Self::existing_len(&path)? {
+            return Ok(len);
+        }
+        let src_len = Self::existing_len(source)?.ok_or_else(|| {
+            AgentError::NotFound(format!("source {}", source.file_name().unwrap_or_default().to_string_lossy()))
+        })?;
+        let (src, dst) = (source.to_string_lossy().into_owned(), tmp.to_string_lossy().into_owned());
+        if let Err(e) = runner::run("cp", &["--reflink=auto", "--sparse=always", "--", &src, &dst], COPY_TIMEOUT).await
+        {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e.into());
+        }
+        let bytes = size_gb.map(|g| g * GIB).unwrap_or(src_len).max(src_len);
+        let file = OpenOptions::new().write(true).open(&tmp).map_err(AgentError::io(format!("opening {dst}")))?;
+        if let Err(e) = self.size_file(&file, &tmp, bytes) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.publish(&tmp, &path)?;
+        Ok(bytes)
+    }
+
+    /// Grows a volume. Asking for its current size again is a no-op; shrinking is refused.
+    pub fn extend(&self, id: &uuid::Uuid, new_gb: u64) -> Result<u64> {
+        let path = self.path(Kind::Volume, id);
+        let len = Self::existing_len(&path)?.ok_or_else(|| AgentError::NotFound(format!("volume {id}")))?;
+        let bytes = new_gb * GIB;
+        if bytes < len {
+            return Err(AgentError::FailedPrecondition(format!("volume {id} is larger than {new_gb} GiB")));
+        }
+        if bytes > len {
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(AgentError::io(format!("opening {}", path.display())))?;
+            self.size_file(&file, &path, bytes)?;
+        }
+        Ok(bytes)
+    }
+
+    /// Wipes (unless the backend is configured `wipe = "none"`) and removes a file. Removing what is gone
+    /// succeeds. The wipe overwrites only the file's data extents with zeros and flushes them before the
+    /// unlink, so its cost follows the data written, not the volume's size.
+    pub async fn remove(&self, kind: Kind, id: &uuid::Uuid) -> Result<()> {
+        let path = self.path(kind, id);
+        if Self::existing_len(&path)?.is_none() {
+            return Ok(());
+        }
+        if self.cfg.wipe == crate::config::Wipe::Zero {
+            let p = path.clone();
+            let zeroed = tokio::task::spawn_blocking(move || {
+                let file = OpenOptions::new().write(true).open(&p)?;
+                sparse::zero_data_extents(&file)
+            })
+            .await
+            .map_err(|e| AgentError::Io { context: "wipe task".into(), source: std::io::Error::other(e) })?
+            .map_err(AgentError::io(format!("wiping {}", path.display())))?;
+            tracing::info!(%id, zeroed_bytes = zeroed, "wiped");
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(AgentError::io(format!("removing {}", path.display()))(e)),
+        }
+        sync_dir(&self.cfg.directory)
+    }
+
+    /// Ids of the volumes and snapshots present.
+    pub fn list(&self) -> Result<(Vec<String>, Vec<String>)> {
+        let (mut volumes, mut snapshots) = (Vec::new(), Vec::new());
+        let entries = std::fs::read_dir(&self.cfg.directory)
+            .map_err(AgentError::io(format!("reading {}", self.cfg.directory.display())))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_prefix("volume-") {
+                volumes.push(id.to_string());
+            } else if let Some(id) = name.strip_prefix("snapshot-") {
+                snapshots.push(id.to_string());
+            }
+        }
+        volumes.sort();
+        snapshots.sort();
+        Ok((volumes, snapshots))
+    }
+
+    /// The pool's capacity as Cinder reports it: total/free from the filesystem, provisioned = sum of volume
+    /// sizes, allocated = blocks really used by volumes and snapshots.
+    pub fn pool(&self) -> Pool {
+        let (total, free) = ember_common::agent::filesystem_space(&self.cfg.directory).unwrap_or((0, 0));
+        let (mut provisioned, mut allocated) = (0u64, 0u64);
+        if let Ok(entries) = std::fs::read_dir(&self.cfg.directory) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Ok(meta) = entry.metadata() {
+                    if name.starts_with("volume-") {
+                        provisioned += meta.len();
+                    }
+                    if name.starts_with("volume-") || name.starts_with("snapshot-") {
+                        allocated += sparse::allocated_bytes(&meta);
+                    }
+                }
+            }
+        }
+        let gb = |b: u64| b as f64 / GIB as f64;
+        Pool {
+            name: self.cfg.name.clone(),
+            total_capacity_gb: gb(total),
+            free_capacity_gb: gb(free),
+            provisioned_capacity_gb: gb(provisioned),
+            allocated_capacity_gb: gb(allocated),
+            thin_provisioning_support: self.cfg.thin,
+            thick_provisioning_support: !self.cfg.thin,
+            reserved_percentage: self.cfg.reserved_percentage,
+            max_over_subscription_ratio: self.cfg.max_over_subscription_ratio,
+            multiattach: true,
+            capabilities: [
+                ("volume_backend_name".to_string(), self.cfg.name.clone()),
+                ("storage_protocol".to_string(), "iSCSI".to_string()),
+                ("driver".to_string(), "file".to_string()),
+            ]
+            .into(),
+        }
+    }
+}

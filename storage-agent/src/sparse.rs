@@ -1,0 +1,90 @@
+//! Working with sparse files without touching their holes: finding the data extents (SEEK_DATA/SEEK_HOLE),
+//! zeroing only those extents, and asking how much is really allocated.
+//!
+//! Why: a 1 TiB volume holding 1 GiB of data must be wiped, copied and backed up in time proportional to the
+//! 1 GiB, never the 1 TiB.
+
+use nix::errno::Errno;
+use nix::unistd::{Whence, lseek};
+use std::fs::File;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+/// The byte ranges `[start, end)` of `file` that hold data, in order. Filesystems without SEEK_DATA support
+/// report the whole file as one extent, which is correct, only slower.
+pub fn data_extents(file: &File) -> io::Result<Vec<(u64, u64)>> {
+    let len = file.metadata()?.len();
+    let mut extents = Vec::new();
+    let mut pos: u64 = 0;
+    while pos < len {
+        let start = match lseek(file.as_fd(), pos as i64, Whence::SeekData) {
+            Ok(s) => s as u64,
+            Err(Errno::ENXIO) => break, // only a hole remains
+            Err(Errno::EINVAL) | Err(Errno::EOPNOTSUPP) => return Ok(vec![(0, len)]),
+            Err(e) => return Err(e.into()),
+        };
+        let end = match lseek(file.as_fd(), start as i64, Whence::SeekHole) {
+            Ok(e) => (e as u64).min(len),
+            Err(e) => return Err(e.into()),
+        };
+        if end > start {
+            extents.push((start, end));
+        }
+        pos = end;
+    }
+    Ok(extents)
+}
+
+/// Overwrites every data extent of `file` with zeros and flushes it to stable storage; holes are neither read
+/// nor written. Returns the number of bytes zeroed.
+pub fn zero_data_extents(file: &File) -> io::Result<u64> {
+    const BUF: usize = 1 << 20;
+    let zeros = vec![0u8; BUF];
+    let mut zeroed = 0;
+    for (start, end) in data_extents(file)? {
+        let mut off = start;
+        while off < end {
+            let n = ((end - off) as usize).min(BUF);
+            file.write_all_at(&zeros[..n], off)?;
+            off += n as u64;
+            zeroed += n as u64;
+        }
+    }
+    file.sync_data()?;
+    Ok(zeroed)
+}
+
+/// Bytes the filesystem really allocated for `file`.
+pub fn allocated_bytes(meta: &std::fs::Metadata) -> u64 {
+    meta.blocks() * 512
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    #[test]
+    fn extents_skip_holes_and_zeroing_touches_only_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let len = 64u64 << 20; // 64 MiB apparent, two 64 KiB islands of data
+        file.set_len(len).unwrap();
+        file.write_all_at(&[0xAB; 65536], 1 << 20).unwrap();
+        file.write_all_at(&[0xCD; 65536], 40 << 20).unwrap();
+        file.sync_all().unwrap();
+        let extents = data_extents(&file).unwrap();
+        let covered: u64 = extents.iter().map(|(s, e)| e - s).sum();
+        assert!(covered < 8 << 20, "extents must not cover the holes: {extents:?}");
+        assert!(extents.iter().any(|(s, e)| *s <= 1 << 20 && *e >= (1 << 20) + 65536), "{extents:?}");
+
+        let zeroed = zero_data_extents(&file).unwrap();
+        assert_eq!(zeroed, covered);
+        let mut all = Vec::new();
+        File::open(&path).unwrap().read_to_end(&mut all).unwrap();
+        assert!(all.iter().all(|b| *b == 0), "data remains after wipe");
+        assert!(allocated_bytes(&std::fs::metadata(&path).unwrap()) < 8 << 20, "the wipe allocated the holes");
+    }
+}

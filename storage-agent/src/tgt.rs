@@ -1,0 +1,234 @@
+//! The tgt iSCSI target (tgtd, driven with tgtadm): one target per exported volume, LUN 1 backed by the
+//! volume file, CHAP always. tgt has no per-initiator ACL worth the name, so like Cinder we bind the target
+//! to all addresses and let the per-volume CHAP secret keep others out.
+
+use crate::error::{AgentError, Result};
+use ember_common::runner::{self, CommandError};
+use std::path::Path;
+use std::time::Duration;
+
+const TGTADM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One target as `tgtadm --mode target --op show` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TargetInfo {
+    /// Target id.
+    pub tid: u32,
+    /// Target IQN.
+    pub iqn: String,
+    /// Backing-store paths of its LUNs (LUN 0, the controller, has none).
+    pub backing: Vec<String>,
+    /// CHAP accounts bound to it.
+    pub accounts: Vec<String>,
+    /// Initiator addresses or names allowed.
+    pub acl: Vec<String>,
+    /// Connected initiator sessions (I_T nexus count).
+    pub sessions: usize,
+}
+
+/// Parses `tgtadm --lld iscsi --mode target --op show`.
+pub fn parse_targets(text: &str) -> Vec<TargetInfo> {
+    #[derive(PartialEq)]
+    enum Section {
+        Other,
+        Nexus,
+        Accounts,
+        Acl,
+    }
+    let mut targets: Vec<TargetInfo> = Vec::new();
+    let mut section = Section::Other;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("Target ")
+            && let Some((tid, iqn)) = rest.split_once(": ")
+            && let Ok(tid) = tid.trim().parse()
+        {
+            targets.push(TargetInfo { tid, iqn: iqn.trim().to_string(), ..Default::default() });
+            section = Section::Other;
+            continue;
+        }
+        let Some(target) = targets.last_mut() else { continue };
+        let trimmed = line.trim();
+        let indent = line.len() - line.trim_start().len();
+        if indent == 4 {
+            section = match trimmed {
+                "I_T nexus information:" => Section::Nexus,
+                "Account information:" => Section::Accounts,
+                "ACL information:" => Section::Acl,
+                _ => Section::Other,
+            };
+            continue;
+        }
+        match section {
+            Section::Nexus if trimmed.starts_with("I_T nexus:") => target.sessions += 1,
+            Section::Accounts if indent == 8 && !trimmed.is_empty() => target.accounts.push(trimmed.to_string()),
+            Section::Acl if indent == 8 && !trimmed.is_empty() => target.acl.push(trimmed.to_string()),
+            Section::Other => {
+                if let Some(path) = trimmed.strip_prefix("Backing store path: ")
+                    && path != "None"
+                {
+                    target.backing.push(path.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    targets
+}
+
+/// What a target must look like.
+#[derive(Debug, Clone)]
+pub struct TargetSpec<'a> {
+    /// Target IQN.
+    pub iqn: &'a str,
+    /// The volume file.
+    pub backing: &'a Path,
+    /// CHAP user.
+    pub username: &'a str,
+    /// CHAP secret.
+    pub password: &'a str,
+}
+
+/// A handle on one tgtd.
+#[derive(Debug, Clone)]
+pub struct Tgt {
+    /// tgtd's management port; 0 uses tgtd's default.
+    pub control_port: u16,
+}
+
+fn already(e: &CommandError, what: &str) -> bool {
+    matches!(e, CommandError::Failed { stderr, .. } if stderr.contains(what))
+}
+
+impl Tgt {
+    async fn tgtadm(&self, args: &[&str]) -> Result<String, CommandError> {
+        let port = self.control_port.to_string();
+        let mut argv: Vec<&str> = Vec::with_capacity(args.len() + 4);
+        if self.control_port != 0 {
+            argv.extend(["-C", &port]);
+        }
+        argv.extend(["--lld", "iscsi"]);
+        argv.extend(args);
+        Ok(runner::run("tgtadm", &argv, TGTADM_TIMEOUT).await?.stdout)
+    }
+
+    /// Whether tgtd answers on its management channel.
+    pub async fn alive(&self) -> bool {
+        self.tgtadm(&["--mode", "sys", "--op", "show"]).await.is_ok()
+    }
+
+    /// Every target.
+    pub async fn targets(&self) -> Result<Vec<TargetInfo>> {
+        Ok(parse_targets(&self.tgtadm(&["--mode", "target", "--op", "show"]).await?))
+    }
+
+    /// Creates the target if absent and completes it if a crash left it half-made. Idempotent.
+    pub async fn ensure(&self, spec: &TargetSpec<'_>) -> Result<()> {
+        let targets = self.targets().await?;
+        let backing = spec.backing.to_string_lossy();
+        let target = match targets.iter().find(|t| t.iqn == spec.iqn) {
+            Some(t) => t.clone(),
+            None => {
+                let tid = targets.iter().map(|t| t.tid).max().unwrap_or(0) + 1;
+                let tid_s = tid.to_string();
+                self.tgtadm(&["--mode", "target", "--op", "new", "--tid", &tid_s, "--targetname", spec.iqn]).await?;
+                TargetInfo { tid, iqn: spec.iqn.to_string(), ..Default::default() }
+            }
+        };
+        let tid = target.tid.to_string();
+        if !target.backing.iter().any(|b| *b == backing) {
+            self.tgtadm(&[
+                "--mode",
+                "logicalunit",
+                "--op",
+                "new",
+                "--tid",
+                &tid,
+                "--lun",
+                "1",
+                "--backing-store",
+                &backing,
+            ])
+            .await?;
+        }
+        if !target.accounts.iter().any(|a| a == spec.username) {
+            match self
+                .tgtadm(&["--mode", "account", "--op", "new", "--user", spec.username, "--password", spec.password])
+                .await
+            {
+                Err(e) if !already(&e, "already exists") => return Err(e.into()),
+                _ => {}
+            }
+            self.tgtadm(&["--mode", "account", "--op", "bind", "--tid", &tid, "--user", spec.username]).await?;
+        }
+        if target.acl.is_empty() {
+            self.tgtadm(&["--mode", "target", "--op", "bind", "--tid", &tid, "--initiator-address", "ALL"]).await?;
+        }
+        Ok(())
+    }
+
+    /// Re-reads the backing file's size (after an extend) by re-creating LUN 1; initiators then see the new
+    /// capacity. A target that is not there is left alone.
+    pub async fn refresh_lun(&self, iqn: &str, backing: &Path) -> Result<()> {
+        let Some(t) = self.targets().await?.into_iter().find(|t| t.iqn == iqn) else { return Ok(()) };
+        let (tid, backing) = (t.tid.to_string(), backing.to_string_lossy());
+        self.tgtadm(&["--mode", "logicalunit", "--op", "delete", "--tid", &tid, "--lun", "1"]).await?;
+        self.tgtadm(&[
+            "--mode",
+            "logicalunit",
+            "--op",
+            "new",
+            "--tid",
+            &tid,
+            "--lun",
+            "1",
+            "--backing-store",
+            &backing,
+        ])
+        .await?;
+        Ok(())
+    }
+
+    /// Removes the target (ending its sessions) and its account. Removing what is gone succeeds.
+    pub async fn remove(&self, iqn: &str, username: &str) -> Result<()> {
+        if let Some(t) = self.targets().await?.into_iter().find(|t| t.iqn == iqn) {
+            let tid = t.tid.to_string();
+            self.tgtadm(&["--mode", "target", "--op", "delete", "--force", "--tid", &tid]).await?;
+        }
+        if username.is_empty() {
+            return Ok(());
+        }
+        match self.tgtadm(&["--mode", "account", "--op", "delete", "--user", username]).await {
+            Err(e) if !already(&e, "can't find") => Err(AgentError::from(e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_captured_tgtadm_output() {
+        let text = include_str!("../testdata/tgtadm-show-target.txt");
+        let targets = parse_targets(text);
+        assert_eq!(targets.len(), 2);
+        assert_eq!(targets[0].tid, 1);
+        assert_eq!(targets[0].iqn, "iqn.2026-11.org.ember:volume-x");
+        assert_eq!(targets[0].backing, ["/tmp/t1.img"]);
+        assert_eq!(targets[0].accounts, ["u1"]);
+        assert_eq!(targets[0].acl, ["ALL"]);
+        assert_eq!(targets[0].sessions, 0);
+        assert_eq!(targets[1].tid, 3);
+        assert_eq!(targets[1].backing, ["/tmp/t2.img"]);
+        assert!(targets[1].accounts.is_empty() && targets[1].acl.is_empty());
+        assert!(parse_targets("").is_empty());
+    }
+
+    #[test]
+    fn counts_sessions() {
+        let text = "Target 2: iqn.x\n    System information:\n        Driver: iscsi\n    I_T nexus information:\n        I_T nexus: 1\n            Initiator: iqn.a alias: none\n            Connection: 0\n                IP Address: 127.0.0.1\n    LUN information:\n        LUN: 1\n            Backing store path: /v\n    Account information:\n    ACL information:\n        ALL\n";
+        let t = &parse_targets(text)[0];
+        assert_eq!((t.tid, t.sessions, t.backing.len(), t.acl.len()), (2, 1, 1, 1));
+    }
+}
