@@ -5,6 +5,7 @@
 #
 #   EMBER_STATE  state directory (default ./.ember-dev)
 #   EMBER_PORT   coordinator port (default 7000; agents use the next three, the iSCSI portal the fourth)
+#   EMBER_RELEASE=1  build and run optimised binaries (for benchmarks)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -12,8 +13,13 @@ state=${EMBER_STATE:-$root/.ember-dev}
 port=${EMBER_PORT:-7000}
 
 ./scripts/install-deps.sh
-cargo build --workspace --bins --locked
-bin=$root/target/debug
+if [ "${EMBER_RELEASE:-}" = 1 ]; then
+  cargo build --workspace --bins --locked --release
+  bin=$root/target/release
+else
+  cargo build --workspace --bins --locked
+  bin=$root/target/debug
+fi
 
 mkdir -p "$state"/{certs,logs,file-backend,backups}
 certs=$state/certs

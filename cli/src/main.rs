@@ -3,6 +3,7 @@
 //! (`EMBER_CLI_CONFIG`, default `~/.config/ember/cli.toml`), prints tables for people and `--json` for scripts,
 //! and reports failures as the gRPC status in one line.
 
+mod bench;
 mod certs;
 mod connect;
 mod output;
@@ -42,6 +43,8 @@ enum Command {
     Snapshot(snapshot::SnapshotCmd),
     /// Attachments of volumes to instances.
     Attachment(volume::AttachmentCmd),
+    /// Measure the fleet (volume create/delete latency and throughput).
+    Bench(bench::BenchCmd),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -56,6 +59,7 @@ async fn main() {
         Command::Volume(c) => volume::run(c, &cli.conn, cli.json).await,
         Command::Snapshot(c) => snapshot::run(c, &cli.conn, cli.json).await,
         Command::Attachment(c) => volume::run_attachments(c, &cli.conn, cli.json).await,
+        Command::Bench(c) => bench::run(c, &cli.conn, cli.json).await,
     };
     if let Err(e) = result {
         eprintln!("ember: {e}");

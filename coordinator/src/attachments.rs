@@ -76,7 +76,7 @@ impl Attachments {
         if !valid_name(&req.host) {
             return Err(Error::invalid("host", format!("{:?} is not a host name", req.host)));
         }
-        let mut tx = self.ctx.db.begin().await?;
+        let mut tx = crate::db::write(&self.ctx.db).await?;
         let connector: Option<String> =
             sqlx::query_scalar("SELECT report FROM services WHERE host = ? AND role = 'compute'")
                 .bind(&req.host)
@@ -128,7 +128,7 @@ impl Attachments {
     }
 
     async fn detach(&self, who: &Identity, id: &str) -> Result<()> {
-        let mut tx = self.ctx.db.begin().await?;
+        let mut tx = crate::db::write(&self.ctx.db).await?;
         let a = visible(&mut tx, who, id).await?;
         let status: String = a.get(4);
         if status == "detaching" {
@@ -178,7 +178,7 @@ pub async fn attach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     };
     let connector: serde_json::Value = serde_json::from_str(a.get::<&str, _>(9))?;
     let (user, password) = {
-        let mut tx = ctx.db.begin().await?;
+        let mut tx = crate::db::write(&ctx.db).await?;
         let creds = crate::volumes::api::ensure_chap(&mut tx, &v).await?;
         tx.commit().await?;
         creds
@@ -194,7 +194,7 @@ pub async fn attach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
             read_only: a.get::<&str, _>(6) == "ro",
         })
         .await;
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = crate::db::write(&ctx.db).await?;
     match call {
         Ok(_) => {
             sqlx::query("UPDATE attachments SET status = 'attached', updated_at = ? WHERE id = ?")
@@ -215,6 +215,7 @@ pub async fn attach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         }
     }
     tx.commit().await?;
+    ctx.changed(&v.id);
     Ok(Outcome::Finished)
 }
 
@@ -250,7 +251,7 @@ pub async fn detach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
                 return Ok(Outcome::Retry(status.message().to_string()));
             }
             let reason = format!("detach failed: unexport on {}: {}", v.host, status.message());
-            let mut tx = ctx.db.begin().await?;
+            let mut tx = crate::db::write(&ctx.db).await?;
             sqlx::query("UPDATE attachments SET status = 'error_detaching', status_reason = ? WHERE id = ?")
                 .bind(&reason)
                 .bind(&op.resource_id)
@@ -261,11 +262,12 @@ pub async fn detach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
             return Ok(Outcome::Finished);
         }
     }
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = crate::db::write(&ctx.db).await?;
     sqlx::query("DELETE FROM attachments WHERE id = ?").bind(&op.resource_id).execute(&mut *tx).await?;
     settle_volume(&mut tx, &v.id, "").await?;
     operations::finish(&mut tx, &op, None).await?;
     tx.commit().await?;
+    ctx.changed(&v.id);
     tracing::info!(attachment_id = %op.resource_id, volume_id = %v.id, "detached");
     Ok(Outcome::Finished)
 }

@@ -24,4 +24,13 @@ pub struct Ctx {
     pub service_down_ms: i64,
     /// Operation ids with a worker running in this process.
     pub running_ops: Mutex<HashSet<String>>,
+    /// Ids of resources whose state an operation just committed; watchers wake on them.
+    pub changes: tokio::sync::broadcast::Sender<String>,
+}
+
+impl Ctx {
+    /// Tells watchers that `id` changed (call after the commit).
+    pub fn changed(&self, id: &str) {
+        let _ = self.changes.send(id.to_string());
+    }
 }

@@ -22,6 +22,13 @@ pub async fn open(path: &Path) -> Result<SqlitePool, sqlx::Error> {
     Ok(pool)
 }
 
+/// Starts a write transaction. `BEGIN IMMEDIATE` takes SQLite's write lock up front, so two transactions
+/// that both read and then write queue behind each other (busy timeout) instead of one failing with
+/// "database is locked" when it tries to upgrade its read lock.
+pub async fn write(pool: &SqlitePool) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+    pool.begin_with("BEGIN IMMEDIATE").await
+}
+
 /// Cinder always has a default volume type (`__DEFAULT__`); so do we, created on first start.
 async fn ensure_default_type(pool: &SqlitePool) -> Result<(), sqlx::Error> {
     let none: bool = sqlx::query_scalar("SELECT NOT EXISTS (SELECT 1 FROM volume_types)").fetch_one(pool).await?;

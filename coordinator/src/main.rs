@@ -139,6 +139,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         capacity_weight_multiplier: cfg.capacity_weight_multiplier,
         service_down_ms: i64::from(cfg.service_down_seconds) * 1000,
         running_ops: Default::default(),
+        changes: tokio::sync::broadcast::channel(1024).0,
     });
     let reconciler = tokio::spawn(operations::reconcile_forever(
         ctx.clone(),

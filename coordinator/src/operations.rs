@@ -121,7 +121,12 @@ pub fn spawn(ctx: &Arc<Ctx>, id: String) {
     let ctx = ctx.clone();
     tokio::spawn(async move {
         let result = match load(&ctx, &id).await {
-            Ok(Some(op)) => run(&ctx, op).await,
+            Ok(Some(op)) => {
+                let resource = op.resource_id.clone();
+                let result = run(&ctx, op).await;
+                ctx.changed(&resource);
+                result
+            }
             Ok(None) => Ok(Outcome::Finished),
             Err(e) => Err(e),
         };

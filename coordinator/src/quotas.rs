@@ -83,7 +83,7 @@ impl Quotas {
         if req.limits.is_empty() {
             return Err(Error::invalid("limits", "must name at least one resource"));
         }
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::db::write(&self.db).await?;
         let current = read(&mut tx, &self.defaults, &req.project).await?;
         for (resource, limit) in &req.limits {
             let item = current

@@ -122,7 +122,7 @@ impl Registrar {
         }
         let rows = rows_of(&req)?;
         let now = now_ms();
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::db::write(&self.db).await?;
         // Backends the agent no longer reports go; the rest keep their enabled/disabled state.
         let keep: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
         let existing: Vec<String> = sqlx::query_scalar("SELECT backend FROM services WHERE host = ? AND role = ?")
@@ -168,7 +168,7 @@ impl Registrar {
     async fn heartbeat(&self, id: &Identity, req: HeartbeatRequest) -> Result<()> {
         let role = check_claim(id, &req.name, req.role)?;
         let now = now_ms();
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::db::write(&self.db).await?;
         let touched =
             sqlx::query("UPDATE services SET last_heartbeat = ? WHERE host = ? AND role = ? AND instance_id = ?")
                 .bind(now)

@@ -119,7 +119,7 @@ impl Snapshots {
         validate::text("name", &req.name, 255)?;
         validate::text("description", &req.description, 255)?;
         validate::uuid("volume_id", &req.volume_id)?;
-        let mut tx = self.ctx.db.begin().await?;
+        let mut tx = crate::db::write(&self.ctx.db).await?;
         let v = volumes::visible(&mut tx, who, &req.volume_id).await?;
         match v.status.as_str() {
             "available" => {}
@@ -167,7 +167,7 @@ impl Snapshots {
 
     async fn delete(&self, who: &Identity, id: &str) -> Result<()> {
         validate::uuid("id", id)?;
-        let mut tx = self.ctx.db.begin().await?;
+        let mut tx = crate::db::write(&self.ctx.db).await?;
         let Some(s) = find(&mut tx, id).await? else { return Ok(()) };
         if !can_see(who, &s.project) {
             return Err(Error::not_found("snapshot", id));
@@ -214,7 +214,7 @@ pub async fn create_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
             backend: vol.backend.clone(),
         })
         .await;
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = crate::db::write(&ctx.db).await?;
     match call {
         Ok(_) => {
             transition(&mut tx, &s.id, &["creating"], "available", "").await?;
@@ -244,7 +244,7 @@ pub async fn delete_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     let call = client
         .delete_snapshot(agent::DeleteSnapshotRequest { snapshot_id: s.id.clone(), backend: vol.backend.clone() })
         .await;
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = crate::db::write(&ctx.db).await?;
     match call {
         Ok(_) => {
             sqlx::query("DELETE FROM snapshots WHERE id = ?").bind(&s.id).execute(&mut *tx).await?;

@@ -101,7 +101,7 @@ impl VolumeTypes {
         validate::required_name("name", &req.name)?;
         validate::text("description", &req.description, 255)?;
         check_specs(&req.extra_specs)?;
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::db::write(&self.db).await?;
         if name_taken(&mut tx, &req.name, "").await? {
             return Err(Error::AlreadyExists(format!("name: a volume type named {:?} already exists", req.name)));
         }
@@ -130,7 +130,7 @@ impl VolumeTypes {
         if let Some(d) = &req.description {
             validate::text("description", d, 255)?;
         }
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::db::write(&self.db).await?;
         let id = resolve(&mut tx, &req.id_or_name).await?;
         if let Some(name) = &req.name {
             if name_taken(&mut tx, name, &id).await? {
@@ -158,7 +158,7 @@ impl VolumeTypes {
             return Err(Error::invalid("extra_specs", "must name at least one key"));
         }
         check_specs(&req.extra_specs)?;
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::db::write(&self.db).await?;
         let id = resolve(&mut tx, &req.id_or_name).await?;
         upsert_specs(&mut tx, &id, &req.extra_specs).await?;
         let updated = load(&mut tx, &id).await?;
@@ -173,7 +173,7 @@ impl VolumeTypes {
         for k in &req.keys {
             validate::spec_key("keys", k)?;
         }
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::db::write(&self.db).await?;
         let id = resolve(&mut tx, &req.id_or_name).await?;
         for k in &req.keys {
             sqlx::query("DELETE FROM volume_type_extra_specs WHERE type_id = ? AND key = ?")
@@ -188,7 +188,7 @@ impl VolumeTypes {
     }
 
     async fn delete(&self, req: DeleteVolumeTypeRequest) -> Result<()> {
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::db::write(&self.db).await?;
         let id = resolve(&mut tx, &req.id_or_name).await?;
         let t = load(&mut tx, &id).await?;
         if t.is_default {

@@ -2,6 +2,7 @@
 //! started as processes on loopback (each on a port it picks and announces), and mTLS clients.
 
 pub mod iscsi;
+pub mod volumes;
 
 use ember_common::certs::{IssueRequest, init_ca, issue};
 use ember_common::identity::{Identity, Role};

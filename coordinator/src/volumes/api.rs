@@ -141,7 +141,7 @@ impl Volumes {
         if req.size_gb > MAX_SIZE_GB {
             return Err(Error::invalid("size_gb", format!("must be at most {MAX_SIZE_GB} GiB")));
         }
-        let mut tx = self.ctx.db.begin().await?;
+        let mut tx = crate::db::write(&self.ctx.db).await?;
         let type_id = if req.volume_type.is_empty() {
             sqlx::query_scalar("SELECT id FROM volume_types WHERE is_default = 1")
                 .fetch_optional(&mut *tx)
@@ -276,7 +276,7 @@ impl Volumes {
             validate::text("description", d, 255)?;
         }
         check_metadata("set_metadata", &req.set_metadata)?;
-        let mut tx = self.ctx.db.begin().await?;
+        let mut tx = crate::db::write(&self.ctx.db).await?;
         let mut v = store::visible(&mut tx, who, &req.id).await?;
         v.metadata.extend(req.set_metadata.clone());
         for k in &req.unset_metadata {
@@ -303,7 +303,7 @@ impl Volumes {
     }
 
     async fn extend(&self, who: &Identity, req: ExtendVolumeRequest) -> Result<Volume> {
-        let mut tx = self.ctx.db.begin().await?;
+        let mut tx = crate::db::write(&self.ctx.db).await?;
         let v = store::visible(&mut tx, who, &req.id).await?;
         if req.new_size_gb <= v.size_gb as u64 {
             return Err(Error::invalid("new_size_gb", format!("must be larger than the current {} GiB", v.size_gb)));
@@ -328,7 +328,7 @@ impl Volumes {
 
     async fn delete(&self, who: &Identity, id: &str) -> Result<()> {
         validate::uuid("id", id)?;
-        let mut tx = self.ctx.db.begin().await?;
+        let mut tx = crate::db::write(&self.ctx.db).await?;
         let Some(v) = store::find(&mut tx, id).await? else {
             return Ok(()); // already gone
         };
@@ -372,7 +372,7 @@ impl Volumes {
     async fn initialize(&self, who: &Identity, req: InitializeConnectionRequest) -> Result<ConnectionInfo> {
         let connector = req.connector.ok_or_else(|| Error::invalid("connector", "is required"))?;
         check_connector(&connector)?;
-        let mut tx = self.ctx.db.begin().await?;
+        let mut tx = crate::db::write(&self.ctx.db).await?;
         let v = store::visible(&mut tx, who, &req.volume_id).await?;
         if !matches!(v.status.as_str(), "available" | "in-use" | "attaching") {
             return Err(Error::FailedPrecondition(format!("volume {} is {}; it cannot be exported", v.id, v.status)));
@@ -518,11 +518,12 @@ impl VolumeService for Volumes {
             store::visible(&mut conn, &who, &id).await?;
         }
         let db = self.ctx.db.clone();
+        let mut changes = self.ctx.changes.subscribe();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             let mut last = i64::MIN;
             loop {
-                let found = match db.acquire().await {
+                let current = match db.acquire().await {
                     Ok(mut conn) => match store::find(&mut conn, &id).await {
                         Ok(Some(v)) if v.updated_at != last => {
                             last = v.updated_at;
@@ -531,10 +532,10 @@ impl VolumeService for Volumes {
                             if tx.send(shown).await.is_err() || done {
                                 return;
                             }
-                            true
+                            Some(())
                         }
-                        Ok(Some(_)) => true,
-                        Ok(None) => false,
+                        Ok(Some(_)) => Some(()),
+                        Ok(None) => None,
                         Err(e) => {
                             let _ = tx.send(Err(e.into())).await;
                             return;
@@ -545,10 +546,21 @@ impl VolumeService for Volumes {
                         return;
                     }
                 };
-                if !found {
+                if current.is_none() {
                     return; // deleted
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                // Wake on a committed change to this volume; re-read at least every second regardless.
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    loop {
+                        match changes.recv().await {
+                            Ok(changed) if changed == id => return,
+                            Ok(_) => continue,
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                            Err(_) => std::future::pending::<()>().await,
+                        }
+                    }
+                })
+                .await;
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))

@@ -49,7 +49,7 @@ pub async fn create(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
                     tried: tried(&op),
                     only: op.payload["only"].as_str().map(String::from),
                 };
-                let mut tx = ctx.db.begin().await?;
+                let mut tx = crate::db::write(&ctx.db).await?;
                 match scheduler::choose(&request, &pools, ctx.capacity_weight_multiplier) {
                     Ok(pool) => {
                         sqlx::query("UPDATE volumes SET host = ?, backend = ?, availability_zone = ? WHERE id = ?")
@@ -101,7 +101,7 @@ pub async fn create(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
                 match call {
                     Ok(_) => {
                         failpoint::hit("create_volume.created");
-                        let mut tx = ctx.db.begin().await?;
+                        let mut tx = crate::db::write(&ctx.db).await?;
                         store::transition(&mut tx, &v.id, &["creating"], "available", "").await?;
                         operations::finish(&mut tx, &op, None).await?;
                         tx.commit().await?;
@@ -119,7 +119,7 @@ pub async fn create(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
                             })
                             .await;
                         op.payload["last_error"] = serde_json::json!(format!("{pool}: {}", status.message()));
-                        let mut tx = ctx.db.begin().await?;
+                        let mut tx = crate::db::write(&ctx.db).await?;
                         let pinned = op.payload["only"].is_string();
                         if !pinned && op.attempt < i64::from(ctx.max_attempts) {
                             sqlx::query("UPDATE volumes SET host = '', backend = '' WHERE id = ?")
@@ -177,7 +177,7 @@ pub async fn delete(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
                 return Ok(Outcome::Retry(format!("storage agent {}: {}", v.host, status.message())));
             }
             let reason = format!("delete failed on {}@{}: {}", v.host, v.backend, status.message());
-            let mut tx = ctx.db.begin().await?;
+            let mut tx = crate::db::write(&ctx.db).await?;
             store::transition(&mut tx, &v.id, &["deleting"], "error_deleting", &reason).await?;
             operations::finish(&mut tx, &op, Some(&reason)).await?;
             tx.commit().await?;
@@ -185,7 +185,7 @@ pub async fn delete(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         }
         failpoint::hit("delete_volume.deleted");
     }
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = crate::db::write(&ctx.db).await?;
     forget(ctx, &mut tx, &v).await?;
     operations::finish(&mut tx, &op, None).await?;
     tx.commit().await?;
@@ -210,7 +210,7 @@ pub async fn extend(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
             new_size_gb: new_size,
         })
         .await;
-    let mut tx = ctx.db.begin().await?;
+    let mut tx = crate::db::write(&ctx.db).await?;
     match call {
         Ok(_) => {
             sqlx::query("UPDATE volumes SET size_gb = ? WHERE id = ?")

@@ -1,0 +1,104 @@
+//! Volume helpers shared by the fleet tests: waiting for states and comparing the coordinator's records with
+//! what the storage backends hold.
+
+use crate::{Fleet, wait_for};
+use ember_proto::v1::fleet_service_client::FleetServiceClient;
+use ember_proto::v1::volume_service_client::VolumeServiceClient;
+use ember_proto::v1::*;
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+/// How long a volume operation may take in a test before it counts as stuck.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Waits until volume `id` has `status` (failing early if it lands in an error state instead).
+pub async fn wait_volume(client: &VolumeServiceClient<Channel>, id: &str, status: &str) -> Volume {
+    wait_for(&format!("volume {id} to be {status}"), WAIT, || {
+        let mut c = client.clone();
+        let id = id.to_string();
+        async move {
+            let v = c.get_volume(GetVolumeRequest { id }).await.ok()?.into_inner();
+            assert!(!v.status.starts_with("error") || status.starts_with("error"), "volume failed: {v:?}");
+            (v.status == status).then_some(v)
+        }
+    })
+    .await
+}
+
+/// Waits until volume `id` is in a final state and returns it.
+pub async fn wait_settled(client: &VolumeServiceClient<Channel>, id: &str) -> Volume {
+    wait_for(&format!("volume {id} to settle"), WAIT, || {
+        let mut c = client.clone();
+        let id = id.to_string();
+        async move {
+            let v = c.get_volume(GetVolumeRequest { id }).await.ok()?.into_inner();
+            (!matches!(v.status.as_str(), "creating" | "deleting" | "extending" | "attaching" | "detaching"))
+                .then_some(v)
+        }
+    })
+    .await
+}
+
+/// Waits until volume `id` no longer exists.
+pub async fn wait_gone(client: &VolumeServiceClient<Channel>, id: &str) {
+    wait_for(&format!("volume {id} to be gone"), WAIT, || {
+        let mut c = client.clone();
+        let id = id.to_string();
+        async move {
+            match c.get_volume(GetVolumeRequest { id }).await {
+                Err(s) if s.code() == tonic::Code::NotFound => Some(()),
+                Ok(v) => {
+                    assert_ne!(v.get_ref().status, "error_deleting", "{:?}", v.get_ref());
+                    None
+                }
+                Err(_) => None,
+            }
+        }
+    })
+    .await
+}
+
+/// Waits until storage backend `name` (`host@backend`) is registered and up.
+pub async fn wait_backend(fleet: &Fleet, name: &str) {
+    wait_for(&format!("backend {name} up"), WAIT, || async {
+        let mut c = FleetServiceClient::new(fleet.admin());
+        let list = c.list_services(ListServicesRequest::default()).await.ok()?.into_inner().services;
+        list.iter().any(|s| s.name == name && s.up).then_some(())
+    })
+    .await
+}
+
+/// Volume ids whose files a file backend directory holds.
+pub fn files_in(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("volume-").map(String::from))
+        .collect()
+}
+
+/// Every volume row's (id, status) and the committed quota use, read straight from the database.
+pub async fn db_state(fleet: &Fleet, project: &str) -> (Vec<(String, String, i64)>, i64, i64) {
+    let pool = fleet.db().await;
+    let rows: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT id, status, size_gb FROM volumes ORDER BY id").fetch_all(&pool).await.unwrap();
+    let used = |r: &'static str| {
+        let pool = pool.clone();
+        let project = project.to_string();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT in_use + reserved FROM quota_usages WHERE project = ? AND resource = ?",
+            )
+            .bind(project)
+            .bind(r)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+            .unwrap_or(0)
+        }
+    };
+    let (volumes, gigabytes) = (used("volumes").await, used("gigabytes").await);
+    pool.close().await;
+    (rows, volumes, gigabytes)
+}
