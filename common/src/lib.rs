@@ -7,6 +7,7 @@ pub mod certs;
 pub mod config;
 pub mod identity;
 pub mod logging;
+pub mod nfs;
 pub mod runner;
 pub mod server;
 pub mod stub;

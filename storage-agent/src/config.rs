@@ -82,6 +82,10 @@ pub struct BackendConfig {
     /// How deleted volumes are destroyed.
     #[serde(default)]
     pub wipe: Wipe,
+    /// An NFS share (`server:/path`) the agent mounts on `directory` itself; absent for a local directory.
+    pub nfs_share: Option<String>,
+    /// Mount options for `nfs_share` (default: NFS 4.2, soft, bounded retries).
+    pub nfs_mount_options: Option<String>,
 }
 
 fn default_ratio() -> f64 {
@@ -109,7 +113,7 @@ impl StorageConfig {
                     b.name, b.driver
                 )));
             }
-            if !b.directory.is_dir() {
+            if b.nfs_share.is_none() && !b.directory.is_dir() {
                 return Err(ConfigError::Missing(format!(
                     "backend {}: {} is not a directory",
                     b.name,

@@ -10,6 +10,8 @@ use crate::sparse;
 use ember_common::runner;
 use ember_proto::agent::v1::Pool;
 use std::fs::{File, OpenOptions};
+#[cfg(test)]
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -255,5 +257,86 @@ impl FileBackend {
             ]
             .into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Wipe;
+
+    fn backend(dir: &Path, thin: bool) -> FileBackend {
+        FileBackend::open(BackendConfig {
+            name: "b".into(),
+            driver: "file".into(),
+            directory: dir.to_path_buf(),
+            availability_zone: None,
+            reserved_percentage: 0,
+            max_over_subscription_ratio: 20.0,
+            thin,
+            wipe: Wipe::Zero,
+            nfs_share: None,
+            nfs_mount_options: None,
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn create_copy_extend_remove_are_idempotent_and_sparse() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(".tmp-volume-leftover"), b"x").unwrap();
+        let b = backend(dir.path(), true);
+        assert!(!dir.path().join(".tmp-volume-leftover").exists(), "crash leftovers are removed at open");
+        let id = uuid::Uuid::new_v4();
+        assert_eq!(b.create_blank(&id, 2).unwrap(), 2 * GIB);
+        assert_eq!(b.create_blank(&id, 2).unwrap(), 2 * GIB, "repeat is a no-op");
+        assert!(matches!(b.create_blank(&id, 3), Err(AgentError::FailedPrecondition(_))));
+        let meta = std::fs::metadata(b.path(Kind::Volume, &id)).unwrap();
+        assert!(sparse::allocated_bytes(&meta) < 1 << 20, "thin volumes are sparse");
+
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(b.path(Kind::Volume, &id))
+            .unwrap()
+            .write_all_at(b"hello", 4096)
+            .unwrap();
+        let snap = uuid::Uuid::new_v4();
+        b.create_copy(Kind::Snapshot, &snap, &b.path(Kind::Volume, &id), None).await.unwrap();
+        let clone = uuid::Uuid::new_v4();
+        assert_eq!(
+            b.create_copy(Kind::Volume, &clone, &b.path(Kind::Snapshot, &snap), Some(3)).await.unwrap(),
+            3 * GIB
+        );
+        let mut data = [0u8; 5];
+        File::open(b.path(Kind::Volume, &clone)).unwrap().read_exact_at(&mut data, 4096).unwrap();
+        assert_eq!(&data, b"hello");
+        assert!(
+            sparse::allocated_bytes(&std::fs::metadata(b.path(Kind::Volume, &clone)).unwrap()) < 1 << 20,
+            "copies stay sparse"
+        );
+
+        assert_eq!(b.extend(&id, 4).unwrap(), 4 * GIB);
+        assert_eq!(b.extend(&id, 4).unwrap(), 4 * GIB);
+        assert!(matches!(b.extend(&id, 1), Err(AgentError::FailedPrecondition(_))));
+        let (volumes, snapshots) = b.list().unwrap();
+        assert_eq!((volumes.len(), snapshots.len()), (2, 1));
+        let pool = b.pool();
+        assert_eq!(pool.provisioned_capacity_gb, 7.0);
+
+        b.remove(Kind::Volume, &id).await.unwrap();
+        b.remove(Kind::Volume, &id).await.unwrap();
+        b.remove(Kind::Snapshot, &snap).await.unwrap();
+        b.remove(Kind::Volume, &clone).await.unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn thick_volumes_are_allocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = backend(dir.path(), false);
+        let id = uuid::Uuid::new_v4();
+        b.create_blank(&id, 1).unwrap();
+        assert!(sparse::allocated_bytes(&std::fs::metadata(b.path(Kind::Volume, &id)).unwrap()) >= GIB);
+        assert!(checked_id("volume_id", "../../etc/passwd").is_err(), "only UUIDs become paths");
     }
 }

@@ -47,6 +47,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let state_dir = file.state_dir.clone().unwrap_or_else(|| "/var/lib/ember/storage-agent".into());
     let mut backends = std::collections::BTreeMap::new();
     for b in file.checked_backends()? {
+        if let Some(share) = &b.nfs_share {
+            let options = b.nfs_mount_options.as_deref().unwrap_or(ember_common::nfs::DEFAULT_OPTIONS);
+            ember_common::nfs::ensure_mounted(share, &b.directory, options).await?;
+        }
         backends.insert(b.name.clone(), file_backend::FileBackend::open(b)?);
     }
     let storage = Arc::new(Storage {

@@ -139,3 +139,53 @@ fn free_port_block() -> u16 {
     }
     panic!("no free block of four ports");
 }
+
+/// A person's volume workflow with the CLI: create with --wait, snapshot, clone from it, extend, list, delete.
+#[tokio::test]
+async fn volume_workflow_through_the_cli() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, dir) = fleet.file_backend("file1", "");
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    ember_fleet_tests::volumes::wait_backend(&fleet, "storage1@file1").await;
+    let json = |args: &[&str]| {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let (ok, out, err) = fleet.cli(&all);
+        assert!(ok, "{args:?}: {err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+    };
+    let v = json(&["volume", "create", "--size", "1", "--name", "web", "--property", "tier=gold", "--wait"]);
+    assert_eq!(v[0]["status"], "available");
+    assert_eq!(v[0]["metadata"]["tier"], "gold");
+    let id = v[0]["id"].as_str().unwrap().to_string();
+    assert!(dir.join(format!("volume-{id}")).exists());
+
+    let s = json(&["snapshot", "create", &id, "--name", "snap1", "--wait"]);
+    assert_eq!(s[0]["status"], "available");
+    let sid = s[0]["id"].as_str().unwrap().to_string();
+    let from = json(&["volume", "create", "--snapshot", &sid, "--wait"]);
+    assert_eq!((from[0]["status"].as_str(), from[0]["size_gb"].as_u64()), (Some("available"), Some(1)));
+    let ext = json(&["volume", "extend", &id, "2", "--wait"]);
+    assert_eq!(ext[0]["size_gb"], 2);
+
+    let (ok, out, _) = fleet.cli(&["volume", "list"]);
+    assert!(ok);
+    assert!(out.lines().next().unwrap().starts_with("ID"), "{out}");
+    assert_eq!(out.lines().filter(|l| l.contains("available")).count(), 2, "{out}");
+
+    let (ok, _, err) = fleet.cli(&["volume", "delete", &id]);
+    assert!(!ok && err.contains("FAILED_PRECONDITION") && err.contains("snapshot"), "{err}");
+    let (ok, out, err) = fleet.cli(&["snapshot", "delete", &sid, "--wait"]);
+    assert!(ok && out.contains("deleted"), "{err}");
+    let from_id = from[0]["id"].as_str().unwrap().to_string();
+    for v in [&id, &from_id] {
+        let (ok, out, err) = fleet.cli(&["volume", "delete", v, "--wait"]);
+        assert!(ok && out.contains("deleted"), "{err}");
+    }
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "no files left");
+    let (ok, _, err) = fleet.cli(&["volume", "show", &id]);
+    assert!(!ok && err.starts_with("ember: NOT_FOUND: volume"), "{err}");
+    let (ok, _, err) = fleet.cli(&["volume", "create", "--size", "0"]);
+    assert!(!ok && err.starts_with("ember: INVALID_ARGUMENT: size_gb:"), "{err}");
+}
