@@ -71,8 +71,24 @@ impl Request {
     }
 }
 
-/// AvailabilityZoneFilter.
+/// The zones a volume type allows (`RESKEY:availability_zones = "az1, az2"`), empty for any.
+pub fn type_zones(extra_specs: &BTreeMap<String, String>) -> Vec<String> {
+    extra_specs
+        .get("RESKEY:availability_zones")
+        .map(|v| v.split(',').map(str::trim).filter(|z| !z.is_empty()).map(String::from).collect())
+        .unwrap_or_default()
+}
+
+/// AvailabilityZoneFilter: the type's zone list when it has one, else the requested zone, else any.
 pub fn az_filter(req: &Request, pool: &PoolState) -> Result<(), String> {
+    let zones = type_zones(&req.extra_specs);
+    if !zones.is_empty() {
+        return if zones.contains(&pool.availability_zone) {
+            Ok(())
+        } else {
+            Err(format!("availability zone {} is not one of {}", pool.availability_zone, zones.join(", ")))
+        };
+    }
     match &req.availability_zone {
         Some(az) if *az != pool.availability_zone => {
             Err(format!("availability zone {} is not the requested {az}", pool.availability_zone))

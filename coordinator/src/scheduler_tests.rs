@@ -169,6 +169,12 @@ fn az_and_placement() {
     assert!(az_filter(&r, &p).is_ok());
     r.availability_zone = Some("az2".into());
     assert!(az_filter(&r, &p).is_err());
+    // A type's zone list wins over the requested zone.
+    r.extra_specs = specs(&[("RESKEY:availability_zones", "az1, nova")]);
+    assert!(az_filter(&r, &p).is_ok());
+    r.extra_specs = specs(&[("RESKEY:availability_zones", "az1,az3")]);
+    assert!(az_filter(&r, &p).unwrap_err().contains("az1, az3"));
+    assert!(capabilities_filter(&r, &p).is_ok(), "RESKEY: is a scope the capabilities filter ignores");
     let mut r = req(1);
     r.tried = vec!["node@b1".into()];
     assert!(placement_filter(&r, &p).is_err(), "never a backend already tried");
