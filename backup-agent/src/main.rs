@@ -1,6 +1,8 @@
 //! `ember-backup-agent`: runs on a backup node and keeps deduplicated backups in repositories (directories,
 //! local or NFS). It registers its repositories with the coordinator.
 
+mod chunk;
+mod repo;
 mod service;
 
 use clap::Parser;
@@ -21,6 +23,8 @@ struct BackupConfig {
     /// The node's repositories.
     #[serde(default)]
     repositories: Vec<RepositoryConfig>,
+    /// Unreferenced chunks younger than this many seconds survive garbage collection (default 60).
+    gc_grace_seconds: Option<u64>,
 }
 
 /// One repository.
@@ -33,6 +37,12 @@ struct RepositoryConfig {
     directory: PathBuf,
     /// Availability zone, default the agent's.
     availability_zone: Option<String>,
+    /// Chunk size in bytes for a new repository (default 1 MiB); an existing repository keeps its own.
+    chunk_size: Option<u32>,
+    /// An NFS share (`server:/path`) the agent mounts on `directory` itself.
+    nfs_share: Option<String>,
+    /// Mount options for `nfs_share` (default: NFS 4.2, soft, bounded retries).
+    nfs_mount_options: Option<String>,
 }
 
 #[derive(Debug, Parser)]
@@ -56,15 +66,38 @@ async fn main() {
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let file: BackupConfig = ember_common::config::load(args.agent.config.as_deref())?;
     let id = args.agent.resolve(file.agent.clone())?;
+    let mut repos = std::collections::BTreeMap::new();
     for r in &file.repositories {
         if !valid_name(&r.name) {
             return Err(format!("repository name {:?} is not valid", r.name).into());
         }
-        std::fs::create_dir_all(&r.directory).map_err(|e| format!("repository {}: {e}", r.directory.display()))?;
+        if let Some(share) = &r.nfs_share {
+            let options = r.nfs_mount_options.as_deref().unwrap_or(ember_common::nfs::DEFAULT_OPTIONS);
+            ember_common::nfs::ensure_mounted(share, &r.directory, options).await?;
+        }
+        let chunk_size = r.chunk_size.unwrap_or(repo::DEFAULT_CHUNK_SIZE);
+        if !chunk_size.is_power_of_two() || !(64 << 10..=64 << 20).contains(&chunk_size) {
+            return Err(
+                format!("repository {}: chunk_size must be a power of two from 64 KiB to 64 MiB", r.name).into()
+            );
+        }
+        let opened = repo::Repository::open(&r.directory, chunk_size)
+            .map_err(|e| format!("repository {} at {}: {e}", r.name, r.directory.display()))?;
+        repos.insert(r.name.clone(), std::sync::Arc::new(opened));
     }
+    let backups = std::sync::Arc::new(service::Backups {
+        repos,
+        tls: id.tls.clone(),
+        running: Default::default(),
+        workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2),
+        gc_grace: std::time::Duration::from_secs(file.gc_grace_seconds.unwrap_or(60)),
+    });
     let (name, az, repos) = (id.name.clone(), id.availability_zone.clone(), file.repositories.clone());
     let mut routes = RoutesBuilder::default();
-    routes.add_service(BackupAgentServer::with_interceptor(service::Backups, require_roles(&[Role::Coordinator])));
+    routes.add_service(BackupAgentServer::with_interceptor(
+        service::BackupService(backups),
+        require_roles(&[Role::Coordinator]),
+    ));
     serve_agent(id, routes, &["ember.agent.v1.BackupAgent"], move |endpoint, instance_id| RegisterRequest {
         name: name.clone(),
         role: AgentRole::Backup as i32,

@@ -1,18 +1,382 @@
-//! The backup agent's gRPC service. Backups arrive with the backup-agent work; until then each call answers
-//! UNIMPLEMENTED.
+//! The backup agent's gRPC service. Data flows between this agent and the storage agents directly: backups
+//! read a volume's chunks (with digests, holes and zero chunks never sent, known chunks without data) and
+//! restores write them back.
 
-use ember_common::not_yet;
+use crate::repo::{Index, Manifest, Repository, hex};
+use ember_common::tls::TlsFiles;
 use ember_proto::agent::v1::backup_agent_server::BackupAgent;
+use ember_proto::agent::v1::storage_agent_client::StorageAgentClient;
 use ember_proto::agent::v1::*;
+use futures::StreamExt;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tonic::{Request, Response, Status};
 
-/// The service.
-pub struct Backups;
+/// The agent's state.
+pub struct Backups {
+    /// Repositories by name.
+    pub repos: BTreeMap<String, Arc<Repository>>,
+    /// Our certificate, for calling storage agents.
+    pub tls: TlsFiles,
+    /// Start times of the backups running now (garbage collection must not outrun them).
+    pub running: Mutex<HashMap<String, SystemTime>>,
+    /// Chunks processed at once (compression, decompression).
+    pub workers: usize,
+    /// Unreferenced chunks younger than this survive garbage collection.
+    pub gc_grace: Duration,
+}
+
+/// Deregisters a running backup when dropped.
+struct Running<'a>(&'a Backups, String);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.running.lock().expect("running").remove(&self.1);
+    }
+}
+
+fn check_id(field: &str, id: &str) -> Result<(), Status> {
+    match uuid::Uuid::parse_str(id) {
+        Ok(u) if u.hyphenated().to_string() == id => Ok(()),
+        _ => Err(Status::invalid_argument(format!("{field}: {id:?} is not a lowercase UUID"))),
+    }
+}
+
+fn io_status(context: &str) -> impl Fn(std::io::Error) -> Status + '_ {
+    move |e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Status::not_found(format!("{context}: {e}"))
+        } else {
+            Status::internal(format!("{context}: {e}"))
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+impl Backups {
+    fn repo(&self, name: &str) -> Result<Arc<Repository>, Status> {
+        self.repos.get(name).cloned().ok_or_else(|| Status::not_found(format!("repository {name:?}")))
+    }
+
+    fn storage(&self, source: &VolumeSource) -> Result<StorageAgentClient<tonic::transport::Channel>, Status> {
+        if !source.storage_endpoint.starts_with("https://") {
+            return Err(Status::invalid_argument("source.storage_endpoint: must be an https:// URL"));
+        }
+        let channel = self.tls.channel(&source.storage_endpoint).map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(StorageAgentClient::new(channel).max_decoding_message_size(128 << 20))
+    }
+
+    async fn backup(&self, req: CreateBackupRequest) -> Result<CreateBackupResponse, Status> {
+        check_id("backup_id", &req.backup_id)?;
+        let repo = self.repo(&req.repository)?;
+        let source = req.source.ok_or_else(|| Status::invalid_argument("source: is required"))?;
+        check_id("source.id", &source.id)?;
+        if let Ok((m, _)) = repo.load_backup(&req.backup_id) {
+            return Ok(response_of(&m)); // already complete: a repeated call after a crash
+        }
+        let started = SystemTime::now();
+        {
+            let mut running = self.running.lock().expect("running");
+            if running.contains_key(&req.backup_id) {
+                return Err(Status::unavailable(format!("backup {} is already running here", req.backup_id)));
+            }
+            running.insert(req.backup_id.clone(), started);
+        }
+        let _running = Running(self, req.backup_id.clone());
+
+        let parent = if req.parent_id.is_empty() {
+            None
+        } else {
+            check_id("parent_id", &req.parent_id)?;
+            Some(repo.load_backup(&req.parent_id).map_err(io_status("parent backup"))?.1)
+        };
+        let mut known: Vec<u8> = Vec::new();
+        if let Some(p) = &parent {
+            let unique: HashSet<&[u8; 32]> = p.entries.values().collect();
+            unique.into_iter().for_each(|d| known.extend_from_slice(d));
+        }
+        let mut client = self.storage(&source)?;
+        let mut stream = client
+            .read_volume(ReadVolumeRequest {
+                id: source.id.clone(),
+                backend: source.backend.clone(),
+                snapshot: source.snapshot,
+                chunk_size: repo.chunk_size,
+                known_digests: known,
+            })
+            .await?
+            .into_inner();
+        let header = stream.message().await?.ok_or_else(|| Status::data_loss("storage agent sent no data"))?;
+        let volume_size = header.volume_size;
+
+        let mut index = Index { chunk_size: repo.chunk_size, volume_size, entries: BTreeMap::new() };
+        let mut logical = 0u64;
+        let mut sizes: HashMap<[u8; 32], u64> = HashMap::new();
+        let mut staging = futures::stream::FuturesUnordered::new();
+        let mut staged: Vec<(PathBuf, [u8; 32])> = Vec::new();
+        let mut new_bytes = 0u64;
+        let result: Result<(), Status> = async {
+            while let Some(msg) = stream.message().await? {
+                let digest: [u8; 32] =
+                    msg.sha256.as_slice().try_into().map_err(|_| Status::data_loss("chunk without a sha256"))?;
+                index.entries.insert(msg.offset / u64::from(repo.chunk_size), digest);
+                logical += u64::from(msg.length);
+                if sizes.contains_key(&digest) {
+                    continue;
+                }
+                if let Some(len) = repo.touch_chunk(&digest) {
+                    sizes.insert(digest, len);
+                    continue;
+                }
+                if msg.known || msg.data.is_empty() {
+                    return Err(Status::data_loss(format!(
+                        "chunk {} is neither sent nor in the repository",
+                        hex(&digest)
+                    )));
+                }
+                sizes.insert(digest, 0);
+                let r = repo.clone();
+                staging.push(tokio::task::spawn_blocking(move || {
+                    r.stage_chunk(&msg.data, &digest).map(|(p, n)| (p, n, digest))
+                }));
+                // Bounded: at most `workers` chunks in memory and in flight.
+                while staging.len() >= self.workers {
+                    let (path, n, d) = staging
+                        .next()
+                        .await
+                        .expect("non-empty")
+                        .map_err(|e| Status::internal(e.to_string()))?
+                        .map_err(io_status("writing a chunk"))?;
+                    sizes.insert(d, n);
+                    new_bytes += n;
+                    staged.push((path, d));
+                }
+            }
+            while let Some(done) = staging.next().await {
+                let (path, n, d) =
+                    done.map_err(|e| Status::internal(e.to_string()))?.map_err(io_status("writing a chunk"))?;
+                sizes.insert(d, n);
+                new_bytes += n;
+                staged.push((path, d));
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            while let Some(Ok(Ok((path, _, _)))) = staging.next().await {
+                let _ = std::fs::remove_file(path);
+            }
+            for (path, _) in &staged {
+                let _ = std::fs::remove_file(path);
+            }
+            tracing::warn!(backup_id = %req.backup_id, "backup failed: {}", e.message());
+            return Err(e);
+        }
+        let r = repo.clone();
+        let staged_count = staged.len();
+        tokio::task::spawn_blocking(move || r.publish(&staged))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(io_status("publishing chunks"))?;
+        let mut manifest = Manifest {
+            format: crate::repo::FORMAT,
+            backup_id: req.backup_id.clone(),
+            volume_id: source.id.clone(),
+            parent_id: req.parent_id.clone(),
+            started_at: time::OffsetDateTime::from(started)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            completed_at: now_rfc3339(),
+            volume_size,
+            chunk_size: repo.chunk_size,
+            chunks: index.entries.len() as u64,
+            logical_bytes: logical,
+            stored_bytes: sizes.values().sum(),
+            new_bytes,
+            index_sha256: String::new(),
+        };
+        repo.commit_backup(&mut manifest, &index).map_err(io_status("writing the index"))?;
+        tracing::info!(backup_id = %req.backup_id, chunks = manifest.chunks, new_chunks = staged_count, new_bytes, "backup complete");
+        let mut resp = response_of(&manifest);
+        resp.chunks_transferred = staged_count as u64;
+        Ok(resp)
+    }
+
+    async fn restore(&self, req: RestoreBackupRequest) -> Result<RestoreBackupResponse, Status> {
+        check_id("backup_id", &req.backup_id)?;
+        let repo = self.repo(&req.repository)?;
+        let target = req.target.ok_or_else(|| Status::invalid_argument("target: is required"))?;
+        check_id("target.id", &target.id)?;
+        let (manifest, index) = repo.load_backup(&req.backup_id).map_err(io_status("backup"))?;
+        if target.size_bytes != 0 && target.size_bytes < manifest.volume_size {
+            return Err(Status::failed_precondition(format!(
+                "target holds {} bytes; the backup needs {}",
+                target.size_bytes, manifest.volume_size
+            )));
+        }
+        // Refuse early when a chunk is missing altogether.
+        if let Some(d) = index.entries.values().find(|d| !repo.chunk_path(d).exists()) {
+            return Err(Status::data_loss(format!("chunk {} is missing", hex(d))));
+        }
+        let cs = u64::from(index.chunk_size);
+        let positions = manifest.volume_size.div_ceil(cs);
+        let (tx, rx) = tokio::sync::mpsc::channel::<VolumeChunk>(4);
+        let first = VolumeChunk {
+            volume_id: target.id.clone(),
+            backend: target.backend.clone(),
+            volume_size: manifest.volume_size,
+            ..Default::default()
+        };
+        let blank = req.target_is_blank;
+        let entries = Arc::new(index.entries);
+        let workers = self.workers;
+        let producer = tokio::spawn(async move {
+            if tx.send(first).await.is_err() {
+                return Ok(());
+            }
+            let mut zero_run: Option<(u64, u64)> = None;
+            let reads = futures::stream::iter(0..positions)
+                .map(|pos| {
+                    let (repo, entries) = (repo.clone(), entries.clone());
+                    async move {
+                        match entries.get(&pos).copied() {
+                            Some(d) => tokio::task::spawn_blocking(move || repo.read_chunk(&d).map(|p| (pos, Some(p))))
+                                .await
+                                .unwrap_or_else(|e| Err(e.to_string())),
+                            None => Ok((pos, None)),
+                        }
+                    }
+                })
+                .buffered(workers);
+            futures::pin_mut!(reads);
+            while let Some(item) = reads.next().await {
+                let (pos, data) = item?;
+                match data {
+                    Some(plain) => {
+                        if let Some((off, len)) = zero_run.take() {
+                            let _ = tx.send(VolumeChunk { offset: off, zero_length: len, ..Default::default() }).await;
+                        }
+                        if tx.send(VolumeChunk { offset: pos * cs, data: plain, ..Default::default() }).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    None if !blank => {
+                        let len = cs.min(manifest.volume_size - pos * cs);
+                        zero_run = match zero_run {
+                            Some((off, l)) => Some((off, l + len)),
+                            None => Some((pos * cs, len)),
+                        };
+                    }
+                    None => {}
+                }
+            }
+            if let Some((off, len)) = zero_run {
+                let _ = tx.send(VolumeChunk { offset: off, zero_length: len, ..Default::default() }).await;
+            }
+            Ok::<(), String>(())
+        });
+        let mut client = self.storage(&target)?;
+        let written = client.write_volume(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+        // A chunk that fails its check stops the stream; that failure, not the short write, is the answer.
+        match producer.await.map_err(|e| Status::internal(e.to_string()))? {
+            Err(msg) => Err(Status::data_loss(format!("restore stopped: {msg}"))),
+            Ok(()) => Ok(RestoreBackupResponse { bytes_written: written?.into_inner().bytes_written }),
+        }
+    }
+
+    async fn verify(&self, req: VerifyBackupRequest) -> Result<VerifyBackupResponse, Status> {
+        check_id("backup_id", &req.backup_id)?;
+        let repo = self.repo(&req.repository)?;
+        let (_, index) = repo.load_backup(&req.backup_id).map_err(io_status("backup"))?;
+        let unique: Vec<[u8; 32]> = index.entries.values().copied().collect::<HashSet<_>>().into_iter().collect();
+        let mut resp = VerifyBackupResponse { chunks_checked: unique.len() as u64, ..Default::default() };
+        let checks = futures::stream::iter(unique)
+            .map(|d| {
+                let repo = repo.clone();
+                async move {
+                    (
+                        d,
+                        tokio::task::spawn_blocking(move || repo.read_chunk(&d))
+                            .await
+                            .map(|r| r.err())
+                            .unwrap_or(Some("join".into())),
+                    )
+                }
+            })
+            .buffer_unordered(self.workers);
+        futures::pin_mut!(checks);
+        while let Some((d, err)) = checks.next().await {
+            match err {
+                Some(e) if e.contains("missing") => resp.missing_chunks.push(hex(&d)),
+                Some(_) => resp.corrupt_chunks.push(hex(&d)),
+                None => {}
+            }
+        }
+        resp.missing_chunks.sort();
+        resp.corrupt_chunks.sort();
+        Ok(resp)
+    }
+}
+
+fn response_of(m: &Manifest) -> CreateBackupResponse {
+    CreateBackupResponse {
+        stored_bytes: m.stored_bytes,
+        new_bytes: m.new_bytes,
+        logical_bytes: m.logical_bytes,
+        chunks: m.chunks,
+        chunks_transferred: 0,
+    }
+}
+
+/// The gRPC face of [`Backups`].
+pub struct BackupService(pub Arc<Backups>);
 
 #[tonic::async_trait]
-impl BackupAgent for Backups {
-    not_yet!(create_backup, CreateBackupRequest, CreateBackupResponse, "creating backups");
-    not_yet!(restore_backup, RestoreBackupRequest, RestoreBackupResponse, "restoring backups");
-    not_yet!(delete_backup, DeleteBackupRequest, DeleteBackupResponse, "deleting backups");
-    not_yet!(verify_backup, VerifyBackupRequest, VerifyBackupResponse, "verifying backups");
-    not_yet!(collect_garbage, CollectGarbageRequest, CollectGarbageResponse, "garbage collection");
+impl BackupAgent for BackupService {
+    async fn create_backup(&self, req: Request<CreateBackupRequest>) -> Result<Response<CreateBackupResponse>, Status> {
+        let id = req.get_ref().backup_id.clone();
+        let span = tracing::info_span!("create_backup", backup_id = %id);
+        Ok(Response::new(tracing::Instrument::instrument(self.0.backup(req.into_inner()), span).await?))
+    }
+
+    async fn restore_backup(
+        &self,
+        req: Request<RestoreBackupRequest>,
+    ) -> Result<Response<RestoreBackupResponse>, Status> {
+        let span = tracing::info_span!("restore_backup", backup_id = %req.get_ref().backup_id);
+        Ok(Response::new(tracing::Instrument::instrument(self.0.restore(req.into_inner()), span).await?))
+    }
+
+    async fn delete_backup(&self, req: Request<DeleteBackupRequest>) -> Result<Response<DeleteBackupResponse>, Status> {
+        let r = req.into_inner();
+        check_id("backup_id", &r.backup_id)?;
+        self.0.repo(&r.repository)?.delete_backup(&r.backup_id).map_err(io_status("deleting"))?;
+        tracing::info!(backup_id = %r.backup_id, "backup deleted");
+        Ok(Response::new(DeleteBackupResponse {}))
+    }
+
+    async fn verify_backup(&self, req: Request<VerifyBackupRequest>) -> Result<Response<VerifyBackupResponse>, Status> {
+        Ok(Response::new(self.0.verify(req.into_inner()).await?))
+    }
+
+    async fn collect_garbage(
+        &self,
+        req: Request<CollectGarbageRequest>,
+    ) -> Result<Response<CollectGarbageResponse>, Status> {
+        let repo = self.0.repo(&req.get_ref().repository)?;
+        let oldest = self.0.running.lock().expect("running").values().min().copied();
+        // Keep anything touched since the collection (or the oldest running backup) began, less the grace.
+        let cutoff = oldest.unwrap_or_else(SystemTime::now).min(SystemTime::now()) - self.0.gc_grace;
+        let (removed, freed) = tokio::task::spawn_blocking(move || repo.collect_garbage(cutoff))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(io_status("garbage collection"))?;
+        tracing::info!(removed, freed, "garbage collected");
+        Ok(Response::new(CollectGarbageResponse { chunks_removed: removed, bytes_freed: freed }))
+    }
 }

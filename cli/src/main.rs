@@ -3,6 +3,7 @@
 //! (`EMBER_CLI_CONFIG`, default `~/.config/ember/cli.toml`), prints tables for people and `--json` for scripts,
 //! and reports failures as the gRPC status in one line.
 
+mod backup;
 mod bench;
 mod certs;
 mod connect;
@@ -43,6 +44,8 @@ enum Command {
     Snapshot(snapshot::SnapshotCmd),
     /// Attachments of volumes to instances.
     Attachment(volume::AttachmentCmd),
+    /// Back up volumes and restore them.
+    Backup(backup::BackupCmd),
     /// Measure the fleet (volume create/delete latency and throughput).
     Bench(bench::BenchCmd),
 }
@@ -59,6 +62,7 @@ async fn main() {
         Command::Volume(c) => volume::run(c, &cli.conn, cli.json).await,
         Command::Snapshot(c) => snapshot::run(c, &cli.conn, cli.json).await,
         Command::Attachment(c) => volume::run_attachments(c, &cli.conn, cli.json).await,
+        Command::Backup(c) => backup::run(c, &cli.conn, cli.json).await,
         Command::Bench(c) => bench::run(c, &cli.conn, cli.json).await,
     };
     if let Err(e) = result {

@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use ember_common::tls::TlsFiles;
+use ember_proto::agent::v1::backup_agent_client::BackupAgentClient;
 use ember_proto::agent::v1::storage_agent_client::StorageAgentClient;
 use sqlx::SqlitePool;
 use std::collections::HashMap;
@@ -33,6 +34,23 @@ impl Agents {
             .map_err(|e| Error::FailedPrecondition(format!("agent endpoint {endpoint}: {e}")))?;
         channels.insert(endpoint.to_string(), c.clone());
         Ok(c)
+    }
+
+    /// The endpoint of the `role` agent on `host`.
+    pub async fn endpoint(&self, host: &str, role: &str) -> Result<String> {
+        let endpoint: Option<String> =
+            sqlx::query_scalar("SELECT endpoint FROM services WHERE host = ? AND role = ? LIMIT 1")
+                .bind(host)
+                .bind(role)
+                .fetch_optional(&self.db)
+                .await?;
+        endpoint.ok_or_else(|| Error::FailedPrecondition(format!("{role} host {host} is not registered")))
+    }
+
+    /// The backup agent serving `host`.
+    pub async fn backup(&self, host: &str) -> Result<BackupAgentClient<Channel>> {
+        let endpoint = self.endpoint(host, "backup").await?;
+        Ok(BackupAgentClient::new(self.channel(&endpoint)?))
     }
 
     /// The storage agent serving `host`.

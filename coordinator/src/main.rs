@@ -4,6 +4,7 @@
 mod agents;
 mod attachments;
 mod auth;
+mod backups;
 mod clock;
 mod config;
 mod context;
@@ -163,7 +164,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         ))
         .add_service(VolumeServiceServer::with_interceptor(volumes::api::Volumes::new(ctx.clone()), public.clone()))
         .add_service(SnapshotServiceServer::with_interceptor(snapshots::Snapshots::new(ctx.clone()), public.clone()))
-        .add_service(BackupServiceServer::with_interceptor(pending::Pending, public.clone()))
+        .add_service(BackupServiceServer::with_interceptor(backups::Backups::new(ctx.clone()), public.clone()))
         .add_service(AttachmentServiceServer::with_interceptor(
             attachments::Attachments::new(ctx.clone()),
             public.clone(),

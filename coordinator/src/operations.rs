@@ -146,6 +146,9 @@ async fn run(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         "extend_volume" => crate::volumes::flow::extend(ctx, op).await,
         "create_snapshot" => crate::snapshots::create_flow(ctx, op).await,
         "delete_snapshot" => crate::snapshots::delete_flow(ctx, op).await,
+        "create_backup" => crate::backups::create_flow(ctx, op).await,
+        "delete_backup" => crate::backups::delete_flow(ctx, op).await,
+        "restore_backup" => crate::backups::restore_flow(ctx, op).await,
         "attach" => crate::attachments::attach_flow(ctx, op).await,
         "detach" => crate::attachments::detach_flow(ctx, op).await,
         other => {

@@ -10,6 +10,16 @@ use ember_proto::agent::v1 as agent;
 use sqlx::Row;
 use std::collections::HashSet;
 
+/// Snapshots that running backups of in-use volumes made and still read.
+async fn temporary_snapshots(ctx: &Ctx) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT json_extract(payload, '$.temp_snapshot') FROM operations \
+         WHERE state = 'running' AND kind = 'create_backup' AND json_extract(payload, '$.temp_snapshot') IS NOT NULL",
+    )
+    .fetch_all(&ctx.db)
+    .await?)
+}
+
 /// One sweep over every up storage backend. Returns how many orphans were removed.
 pub async fn sweep(ctx: &Ctx) -> Result<usize> {
     let rows =
@@ -43,6 +53,7 @@ pub async fn sweep(ctx: &Ctx) -> Result<usize> {
         .fetch_all(&ctx.db)
         .await?
         .into_iter()
+        .chain(temporary_snapshots(ctx).await?)
         .collect();
         for id in held.volume_ids.iter().filter(|id| !placed.contains(*id)) {
             tracing::warn!(volume_id = %id, %host, %backend, "removing orphaned volume file");

@@ -3,6 +3,7 @@
 //! heartbeats.
 
 mod config;
+mod data;
 mod error;
 mod exports;
 mod file_backend;
@@ -66,7 +67,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let name = id.name.clone();
     let reporter = storage.clone();
     let mut routes = RoutesBuilder::default();
-    routes.add_service(StorageAgentServer::with_interceptor(StorageService(storage), require_roles(CALLERS)));
+    // Restores stream chunks of up to 64 MiB (the largest chunk size) to WriteVolume.
+    let server = StorageAgentServer::new(StorageService(storage))
+        .max_decoding_message_size(65 << 20)
+        .max_encoding_message_size(65 << 20);
+    routes.add_service(tonic::service::interceptor::InterceptedService::new(server, require_roles(CALLERS)));
     let served =
         serve_agent(id, routes, &["ember.agent.v1.StorageAgent"], move |endpoint, instance_id| RegisterRequest {
             name: name.clone(),

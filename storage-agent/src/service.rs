@@ -1,11 +1,11 @@
 //! The storage agent's gRPC service: volume and snapshot operations on the file backends, and exports over
 //! tgt. Every call is idempotent, because the coordinator repeats calls after a crash.
 
+use crate::data;
 use crate::error::{AgentError, Result};
 use crate::exports::{ExportRecord, ExportStore};
 use crate::file_backend::{FileBackend, Kind, checked_id};
 use crate::tgt::{TargetSpec, Tgt};
-use ember_common::not_yet;
 use ember_proto::agent::v1::storage_agent_server::StorageAgent;
 use ember_proto::agent::v1::*;
 use std::collections::BTreeMap;
@@ -144,6 +144,14 @@ impl Storage {
     }
 }
 
+/// Backup agents may call only the data RPCs; everything else is the coordinator's.
+fn only_coordinator<T>(req: &Request<T>) -> Result<(), Status> {
+    match ember_common::identity::caller(req)?.role {
+        ember_common::identity::Role::Coordinator => Ok(()),
+        role => Err(Status::permission_denied(format!("role {role} may only call ReadVolume and WriteVolume"))),
+    }
+}
+
 /// Fault injection for tests: `EMBER_FAILPOINTS=storage.create_volume` makes every create fail.
 fn failpoint_armed(name: &str) -> bool {
     std::env::var("EMBER_FAILPOINTS").map(|v| v.split(',').any(|p| p.trim() == name)).unwrap_or(false)
@@ -159,11 +167,13 @@ impl StorageAgent for StorageService {
     type ReadVolumeStream = ChunkStream;
 
     async fn create_volume(&self, req: Request<CreateVolumeRequest>) -> Result<Response<VolumeResult>, Status> {
+        only_coordinator(&req)?;
         let span = tracing::info_span!("create_volume", volume_id = %req.get_ref().volume_id);
         Ok(Response::new(self.0.create(req.into_inner()).instrument(span).await?))
     }
 
     async fn delete_volume(&self, req: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {
+        only_coordinator(&req)?;
         let r = req.into_inner();
         let span = tracing::info_span!("delete_volume", volume_id = %r.volume_id);
         async {
@@ -180,6 +190,7 @@ impl StorageAgent for StorageService {
     }
 
     async fn extend_volume(&self, req: Request<ExtendVolumeRequest>) -> Result<Response<VolumeResult>, Status> {
+        only_coordinator(&req)?;
         let r = req.into_inner();
         let id = checked_id("volume_id", &r.volume_id)?;
         let backend = self.0.backend(&r.backend)?;
@@ -194,6 +205,7 @@ impl StorageAgent for StorageService {
     }
 
     async fn create_snapshot(&self, req: Request<CreateSnapshotRequest>) -> Result<Response<SnapshotResult>, Status> {
+        only_coordinator(&req)?;
         let r = req.into_inner();
         let snap = checked_id("snapshot_id", &r.snapshot_id)?;
         let vol = checked_id("volume_id", &r.volume_id)?;
@@ -207,6 +219,7 @@ impl StorageAgent for StorageService {
         &self,
         req: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        only_coordinator(&req)?;
         let r = req.into_inner();
         let snap = checked_id("snapshot_id", &r.snapshot_id)?;
         self.0.backend(&r.backend)?.remove(Kind::Snapshot, &snap).await?;
@@ -215,6 +228,7 @@ impl StorageAgent for StorageService {
     }
 
     async fn export_volume(&self, req: Request<ExportVolumeRequest>) -> Result<Response<ExportVolumeResponse>, Status> {
+        only_coordinator(&req)?;
         Ok(Response::new(self.0.export(req.into_inner()).await?))
     }
 
@@ -222,6 +236,7 @@ impl StorageAgent for StorageService {
         &self,
         req: Request<UnexportVolumeRequest>,
     ) -> Result<Response<UnexportVolumeResponse>, Status> {
+        only_coordinator(&req)?;
         let r = req.into_inner();
         self.0.unexport(&r.volume_id, &r.initiator).await?;
         Ok(Response::new(UnexportVolumeResponse {}))
@@ -231,6 +246,7 @@ impl StorageAgent for StorageService {
         &self,
         req: Request<ListResourcesRequest>,
     ) -> Result<Response<ListResourcesResponse>, Status> {
+        only_coordinator(&req)?;
         let r = req.into_inner();
         let mut out = ListResourcesResponse::default();
         for (name, backend) in &self.0.backends {
@@ -243,6 +259,64 @@ impl StorageAgent for StorageService {
         Ok(Response::new(out))
     }
 
-    not_yet!(read_volume, ReadVolumeRequest, Self::ReadVolumeStream, "reading volume data");
-    not_yet!(write_volume, tonic::Streaming<VolumeChunk>, WriteVolumeResponse, "writing volume data");
+    async fn read_volume(&self, req: Request<ReadVolumeRequest>) -> Result<Response<Self::ReadVolumeStream>, Status> {
+        let r = req.into_inner();
+        let id = checked_id("id", &r.id)?;
+        data::check_chunk_size(r.chunk_size)?;
+        let known = data::parse_known(&r.known_digests)?;
+        let backend = self.0.backend(&r.backend)?;
+        let path = backend.path(if r.snapshot { Kind::Snapshot } else { Kind::Volume }, &id);
+        if !path.exists() {
+            return Err(AgentError::NotFound(format!("{} {id}", if r.snapshot { "snapshot" } else { "volume" })).into());
+        }
+        // A bounded queue: the reader's pace throttles the disk reads, and memory stays a few chunks.
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let errors = tx.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = data::stream_chunks(path, r.chunk_size, known, tx) {
+                let _ = errors.blocking_send(Err(e.into()));
+            }
+        });
+        tracing::info!(volume_id = %id, chunk_size = r.chunk_size, "streaming volume data");
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn write_volume(
+        &self,
+        req: Request<tonic::Streaming<VolumeChunk>>,
+    ) -> Result<Response<WriteVolumeResponse>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("volume_id: empty stream"))?;
+        let id = checked_id("volume_id", &first.volume_id)?;
+        let path = self.0.backend(&first.backend)?.path(Kind::Volume, &id);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|_| AgentError::NotFound(format!("volume {id}")))?;
+        let size = file.metadata().map_err(AgentError::io("reading size"))?.len();
+        if first.volume_size > size {
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {id} holds {size} bytes; {} needed",
+                first.volume_size
+            ))
+            .into());
+        }
+        let file = std::sync::Arc::new(file);
+        let mut written = 0;
+        let mut next = Some(first);
+        while let Some(chunk) = next {
+            let f = file.clone();
+            written += tokio::task::spawn_blocking(move || data::apply_chunk(&f, size, &chunk))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))??;
+            next = stream.message().await?;
+        }
+        let f = file.clone();
+        tokio::task::spawn_blocking(move || f.sync_data())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(AgentError::io("syncing"))?;
+        tracing::info!(volume_id = %id, written, "volume data written");
+        Ok(Response::new(WriteVolumeResponse { bytes_written: written }))
+    }
 }

@@ -34,8 +34,11 @@ pub async fn wait_settled(client: &VolumeServiceClient<Channel>, id: &str) -> Vo
         let id = id.to_string();
         async move {
             let v = c.get_volume(GetVolumeRequest { id }).await.ok()?.into_inner();
-            (!matches!(v.status.as_str(), "creating" | "deleting" | "extending" | "attaching" | "detaching"))
-                .then_some(v)
+            (!matches!(
+                v.status.as_str(),
+                "creating" | "deleting" | "extending" | "attaching" | "detaching" | "restoring-backup" | "backing-up"
+            ))
+            .then_some(v)
         }
     })
     .await

@@ -61,7 +61,8 @@ fn request_digest(req: &CreateVolumeRequest, type_id: &str, size_gb: u64) -> Str
         md,
         req.bootable,
         req.snapshot_id,
-        req.source_volume_id
+        req.source_volume_id,
+        req.backup_id
     ]);
     hex::encode(sha2::Sha256::digest(canon.to_string().as_bytes()))
 }
@@ -94,10 +95,20 @@ async fn resolve_source(
         ));
     }
     if !req.backup_id.is_empty() {
-        return Err(Error::invalid(
-            "backup_id",
-            "restoring a backup into a new volume is not available in this release",
-        ));
+        let b = crate::backups::visible(conn, who, &req.backup_id).await?;
+        // Status is the lock: the backup stays `restoring` (and so undeletable) until the volume is built.
+        let moved = sqlx::query("UPDATE backups SET status = 'restoring' WHERE id = ? AND status = 'available'")
+            .bind(&b.id)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+        if moved == 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "backup {} is {}; a restore needs available",
+                b.id, b.status
+            )));
+        }
+        return Ok(Some(Source { size_gb: b.size_gb as u64, only: None }));
     }
     if !req.image.is_empty() {
         return Err(Error::invalid("image", "creating a volume from an image is not available in this release"));
@@ -129,7 +140,8 @@ async fn resolve_source(
 }
 
 impl Volumes {
-    async fn create(&self, who: &Identity, req: CreateVolumeRequest) -> Result<Volume> {
+    /// Validates and records a create, and starts its operation.
+    pub async fn create(&self, who: &Identity, req: CreateVolumeRequest) -> Result<Volume> {
         validate::text("name", &req.name, 255)?;
         validate::text("description", &req.description, 255)?;
         check_metadata("metadata", &req.metadata)?;
@@ -194,8 +206,8 @@ impl Volumes {
         let now = now_ms();
         sqlx::query(
             "INSERT INTO volumes (id, project, name, description, size_gb, status, volume_type_id, availability_zone, \
-             metadata, bootable, multiattach, source_snapshot_id, source_volume_id, idempotency_key, request_digest, \
-             created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'creating', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             metadata, bootable, multiattach, source_snapshot_id, source_volume_id, source_backup_id, idempotency_key, \
+             request_digest, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'creating', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(&project)
@@ -209,6 +221,7 @@ impl Volumes {
         .bind(type_allows_multiattach(&vtype.extra_specs) as i64)
         .bind(&req.snapshot_id)
         .bind(&req.source_volume_id)
+        .bind(&req.backup_id)
         .bind((!req.idempotency_key.is_empty()).then_some(&req.idempotency_key))
         .bind(&digest)
         .bind(now)

@@ -101,9 +101,26 @@ pub async fn create(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
                 match call {
                     Ok(_) => {
                         failpoint::hit("create_volume.created");
+                        // A volume from a backup is filled before it becomes available.
+                        let restored = if v.source_backup_id.is_empty() {
+                            Ok(())
+                        } else {
+                            crate::backups::restore_into(ctx, &v.source_backup_id, &v, true).await
+                        };
                         let mut tx = crate::db::write(&ctx.db).await?;
-                        store::transition(&mut tx, &v.id, &["creating"], "available", "").await?;
-                        operations::finish(&mut tx, &op, None).await?;
+                        if !v.source_backup_id.is_empty() {
+                            crate::backups::restore_done(&mut tx, &v.source_backup_id).await?;
+                        }
+                        match restored {
+                            Ok(()) => {
+                                store::transition(&mut tx, &v.id, &["creating"], "available", "").await?;
+                                operations::finish(&mut tx, &op, None).await?;
+                            }
+                            Err(msg) => {
+                                store::transition(&mut tx, &v.id, &["creating"], "error", &msg).await?;
+                                operations::finish(&mut tx, &op, Some(&msg)).await?;
+                            }
+                        }
                         tx.commit().await?;
                         return Ok(Outcome::Finished);
                     }

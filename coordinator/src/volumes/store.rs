@@ -44,6 +44,8 @@ pub struct VolumeRow {
     pub source_snapshot_id: String,
     /// Source volume.
     pub source_volume_id: String,
+    /// Source backup.
+    pub source_backup_id: String,
     /// CHAP user (empty until first export).
     pub chap_username: String,
     /// CHAP secret.
@@ -56,7 +58,7 @@ pub struct VolumeRow {
 
 const COLUMNS: &str = "v.id, v.project, v.name, v.description, v.size_gb, v.status, v.status_reason, v.volume_type_id, \
      t.name, v.availability_zone, v.host, v.backend, v.metadata, v.bootable, v.multiattach, v.source_snapshot_id, \
-     v.source_volume_id, v.chap_username, v.chap_password, v.created_at, v.updated_at";
+     v.source_volume_id, v.chap_username, v.chap_password, v.created_at, v.updated_at, v.source_backup_id";
 
 /// `SELECT … FROM volumes v JOIN volume_types t` with the columns [`from_row`] reads.
 pub fn select_sql(where_clause: &str) -> String {
@@ -87,6 +89,7 @@ pub fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<VolumeRow> {
         chap_password: r.get(18),
         created_at: r.get(19),
         updated_at: r.get(20),
+        source_backup_id: r.get(21),
     })
 }
 
@@ -133,7 +136,7 @@ pub async fn to_proto(conn: &mut SqliteConnection, v: &VolumeRow) -> Result<Volu
         multiattach: v.multiattach,
         source_snapshot_id: v.source_snapshot_id.clone(),
         source_volume_id: v.source_volume_id.clone(),
-        source_backup_id: String::new(),
+        source_backup_id: v.source_backup_id.clone(),
         attachments,
         created_at: Some(timestamp(v.created_at)),
         updated_at: Some(timestamp(v.updated_at)),

@@ -1,0 +1,110 @@
+//! One chunk on disk: an 8-byte header (`EMBCHNK` and an encoding byte: 0 raw, 1 zlib) and the payload.
+//! Chunks are named by the sha256 of their plaintext, so reading one back always re-checks it.
+
+use flate2::Compression;
+use flate2::read::ZlibDecoder;
+use flate2::write::ZlibEncoder;
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+
+/// The header's magic.
+pub const MAGIC: &[u8; 7] = b"EMBCHNK";
+/// Payload stored as is.
+pub const RAW: u8 = 0;
+/// Payload is a zlib stream.
+pub const ZLIB: u8 = 1;
+
+/// How much of a chunk is compressed first to judge whether compressing it pays.
+const SAMPLE: usize = 64 << 10;
+
+/// Encodes a chunk: zlib level 1 unless that does not shrink it. A 64 KiB sample is tried first, so random
+/// (incompressible) data costs a sample, not a whole compression, before it is stored raw.
+pub fn encode(plain: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(plain.len() / 2 + 8);
+    out.extend_from_slice(MAGIC);
+    if plain.len() > SAMPLE {
+        let sample = compress(&plain[..SAMPLE]);
+        if sample.len() as f64 > SAMPLE as f64 * 0.97 {
+            out.push(RAW);
+            out.extend_from_slice(plain);
+            return out;
+        }
+    }
+    let packed = compress(plain);
+    if packed.len() < plain.len() {
+        out.push(ZLIB);
+        out.extend_from_slice(&packed);
+    } else {
+        out.push(RAW);
+        out.extend_from_slice(plain);
+    }
+    out
+}
+
+fn compress(data: &[u8]) -> Vec<u8> {
+    let mut enc = ZlibEncoder::new(Vec::with_capacity(data.len() / 2), Compression::new(1));
+    enc.write_all(data).expect("writing to memory");
+    enc.finish().expect("writing to memory")
+}
+
+/// Why a stored chunk cannot be used.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ChunkError {
+    /// Not a chunk file, or an unknown encoding.
+    Malformed,
+    /// The payload does not decompress.
+    Undecodable,
+    /// The plaintext does not hash to the chunk's name.
+    WrongDigest,
+}
+
+/// Decodes a stored chunk and checks that it hashes to `digest`.
+pub fn decode(stored: &[u8], digest: &[u8; 32]) -> Result<Vec<u8>, ChunkError> {
+    if stored.len() < 8 || &stored[..7] != MAGIC {
+        return Err(ChunkError::Malformed);
+    }
+    let plain = match stored[7] {
+        RAW => stored[8..].to_vec(),
+        ZLIB => {
+            let mut out = Vec::new();
+            ZlibDecoder::new(&stored[8..]).read_to_end(&mut out).map_err(|_| ChunkError::Undecodable)?;
+            out
+        }
+        _ => return Err(ChunkError::Malformed),
+    };
+    if Sha256::digest(&plain).as_slice() != digest {
+        return Err(ChunkError::WrongDigest);
+    }
+    Ok(plain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_detects_damage() {
+        let text: Vec<u8> = b"ember block storage ".iter().cycle().take(1 << 20).copied().collect();
+        let mut x = 1u32;
+        let random: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        for (plain, enc) in [(&text, ZLIB), (&random, RAW)] {
+            let digest: [u8; 32] = Sha256::digest(plain).into();
+            let stored = encode(plain);
+            assert_eq!(stored[7], enc);
+            assert_eq!(&decode(&stored, &digest).unwrap(), plain);
+            let mut bad = stored.clone();
+            let last = bad.len() - 1;
+            bad[last] ^= 1;
+            assert!(decode(&bad, &digest).is_err(), "a flipped byte is caught");
+        }
+        assert!(encode(&text).len() < 100_000, "text compresses");
+        assert_eq!(decode(b"garbage!", &[0; 32]), Err(ChunkError::Malformed));
+    }
+}

@@ -1,0 +1,365 @@
+//! A backup repository on a directory (local or NFS). The on-disk format is documented in
+//! docs/backup-format.md:
+//!
+//! ```text
+//! <repo>/ember-repository.json          format version, chunk size
+//! <repo>/chunks/<d0d1>/<d2d3>/<sha256>  chunks (see chunk.rs), fan-out by the digest's first two bytes
+//! <repo>/backups/<id>/index             which chunk sits at which position
+//! <repo>/backups/<id>/manifest.json     ids, parent, times, sizes, format, the index's sha256
+//! <repo>/tmp/                           files being written; removed at start
+//! ```
+//!
+//! Durability: chunk files are written under `tmp/`, the filesystem is synced (`syncfs`), and only then are
+//! they renamed into `chunks/`; the index and manifest are written last, the same way. A chunk is therefore
+//! never referenced before it is durable, and a crash leaves only files in `tmp/`.
+
+use crate::chunk;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The repository format this build writes and reads.
+pub const FORMAT: u32 = 1;
+/// Default chunk size: 1 MiB (see docs/backup-format.md for the measurement behind it).
+pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
+const INDEX_MAGIC: &[u8; 8] = b"EMBIDX01";
+
+/// `ember-repository.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RepoConfig {
+    /// Format version.
+    pub format: u32,
+    /// Chunk size in bytes, fixed at creation.
+    pub chunk_size: u32,
+}
+
+/// A backup's `manifest.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    /// Format version.
+    pub format: u32,
+    /// Backup id.
+    pub backup_id: String,
+    /// Volume id.
+    pub volume_id: String,
+    /// Parent backup id for incrementals, else empty.
+    pub parent_id: String,
+    /// Start, RFC 3339.
+    pub started_at: String,
+    /// End, RFC 3339.
+    pub completed_at: String,
+    /// Volume size in bytes.
+    pub volume_size: u64,
+    /// Chunk size in bytes.
+    pub chunk_size: u32,
+    /// Chunks referenced.
+    pub chunks: u64,
+    /// Non-zero bytes (plaintext of the referenced chunks).
+    pub logical_bytes: u64,
+    /// Stored bytes of the referenced chunks.
+    pub stored_bytes: u64,
+    /// Stored bytes this backup added.
+    pub new_bytes: u64,
+    /// sha256 of the `index` file, hex.
+    pub index_sha256: String,
+}
+
+/// A backup's index: chunk position → digest, for the positions that are not all zero.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Index {
+    /// Chunk size.
+    pub chunk_size: u32,
+    /// Volume size.
+    pub volume_size: u64,
+    /// Position → digest.
+    pub entries: BTreeMap<u64, [u8; 32]>,
+}
+
+impl Index {
+    /// The binary form: magic, chunk size (u32 LE), volume size (u64 LE), count (u64 LE), then per entry the
+    /// position (u64 LE) and the 32-byte digest, in position order.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(28 + self.entries.len() * 40);
+        out.extend_from_slice(INDEX_MAGIC);
+        out.extend_from_slice(&self.chunk_size.to_le_bytes());
+        out.extend_from_slice(&self.volume_size.to_le_bytes());
+        out.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
+        for (pos, digest) in &self.entries {
+            out.extend_from_slice(&pos.to_le_bytes());
+            out.extend_from_slice(digest);
+        }
+        out
+    }
+
+    /// Parses [`Index::encode`]'s form.
+    pub fn decode(bytes: &[u8]) -> io::Result<Index> {
+        let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed index");
+        if bytes.len() < 28 || &bytes[..8] != INDEX_MAGIC {
+            return Err(bad());
+        }
+        let chunk_size = u32::from_le_bytes(bytes[8..12].try_into().map_err(|_| bad())?);
+        let volume_size = u64::from_le_bytes(bytes[12..20].try_into().map_err(|_| bad())?);
+        let count = u64::from_le_bytes(bytes[20..28].try_into().map_err(|_| bad())?) as usize;
+        let body = &bytes[28..];
+        if body.len() != count.checked_mul(40).ok_or_else(bad)? {
+            return Err(bad());
+        }
+        let entries = body
+            .chunks_exact(40)
+            .map(|e| (u64::from_le_bytes(e[..8].try_into().expect("8")), e[8..].try_into().expect("32")))
+            .collect();
+        Ok(Index { chunk_size, volume_size, entries })
+    }
+}
+
+/// An open repository.
+#[derive(Debug)]
+pub struct Repository {
+    /// Root directory.
+    pub root: PathBuf,
+    /// Chunk size.
+    pub chunk_size: u32,
+    tmp_counter: AtomicU64,
+}
+
+fn write_atomic(dir: &Path, tmp_dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
+    let tmp = tmp_dir.join(format!("{name}.{}", std::process::id()));
+    let mut f = File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    fs::rename(&tmp, dir.join(name))?;
+    File::open(dir)?.sync_all()
+}
+
+/// Hex of a digest.
+pub fn hex(d: &[u8; 32]) -> String {
+    hex::encode(d)
+}
+
+impl Repository {
+    /// Opens the repository in `root`, creating it with `chunk_size` when new; clears `tmp/`.
+    pub fn open(root: &Path, chunk_size: u32) -> io::Result<Repository> {
+        for d in ["chunks", "backups", "tmp"] {
+            fs::create_dir_all(root.join(d))?;
+        }
+        let cfg_path = root.join("ember-repository.json");
+        let cfg: RepoConfig = match fs::read(&cfg_path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let cfg = RepoConfig { format: FORMAT, chunk_size };
+                write_atomic(root, &root.join("tmp"), "ember-repository.json", &serde_json::to_vec_pretty(&cfg)?)?;
+                cfg
+            }
+            Err(e) => return Err(e),
+        };
+        if cfg.format != FORMAT {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("repository format {} is not {FORMAT}", cfg.format),
+            ));
+        }
+        for entry in fs::read_dir(root.join("tmp"))?.flatten() {
+            let _ = fs::remove_file(entry.path());
+        }
+        Ok(Repository { root: root.into(), chunk_size: cfg.chunk_size, tmp_counter: AtomicU64::new(0) })
+    }
+
+    /// Where chunk `digest` lives.
+    pub fn chunk_path(&self, digest: &[u8; 32]) -> PathBuf {
+        let h = hex(digest);
+        self.root.join("chunks").join(&h[..2]).join(&h[2..4]).join(h)
+    }
+
+    /// Whether chunk `digest` is stored; a stored one has its time touched so a concurrent garbage
+    /// collection keeps it (see [`Repository::collect_garbage`]). Returns its stored size.
+    pub fn touch_chunk(&self, digest: &[u8; 32]) -> Option<u64> {
+        let path = self.chunk_path(digest);
+        let meta = fs::metadata(&path).ok()?;
+        let _ = nix::sys::stat::utimensat(
+            nix::fcntl::AT_FDCWD,
+            &path,
+            &nix::sys::time::TimeSpec::UTIME_NOW,
+            &nix::sys::time::TimeSpec::UTIME_NOW,
+            nix::sys::stat::UtimensatFlags::FollowSymlink,
+        );
+        Some(meta.len())
+    }
+
+    /// Encodes and writes a new chunk under `tmp/`; returns the temporary path and the stored size. The chunk is
+    /// not visible until [`Repository::publish`].
+    pub fn stage_chunk(&self, plain: &[u8], digest: &[u8; 32]) -> io::Result<(PathBuf, u64)> {
+        let stored = chunk::encode(plain);
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.root.join("tmp").join(format!("{}.{}.{n}", hex(digest), std::process::id()));
+        fs::write(&tmp, &stored)?;
+        Ok((tmp, stored.len() as u64))
+    }
+
+    /// Makes staged chunks durable (one `syncfs`), then moves them into place and syncs again.
+    pub fn publish(&self, staged: &[(PathBuf, [u8; 32])]) -> io::Result<()> {
+        if staged.is_empty() {
+            return Ok(());
+        }
+        let root = File::open(&self.root)?;
+        nix::unistd::syncfs(&root).map_err(io::Error::from)?;
+        for (tmp, digest) in staged {
+            let path = self.chunk_path(digest);
+            fs::create_dir_all(path.parent().expect("fan-out dir"))?;
+            fs::rename(tmp, &path)?;
+        }
+        nix::unistd::syncfs(&root).map_err(io::Error::from)
+    }
+
+    /// Reads, decodes and checks chunk `digest`.
+    pub fn read_chunk(&self, digest: &[u8; 32]) -> Result<Vec<u8>, String> {
+        let stored = fs::read(self.chunk_path(digest)).map_err(|_| format!("chunk {} is missing", hex(digest)))?;
+        chunk::decode(&stored, digest).map_err(|e| format!("chunk {} is corrupt ({e:?})", hex(digest)))
+    }
+
+    fn backup_dir(&self, id: &str) -> PathBuf {
+        self.root.join("backups").join(id)
+    }
+
+    /// Writes a backup's index then its manifest, each atomically; the manifest's presence marks the backup
+    /// complete.
+    pub fn commit_backup(&self, manifest: &mut Manifest, index: &Index) -> io::Result<()> {
+        let dir = self.backup_dir(&manifest.backup_id);
+        fs::create_dir_all(&dir)?;
+        let bytes = index.encode();
+        manifest.index_sha256 = hex::encode(Sha256::digest(&bytes));
+        let tmp = self.root.join("tmp");
+        write_atomic(&dir, &tmp, "index", &bytes)?;
+        write_atomic(&dir, &tmp, "manifest.json", &serde_json::to_vec_pretty(manifest)?)?;
+        File::open(self.root.join("backups"))?.sync_all()
+    }
+
+    /// A complete backup's manifest and index (the index checked against the manifest).
+    pub fn load_backup(&self, id: &str) -> io::Result<(Manifest, Index)> {
+        let dir = self.backup_dir(id);
+        let manifest: Manifest = serde_json::from_slice(&fs::read(dir.join("manifest.json"))?)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let bytes = fs::read(dir.join("index"))?;
+        if hex::encode(Sha256::digest(&bytes)) != manifest.index_sha256 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("backup {id}: index does not match its manifest"),
+            ));
+        }
+        Ok((manifest, Index::decode(&bytes)?))
+    }
+
+    /// Removes a backup's manifest and index; its chunks go at the next garbage collection.
+    pub fn delete_backup(&self, id: &str) -> io::Result<()> {
+        let dir = self.backup_dir(id);
+        match fs::remove_file(dir.join("manifest.json")) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        File::open(self.root.join("backups"))?.sync_all()
+    }
+
+    /// Ids of complete backups.
+    pub fn backups(&self) -> io::Result<Vec<String>> {
+        let mut ids = Vec::new();
+        for entry in fs::read_dir(self.root.join("backups"))?.flatten() {
+            if entry.path().join("manifest.json").exists() {
+                ids.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Mark and sweep. Marks every chunk a complete backup references, then removes unmarked chunks whose
+    /// modification time is older than `cutoff`. Backups running during the collection are safe because every
+    /// chunk they write is new (newer than the cutoff) and every existing chunk they reuse is touched
+    /// ([`Repository::touch_chunk`]); the caller passes a cutoff no later than the start of the oldest backup
+    /// still running. Returns (chunks removed, bytes freed).
+    pub fn collect_garbage(&self, cutoff: std::time::SystemTime) -> io::Result<(u64, u64)> {
+        let mut marked = std::collections::HashSet::new();
+        for id in self.backups()? {
+            let (_, index) = self.load_backup(&id)?;
+            marked.extend(index.entries.values().copied());
+        }
+        let (mut removed, mut freed) = (0, 0);
+        for l1 in fs::read_dir(self.root.join("chunks"))?.flatten() {
+            for l2 in fs::read_dir(l1.path())?.flatten() {
+                for c in fs::read_dir(l2.path())?.flatten() {
+                    let name = c.file_name().to_string_lossy().into_owned();
+                    let Ok(bytes) = hex::decode(&name) else { continue };
+                    let Ok(digest) = <[u8; 32]>::try_from(bytes.as_slice()) else { continue };
+                    if marked.contains(&digest) {
+                        continue;
+                    }
+                    let meta = c.metadata()?;
+                    if meta.modified()? >= cutoff {
+                        continue;
+                    }
+                    fs::remove_file(c.path())?;
+                    removed += 1;
+                    freed += meta.len();
+                }
+            }
+        }
+        Ok((removed, freed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_round_trip_and_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open(dir.path(), DEFAULT_CHUNK_SIZE).unwrap();
+        let plain = vec![7u8; 4096];
+        let digest: [u8; 32] = Sha256::digest(&plain).into();
+        let (tmp, _) = repo.stage_chunk(&plain, &digest).unwrap();
+        assert!(repo.touch_chunk(&digest).is_none(), "staged chunks are not visible");
+        repo.publish(&[(tmp, digest)]).unwrap();
+        assert!(repo.touch_chunk(&digest).is_some());
+        assert_eq!(repo.read_chunk(&digest).unwrap(), plain);
+
+        let index = Index { chunk_size: 4096, volume_size: 1 << 20, entries: [(3, digest)].into() };
+        assert_eq!(Index::decode(&index.encode()).unwrap(), index);
+        let mut m = Manifest {
+            format: FORMAT,
+            backup_id: "b1".into(),
+            volume_id: "v".into(),
+            parent_id: String::new(),
+            started_at: String::new(),
+            completed_at: String::new(),
+            volume_size: 1 << 20,
+            chunk_size: 4096,
+            chunks: 1,
+            logical_bytes: 4096,
+            stored_bytes: 0,
+            new_bytes: 0,
+            index_sha256: String::new(),
+        };
+        repo.commit_backup(&mut m, &index).unwrap();
+        assert_eq!(repo.load_backup("b1").unwrap(), (m, index));
+        // Referenced chunks survive GC; after the backup is deleted, an old enough chunk goes.
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+        assert_eq!(repo.collect_garbage(later).unwrap().0, 0);
+        repo.delete_backup("b1").unwrap();
+        assert_eq!(
+            repo.collect_garbage(std::time::SystemTime::UNIX_EPOCH).unwrap().0,
+            0,
+            "newer than the cutoff: kept"
+        );
+        assert_eq!(repo.collect_garbage(later).unwrap().0, 1);
+        assert!(repo.read_chunk(&digest).unwrap_err().contains("missing"));
+    }
+}

@@ -1,0 +1,595 @@
+//! Backups: `ember.v1.BackupService` and the durable create / delete / restore flows. The coordinator only
+//! decides and records; the backup agent reads the volume from the storage agent (and writes restores back)
+//! directly.
+
+use crate::auth::{can_see, require_admin, who};
+use crate::clock::{now_ms, timestamp};
+use crate::context::Ctx;
+use crate::error::{Error, Result};
+use crate::operations::{self, Op, Outcome};
+use crate::volumes::{flow::transient, store as volumes};
+use crate::{quota, validate};
+use ember_common::identity::{Identity, Role};
+use ember_proto::agent::v1 as agent;
+use ember_proto::v1::backup_service_server::BackupService;
+use ember_proto::v1::*;
+use sqlx::{Row, SqliteConnection};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+/// A backup as stored.
+#[derive(Debug, Clone)]
+pub struct BackupRow {
+    /// Id.
+    pub id: String,
+    /// Project.
+    pub project: String,
+    /// Volume.
+    pub volume_id: String,
+    /// Status.
+    pub status: String,
+    /// Volume size in GiB.
+    pub size_gb: i64,
+    /// Parent for incrementals.
+    pub parent_id: String,
+    /// Backup host.
+    pub host: String,
+    /// Repository on that host.
+    pub repository: String,
+    row: Backup,
+}
+
+const SELECT: &str = "SELECT id, project, volume_id, name, description, status, status_reason, size_gb, incremental, \
+     parent_id, host, repository, stored_bytes, new_bytes, logical_bytes, progress, created_at FROM backups";
+
+fn from_row(r: &sqlx::sqlite::SqliteRow) -> BackupRow {
+    let (stored, logical): (i64, i64) = (r.get(12), r.get(14));
+    let row = Backup {
+        id: r.get(0),
+        project: r.get(1),
+        volume_id: r.get(2),
+        name: r.get(3),
+        description: r.get(4),
+        status: r.get(5),
+        status_reason: r.get(6),
+        size_gb: r.get::<i64, _>(7) as u64,
+        incremental: r.get::<i64, _>(8) != 0,
+        parent_id: r.get(9),
+        stored_bytes: stored as u64,
+        new_bytes: r.get::<i64, _>(13) as u64,
+        dedup_ratio: if stored > 0 { logical as f64 / stored as f64 } else { 0.0 },
+        progress_percent: r.get::<i64, _>(15) as u32,
+        host: format!("{}@{}", r.get::<String, _>(10), r.get::<String, _>(11)),
+        created_at: Some(timestamp(r.get(16))),
+    };
+    BackupRow {
+        id: row.id.clone(),
+        project: row.project.clone(),
+        volume_id: row.volume_id.clone(),
+        status: row.status.clone(),
+        size_gb: row.size_gb as i64,
+        parent_id: row.parent_id.clone(),
+        host: r.get(10),
+        repository: r.get(11),
+        row,
+    }
+}
+
+async fn find(conn: &mut SqliteConnection, id: &str) -> Result<Option<BackupRow>> {
+    Ok(sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} WHERE id = ?")))
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .as_ref()
+        .map(from_row))
+}
+
+/// The backup as `who` may see it (NOT_FOUND otherwise).
+pub async fn visible(conn: &mut SqliteConnection, who: &Identity, id: &str) -> Result<BackupRow> {
+    validate::uuid("backup_id", id)?;
+    match find(conn, id).await? {
+        Some(b) if can_see(who, &b.project) => Ok(b),
+        _ => Err(Error::not_found("backup", id)),
+    }
+}
+
+async fn set_status(conn: &mut SqliteConnection, id: &str, from: &[&str], to: &str, reason: &str) -> Result<bool> {
+    let placeholders = vec!["?"; from.len()].join(", ");
+    let sql = format!(
+        "UPDATE backups SET status = ?, status_reason = ?, updated_at = ? WHERE id = ? AND status IN ({placeholders})"
+    );
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(to).bind(reason).bind(now_ms()).bind(id);
+    for f in from {
+        q = q.bind(*f);
+    }
+    let moved = q.execute(&mut *conn).await?.rows_affected() == 1;
+    if moved {
+        tracing::info!(backup_id = id, status = to, reason, "backup status");
+    }
+    Ok(moved)
+}
+
+/// The quota deltas of a backup of `size_gb`.
+fn deltas(size_gb: i64) -> Vec<quota::Delta> {
+    vec![
+        quota::Delta { resource: "backups".into(), amount: 1 },
+        quota::Delta { resource: "backup_gigabytes".into(), amount: size_gb },
+    ]
+}
+
+/// Picks an up, enabled backup agent repository, preferring the volume's zone.
+async fn choose_repository(ctx: &Ctx, conn: &mut SqliteConnection, az: &str) -> Result<(String, String)> {
+    let rows = sqlx::query("SELECT host, availability_zone, report, last_heartbeat FROM services WHERE role = 'backup' AND enabled = 1 ORDER BY host")
+        .fetch_all(&mut *conn)
+        .await?;
+    let now = now_ms();
+    let mut fallback = None;
+    for r in rows {
+        if !crate::fleet::is_up(r.get(3), now, ctx.service_down_ms) {
+            continue;
+        }
+        let report: serde_json::Value = serde_json::from_str(r.get::<&str, _>(2))?;
+        for repo in report["repositories"].as_array().into_iter().flatten() {
+            let (name, zone) =
+                (repo["name"].as_str().unwrap_or_default(), repo["availability_zone"].as_str().unwrap_or_default());
+            let choice = (r.get::<String, _>(0), name.to_string());
+            if zone == az {
+                return Ok(choice);
+            }
+            fallback.get_or_insert(choice);
+        }
+    }
+    fallback.ok_or_else(|| Error::FailedPrecondition("no backup repository is up and enabled".into()))
+}
+
+/// The gRPC service.
+pub struct Backups {
+    ctx: Arc<Ctx>,
+}
+
+impl Backups {
+    /// Serves backups.
+    pub fn new(ctx: Arc<Ctx>) -> Self {
+        Backups { ctx }
+    }
+
+    async fn create(&self, who: &Identity, req: CreateBackupRequest) -> Result<Backup> {
+        validate::uuid("volume_id", &req.volume_id)?;
+        validate::text("name", &req.name, 255)?;
+        validate::text("description", &req.description, 255)?;
+        let mut tx = crate::db::write(&self.ctx.db).await?;
+        let v = volumes::visible(&mut tx, who, &req.volume_id).await?;
+        let temp_snapshot = match v.status.as_str() {
+            "available" => None,
+            "in-use" if req.force => Some(uuid::Uuid::new_v4().to_string()),
+            "in-use" => {
+                return Err(Error::FailedPrecondition(format!("volume {} is in-use; pass force to back it up", v.id)));
+            }
+            other => {
+                return Err(Error::FailedPrecondition(format!("volume {} is {other}; a backup needs available", v.id)));
+            }
+        };
+        let (parent_id, host, repository) = if req.incremental {
+            let parent: Option<(String, String, String)> = sqlx::query_as(
+                "SELECT id, host, repository FROM backups WHERE volume_id = ? AND status = 'available' ORDER BY created_at DESC LIMIT 1",
+            )
+            .bind(&v.id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            parent.ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "volume {} has no available backup to build an incremental on; make a full one first",
+                    v.id
+                ))
+            })?
+        } else {
+            let (h, r) = choose_repository(&self.ctx, &mut tx, &v.availability_zone).await?;
+            (String::new(), h, r)
+        };
+        if temp_snapshot.is_none() {
+            volumes::transition(&mut tx, &v.id, &["available"], "backing-up", "").await?;
+        }
+        self.ctx.quota.consume(&mut tx, &v.project, &deltas(v.size_gb)).await?;
+        let id = uuid::Uuid::new_v4().to_string();
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO backups (id, project, volume_id, name, description, status, size_gb, incremental, parent_id, host, \
+             repository, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'creating', ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(&v.project)
+        .bind(&v.id)
+        .bind(&req.name)
+        .bind(&req.description)
+        .bind(v.size_gb)
+        .bind(req.incremental as i64)
+        .bind(&parent_id)
+        .bind(&host)
+        .bind(&repository)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let payload = serde_json::json!({ "temp_snapshot": temp_snapshot });
+        let op = operations::insert(&mut tx, "create_backup", "backup", &id, "running", payload).await?;
+        let b = find(&mut tx, &id).await?.ok_or_else(|| Error::not_found("backup", &id))?;
+        tx.commit().await?;
+        operations::spawn(&self.ctx, op);
+        Ok(b.row)
+    }
+
+    async fn delete(&self, who: &Identity, id: &str) -> Result<()> {
+        validate::uuid("id", id)?;
+        let mut tx = crate::db::write(&self.ctx.db).await?;
+        let Some(b) = find(&mut tx, id).await? else { return Ok(()) };
+        if !can_see(who, &b.project) {
+            return Err(Error::not_found("backup", id));
+        }
+        if b.status == "deleting" {
+            return Ok(());
+        }
+        let children: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM backups WHERE parent_id = ?").bind(id).fetch_one(&mut *tx).await?;
+        if children > 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "backup {id} has {children} incremental backup(s) built on it; delete them first"
+            )));
+        }
+        if !set_status(&mut tx, id, &["available", "error"], "deleting", "").await? {
+            return Err(Error::FailedPrecondition(format!(
+                "backup {id} is {}; delete needs available or error",
+                b.status
+            )));
+        }
+        let op = operations::insert(&mut tx, "delete_backup", "backup", id, "deleting", serde_json::json!({})).await?;
+        tx.commit().await?;
+        operations::spawn(&self.ctx, op);
+        Ok(())
+    }
+
+    async fn restore(&self, who: &Identity, req: RestoreBackupRequest) -> Result<RestoreBackupResponse> {
+        validate::uuid("backup_id", &req.backup_id)?;
+        if req.volume_id.is_empty() {
+            // A new volume, scheduled like any create; its create flow restores into it.
+            let b = {
+                let mut conn = self.ctx.db.acquire().await?;
+                visible(&mut conn, who, &req.backup_id).await?
+            };
+            let create = CreateVolumeRequest {
+                size_gb: b.size_gb as u64,
+                name: req.name.clone(),
+                backup_id: req.backup_id.clone(),
+                project: if who.role == Role::Admin { b.project.clone() } else { String::new() },
+                ..Default::default()
+            };
+            let v = crate::volumes::api::Volumes::new(self.ctx.clone()).create(who, create).await?;
+            return Ok(RestoreBackupResponse { backup_id: req.backup_id, volume_id: v.id });
+        }
+        validate::uuid("volume_id", &req.volume_id)?;
+        let mut tx = crate::db::write(&self.ctx.db).await?;
+        let b = visible(&mut tx, who, &req.backup_id).await?;
+        let v = volumes::visible(&mut tx, who, &req.volume_id).await?;
+        if v.size_gb < b.size_gb {
+            return Err(Error::invalid(
+                "volume_id",
+                format!("volume {} ({} GiB) is smaller than the backup ({} GiB)", v.id, v.size_gb, b.size_gb),
+            ));
+        }
+        if !volumes::transition(&mut tx, &v.id, &["available"], "restoring-backup", "").await? {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {} is {}; a restore needs available",
+                v.id, v.status
+            )));
+        }
+        if !set_status(&mut tx, &b.id, &["available"], "restoring", "").await? {
+            return Err(Error::FailedPrecondition(format!(
+                "backup {} is {}; a restore needs available",
+                b.id, b.status
+            )));
+        }
+        let op = operations::insert(
+            &mut tx,
+            "restore_backup",
+            "volume",
+            &v.id,
+            "restoring",
+            serde_json::json!({ "backup_id": b.id }),
+        )
+        .await?;
+        tx.commit().await?;
+        operations::spawn(&self.ctx, op);
+        Ok(RestoreBackupResponse { backup_id: req.backup_id, volume_id: req.volume_id })
+    }
+}
+
+/// Where a volume's data lives, for the backup agent.
+async fn source_of(ctx: &Ctx, v: &volumes::VolumeRow, snapshot: Option<&str>) -> Result<agent::VolumeSource> {
+    Ok(agent::VolumeSource {
+        storage_endpoint: ctx.agents.endpoint(&v.host, "storage").await?,
+        backend: v.backend.clone(),
+        id: snapshot.map(String::from).unwrap_or_else(|| v.id.clone()),
+        snapshot: snapshot.is_some(),
+        size_bytes: (v.size_gb as u64) << 30,
+    })
+}
+
+/// Create flow: (temporary snapshot for an in-use volume) → the backup agent backs up → available.
+pub async fn create_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
+    let mut conn = ctx.db.acquire().await?;
+    let Some(b) = find(&mut conn, &op.resource_id).await? else {
+        operations::finish(&mut conn, &op, Some("backup no longer exists")).await?;
+        return Ok(Outcome::Finished);
+    };
+    let v = volumes::find(&mut conn, &b.volume_id).await?.ok_or_else(|| Error::not_found("volume", &b.volume_id))?;
+    drop(conn);
+    let temp = op.payload["temp_snapshot"].as_str().map(String::from);
+    let mut storage = ctx.agents.storage(&v.host).await?;
+    if let Some(t) = &temp {
+        let snap = storage
+            .create_snapshot(agent::CreateSnapshotRequest {
+                snapshot_id: t.clone(),
+                volume_id: v.id.clone(),
+                backend: v.backend.clone(),
+            })
+            .await;
+        if let Err(s) = snap {
+            return finish_create(
+                ctx,
+                &op,
+                &b,
+                &v,
+                temp.as_deref(),
+                Err(format!("temporary snapshot: {}", s.message())),
+            )
+            .await;
+        }
+    }
+    let mut client = ctx.agents.backup(&b.host).await?;
+    let call = client
+        .create_backup(agent::CreateBackupRequest {
+            backup_id: b.id.clone(),
+            repository: b.repository.clone(),
+            parent_id: b.parent_id.clone(),
+            source: Some(source_of(ctx, &v, temp.as_deref()).await?),
+        })
+        .await;
+    match call {
+        Ok(resp) => finish_create(ctx, &op, &b, &v, temp.as_deref(), Ok(resp.into_inner())).await,
+        Err(s) if s.code() == tonic::Code::Unavailable => {
+            Ok(Outcome::Retry(format!("backup agent {}: {}", b.host, s.message())))
+        }
+        Err(s) => finish_create(ctx, &op, &b, &v, temp.as_deref(), Err(s.message().to_string())).await,
+    }
+}
+
+async fn finish_create(
+    ctx: &Ctx,
+    op: &Op,
+    b: &BackupRow,
+    v: &volumes::VolumeRow,
+    temp: Option<&str>,
+    result: std::result::Result<agent::CreateBackupResponse, String>,
+) -> Result<Outcome> {
+    if let Some(t) = temp
+        && let Ok(mut storage) = ctx.agents.storage(&v.host).await
+    {
+        let _ = storage
+            .delete_snapshot(agent::DeleteSnapshotRequest { snapshot_id: t.to_string(), backend: v.backend.clone() })
+            .await;
+    }
+    let mut tx = crate::db::write(&ctx.db).await?;
+    volumes::transition(&mut tx, &v.id, &["backing-up"], "available", "").await?;
+    match result {
+        Ok(r) => {
+            sqlx::query(
+                "UPDATE backups SET stored_bytes = ?, new_bytes = ?, logical_bytes = ?, progress = 100 WHERE id = ?",
+            )
+            .bind(r.stored_bytes as i64)
+            .bind(r.new_bytes as i64)
+            .bind(r.logical_bytes as i64)
+            .bind(&b.id)
+            .execute(&mut *tx)
+            .await?;
+            set_status(&mut tx, &b.id, &["creating"], "available", "").await?;
+            operations::finish(&mut tx, op, None).await?;
+        }
+        Err(msg) => {
+            let reason = format!("backup failed: {msg}");
+            set_status(&mut tx, &b.id, &["creating"], "error", &reason).await?;
+            operations::finish(&mut tx, op, Some(&reason)).await?;
+        }
+    }
+    tx.commit().await?;
+    ctx.changed(&v.id);
+    Ok(Outcome::Finished)
+}
+
+/// Delete flow: the backup agent drops the manifest and index → row and quota gone.
+pub async fn delete_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
+    let mut conn = ctx.db.acquire().await?;
+    let Some(b) = find(&mut conn, &op.resource_id).await? else {
+        operations::finish(&mut conn, &op, None).await?;
+        return Ok(Outcome::Finished);
+    };
+    drop(conn);
+    let mut client = ctx.agents.backup(&b.host).await?;
+    if let Err(s) = client
+        .delete_backup(agent::DeleteBackupRequest { backup_id: b.id.clone(), repository: b.repository.clone() })
+        .await
+    {
+        if transient(&s) {
+            return Ok(Outcome::Retry(s.message().to_string()));
+        }
+        let mut tx = crate::db::write(&ctx.db).await?;
+        set_status(&mut tx, &b.id, &["deleting"], "error_deleting", s.message()).await?;
+        operations::finish(&mut tx, &op, Some(s.message())).await?;
+        tx.commit().await?;
+        return Ok(Outcome::Finished);
+    }
+    let mut tx = crate::db::write(&ctx.db).await?;
+    sqlx::query("DELETE FROM backups WHERE id = ?").bind(&b.id).execute(&mut *tx).await?;
+    ctx.quota.release(&mut tx, &b.project, &deltas(b.size_gb)).await?;
+    operations::finish(&mut tx, &op, None).await?;
+    tx.commit().await?;
+    Ok(Outcome::Finished)
+}
+
+/// Writes backup `backup_id` into volume `v` through the backup agent; `blank` when `v` is new.
+pub async fn restore_into(
+    ctx: &Ctx,
+    backup_id: &str,
+    v: &volumes::VolumeRow,
+    blank: bool,
+) -> std::result::Result<(), String> {
+    let b = {
+        let mut conn = ctx.db.acquire().await.map_err(|e| e.to_string())?;
+        find(&mut conn, backup_id)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("backup {backup_id} no longer exists"))?
+    };
+    let mut client = ctx.agents.backup(&b.host).await.map_err(|e| e.to_string())?;
+    let target = source_of(ctx, v, None).await.map_err(|e| e.to_string())?;
+    client
+        .restore_backup(agent::RestoreBackupRequest {
+            backup_id: b.id.clone(),
+            repository: b.repository.clone(),
+            target: Some(target),
+            target_is_blank: blank,
+        })
+        .await
+        .map(|_| ())
+        .map_err(|s| format!("restore of backup {}: {}", b.id, s.message()))
+}
+
+/// Puts a backup back to `available` after a restore (whatever its outcome).
+pub async fn restore_done(conn: &mut SqliteConnection, backup_id: &str) -> Result<()> {
+    set_status(conn, backup_id, &["restoring"], "available", "").await?;
+    Ok(())
+}
+
+/// Restore onto an existing volume: `restoring-backup` → available, or `error_restoring`.
+pub async fn restore_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
+    let backup_id = op.payload["backup_id"].as_str().unwrap_or_default().to_string();
+    let mut conn = ctx.db.acquire().await?;
+    let Some(v) = volumes::find(&mut conn, &op.resource_id).await? else {
+        operations::finish(&mut conn, &op, Some("volume no longer exists")).await?;
+        return Ok(Outcome::Finished);
+    };
+    drop(conn);
+    let result = restore_into(ctx, &backup_id, &v, false).await;
+    let mut tx = crate::db::write(&ctx.db).await?;
+    restore_done(&mut tx, &backup_id).await?;
+    match result {
+        Ok(()) => {
+            volumes::transition(&mut tx, &v.id, &["restoring-backup"], "available", "").await?;
+            operations::finish(&mut tx, &op, None).await?;
+        }
+        Err(msg) => {
+            volumes::transition(&mut tx, &v.id, &["restoring-backup"], "error_restoring", &msg).await?;
+            operations::finish(&mut tx, &op, Some(&msg)).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(Outcome::Finished)
+}
+
+#[tonic::async_trait]
+impl BackupService for Backups {
+    async fn create_backup(&self, req: Request<CreateBackupRequest>) -> Result<Response<Backup>, Status> {
+        let who = who(&req)?;
+        Ok(Response::new(self.create(&who, req.into_inner()).await?))
+    }
+
+    async fn get_backup(&self, req: Request<GetBackupRequest>) -> Result<Response<Backup>, Status> {
+        let who = who(&req)?;
+        let mut conn = self.ctx.db.acquire().await.map_err(Error::from)?;
+        Ok(Response::new(visible(&mut conn, &who, &req.get_ref().id).await?.row))
+    }
+
+    async fn list_backups(&self, req: Request<ListBackupsRequest>) -> Result<Response<ListBackupsResponse>, Status> {
+        let who = who(&req)?;
+        let project = if who.role == Role::Admin { String::new() } else { who.project.clone().unwrap_or_default() };
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{SELECT} WHERE (?1 = '' OR project = ?1) AND (?2 = '' OR volume_id = ?2) ORDER BY created_at, id LIMIT 1000"
+        )))
+        .bind(&project)
+        .bind(&req.get_ref().volume_id)
+        .fetch_all(&self.ctx.db)
+        .await
+        .map_err(Error::from)?;
+        Ok(Response::new(ListBackupsResponse {
+            backups: rows.iter().map(|r| from_row(r).row).collect(),
+            page: Some(PageResponse::default()),
+        }))
+    }
+
+    async fn delete_backup(&self, req: Request<DeleteBackupRequest>) -> Result<Response<DeleteBackupResponse>, Status> {
+        let who = who(&req)?;
+        self.delete(&who, &req.get_ref().id).await?;
+        Ok(Response::new(DeleteBackupResponse {}))
+    }
+
+    async fn restore_backup(
+        &self,
+        req: Request<RestoreBackupRequest>,
+    ) -> Result<Response<RestoreBackupResponse>, Status> {
+        let who = who(&req)?;
+        Ok(Response::new(self.restore(&who, req.into_inner()).await?))
+    }
+
+    async fn verify_backup(&self, req: Request<VerifyBackupRequest>) -> Result<Response<VerifyBackupResponse>, Status> {
+        let who = who(&req)?;
+        let b = {
+            let mut conn = self.ctx.db.acquire().await.map_err(Error::from)?;
+            visible(&mut conn, &who, &req.get_ref().id).await?
+        };
+        if b.status != "available" {
+            return Err(Error::FailedPrecondition(format!("backup {} is {}", b.id, b.status)).into());
+        }
+        let mut client = self.ctx.agents.backup(&b.host).await?;
+        let r = client
+            .verify_backup(agent::VerifyBackupRequest { backup_id: b.id.clone(), repository: b.repository.clone() })
+            .await?
+            .into_inner();
+        Ok(Response::new(VerifyBackupResponse {
+            chunks_checked: r.chunks_checked,
+            missing_chunks: r.missing_chunks,
+            corrupt_chunks: r.corrupt_chunks,
+        }))
+    }
+
+    async fn collect_garbage(
+        &self,
+        req: Request<CollectGarbageRequest>,
+    ) -> Result<Response<CollectGarbageResponse>, Status> {
+        require_admin(&req, "collect garbage")?;
+        let rows = sqlx::query("SELECT host, report FROM services WHERE role = 'backup'")
+            .fetch_all(&self.ctx.db)
+            .await
+            .map_err(Error::from)?;
+        let mut total = CollectGarbageResponse::default();
+        for r in rows {
+            let host: String = r.get(0);
+            let report: serde_json::Value = serde_json::from_str(r.get::<&str, _>(1)).map_err(Error::from)?;
+            for repo in report["repositories"].as_array().into_iter().flatten() {
+                let name = repo["name"].as_str().unwrap_or_default().to_string();
+                let wanted = req.get_ref().host.is_empty()
+                    || req.get_ref().host == host
+                    || req.get_ref().host == format!("{host}@{name}");
+                if !wanted {
+                    continue;
+                }
+                let mut client = self.ctx.agents.backup(&host).await?;
+                let g = client.collect_garbage(agent::CollectGarbageRequest { repository: name }).await?.into_inner();
+                total.chunks_removed += g.chunks_removed;
+                total.bytes_freed += g.bytes_freed;
+            }
+        }
+        Ok(Response::new(total))
+    }
+
+    async fn import_cinder_backup(&self, _req: Request<ImportCinderBackupRequest>) -> Result<Response<Backup>, Status> {
+        Err(ember_common::stub::not_yet("importing Cinder backups"))
+    }
+}

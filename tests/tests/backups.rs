@@ -1,0 +1,319 @@
+//! Backups end to end through the real fleet: bit-identical round trips along a chain of incrementals,
+//! sparse volumes, dedup, verification of damaged chunks, deletion rules and garbage collection.
+
+use ember_fleet_tests::volumes::{wait_backend, wait_settled, wait_volume};
+use ember_fleet_tests::{Fleet, iscsi, wait_for};
+use ember_proto::v1::backup_service_client::BackupServiceClient;
+use ember_proto::v1::volume_service_client::VolumeServiceClient;
+use ember_proto::v1::*;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tonic::Code;
+use tonic::transport::Channel;
+
+struct Env {
+    fleet: Fleet,
+    dir: PathBuf,
+    repo: PathBuf,
+    volumes: VolumeServiceClient<Channel>,
+    backups: BackupServiceClient<Channel>,
+    _agents: Vec<ember_fleet_tests::Daemon>,
+}
+
+async fn env() -> Env {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, dir) = fleet.file_backend("file1", "");
+    let repo = fleet.subdir("repo1");
+    let storage = fleet.start_agent("storage", "storage1", &backend);
+    let backup = fleet.start_agent(
+        "backup",
+        "backup1",
+        &format!("gc_grace_seconds = 0\n[[repositories]]\nname = \"repo1\"\ndirectory = \"{}\"\n", repo.display()),
+    );
+    wait_backend(&fleet, "storage1@file1").await;
+    wait_backend(&fleet, "backup1").await;
+    ember_proto::v1::quota_service_client::QuotaServiceClient::new(fleet.admin())
+        .set_quota(SetQuotaRequest {
+            project: "p1".into(),
+            limits: [
+                ("gigabytes".to_string(), -1),
+                ("volumes".to_string(), -1),
+                ("backup_gigabytes".to_string(), -1),
+                ("backups".to_string(), -1),
+            ]
+            .into(),
+        })
+        .await
+        .unwrap();
+    let channel = fleet.member("alice", "p1");
+    Env {
+        volumes: VolumeServiceClient::new(channel.clone()),
+        backups: BackupServiceClient::new(channel),
+        fleet,
+        dir,
+        repo,
+        _agents: vec![storage, backup],
+    }
+}
+
+impl Env {
+    async fn volume(&self, size_gb: u64) -> String {
+        let v = self
+            .volumes
+            .clone()
+            .create_volume(CreateVolumeRequest { size_gb, ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        wait_volume(&self.volumes, &v.id, "available").await.id
+    }
+
+    fn file(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("volume-{id}"))
+    }
+
+    fn write(&self, id: &str, offset: u64, seed: u8, len: usize) {
+        let f = std::fs::OpenOptions::new().write(true).open(self.file(id)).unwrap();
+        f.write_all_at(&iscsi::pattern(seed, len), offset).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    async fn backup(&self, volume: &str, incremental: bool) -> Backup {
+        let b = self
+            .backups
+            .clone()
+            .create_backup(CreateBackupRequest { volume_id: volume.into(), incremental, ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        self.wait_backup(&b.id).await
+    }
+
+    async fn wait_backup(&self, id: &str) -> Backup {
+        wait_for(&format!("backup {id}"), Duration::from_secs(120), || {
+            let mut c = self.backups.clone();
+            let id = id.to_string();
+            async move {
+                let b = c.get_backup(GetBackupRequest { id }).await.ok()?.into_inner();
+                (b.status != "creating" && b.status != "restoring").then_some(b)
+            }
+        })
+        .await
+    }
+
+    async fn restore_new(&self, backup: &str) -> Volume {
+        let r = self
+            .backups
+            .clone()
+            .restore_backup(RestoreBackupRequest { backup_id: backup.into(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        wait_settled(&self.volumes, &r.volume_id).await
+    }
+}
+
+/// sha256 of a whole file, with the system tool (fast, and not ours).
+fn sha256(path: &Path) -> String {
+    let out = std::process::Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_chain_of_incrementals_restores_bit_identically_and_moves_only_changes() {
+    let e = env().await;
+    let v = e.volume(1).await;
+    e.write(&v, 0, 1, 3 << 20);
+    e.write(&v, 500 << 20, 2, (2 << 20) + 12345);
+    let mut chain = vec![(e.backup(&v, false).await, sha256(&e.file(&v)))];
+    assert_eq!(chain[0].0.status, "available", "{:?}", chain[0].0);
+    assert!(!chain[0].0.incremental);
+    for (i, offset) in [100u64 << 20, 1, 900 << 20].into_iter().enumerate() {
+        e.write(&v, offset, 10 + i as u8, 1 << 20);
+        let b = e.backup(&v, true).await;
+        assert_eq!(b.status, "available", "{b:?}");
+        assert!(b.incremental);
+        assert_eq!(b.parent_id, chain.last().unwrap().0.id);
+        // A 1 MiB write touches at most two 1 MiB chunks (each stored with an 8-byte header).
+        assert!(b.new_bytes <= (2 << 20) + 16, "an incremental stores only the changed chunks: {b:?}");
+        chain.push((b, sha256(&e.file(&v))));
+    }
+    assert!(chain[0].0.stored_bytes >= 5 << 20, "random data is stored about raw: {:?}", chain[0].0);
+    for (b, hash) in &chain {
+        let restored = e.restore_new(&b.id).await;
+        assert_eq!(restored.status, "available", "{restored:?}");
+        assert_eq!(restored.source_backup_id, b.id);
+        assert_eq!(&sha256(&e.file(&restored.id)), hash, "restore of {} is bit-identical", b.id);
+        let after = e.backups.clone().get_backup(GetBackupRequest { id: b.id.clone() }).await.unwrap().into_inner();
+        assert_eq!(after.status, "available", "the backup is available again after the restore");
+    }
+
+    // Deleting a backup with incrementals on it is refused; newest first works, then GC frees the chunks.
+    let err = e.backups.clone().delete_backup(DeleteBackupRequest { id: chain[0].0.id.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("incremental"), "{}", err.message());
+    for (b, _) in chain.iter().rev() {
+        e.backups.clone().delete_backup(DeleteBackupRequest { id: b.id.clone() }).await.unwrap();
+        wait_for("backup gone", Duration::from_secs(30), || {
+            let mut c = e.backups.clone();
+            let id = b.id.clone();
+            async move {
+                matches!(c.get_backup(GetBackupRequest { id }).await, Err(s) if s.code() == Code::NotFound)
+                    .then_some(())
+            }
+        })
+        .await;
+    }
+    let gc = BackupServiceClient::new(e.fleet.admin())
+        .collect_garbage(CollectGarbageRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(gc.chunks_removed >= 8, "{gc:?}");
+    let left = walk(&e.repo.join("chunks"));
+    assert_eq!(left, 0, "no chunk outlives every backup");
+}
+
+fn walk(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|it| it.flatten().map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 }).sum())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn sparse_volumes_dedup_larger_targets_and_damaged_chunks() {
+    let e = env().await;
+    // A 1 TiB sparse volume holding 10 MiB backs up quickly and stores about 10 MiB.
+    let big = {
+        let v = e
+            .volumes
+            .clone()
+            .create_volume(CreateVolumeRequest { size_gb: 1024, ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        wait_volume(&e.volumes, &v.id, "available").await.id
+    };
+    e.write(&big, 700 << 30, 3, 10 << 20);
+    let b = e.backup(&big, false).await;
+    assert_eq!(b.status, "available", "{b:?}");
+    assert!(b.stored_bytes >= 10 << 20 && b.stored_bytes < 11 << 20, "{b:?}");
+
+    // Two volumes holding the same data store it once.
+    let a = e.volume(1).await;
+    let twin = e.volume(1).await;
+    for v in [&a, &twin] {
+        e.write(v, 64 << 20, 4, 4 << 20);
+    }
+    let ba = e.backup(&a, false).await;
+    let bt = e.backup(&twin, false).await;
+    assert!(ba.new_bytes >= 4 << 20, "{ba:?}");
+    assert_eq!(bt.new_bytes, 0, "the twin's chunks were already stored: {bt:?}");
+    assert!(bt.dedup_ratio > 0.9, "{bt:?}");
+
+    // Restore onto a larger existing volume: the data, then zeros.
+    let larger = e.volume(2).await;
+    e.write(&larger, 1500 << 20, 9, 1 << 20); // old data beyond the backup's size is left alone
+    e.write(&larger, 64 << 20, 8, 1 << 20); // old data inside it is replaced
+    e.backups
+        .clone()
+        .restore_backup(RestoreBackupRequest {
+            backup_id: ba.id.clone(),
+            volume_id: larger.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let restored = wait_settled(&e.volumes, &larger).await;
+    assert_eq!(restored.status, "available", "{restored:?}");
+    let (src, dst) = (std::fs::read(e.file(&a)).unwrap(), std::fs::File::open(e.file(&larger)).unwrap());
+    let mut head = vec![0u8; src.len()];
+    dst.read_exact_at(&mut head, 0).unwrap();
+    assert!(head == src, "the first GiB equals the backed-up volume");
+
+    // Restoring onto an in-use volume, an unknown backup, an incremental with no full: refused.
+    let err = e
+        .backups
+        .clone()
+        .restore_backup(RestoreBackupRequest {
+            backup_id: "0a0a0a0a-1b1b-4c2c-8d3d-4e4e4e4e4e4e".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let fresh = e.volume(1).await;
+    let err = e
+        .backups
+        .clone()
+        .create_backup(CreateBackupRequest { volume_id: fresh.clone(), incremental: true, ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("full"), "{}", err.message());
+    let small = e
+        .backups
+        .clone()
+        .restore_backup(RestoreBackupRequest {
+            backup_id: b.id.clone(),
+            volume_id: fresh.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(small.code(), Code::InvalidArgument, "a 1 TiB backup does not fit a 1 GiB volume");
+
+    // Flip one byte of a stored chunk: verify names it; a restore fails naming it and the target is error.
+    let clean = e.backups.clone().verify_backup(VerifyBackupRequest { id: ba.id.clone() }).await.unwrap().into_inner();
+    assert!(
+        clean.missing_chunks.is_empty() && clean.corrupt_chunks.is_empty() && clean.chunks_checked == 4,
+        "{clean:?}"
+    );
+    let victim = first_chunk(&e.repo.join("chunks"));
+    let bytes = std::fs::read(&victim).unwrap();
+    let mut damaged = bytes.clone();
+    let last = damaged.len() - 1;
+    damaged[last] ^= 0x40;
+    std::fs::write(&victim, damaged).unwrap();
+    let name = victim.file_name().unwrap().to_string_lossy().to_string();
+    let backups_holding = [&ba.id, &bt.id];
+    let mut named = false;
+    for id in backups_holding {
+        let r = e.backups.clone().verify_backup(VerifyBackupRequest { id: id.clone() }).await.unwrap().into_inner();
+        named |= r.corrupt_chunks.contains(&name);
+    }
+    let big_report =
+        e.backups.clone().verify_backup(VerifyBackupRequest { id: b.id.clone() }).await.unwrap().into_inner();
+    named |= big_report.corrupt_chunks.contains(&name);
+    assert!(named, "verify names the damaged chunk {name}");
+    let owner = if e
+        .backups
+        .clone()
+        .verify_backup(VerifyBackupRequest { id: ba.id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .corrupt_chunks
+        .contains(&name)
+    {
+        ba.id.clone()
+    } else {
+        b.id.clone()
+    };
+    let r = e.restore_new(&owner).await;
+    assert_eq!(r.status, "error", "{r:?}");
+    assert!(r.status_reason.contains(&name), "the restore names the chunk: {}", r.status_reason);
+}
+
+fn first_chunk(dir: &Path) -> PathBuf {
+    find_file(dir).unwrap_or_else(|| panic!("no chunk under {}", dir.display()))
+}
+
+fn find_file(dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .find_map(|e| if e.path().is_dir() { find_file(&e.path()) } else { Some(e.path()) })
+}
