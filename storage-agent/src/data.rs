@@ -28,7 +28,7 @@ pub fn check_chunk_size(size: u32) -> Result<()> {
 
 /// Parses concatenated 32-byte digests.
 pub fn parse_known(bytes: &[u8]) -> Result<HashSet<[u8; 32]>> {
-    if bytes.len() % 32 != 0 {
+    if !bytes.len().is_multiple_of(32) {
         return Err(AgentError::InvalidArgument {
             field: "known_digests",
             message: "length is not a multiple of 32".into(),
