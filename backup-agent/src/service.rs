@@ -225,7 +225,7 @@ impl Backups {
         }
         let cs = u64::from(index.chunk_size);
         let positions = manifest.volume_size.div_ceil(cs);
-        let (tx, rx) = tokio::sync::mpsc::channel::<VolumeChunk>(4);
+        let (tx, rx) = tokio::sync::mpsc::channel::<VolumeChunk>(16);
         let first = VolumeChunk {
             volume_id: target.id.clone(),
             backend: target.backend.clone(),
@@ -252,7 +252,7 @@ impl Backups {
                         }
                     }
                 })
-                .buffered(workers);
+                .buffered(workers * 2);
             futures::pin_mut!(reads);
             while let Some(item) = reads.next().await {
                 let (pos, data) = item?;

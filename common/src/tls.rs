@@ -56,6 +56,8 @@ impl TlsFiles {
         let endpoint = Endpoint::from_shared(url.to_string())?
             .tls_config(self.client_config()?)?
             .connect_timeout(std::time::Duration::from_secs(5))
+            .initial_stream_window_size(Some(16 << 20))
+            .initial_connection_window_size(Some(32 << 20))
             .tcp_nodelay(true);
         Ok(endpoint.connect_lazy())
     }

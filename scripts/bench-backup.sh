@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Backup benchmark through the whole fleet (coordinator + storage agent + backup agent on loopback, file
+# backend), on the deterministic volume of ../shared/bench/make_volume.py:
+#   full backup, incremental after mutating 1% of the runs, restore to a new volume; backup-agent peak RSS
+#   and stored bytes.
+# Start a release fleet first (EMBER_RELEASE=1 ./scripts/fleet.sh), then:
+#   ./scripts/bench-backup.sh [SIZE]        (default 1G; the issue's figures also want 8G for the RSS)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+size=${1:-1G}
+state=${EMBER_STATE:-$PWD/.ember-dev}
+make_volume=${EMBER_MAKE_VOLUME:-$PWD/../shared/bench/make_volume.py}
+bin=$PWD/target/release
+export EMBER_CLI_CONFIG=$state/cli.toml
+ember() { "$bin/ember" "$@"; }
+now() { date +%s.%N; }
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+gib=${size%G}
+python3 "$make_volume" create --size "$size" --out "$work/vol.img" --seed 1 >/dev/null
+vol=$(ember --json volume create --size "$gib" --name bench-backup --wait | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
+file=$state/file-backend/volume-$vol
+dd if="$work/vol.img" of="$file" bs=1M conv=notrunc,sparse status=none
+sync
+
+agent_pid=$(pgrep -f "ember-backup-agent --config $state/backup.toml" | head -1)
+t0=$(now); full=$(ember --json backup create "$vol" --wait 2>/dev/null | python3 -c 'import json,sys; b=json.load(sys.stdin)[0]; print(b["id"], b["stored_bytes"])'); t1=$(now)
+python3 "$make_volume" mutate --volume-file "$work/vol.img" --seed 2 --fraction 0.01 >/dev/null
+# Not sparse this time: runs that became zero must overwrite their old data.
+dd if="$work/vol.img" of="$file" bs=1M conv=notrunc status=none
+sync
+t2=$(now); inc=$(ember --json backup create "$vol" --incremental --wait 2>/dev/null | python3 -c 'import json,sys; b=json.load(sys.stdin)[0]; print(b["id"], b["new_bytes"])'); t3=$(now)
+t4=$(now); restored=$(ember --json backup restore "${inc%% *}" --wait 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["volume_id"])'); t5=$(now)
+same=$(cmp -s "$work/vol.img" "$state/file-backend/volume-$restored" && echo yes || echo NO)
+rss=$(awk '/VmHWM/ {print $2}' "/proc/$agent_pid/status")
+python3 - "$size" "$t0" "$t1" "$t2" "$t3" "$t4" "$t5" "${full#* }" "${inc#* }" "$rss" "$same" <<'PY'
+import sys
+size, t0, t1, t2, t3, t4, t5, stored, new, rss, same = sys.argv[1:]
+t = lambda a, b: float(b) - float(a)
+print(f"volume {size} (make_volume.py seed 1; incremental: mutate seed 2, fraction 0.01)")
+print(f"full backup      {t(t0, t1):6.2f} s   stored {int(stored)/1e6:8.1f} MB")
+print(f"incremental      {t(t2, t3):6.2f} s   new    {int(new)/1e6:8.1f} MB")
+print(f"restore          {t(t4, t5):6.2f} s   bit-identical: {same}")
+print(f"backup-agent peak RSS {int(rss)/1024:.1f} MiB")
+PY
+for v in "$restored" "$vol"; do ember volume delete "$v" >/dev/null 2>&1 || true; done
