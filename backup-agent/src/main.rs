@@ -2,6 +2,7 @@
 //! local or NFS). It registers its repositories with the coordinator.
 
 mod chunk;
+mod cinder;
 mod repo;
 mod service;
 

@@ -330,7 +330,70 @@ fn response_of(m: &Manifest) -> CreateBackupResponse {
         logical_bytes: m.logical_bytes,
         chunks: m.chunks,
         chunks_transferred: 0,
+        volume_size: m.volume_size,
+        volume_id: m.volume_id.clone(),
     }
+}
+
+/// Cuts a volume image into the repository's chunks and commits it as backup `backup_id` (blocking).
+fn store_image(
+    repo: &Repository,
+    image: &std::path::Path,
+    backup_id: &str,
+    volume_id: &str,
+    started: String,
+) -> std::io::Result<Manifest> {
+    use sha2::Digest;
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(image)?;
+    let size = file.metadata()?.len();
+    let cs = u64::from(repo.chunk_size);
+    let mut index = Index { chunk_size: repo.chunk_size, volume_size: size, entries: BTreeMap::new() };
+    let (mut logical, mut new_bytes) = (0u64, 0u64);
+    let mut sizes: HashMap<[u8; 32], u64> = HashMap::new();
+    let mut staged = Vec::new();
+    for pos in 0..size.div_ceil(cs) {
+        let len = cs.min(size - pos * cs) as usize;
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, pos * cs)?;
+        if buf.iter().all(|b| *b == 0) {
+            continue;
+        }
+        let digest: [u8; 32] = sha2::Sha256::digest(&buf).into();
+        index.entries.insert(pos, digest);
+        logical += len as u64;
+        if sizes.contains_key(&digest) {
+            continue;
+        }
+        let stored = match repo.touch_chunk(&digest) {
+            Some(n) => n,
+            None => {
+                let (path, n) = repo.stage_chunk(&buf, &digest)?;
+                staged.push((path, digest));
+                new_bytes += n;
+                n
+            }
+        };
+        sizes.insert(digest, stored);
+    }
+    repo.publish(&staged)?;
+    let mut manifest = Manifest {
+        format: crate::repo::FORMAT,
+        backup_id: backup_id.into(),
+        volume_id: volume_id.into(),
+        parent_id: String::new(),
+        started_at: started,
+        completed_at: now_rfc3339(),
+        volume_size: size,
+        chunk_size: repo.chunk_size,
+        chunks: index.entries.len() as u64,
+        logical_bytes: logical,
+        stored_bytes: sizes.values().sum(),
+        new_bytes,
+        index_sha256: String::new(),
+    };
+    repo.commit_backup(&mut manifest, &index)?;
+    Ok(manifest)
 }
 
 /// The gRPC face of [`Backups`].
@@ -362,6 +425,34 @@ impl BackupAgent for BackupService {
 
     async fn verify_backup(&self, req: Request<VerifyBackupRequest>) -> Result<Response<VerifyBackupResponse>, Status> {
         Ok(Response::new(self.0.verify(req.into_inner()).await?))
+    }
+
+    async fn import_cinder_backup(
+        &self,
+        req: Request<ImportCinderBackupRequest>,
+    ) -> Result<Response<CreateBackupResponse>, Status> {
+        let r = req.into_inner();
+        check_id("backup_id", &r.backup_id)?;
+        let repo = self.0.repo(&r.repository)?;
+        if let Ok((m, _)) = repo.load_backup(&r.backup_id) {
+            return Ok(Response::new(response_of(&m)));
+        }
+        let started = now_rfc3339();
+        let image = repo.root.join("tmp").join(format!("import-{}.img", r.backup_id));
+        let (dir, cinder_id) = (PathBuf::from(&r.directory), r.cinder_backup_id.clone());
+        let backup_id = r.backup_id.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<Manifest, Status> {
+            let rebuilt = crate::cinder::rebuild(&dir, &cinder_id, &image);
+            let stored = rebuilt.map_err(Status::failed_precondition).and_then(|(volume_id, _)| {
+                store_image(&repo, &image, &backup_id, &volume_id, started).map_err(io_status("storing the import"))
+            });
+            let _ = std::fs::remove_file(&image);
+            stored
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        tracing::info!(backup_id = %r.backup_id, cinder_backup_id = %r.cinder_backup_id, chunks = result.chunks, "Cinder backup imported");
+        Ok(Response::new(response_of(&result)))
     }
 
     async fn collect_garbage(

@@ -73,6 +73,17 @@ enum BackupAction {
         /// Backup id.
         id: String,
     },
+    /// Import a backup written by Cinder's posix/NFS driver (admin): DIR is its backup_posix_path, readable
+    /// by the backup agent.
+    ImportCinder {
+        /// Cinder's backup directory (absolute).
+        directory: String,
+        /// Cinder's backup id.
+        backup_id: String,
+        /// Project that will own it.
+        #[arg(long, default_value = "")]
+        project: String,
+    },
     /// Remove chunks no backup references (admin).
     Gc {
         /// Only this backup host (`host` or `host@repository`).
@@ -223,6 +234,17 @@ pub async fn run(cmd: BackupCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                     r.corrupt_chunks.len()
                 )));
             }
+        }
+        BackupAction::ImportCinder { directory, backup_id, project } => {
+            let b = client
+                .import_cinder_backup(ImportCinderBackupRequest { directory, cinder_backup_id: backup_id, project })
+                .await?
+                .into_inner();
+            if b.status != "available" {
+                print(std::slice::from_ref(&b), json);
+                return Err(CliError::Other(format!("import {} is {}: {}", b.id, b.status, b.status_reason)));
+            }
+            print(&[b], json);
         }
         BackupAction::Gc { host } => {
             let r = client.collect_garbage(CollectGarbageRequest { host }).await?.into_inner();

@@ -302,6 +302,109 @@ impl Backups {
     }
 }
 
+impl Backups {
+    async fn import(&self, r: ImportCinderBackupRequest) -> Result<Backup> {
+        if !r.directory.starts_with('/')
+            || r.directory.split('/').any(|c| c == "..")
+            || r.directory.chars().any(char::is_control)
+        {
+            return Err(Error::invalid("directory", "must be an absolute path without '..'"));
+        }
+        validate::uuid("cinder_backup_id", &r.cinder_backup_id)?;
+        let project = if r.project.is_empty() { "admin".to_string() } else { r.project.clone() };
+        validate::project("project", &project)?;
+        let mut tx = crate::db::write(&self.ctx.db).await?;
+        let (host, repository) = choose_repository(&self.ctx, &mut tx, "").await?;
+        // The size is known once the agent has read Cinder's files; count the backup now, its GiB after.
+        self.ctx.quota.consume(&mut tx, &project, &deltas(0)).await?;
+        let id = uuid::Uuid::new_v4().to_string();
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO backups (id, project, volume_id, name, description, status, size_gb, host, repository, created_at, updated_at) \
+             VALUES (?, ?, '', ?, 'imported from Cinder', 'creating', 0, ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(&project)
+        .bind(format!("cinder-{}", r.cinder_backup_id))
+        .bind(&host)
+        .bind(&repository)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let payload = serde_json::json!({ "directory": r.directory, "cinder_backup_id": r.cinder_backup_id });
+        let op = operations::insert(&mut tx, "import_backup", "backup", &id, "importing", payload).await?;
+        tx.commit().await?;
+        // Run it now and answer with the outcome; a crash leaves the operation for the reconciler, which is
+        // kept off it meanwhile.
+        self.ctx.running_ops.lock().expect("op set").insert(op.clone());
+        let done = import_flow(
+            &self.ctx,
+            Op {
+                id: op.clone(),
+                kind: "import_backup".into(),
+                resource_id: id.clone(),
+                step: "importing".into(),
+                attempt: 0,
+                payload: serde_json::json!({ "directory": r.directory, "cinder_backup_id": r.cinder_backup_id }),
+            },
+        )
+        .await;
+        self.ctx.running_ops.lock().expect("op set").remove(&op);
+        done?;
+        let mut conn = self.ctx.db.acquire().await?;
+        Ok(find(&mut conn, &id).await?.ok_or_else(|| Error::not_found("backup", &id))?.row)
+    }
+}
+
+/// Import flow: the backup agent converts Cinder's files into its repository → available, sized.
+pub async fn import_flow(ctx: &Ctx, op: Op) -> Result<Outcome> {
+    let mut conn = ctx.db.acquire().await?;
+    let Some(b) = find(&mut conn, &op.resource_id).await? else {
+        operations::finish(&mut conn, &op, Some("backup no longer exists")).await?;
+        return Ok(Outcome::Finished);
+    };
+    drop(conn);
+    let mut client = ctx.agents.backup(&b.host).await?;
+    let call = client
+        .import_cinder_backup(agent::ImportCinderBackupRequest {
+            backup_id: b.id.clone(),
+            repository: b.repository.clone(),
+            directory: op.payload["directory"].as_str().unwrap_or_default().into(),
+            cinder_backup_id: op.payload["cinder_backup_id"].as_str().unwrap_or_default().into(),
+        })
+        .await;
+    let mut tx = crate::db::write(&ctx.db).await?;
+    match call {
+        Ok(resp) => {
+            let r = resp.into_inner();
+            let size_gb = r.volume_size.div_ceil(1 << 30) as i64;
+            sqlx::query("UPDATE backups SET volume_id = ?, size_gb = ?, stored_bytes = ?, new_bytes = ?, logical_bytes = ?, progress = 100 WHERE id = ?")
+                .bind(&r.volume_id)
+                .bind(size_gb)
+                .bind(r.stored_bytes as i64)
+                .bind(r.new_bytes as i64)
+                .bind(r.logical_bytes as i64)
+                .bind(&b.id)
+                .execute(&mut *tx)
+                .await?;
+            ctx.quota
+                .consume(&mut tx, &b.project, &[quota::Delta { resource: "backup_gigabytes".into(), amount: size_gb }])
+                .await?;
+            set_status(&mut tx, &b.id, &["creating"], "available", "").await?;
+            operations::finish(&mut tx, &op, None).await?;
+        }
+        Err(s) if s.code() == tonic::Code::Unavailable => return Ok(Outcome::Retry(s.message().to_string())),
+        Err(s) => {
+            let reason = format!("import failed: {}", s.message());
+            set_status(&mut tx, &b.id, &["creating"], "error", &reason).await?;
+            operations::finish(&mut tx, &op, Some(&reason)).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(Outcome::Finished)
+}
+
 /// Where a volume's data lives, for the backup agent.
 async fn source_of(ctx: &Ctx, v: &volumes::VolumeRow, snapshot: Option<&str>) -> Result<agent::VolumeSource> {
     Ok(agent::VolumeSource {
@@ -589,7 +692,9 @@ impl BackupService for Backups {
         Ok(Response::new(total))
     }
 
-    async fn import_cinder_backup(&self, _req: Request<ImportCinderBackupRequest>) -> Result<Response<Backup>, Status> {
-        Err(ember_common::stub::not_yet("importing Cinder backups"))
+    async fn import_cinder_backup(&self, req: Request<ImportCinderBackupRequest>) -> Result<Response<Backup>, Status> {
+        require_admin(&req, "import Cinder backups")?;
+        let r = req.into_inner();
+        Ok(Response::new(self.import(r).await?))
     }
 }
