@@ -140,6 +140,7 @@ impl Backups {
                     )));
                 }
                 sizes.insert(digest, 0);
+                failpoint("backup.stage_chunk");
                 let r = repo.clone();
                 staging.push(tokio::task::spawn_blocking(move || {
                     r.stage_chunk(&msg.data, &digest).map(|(p, n)| (p, n, digest))
@@ -320,6 +321,28 @@ impl Backups {
         resp.missing_chunks.sort();
         resp.corrupt_chunks.sort();
         Ok(resp)
+    }
+}
+
+/// Test-only fault injection. `EMBER_FAILPOINTS=backup.stage_chunk` aborts the agent (like SIGKILL) when it
+/// is about to stage its second new chunk; `backup.pause_stage_chunk` holds the first backup there for three
+/// seconds instead (logging "failpoint pause"), so a test can act while a backup is running.
+fn failpoint(name: &str) {
+    static SEEN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let armed = std::env::var("EMBER_FAILPOINTS").unwrap_or_default();
+    if armed.is_empty() {
+        return;
+    }
+    let armed: Vec<&str> = armed.split(',').map(str::trim).collect();
+    let n = SEEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if armed.contains(&name) && n == 1 {
+        tracing::error!(failpoint = name, "failpoint hit: aborting");
+        std::process::abort();
+    }
+    let pause = format!("backup.pause_{}", name.trim_start_matches("backup."));
+    if armed.contains(&pause.as_str()) && n == 0 {
+        tracing::warn!(failpoint = %pause, "failpoint pause");
+        std::thread::sleep(Duration::from_secs(3));
     }
 }
 
