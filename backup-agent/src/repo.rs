@@ -195,7 +195,10 @@ impl Repository {
         let stored = chunk::encode(plain);
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let tmp = self.root.join("tmp").join(format!("{}.{}.{n}", hex(digest), std::process::id()));
-        fs::write(&tmp, &stored)?;
+        let mut f = File::create(&tmp)?;
+        f.write_all(&stored)?;
+        // Start writeback now so the `syncfs` at publish has little left to flush.
+        let _ = nix::fcntl::posix_fadvise(&f, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
         Ok((tmp, stored.len() as u64))
     }
 
