@@ -20,6 +20,7 @@ mod quotas;
 mod registration;
 mod scheduler;
 mod snapshots;
+mod status;
 mod sweeper;
 mod validate;
 mod volume_types;

@@ -89,19 +89,7 @@ pub async fn visible(conn: &mut SqliteConnection, who: &Identity, id: &str) -> R
 }
 
 async fn transition(conn: &mut SqliteConnection, id: &str, from: &[&str], to: &str, reason: &str) -> Result<bool> {
-    let placeholders = vec!["?"; from.len()].join(", ");
-    let sql = format!(
-        "UPDATE snapshots SET status = ?, status_reason = ?, updated_at = ? WHERE id = ? AND status IN ({placeholders})"
-    );
-    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(to).bind(reason).bind(now_ms()).bind(id);
-    for f in from {
-        q = q.bind(*f);
-    }
-    let moved = q.execute(&mut *conn).await?.rows_affected() == 1;
-    if moved {
-        tracing::info!(snapshot_id = id, status = to, reason, "snapshot status");
-    }
-    Ok(moved)
+    crate::status::transition(conn, crate::status::Table::Snapshots, id, from, to, reason).await
 }
 
 /// The gRPC service.

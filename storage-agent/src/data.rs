@@ -116,7 +116,12 @@ pub fn apply_chunk(file: &File, size: u64, chunk: &VolumeChunk) -> Result<u64> {
         file.write_all_at(&chunk.data, chunk.offset).map_err(AgentError::io("writing a chunk"))?;
         // Start writing this range back now (Linux starts writeback on DONTNEED), so the final fdatasync
         // has little left to flush; the restored data is not needed in the page cache anyway.
-        let _ = nix::fcntl::posix_fadvise(file, chunk.offset as i64, len as i64, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+        let _ = nix::fcntl::posix_fadvise(
+            file,
+            chunk.offset as i64,
+            len as i64,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
         return Ok(len);
     }
     if len > 0 {

@@ -1,6 +1,6 @@
 //! Volume rows: reading them, showing them, and the conditional status changes that act as locks.
 
-use crate::clock::{now_ms, timestamp};
+use crate::clock::timestamp;
 use crate::error::{Error, Result};
 use ember_common::identity::{Identity, Role};
 use ember_proto::v1::{Volume, VolumeAttachment};
@@ -143,19 +143,7 @@ pub async fn to_proto(conn: &mut SqliteConnection, v: &VolumeRow) -> Result<Volu
     })
 }
 
-/// Compare-and-swap on status: moves the volume from one of `from` to `to`. Returns whether it moved.
+/// Compare-and-swap on a volume's status (see [`crate::status`]).
 pub async fn transition(conn: &mut SqliteConnection, id: &str, from: &[&str], to: &str, reason: &str) -> Result<bool> {
-    let placeholders = vec!["?"; from.len()].join(", ");
-    let sql = format!(
-        "UPDATE volumes SET status = ?, status_reason = ?, updated_at = ? WHERE id = ? AND status IN ({placeholders})"
-    );
-    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(to).bind(reason).bind(now_ms()).bind(id);
-    for f in from {
-        q = q.bind(*f);
-    }
-    let moved = q.execute(&mut *conn).await?.rows_affected() == 1;
-    if moved {
-        tracing::info!(volume_id = id, status = to, reason, "volume status");
-    }
-    Ok(moved)
+    crate::status::transition(conn, crate::status::Table::Volumes, id, from, to, reason).await
 }
