@@ -73,31 +73,50 @@ pub fn stream_chunks(
         return Ok(());
     }
     let cs = u64::from(chunk_size);
-    for index in chunks_with_data(&extents, cs) {
-        let offset = index * cs;
-        let len = cs.min(size - offset) as usize;
-        let mut buf = vec![0u8; len];
-        // Read only the parts of this chunk that hold data; the rest stays zero.
-        for (s, e) in extents.iter().filter(|(s, e)| *s < offset + len as u64 && *e > offset) {
-            let (from, to) = ((*s).max(offset), (*e).min(offset + len as u64));
-            file.read_exact_at(&mut buf[(from - offset) as usize..(to - offset) as usize], from)
-                .map_err(AgentError::io(format!("reading {}", path.display())))?;
+    let hashers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8);
+    let positions = chunks_with_data(&extents, cs);
+    // Read a batch in order, hash it on every core, send it in order: the reader is never the bottleneck on
+    // a page-cached or fast disk, the hashing is.
+    for batch in positions.chunks(hashers * 2) {
+        let mut bufs = Vec::with_capacity(batch.len());
+        for index in batch {
+            let offset = index * cs;
+            let len = cs.min(size - offset) as usize;
+            let mut buf = vec![0u8; len];
+            // Read only the parts of this chunk that hold data; the rest stays zero.
+            for (s, e) in extents.iter().filter(|(s, e)| *s < offset + len as u64 && *e > offset) {
+                let (from, to) = ((*s).max(offset), (*e).min(offset + len as u64));
+                file.read_exact_at(&mut buf[(from - offset) as usize..(to - offset) as usize], from)
+                    .map_err(AgentError::io(format!("reading {}", path.display())))?;
+            }
+            bufs.push((offset, buf));
         }
-        if is_zero(&buf) {
-            continue;
-        }
-        let digest: [u8; 32] = Sha256::digest(&buf).into();
-        let known_chunk = known.contains(&digest);
-        let msg = VolumeChunk {
-            offset,
-            length: len as u32,
-            sha256: digest.to_vec(),
-            known: known_chunk,
-            data: if known_chunk { Vec::new() } else { buf },
-            ..Default::default()
-        };
-        if tx.blocking_send(Ok(msg)).is_err() {
-            return Ok(()); // the reader went away
+        let digests: Vec<Option<[u8; 32]>> = std::thread::scope(|scope| {
+            let per = bufs.len().div_ceil(hashers).max(1);
+            let handles: Vec<_> = bufs
+                .chunks(per)
+                .map(|group| {
+                    scope.spawn(move || {
+                        group.iter().map(|(_, b)| (!is_zero(b)).then(|| Sha256::digest(b).into())).collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().expect("hashing thread")).collect()
+        });
+        for ((offset, buf), digest) in bufs.into_iter().zip(digests) {
+            let Some(digest) = digest else { continue }; // all zero: not sent
+            let known_chunk = known.contains(&digest);
+            let msg = VolumeChunk {
+                offset,
+                length: buf.len() as u32,
+                sha256: digest.to_vec(),
+                known: known_chunk,
+                data: if known_chunk { Vec::new() } else { buf },
+                ..Default::default()
+            };
+            if tx.blocking_send(Ok(msg)).is_err() {
+                return Ok(()); // the reader went away
+            }
         }
     }
     Ok(())
@@ -156,5 +175,36 @@ mod tests {
         assert!(check_chunk_size(1 << 20).is_ok());
         assert!(check_chunk_size(3 << 20).is_err());
         assert!(parse_known(&[0u8; 33]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+
+    #[test]
+    fn streams_data_chunks_in_order_with_a_short_last_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v");
+        let f = File::create(&path).unwrap();
+        let size = (3u64 << 20) + 5; // not a multiple of the chunk size
+        f.set_len(size).unwrap();
+        f.write_all_at(&[1u8; 10], 0).unwrap();
+        f.write_all_at(&[2u8; 5], 3 << 20).unwrap();
+        f.write_all_at(&[0u8; 4096], 2 << 20).unwrap(); // written zeros: data, but an all-zero chunk
+        let known_digest: [u8; 32] = {
+            let mut first = vec![0u8; 1 << 20];
+            first[..10].fill(1);
+            Sha256::digest(&first).into()
+        };
+        let (tx, mut rx) = mpsc::channel(16);
+        stream_chunks(path, 1 << 20, [known_digest].into(), tx).unwrap();
+        let mut msgs = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            msgs.push(m.unwrap());
+        }
+        assert_eq!(msgs[0].volume_size, size);
+        let chunks: Vec<_> = msgs[1..].iter().map(|m| (m.offset, m.length, m.known, m.data.len())).collect();
+        assert_eq!(chunks, vec![(0, 1 << 20, true, 0), (3 << 20, 5, false, 5)]);
     }
 }
