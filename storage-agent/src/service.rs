@@ -301,21 +301,34 @@ impl StorageAgent for StorageService {
             ))
             .into());
         }
-        let file = std::sync::Arc::new(file);
-        let mut written = 0;
+        // Receive and write overlap: a writer thread takes chunks from a small bounded queue while the next
+        // ones arrive, then flushes the file once at the end.
+        let (queue, chunks) = std::sync::mpsc::sync_channel::<VolumeChunk>(8);
+        let writer = tokio::task::spawn_blocking(move || -> Result<u64, AgentError> {
+            let mut written = 0;
+            for chunk in chunks {
+                written += data::apply_chunk(&file, size, &chunk)?;
+            }
+            file.sync_data().map_err(AgentError::io("syncing"))?;
+            Ok(written)
+        });
         let mut next = Some(first);
+        let mut received: Result<(), Status> = Ok(());
         while let Some(chunk) = next {
-            let f = file.clone();
-            written += tokio::task::spawn_blocking(move || data::apply_chunk(&f, size, &chunk))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))??;
-            next = stream.message().await?;
+            if queue.send(chunk).is_err() {
+                break; // the writer stopped on an error; it is reported below
+            }
+            next = match stream.message().await {
+                Ok(n) => n,
+                Err(e) => {
+                    received = Err(e);
+                    None
+                }
+            };
         }
-        let f = file.clone();
-        tokio::task::spawn_blocking(move || f.sync_data())
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(AgentError::io("syncing"))?;
+        drop(queue);
+        let written = writer.await.map_err(|e| Status::internal(e.to_string()))??;
+        received?;
         tracing::info!(volume_id = %id, written, "volume data written");
         Ok(Response::new(WriteVolumeResponse { bytes_written: written }))
     }
