@@ -435,6 +435,7 @@ pub async fn create_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
             .await;
         }
     }
+    crate::failpoint::hit("create_backup.calling");
     let mut client = ctx.agents.backup(&b.host).await?;
     let call = client
         .create_backup(agent::CreateBackupRequest {

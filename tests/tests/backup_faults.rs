@@ -247,3 +247,136 @@ async fn an_in_use_volume_needs_force_and_is_read_through_a_temporary_snapshot()
     let v = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
     assert_eq!(v.status, "in-use", "the volume stayed attached throughout");
 }
+
+/// The coordinator dies as it hands a backup to the agent, and again mid-way through a restore into a new
+/// volume: after a restart both converge (the backup completes; the restored volume is whole).
+#[tokio::test]
+async fn backups_and_restores_converge_after_the_coordinator_crashes() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, dir) = fleet.file_backend("file1", "");
+    let repo = fleet.subdir("repo1");
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    let _backup = fleet.start_agent("backup", "backup1", &backup_toml(&repo));
+    wait_backend(&fleet, "storage1@file1").await;
+    wait_backend(&fleet, "backup1").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let v = volumes
+        .clone()
+        .create_volume(CreateVolumeRequest { size_gb: 1, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_volume(&volumes, &v.id, "available").await;
+    let source = dir.join(format!("volume-{}", v.id));
+    fill(&source, 3 << 20, 9, 3 << 20);
+
+    fleet.start_coordinator_with(&[("EMBER_FAILPOINTS", "create_backup.calling")]);
+    let _ = BackupServiceClient::new(fleet.admin())
+        .create_backup(CreateBackupRequest { volume_id: v.id.clone(), ..Default::default() })
+        .await;
+    assert!(!fleet.coordinator.as_mut().unwrap().wait_exit(Duration::from_secs(30)).success());
+    fleet.start_coordinator();
+    let backups = BackupServiceClient::new(fleet.admin());
+    let id =
+        backups.clone().list_backups(ListBackupsRequest::default()).await.unwrap().into_inner().backups[0].id.clone();
+    let b = wait_backup(&backups, &id).await;
+    assert_eq!(b.status, "available", "{b:?}");
+
+    fleet.start_coordinator_with(&[("EMBER_FAILPOINTS", "create_volume.created")]);
+    let _ = BackupServiceClient::new(fleet.admin())
+        .restore_backup(RestoreBackupRequest { backup_id: id.clone(), ..Default::default() })
+        .await;
+    assert!(!fleet.coordinator.as_mut().unwrap().wait_exit(Duration::from_secs(30)).success());
+    fleet.start_coordinator();
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let restored = volumes.clone().list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().volumes;
+    let target = restored.iter().find(|x| x.source_backup_id == id).expect("the restore's volume row").id.clone();
+    let target = wait_volume(&volumes, &target, "available").await;
+    assert_eq!(
+        std::fs::read(dir.join(format!("volume-{}", target.id))).unwrap(),
+        std::fs::read(&source).unwrap(),
+        "whole and identical"
+    );
+    let b = BackupServiceClient::new(fleet.admin()).get_backup(GetBackupRequest { id }).await.unwrap().into_inner();
+    assert_eq!(b.status, "available", "the backup is released after the restore");
+}
+
+/// The storage agent dies, or the repository disappears, while a backup runs: the backup ends in error with
+/// a reason, and the volume is usable again.
+#[tokio::test]
+async fn a_backup_fails_cleanly_when_its_source_or_repository_goes_away() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, dir) = fleet.file_backend("file1", "");
+    let repo = fleet.subdir("repo1");
+    let mut storage = fleet.start_agent("storage", "storage1", &backend);
+    let agent = fleet.start_agent_with(
+        "backup",
+        "backup1",
+        &backup_toml(&repo),
+        &[("EMBER_FAILPOINTS", "backup.pause_stage_chunk")],
+    );
+    wait_backend(&fleet, "storage1@file1").await;
+    wait_backend(&fleet, "backup1").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let v = volumes
+        .clone()
+        .create_volume(CreateVolumeRequest { size_gb: 1, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_volume(&volumes, &v.id, "available").await;
+    fill(&dir.join(format!("volume-{}", v.id)), 0, 11, 32 << 20);
+    let backups = BackupServiceClient::new(fleet.admin());
+    let b = backups
+        .clone()
+        .create_backup(CreateBackupRequest { volume_id: v.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_for("the backup to be mid-way", Duration::from_secs(60), || async {
+        agent.log_text().contains("failpoint pause").then_some(())
+    })
+    .await;
+    storage.kill();
+    let b = wait_backup(&backups, &b.id).await;
+    assert_eq!(b.status, "error", "{b:?}");
+    assert!(b.status_reason.starts_with("backup failed"), "{b:?}");
+    assert!(!repo.join("backups").join(&b.id).exists(), "nothing half-written is published");
+    drop(agent);
+
+    // Now the repository vanishes mid-backup.
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    let agent = fleet.start_agent_with(
+        "backup",
+        "backup1",
+        &backup_toml(&repo),
+        &[("EMBER_FAILPOINTS", "backup.pause_stage_chunk")],
+    );
+    wait_for("both agents back", Duration::from_secs(30), || async {
+        let mut c = ember_proto::v1::fleet_service_client::FleetServiceClient::new(fleet.admin());
+        let list = c.list_services(ListServicesRequest::default()).await.ok()?.into_inner().services;
+        let fresh =
+            list.iter().any(|s| s.name == "backup1" && s.up && s.endpoint.ends_with(&agent.addr.port().to_string()));
+        (fresh && list.iter().all(|s| s.up)).then_some(())
+    })
+    .await;
+    wait_volume(&volumes, &v.id, "available").await;
+    let b = backups
+        .clone()
+        .create_backup(CreateBackupRequest { volume_id: v.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_for("the second backup to be mid-way", Duration::from_secs(60), || async {
+        agent.log_text().contains("failpoint pause").then_some(())
+    })
+    .await;
+    std::fs::remove_dir_all(&repo).unwrap();
+    let b = wait_backup(&backups, &b.id).await;
+    assert_eq!(b.status, "error", "{b:?}");
+    assert!(b.status_reason.contains("backup failed"), "{b:?}");
+    let v = wait_volume(&volumes, &v.id, "available").await;
+    assert!(v.status_reason.is_empty());
+}
