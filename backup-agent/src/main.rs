@@ -92,6 +92,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         running: Default::default(),
         workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2),
         gc_grace: std::time::Duration::from_secs(file.gc_grace_seconds.unwrap_or(60)),
+        progress: Default::default(),
     });
     let (name, az, repos) = (id.name.clone(), id.availability_zone.clone(), file.repositories.clone());
     let mut routes = RoutesBuilder::default();

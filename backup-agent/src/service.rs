@@ -26,6 +26,8 @@ pub struct Backups {
     pub workers: usize,
     /// Unreferenced chunks younger than this survive garbage collection.
     pub gc_grace: Duration,
+    /// Progress (bytes done, bytes total) of the backups and restores running now, by backup id.
+    pub progress: Mutex<HashMap<String, (u64, u64)>>,
 }
 
 /// Deregisters a running backup when dropped.
@@ -34,6 +36,7 @@ struct Running<'a>(&'a Backups, String);
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         self.0.running.lock().expect("running").remove(&self.1);
+        self.0.progress.lock().expect("progress").remove(&self.1);
     }
 }
 
@@ -113,6 +116,7 @@ impl Backups {
             .into_inner();
         let header = stream.message().await?.ok_or_else(|| Status::data_loss("storage agent sent no data"))?;
         let volume_size = header.volume_size;
+        self.progress.lock().expect("progress").insert(req.backup_id.clone(), (0, volume_size));
 
         let mut index = Index { chunk_size: repo.chunk_size, volume_size, entries: BTreeMap::new() };
         let mut logical = 0u64;
@@ -126,6 +130,9 @@ impl Backups {
                     msg.sha256.as_slice().try_into().map_err(|_| Status::data_loss("chunk without a sha256"))?;
                 index.entries.insert(msg.offset / u64::from(repo.chunk_size), digest);
                 logical += u64::from(msg.length);
+                if let Some(p) = self.progress.lock().expect("progress").get_mut(&req.backup_id) {
+                    p.0 = msg.offset + u64::from(msg.length);
+                }
                 if sizes.contains_key(&digest) {
                     continue;
                 }
@@ -325,7 +332,7 @@ impl Backups {
 }
 
 /// Test-only fault injection. `EMBER_FAILPOINTS=backup.stage_chunk` aborts the agent (like SIGKILL) when it
-/// is about to stage its second new chunk; `backup.pause_stage_chunk` holds the first backup there for three
+/// is about to stage its second new chunk; `backup.pause_stage_chunk` holds the first backup there for five
 /// seconds instead (logging "failpoint pause"), so a test can act while a backup is running.
 fn failpoint(name: &str) {
     static SEEN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -342,7 +349,7 @@ fn failpoint(name: &str) {
     let pause = format!("backup.pause_{}", name.trim_start_matches("backup."));
     if armed.contains(&pause.as_str()) && n == 0 {
         tracing::warn!(failpoint = %pause, "failpoint pause");
-        std::thread::sleep(Duration::from_secs(3));
+        std::thread::sleep(Duration::from_secs(5));
     }
 }
 
@@ -476,6 +483,15 @@ impl BackupAgent for BackupService {
         .map_err(|e| Status::internal(e.to_string()))??;
         tracing::info!(backup_id = %r.backup_id, cinder_backup_id = %r.cinder_backup_id, chunks = result.chunks, "Cinder backup imported");
         Ok(Response::new(response_of(&result)))
+    }
+
+    async fn get_progress(&self, req: Request<GetProgressRequest>) -> Result<Response<GetProgressResponse>, Status> {
+        let id = &req.get_ref().backup_id;
+        let p = self.0.progress.lock().expect("progress").get(id).copied();
+        Ok(Response::new(match p {
+            Some((done, total)) => GetProgressResponse { bytes_done: done, bytes_total: total, running: true },
+            None => GetProgressResponse::default(),
+        }))
     }
 
     async fn collect_garbage(

@@ -133,7 +133,9 @@ async fn wait(client: &mut BackupServiceClient<Channel>, id: &str) -> Result<Opt
             Ok(b) => {
                 let b = b.into_inner();
                 let secs = started.elapsed().as_secs_f64();
-                eprint!("\r{} {:<10} {:>6.1}s", b.id, b.status, secs);
+                let done = (b.size_gb << 30) as f64 * f64::from(b.progress_percent) / 100.0;
+                let rate = if secs > 0.0 { done / 1e6 / secs } else { 0.0 };
+                eprint!("\r{} {:<10} {:>3}% {:>6.1}s {:>7.0} MB/s", b.id, b.status, b.progress_percent, secs, rate);
                 let _ = std::io::stderr().flush();
                 if !matches!(b.status.as_str(), "creating" | "deleting" | "restoring") {
                     let mbs = if secs > 0.0 { (b.size_gb << 30) as f64 / 1e6 / secs } else { 0.0 };

@@ -437,14 +437,35 @@ pub async fn create_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     }
     crate::failpoint::hit("create_backup.calling");
     let mut client = ctx.agents.backup(&b.host).await?;
-    let call = client
-        .create_backup(agent::CreateBackupRequest {
-            backup_id: b.id.clone(),
-            repository: b.repository.clone(),
-            parent_id: b.parent_id.clone(),
-            source: Some(source_of(ctx, &v, temp.as_deref()).await?),
-        })
-        .await;
+    let request = agent::CreateBackupRequest {
+        backup_id: b.id.clone(),
+        repository: b.repository.clone(),
+        parent_id: b.parent_id.clone(),
+        source: Some(source_of(ctx, &v, temp.as_deref()).await?),
+    };
+    let mut watcher = client.clone();
+    let call = client.create_backup(request);
+    tokio::pin!(call);
+    // While the agent works, record its progress every half second for GetBackup and `--wait`.
+    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(500));
+    let call = loop {
+        tokio::select! {
+            done = &mut call => break done,
+            _ = ticker.tick() => {
+                if let Ok(p) = watcher.get_progress(agent::GetProgressRequest { backup_id: b.id.clone() }).await {
+                    let p = p.into_inner();
+                    if p.running && p.bytes_total > 0 {
+                        let percent = (p.bytes_done * 100 / p.bytes_total).min(99) as i64;
+                        let _ = sqlx::query("UPDATE backups SET progress = ? WHERE id = ? AND status = 'creating'")
+                            .bind(percent)
+                            .bind(&b.id)
+                            .execute(&ctx.db)
+                            .await;
+                    }
+                }
+            }
+        }
+    };
     match call {
         Ok(resp) => finish_create(ctx, &op, &b, &v, temp.as_deref(), Ok(resp.into_inner())).await,
         Err(s) if s.code() == tonic::Code::Unavailable => {
