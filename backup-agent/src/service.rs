@@ -253,9 +253,12 @@ impl Backups {
                     let (repo, entries) = (repo.clone(), entries.clone());
                     async move {
                         match entries.get(&pos).copied() {
-                            Some(d) => tokio::task::spawn_blocking(move || repo.read_chunk(&d).map(|p| (pos, Some(p))))
-                                .await
-                                .unwrap_or_else(|e| Err(e.to_string())),
+                            Some(d) => tokio::task::spawn_blocking(move || {
+                                failpoint("backup.restore_chunk");
+                                repo.read_chunk(&d).map(|p| (pos, Some(p)))
+                            })
+                            .await
+                            .unwrap_or_else(|e| Err(e.to_string())),
                             None => Ok((pos, None)),
                         }
                     }
@@ -332,16 +335,21 @@ impl Backups {
 }
 
 /// Test-only fault injection. `EMBER_FAILPOINTS=backup.stage_chunk` aborts the agent (like SIGKILL) when it
-/// is about to stage its second new chunk; `backup.pause_stage_chunk` holds the first backup there for five
+/// is about to stage its second new chunk (`backup.restore_chunk`: when a restore reads its second chunk); `backup.pause_stage_chunk` holds the first backup there for five
 /// seconds instead (logging "failpoint pause"), so a test can act while a backup is running.
 fn failpoint(name: &str) {
-    static SEEN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    static SEEN: Mutex<Option<HashMap<String, u32>>> = Mutex::new(None);
     let armed = std::env::var("EMBER_FAILPOINTS").unwrap_or_default();
     if armed.is_empty() {
         return;
     }
     let armed: Vec<&str> = armed.split(',').map(str::trim).collect();
-    let n = SEEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let n = {
+        let mut seen = SEEN.lock().expect("failpoints");
+        let count = seen.get_or_insert_with(HashMap::new).entry(name.to_string()).or_insert(0);
+        *count += 1;
+        *count - 1
+    };
     if armed.contains(&name) && n == 1 {
         tracing::error!(failpoint = name, "failpoint hit: aborting");
         std::process::abort();

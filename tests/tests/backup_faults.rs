@@ -380,3 +380,51 @@ async fn a_backup_fails_cleanly_when_its_source_or_repository_goes_away() {
     let v = wait_volume(&volumes, &v.id, "available").await;
     assert!(v.status_reason.is_empty());
 }
+
+/// The backup agent dies mid-restore: the restore target never becomes available with partial data.
+#[tokio::test]
+async fn a_backup_agent_killed_mid_restore_leaves_the_target_in_error() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, dir) = fleet.file_backend("file1", "");
+    let repo = fleet.subdir("repo1");
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    let mut agent = fleet.start_agent_with(
+        "backup",
+        "backup1",
+        &backup_toml(&repo),
+        &[("EMBER_FAILPOINTS", "backup.restore_chunk")],
+    );
+    wait_backend(&fleet, "storage1@file1").await;
+    wait_backend(&fleet, "backup1").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let v = volumes
+        .clone()
+        .create_volume(CreateVolumeRequest { size_gb: 1, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_volume(&volumes, &v.id, "available").await;
+    fill(&dir.join(format!("volume-{}", v.id)), 0, 12, 8 << 20);
+    let backups = BackupServiceClient::new(fleet.admin());
+    let b = backups
+        .clone()
+        .create_backup(CreateBackupRequest { volume_id: v.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(wait_backup(&backups, &b.id).await.status, "available");
+
+    // Onto the existing volume: it goes error_restoring. (The agent dies at its second chunk read.)
+    backups
+        .clone()
+        .restore_backup(RestoreBackupRequest { backup_id: b.id.clone(), volume_id: v.id.clone(), ..Default::default() })
+        .await
+        .unwrap();
+    assert!(!agent.wait_exit(Duration::from_secs(60)).success(), "the agent died at the failpoint");
+    let target = ember_fleet_tests::volumes::wait_settled(&volumes, &v.id).await;
+    assert_eq!(target.status, "error_restoring", "{target:?}");
+    assert!(target.status_reason.contains("restore of backup"), "{target:?}");
+    let after = backups.clone().get_backup(GetBackupRequest { id: b.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(after.status, "available", "the backup itself is intact and usable again");
+}

@@ -130,3 +130,33 @@ async fn coordinator_stops_cleanly_on_sigterm_and_keeps_its_state() {
     let (ok, out, _) = fleet.cli(&["type", "show", "kept"]);
     assert!(ok && out.contains("kept"), "{out}");
 }
+
+/// `--log-json` gives one JSON object per line; a TOML config file works with a flag overriding it.
+#[tokio::test]
+async fn json_logs_and_a_config_file_with_flag_overrides() {
+    let fleet = Fleet::new();
+    let tls = fleet.tls("coordinator-coordinator");
+    let config = fleet.dir.path().join("coordinator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:1\"\ndatabase = \"{}\"\nservice_down_seconds = 7\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            fleet.dir.path().join("from-config.db").display(),
+            tls.ca.display(),
+            tls.cert.display(),
+            tls.key.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(ember_fleet_tests::bin("ember-coordinator"));
+    // The flag overrides the file's unusable listen address.
+    cmd.arg("--config").arg(&config).args(["--listen", "127.0.0.1:0", "--log-json"]);
+    let mut d = ember_fleet_tests::Daemon::start(cmd, fleet.dir.path().join("json.log"));
+    assert!(d.terminate().success());
+    assert!(fleet.dir.path().join("from-config.db").exists(), "the database path came from the file");
+    let text = d.log_text();
+    let lines: Vec<serde_json::Value> =
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+    assert!(lines.iter().any(|l| l["fields"]["message"] == "coordinator serving"), "{text}");
+    assert!(lines.iter().all(|l| l["level"].is_string() && l["timestamp"].is_string()), "{text}");
+}
