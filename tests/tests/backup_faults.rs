@@ -12,6 +12,31 @@ use std::path::Path;
 use std::time::Duration;
 use tonic::Code;
 
+/// A fleet with a coordinator, a storage agent (file backend `file1`) and a backup agent (repository `repo1`,
+/// no GC grace, `backup_env` in its environment), both registered.
+struct BackupFleet {
+    fleet: Fleet,
+    backend: String,
+    dir: std::path::PathBuf,
+    repo: std::path::PathBuf,
+    storage: ember_fleet_tests::Daemon,
+    backup: ember_fleet_tests::Daemon,
+}
+
+impl BackupFleet {
+    async fn start(backup_env: &[(&str, &str)]) -> BackupFleet {
+        let mut fleet = Fleet::new();
+        fleet.start_coordinator();
+        let (backend, dir) = fleet.file_backend("file1", "");
+        let repo = fleet.subdir("repo1");
+        let storage = fleet.start_agent("storage", "storage1", &backend);
+        let backup = fleet.start_agent_with("backup", "backup1", &backup_toml(&repo), backup_env);
+        wait_backend(&fleet, "storage1@file1").await;
+        wait_backend(&fleet, "backup1").await;
+        BackupFleet { fleet, backend, dir, repo, storage, backup }
+    }
+}
+
 fn backup_toml(repo: &Path) -> String {
     format!("gc_grace_seconds = 0\n[[repositories]]\nname = \"repo1\"\ndirectory = \"{}\"\n", repo.display())
 }
@@ -36,15 +61,8 @@ fn fill(file: &Path, offset: u64, seed: u8, len: usize) {
 
 #[tokio::test]
 async fn a_backup_agent_killed_mid_backup_ends_the_backup_in_error_and_leaves_nothing_half_done() {
-    let mut fleet = Fleet::new();
-    fleet.start_coordinator();
-    let (backend, dir) = fleet.file_backend("file1", "");
-    let repo = fleet.subdir("repo1");
-    let _storage = fleet.start_agent("storage", "storage1", &backend);
-    let mut agent =
-        fleet.start_agent_with("backup", "backup1", &backup_toml(&repo), &[("EMBER_FAILPOINTS", "backup.stage_chunk")]);
-    wait_backend(&fleet, "storage1@file1").await;
-    wait_backend(&fleet, "backup1").await;
+    let BackupFleet { fleet, backend: _, dir, repo, storage: _storage, backup: mut agent } =
+        BackupFleet::start(&[("EMBER_FAILPOINTS", "backup.stage_chunk")]).await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let v = volumes
         .clone()
@@ -96,19 +114,8 @@ async fn a_backup_agent_killed_mid_backup_ends_the_backup_in_error_and_leaves_no
 
 #[tokio::test]
 async fn garbage_collection_during_a_running_backup_loses_nothing() {
-    let mut fleet = Fleet::new();
-    fleet.start_coordinator();
-    let (backend, dir) = fleet.file_backend("file1", "");
-    let repo = fleet.subdir("repo1");
-    let _storage = fleet.start_agent("storage", "storage1", &backend);
-    let agent = fleet.start_agent_with(
-        "backup",
-        "backup1",
-        &backup_toml(&repo),
-        &[("EMBER_FAILPOINTS", "backup.pause_stage_chunk")],
-    );
-    wait_backend(&fleet, "storage1@file1").await;
-    wait_backend(&fleet, "backup1").await;
+    let BackupFleet { fleet, backend: _, dir, repo, storage: _storage, backup: agent } =
+        BackupFleet::start(&[("EMBER_FAILPOINTS", "backup.pause_stage_chunk")]).await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let backups = BackupServiceClient::new(fleet.admin());
     let mut ids = Vec::new();
@@ -192,15 +199,9 @@ async fn garbage_collection_during_a_running_backup_loses_nothing() {
 
 #[tokio::test]
 async fn an_in_use_volume_needs_force_and_is_read_through_a_temporary_snapshot() {
-    let mut fleet = Fleet::new();
-    fleet.start_coordinator();
-    let (backend, dir) = fleet.file_backend("file1", "");
-    let repo = fleet.subdir("repo1");
-    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    let BackupFleet { fleet, backend: _, dir, repo: _, storage: _storage, backup: _backup } =
+        BackupFleet::start(&[]).await;
     let _compute = fleet.start_agent("compute", "compute1", "");
-    let _backup = fleet.start_agent("backup", "backup1", &backup_toml(&repo));
-    wait_backend(&fleet, "storage1@file1").await;
-    wait_backend(&fleet, "backup1").await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let v = volumes
         .clone()
@@ -252,14 +253,8 @@ async fn an_in_use_volume_needs_force_and_is_read_through_a_temporary_snapshot()
 /// volume: after a restart both converge (the backup completes; the restored volume is whole).
 #[tokio::test]
 async fn backups_and_restores_converge_after_the_coordinator_crashes() {
-    let mut fleet = Fleet::new();
-    fleet.start_coordinator();
-    let (backend, dir) = fleet.file_backend("file1", "");
-    let repo = fleet.subdir("repo1");
-    let _storage = fleet.start_agent("storage", "storage1", &backend);
-    let _backup = fleet.start_agent("backup", "backup1", &backup_toml(&repo));
-    wait_backend(&fleet, "storage1@file1").await;
-    wait_backend(&fleet, "backup1").await;
+    let BackupFleet { mut fleet, backend: _, dir, repo: _, storage: _storage, backup: _backup } =
+        BackupFleet::start(&[]).await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let v = volumes
         .clone()
@@ -306,19 +301,8 @@ async fn backups_and_restores_converge_after_the_coordinator_crashes() {
 /// a reason, and the volume is usable again.
 #[tokio::test]
 async fn a_backup_fails_cleanly_when_its_source_or_repository_goes_away() {
-    let mut fleet = Fleet::new();
-    fleet.start_coordinator();
-    let (backend, dir) = fleet.file_backend("file1", "");
-    let repo = fleet.subdir("repo1");
-    let mut storage = fleet.start_agent("storage", "storage1", &backend);
-    let agent = fleet.start_agent_with(
-        "backup",
-        "backup1",
-        &backup_toml(&repo),
-        &[("EMBER_FAILPOINTS", "backup.pause_stage_chunk")],
-    );
-    wait_backend(&fleet, "storage1@file1").await;
-    wait_backend(&fleet, "backup1").await;
+    let BackupFleet { fleet, backend, dir, repo, mut storage, backup: agent } =
+        BackupFleet::start(&[("EMBER_FAILPOINTS", "backup.pause_stage_chunk")]).await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let v = volumes
         .clone()
@@ -384,19 +368,8 @@ async fn a_backup_fails_cleanly_when_its_source_or_repository_goes_away() {
 /// The backup agent dies mid-restore: the restore target never becomes available with partial data.
 #[tokio::test]
 async fn a_backup_agent_killed_mid_restore_leaves_the_target_in_error() {
-    let mut fleet = Fleet::new();
-    fleet.start_coordinator();
-    let (backend, dir) = fleet.file_backend("file1", "");
-    let repo = fleet.subdir("repo1");
-    let _storage = fleet.start_agent("storage", "storage1", &backend);
-    let mut agent = fleet.start_agent_with(
-        "backup",
-        "backup1",
-        &backup_toml(&repo),
-        &[("EMBER_FAILPOINTS", "backup.restore_chunk")],
-    );
-    wait_backend(&fleet, "storage1@file1").await;
-    wait_backend(&fleet, "backup1").await;
+    let BackupFleet { fleet, backend: _, dir, repo: _, storage: _storage, backup: mut agent } =
+        BackupFleet::start(&[("EMBER_FAILPOINTS", "backup.restore_chunk")]).await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let v = volumes
         .clone()
