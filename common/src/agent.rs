@@ -177,6 +177,7 @@ pub async fn serve_agent<F>(
 where
     F: Fn(&str, &str) -> RegisterRequest + Send + Sync + 'static,
 {
+    let shutdown = crate::server::shutdown_signal();
     let (listener, addr) = crate::server::bind(&id.listen).await?;
     let endpoint = id.advertise.clone().unwrap_or_else(|| url_for(addr));
     let instance_id = new_instance_id();
@@ -187,8 +188,7 @@ where
             tracing::error!("registration stopped: {e}");
         }
     });
-    let served =
-        crate::server::serve(listener, &id.tls, services, health_names, crate::server::shutdown_signal()).await;
+    let served = crate::server::serve(listener, &id.tls, services, health_names, shutdown).await;
     registration.abort();
     served?;
     tracing::info!("agent stopped");

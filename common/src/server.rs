@@ -40,14 +40,18 @@ pub async fn bind(listen: &str) -> Result<(TcpListener, SocketAddr), ServeError>
     Ok((listener, addr))
 }
 
-/// Resolves when the process receives SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+/// A future that resolves when the process receives SIGTERM or SIGINT. The handlers are installed when this is
+/// called (not when the future is first polled), so call it before announcing the listen address: a signal that
+/// arrives during start-up then stops the daemon gracefully instead of killing it.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received, stopping"),
-        _ = int.recv() => tracing::info!("SIGINT received, stopping"),
+    async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received, stopping"),
+            _ = int.recv() => tracing::info!("SIGINT received, stopping"),
+        }
     }
 }
 

@@ -147,6 +147,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         ctx.clone(),
         std::time::Duration::from_secs(cfg.reconcile_interval_seconds.into()),
     ));
+    let shutdown = server::shutdown_signal();
     let (listener, addr) = server::bind(&cfg.listen).await?;
     let public = require_roles(PUBLIC);
     let mut routes = RoutesBuilder::default();
@@ -181,7 +182,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         &tls,
         routes,
         &["ember.v1.VolumeService", "ember.v1.FleetService", "ember.agent.v1.Registration"],
-        server::shutdown_signal(),
+        shutdown,
     )
     .await?;
     reconciler.abort();
