@@ -27,6 +27,17 @@ pub async fn wait_volume(client: &VolumeServiceClient<Channel>, id: &str, status
     .await
 }
 
+/// Creates a blank volume of `size_gb` GiB and waits until it is available.
+pub async fn new_volume(client: &VolumeServiceClient<Channel>, size_gb: u64) -> Volume {
+    let v = client
+        .clone()
+        .create_volume(CreateVolumeRequest { size_gb, ..Default::default() })
+        .await
+        .expect("create volume")
+        .into_inner();
+    wait_volume(client, &v.id, "available").await
+}
+
 /// Waits until volume `id` is in a final state and returns it.
 pub async fn wait_settled(client: &VolumeServiceClient<Channel>, id: &str) -> Volume {
     wait_for(&format!("volume {id} to settle"), WAIT, || {

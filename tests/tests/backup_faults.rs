@@ -1,7 +1,7 @@
 //! Backups under faults: the backup agent killed mid-backup, garbage collection racing a running backup, and
 //! an in-use volume backed up through a temporary snapshot.
 
-use ember_fleet_tests::volumes::{wait_backend, wait_volume};
+use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_volume};
 use ember_fleet_tests::{Fleet, iscsi, wait_for};
 use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
 use ember_proto::v1::backup_service_client::BackupServiceClient;
@@ -64,13 +64,7 @@ async fn a_backup_agent_killed_mid_backup_ends_the_backup_in_error_and_leaves_no
     let BackupFleet { fleet, backend: _, dir, repo, storage: _storage, backup: mut agent } =
         BackupFleet::start(&[("EMBER_FAILPOINTS", "backup.stage_chunk")]).await;
     let volumes = VolumeServiceClient::new(fleet.admin());
-    let v = volumes
-        .clone()
-        .create_volume(CreateVolumeRequest { size_gb: 1, ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
-    wait_volume(&volumes, &v.id, "available").await;
+    let v = new_volume(&volumes, 1).await;
     fill(&dir.join(format!("volume-{}", v.id)), 0, 5, 8 << 20);
     let backups = BackupServiceClient::new(fleet.admin());
     let b = backups
@@ -120,13 +114,7 @@ async fn garbage_collection_during_a_running_backup_loses_nothing() {
     let backups = BackupServiceClient::new(fleet.admin());
     let mut ids = Vec::new();
     for _ in 0..2 {
-        let v = volumes
-            .clone()
-            .create_volume(CreateVolumeRequest { size_gb: 1, ..Default::default() })
-            .await
-            .unwrap()
-            .into_inner();
-        wait_volume(&volumes, &v.id, "available").await;
+        let v = new_volume(&volumes, 1).await;
         fill(&dir.join(format!("volume-{}", v.id)), 0, 6, 6 << 20);
         ids.push(v.id);
     }
@@ -203,13 +191,7 @@ async fn an_in_use_volume_needs_force_and_is_read_through_a_temporary_snapshot()
         BackupFleet::start(&[]).await;
     let _compute = fleet.start_agent("compute", "compute1", "");
     let volumes = VolumeServiceClient::new(fleet.admin());
-    let v = volumes
-        .clone()
-        .create_volume(CreateVolumeRequest { size_gb: 1, ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
-    wait_volume(&volumes, &v.id, "available").await;
+    let v = new_volume(&volumes, 1).await;
     fill(&dir.join(format!("volume-{}", v.id)), 0, 8, 2 << 20);
     AttachmentServiceClient::new(fleet.admin())
         .attach(AttachRequest {
@@ -256,13 +238,7 @@ async fn backups_and_restores_converge_after_the_coordinator_crashes() {
     let BackupFleet { mut fleet, backend: _, dir, repo: _, storage: _storage, backup: _backup } =
         BackupFleet::start(&[]).await;
     let volumes = VolumeServiceClient::new(fleet.admin());
-    let v = volumes
-        .clone()
-        .create_volume(CreateVolumeRequest { size_gb: 1, ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
-    wait_volume(&volumes, &v.id, "available").await;
+    let v = new_volume(&volumes, 1).await;
     let source = dir.join(format!("volume-{}", v.id));
     fill(&source, 3 << 20, 9, 3 << 20);
 
@@ -304,13 +280,7 @@ async fn a_backup_fails_cleanly_when_its_source_or_repository_goes_away() {
     let BackupFleet { fleet, backend, dir, repo, mut storage, backup: agent } =
         BackupFleet::start(&[("EMBER_FAILPOINTS", "backup.pause_stage_chunk")]).await;
     let volumes = VolumeServiceClient::new(fleet.admin());
-    let v = volumes
-        .clone()
-        .create_volume(CreateVolumeRequest { size_gb: 1, ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
-    wait_volume(&volumes, &v.id, "available").await;
+    let v = new_volume(&volumes, 1).await;
     fill(&dir.join(format!("volume-{}", v.id)), 0, 11, 32 << 20);
     let backups = BackupServiceClient::new(fleet.admin());
     let b = backups
@@ -371,13 +341,7 @@ async fn a_backup_agent_killed_mid_restore_leaves_the_target_in_error() {
     let BackupFleet { fleet, backend: _, dir, repo: _, storage: _storage, backup: mut agent } =
         BackupFleet::start(&[("EMBER_FAILPOINTS", "backup.restore_chunk")]).await;
     let volumes = VolumeServiceClient::new(fleet.admin());
-    let v = volumes
-        .clone()
-        .create_volume(CreateVolumeRequest { size_gb: 1, ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
-    wait_volume(&volumes, &v.id, "available").await;
+    let v = new_volume(&volumes, 1).await;
     fill(&dir.join(format!("volume-{}", v.id)), 0, 12, 8 << 20);
     let backups = BackupServiceClient::new(fleet.admin());
     let b = backups

@@ -1,7 +1,7 @@
 //! Backups end to end through the real fleet: bit-identical round trips along a chain of incrementals,
 //! sparse volumes, dedup, verification of damaged chunks, deletion rules and garbage collection.
 
-use ember_fleet_tests::volumes::{wait_backend, wait_settled, wait_volume};
+use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_settled, wait_volume};
 use ember_fleet_tests::{Fleet, iscsi, wait_for};
 use ember_proto::v1::backup_service_client::BackupServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
@@ -60,14 +60,7 @@ async fn env() -> Env {
 
 impl Env {
     async fn volume(&self, size_gb: u64) -> String {
-        let v = self
-            .volumes
-            .clone()
-            .create_volume(CreateVolumeRequest { size_gb, ..Default::default() })
-            .await
-            .unwrap()
-            .into_inner();
-        wait_volume(&self.volumes, &v.id, "available").await.id
+        new_volume(&self.volumes, size_gb).await.id
     }
 
     fn file(&self, id: &str) -> PathBuf {
