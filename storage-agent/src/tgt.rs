@@ -136,19 +136,7 @@ impl Tgt {
         };
         let tid = target.tid.to_string();
         if !target.backing.iter().any(|b| *b == backing) {
-            self.tgtadm(&[
-                "--mode",
-                "logicalunit",
-                "--op",
-                "new",
-                "--tid",
-                &tid,
-                "--lun",
-                "1",
-                "--backing-store",
-                &backing,
-            ])
-            .await?;
+            self.add_lun(&tid, &backing).await?;
         }
         if !target.accounts.iter().any(|a| a == spec.username) {
             match self
@@ -166,26 +154,20 @@ impl Tgt {
         Ok(())
     }
 
+    /// Adds LUN 1 backed by `backing` to target `tid`.
+    async fn add_lun(&self, tid: &str, backing: &str) -> Result<()> {
+        self.tgtadm(&["--mode", "logicalunit", "--op", "new", "--tid", tid, "--lun", "1", "--backing-store", backing])
+            .await?;
+        Ok(())
+    }
+
     /// Re-reads the backing file's size (after an extend) by re-creating LUN 1; initiators then see the new
     /// capacity. A target that is not there is left alone.
     pub async fn refresh_lun(&self, iqn: &str, backing: &Path) -> Result<()> {
         let Some(t) = self.targets().await?.into_iter().find(|t| t.iqn == iqn) else { return Ok(()) };
         let (tid, backing) = (t.tid.to_string(), backing.to_string_lossy());
         self.tgtadm(&["--mode", "logicalunit", "--op", "delete", "--tid", &tid, "--lun", "1"]).await?;
-        self.tgtadm(&[
-            "--mode",
-            "logicalunit",
-            "--op",
-            "new",
-            "--tid",
-            &tid,
-            "--lun",
-            "1",
-            "--backing-store",
-            &backing,
-        ])
-        .await?;
-        Ok(())
+        self.add_lun(&tid, &backing).await
     }
 
     /// Removes the target (ending its sessions) and its account. Removing what is gone succeeds.
