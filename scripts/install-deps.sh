@@ -19,12 +19,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}"
 fi
 
-# qemu-img with its iSCSI driver (qemu-block-extra), the initiator the tests read and write volumes with.
-# A fresh machine ships a backported qemu-utils that Debian 12's qemu-block-extra cannot sit beside, so both
-# come from bookworm together.
-if ! installed qemu-block-extra || ! command -v qemu-img >/dev/null; then
-  echo "installing qemu-utils and qemu-block-extra (Debian 12)" >&2
-  apt_install --allow-downgrades qemu-utils/bookworm qemu-block-extra/bookworm
+# qemu-img with its iSCSI driver (qemu-block-extra), the initiator the tests read and write volumes with, and
+# qemu-system-x86, which runs the real-kernel test guest. A fresh machine ships a backported qemu-utils that
+# Debian 12's qemu-block-extra and qemu-system cannot sit beside, so all three come from bookworm together.
+if ! installed qemu-block-extra || ! installed qemu-system-x86 || ! command -v qemu-img >/dev/null; then
+  echo "installing qemu-utils, qemu-block-extra and qemu-system-x86 (Debian 12)" >&2
+  apt_install --allow-downgrades qemu-utils/bookworm qemu-block-extra/bookworm qemu-system-x86/bookworm
 fi
 
 # A client that is not ours, for the reflection test and for operators: Python grpcio with reflection.

@@ -13,7 +13,12 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
+# The real-kernel tier: LVM, LIO and the kernel initiator in a QEMU guest (this kernel has none of them).
+guest_status=0
+./scripts/realkernel.sh debug | tee -a "$log" || guest_status=$?
+[ "$guest_status" = 0 ] || status=$guest_status
 # One closing line for the whole suite (cargo prints one per test binary, the last often a 0-test doc run).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+     /^guest checks:/ { gp += $3; gf += $5 }
+     END { printf "tests: %d passed, %d failed; real-kernel guest checks: %d passed, %d failed\n", p, f, gp, gf }' "$log"
 exit "$status"

@@ -17,6 +17,9 @@ pub struct StorageConfig {
     /// The iSCSI target.
     #[serde(default)]
     pub tgt: TgtConfig,
+    /// The kernel target (used by backends with `target = "lio"`).
+    #[serde(default)]
+    pub lio: LioConfig,
     /// The node's backends.
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
@@ -47,6 +50,20 @@ impl Default for TgtConfig {
     }
 }
 
+/// The kernel LIO target.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LioConfig {
+    /// The iSCSI portal `ip:port` LIO targets listen on (must differ from tgt's when both run).
+    pub portal: String,
+}
+
+impl Default for LioConfig {
+    fn default() -> Self {
+        LioConfig { portal: "127.0.0.1:3260".into() }
+    }
+}
+
 /// How a deleted volume's data is destroyed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -64,10 +81,26 @@ pub enum Wipe {
 pub struct BackendConfig {
     /// `volume_backend_name`: how volume types route to it.
     pub name: String,
-    /// `file` (sparse files in a directory).
+    /// `file` (sparse files in a directory) or `lvm` (LVs in a volume group).
     pub driver: String,
-    /// Where the volume files live.
+    /// `file`: where the volume files live.
+    #[serde(default)]
     pub directory: PathBuf,
+    /// `lvm`: the volume group (one per backend; the agent never creates or removes it).
+    pub volume_group: Option<String>,
+    /// `lvm`: thick LVs, thin LVs in the pool `<vg>-pool`, or auto (thin when the pool exists or the VG is
+    /// empty, creating the pool; thick otherwise).
+    #[serde(default)]
+    pub lvm_type: LvmType,
+    /// `lvm`: MiB zeroed when a thick LV is deleted (`wipe = "zero"`); 0 zeroes all of it.
+    #[serde(default)]
+    pub wipe_size_mb: u64,
+    /// `lvm`: the deadline of one LVM command, in seconds.
+    #[serde(default = "default_command_timeout")]
+    pub command_timeout_secs: u64,
+    /// The iSCSI target exporting this backend's volumes: `tgt` or `lio` (kernel target, through configfs).
+    #[serde(default)]
+    pub target: TargetKind,
     /// Availability zone, default the agent's.
     pub availability_zone: Option<String>,
     /// Percent of capacity kept free.
@@ -86,6 +119,34 @@ pub struct BackendConfig {
     pub nfs_share: Option<String>,
     /// Mount options for `nfs_share` (default: NFS 4.2, soft, bounded retries).
     pub nfs_mount_options: Option<String>,
+}
+
+/// Cinder's `lvm_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LvmType {
+    /// Thin when possible (see [`BackendConfig::lvm_type`]).
+    #[default]
+    Auto,
+    /// Fully allocated LVs.
+    Thick,
+    /// Thin LVs in a thin pool.
+    Thin,
+}
+
+/// Which iSCSI target serves a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetKind {
+    /// The userspace tgtd.
+    #[default]
+    Tgt,
+    /// The kernel's LIO target.
+    Lio,
+}
+
+fn default_command_timeout() -> u64 {
+    120
 }
 
 fn default_ratio() -> f64 {
@@ -107,23 +168,38 @@ impl StorageConfig {
             if !valid_name(&b.name) || !seen.insert(b.name.clone()) {
                 return Err(ConfigError::Missing(format!("backend name {:?} is invalid or repeated", b.name)));
             }
-            if b.driver != "file" {
+            if b.max_over_subscription_ratio < 1.0 {
                 return Err(ConfigError::Missing(format!(
-                    "backend {}: unknown driver {:?} (known: file)",
-                    b.name, b.driver
+                    "backend {}: max_over_subscription_ratio must be >= 1",
+                    b.name
                 )));
+            }
+            if b.target == TargetKind::Lio && b.driver != "lvm" {
+                return Err(ConfigError::Missing(format!(
+                    "backend {}: target = \"lio\" exports block devices; it needs driver = \"lvm\"",
+                    b.name
+                )));
+            }
+            let vg_ok =
+                |vg: &str| !vg.is_empty() && vg.chars().all(|c| c.is_ascii_alphanumeric() || "+_.-".contains(c));
+            match (b.driver.as_str(), &b.volume_group) {
+                ("file", _) => {}
+                ("lvm", Some(vg)) if vg_ok(vg) && !vg.starts_with('-') => continue,
+                ("lvm", _) => {
+                    return Err(ConfigError::Missing(format!("backend {}: lvm needs a valid volume_group", b.name)));
+                }
+                (other, _) => {
+                    return Err(ConfigError::Missing(format!(
+                        "backend {}: unknown driver {other:?} (known: file, lvm)",
+                        b.name
+                    )));
+                }
             }
             if b.nfs_share.is_none() && !b.directory.is_dir() {
                 return Err(ConfigError::Missing(format!(
                     "backend {}: {} is not a directory",
                     b.name,
                     b.directory.display()
-                )));
-            }
-            if b.max_over_subscription_ratio < 1.0 {
-                return Err(ConfigError::Missing(format!(
-                    "backend {}: max_over_subscription_ratio must be >= 1",
-                    b.name
                 )));
             }
         }

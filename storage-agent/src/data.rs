@@ -67,7 +67,7 @@ pub fn stream_chunks(
     tx: mpsc::Sender<Result<VolumeChunk, tonic::Status>>,
 ) -> Result<()> {
     let file = File::open(&path).map_err(AgentError::io(format!("opening {}", path.display())))?;
-    let size = file.metadata().map_err(AgentError::io("reading size"))?.len();
+    let size = sparse::byte_len(&file).map_err(AgentError::io("reading size"))?;
     let extents = sparse::data_extents(&file).map_err(AgentError::io("finding data extents"))?;
     if tx.blocking_send(Ok(VolumeChunk { volume_size: size, ..Default::default() })).is_err() {
         return Ok(());

@@ -277,6 +277,11 @@ mod tests {
             wipe: Wipe::Zero,
             nfs_share: None,
             nfs_mount_options: None,
+            volume_group: None,
+            lvm_type: Default::default(),
+            wipe_size_mb: 0,
+            command_timeout_secs: 10,
+            target: Default::default(),
         })
         .unwrap()
     }

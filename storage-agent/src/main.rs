@@ -2,12 +2,15 @@
 //! iSCSI (tgt). It registers its backends (with pools, capacity and capabilities) with the coordinator and
 //! heartbeats.
 
+mod backend;
 mod config;
 mod data;
 mod error;
 mod exports;
 mod file_backend;
 mod keeper;
+mod lio;
+mod lvm;
 mod service;
 mod sparse;
 mod tgt;
@@ -52,11 +55,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let options = b.nfs_mount_options.as_deref().unwrap_or(ember_common::nfs::DEFAULT_OPTIONS);
             ember_common::nfs::ensure_mounted(share, &b.directory, options).await?;
         }
-        backends.insert(b.name.clone(), file_backend::FileBackend::open(b)?);
+        backends.insert(b.name.clone(), backend::Backend::open(b).await?);
     }
     let storage = Arc::new(Storage {
         backends,
         tgt: tgt::Tgt { control_port: file.tgt.control_port },
+        lio: lio::Lio { root: lio::CONFIGFS_ROOT.into(), portal: file.lio.portal.clone() },
         portal: file.tgt.portal.clone(),
         iqn_prefix: file.tgt.iqn_prefix.clone(),
         exports: tokio::sync::Mutex::new(exports::ExportStore::load(&state_dir)?),
@@ -85,9 +89,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 .backends
                 .values()
                 .map(|b| Backend {
-                    name: b.cfg.name.clone(),
-                    driver: b.cfg.driver.clone(),
-                    availability_zone: b.cfg.availability_zone.clone().unwrap_or_else(|| az.clone()),
+                    name: b.cfg().name.clone(),
+                    driver: b.cfg().driver.clone(),
+                    availability_zone: b.cfg().availability_zone.clone().unwrap_or_else(|| az.clone()),
                     storage_protocol: "iSCSI".into(),
                     vendor_name: "ember".into(),
                     driver_version: ember_common::VERSION.into(),

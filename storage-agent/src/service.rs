@@ -1,10 +1,13 @@
 //! The storage agent's gRPC service: volume and snapshot operations on the file backends, and exports over
 //! tgt. Every call is idempotent, because the coordinator repeats calls after a crash.
 
+use crate::backend::Backend;
+use crate::config::TargetKind;
 use crate::data;
 use crate::error::{AgentError, Result};
 use crate::exports::{ExportRecord, ExportStore};
-use crate::file_backend::{FileBackend, Kind, checked_id};
+use crate::file_backend::{Kind, checked_id};
+use crate::lio::{Lio, LioSpec};
 use crate::tgt::{TargetSpec, Tgt};
 use ember_proto::agent::v1::storage_agent_server::StorageAgent;
 use ember_proto::agent::v1::*;
@@ -19,9 +22,11 @@ use tracing::Instrument;
 /// The agent's state shared by calls and the export keeper.
 pub struct Storage {
     /// Backends by name.
-    pub backends: BTreeMap<String, FileBackend>,
+    pub backends: BTreeMap<String, Backend>,
     /// The target daemon.
     pub tgt: Tgt,
+    /// The kernel target, for backends configured `target = "lio"`.
+    pub lio: Lio,
     /// The portal initiators connect to.
     pub portal: String,
     /// IQN prefix.
@@ -31,7 +36,7 @@ pub struct Storage {
 }
 
 impl Storage {
-    fn backend(&self, name: &str) -> Result<&FileBackend> {
+    fn backend(&self, name: &str) -> Result<&Backend> {
         self.backends.get(name).ok_or_else(|| AgentError::NotFound(format!("backend {name:?}")))
     }
 
@@ -43,28 +48,77 @@ impl Storage {
     /// targets had to be re-created.
     pub async fn ensure_exports(&self) -> Result<usize> {
         let store = self.exports.lock().await;
-        let present: Vec<String> = self.tgt.targets().await?.into_iter().map(|t| t.iqn).collect();
+        let mut present: Vec<String> = self.tgt.targets().await?.into_iter().map(|t| t.iqn).collect();
+        present.extend(self.lio.targets());
         let mut recreated = 0;
         for (volume, rec) in &store.exports {
             if present.contains(&rec.iqn) {
                 continue;
             }
-            let backing = self.backend(&rec.backend)?.path(Kind::Volume, &checked_id("volume_id", volume)?);
-            let spec =
-                TargetSpec { iqn: &rec.iqn, backing: &backing, username: &rec.username, password: &rec.password };
-            self.tgt.ensure(&spec).await?;
+            self.apply_export(&checked_id("volume_id", volume)?, rec).await?;
             tracing::info!(volume_id = %volume, iqn = %rec.iqn, "export re-created");
             recreated += 1;
         }
         Ok(recreated)
     }
 
+    /// Makes the backend's target match an export record (target, LUN, CHAP, ACLs).
+    async fn apply_export(&self, id: &uuid::Uuid, rec: &ExportRecord) -> Result<()> {
+        let backend = self.backend(&rec.backend)?;
+        let backing = backend.path(Kind::Volume, id);
+        match backend.target() {
+            TargetKind::Tgt => {
+                let spec =
+                    TargetSpec { iqn: &rec.iqn, backing: &backing, username: &rec.username, password: &rec.password };
+                self.tgt.ensure(&spec).await
+            }
+            TargetKind::Lio => {
+                let initiators: Vec<String> = rec.initiators.iter().filter(|i| !i.is_empty()).cloned().collect();
+                let name = backing.file_name().unwrap_or_default().to_string_lossy().into_owned();
+                let spec = LioSpec {
+                    iqn: &rec.iqn,
+                    name: &name,
+                    device: &backing,
+                    username: &rec.username,
+                    password: &rec.password,
+                    initiators: &initiators,
+                };
+                self.lio.ensure(&spec)
+            }
+        }
+    }
+
+    /// Removes a volume's target from the backend's target.
+    async fn remove_target(&self, id: &uuid::Uuid, rec: &ExportRecord) -> Result<()> {
+        let backend = self.backend(&rec.backend)?;
+        match backend.target() {
+            TargetKind::Tgt => self.tgt.remove(&rec.iqn, &rec.username).await,
+            TargetKind::Lio => {
+                let backing = backend.path(Kind::Volume, id);
+                self.lio.remove(&rec.iqn, &backing.file_name().unwrap_or_default().to_string_lossy())
+            }
+        }
+    }
+
+    /// The portal initiators of `backend` connect to.
+    fn portal(&self, backend: &Backend) -> String {
+        match backend.target() {
+            TargetKind::Tgt => self.portal.clone(),
+            TargetKind::Lio => self.lio.portal.clone(),
+        }
+    }
+
     async fn export(&self, req: ExportVolumeRequest) -> Result<ExportVolumeResponse> {
         let id = checked_id("volume_id", &req.volume_id)?;
         let backend = self.backend(&req.backend)?;
-        let backing = backend.path(Kind::Volume, &id);
-        if !backing.exists() {
+        if !backend.exists(Kind::Volume, &id).await? {
             return Err(AgentError::NotFound(format!("volume {id}")));
+        }
+        if backend.target() == TargetKind::Lio && req.initiator.is_empty() {
+            return Err(AgentError::InvalidArgument {
+                field: "initiator",
+                message: "an LIO export needs the initiator's IQN (its ACL)".into(),
+            });
         }
         if req.chap_username.is_empty() || req.chap_password.len() < 12 {
             return Err(AgentError::InvalidArgument {
@@ -84,12 +138,11 @@ impl Storage {
         rec.initiators.insert(req.initiator.clone());
         let rec = rec.clone();
         store.save()?;
-        let spec = TargetSpec { iqn: &rec.iqn, backing: &backing, username: &rec.username, password: &rec.password };
-        self.tgt.ensure(&spec).await?;
+        self.apply_export(&id, &rec).await?;
         tracing::info!(volume_id = %id, iqn = %iqn, initiator = %req.initiator, "exported");
         Ok(ExportVolumeResponse {
             driver_volume_type: "iscsi".into(),
-            target_portal: self.portal.clone(),
+            target_portal: self.portal(backend),
             target_iqn: iqn,
             target_lun: 1,
             ..Default::default()
@@ -101,17 +154,20 @@ impl Storage {
         let mut store = self.exports.lock().await;
         let Some(rec) = store.exports.get_mut(volume_id) else {
             // Nothing recorded; still make sure no target lingers from a crash before the record was saved.
+            self.lio.remove(&self.iqn(&id), &format!("volume-{id}"))?;
             return self.tgt.remove(&self.iqn(&id), "").await;
         };
         if !initiator.is_empty() {
             rec.initiators.remove(initiator);
             if !rec.initiators.is_empty() {
+                let rec = rec.clone();
                 store.save()?;
-                return Ok(());
+                // tgt admits any initiator with the CHAP secret; LIO drops the departed initiator's ACL.
+                return self.apply_export(&id, &rec).await;
             }
         }
         let rec = rec.clone();
-        self.tgt.remove(&rec.iqn, &rec.username).await?;
+        self.remove_target(&id, &rec).await?;
         store.exports.remove(volume_id);
         store.save()?;
         tracing::info!(volume_id = %id, "unexported");
@@ -131,13 +187,13 @@ impl Storage {
             return Err(AgentError::InvalidArgument { field: "size_gb", message: "must be at least 1".into() });
         }
         let size = if !req.source_snapshot_id.is_empty() {
-            let src = backend.path(Kind::Snapshot, &checked_id("source_snapshot_id", &req.source_snapshot_id)?);
-            backend.create_copy(Kind::Volume, &id, &src, Some(req.size_gb)).await?
+            let src = checked_id("source_snapshot_id", &req.source_snapshot_id)?;
+            backend.create_from(Kind::Volume, &id, Kind::Snapshot, &src, Some(req.size_gb)).await?
         } else if !req.source_volume_id.is_empty() {
-            let src = backend.path(Kind::Volume, &checked_id("source_volume_id", &req.source_volume_id)?);
-            backend.create_copy(Kind::Volume, &id, &src, Some(req.size_gb)).await?
+            let src = checked_id("source_volume_id", &req.source_volume_id)?;
+            backend.create_from(Kind::Volume, &id, Kind::Volume, &src, Some(req.size_gb)).await?
         } else {
-            backend.create_blank(&id, req.size_gb)?
+            backend.create_blank(&id, req.size_gb).await?
         };
         tracing::info!(volume_id = %id, backend = %req.backend, size, "volume created");
         Ok(VolumeResult { volume_id: req.volume_id, size_bytes: size })
@@ -194,9 +250,10 @@ impl StorageAgent for StorageService {
         let r = req.into_inner();
         let id = checked_id("volume_id", &r.volume_id)?;
         let backend = self.0.backend(&r.backend)?;
-        let size = backend.extend(&id, r.new_size_gb)?;
+        let size = backend.extend(&id, r.new_size_gb).await?;
         let store = self.0.exports.lock().await;
-        if let Some(rec) = store.exports.get(&r.volume_id) {
+        // LIO's iblock reads the device size at each READ CAPACITY; tgt must re-create the LUN.
+        if let Some(rec) = store.exports.get(&r.volume_id).filter(|_| backend.target() == TargetKind::Tgt) {
             self.0.tgt.refresh_lun(&rec.iqn, &backend.path(Kind::Volume, &id)).await?;
         }
         drop(store);
@@ -210,7 +267,7 @@ impl StorageAgent for StorageService {
         let snap = checked_id("snapshot_id", &r.snapshot_id)?;
         let vol = checked_id("volume_id", &r.volume_id)?;
         let backend = self.0.backend(&r.backend)?;
-        let size = backend.create_copy(Kind::Snapshot, &snap, &backend.path(Kind::Volume, &vol), None).await?;
+        let size = backend.create_from(Kind::Snapshot, &snap, Kind::Volume, &vol, None).await?;
         tracing::info!(snapshot_id = %snap, volume_id = %vol, size, "snapshot created");
         Ok(Response::new(SnapshotResult { snapshot_id: r.snapshot_id, size_bytes: size }))
     }
@@ -251,7 +308,7 @@ impl StorageAgent for StorageService {
         let mut out = ListResourcesResponse::default();
         for (name, backend) in &self.0.backends {
             if r.backend.is_empty() || r.backend == *name {
-                let (v, s) = backend.list()?;
+                let (v, s) = backend.list().await?;
                 out.volume_ids.extend(v);
                 out.snapshot_ids.extend(s);
             }
@@ -265,8 +322,9 @@ impl StorageAgent for StorageService {
         data::check_chunk_size(r.chunk_size)?;
         let known = data::parse_known(&r.known_digests)?;
         let backend = self.0.backend(&r.backend)?;
-        let path = backend.path(if r.snapshot { Kind::Snapshot } else { Kind::Volume }, &id);
-        if !path.exists() {
+        let kind = if r.snapshot { Kind::Snapshot } else { Kind::Volume };
+        let path = backend.path(kind, &id);
+        if !backend.exists(kind, &id).await? {
             return Err(AgentError::NotFound(format!("{} {id}", if r.snapshot { "snapshot" } else { "volume" })).into());
         }
         // A bounded queue: the reader's pace throttles the disk reads, and memory stays a few chunks.
@@ -293,7 +351,7 @@ impl StorageAgent for StorageService {
             .write(true)
             .open(&path)
             .map_err(|_| AgentError::NotFound(format!("volume {id}")))?;
-        let size = file.metadata().map_err(AgentError::io("reading size"))?.len();
+        let size = crate::sparse::byte_len(&file).map_err(AgentError::io("reading size"))?;
         if first.volume_size > size {
             return Err(AgentError::FailedPrecondition(format!(
                 "volume {id} holds {size} bytes; {} needed",

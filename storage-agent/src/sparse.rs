@@ -11,10 +11,19 @@ use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
+/// The size of a file or of a block device (whose metadata says 0).
+pub fn byte_len(file: &File) -> io::Result<u64> {
+    let meta = file.metadata()?;
+    if meta.is_file() {
+        return Ok(meta.len());
+    }
+    Ok(lseek(file.as_fd(), 0, Whence::SeekEnd)? as u64)
+}
+
 /// The byte ranges `[start, end)` of `file` that hold data, in order. Filesystems without SEEK_DATA support
-/// report the whole file as one extent, which is correct, only slower.
+/// report the whole file as one extent, which is correct, only slower; a block device is one extent.
 pub fn data_extents(file: &File) -> io::Result<Vec<(u64, u64)>> {
-    let len = file.metadata()?.len();
+    let len = byte_len(file)?;
     let mut extents = Vec::new();
     let mut pos: u64 = 0;
     while pos < len {

@@ -1,0 +1,113 @@
+//! One face for the drivers: the service asks a [`Backend`] for volumes and snapshots and does not care
+//! whether they are files or logical volumes.
+
+use crate::config::{BackendConfig, TargetKind};
+use crate::error::Result;
+use crate::file_backend::{FileBackend, Kind};
+use crate::lvm::LvmBackend;
+use ember_proto::agent::v1::Pool;
+use std::path::PathBuf;
+
+/// A configured backend.
+#[derive(Debug)]
+pub enum Backend {
+    /// Sparse or preallocated files in a directory.
+    File(FileBackend),
+    /// LVs in a volume group.
+    Lvm(LvmBackend),
+}
+
+impl Backend {
+    /// Opens the backend `cfg` describes (its directory or volume group must exist).
+    pub async fn open(cfg: BackendConfig) -> Result<Backend> {
+        Ok(match cfg.driver.as_str() {
+            "lvm" => Backend::Lvm(LvmBackend::open(cfg).await?),
+            _ => Backend::File(FileBackend::open(cfg)?),
+        })
+    }
+
+    /// Its configuration.
+    pub fn cfg(&self) -> &BackendConfig {
+        match self {
+            Backend::File(b) => &b.cfg,
+            Backend::Lvm(b) => &b.cfg,
+        }
+    }
+
+    /// The target that exports its volumes.
+    pub fn target(&self) -> TargetKind {
+        self.cfg().target
+    }
+
+    /// The file or block device holding a volume or snapshot.
+    pub fn path(&self, kind: Kind, id: &uuid::Uuid) -> PathBuf {
+        match self {
+            Backend::File(b) => b.path(kind, id),
+            Backend::Lvm(b) => b.path(kind, id),
+        }
+    }
+
+    /// True when the volume or snapshot exists.
+    pub async fn exists(&self, kind: Kind, id: &uuid::Uuid) -> Result<bool> {
+        match self {
+            Backend::File(b) => Ok(b.path(kind, id).exists()),
+            Backend::Lvm(b) => b.exists(kind, id).await,
+        }
+    }
+
+    /// Creates a blank volume; repeating it is a no-op.
+    pub async fn create_blank(&self, id: &uuid::Uuid, size_gb: u64) -> Result<u64> {
+        match self {
+            Backend::File(b) => b.create_blank(id, size_gb),
+            Backend::Lvm(b) => b.create_blank(id, size_gb).await,
+        }
+    }
+
+    /// Makes a volume or snapshot `kind`/`id` from the volume or snapshot `source_kind`/`source`, at least
+    /// `size_gb` GiB; repeating it is a no-op.
+    pub async fn create_from(
+        &self,
+        kind: Kind,
+        id: &uuid::Uuid,
+        source_kind: Kind,
+        source: &uuid::Uuid,
+        size_gb: Option<u64>,
+    ) -> Result<u64> {
+        match self {
+            Backend::File(b) => b.create_copy(kind, id, &b.path(source_kind, source), size_gb).await,
+            Backend::Lvm(b) => b.create_from(kind, id, source_kind, source, size_gb).await,
+        }
+    }
+
+    /// Grows a volume.
+    pub async fn extend(&self, id: &uuid::Uuid, new_gb: u64) -> Result<u64> {
+        match self {
+            Backend::File(b) => b.extend(id, new_gb),
+            Backend::Lvm(b) => b.extend(id, new_gb).await,
+        }
+    }
+
+    /// Wipes (as configured) and removes a volume or snapshot; what is gone succeeds.
+    pub async fn remove(&self, kind: Kind, id: &uuid::Uuid) -> Result<()> {
+        match self {
+            Backend::File(b) => b.remove(kind, id).await,
+            Backend::Lvm(b) => b.remove(kind, id).await,
+        }
+    }
+
+    /// Ids of the volumes and snapshots present.
+    pub async fn list(&self) -> Result<(Vec<String>, Vec<String>)> {
+        match self {
+            Backend::File(b) => b.list(),
+            Backend::Lvm(b) => b.list().await,
+        }
+    }
+
+    /// Capacity and capabilities for the scheduler.
+    pub fn pool(&self) -> Pool {
+        match self {
+            Backend::File(b) => b.pool(),
+            Backend::Lvm(b) => b.pool(),
+        }
+    }
+}

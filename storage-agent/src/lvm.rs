@@ -1,0 +1,546 @@
+//! The `lvm` driver, with Cinder's LVM behaviour: one volume group per backend; volumes are LVs named
+//! `volume-<id>`, snapshots `_snapshot-<id>`; `lvm_type` thick, thin (LVs in the thin pool) or auto.
+//!
+//! Every LV the agent makes carries the `ember` tag, so the agent rebuilds what it owns from the node itself.
+//! A thick copy in progress carries `ember-incomplete` as well, so a create repeated after a crash redoes the
+//! copy rather than trusting a half-copied LV. Every LVM command runs with a deadline: a hung `lvs` fails one
+//! call, it never hangs the agent.
+
+use crate::config::{BackendConfig, LvmType, Wipe};
+use crate::error::{AgentError, Result};
+use crate::file_backend::Kind;
+use ember_common::runner::{self, CommandError};
+use ember_proto::agent::v1::Pool;
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+/// The tag on every LV the agent owns.
+pub const OWNER_TAG: &str = "ember";
+/// The tag on a thick LV whose data copy has not finished.
+pub const INCOMPLETE_TAG: &str = "ember-incomplete";
+/// Copies and wipes move whole volumes; they are bounded too, only longer.
+const DATA_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+/// One logical volume, as `lvs` reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lv {
+    /// LV name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// `lv_attr`, e.g. `Vwi-a-tz--`.
+    pub attr: String,
+    /// The thin pool holding it (thin LVs).
+    pub pool: String,
+    /// The origin of a snapshot.
+    pub origin: String,
+    /// Percent of a thin pool's (or snapshot's) data space in use.
+    pub data_percent: Option<f64>,
+    /// LVM tags.
+    pub tags: Vec<String>,
+}
+
+/// A volume group's size and free space in bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Vg {
+    /// Size in bytes.
+    pub size: u64,
+    /// Unallocated bytes.
+    pub free: u64,
+}
+
+#[derive(Deserialize)]
+struct Report<T> {
+    report: Vec<T>,
+}
+
+#[derive(Deserialize)]
+struct LvSection {
+    lv: Vec<LvRow>,
+}
+
+#[derive(Deserialize)]
+struct LvRow {
+    lv_name: String,
+    lv_size: String,
+    lv_attr: String,
+    #[serde(default)]
+    pool_lv: String,
+    #[serde(default)]
+    origin: String,
+    #[serde(default)]
+    data_percent: String,
+    #[serde(default)]
+    lv_tags: String,
+}
+
+#[derive(Deserialize)]
+struct VgSection {
+    vg: Vec<VgRow>,
+}
+
+#[derive(Deserialize)]
+struct VgRow {
+    vg_size: String,
+    vg_free: String,
+}
+
+fn bad_report(what: &str, detail: impl std::fmt::Display) -> AgentError {
+    AgentError::Io { context: format!("parsing {what} output"), source: std::io::Error::other(detail.to_string()) }
+}
+
+fn bytes(what: &str, text: &str) -> Result<u64> {
+    text.trim().parse().map_err(|_| bad_report(what, format!("size {text:?} is not a byte count")))
+}
+
+/// Parses `lvs --reportformat json --units b --nosuffix -o lv_name,lv_size,lv_attr,pool_lv,origin,
+/// data_percent,lv_tags`. Hidden LVs (`[pool_tdata]`) are skipped.
+pub fn parse_lvs(json: &str) -> Result<Vec<Lv>> {
+    let report: Report<LvSection> = serde_json::from_str(json).map_err(|e| bad_report("lvs", e))?;
+    let mut out = Vec::new();
+    for row in report.report.into_iter().flat_map(|s| s.lv) {
+        if row.lv_name.starts_with('[') {
+            continue;
+        }
+        out.push(Lv {
+            size: bytes("lvs", &row.lv_size)?,
+            data_percent: row.data_percent.trim().parse().ok(),
+            tags: row.lv_tags.split(',').filter(|t| !t.is_empty()).map(str::to_string).collect(),
+            name: row.lv_name,
+            attr: row.lv_attr,
+            pool: row.pool_lv,
+            origin: row.origin,
+        });
+    }
+    Ok(out)
+}
+
+/// Parses `vgs --reportformat json --units b --nosuffix -o vg_size,vg_free` for one VG.
+pub fn parse_vg(json: &str) -> Result<Vg> {
+    let report: Report<VgSection> = serde_json::from_str(json).map_err(|e| bad_report("vgs", e))?;
+    let row = report.report.into_iter().flat_map(|s| s.vg).next().ok_or_else(|| bad_report("vgs", "no VG"))?;
+    Ok(Vg { size: bytes("vgs", &row.vg_size)?, free: bytes("vgs", &row.vg_free)? })
+}
+
+/// Capacity as Cinder's LVM driver reports it, in bytes: `(total, free, provisioned)`. Thin: the pool's size,
+/// its unused data space, and the sum of the thin LVs in it. Thick: the VG's size and free space, and the
+/// sum of the LVs the agent owns.
+pub fn capacity(vg: Vg, lvs: &[Lv], thin_pool: Option<&str>) -> (u64, u64, u64) {
+    match thin_pool.and_then(|p| lvs.iter().find(|lv| lv.name == p)) {
+        Some(pool) => {
+            let used = pool.data_percent.unwrap_or(0.0).clamp(0.0, 100.0) / 100.0;
+            let free = (pool.size as f64 * (1.0 - used)) as u64;
+            let provisioned = lvs.iter().filter(|lv| lv.pool == pool.name).map(|lv| lv.size).sum();
+            (pool.size, free, provisioned)
+        }
+        None => {
+            let provisioned = lvs.iter().filter(|lv| lv.tags.iter().any(|t| t == OWNER_TAG)).map(|lv| lv.size).sum();
+            (vg.size, vg.free, provisioned)
+        }
+    }
+}
+
+/// Maps a failed LVM command to what the caller should see: no space → RESOURCE_EXHAUSTED, a missing LV →
+/// NOT_FOUND, anything else stays an internal error with LVM's words.
+pub fn classify(e: CommandError) -> AgentError {
+    if let CommandError::Failed { stderr, .. } = &e {
+        let lower = stderr.to_lowercase();
+        if lower.contains("insufficient free space") || lower.contains("insufficient suitable") {
+            return AgentError::NoSpace(format!("volume group full: {}", stderr.trim()));
+        }
+        if lower.contains("failed to find logical volume") {
+            return AgentError::NotFound(stderr.trim().to_string());
+        }
+    }
+    AgentError::Command(e)
+}
+
+/// The device-mapper name of an LV (`-` doubled inside each part).
+pub fn dm_name(vg: &str, lv: &str) -> String {
+    format!("{}-{}", vg.replace('-', "--"), lv.replace('-', "--"))
+}
+
+/// The LV name of a volume or snapshot.
+pub fn lv_name(kind: Kind, id: &uuid::Uuid) -> String {
+    match kind {
+        Kind::Volume => format!("volume-{id}"),
+        Kind::Snapshot => format!("_snapshot-{id}"),
+    }
+}
+
+/// One LVM backend.
+#[derive(Debug)]
+pub struct LvmBackend {
+    /// Its configuration.
+    pub cfg: BackendConfig,
+    /// The volume group.
+    vg: String,
+    /// The thin pool the volumes live in; `None` for thick.
+    thin_pool: Option<String>,
+    timeout: Duration,
+    /// The last capacity report (registration is synchronous; [`LvmBackend::refresh`] updates it).
+    cached: std::sync::Mutex<Pool>,
+}
+
+impl LvmBackend {
+    /// Opens a backend: checks the VG exists and settles `lvm_type` (auto: thin when the pool exists or the VG
+    /// is empty — the pool is then created —, thick otherwise).
+    pub async fn open(cfg: BackendConfig) -> Result<LvmBackend> {
+        let vg = cfg.volume_group.clone().unwrap_or_default();
+        let pool_name = format!("{vg}-pool");
+        let mut backend = LvmBackend {
+            timeout: Duration::from_secs(cfg.command_timeout_secs),
+            vg,
+            thin_pool: None,
+            cached: std::sync::Mutex::new(Pool::default()),
+            cfg,
+        };
+        let lvs = backend.lvs().await?;
+        let pool_exists = lvs.iter().any(|lv| lv.name == pool_name);
+        let thin = match backend.cfg.lvm_type {
+            LvmType::Thick => false,
+            LvmType::Thin => true,
+            LvmType::Auto => pool_exists || lvs.is_empty(),
+        };
+        if thin && !pool_exists {
+            // Cinder sizes a new pool at 95% of the VG's free space, leaving room for the pool's metadata.
+            let target = format!("{}/{pool_name}", backend.vg);
+            backend.lvm("lvcreate", &["-q", "-y", "-T", "-l", "95%FREE", "--addtag", "ember-pool", &target]).await?;
+            tracing::info!(vg = %backend.vg, pool = %pool_name, "thin pool created");
+        }
+        backend.thin_pool = thin.then_some(pool_name);
+        backend.refresh().await?;
+        Ok(backend)
+    }
+
+    /// True when volumes are thin LVs.
+    pub fn is_thin(&self) -> bool {
+        self.thin_pool.is_some()
+    }
+
+    async fn lvm(&self, program: &str, args: &[&str]) -> Result<String> {
+        runner::run(program, args, self.timeout).await.map(|o| o.stdout).map_err(classify)
+    }
+
+    /// The VG's LVs.
+    pub async fn lvs(&self) -> Result<Vec<Lv>> {
+        let fields = "lv_name,lv_size,lv_attr,pool_lv,origin,data_percent,lv_tags";
+        let args = ["--reportformat", "json", "--units", "b", "--nosuffix", "-a", "-o", fields, &self.vg];
+        parse_lvs(&self.lvm("lvs", &args).await?)
+    }
+
+    async fn find(&self, name: &str) -> Result<Option<Lv>> {
+        Ok(self.lvs().await?.into_iter().find(|lv| lv.name == name))
+    }
+
+    /// The device of a volume or snapshot.
+    pub fn path(&self, kind: Kind, id: &uuid::Uuid) -> PathBuf {
+        PathBuf::from(format!("/dev/{}/{}", self.vg, lv_name(kind, id)))
+    }
+
+    fn target(&self, name: &str) -> String {
+        format!("{}/{name}", self.vg)
+    }
+
+    /// True when the LV exists.
+    pub async fn exists(&self, kind: Kind, id: &uuid::Uuid) -> Result<bool> {
+        Ok(self.find(&lv_name(kind, id)).await?.is_some())
+    }
+
+    /// Creates a blank volume. Repeating it is a no-op; a different size is refused.
+    pub async fn create_blank(&self, id: &uuid::Uuid, size_gb: u64) -> Result<u64> {
+        let name = lv_name(Kind::Volume, id);
+        let bytes = size_gb * GIB;
+        if let Some(lv) = self.find(&name).await? {
+            return if lv.size == bytes {
+                Ok(bytes)
+            } else {
+                Err(AgentError::FailedPrecondition(format!("volume {id} exists with another size ({} bytes)", lv.size)))
+            };
+        }
+        let size = format!("{bytes}b");
+        match &self.thin_pool {
+            Some(pool) => {
+                let pool = self.target(pool);
+                self.lvm("lvcreate", &["-q", "-y", "-T", "-V", &size, "-n", &name, "--addtag", OWNER_TAG, &pool])
+                    .await?
+            }
+            None => {
+                self.lvm("lvcreate", &["-q", "-y", "-L", &size, "-n", &name, "--addtag", OWNER_TAG, &self.vg]).await?
+            }
+        };
+        self.refresh().await?;
+        Ok(bytes)
+    }
+
+    /// Makes `kind`/`id` from a source volume or snapshot, at least `size_gb` GiB. Thin: a thin snapshot of the
+    /// source, grown when asked. Thick: a snapshot with a copy-on-write area as large as the origin, or (for a
+    /// new volume) a new LV filled with a direct-I/O copy. Repeating it finishes what a crash interrupted.
+    pub async fn create_from(
+        &self,
+        kind: Kind,
+        id: &uuid::Uuid,
+        source_kind: Kind,
+        source: &uuid::Uuid,
+        size_gb: Option<u64>,
+    ) -> Result<u64> {
+        let name = lv_name(kind, id);
+        let source_name = lv_name(source_kind, source);
+        let existing = self.find(&name).await?;
+        let source_lv = match self.find(&source_name).await? {
+            Some(lv) => lv,
+            None if existing.is_some() => existing.clone().unwrap(),
+            None => return Err(AgentError::NotFound(format!("source {source_name}"))),
+        };
+        let bytes = size_gb.map(|g| g * GIB).unwrap_or(source_lv.size).max(source_lv.size);
+        let target = self.target(&name);
+        let source_target = self.target(&source_name);
+        if self.is_thin() {
+            if existing.is_none() {
+                // -kn: thin snapshots skip activation by default; a volume or a snapshot to read must be active.
+                self.lvm("lvcreate", &["-q", "-y", "-s", "-kn", "-n", &name, "--addtag", OWNER_TAG, &source_target])
+                    .await?;
+            }
+            if kind == Kind::Volume {
+                self.grow(&target, bytes).await?;
+            }
+        } else if kind == Kind::Snapshot {
+            if existing.is_none() {
+                let cow = format!("{}b", source_lv.size);
+                self.lvm(
+                    "lvcreate",
+                    &["-q", "-y", "-s", "-L", &cow, "-n", &name, "--addtag", OWNER_TAG, &source_target],
+                )
+                .await?;
+            }
+        } else {
+            let complete = existing.as_ref().is_some_and(|lv| !lv.tags.iter().any(|t| t == INCOMPLETE_TAG));
+            if !complete {
+                if existing.is_none() {
+                    let size = format!("{bytes}b");
+                    let tags = ["--addtag", OWNER_TAG, "--addtag", INCOMPLETE_TAG];
+                    let mut args = vec!["-q", "-y", "-L", &size, "-n", &name];
+                    args.extend(tags);
+                    args.push(&self.vg);
+                    self.lvm("lvcreate", &args).await?;
+                }
+                self.copy(&source_target, &target, source_lv.size).await?;
+                self.lvm("lvchange", &["-q", "--deltag", INCOMPLETE_TAG, &target]).await?;
+            }
+            self.grow(&target, bytes).await?;
+        }
+        self.refresh().await?;
+        Ok(if kind == Kind::Volume { bytes } else { source_lv.size })
+    }
+
+    /// Copies `len` bytes from one LV to another with direct I/O (the page cache would only be polluted).
+    async fn copy(&self, from: &str, to: &str, len: u64) -> Result<()> {
+        let (src, dst) = (format!("if=/dev/{from}"), format!("of=/dev/{to}"));
+        let count = format!("count={}", len.div_ceil(MIB));
+        let args = [src.as_str(), &dst, "bs=1M", &count, "iflag=direct", "oflag=direct", "conv=fdatasync"];
+        runner::run("dd", &args, DATA_TIMEOUT).await?;
+        Ok(())
+    }
+
+    async fn grow(&self, target: &str, bytes: u64) -> Result<()> {
+        let current = self.find(target.rsplit('/').next().unwrap_or_default()).await?.map(|lv| lv.size).unwrap_or(0);
+        if current < bytes {
+            self.lvm("lvextend", &["-q", "-y", "-L", &format!("{bytes}b"), target]).await?;
+        }
+        Ok(())
+    }
+
+    /// Grows a volume. Asking for its current size again is a no-op; shrinking is refused.
+    pub async fn extend(&self, id: &uuid::Uuid, new_gb: u64) -> Result<u64> {
+        let name = lv_name(Kind::Volume, id);
+        let lvs = self.lvs().await?;
+        let lv = lvs.iter().find(|lv| lv.name == name).ok_or_else(|| AgentError::NotFound(format!("volume {id}")))?;
+        let bytes = new_gb * GIB;
+        if bytes < lv.size {
+            return Err(AgentError::FailedPrecondition(format!("volume {id} is larger than {new_gb} GiB")));
+        }
+        // LVM resizes a thick snapshot origin only while it is inactive, which an exported volume never is.
+        if bytes > lv.size && !self.is_thin() && lvs.iter().any(|s| s.origin == name) {
+            return Err(AgentError::FailedPrecondition(format!(
+                "thick volume {id} has snapshots; LVM cannot extend it until they are deleted"
+            )));
+        }
+        self.grow(&self.target(&name), bytes).await?;
+        self.refresh().await?;
+        Ok(bytes)
+    }
+
+    /// Removes a volume or snapshot; what is already gone succeeds. A volume with snapshots is refused. Thick
+    /// LVs are wiped first (zeros over `wipe_size_mb`, 0 = all; a thick snapshot's copy-on-write area, where its
+    /// private data is); thin LVs are not, as the pool never hands out unwritten blocks with old data.
+    pub async fn remove(&self, kind: Kind, id: &uuid::Uuid) -> Result<()> {
+        let name = lv_name(kind, id);
+        let lvs = self.lvs().await?;
+        let Some(lv) = lvs.iter().find(|lv| lv.name == name) else {
+            return Ok(());
+        };
+        if let Some(snap) = lvs.iter().find(|s| s.origin == name && s.name.starts_with("_snapshot-")) {
+            return Err(AgentError::FailedPrecondition(format!("volume {id} has snapshot {}", snap.name)));
+        }
+        if !self.is_thin() && self.cfg.wipe == Wipe::Zero {
+            let device = match kind {
+                Kind::Volume => format!("/dev/{}", self.target(&name)),
+                Kind::Snapshot => format!("/dev/mapper/{}-cow", dm_name(&self.vg, &name)),
+            };
+            let mut mib = lv.size.div_ceil(MIB);
+            if self.cfg.wipe_size_mb > 0 {
+                mib = mib.min(self.cfg.wipe_size_mb);
+            }
+            let (of, count) = (format!("of={device}"), format!("count={mib}"));
+            runner::run("dd", &["if=/dev/zero", &of, "bs=1M", &count, "oflag=direct", "conv=fdatasync"], DATA_TIMEOUT)
+                .await?;
+            tracing::info!(%id, wiped_mib = mib, "wiped");
+        }
+        match self.lvm("lvremove", &["-q", "-f", &self.target(&name)]).await {
+            Ok(_) | Err(AgentError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        self.refresh().await
+    }
+
+    /// Ids of the volumes and snapshots the agent owns here.
+    pub async fn list(&self) -> Result<(Vec<String>, Vec<String>)> {
+        let (mut volumes, mut snapshots) = (Vec::new(), Vec::new());
+        for lv in self.lvs().await? {
+            if !lv.tags.iter().any(|t| t == OWNER_TAG) {
+                continue;
+            }
+            if let Some(id) = lv.name.strip_prefix("volume-") {
+                volumes.push(id.to_string());
+            } else if let Some(id) = lv.name.strip_prefix("_snapshot-") {
+                snapshots.push(id.to_string());
+            }
+        }
+        volumes.sort();
+        snapshots.sort();
+        Ok((volumes, snapshots))
+    }
+
+    /// Re-reads capacity from `vgs` and `lvs`.
+    pub async fn refresh(&self) -> Result<()> {
+        let args = ["--reportformat", "json", "--units", "b", "--nosuffix", "-o", "vg_size,vg_free", &self.vg];
+        let vg = parse_vg(&self.lvm("vgs", &args).await?)?;
+        let lvs = self.lvs().await?;
+        let (total, free, provisioned) = capacity(vg, &lvs, self.thin_pool.as_deref());
+        let allocated = lvs.iter().filter(|lv| lv.tags.iter().any(|t| t == OWNER_TAG)).map(|lv| lv.size).sum::<u64>();
+        let gb = |b: u64| b as f64 / GIB as f64;
+        let pool = Pool {
+            name: self.cfg.name.clone(),
+            total_capacity_gb: gb(total),
+            free_capacity_gb: gb(free),
+            provisioned_capacity_gb: gb(provisioned),
+            allocated_capacity_gb: gb(allocated),
+            thin_provisioning_support: self.is_thin(),
+            thick_provisioning_support: !self.is_thin(),
+            reserved_percentage: self.cfg.reserved_percentage,
+            max_over_subscription_ratio: self.cfg.max_over_subscription_ratio,
+            multiattach: true,
+            capabilities: [
+                ("volume_backend_name".to_string(), self.cfg.name.clone()),
+                ("storage_protocol".to_string(), "iSCSI".to_string()),
+                ("driver".to_string(), "lvm".to_string()),
+                ("lvm_type".to_string(), if self.is_thin() { "thin" } else { "thick" }.to_string()),
+            ]
+            .into(),
+        };
+        *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = pool;
+        Ok(())
+    }
+
+    /// The last capacity report.
+    pub fn pool(&self) -> Pool {
+        self.cached.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LVS: &str = include_str!("../testdata/lvm/lvs.json");
+    const VGS: &str = include_str!("../testdata/lvm/vgs.json");
+
+    #[test]
+    fn parses_real_lvs_output_and_skips_hidden_lvs() {
+        let lvs = parse_lvs(LVS).unwrap();
+        let names: Vec<_> = lvs.iter().map(|lv| lv.name.as_str()).collect();
+        assert_eq!(names.len(), 5, "{names:?}");
+        assert!(!names.iter().any(|n| n.starts_with('[')));
+        let pool = lvs.iter().find(|lv| lv.name == "ember-pool").unwrap();
+        assert_eq!((pool.size, pool.data_percent), (536870912, Some(3.91)));
+        let thick = lvs.iter().find(|lv| lv.name == "volume-11111111-1111-1111-1111-111111111111").unwrap();
+        assert_eq!(thick.tags, ["ember-volume"]);
+        assert_eq!(thick.size, 64 << 20);
+        let snap = lvs.iter().find(|lv| lv.name.starts_with("_snapshot-4444")).unwrap();
+        assert_eq!(
+            (snap.origin.as_str(), snap.pool.as_str()),
+            ("volume-33333333-3333-3333-3333-333333333333", "ember-pool")
+        );
+    }
+
+    #[test]
+    fn parses_real_vgs_output_and_missing_vg_is_an_error() {
+        assert_eq!(parse_vg(VGS).unwrap(), Vg { size: 4290772992, free: 3611295744 });
+        let missing = include_str!("../testdata/lvm/vgs-missing.txt");
+        let json: String = missing
+            .lines()
+            .filter(|l| !l.contains("not found") && !l.contains("Cannot"))
+            .take_while(|l| !l.starts_with("rc="))
+            .collect();
+        assert!(parse_vg(&json).is_err());
+    }
+
+    #[test]
+    fn capacity_thin_uses_pool_data_percent_and_thick_uses_the_vg() {
+        let lvs = parse_lvs(LVS).unwrap();
+        let vg = parse_vg(VGS).unwrap();
+        let (total, free, provisioned) = capacity(vg, &lvs, Some("ember-pool"));
+        assert_eq!(total, 536870912);
+        assert_eq!(free, (536870912f64 * (1.0 - 0.0391)) as u64);
+        assert_eq!(provisioned, 2 << 30, "the thin volume and its thin snapshot");
+        let (total, free, provisioned) = capacity(vg, &lvs, None);
+        assert_eq!((total, free), (4290772992, 3611295744));
+        assert_eq!(provisioned, 0, "no LV carries the owner tag in the capture");
+    }
+
+    fn failed(stderr: &str) -> CommandError {
+        CommandError::Failed {
+            program: "lvcreate".into(),
+            args: String::new(),
+            code: Some(5),
+            stderr: stderr.into(),
+            stdout: String::new(),
+        }
+    }
+
+    fn stderr_of(capture: &str) -> String {
+        capture.lines().filter(|l| !l.starts_with("rc=")).collect::<Vec<_>>().join("\n")
+    }
+
+    #[test]
+    fn errors_map_to_statuses() {
+        let full = stderr_of(include_str!("../testdata/lvm/lvcreate-full.txt"));
+        assert!(matches!(classify(failed(&full)), AgentError::NoSpace(_)));
+        let status: tonic::Status = classify(failed(&full)).into();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        let missing = stderr_of(include_str!("../testdata/lvm/lvremove-missing.txt"));
+        assert!(matches!(classify(failed(&missing)), AgentError::NotFound(_)));
+        assert!(matches!(classify(failed("  Device or resource busy")), AgentError::Command(_)));
+    }
+
+    #[test]
+    fn names() {
+        let id = uuid::Uuid::parse_str("11111111-2222-3333-4444-555555555555").unwrap();
+        assert_eq!(lv_name(Kind::Volume, &id), "volume-11111111-2222-3333-4444-555555555555");
+        assert_eq!(lv_name(Kind::Snapshot, &id), "_snapshot-11111111-2222-3333-4444-555555555555");
+        assert_eq!(dm_name("vg-a", "_snapshot-1-2"), "vg--a-_snapshot--1--2");
+    }
+}

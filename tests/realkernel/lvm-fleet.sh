@@ -1,0 +1,216 @@
+#!/usr/bin/env bash
+# Runs inside the real-kernel guest (see run-guest.sh): a whole ember fleet (coordinator + storage agent) on the
+# guest's loopback with two LVM backends on real virtio disks — thick LVs exported over tgt, thin LVs exported
+# over LIO — driven through the public API with the `ember` CLI, and checked against what the node really has:
+# `lvs`, `tgtadm`, LIO's configfs, and data written through the kernel iSCSI initiator (iscsiadm, CHAP) read
+# back from the LVs, snapshots and clones. Every check prints "[PASS] name" or "[FAIL] name"; the exit
+# status is the number of failures. Timings of each operation go to /ember/out/timings.txt.
+set -u
+JOB=$(cd "$(dirname "$0")" && pwd)
+OUT=/ember/out
+W=/tmp/ember
+mkdir -p "$OUT" "$W"/{certs,logs,state}
+export PATH=$JOB:$PATH
+passed=0
+failed=0
+check() {
+  local name=$1
+  shift
+  if "$@" >>"$OUT/checks.log" 2>&1; then
+    echo "[PASS] $name"
+    passed=$((passed + 1))
+  else
+    echo "[FAIL] $name"
+    failed=$((failed + 1))
+  fi
+}
+# Waits up to $1 seconds for a command to succeed (polling a condition, not sleeping for a result).
+wait_for() {
+  local limit=$1 i=0
+  shift
+  until "$@" >/dev/null 2>&1; do
+    i=$((i + 1))
+    [ $i -lt $((limit * 10)) ] || return 1
+    sleep 0.1
+  done
+}
+now_ms() { echo $(($(date +%s%N) / 1000000)); }
+timed() { # timed LABEL command...: runs it, appends "LABEL ms" to timings.txt, keeps its stdout
+  local label=$1 start rc
+  shift
+  start=$(now_ms)
+  "$@"
+  rc=$?
+  echo "$label $(($(now_ms) - start))" >>"$OUT/timings.txt"
+  return $rc
+}
+
+modprobe -a dm-mod dm-snapshot dm-thin-pool iscsi_tcp sd_mod target_core_mod target_core_iblock iscsi_target_mod
+pvcreate -q "$EMBER_GUEST_DISK0" "$EMBER_GUEST_DISK1"
+vgcreate -q ember-thick "$EMBER_GUEST_DISK0"
+vgcreate -q ember-thin "$EMBER_GUEST_DISK1"
+mkdir -p /etc/iscsi/nodes /etc/iscsi/send_targets /var/lib/iscsi
+iscsid
+INITIATOR=$(sed -n 's/^InitiatorName=//p' /etc/iscsi/initiatorname.iscsi)
+
+# ---------------------------------------------------------------- the fleet
+certs=$W/certs
+ember certs init --dir "$certs" >/dev/null
+ember certs issue --dir "$certs" --role coordinator --name coordinator --dns localhost --ip 127.0.0.1 >/dev/null
+ember certs issue --dir "$certs" --role storage-agent --name storage1 --dns localhost --ip 127.0.0.1 >/dev/null
+ember certs issue --dir "$certs" --role admin --name admin >/dev/null
+tls() { printf '[tls]\nca = "%s/ca.pem"\ncert = "%s/%s.pem"\nkey = "%s/%s.key"\n' "$certs" "$certs" "$1" "$certs" "$1"; }
+{ printf 'listen = "127.0.0.1:7000"\ndatabase = "%s/ember.db"\n' "$W"; tls coordinator; } >"$W/coordinator.toml"
+cat >"$W/storage.toml" <<EOF
+name = "storage1"
+listen = "127.0.0.1:7001"
+coordinator = "https://127.0.0.1:7000"
+state_dir = "$W/state"
+
+[[backends]]
+name = "thick"
+driver = "lvm"
+volume_group = "ember-thick"
+lvm_type = "thick"
+target = "tgt"
+
+[[backends]]
+name = "thin"
+driver = "lvm"
+volume_group = "ember-thin"
+lvm_type = "auto"
+target = "lio"
+
+[tgt]
+portal = "127.0.0.1:3260"
+
+[lio]
+portal = "127.0.0.1:3261"
+
+EOF
+tls storage1 >>"$W/storage.toml"
+export EMBER_COORDINATOR=https://127.0.0.1:7000 EMBER_CA=$certs/ca.pem EMBER_CERT=$certs/admin.pem EMBER_KEY=$certs/admin.key
+ember-coordinator --config "$W/coordinator.toml" >"$W/logs/coordinator.out" 2>"$W/logs/coordinator.log" &
+coordinator=$!
+ember-storage-agent --config "$W/storage.toml" >"$W/logs/storage.out" 2>"$W/logs/storage.log" &
+storage=$!
+storage_up() { ember service list | grep storage1 | grep -q ' up'; }
+check "storage agent registers with both LVM backends" wait_for 90 storage_up
+check "auto lvm_type made the thin pool in the empty VG" lvs ember-thin/ember-thin-pool
+ember type create thick --spec volume_backend_name=thick >/dev/null
+ember type create thin --spec volume_backend_name=thin >/dev/null
+
+json_field() { sed -n "s/^ *\"$1\": \"\\{0,1\\}\\([^\",]*\\)\"\\{0,1\\},\\{0,1\\}\$/\\1/p" | head -1; }
+new_volume() { # new_volume TYPE ARGS... → prints the id of an available volume
+  ember --json volume create --type "$@" --wait | json_field id
+}
+lv_size() { lvs --noheadings --nosuffix --units b -o lv_size "$1" 2>/dev/null | tr -d ' '; }
+lv_has_tag() { lvs --noheadings -o lv_tags "$1" 2>/dev/null | grep -qw "$2"; }
+same_head() { cmp -n "$3" "$1" "$2"; }
+absent() { ! "$@"; }
+
+# Logs in with CHAP through the kernel initiator; prints the by-path device.
+iscsi_login() { # portal iqn user password
+  iscsiadm -m node -o new -T "$2" -p "$1" >/dev/null &&
+    iscsiadm -m node -T "$2" -p "$1" -o update -n node.session.auth.authmethod -v CHAP &&
+    iscsiadm -m node -T "$2" -p "$1" -o update -n node.session.auth.username -v "$3" &&
+    iscsiadm -m node -T "$2" -p "$1" -o update -n node.session.auth.password -v "$4" &&
+    iscsiadm -m node -T "$2" -p "$1" --login >/dev/null || return 1
+  local dev=/dev/disk/by-path/ip-$1-iscsi-$2-lun-1
+  wait_for 30 test -b "$dev" || return 1
+  echo "$dev"
+}
+iscsi_logout() { # portal iqn
+  iscsiadm -m node -T "$2" -p "$1" --logout >/dev/null 2>&1
+  iscsiadm -m node -T "$2" -p "$1" -o delete >/dev/null 2>&1
+  wait_for 30 absent test -e "/dev/disk/by-path/ip-$1-iscsi-$2-lun-1"
+}
+no_session() { ! iscsiadm -m session >/dev/null 2>&1; }
+
+head -c 4194304 /dev/urandom >"$W/pattern-a"
+head -c 4194304 /dev/urandom >"$W/pattern-b"
+
+for kind in thick thin; do
+  vg=ember-$kind
+  vol=$(timed "$kind.create" new_volume "$kind" --size 1)
+  check "$kind: volume created, available" test -n "$vol"
+  check "$kind: LV volume-<id> of 1 GiB with the owner tag" lv_has_tag "$vg/volume-$vol" ember
+  check "$kind: LV size is 1 GiB" test "$(lv_size "$vg/volume-$vol")" = 1073741824
+  case $kind in
+    thick) check "thick: LV is not thin" test -z "$(lvs --noheadings -o pool_lv "$vg/volume-$vol" | tr -d ' ')" ;;
+    thin) check "thin: LV is in the thin pool" test "$(lvs --noheadings -o pool_lv "$vg/volume-$vol" | tr -d ' ')" = ember-thin-pool ;;
+  esac
+
+  # Export to this node's initiator, log in with CHAP, write through the SCSI disk, read from the LV.
+  ember volume export "$vol" --initiator "$INITIATOR" --host guest --ip 127.0.0.1 >"$W/export.txt"
+  portal=$(awk '$1 == "target_portal" { print $2 }' "$W/export.txt")
+  iqn=$(awk '$1 == "target_iqn" { print $2 }' "$W/export.txt")
+  user=$(awk '$1 == "auth_username" { print $2 }' "$W/export.txt")
+  pass=$(awk '$1 == "auth_password" { print $2 }' "$W/export.txt")
+  case $kind in
+    thick) check "thick: tgtadm lists the target backed by the LV" sh -c "tgtadm --lld iscsi --op show --mode target | grep -q /dev/$vg/volume-$vol" ;;
+    thin) check "thin: LIO has the target with an ACL for this initiator" test -d "/sys/kernel/config/target/iscsi/$iqn/tpgt_1/acls/$INITIATOR" ;;
+  esac
+  iscsiadm -m node -o new -T "$iqn" -p "$portal" >/dev/null
+  iscsiadm -m node -T "$iqn" -p "$portal" -o update -n node.session.auth.authmethod -v CHAP
+  iscsiadm -m node -T "$iqn" -p "$portal" -o update -n node.session.auth.username -v "$user"
+  iscsiadm -m node -T "$iqn" -p "$portal" -o update -n node.session.auth.password -v wrong-secret-123
+  check "$kind: login with a wrong CHAP secret is refused" absent iscsiadm -m node -T "$iqn" -p "$portal" --login
+  iscsiadm -m node -T "$iqn" -p "$portal" -o delete >/dev/null 2>&1
+  dev=$(timed "$kind.iscsi_login" iscsi_login "$portal" "$iqn" "$user" "$pass")
+  check "$kind: iscsiadm login with CHAP gives /dev/disk/by-path/...-lun-1" test -b "$dev"
+  check "$kind: the disk has the volume's size" test "$(blockdev --getsize64 "$dev" 2>/dev/null)" = 1073741824
+  dd if="$W/pattern-a" of="$dev" bs=1M oflag=direct conv=fsync status=none
+  check "$kind: data written through iSCSI is on the LV" same_head "$W/pattern-a" "/dev/$vg/volume-$vol" 4194304
+  check "$kind: logout and node delete leave no session and no device" iscsi_logout "$portal" "$iqn"
+  check "$kind: no iSCSI session remains" no_session
+  ember volume unexport "$vol" --initiator "$INITIATOR" >/dev/null
+  case $kind in
+    thick) check "thick: unexport removed the tgt target" sh -c "! tgtadm --lld iscsi --op show --mode target | grep -q $iqn" ;;
+    thin) check "thin: unexport removed the LIO target and backstore" absent test -e "/sys/kernel/config/target/iscsi/$iqn" ;;
+  esac
+
+  timed "$kind.extend" ember volume extend "$vol" 2 --wait >/dev/null
+  check "$kind: extend grew the LV to 2 GiB" test "$(lv_size "$vg/volume-$vol")" = 2147483648
+  snap=$(timed "$kind.snapshot" sh -c "ember --json snapshot create $vol --wait | sed -n 's/^ *\"id\": \"\\([^\"]*\\)\".*/\\1/p' | head -1")
+  check "$kind: snapshot LV _snapshot-<id> exists" lv_has_tag "$vg/_snapshot-$snap" ember
+  check "$kind: snapshot's origin is the volume" test "$(lvs --noheadings -o origin "$vg/_snapshot-$snap" | tr -d ' ')" = "volume-$vol"
+  dd if="$W/pattern-b" of="/dev/$vg/volume-$vol" bs=1M oflag=direct conv=fsync status=none
+  check "$kind: the snapshot keeps the data of its time" same_head "$W/pattern-a" "/dev/$vg/_snapshot-$snap" 4194304
+  from_snap=$(timed "$kind.from_snapshot" new_volume "$kind" --snapshot "$snap" --size 2)
+  check "$kind: volume from snapshot holds the snapshot's data" same_head "$W/pattern-a" "/dev/$vg/volume-$from_snap" 4194304
+  check "$kind: volume from snapshot grew to 2 GiB" test "$(lv_size "$vg/volume-$from_snap")" = 2147483648
+  clone=$(timed "$kind.clone" new_volume "$kind" --source-volume "$vol")
+  check "$kind: clone holds the volume's current data" same_head "$W/pattern-b" "/dev/$vg/volume-$clone" 4194304
+  check "$kind: deleting a volume with snapshots is refused" absent ember volume delete "$vol"
+  check "$kind: ... and the LV is still there" lv_has_tag "$vg/volume-$vol" ember
+
+  # A marker in the clone, then where it sits on the disk (a linear LV: "0 <len> linear <dev> <start>").
+  marker="EMBER-WIPE-MARKER-$kind-$RANDOM$RANDOM"
+  printf '%s' "$marker" >"$W/marker"
+  truncate -s 4096 "$W/marker"
+  dd if="$W/marker" of="/dev/$vg/volume-$clone" bs=4096 seek=100 oflag=direct conv=fsync status=none
+  start=$(dmsetup table "${vg//-/--}-volume--${clone//-/--}" 2>/dev/null | awk '$3 == "linear" { print $5; exit }')
+  disk_block() { dd if="$EMBER_GUEST_DISK0" bs=512 skip=$((${start:-0} + 800)) count=8 iflag=direct status=none; }
+  [ $kind = thick ] && disk_block >"$W/before"
+  timed "$kind.delete" ember volume delete "$clone" --wait >/dev/null
+  check "$kind: delete removed the clone's LV" absent lvs "$vg/volume-$clone"
+  if [ $kind = thick ]; then
+    disk_block >"$W/after"
+    check "thick: the marker was on the disk where the LV was" grep -aq "$marker" "$W/before"
+    check "thick: the deleted LV's data was wiped from the disk" absent grep -aq "$marker" "$W/after"
+  fi
+  ember snapshot delete "$snap" --wait >/dev/null
+  ember volume delete "$from_snap" --wait >/dev/null
+  ember volume delete "$vol" --wait >/dev/null
+  check "$kind: every owned LV is gone" test -z "$(lvs --noheadings -o lv_name -S lv_tags=ember $vg)"
+done
+
+check "the agent's capacity report reached the coordinator (thin pool)" sh -c "ember --json service list | grep -q thin"
+kill -TERM "$storage" "$coordinator"
+wait "$storage" "$coordinator" 2>/dev/null
+lvs --reportformat json --units b --nosuffix -a >"$OUT/lvs-final.json" 2>&1
+cp "$W"/logs/* "$OUT/"
+echo "guest checks: $passed passed, $failed failed"
+echo "$passed $failed" >"$OUT/summary.txt"
+exit "$failed"
