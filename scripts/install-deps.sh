@@ -27,6 +27,15 @@ if ! installed qemu-block-extra || ! installed qemu-system-x86 || ! command -v q
   apt_install --allow-downgrades qemu-utils/bookworm qemu-block-extra/bookworm qemu-system-x86/bookworm
 fi
 
+# libvirt (daemon, QEMU driver, virsh): the compute agent attaches volumes to libvirt domains. Installed after
+# qemu-system-x86 from bookworm above, so apt does not pull in the backported qemu-utils again.
+missing=()
+for p in libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients; do installed "$p" || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing apt packages: ${missing[*]}" >&2
+  apt_install "${missing[@]}"
+fi
+
 # A client that is not ours, for the reflection test and for operators: Python grpcio with reflection.
 if ! python3 -c 'import grpc, grpc_reflection' 2>/dev/null; then
   echo "installing python grpcio + grpcio-reflection" >&2

@@ -9,14 +9,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=${1:-debug}
 bin=target/$profile
-for b in ember ember-coordinator ember-storage-agent; do
+for b in ember ember-coordinator ember-storage-agent ember-compute-agent; do
   [ -x "$bin/$b" ] || { echo "$bin/$b missing: build the workspace first" >&2; exit 2; }
 done
 tests/realkernel/build-guest.sh
 # Debug symbols would triple what the guest must hold in RAM; the guest runs stripped copies.
 stripped=$(mktemp -d)
 trap 'rm -rf "$stripped"' EXIT
-for b in ember ember-coordinator ember-storage-agent; do strip -o "$stripped/$b" "$bin/$b"; done
+for b in ember ember-coordinator ember-storage-agent ember-compute-agent; do strip -o "$stripped/$b" "$bin/$b"; done
 out=target/realkernel/last-run
 rm -rf "$out"
 status=0

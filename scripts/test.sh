@@ -10,7 +10,10 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --bins --locked
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+# Compute tests attach volumes to real libvirt domains; the suite runs one libvirtd (stopped at the end if
+# this script started it).
+./scripts/libvirtd.sh start
+trap 'rm -f "$log"; ./scripts/libvirtd.sh stop' EXIT
 status=0
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
 # The real-kernel tier: LVM, LIO and the kernel initiator in a QEMU guest (this kernel has none of them).

@@ -1,7 +1,12 @@
 //! `ember-compute-agent`: runs on a compute node, connects volumes and attaches them to libvirt guests.
 //! It registers its connector (host, IP, initiator IQN, connection types) with the coordinator.
 
+mod connector;
+mod domain_xml;
+mod error;
+mod libvirtd;
 mod service;
+mod virsh;
 
 use clap::Parser;
 use ember_common::agent::{AgentArgs, AgentSettings, serve_agent, start_process};
@@ -21,13 +26,87 @@ struct ComputeConfig {
     ip: Option<String>,
     /// iSCSI initiator IQN; default read from /etc/iscsi/initiatorname.iscsi.
     initiator: Option<String>,
+    /// Where the agent keeps short-lived files and NFS mounts (default /var/lib/ember/compute-agent).
+    state_dir: Option<std::path::PathBuf>,
+    /// The libvirt to use (default `qemu:///system`).
+    libvirt_uri: Option<String>,
+    /// Start virtlogd and libvirtd when none answers (and stop them on exit). Default true.
+    manage_libvirt: Option<bool>,
+    /// `qemu` (QEMU's own initiator, no host device) or `kernel` (iscsiadm). Default: qemu when QEMU's iSCSI
+    /// driver is installed, else kernel.
+    iscsi_mode: Option<connector::IscsiMode>,
+    /// Seconds a guest may take to release a detached disk (default 30).
+    detach_timeout_secs: Option<u64>,
 }
+
+/// QEMU's iSCSI block driver, which the `qemu` mode needs.
+const QEMU_ISCSI_DRIVER: &str = "/usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so";
 
 #[derive(Debug, Parser)]
 #[command(name = "ember-compute-agent", version, about = "ember's compute node agent")]
 struct Args {
     #[command(flatten)]
     agent: AgentArgs,
+    /// Run one connector step by hand instead of the agent (operators finishing or undoing a connection;
+    /// the real-kernel tests).
+    #[command(subcommand)]
+    tool: Option<Tool>,
+}
+
+/// Connector steps an operator can run by hand.
+#[derive(Debug, clap::Subcommand)]
+enum Tool {
+    /// Log in to an iSCSI LUN with the kernel initiator and print its device (CHAP secret from
+    /// $EMBER_CHAP_PASSWORD, never the command line).
+    IscsiConnect(IscsiTarget),
+    /// Flush and remove an iSCSI LUN's device, logging out when no other LUN of the target is in use.
+    IscsiDisconnect(IscsiTarget),
+}
+
+/// One iSCSI LUN.
+#[derive(Debug, clap::Args)]
+struct IscsiTarget {
+    /// Portal `ip:port`.
+    #[arg(long)]
+    portal: String,
+    /// Target IQN.
+    #[arg(long)]
+    iqn: String,
+    /// LUN.
+    #[arg(long, default_value_t = 1)]
+    lun: u32,
+    /// CHAP user.
+    #[arg(long, default_value = "")]
+    username: String,
+}
+
+impl IscsiTarget {
+    fn connection(&self) -> ember_proto::agent::v1::Connection {
+        ember_proto::agent::v1::Connection {
+            driver_volume_type: "iscsi".into(),
+            target_portal: self.portal.clone(),
+            target_iqn: self.iqn.clone(),
+            target_lun: self.lun,
+            auth_username: self.username.clone(),
+            auth_password: std::env::var("EMBER_CHAP_PASSWORD").unwrap_or_default(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Runs a [`Tool`] with the kernel connector.
+async fn run_tool(tool: Tool) -> Result<(), Box<dyn std::error::Error>> {
+    let connectors = connector::Connectors {
+        virsh: virsh::Virsh { uri: String::new(), timeout: std::time::Duration::from_secs(60) },
+        iscsi_mode: connector::IscsiMode::Kernel,
+        initiator: String::new(),
+        state_dir: std::env::temp_dir(),
+    };
+    match tool {
+        Tool::IscsiConnect(t) => println!("{}", connectors.kernel_login(&t.connection()).await?.display()),
+        Tool::IscsiDisconnect(t) => connectors.kernel_logout(&t.connection()).await?,
+    }
+    Ok(())
 }
 
 /// The IQN in an open-iscsi `initiatorname.iscsi` file (`InitiatorName=iqn…`).
@@ -42,9 +121,13 @@ fn parse_initiator_name(text: &str) -> Option<String> {
 
 #[tokio::main]
 async fn main() {
-    let args = Args::parse();
+    let mut args = Args::parse();
     start_process(args.agent.log_json);
-    if let Err(e) = run(args).await {
+    let result = match args.tool.take() {
+        Some(tool) => run_tool(tool).await,
+        None => run(args).await,
+    };
+    if let Err(e) = result {
         tracing::error!("{e}");
         eprintln!("ember-compute-agent: {e}");
         std::process::exit(1);
@@ -61,28 +144,57 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             std::fs::read_to_string("/etc/iscsi/initiatorname.iscsi").ok().and_then(|t| parse_initiator_name(&t))
         })
         .unwrap_or_else(|| format!("iqn.2026-11.org.ember:{}", id.name));
+    let state_dir = file.state_dir.clone().unwrap_or_else(|| "/var/lib/ember/compute-agent".into());
+    std::fs::create_dir_all(&state_dir)?;
+    let virsh = virsh::Virsh {
+        uri: file.libvirt_uri.clone().unwrap_or_else(|| "qemu:///system".into()),
+        timeout: std::time::Duration::from_secs(60),
+    };
+    let libvirt = if file.manage_libvirt.unwrap_or(true) {
+        libvirtd::ensure(&virsh, &state_dir).await?
+    } else {
+        libvirtd::Started::default()
+    };
+    let iscsi_mode = file.iscsi_mode.unwrap_or(if std::path::Path::new(QEMU_ISCSI_DRIVER).exists() {
+        connector::IscsiMode::Qemu
+    } else {
+        connector::IscsiMode::Kernel
+    });
+    tracing::info!(?iscsi_mode, uri = %virsh.uri, "compute agent ready");
     let connector = ComputeConnector {
         host: id.name.clone(),
         ip: file.ip.clone().unwrap_or_else(|| "127.0.0.1".into()),
-        initiator,
-        connection_types: vec!["iscsi-qemu".into(), "file".into()],
+        initiator: initiator.clone(),
+        connection_types: vec!["iscsi".into(), "file".into()],
+    };
+    let compute = service::Compute {
+        connectors: connector::Connectors { virsh: virsh.clone(), iscsi_mode, initiator, state_dir },
+        virsh,
+        detach_timeout: std::time::Duration::from_secs(file.detach_timeout_secs.unwrap_or(30)),
+        lock: Default::default(),
     };
     let (name, az) = (id.name.clone(), id.availability_zone.clone());
     let mut routes = RoutesBuilder::default();
-    routes.add_service(ComputeAgentServer::with_interceptor(service::Compute, require_roles(&[Role::Coordinator])));
-    serve_agent(id, routes, &["ember.agent.v1.ComputeAgent"], move |endpoint, instance_id| RegisterRequest {
-        name: name.clone(),
-        role: AgentRole::Compute as i32,
-        endpoint: endpoint.to_string(),
-        instance_id: instance_id.to_string(),
-        version: ember_common::VERSION.to_string(),
-        api_version: ember_proto::AGENT_API_VERSION.to_string(),
-        availability_zone: az.clone(),
-        backends: vec![],
-        connector: Some(connector.clone()),
-        repositories: vec![],
-    })
-    .await
+    routes.add_service(ComputeAgentServer::with_interceptor(
+        service::ComputeService(std::sync::Arc::new(compute)),
+        require_roles(&[Role::Coordinator]),
+    ));
+    let served =
+        serve_agent(id, routes, &["ember.agent.v1.ComputeAgent"], move |endpoint, instance_id| RegisterRequest {
+            name: name.clone(),
+            role: AgentRole::Compute as i32,
+            endpoint: endpoint.to_string(),
+            instance_id: instance_id.to_string(),
+            version: ember_common::VERSION.to_string(),
+            api_version: ember_proto::AGENT_API_VERSION.to_string(),
+            availability_zone: az.clone(),
+            backends: vec![],
+            connector: Some(connector.clone()),
+            repositories: vec![],
+        })
+        .await;
+    libvirt.stop().await;
+    served
 }
 
 #[cfg(test)]

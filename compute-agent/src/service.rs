@@ -1,17 +1,151 @@
-//! The compute agent's gRPC service. Attach, detach and instances arrive with the compute-agent work; until
-//! then each call answers UNIMPLEMENTED.
+//! The compute agent's gRPC service: attach and detach volumes to libvirt domains. Instances (boot from
+//! volume) answer UNIMPLEMENTED for now.
+//!
+//! Attach: connect → add the disk (next free `vdX`, serial = volume id) live and persistent → confirm it in the
+//! live XML. Detach: remove the disk → confirm it left the live XML (a guest that does not answer the unplug
+//! within the deadline is an error, never a silent success) → disconnect. Both are idempotent, so the
+//! coordinator may repeat them after any crash.
 
+use crate::connector::Connectors;
+use crate::domain_xml::{DiskSpec, disk_xml, disks, next_free_target};
+use crate::error::{ComputeError, Result};
+use crate::virsh::{DomainState, Virsh};
 use ember_common::not_yet;
 use ember_proto::agent::v1::compute_agent_server::ComputeAgent;
 use ember_proto::agent::v1::*;
+use std::time::{Duration, Instant};
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
-/// The service.
-pub struct Compute;
+/// The agent's state.
+pub struct Compute {
+    /// The local libvirt.
+    pub virsh: Virsh,
+    /// How volumes are reached.
+    pub connectors: Connectors,
+    /// How long a guest may take to release a detached disk.
+    pub detach_timeout: Duration,
+    /// Serialises disk changes, so two attaches never pick the same device name.
+    pub lock: tokio::sync::Mutex<()>,
+}
+
+fn checked_volume_id(id: &str) -> Result<()> {
+    match uuid::Uuid::parse_str(id) {
+        Ok(u) if u.hyphenated().to_string() == id => Ok(()),
+        _ => Err(ComputeError::InvalidArgument {
+            field: "volume_id",
+            message: format!("{id:?} is not a lowercase UUID"),
+        }),
+    }
+}
+
+/// Polls the live XML until `present(disk with this serial)` holds, or the deadline passes.
+async fn wait_for_disk(virsh: &Virsh, uuid: &str, serial: &str, present: bool, limit: Duration) -> Result<bool> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let live = virsh.dumpxml(uuid, false).await?;
+        let found = disks(&live).map_err(|e| ComputeError::Io { context: e, source: std::io::Error::other("xml") })?;
+        if found.iter().any(|d| d.serial == serial) == present {
+            return Ok(true);
+        }
+        if Instant::now() > deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl Compute {
+    async fn attach(&self, r: AttachVolumeRequest) -> Result<String> {
+        checked_volume_id(&r.volume_id)?;
+        let conn = r.connection.unwrap_or_default();
+        let _guard = self.lock.lock().await;
+        let uuid = self.virsh.resolve(&r.instance).await?;
+        if let DomainState::Other(state) = self.virsh.state(&uuid).await? {
+            return Err(ComputeError::FailedPrecondition(format!(
+                "instance {} is {state}; volumes attach to running instances",
+                r.instance
+            )));
+        }
+        let live = disks(&self.virsh.dumpxml(&uuid, false).await?).unwrap_or_default();
+        if let Some(d) = live.iter().find(|d| d.serial == r.volume_id) {
+            return Ok(d.target.clone()); // a repeat after a crash: already there
+        }
+        let source = self.connectors.connect(&r.volume_id, &conn).await?;
+        let mut used: Vec<String> = live.into_iter().map(|d| d.target).collect();
+        used.extend(disks(&self.virsh.dumpxml(&uuid, true).await?).unwrap_or_default().into_iter().map(|d| d.target));
+        let spec = DiskSpec {
+            source,
+            target: next_free_target(&used),
+            serial: r.volume_id.clone(),
+            read_only: conn.read_only,
+        };
+        let xml_file = self.connectors.state_dir.join(format!("disk-{}.xml", r.volume_id));
+        std::fs::write(&xml_file, disk_xml(&spec)).map_err(ComputeError::io("writing the disk XML"))?;
+        let attached = self.virsh.attach_device(&uuid, &xml_file).await;
+        let _ = std::fs::remove_file(&xml_file);
+        if let Err(e) = attached {
+            let _ = self.connectors.disconnect(&r.volume_id, &conn).await;
+            return Err(e);
+        }
+        if !wait_for_disk(&self.virsh, &uuid, &r.volume_id, true, Duration::from_secs(10)).await? {
+            return Err(ComputeError::DeadlineExceeded(format!("disk {} did not appear in the live XML", spec.target)));
+        }
+        tracing::info!(instance = %r.instance, device = %spec.target, "volume attached");
+        Ok(spec.target)
+    }
+
+    async fn detach(&self, r: DetachVolumeRequest) -> Result<()> {
+        checked_volume_id(&r.volume_id)?;
+        let conn = r.connection.unwrap_or_default();
+        let _guard = self.lock.lock().await;
+        let uuid = match self.virsh.resolve(&r.instance).await {
+            Ok(uuid) => Some(uuid),
+            Err(ComputeError::NotFound(_)) => None, // the domain is gone, and the disk with it
+            Err(e) => return Err(e),
+        };
+        if let Some(uuid) = uuid {
+            let running = self.virsh.state(&uuid).await? == DomainState::Running;
+            let live = disks(&self.virsh.dumpxml(&uuid, false).await?).unwrap_or_default();
+            let persistent = disks(&self.virsh.dumpxml(&uuid, true).await?).unwrap_or_default();
+            let in_live = live.iter().find(|d| d.serial == r.volume_id).filter(|_| running);
+            if let Some(d) = in_live.or_else(|| persistent.iter().find(|d| d.serial == r.volume_id)) {
+                self.virsh.detach_disk(&uuid, &d.target, in_live.is_some()).await?;
+                if in_live.is_some()
+                    && !wait_for_disk(&self.virsh, &uuid, &r.volume_id, false, self.detach_timeout).await?
+                {
+                    return Err(ComputeError::DeadlineExceeded(format!(
+                        "instance {} did not release {} within {:?}; the disk is still attached",
+                        r.instance, d.target, self.detach_timeout
+                    )));
+                }
+            }
+        }
+        self.connectors.disconnect(&r.volume_id, &conn).await?;
+        tracing::info!(instance = %r.instance, "volume detached");
+        Ok(())
+    }
+}
+
+/// The gRPC face of [`Compute`].
+pub struct ComputeService(pub std::sync::Arc<Compute>);
 
 #[tonic::async_trait]
-impl ComputeAgent for Compute {
-    not_yet!(attach_volume, AttachVolumeRequest, AttachVolumeResponse, "attaching volumes");
-    not_yet!(detach_volume, DetachVolumeRequest, DetachVolumeResponse, "detaching volumes");
+impl ComputeAgent for ComputeService {
+    async fn attach_volume(&self, req: Request<AttachVolumeRequest>) -> Result<Response<AttachVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let span = tracing::info_span!("attach_volume", volume_id = %r.volume_id);
+        let device = self.0.attach(r).instrument(span).await?;
+        Ok(Response::new(AttachVolumeResponse { device }))
+    }
+
+    async fn detach_volume(&self, req: Request<DetachVolumeRequest>) -> Result<Response<DetachVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let span = tracing::info_span!("detach_volume", volume_id = %r.volume_id);
+        self.0.detach(r).instrument(span).await?;
+        Ok(Response::new(DetachVolumeResponse {}))
+    }
+
     not_yet!(start_instance, StartInstanceRequest, StartInstanceResponse, "starting instances");
     not_yet!(destroy_instance, DestroyInstanceRequest, DestroyInstanceResponse, "destroying instances");
     not_yet!(get_console_log, GetConsoleLogRequest, GetConsoleLogResponse, "console logs");

@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use ember_common::tls::TlsFiles;
 use ember_proto::agent::v1::backup_agent_client::BackupAgentClient;
+use ember_proto::agent::v1::compute_agent_client::ComputeAgentClient;
 use ember_proto::agent::v1::storage_agent_client::StorageAgentClient;
 use sqlx::SqlitePool;
 use std::collections::HashMap;
@@ -45,6 +46,12 @@ impl Agents {
                 .fetch_optional(&self.db)
                 .await?;
         endpoint.ok_or_else(|| Error::FailedPrecondition(format!("{role} host {host} is not registered")))
+    }
+
+    /// The compute agent of `host`.
+    pub async fn compute(&self, host: &str) -> Result<ComputeAgentClient<Channel>> {
+        let endpoint = self.endpoint(host, "compute").await?;
+        Ok(ComputeAgentClient::new(self.channel(&endpoint)?))
     }
 
     /// The backup agent serving `host`.

@@ -1,7 +1,9 @@
 //! Attachments: `ember.v1.AttachmentService` and the durable attach/detach flows. A volume moves
-//! available → attaching → in-use and back through detaching; the storage agent exports it to the compute
-//! host's initiator. (Connecting it inside the compute host and editing the guest arrive with the compute
-//! agent; until then the caller acts as the compute node with the connection info.)
+//! available → attaching → in-use and back through detaching. Attach: the storage agent exports the volume to
+//! the compute host's initiator, then the compute agent connects it and adds the disk to the libvirt domain.
+//! Detach reverses it: the compute agent removes the disk (confirmed gone) and disconnects, then the export
+//! goes. Both agents' calls are idempotent, so the reconciler re-runs a flow from the start after any crash;
+//! a failed attach is undone on both agents before the record goes.
 
 use crate::auth::{can_see, who};
 use crate::clock::{now_ms, timestamp};
@@ -19,7 +21,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 const SELECT: &str = "SELECT a.id, a.volume_id, a.instance, a.host, a.status, a.device, a.mode, a.status_reason, a.created_at, \
-     a.connector, v.project FROM attachments a JOIN volumes v ON v.id = a.volume_id";
+     a.connector, v.project, a.connection FROM attachments a JOIN volumes v ON v.id = a.volume_id";
 
 fn to_proto(r: &sqlx::sqlite::SqliteRow) -> Attachment {
     Attachment {
@@ -169,7 +171,74 @@ async fn load(ctx: &Ctx, id: &str) -> Result<Option<(sqlx::sqlite::SqliteRow, vo
     Ok(Some((a, v)))
 }
 
-/// Attach flow: export to the compute host's initiator → attached, volume in-use.
+/// The connection facts of an attachment, as stored (without the CHAP secret).
+fn stored_connection(a: &sqlx::sqlite::SqliteRow) -> agent::Connection {
+    let c: serde_json::Value = serde_json::from_str(a.get::<&str, _>(11)).unwrap_or_default();
+    let text = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+    agent::Connection {
+        driver_volume_type: text("driver_volume_type"),
+        target_portal: text("target_portal"),
+        target_iqn: text("target_iqn"),
+        target_lun: c["target_lun"].as_u64().unwrap_or(0) as u32,
+        auth_username: text("auth_username"),
+        auth_password: String::new(),
+        export: text("export"),
+        path: text("path"),
+        mount_options: text("mount_options"),
+        read_only: c["read_only"].as_bool().unwrap_or(false),
+    }
+}
+
+/// Removes the initiator's access to the volume unless another attachment of the volume uses the same
+/// initiator. `Err(status)` is the storage agent's refusal.
+async fn unexport_unless_shared(
+    ctx: &Arc<Ctx>,
+    attachment_id: &str,
+    v: &volumes::VolumeRow,
+    initiator: &str,
+) -> Result<Result<(), Status>> {
+    let shared: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM attachments WHERE volume_id = ? AND id != ? AND json_extract(connector, '$.initiator') = ?",
+    )
+    .bind(&v.id)
+    .bind(attachment_id)
+    .bind(initiator)
+    .fetch_one(&ctx.db)
+    .await?;
+    if shared > 0 {
+        return Ok(Ok(()));
+    }
+    let mut client = ctx.agents.storage(&v.host).await?;
+    let call = client
+        .unexport_volume(agent::UnexportVolumeRequest {
+            volume_id: v.id.clone(),
+            backend: v.backend.clone(),
+            initiator: initiator.to_string(),
+        })
+        .await;
+    Ok(call.map(drop))
+}
+
+/// The compute agent's own refusals are final; only a lost connection is worth a retry (its guest-release
+/// deadline is DEADLINE_EXCEEDED and must surface, not loop).
+fn compute_transient(status: &Status) -> bool {
+    matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown)
+}
+
+/// Ends a failed attach: the record goes and the volume settles, with the reason on both.
+async fn fail_attach(ctx: &Arc<Ctx>, op: &Op, v: &volumes::VolumeRow, reason: &str) -> Result<Outcome> {
+    let mut tx = crate::db::write(&ctx.db).await?;
+    sqlx::query("DELETE FROM attachments WHERE id = ?").bind(&op.resource_id).execute(&mut *tx).await?;
+    settle_volume(&mut tx, &v.id, reason).await?;
+    operations::finish(&mut tx, op, Some(reason)).await?;
+    tx.commit().await?;
+    ctx.changed(&v.id);
+    tracing::warn!(attachment_id = %op.resource_id, volume_id = %v.id, reason, "attach failed");
+    Ok(Outcome::Finished)
+}
+
+/// Attach flow: export to the compute host's initiator → the compute agent connects and adds the disk →
+/// attached (with its device name), volume in-use.
 pub async fn attach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     let Some((a, v)) = load(ctx, &op.resource_id).await? else {
         let mut conn = ctx.db.acquire().await?;
@@ -177,50 +246,109 @@ pub async fn attach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         return Ok(Outcome::Finished);
     };
     let connector: serde_json::Value = serde_json::from_str(a.get::<&str, _>(9))?;
+    let initiator = connector["initiator"].as_str().unwrap_or_default().to_string();
+    let read_only = a.get::<&str, _>(6) == "ro";
+    let (instance, host): (String, String) = (a.get(2), a.get(3));
     let (user, password) = {
         let mut tx = crate::db::write(&ctx.db).await?;
         let creds = crate::volumes::api::ensure_chap(&mut tx, &v).await?;
         tx.commit().await?;
         creds
     };
-    let mut client = ctx.agents.storage(&v.host).await?;
-    let call = client
+    let mut storage = ctx.agents.storage(&v.host).await?;
+    let export = match storage
         .export_volume(agent::ExportVolumeRequest {
             volume_id: v.id.clone(),
             backend: v.backend.clone(),
-            initiator: connector["initiator"].as_str().unwrap_or_default().to_string(),
-            chap_username: user,
-            chap_password: password,
-            read_only: a.get::<&str, _>(6) == "ro",
+            initiator: initiator.clone(),
+            chap_username: user.clone(),
+            chap_password: password.clone(),
+            read_only,
         })
-        .await;
-    let mut tx = crate::db::write(&ctx.db).await?;
-    match call {
-        Ok(_) => {
-            sqlx::query("UPDATE attachments SET status = 'attached', updated_at = ? WHERE id = ?")
-                .bind(now_ms())
-                .bind(&op.resource_id)
-                .execute(&mut *tx)
-                .await?;
-            settle_volume(&mut tx, &v.id, "").await?;
-            operations::finish(&mut tx, &op, None).await?;
-            tracing::info!(attachment_id = %op.resource_id, volume_id = %v.id, "attached");
-        }
+        .await
+    {
+        Ok(r) => r.into_inner(),
         Err(status) if transient(&status) => return Ok(Outcome::Retry(status.message().to_string())),
         Err(status) => {
             let reason = format!("attach failed: export on {}: {}", v.host, status.message());
-            sqlx::query("DELETE FROM attachments WHERE id = ?").bind(&op.resource_id).execute(&mut *tx).await?;
-            settle_volume(&mut tx, &v.id, &reason).await?;
-            operations::finish(&mut tx, &op, Some(&reason)).await?;
+            return fail_attach(ctx, &op, &v, &reason).await;
         }
-    }
+    };
+    let stored = serde_json::json!({
+        "driver_volume_type": export.driver_volume_type, "target_portal": export.target_portal,
+        "target_iqn": export.target_iqn, "target_lun": export.target_lun, "auth_username": user,
+        "export": export.export, "path": export.path, "mount_options": export.mount_options, "read_only": read_only,
+    });
+    // Recorded before the compute agent is called, so an undo after a crash knows what to disconnect.
+    sqlx::query("UPDATE attachments SET connection = ?, updated_at = ? WHERE id = ?")
+        .bind(stored.to_string())
+        .bind(now_ms())
+        .bind(&op.resource_id)
+        .execute(&ctx.db)
+        .await?;
+    let connection = agent::Connection {
+        driver_volume_type: export.driver_volume_type,
+        target_portal: export.target_portal,
+        target_iqn: export.target_iqn,
+        target_lun: export.target_lun,
+        auth_username: user,
+        auth_password: password,
+        export: export.export,
+        path: export.path,
+        mount_options: export.mount_options,
+        read_only,
+    };
+    crate::failpoint::hit("attach.exported");
+    let mut compute = ctx.agents.compute(&host).await?;
+    let attached = compute
+        .attach_volume(agent::AttachVolumeRequest {
+            volume_id: v.id.clone(),
+            instance: instance.clone(),
+            connection: Some(connection.clone()),
+        })
+        .await;
+    let device = match attached {
+        Ok(r) => r.into_inner().device,
+        Err(status) if compute_transient(&status) => return Ok(Outcome::Retry(status.message().to_string())),
+        Err(status) => {
+            // Undo on both agents before the record goes: nothing may be left connected or exported.
+            let undo = compute
+                .detach_volume(agent::DetachVolumeRequest {
+                    volume_id: v.id.clone(),
+                    instance,
+                    connection: Some(connection),
+                })
+                .await;
+            if let Err(e) = undo {
+                return Ok(Outcome::Retry(format!("undoing a failed attach on {host}: {}", e.message())));
+            }
+            if let Err(e) = unexport_unless_shared(ctx, &op.resource_id, &v, &initiator).await? {
+                return Ok(Outcome::Retry(format!("undoing a failed attach on {}: {}", v.host, e.message())));
+            }
+            let reason = format!("attach failed on {host}: {}", status.message());
+            return fail_attach(ctx, &op, &v, &reason).await;
+        }
+    };
+    crate::failpoint::hit("attach.attached");
+    let mut tx = crate::db::write(&ctx.db).await?;
+    sqlx::query("UPDATE attachments SET status = 'attached', device = ?, updated_at = ? WHERE id = ?")
+        .bind(&device)
+        .bind(now_ms())
+        .bind(&op.resource_id)
+        .execute(&mut *tx)
+        .await?;
+    settle_volume(&mut tx, &v.id, "").await?;
+    operations::finish(&mut tx, &op, None).await?;
     tx.commit().await?;
     ctx.changed(&v.id);
+    tracing::info!(attachment_id = %op.resource_id, volume_id = %v.id, %device, "attached");
     Ok(Outcome::Finished)
 }
 
-/// Detach flow: remove the initiator's access (unless another attachment of this volume uses it) → record
-/// gone, volume available (or still in-use for its other attachments).
+/// Detach flow: the compute agent removes the disk (confirmed gone from the live XML) and disconnects → the
+/// initiator's access goes (unless another attachment of this volume uses it) → record gone, volume available
+/// (or still in-use for its other attachments). A guest that keeps the disk leaves the attachment attached,
+/// with the reason.
 pub async fn detach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     let Some((a, v)) = load(ctx, &op.resource_id).await? else {
         let mut conn = ctx.db.acquire().await?;
@@ -229,40 +357,46 @@ pub async fn detach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     };
     let connector: serde_json::Value = serde_json::from_str(a.get::<&str, _>(9))?;
     let initiator = connector["initiator"].as_str().unwrap_or_default().to_string();
-    let shared: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM attachments WHERE volume_id = ? AND id != ? AND json_extract(connector, '$.initiator') = ?",
-    )
-    .bind(&v.id)
-    .bind(&op.resource_id)
-    .bind(&initiator)
-    .fetch_one(&ctx.db)
-    .await?;
-    if shared == 0 {
-        let mut client = ctx.agents.storage(&v.host).await?;
-        if let Err(status) = client
-            .unexport_volume(agent::UnexportVolumeRequest {
-                volume_id: v.id.clone(),
-                backend: v.backend.clone(),
-                initiator,
-            })
-            .await
-        {
-            if transient(&status) {
-                return Ok(Outcome::Retry(status.message().to_string()));
-            }
-            let reason = format!("detach failed: unexport on {}: {}", v.host, status.message());
-            let mut tx = crate::db::write(&ctx.db).await?;
-            sqlx::query("UPDATE attachments SET status = 'error_detaching', status_reason = ? WHERE id = ?")
-                .bind(&reason)
-                .bind(&op.resource_id)
-                .execute(&mut *tx)
-                .await?;
-            operations::finish(&mut tx, &op, Some(&reason)).await?;
-            tx.commit().await?;
-            return Ok(Outcome::Finished);
-        }
+    let (instance, host): (String, String) = (a.get(2), a.get(3));
+    let mut compute = ctx.agents.compute(&host).await?;
+    let detached = compute
+        .detach_volume(agent::DetachVolumeRequest {
+            volume_id: v.id.clone(),
+            instance,
+            connection: Some(stored_connection(&a)),
+        })
+        .await;
+    let refused = match detached {
+        Ok(_) => None,
+        Err(status) if compute_transient(&status) => return Ok(Outcome::Retry(status.message().to_string())),
+        Err(status) => Some(format!("detach failed on {host}: {}", status.message())),
+    };
+    if refused.is_none() {
+        crate::failpoint::hit("detach.detached");
     }
+    let refused = match refused {
+        Some(r) => Some(r),
+        None => match unexport_unless_shared(ctx, &op.resource_id, &v, &initiator).await? {
+            Ok(()) => None,
+            Err(status) if transient(&status) => return Ok(Outcome::Retry(status.message().to_string())),
+            Err(status) => Some(format!("detach failed: unexport on {}: {}", v.host, status.message())),
+        },
+    };
     let mut tx = crate::db::write(&ctx.db).await?;
+    if let Some(reason) = refused {
+        sqlx::query("UPDATE attachments SET status = 'attached', status_reason = ?, updated_at = ? WHERE id = ?")
+            .bind(&reason)
+            .bind(now_ms())
+            .bind(&op.resource_id)
+            .execute(&mut *tx)
+            .await?;
+        settle_volume(&mut tx, &v.id, &reason).await?;
+        operations::finish(&mut tx, &op, Some(&reason)).await?;
+        tx.commit().await?;
+        ctx.changed(&v.id);
+        tracing::warn!(attachment_id = %op.resource_id, volume_id = %v.id, reason, "detach failed");
+        return Ok(Outcome::Finished);
+    }
     sqlx::query("DELETE FROM attachments WHERE id = ?").bind(&op.resource_id).execute(&mut *tx).await?;
     settle_volume(&mut tx, &v.id, "").await?;
     operations::finish(&mut tx, &op, None).await?;

@@ -23,7 +23,7 @@ MODULES=(virtio_pci virtio_blk virtio_rng dm-mod dm-snapshot dm-thin-pool dm-zer
 
 kver=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ { sub("linux-image-", "", $2); print $2; exit }')
 [ -n "$kver" ] || { echo "cannot tell the kernel version from apt-cache" >&2; exit 1; }
-stamp="$kver $(sha256sum "$0" "$HERE/init.sh" "$HERE/resolve.py" | sha256sum | cut -c1-16)"
+stamp="$kver $(cat "$HERE/build-guest.sh" "$HERE/init.sh" "$HERE/resolve.py" | sha256sum | cut -c1-16)"
 if [ -f "$OUT/stamp" ] && [ "$(cat "$OUT/stamp")" = "$stamp" ] && [ -f "$OUT/initramfs.cpio" ]; then
   say "up to date ($stamp)"
   exit 0

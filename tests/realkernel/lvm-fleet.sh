@@ -109,22 +109,6 @@ lv_has_tag() { lvs --noheadings -o lv_tags "$1" 2>/dev/null | grep -qw "$2"; }
 same_head() { cmp -n "$3" "$1" "$2"; }
 absent() { ! "$@"; }
 
-# Logs in with CHAP through the kernel initiator; prints the by-path device.
-iscsi_login() { # portal iqn user password
-  iscsiadm -m node -o new -T "$2" -p "$1" >/dev/null &&
-    iscsiadm -m node -T "$2" -p "$1" -o update -n node.session.auth.authmethod -v CHAP &&
-    iscsiadm -m node -T "$2" -p "$1" -o update -n node.session.auth.username -v "$3" &&
-    iscsiadm -m node -T "$2" -p "$1" -o update -n node.session.auth.password -v "$4" &&
-    iscsiadm -m node -T "$2" -p "$1" --login >/dev/null || return 1
-  local dev=/dev/disk/by-path/ip-$1-iscsi-$2-lun-1
-  wait_for 30 test -b "$dev" || return 1
-  echo "$dev"
-}
-iscsi_logout() { # portal iqn
-  iscsiadm -m node -T "$2" -p "$1" --logout >/dev/null 2>&1
-  iscsiadm -m node -T "$2" -p "$1" -o delete >/dev/null 2>&1
-  wait_for 30 absent test -e "/dev/disk/by-path/ip-$1-iscsi-$2-lun-1"
-}
 no_session() { ! iscsiadm -m session >/dev/null 2>&1; }
 
 head -c 4194304 /dev/urandom >"$W/pattern-a"
@@ -157,13 +141,29 @@ for kind in thick thin; do
   iscsiadm -m node -T "$iqn" -p "$portal" -o update -n node.session.auth.password -v wrong-secret-123
   check "$kind: login with a wrong CHAP secret is refused" absent iscsiadm -m node -T "$iqn" -p "$portal" --login
   iscsiadm -m node -T "$iqn" -p "$portal" -o delete >/dev/null 2>&1
-  dev=$(timed "$kind.iscsi_login" iscsi_login "$portal" "$iqn" "$user" "$pass")
-  check "$kind: iscsiadm login with CHAP gives /dev/disk/by-path/...-lun-1" test -b "$dev"
+  # The compute agent's kernel-initiator connector does the login: node new → update (CHAP) → login → the
+  # by-path device; a second connect finds the same device and session.
+  export EMBER_CHAP_PASSWORD=$pass
+  dev=$(timed "$kind.iscsi_login" ember-compute-agent iscsi-connect --portal "$portal" --iqn "$iqn" --username "$user")
+  check "$kind: the connector logged in with CHAP and returned /dev/disk/by-path/...-lun-1" test -b "$dev"
+  again=$(ember-compute-agent iscsi-connect --portal "$portal" --iqn "$iqn" --username "$user")
+  check "$kind: a second connect returns the same device" test "$again" = "$dev"
+  check "$kind: ... over one session" test "$(iscsiadm -m session 2>/dev/null | grep -c "$iqn")" = 1
   check "$kind: the disk has the volume's size" test "$(blockdev --getsize64 "$dev" 2>/dev/null)" = 1073741824
   dd if="$W/pattern-a" of="$dev" bs=1M oflag=direct conv=fsync status=none
   check "$kind: data written through iSCSI is on the LV" same_head "$W/pattern-a" "/dev/$vg/volume-$vol" 4194304
-  check "$kind: logout and node delete leave no session and no device" iscsi_logout "$portal" "$iqn"
-  check "$kind: no iSCSI session remains" no_session
+  if [ $kind = thin ]; then
+    # An interrupted disconnect: the device was flushed and deleted, then the process died before logout.
+    sd=$(basename "$(readlink -f "$dev")")
+    blockdev --flushbufs "$dev"
+    echo 1 >"/sys/block/$sd/device/delete"
+    check "thin: (interrupted disconnect) the session is still logged in" sh -c "iscsiadm -m session | grep -q $iqn"
+  fi
+  timed "$kind.iscsi_logout" ember-compute-agent iscsi-disconnect --portal "$portal" --iqn "$iqn" --username "$user"
+  check "$kind: disconnect left no session" no_session
+  check "$kind: ... no by-path device" absent test -e "$dev"
+  check "$kind: ... and no node record" absent sh -c "iscsiadm -m node 2>/dev/null | grep -q $iqn"
+  check "$kind: a repeated disconnect succeeds" ember-compute-agent iscsi-disconnect --portal "$portal" --iqn "$iqn" --username "$user"
   ember volume unexport "$vol" --initiator "$INITIATOR" >/dev/null
   case $kind in
     thick) check "thick: unexport removed the tgt target" sh -c "! tgtadm --lld iscsi --op show --mode target | grep -q $iqn" ;;

@@ -2,6 +2,7 @@
 //! started as processes on loopback (each on a port it picks and announces), and mTLS clients.
 
 pub mod iscsi;
+pub mod libvirt;
 pub mod volumes;
 
 use ember_common::certs::{IssueRequest, init_ca, issue};
@@ -275,6 +276,15 @@ impl Fleet {
                 format!("state_dir = \"{}\"\n", self.subdir(&format!("state-{name}")).display()),
                 format!("[tgt]\ncontrol_port = {control}\nportal = \"127.0.0.1:{portal}\"\n"),
             )
+        } else if role == Role::ComputeAgent {
+            let state = self.subdir(&format!("state-{name}"));
+            let head = format!(
+                "state_dir = \"{}\"\nlibvirt_uri = \"{}\"\nmanage_libvirt = false\ndetach_timeout_secs = {}\n",
+                state.display(),
+                libvirt::URI,
+                libvirt::DETACH_TIMEOUT.as_secs()
+            );
+            (head, String::new())
         } else {
             (String::new(), String::new())
         };

@@ -1,6 +1,7 @@
 //! Backups under faults: the backup agent killed mid-backup, garbage collection racing a running backup, and
 //! an in-use volume backed up through a temporary snapshot.
 
+use ember_fleet_tests::libvirt::Domain;
 use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_volume};
 use ember_fleet_tests::{Fleet, iscsi, wait_for};
 use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
@@ -190,13 +191,15 @@ async fn an_in_use_volume_needs_force_and_is_read_through_a_temporary_snapshot()
     let BackupFleet { fleet, backend: _, dir, repo: _, storage: _storage, backup: _backup } =
         BackupFleet::start(&[]).await;
     let _compute = fleet.start_agent("compute", "compute1", "");
+    wait_backend(&fleet, "compute1").await;
+    let vm1 = Domain::boot("ember-backup").await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let v = new_volume(&volumes, 1).await;
     fill(&dir.join(format!("volume-{}", v.id)), 0, 8, 2 << 20);
     AttachmentServiceClient::new(fleet.admin())
         .attach(AttachRequest {
             volume_id: v.id.clone(),
-            instance: "vm1".into(),
+            instance: vm1.name.clone(),
             host: "compute1".into(),
             read_only: false,
         })

@@ -1,5 +1,6 @@
 //! Scheduling, rescheduling, quotas and the rules that refuse bad requests, through the real fleet.
 
+use ember_fleet_tests::libvirt::Domain;
 use ember_fleet_tests::volumes::{db_state, files_in, wait_backend, wait_settled, wait_volume};
 use ember_fleet_tests::{Fleet, wait_for};
 use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
@@ -113,6 +114,8 @@ async fn bad_requests_are_refused_naming_the_problem_and_change_nothing() {
     let _storage = fleet.start_agent("storage", "storage1", &backend);
     let _compute = fleet.start_agent("compute", "compute1", "");
     wait_backend(&fleet, "storage1@file1").await;
+    wait_backend(&fleet, "compute1").await;
+    let vm1 = Domain::boot("ember-rules").await;
     let mut client = VolumeServiceClient::new(fleet.member("alice", "p1"));
     let v = client.create_volume(CreateVolumeRequest { size_gb: 1, ..Default::default() }).await.unwrap().into_inner();
     let v = wait_volume(&client, &v.id, "available").await;
@@ -189,7 +192,7 @@ async fn bad_requests_are_refused_naming_the_problem_and_change_nothing() {
     let a = attachments
         .attach(AttachRequest {
             volume_id: v.id.clone(),
-            instance: "vm1".into(),
+            instance: vm1.name.clone(),
             host: "compute1".into(),
             read_only: false,
         })
@@ -200,14 +203,14 @@ async fn bad_requests_are_refused_naming_the_problem_and_change_nothing() {
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     let in_use = wait_volume(&client, &v.id, "in-use").await;
     assert_eq!(in_use.attachments.len(), 1);
-    assert_eq!(in_use.attachments[0].instance, "vm1");
+    assert_eq!(in_use.attachments[0].instance, vm1.name);
     let err = client.extend_volume(ExtendVolumeRequest { id: v.id.clone(), new_size_gb: 2 }).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("in-use"), "{}", err.message());
     let err = attachments
         .attach(AttachRequest {
             volume_id: v.id.clone(),
-            instance: "vm1".into(),
+            instance: vm1.name.clone(),
             host: "compute1".into(),
             read_only: false,
         })

@@ -1,0 +1,222 @@
+//! Connectors: how a compute host reaches a volume, chosen from the connection facts the storage agent
+//! returned. `iscsi` goes through QEMU's own initiator (a libvirt secret holds the CHAP password; no host
+//! device at all) or through the kernel initiator (iscsiadm; a `/dev/disk/by-path` device); `file` is a
+//! volume file on an NFS share (mounted once per share) or in a local directory.
+//!
+//! Connect and disconnect are idempotent: repeating either, or running one after a crash, finishes the work.
+
+use crate::domain_xml::{DiskSource, secret_xml};
+use crate::error::{ComputeError, Result};
+use crate::virsh::Virsh;
+use ember_common::runner::{self, CommandError};
+use ember_proto::agent::v1::Connection;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Which initiator serves `iscsi` connections on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IscsiMode {
+    /// QEMU's built-in libiscsi initiator.
+    Qemu,
+    /// The kernel initiator driven by iscsiadm.
+    Kernel,
+}
+
+const ISCSIADM_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a logged-in LUN may take to appear as a device.
+const DEVICE_WAIT: Duration = Duration::from_secs(30);
+
+/// The host's connectors.
+#[derive(Debug, Clone)]
+pub struct Connectors {
+    /// The libvirt that holds secrets.
+    pub virsh: Virsh,
+    /// The initiator for `iscsi`.
+    pub iscsi_mode: IscsiMode,
+    /// This host's initiator IQN.
+    pub initiator: String,
+    /// Where the agent writes short-lived files (secret XML, the secret's value) and mounts NFS shares.
+    pub state_dir: PathBuf,
+}
+
+/// The libvirt secret of a volume: its UUID is the volume id, its usage name `ember-volume-<id>`.
+pub fn secret_usage(volume_id: &str) -> String {
+    format!("ember-volume-{volume_id}")
+}
+
+/// The by-path name udev gives a kernel-initiator LUN.
+pub fn by_path(portal: &str, iqn: &str, lun: u32) -> PathBuf {
+    PathBuf::from(format!("/dev/disk/by-path/ip-{portal}-iscsi-{iqn}-lun-{lun}"))
+}
+
+fn failed_with(e: &ComputeError, codes: &[i32]) -> bool {
+    matches!(e, ComputeError::Command(CommandError::Failed { code: Some(c), .. }) if codes.contains(c))
+}
+
+impl Connectors {
+    /// Writes `bytes` to a private file in the state dir, runs `f` with its path, and removes it.
+    async fn with_private_file<T>(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        f: impl AsyncFnOnce(&Path) -> Result<T>,
+    ) -> Result<T> {
+        use std::io::Write;
+        let path = self.state_dir.join(name);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(ComputeError::io(format!("creating {}", path.display())))?;
+        file.write_all(bytes).map_err(ComputeError::io(format!("writing {}", path.display())))?;
+        drop(file);
+        let out = f(&path).await;
+        let _ = std::fs::remove_file(&path);
+        out
+    }
+
+    /// Makes the volume reachable and says how QEMU should open it.
+    pub async fn connect(&self, volume_id: &str, c: &Connection) -> Result<DiskSource> {
+        match c.driver_volume_type.as_str() {
+            "iscsi" if self.iscsi_mode == IscsiMode::Qemu => {
+                let usage = secret_usage(volume_id);
+                let xml = secret_xml(volume_id, &usage);
+                self.with_private_file(&format!("secret-{volume_id}.xml"), xml.as_bytes(), async |p| {
+                    self.virsh.define_secret(p).await
+                })
+                .await?;
+                self.with_private_file(&format!("secret-{volume_id}.value"), c.auth_password.as_bytes(), async |p| {
+                    self.virsh.set_secret_value(volume_id, p).await
+                })
+                .await?;
+                Ok(DiskSource::IscsiNetwork {
+                    portal: c.target_portal.clone(),
+                    iqn: c.target_iqn.clone(),
+                    lun: c.target_lun,
+                    username: c.auth_username.clone(),
+                    secret_usage: usage,
+                    initiator: self.initiator.clone(),
+                })
+            }
+            "iscsi" => Ok(DiskSource::Block(self.kernel_login(c).await?.to_string_lossy().into_owned())),
+            "file" | "nfs" => Ok(DiskSource::File(self.file_path(c).await?.to_string_lossy().into_owned())),
+            other => Err(ComputeError::InvalidArgument {
+                field: "connection.driver_volume_type",
+                message: format!("{other:?} is not a connection type this host supports (iscsi, file)"),
+            }),
+        }
+    }
+
+    /// Undoes [`Connectors::connect`]; what is already undone is fine.
+    pub async fn disconnect(&self, volume_id: &str, c: &Connection) -> Result<()> {
+        match c.driver_volume_type.as_str() {
+            "iscsi" => {
+                // Both kinds are cleaned, so a change of iscsi_mode between attach and detach leaks nothing.
+                self.virsh.undefine_secret(volume_id).await?;
+                if self.iscsi_mode == IscsiMode::Kernel {
+                    self.kernel_logout(c).await?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn iscsiadm(&self, args: &[&str]) -> Result<String> {
+        Ok(runner::run("iscsiadm", args, ISCSIADM_TIMEOUT).await?.stdout)
+    }
+
+    /// Kernel initiator: node new → update (manual start, CHAP) → login → wait for the by-path device.
+    pub async fn kernel_login(&self, c: &Connection) -> Result<PathBuf> {
+        let (t, p) = (c.target_iqn.as_str(), c.target_portal.as_str());
+        let device = by_path(p, t, c.target_lun);
+        if device.exists() {
+            return Ok(device);
+        }
+        self.iscsiadm(&["-m", "node", "-T", t, "-p", p, "-o", "new"]).await?;
+        for (key, value) in [
+            ("node.startup", "manual"),
+            ("node.session.scan", "manual"),
+            ("node.session.auth.authmethod", "CHAP"),
+            ("node.session.auth.username", c.auth_username.as_str()),
+            ("node.session.auth.password", c.auth_password.as_str()),
+        ] {
+            self.iscsiadm(&["-m", "node", "-T", t, "-p", p, "-o", "update", "-n", key, "-v", value]).await?;
+        }
+        match self.iscsiadm(&["-m", "node", "-T", t, "-p", p, "--login"]).await {
+            Ok(_) => {}
+            Err(e) if failed_with(&e, &[15]) => {} // ISCSI_ERR_SESS_EXISTS: a crash left us logged in
+            Err(e) => return Err(e),
+        }
+        // node.session.scan is manual, so LUNs appear when this node's session is rescanned.
+        let deadline = tokio::time::Instant::now() + DEVICE_WAIT;
+        while !device.exists() {
+            if tokio::time::Instant::now() > deadline {
+                return Err(ComputeError::DeadlineExceeded(format!(
+                    "logged in to {t} but {} did not appear within {DEVICE_WAIT:?}",
+                    device.display()
+                )));
+            }
+            let _ = self.iscsiadm(&["-m", "node", "-T", t, "-p", p, "--rescan"]).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(device)
+    }
+
+    /// Kernel initiator: flush and delete our SCSI device, then log out and delete the node unless another
+    /// LUN of the same target is still in use on this host.
+    pub async fn kernel_logout(&self, c: &Connection) -> Result<()> {
+        let (t, p) = (c.target_iqn.as_str(), c.target_portal.as_str());
+        let device = by_path(p, t, c.target_lun);
+        if let Ok(real) = std::fs::canonicalize(&device) {
+            let dev = real.to_string_lossy().into_owned();
+            runner::run("blockdev", &["--flushbufs", &dev], ISCSIADM_TIMEOUT).await?;
+            if let Some(name) = real.file_name() {
+                let delete = PathBuf::from("/sys/block").join(name).join("device/delete");
+                if delete.exists() {
+                    std::fs::write(&delete, "1").map_err(ComputeError::io(format!("writing {}", delete.display())))?;
+                }
+            }
+        }
+        let prefix = format!("ip-{p}-iscsi-{t}-lun-");
+        let others = std::fs::read_dir("/dev/disk/by-path")
+            .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with(&prefix)))
+            .unwrap_or(false);
+        if others {
+            return Ok(());
+        }
+        let logout: &[&str] = &["-m", "node", "-T", t, "-p", p, "--logout"];
+        let delete: &[&str] = &["-m", "node", "-T", t, "-p", p, "-o", "delete"];
+        for args in [logout, delete] {
+            match self.iscsiadm(args).await {
+                Ok(_) => {}
+                Err(e) if failed_with(&e, &[21]) => {} // ISCSI_ERR_NO_OBJS_FOUND: already gone
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// `file`: the volume file, on its NFS share (mounted under the state dir, once per share) or local.
+    async fn file_path(&self, c: &Connection) -> Result<PathBuf> {
+        if c.export.is_empty() {
+            return Ok(PathBuf::from(&c.path));
+        }
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(c.export.as_bytes());
+        let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let mount = self.state_dir.join("mnt").join(name);
+        std::fs::create_dir_all(&mount).map_err(ComputeError::io(format!("creating {}", mount.display())))?;
+        let options = if c.mount_options.is_empty() { ember_common::nfs::DEFAULT_OPTIONS } else { &c.mount_options };
+        ember_common::nfs::ensure_mounted(&c.export, &mount, options).await.map_err(|e| ComputeError::Io {
+            context: format!("mounting {}", c.export),
+            source: std::io::Error::other(e),
+        })?;
+        let name = Path::new(&c.path).file_name().unwrap_or_default();
+        Ok(mount.join(name))
+    }
+}

@@ -1,0 +1,116 @@
+//! One libvirt, driven through `virsh` (every call through the project's command runner, with a deadline).
+//! Domains are addressed by UUID only: a user-supplied name is matched against `virsh list`, never passed on.
+
+use crate::error::{ComputeError, Result};
+use ember_common::runner::{self, CommandError};
+use std::path::Path;
+use std::time::Duration;
+
+/// A handle on one libvirt connection URI.
+#[derive(Debug, Clone)]
+pub struct Virsh {
+    /// e.g. `qemu:///system`.
+    pub uri: String,
+    /// Deadline of one virsh call.
+    pub timeout: Duration,
+}
+
+/// A domain's run state, as `virsh domstate` words it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DomainState {
+    /// `running`.
+    Running,
+    /// Anything else (`shut off`, `paused`, …).
+    Other(String),
+}
+
+/// Parses `virsh list --all --uuid --name`: one `UUID NAME` pair per line.
+pub fn parse_domain_list(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            Some((words.next()?.to_string(), words.next()?.to_string()))
+        })
+        .collect()
+}
+
+impl Virsh {
+    async fn run(&self, args: &[&str]) -> Result<String> {
+        let mut argv = vec!["-c", &self.uri];
+        argv.extend_from_slice(args);
+        Ok(runner::run("virsh", &argv, self.timeout).await?.stdout)
+    }
+
+    /// True when libvirt answers.
+    pub async fn alive(&self) -> bool {
+        self.run(&["version"]).await.is_ok()
+    }
+
+    /// The UUID of the domain whose name or UUID is `instance`.
+    pub async fn resolve(&self, instance: &str) -> Result<String> {
+        let list = parse_domain_list(&self.run(&["list", "--all", "--uuid", "--name"]).await?);
+        list.into_iter()
+            .find(|(uuid, name)| uuid == instance || name == instance)
+            .map(|(uuid, _)| uuid)
+            .ok_or_else(|| ComputeError::NotFound(format!("instance {instance:?} (no such libvirt domain)")))
+    }
+
+    /// The domain's run state.
+    pub async fn state(&self, uuid: &str) -> Result<DomainState> {
+        let out = self.run(&["domstate", uuid]).await?;
+        Ok(match out.trim() {
+            "running" => DomainState::Running,
+            other => DomainState::Other(other.to_string()),
+        })
+    }
+
+    /// The domain's XML: live (`inactive` false) or persistent.
+    pub async fn dumpxml(&self, uuid: &str, inactive: bool) -> Result<String> {
+        if inactive { self.run(&["dumpxml", "--inactive", uuid]).await } else { self.run(&["dumpxml", uuid]).await }
+    }
+
+    /// Hot-plugs the device in `xml_file` into the running domain and its persistent definition.
+    pub async fn attach_device(&self, uuid: &str, xml_file: &Path) -> Result<()> {
+        self.run(&["attach-device", uuid, &xml_file.to_string_lossy(), "--persistent"]).await.map(drop)
+    }
+
+    /// Asks the guest to release disk `target` and drops it from the persistent definition. libvirt may
+    /// report success while the guest still holds the disk: callers confirm with the live XML.
+    pub async fn detach_disk(&self, uuid: &str, target: &str, live: bool) -> Result<()> {
+        let scope = if live { "--persistent" } else { "--config" };
+        self.run(&["detach-disk", uuid, target, scope]).await.map(drop)
+    }
+
+    /// Defines (or redefines) a secret from an XML file.
+    pub async fn define_secret(&self, xml_file: &Path) -> Result<()> {
+        self.run(&["secret-define", &xml_file.to_string_lossy()]).await.map(drop)
+    }
+
+    /// Sets a secret's value from a file holding the raw bytes (never on the command line).
+    pub async fn set_secret_value(&self, uuid: &str, value_file: &Path) -> Result<()> {
+        self.run(&["secret-set-value", uuid, "--file", &value_file.to_string_lossy(), "--plain"]).await.map(drop)
+    }
+
+    /// Removes a secret; one that is gone is fine.
+    pub async fn undefine_secret(&self, uuid: &str) -> Result<()> {
+        match self.run(&["secret-undefine", uuid]).await {
+            Err(ComputeError::Command(CommandError::Failed { stderr, .. }))
+                if stderr.contains("Secret not found") || stderr.contains("no secret with matching") =>
+            {
+                Ok(())
+            }
+            other => other.map(drop),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_the_domain_list() {
+        let text = "7c0d1e9a-0000-4000-8000-000000000001 vm-one\n7c0d1e9a-0000-4000-8000-000000000002 vm-two\n\n";
+        let list = super::parse_domain_list(text);
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[1], ("7c0d1e9a-0000-4000-8000-000000000002".into(), "vm-two".into()));
+    }
+}

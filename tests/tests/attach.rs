@@ -1,0 +1,191 @@
+//! Attach and detach through the public API to a real libvirt domain (QEMU under TCG) over QEMU's own iSCSI
+//! initiator against the storage agent's tgtd: the guest sees the disk by its serial and writes to it, the
+//! data is on the storage side, and a detach leaves nothing behind (live XML, libvirt secrets, tgt targets,
+//! the coordinator's records). Failed attaches change nothing.
+
+use ember_fleet_tests::libvirt::{Domain, secrets};
+use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_volume};
+use ember_fleet_tests::{Fleet, wait_for};
+use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
+use ember_proto::v1::volume_service_client::VolumeServiceClient;
+use ember_proto::v1::*;
+use std::io::Read;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn head(path: &std::path::Path, n: usize) -> Vec<u8> {
+    let mut buf = vec![0; n];
+    std::fs::File::open(path).unwrap().read_exact(&mut buf).unwrap();
+    buf
+}
+
+async fn attachment_rows(fleet: &Fleet, volume_id: &str) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM attachments WHERE volume_id = ?")
+        .bind(volume_id)
+        .fetch_one(&fleet.db().await)
+        .await
+        .unwrap()
+}
+
+/// Waits until an attach that must fail has been undone: the volume is available again with the reason.
+async fn wait_failed_attach(volumes: &VolumeServiceClient<tonic::transport::Channel>, id: &str) -> Volume {
+    wait_for(&format!("the failed attach of {id} to be undone"), WAIT, || async {
+        let v = volumes.clone().get_volume(GetVolumeRequest { id: id.into() }).await.ok()?.into_inner();
+        (v.status == "available" && !v.status_reason.is_empty()).then_some(v)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_volume_hot_attaches_to_a_running_guest_and_detaches_cleanly() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, dir) = fleet.file_backend("file1", "");
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    let _compute = fleet.start_agent("compute", "compute1", "");
+    wait_backend(&fleet, "storage1@file1").await;
+    wait_backend(&fleet, "compute1").await;
+    let domain = Domain::boot("ember-attach").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let mut attachments = AttachmentServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    let serial20 = &v.id[..20];
+
+    let a = attachments
+        .attach(AttachRequest {
+            volume_id: v.id.clone(),
+            instance: domain.name.clone(),
+            host: "compute1".into(),
+            read_only: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let in_use = wait_volume(&volumes, &v.id, "in-use").await;
+    assert_eq!(in_use.attachments.len(), 1);
+    assert_eq!(
+        in_use.attachments[0].device, "vda",
+        "the first free device name (the instance boots from its initramfs)"
+    );
+    assert!(domain.xml(false).contains(&format!("<serial>{}</serial>", v.id)), "the disk is in the live XML");
+    assert!(domain.xml(true).contains(&format!("<serial>{}</serial>", v.id)), "and in the persistent XML");
+    assert!(secrets().contains(&v.id), "the CHAP secret is a libvirt secret");
+    // The guest found the disk by its serial (/dev/disk/by-id/virtio-<serial>) and wrote through it.
+    domain.wait_console(&format!("DISK-WRITTEN serial={serial20}"), WAIT).await;
+    let written = head(&dir.join(format!("volume-{}", v.id)), 64);
+    assert!(
+        written.starts_with(format!("EMBER-GUEST-WROTE {serial20}").as_bytes()),
+        "{:?}",
+        String::from_utf8_lossy(&written)
+    );
+    let iqn = format!("volume-{}", v.id);
+    assert!(fleet.tgt_show("storage1").contains(&iqn), "the target exists while attached");
+
+    attachments.detach(DetachRequest { attachment_id: a.id.clone() }).await.unwrap();
+    let after = wait_volume(&volumes, &v.id, "available").await;
+    assert!(after.attachments.is_empty());
+    domain.wait_console(&format!("DISK-GONE serial={serial20}"), WAIT).await;
+    assert!(!domain.xml(false).contains(&v.id), "gone from the live XML");
+    assert!(!domain.xml(true).contains(&v.id), "gone from the persistent XML");
+    assert!(!secrets().contains(&v.id), "the secret went with the disk");
+    assert!(!fleet.tgt_show("storage1").contains(&iqn), "the target went with the attachment");
+    assert_eq!(attachment_rows(&fleet, &v.id).await, 0);
+
+    // A domain libvirt does not know: the attach fails, and is undone on both agents.
+    attachments
+        .attach(AttachRequest {
+            volume_id: v.id.clone(),
+            instance: "no-such-domain".into(),
+            host: "compute1".into(),
+            read_only: false,
+        })
+        .await
+        .unwrap();
+    let failed = wait_failed_attach(&volumes, &v.id).await;
+    assert!(failed.status_reason.contains("no such libvirt domain"), "{}", failed.status_reason);
+    assert!(!fleet.tgt_show("storage1").contains(&iqn), "no target left behind");
+    assert!(!secrets().contains(&v.id), "no secret left behind");
+    assert_eq!(attachment_rows(&fleet, &v.id).await, 0);
+
+    // A stopped domain: refused the same way, nothing left.
+    domain.stop();
+    attachments
+        .attach(AttachRequest {
+            volume_id: v.id.clone(),
+            instance: domain.name.clone(),
+            host: "compute1".into(),
+            read_only: false,
+        })
+        .await
+        .unwrap();
+    let failed = wait_failed_attach(&volumes, &v.id).await;
+    assert!(failed.status_reason.contains("shut off"), "{}", failed.status_reason);
+    assert!(!domain.xml(true).contains(&v.id), "the persistent XML is unchanged");
+    assert!(!fleet.tgt_show("storage1").contains(&iqn));
+    assert!(!secrets().contains(&v.id));
+    assert_eq!(attachment_rows(&fleet, &v.id).await, 0);
+}
+
+/// The coordinator dies after the export, after the compute agent added the disk, and after the compute
+/// agent removed it: each time a restart finishes the work, and the end state is exact on every side.
+#[tokio::test]
+async fn attach_and_detach_converge_after_the_coordinator_crashes() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, dir) = fleet.file_backend("file1", "");
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    let _compute = fleet.start_agent("compute", "compute1", "");
+    wait_backend(&fleet, "storage1@file1").await;
+    wait_backend(&fleet, "compute1").await;
+    let domain = Domain::boot("ember-crash").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    let iqn = format!("volume-{}", v.id);
+
+    let crash_at = |fleet: &mut Fleet, point: &str| {
+        fleet.start_coordinator_with(&[("EMBER_FAILPOINTS", point)]);
+    };
+    let wait_crash = |fleet: &mut Fleet| {
+        let status = fleet.coordinator.as_mut().unwrap().wait_exit(Duration::from_secs(60));
+        assert!(!status.success(), "the coordinator aborted at the failpoint");
+    };
+    crash_at(&mut fleet, "attach.exported");
+    let a = AttachmentServiceClient::new(fleet.admin())
+        .attach(AttachRequest {
+            volume_id: v.id.clone(),
+            instance: domain.name.clone(),
+            host: "compute1".into(),
+            read_only: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_crash(&mut fleet);
+    assert!(!domain.xml(false).contains(&v.id), "crashed before the compute agent was called");
+    crash_at(&mut fleet, "attach.attached");
+    wait_crash(&mut fleet);
+    assert!(domain.xml(false).contains(&v.id), "the disk was added before the second crash");
+    fleet.start_coordinator();
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let in_use = wait_volume(&volumes, &v.id, "in-use").await;
+    assert_eq!(in_use.attachments.len(), 1);
+    assert_eq!(in_use.attachments[0].id, a.id);
+    assert_eq!(in_use.attachments[0].device, "vda", "the repeat found the disk rather than adding another");
+    assert_eq!(domain.xml(false).matches(&format!("<serial>{}</serial>", v.id)).count(), 1);
+    domain.wait_console(&format!("DISK-WRITTEN serial={}", &v.id[..20]), WAIT).await;
+    assert!(head(&dir.join(format!("volume-{}", v.id)), 18).starts_with(b"EMBER-GUEST-WROTE "));
+
+    crash_at(&mut fleet, "detach.detached");
+    AttachmentServiceClient::new(fleet.admin()).detach(DetachRequest { attachment_id: a.id.clone() }).await.unwrap();
+    wait_crash(&mut fleet);
+    assert!(!domain.xml(false).contains(&v.id), "the disk left the guest before the crash");
+    assert!(fleet.tgt_show("storage1").contains(&iqn), "the export was still there at the crash");
+    fleet.start_coordinator();
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let after = wait_volume(&volumes, &v.id, "available").await;
+    assert!(after.attachments.is_empty());
+    assert!(!fleet.tgt_show("storage1").contains(&iqn), "the restart finished the unexport");
+    assert!(!secrets().contains(&v.id));
+    assert_eq!(attachment_rows(&fleet, &v.id).await, 0);
+}
