@@ -47,6 +47,10 @@ enum VolumeAction {
         /// Clone this volume.
         #[arg(long, default_value = "")]
         source_volume: String,
+        /// Fill from this image: a raw or qcow2 file (absolute path on the storage node) or an http(s) URL; the
+        /// volume becomes bootable.
+        #[arg(long, default_value = "")]
+        image: String,
         /// Client-chosen key making the create safe to repeat.
         #[arg(long, default_value = "")]
         idempotency_key: String,
@@ -245,6 +249,7 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
             bootable,
             snapshot,
             source_volume,
+            image,
             idempotency_key,
             wait,
         } => {
@@ -258,6 +263,7 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                 bootable,
                 snapshot_id: snapshot,
                 source_volume_id: source_volume,
+                image,
                 idempotency_key,
                 ..Default::default()
             };

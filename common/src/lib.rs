@@ -6,6 +6,7 @@ pub mod agent;
 pub mod certs;
 pub mod config;
 pub mod identity;
+pub mod image_source;
 pub mod logging;
 pub mod nfs;
 pub mod runner;

@@ -4,6 +4,7 @@
 use crate::config::{BackendConfig, TargetKind};
 use crate::error::Result;
 use crate::file_backend::{FileBackend, Kind};
+use crate::image::ImageFacts;
 use crate::lvm::LvmBackend;
 use ember_proto::agent::v1::Pool;
 use std::path::PathBuf;
@@ -76,6 +77,14 @@ impl Backend {
         match self {
             Backend::File(b) => b.create_copy(kind, id, &b.path(source_kind, source), size_gb).await,
             Backend::Lvm(b) => b.create_from(kind, id, source_kind, source, size_gb).await,
+        }
+    }
+
+    /// Creates a volume filled from an image; repeating it is a no-op.
+    pub async fn create_from_image(&self, id: &uuid::Uuid, size_gb: u64, source: &str) -> Result<(u64, ImageFacts)> {
+        match self {
+            Backend::File(b) => b.create_from_image(id, size_gb, source).await,
+            Backend::Lvm(b) => b.create_from_image(id, size_gb, source).await,
         }
     }
 

@@ -6,6 +6,7 @@
 
 use crate::config::BackendConfig;
 use crate::error::{AgentError, Result};
+use crate::image::{self, ImageFacts};
 use crate::sparse;
 use ember_common::runner;
 use ember_proto::agent::v1::Pool;
@@ -155,6 +156,32 @@ impl FileBackend {
         }
         self.publish(&tmp, &path)?;
         Ok(bytes)
+    }
+
+    /// Creates a volume of `size_gb` GiB filled from an image: converted into a temporary file, grown, flushed
+    /// and renamed into place, so a file with the final name is always complete. Repeating it is a no-op.
+    pub async fn create_from_image(&self, id: &uuid::Uuid, size_gb: u64, source: &str) -> Result<(u64, ImageFacts)> {
+        let bytes = size_gb * GIB;
+        let facts = image::inspect(source, bytes).await?;
+        let (path, tmp) = (self.path(Kind::Volume, id), self.tmp_path(Kind::Volume, id));
+        if let Some(len) = Self::existing_len(&path)? {
+            return Ok((len, facts));
+        }
+        let _ = std::fs::remove_file(&tmp);
+        let filled = async {
+            image::convert(source, &facts, &tmp, false, true).await?;
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&tmp)
+                .map_err(AgentError::io(format!("opening {}", tmp.display())))?;
+            self.size_file(&file, &tmp, bytes)
+        };
+        if let Err(e) = filled.await {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.publish(&tmp, &path)?;
+        Ok((bytes, facts))
     }
 
     /// Grows a volume. Asking for its current size again is a no-op; shrinking is refused.

@@ -9,6 +9,7 @@
 use crate::config::{BackendConfig, LvmType, Wipe};
 use crate::error::{AgentError, Result};
 use crate::file_backend::Kind;
+use crate::image::{self, ImageFacts};
 use ember_common::runner::{self, CommandError};
 use ember_proto::agent::v1::Pool;
 use serde::Deserialize;
@@ -261,19 +262,45 @@ impl LvmBackend {
                 Err(AgentError::FailedPrecondition(format!("volume {id} exists with another size ({} bytes)", lv.size)))
             };
         }
-        let size = format!("{bytes}b");
-        match &self.thin_pool {
-            Some(pool) => {
-                let pool = self.target(pool);
-                self.lvm("lvcreate", &["-q", "-y", "-T", "-V", &size, "-n", &name, "--addtag", OWNER_TAG, &pool])
-                    .await?
-            }
-            None => {
-                self.lvm("lvcreate", &["-q", "-y", "-L", &size, "-n", &name, "--addtag", OWNER_TAG, &self.vg]).await?
-            }
-        };
+        self.lvcreate(&name, bytes, &[OWNER_TAG]).await?;
         self.refresh().await?;
         Ok(bytes)
+    }
+
+    /// Creates an LV of `bytes` for a volume (thin in the pool, or thick) with `tags`.
+    async fn lvcreate(&self, name: &str, bytes: u64, tags: &[&str]) -> Result<()> {
+        let size = format!("{bytes}b");
+        let pool = self.thin_pool.as_ref().map(|p| self.target(p));
+        let mut args = vec!["-q", "-y"];
+        match &pool {
+            Some(_) => args.extend(["-T", "-V", &size, "-n", name]),
+            None => args.extend(["-L", &size, "-n", name]),
+        }
+        for tag in tags {
+            args.extend(["--addtag", tag]);
+        }
+        args.push(pool.as_deref().unwrap_or(&self.vg));
+        self.lvm("lvcreate", &args).await.map(drop)
+    }
+
+    /// Creates a volume of `size_gb` GiB filled from an image. The LV carries `ember-incomplete` until the
+    /// image is fully written, so a repeat after a crash writes it again.
+    pub async fn create_from_image(&self, id: &uuid::Uuid, size_gb: u64, source: &str) -> Result<(u64, ImageFacts)> {
+        let bytes = size_gb * GIB;
+        let facts = image::inspect(source, bytes).await?;
+        let name = lv_name(Kind::Volume, id);
+        let existing = self.find(&name).await?;
+        if existing.as_ref().is_some_and(|lv| !lv.tags.iter().any(|t| t == INCOMPLETE_TAG)) {
+            return Ok((bytes, facts));
+        }
+        if existing.is_none() {
+            self.lvcreate(&name, bytes, &[OWNER_TAG, INCOMPLETE_TAG]).await?;
+        }
+        let device = PathBuf::from(format!("/dev/{}", self.target(&name)));
+        image::convert(source, &facts, &device, true, self.is_thin()).await?;
+        self.lvm("lvchange", &["-q", "--deltag", INCOMPLETE_TAG, &self.target(&name)]).await?;
+        self.refresh().await?;
+        Ok((bytes, facts))
     }
 
     /// Makes `kind`/`id` from a source volume or snapshot, at least `size_gb` GiB. Thin: a thin snapshot of the
@@ -320,12 +347,7 @@ impl LvmBackend {
             let complete = existing.as_ref().is_some_and(|lv| !lv.tags.iter().any(|t| t == INCOMPLETE_TAG));
             if !complete {
                 if existing.is_none() {
-                    let size = format!("{bytes}b");
-                    let tags = ["--addtag", OWNER_TAG, "--addtag", INCOMPLETE_TAG];
-                    let mut args = vec!["-q", "-y", "-L", &size, "-n", &name];
-                    args.extend(tags);
-                    args.push(&self.vg);
-                    self.lvm("lvcreate", &args).await?;
+                    self.lvcreate(&name, bytes, &[OWNER_TAG, INCOMPLETE_TAG]).await?;
                 }
                 self.copy(&source_target, &target, source_lv.size).await?;
                 self.lvm("lvchange", &["-q", "--deltag", INCOMPLETE_TAG, &target]).await?;

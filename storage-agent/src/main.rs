@@ -8,6 +8,7 @@ mod data;
 mod error;
 mod exports;
 mod file_backend;
+mod image;
 mod keeper;
 mod lio;
 mod lvm;

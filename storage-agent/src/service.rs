@@ -186,6 +186,16 @@ impl Storage {
         if req.size_gb == 0 {
             return Err(AgentError::InvalidArgument { field: "size_gb", message: "must be at least 1".into() });
         }
+        if !req.image.is_empty() {
+            let (size, facts) = backend.create_from_image(&id, req.size_gb, &req.image).await?;
+            tracing::info!(volume_id = %id, backend = %req.backend, size, format = %facts.format, "volume created from an image");
+            return Ok(VolumeResult {
+                volume_id: req.volume_id,
+                size_bytes: size,
+                image_format: facts.format,
+                image_virtual_size: facts.virtual_size,
+            });
+        }
         let size = if !req.source_snapshot_id.is_empty() {
             let src = checked_id("source_snapshot_id", &req.source_snapshot_id)?;
             backend.create_from(Kind::Volume, &id, Kind::Snapshot, &src, Some(req.size_gb)).await?
@@ -196,7 +206,7 @@ impl Storage {
             backend.create_blank(&id, req.size_gb).await?
         };
         tracing::info!(volume_id = %id, backend = %req.backend, size, "volume created");
-        Ok(VolumeResult { volume_id: req.volume_id, size_bytes: size })
+        Ok(VolumeResult { volume_id: req.volume_id, size_bytes: size, ..Default::default() })
     }
 }
 
@@ -258,7 +268,7 @@ impl StorageAgent for StorageService {
         }
         drop(store);
         tracing::info!(volume_id = %id, size, "volume extended");
-        Ok(Response::new(VolumeResult { volume_id: r.volume_id, size_bytes: size }))
+        Ok(Response::new(VolumeResult { volume_id: r.volume_id, size_bytes: size, ..Default::default() }))
     }
 
     async fn create_snapshot(&self, req: Request<CreateSnapshotRequest>) -> Result<Response<SnapshotResult>, Status> {

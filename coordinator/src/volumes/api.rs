@@ -111,7 +111,11 @@ async fn resolve_source(
         return Ok(Some(Source { size_gb: b.size_gb as u64, only: None }));
     }
     if !req.image.is_empty() {
-        return Err(Error::invalid("image", "creating a volume from an image is not available in this release"));
+        ember_common::image_source::check(&req.image).map_err(|e| Error::invalid("image", e))?;
+        if req.size_gb == 0 {
+            return Err(Error::invalid("size_gb", "a volume from an image needs a size (at least the image's)"));
+        }
+        return Ok(None);
     }
     if !req.snapshot_id.is_empty() {
         let snap = crate::snapshots::visible(conn, who, &req.snapshot_id).await?;
@@ -228,7 +232,7 @@ impl Volumes {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        let payload = serde_json::json!({ "tried": [], "only": source.and_then(|s| s.only) });
+        let payload = serde_json::json!({ "tried": [], "only": source.and_then(|s| s.only), "image": req.image });
         let op = operations::insert(&mut tx, "create_volume", "volume", &id, "accepted", payload).await?;
         let v = store::find(&mut tx, &id).await?.ok_or_else(|| Error::not_found("volume", &id))?;
         let shown = store::to_proto(&mut tx, &v).await?;

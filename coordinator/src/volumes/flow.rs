@@ -96,10 +96,12 @@ pub async fn create(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
                         source_snapshot_id: v.source_snapshot_id.clone(),
                         source_volume_id: v.source_volume_id.clone(),
                         provisioning: String::new(),
+                        image: op.payload["image"].as_str().unwrap_or_default().to_string(),
                     })
                     .await;
                 match call {
-                    Ok(_) => {
+                    Ok(created) => {
+                        let created = created.into_inner();
                         failpoint::hit("create_volume.created");
                         // A volume from a backup is filled before it becomes available.
                         let restored = if v.source_backup_id.is_empty() {
@@ -110,6 +112,11 @@ pub async fn create(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
                         let mut tx = crate::db::write(&ctx.db).await?;
                         if !v.source_backup_id.is_empty() {
                             crate::backups::restore_done(&mut tx, &v.source_backup_id).await?;
+                        }
+                        if !created.image_format.is_empty() {
+                            let image = op.payload["image"].as_str().unwrap_or_default();
+                            store::record_image(&mut tx, &v, image, &created.image_format, created.image_virtual_size)
+                                .await?;
                         }
                         match restored {
                             Ok(()) => {

@@ -147,3 +147,24 @@ pub async fn to_proto(conn: &mut SqliteConnection, v: &VolumeRow) -> Result<Volu
 pub async fn transition(conn: &mut SqliteConnection, id: &str, from: &[&str], to: &str, reason: &str) -> Result<bool> {
     crate::status::transition(conn, crate::status::Table::Volumes, id, from, to, reason).await
 }
+
+/// Marks a volume filled from an image bootable and keeps the image's facts in its metadata (`image_source`,
+/// `image_format`, `image_virtual_size`), as Cinder keeps volume_image_metadata.
+pub async fn record_image(
+    conn: &mut SqliteConnection,
+    v: &VolumeRow,
+    source: &str,
+    format: &str,
+    virtual_size: u64,
+) -> Result<()> {
+    let mut metadata = v.metadata.clone();
+    metadata.insert("image_source".into(), source.into());
+    metadata.insert("image_format".into(), format.into());
+    metadata.insert("image_virtual_size".into(), virtual_size.to_string());
+    sqlx::query("UPDATE volumes SET bootable = 1, metadata = ? WHERE id = ?")
+        .bind(serde_json::to_string(&metadata)?)
+        .bind(&v.id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}

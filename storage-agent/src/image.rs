@@ -1,0 +1,91 @@
+//! Filling a volume from an image with `qemu-img`: the image is inspected first (raw or qcow2 only, no backing
+//! file, no larger than the volume), then converted to raw into the volume. The source is the one
+//! user-supplied string that reaches a command line, so its shape is checked first.
+
+use crate::error::{AgentError, Result};
+use ember_common::runner;
+use std::path::Path;
+use std::time::Duration;
+
+const INFO_TIMEOUT: Duration = Duration::from_secs(120);
+const CONVERT_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+/// What `qemu-img info` says about an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageFacts {
+    /// `raw` or `qcow2`.
+    pub format: String,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+}
+
+fn invalid(message: impl Into<String>) -> AgentError {
+    AgentError::InvalidArgument { field: "image", message: message.into() }
+}
+
+/// Checks the source's shape (see [`ember_common::image_source`]).
+pub fn check_source(source: &str) -> Result<()> {
+    ember_common::image_source::check(source).map_err(invalid)
+}
+
+/// Parses `qemu-img info --output=json` and applies the rules.
+pub fn parse_info(json: &str, volume_bytes: u64) -> Result<ImageFacts> {
+    let info: serde_json::Value = serde_json::from_str(json).map_err(|e| invalid(format!("unreadable image: {e}")))?;
+    let format = info["format"].as_str().unwrap_or_default().to_string();
+    if format != "raw" && format != "qcow2" {
+        return Err(invalid(format!("format {format:?} is not raw or qcow2")));
+    }
+    if let Some(backing) = info.get("backing-filename").and_then(|b| b.as_str()) {
+        return Err(invalid(format!("the image has a backing file ({backing}); give a standalone image")));
+    }
+    let virtual_size = info["virtual-size"].as_u64().ok_or_else(|| invalid("qemu-img reported no virtual size"))?;
+    if virtual_size > volume_bytes {
+        return Err(invalid(format!(
+            "the image's virtual size ({virtual_size} bytes) exceeds the volume ({volume_bytes} bytes)"
+        )));
+    }
+    Ok(ImageFacts { format, virtual_size })
+}
+
+/// Inspects `source` for a volume of `volume_bytes`.
+pub async fn inspect(source: &str, volume_bytes: u64) -> Result<ImageFacts> {
+    check_source(source)?;
+    let out = runner::run("qemu-img", &["info", "--output=json", source], INFO_TIMEOUT)
+        .await
+        .map_err(|e| invalid(format!("cannot read the image: {e}")))?;
+    parse_info(&out.stdout, volume_bytes)
+}
+
+/// Writes the image as raw data into `dest`. `existing` targets (block devices) are written in place;
+/// `reads_zero` says the target already reads as zeros (a new file or thin LV), so zero runs are skipped.
+pub async fn convert(source: &str, facts: &ImageFacts, dest: &Path, existing: bool, reads_zero: bool) -> Result<()> {
+    check_source(source)?;
+    let dest = dest.to_string_lossy();
+    let mut args = vec!["convert", "-f", facts.format.as_str(), "-O", "raw", "-t", "none"];
+    if existing {
+        args.push("-n");
+        if reads_zero {
+            args.push("--target-is-zero");
+        }
+    }
+    args.extend([source, dest.as_ref()]);
+    runner::run("qemu-img", &args, CONVERT_TIMEOUT).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_rules() {
+        let qcow2 = r#"{"virtual-size": 67108864, "filename": "a.qcow2", "format": "qcow2", "actual-size": 200704}"#;
+        assert_eq!(parse_info(qcow2, 1 << 30).unwrap(), ImageFacts { format: "qcow2".into(), virtual_size: 67108864 });
+        let backed = r#"{"virtual-size": 1, "format": "qcow2", "backing-filename": "base.qcow2"}"#;
+        assert!(parse_info(backed, 1 << 30).unwrap_err().to_string().contains("backing file"));
+        let vmdk = r#"{"virtual-size": 1, "format": "vmdk"}"#;
+        assert!(parse_info(vmdk, 1 << 30).unwrap_err().to_string().contains("vmdk"));
+        let big = r#"{"virtual-size": 2147483648, "format": "raw"}"#;
+        assert!(parse_info(big, 1 << 30).unwrap_err().to_string().contains("exceeds"));
+    }
+}
