@@ -40,7 +40,15 @@ agent() { printf 'name = "%s"\nlisten = "127.0.0.1:%s"\ncoordinator = "%s"\n' "$
 { agent storage1 $((port + 1)); printf 'state_dir = "%s"\n' "$state/storage-state"
   printf '\n[[backends]]\nname = "file1"\ndriver = "file"\ndirectory = "%s"\n\n' "$state/file-backend"
   printf '[tgt]\ncontrol_port = %s\nportal = "127.0.0.1:%s"\n\n' $(( (port + 5) % 30000 + 1000 )) $((port + 4)); tls storage1; } >"$state/storage.toml"
-{ agent compute1 $((port + 2)); printf 'state_dir = "%s"\n\n' "$state/compute-state"; tls compute1; } >"$state/compute.toml"
+# Instances boot the project's tiny test image directly when it was built (tests/realkernel/instance-image.sh);
+# otherwise from the volume through the BIOS.
+instance=$root/target/realkernel/instance
+boot=
+if [ -f "$instance/vmlinuz" ]; then
+  boot=$(printf '[boot]\nkernel = "%s"\ninitrd = "%s"\ncmdline = "console=ttyS0 root=/dev/vda rw quiet"\n\n' \
+    "$instance/vmlinuz" "$instance/initrd.img")
+fi
+{ agent compute1 $((port + 2)); printf 'state_dir = "%s"\n\n%s\n' "$state/compute-state" "$boot"; tls compute1; } >"$state/compute.toml"
 { agent backup1 $((port + 3)); printf '\n[[repositories]]\nname = "repo1"\ndirectory = "%s"\n\n' "$state/backups"; tls backup1; } >"$state/backup.toml"
 
 pids=()

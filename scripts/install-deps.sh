@@ -36,6 +36,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}"
 fi
 
+# /dev/kvm as Debian's udev rule leaves it (root:kvm 0660; libvirt-qemu is in kvm). Machines without udev
+# keep it root-only, and libvirt then finds KVM "enabled when probing but not available now" and re-probes
+# QEMU on every call (about 45 s per domain define here). Guests still run under TCG where KVM does not work.
+if [ -c /dev/kvm ] && getent group kvm >/dev/null && [ "$(stat -c %G:%a /dev/kvm)" != kvm:660 ]; then
+  chgrp kvm /dev/kvm && chmod 660 /dev/kvm
+fi
+
 # A client that is not ours, for the reflection test and for operators: Python grpcio with reflection.
 if ! python3 -c 'import grpc, grpc_reflection' 2>/dev/null; then
   echo "installing python grpcio + grpcio-reflection" >&2

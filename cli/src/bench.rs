@@ -34,6 +34,20 @@ enum BenchAction {
         #[arg(long = "type", default_value = "")]
         volume_type: String,
     },
+    /// Attach/detach latency: one volume attached to and detached from a running instance, `runs` times.
+    /// The split into export, connect, libvirt and confirm is in the coordinator's and compute agent's logs
+    /// (`export_ms`, `connect_ms`, `libvirt_ms`, `confirm_ms`; scripts/bench-attach.sh sums them up).
+    Attach {
+        /// The instance (libvirt domain name or UUID, or an ember instance id).
+        #[arg(long)]
+        instance: String,
+        /// Its compute host.
+        #[arg(long)]
+        host: String,
+        /// Attach/detach cycles.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
 }
 
 async fn wait_final(client: &mut VolumeServiceClient<Channel>, id: &str) -> Result<Option<String>, CliError> {
@@ -52,9 +66,81 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Waits until the volume's status is `want`.
+async fn wait_status(client: &mut VolumeServiceClient<Channel>, id: &str, want: &str) -> Result<(), CliError> {
+    let mut stream = client.watch_volume(GetVolumeRequest { id: id.into() }).await?.into_inner();
+    while let Some(v) = stream.message().await? {
+        if v.status == want {
+            return Ok(());
+        }
+        if v.status.starts_with("error") || (v.status == "available" && want == "in-use" && !v.status_reason.is_empty())
+        {
+            return Err(CliError::Other(format!("volume {id} is {}: {}", v.status, v.status_reason)));
+        }
+    }
+    Err(CliError::Other(format!("volume {id} went away")))
+}
+
+/// `ember bench attach`: p50/p95 of attach (call → in-use) and detach (call → available).
+async fn attach(conn: &ConnectArgs, instance: String, host: String, runs: usize, json: bool) -> Result<(), CliError> {
+    use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
+    let channel = conn.channel()?;
+    let mut volumes = VolumeServiceClient::new(channel.clone());
+    let mut attachments = AttachmentServiceClient::new(channel);
+    let v = volumes
+        .create_volume(CreateVolumeRequest { size_gb: 1, name: "bench-attach".into(), ..Default::default() })
+        .await?
+        .into_inner();
+    wait_status(&mut volumes, &v.id, "available").await?;
+    let (mut attach_times, mut detach_times) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let started = Instant::now();
+        let a = attachments
+            .attach(AttachRequest {
+                volume_id: v.id.clone(),
+                instance: instance.clone(),
+                host: host.clone(),
+                read_only: false,
+            })
+            .await?
+            .into_inner();
+        wait_status(&mut volumes, &v.id, "in-use").await?;
+        attach_times.push(started.elapsed());
+        let started = Instant::now();
+        attachments.detach(DetachRequest { attachment_id: a.id }).await?;
+        wait_status(&mut volumes, &v.id, "available").await?;
+        detach_times.push(started.elapsed());
+    }
+    volumes.delete_volume(DeleteVolumeRequest { id: v.id.clone() }).await?;
+    attach_times.sort();
+    detach_times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let (a50, a95, d50, d95) = (
+        ms(percentile(&attach_times, 0.5)),
+        ms(percentile(&attach_times, 0.95)),
+        ms(percentile(&detach_times, 0.5)),
+        ms(percentile(&detach_times, 0.95)),
+    );
+    if json {
+        crate::output::json(
+            &serde_json::json!({"runs": runs, "attach_p50_ms": a50, "attach_p95_ms": a95, "detach_p50_ms": d50, "detach_p95_ms": d95}),
+        );
+    } else {
+        println!("{runs} attach/detach cycles on {instance}@{host}");
+        println!("attach (call -> in-use):    p50 {a50:.0} ms, p95 {a95:.0} ms");
+        println!("detach (call -> available): p50 {d50:.0} ms, p95 {d95:.0} ms");
+    }
+    Ok(())
+}
+
 /// Runs `ember bench …`.
 pub async fn run(cmd: BenchCmd, conn: &ConnectArgs, json: bool) -> Result<(), CliError> {
-    let BenchAction::Volumes { sequential, concurrent, size, volume_type } = cmd.action;
+    let (sequential, concurrent, size, volume_type) = match cmd.action {
+        BenchAction::Volumes { sequential, concurrent, size, volume_type } => {
+            (sequential, concurrent, size, volume_type)
+        }
+        BenchAction::Attach { instance, host, runs } => return attach(conn, instance, host, runs, json).await,
+    };
     let channel = conn.channel()?;
     let client = VolumeServiceClient::new(channel.clone());
     // The bench works in its own project with unlimited quota (admin only), so it measures the fleet, not

@@ -7,6 +7,7 @@ mod backup;
 mod bench;
 mod certs;
 mod connect;
+mod instance;
 mod output;
 mod quota;
 mod service;
@@ -42,6 +43,8 @@ enum Command {
     Volume(volume::VolumeCmd),
     /// Snapshots of volumes.
     Snapshot(snapshot::SnapshotCmd),
+    /// Instances booted from volumes.
+    Instance(instance::InstanceCmd),
     /// Attachments of volumes to instances.
     Attachment(volume::AttachmentCmd),
     /// Back up volumes and restore them.
@@ -61,6 +64,7 @@ async fn main() {
         Command::Quota(c) => quota::run(c, &cli.conn, cli.json).await,
         Command::Volume(c) => volume::run(c, &cli.conn, cli.json).await,
         Command::Snapshot(c) => snapshot::run(c, &cli.conn, cli.json).await,
+        Command::Instance(c) => instance::run(c, &cli.conn, cli.json).await,
         Command::Attachment(c) => volume::run_attachments(c, &cli.conn, cli.json).await,
         Command::Backup(c) => backup::run(c, &cli.conn, cli.json).await,
         Command::Bench(c) => bench::run(c, &cli.conn, cli.json).await,

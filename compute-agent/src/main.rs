@@ -4,6 +4,7 @@
 mod connector;
 mod domain_xml;
 mod error;
+mod instances;
 mod libvirtd;
 mod service;
 mod virsh;
@@ -37,6 +38,9 @@ struct ComputeConfig {
     iscsi_mode: Option<connector::IscsiMode>,
     /// Seconds a guest may take to release a detached disk (default 30).
     detach_timeout_secs: Option<u64>,
+    /// How instances boot (`[boot] kernel/initrd/cmdline` for direct kernel boot; BIOS otherwise).
+    #[serde(default)]
+    boot: instances::BootConfig,
 }
 
 /// QEMU's iSCSI block driver, which the `qemu` mode needs.
@@ -172,6 +176,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         virsh,
         detach_timeout: std::time::Duration::from_secs(file.detach_timeout_secs.unwrap_or(30)),
         lock: Default::default(),
+        boot: file.boot.clone(),
     };
     let (name, az) = (id.name.clone(), id.availability_zone.clone());
     let mut routes = RoutesBuilder::default();

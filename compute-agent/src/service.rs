@@ -1,5 +1,5 @@
-//! The compute agent's gRPC service: attach and detach volumes to libvirt domains. Instances (boot from
-//! volume) answer UNIMPLEMENTED for now.
+//! The compute agent's gRPC service: attach and detach volumes to libvirt domains, and instances booted from
+//! volumes (see `instances.rs`).
 //!
 //! Attach: connect → add the disk (next free `vdX`, serial = volume id) live and persistent → confirm it in the
 //! live XML. Detach: remove the disk → confirm it left the live XML (a guest that does not answer the unplug
@@ -10,7 +10,6 @@ use crate::connector::Connectors;
 use crate::domain_xml::{DiskSpec, disk_xml, disks, next_free_target};
 use crate::error::{ComputeError, Result};
 use crate::virsh::{DomainState, Virsh};
-use ember_common::not_yet;
 use ember_proto::agent::v1::compute_agent_server::ComputeAgent;
 use ember_proto::agent::v1::*;
 use std::time::{Duration, Instant};
@@ -27,6 +26,8 @@ pub struct Compute {
     pub detach_timeout: Duration,
     /// Serialises disk changes, so two attaches never pick the same device name.
     pub lock: tokio::sync::Mutex<()>,
+    /// How instances boot.
+    pub boot: crate::instances::BootConfig,
 }
 
 fn checked_volume_id(id: &str) -> Result<()> {
@@ -71,7 +72,9 @@ impl Compute {
         if let Some(d) = live.iter().find(|d| d.serial == r.volume_id) {
             return Ok(d.target.clone()); // a repeat after a crash: already there
         }
+        let started = Instant::now();
         let source = self.connectors.connect(&r.volume_id, &conn).await?;
+        let connect_ms = started.elapsed().as_millis() as u64;
         let mut used: Vec<String> = live.into_iter().map(|d| d.target).collect();
         used.extend(disks(&self.virsh.dumpxml(&uuid, true).await?).unwrap_or_default().into_iter().map(|d| d.target));
         let spec = DiskSpec {
@@ -82,16 +85,20 @@ impl Compute {
         };
         let xml_file = self.connectors.state_dir.join(format!("disk-{}.xml", r.volume_id));
         std::fs::write(&xml_file, disk_xml(&spec)).map_err(ComputeError::io("writing the disk XML"))?;
+        let libvirt_started = Instant::now();
         let attached = self.virsh.attach_device(&uuid, &xml_file).await;
+        let libvirt_ms = libvirt_started.elapsed().as_millis() as u64;
         let _ = std::fs::remove_file(&xml_file);
         if let Err(e) = attached {
             let _ = self.connectors.disconnect(&r.volume_id, &conn).await;
             return Err(e);
         }
+        let confirm_started = Instant::now();
         if !wait_for_disk(&self.virsh, &uuid, &r.volume_id, true, Duration::from_secs(10)).await? {
             return Err(ComputeError::DeadlineExceeded(format!("disk {} did not appear in the live XML", spec.target)));
         }
-        tracing::info!(instance = %r.instance, device = %spec.target, "volume attached");
+        let confirm_ms = confirm_started.elapsed().as_millis() as u64;
+        tracing::info!(instance = %r.instance, device = %spec.target, connect_ms, libvirt_ms, confirm_ms, "volume attached");
         Ok(spec.target)
     }
 
@@ -99,6 +106,7 @@ impl Compute {
         checked_volume_id(&r.volume_id)?;
         let conn = r.connection.unwrap_or_default();
         let _guard = self.lock.lock().await;
+        let (mut libvirt_ms, mut confirm_ms) = (0u64, 0u64);
         let uuid = match self.virsh.resolve(&r.instance).await {
             Ok(uuid) => Some(uuid),
             Err(ComputeError::NotFound(_)) => None, // the domain is gone, and the disk with it
@@ -110,7 +118,10 @@ impl Compute {
             let persistent = disks(&self.virsh.dumpxml(&uuid, true).await?).unwrap_or_default();
             let in_live = live.iter().find(|d| d.serial == r.volume_id).filter(|_| running);
             if let Some(d) = in_live.or_else(|| persistent.iter().find(|d| d.serial == r.volume_id)) {
+                let libvirt_started = Instant::now();
                 self.virsh.detach_disk(&uuid, &d.target, in_live.is_some()).await?;
+                libvirt_ms = libvirt_started.elapsed().as_millis() as u64;
+                let confirm_started = Instant::now();
                 if in_live.is_some()
                     && !wait_for_disk(&self.virsh, &uuid, &r.volume_id, false, self.detach_timeout).await?
                 {
@@ -119,10 +130,13 @@ impl Compute {
                         r.instance, d.target, self.detach_timeout
                     )));
                 }
+                confirm_ms = confirm_started.elapsed().as_millis() as u64;
             }
         }
+        let disconnect_started = Instant::now();
         self.connectors.disconnect(&r.volume_id, &conn).await?;
-        tracing::info!(instance = %r.instance, "volume detached");
+        let disconnect_ms = disconnect_started.elapsed().as_millis() as u64;
+        tracing::info!(instance = %r.instance, libvirt_ms, confirm_ms, disconnect_ms, "volume detached");
         Ok(())
     }
 }
@@ -146,7 +160,29 @@ impl ComputeAgent for ComputeService {
         Ok(Response::new(DetachVolumeResponse {}))
     }
 
-    not_yet!(start_instance, StartInstanceRequest, StartInstanceResponse, "starting instances");
-    not_yet!(destroy_instance, DestroyInstanceRequest, DestroyInstanceResponse, "destroying instances");
-    not_yet!(get_console_log, GetConsoleLogRequest, GetConsoleLogResponse, "console logs");
+    async fn start_instance(
+        &self,
+        req: Request<StartInstanceRequest>,
+    ) -> Result<Response<StartInstanceResponse>, Status> {
+        let r = req.into_inner();
+        let span = tracing::info_span!("start_instance", instance_id = %r.instance_id, volume_id = %r.boot_volume_id);
+        Ok(Response::new(self.0.start_instance(r).instrument(span).await?))
+    }
+
+    async fn destroy_instance(
+        &self,
+        req: Request<DestroyInstanceRequest>,
+    ) -> Result<Response<DestroyInstanceResponse>, Status> {
+        let id = req.into_inner().instance_id;
+        let span = tracing::info_span!("destroy_instance", instance_id = %id);
+        self.0.destroy_instance(&id).instrument(span).await?;
+        Ok(Response::new(DestroyInstanceResponse {}))
+    }
+
+    async fn get_console_log(
+        &self,
+        req: Request<GetConsoleLogRequest>,
+    ) -> Result<Response<GetConsoleLogResponse>, Status> {
+        Ok(Response::new(GetConsoleLogResponse { text: self.0.console_log(&req.get_ref().instance_id)? }))
+    }
 }

@@ -81,6 +81,26 @@ impl Virsh {
         self.run(&["detach-disk", uuid, target, scope]).await.map(drop)
     }
 
+    /// Defines a domain from an XML file.
+    pub async fn define(&self, xml_file: &Path) -> Result<()> {
+        self.run(&["define", &xml_file.to_string_lossy()]).await.map(drop)
+    }
+
+    /// Starts a defined domain.
+    pub async fn start(&self, uuid: &str) -> Result<()> {
+        self.run(&["start", uuid]).await.map(drop)
+    }
+
+    /// Stops a domain at once (like pulling the power).
+    pub async fn destroy(&self, uuid: &str) -> Result<()> {
+        self.run(&["destroy", uuid]).await.map(drop)
+    }
+
+    /// Removes a stopped domain's definition.
+    pub async fn undefine(&self, uuid: &str) -> Result<()> {
+        self.run(&["undefine", uuid]).await.map(drop)
+    }
+
     /// Defines (or redefines) a secret from an XML file.
     pub async fn define_secret(&self, xml_file: &Path) -> Result<()> {
         self.run(&["secret-define", &xml_file.to_string_lossy()]).await.map(drop)

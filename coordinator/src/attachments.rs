@@ -50,7 +50,7 @@ async fn visible(conn: &mut SqliteConnection, who: &Identity, id: &str) -> Resul
 }
 
 /// The volume's status once its attachments are as they are now.
-async fn settle_volume(conn: &mut SqliteConnection, volume_id: &str, reason: &str) -> Result<()> {
+pub(crate) async fn settle_volume(conn: &mut SqliteConnection, volume_id: &str, reason: &str) -> Result<()> {
     let attached: i64 =
         sqlx::query_scalar("SELECT COUNT(*) FROM attachments WHERE volume_id = ? AND status = 'attached'")
             .bind(volume_id)
@@ -156,7 +156,7 @@ impl Attachments {
     }
 }
 
-async fn load(ctx: &Ctx, id: &str) -> Result<Option<(sqlx::sqlite::SqliteRow, volumes::VolumeRow)>> {
+pub(crate) async fn load(ctx: &Ctx, id: &str) -> Result<Option<(sqlx::sqlite::SqliteRow, volumes::VolumeRow)>> {
     let mut conn = ctx.db.acquire().await?;
     let Some(a) = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} WHERE a.id = ?")))
         .bind(id)
@@ -172,7 +172,7 @@ async fn load(ctx: &Ctx, id: &str) -> Result<Option<(sqlx::sqlite::SqliteRow, vo
 }
 
 /// The connection facts of an attachment, as stored (without the CHAP secret).
-fn stored_connection(a: &sqlx::sqlite::SqliteRow) -> agent::Connection {
+pub(crate) fn stored_connection(a: &sqlx::sqlite::SqliteRow) -> agent::Connection {
     let c: serde_json::Value = serde_json::from_str(a.get::<&str, _>(11)).unwrap_or_default();
     let text = |k: &str| c[k].as_str().unwrap_or_default().to_string();
     agent::Connection {
@@ -191,7 +191,7 @@ fn stored_connection(a: &sqlx::sqlite::SqliteRow) -> agent::Connection {
 
 /// Removes the initiator's access to the volume unless another attachment of the volume uses the same
 /// initiator. `Err(status)` is the storage agent's refusal.
-async fn unexport_unless_shared(
+pub(crate) async fn unexport_unless_shared(
     ctx: &Arc<Ctx>,
     attachment_id: &str,
     v: &volumes::VolumeRow,
@@ -221,7 +221,7 @@ async fn unexport_unless_shared(
 
 /// The compute agent's own refusals are final; only a lost connection is worth a retry (its guest-release
 /// deadline is DEADLINE_EXCEEDED and must surface, not loop).
-fn compute_transient(status: &Status) -> bool {
+pub(crate) fn compute_transient(status: &Status) -> bool {
     matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown)
 }
 
@@ -237,6 +237,62 @@ async fn fail_attach(ctx: &Arc<Ctx>, op: &Op, v: &volumes::VolumeRow, reason: &s
     Ok(Outcome::Finished)
 }
 
+/// Exports the volume to the attachment's initiator and records the connection facts on the attachment (before
+/// any compute agent is called, so an undo after a crash knows what to disconnect). `Err(status)` is the
+/// storage agent's refusal.
+pub(crate) async fn export_attachment(
+    ctx: &Arc<Ctx>,
+    attachment_id: &str,
+    v: &volumes::VolumeRow,
+    initiator: &str,
+    read_only: bool,
+) -> Result<Result<agent::Connection, Status>> {
+    let (user, password) = {
+        let mut tx = crate::db::write(&ctx.db).await?;
+        let creds = crate::volumes::api::ensure_chap(&mut tx, v).await?;
+        tx.commit().await?;
+        creds
+    };
+    let mut storage = ctx.agents.storage(&v.host).await?;
+    let export = match storage
+        .export_volume(agent::ExportVolumeRequest {
+            volume_id: v.id.clone(),
+            backend: v.backend.clone(),
+            initiator: initiator.to_string(),
+            chap_username: user.clone(),
+            chap_password: password.clone(),
+            read_only,
+        })
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(status) => return Ok(Err(status)),
+    };
+    let stored = serde_json::json!({
+        "driver_volume_type": export.driver_volume_type, "target_portal": export.target_portal,
+        "target_iqn": export.target_iqn, "target_lun": export.target_lun, "auth_username": user,
+        "export": export.export, "path": export.path, "mount_options": export.mount_options, "read_only": read_only,
+    });
+    sqlx::query("UPDATE attachments SET connection = ?, updated_at = ? WHERE id = ?")
+        .bind(stored.to_string())
+        .bind(now_ms())
+        .bind(attachment_id)
+        .execute(&ctx.db)
+        .await?;
+    Ok(Ok(agent::Connection {
+        driver_volume_type: export.driver_volume_type,
+        target_portal: export.target_portal,
+        target_iqn: export.target_iqn,
+        target_lun: export.target_lun,
+        auth_username: user,
+        auth_password: password,
+        export: export.export,
+        path: export.path,
+        mount_options: export.mount_options,
+        read_only,
+    }))
+}
+
 /// Attach flow: export to the compute host's initiator → the compute agent connects and adds the disk →
 /// attached (with its device name), volume in-use.
 pub async fn attach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
@@ -249,56 +305,18 @@ pub async fn attach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     let initiator = connector["initiator"].as_str().unwrap_or_default().to_string();
     let read_only = a.get::<&str, _>(6) == "ro";
     let (instance, host): (String, String) = (a.get(2), a.get(3));
-    let (user, password) = {
-        let mut tx = crate::db::write(&ctx.db).await?;
-        let creds = crate::volumes::api::ensure_chap(&mut tx, &v).await?;
-        tx.commit().await?;
-        creds
-    };
-    let mut storage = ctx.agents.storage(&v.host).await?;
-    let export = match storage
-        .export_volume(agent::ExportVolumeRequest {
-            volume_id: v.id.clone(),
-            backend: v.backend.clone(),
-            initiator: initiator.clone(),
-            chap_username: user.clone(),
-            chap_password: password.clone(),
-            read_only,
-        })
-        .await
-    {
-        Ok(r) => r.into_inner(),
+    let export_started = std::time::Instant::now();
+    let connection = match export_attachment(ctx, &op.resource_id, &v, &initiator, read_only).await? {
+        Ok(c) => c,
         Err(status) if transient(&status) => return Ok(Outcome::Retry(status.message().to_string())),
         Err(status) => {
             let reason = format!("attach failed: export on {}: {}", v.host, status.message());
             return fail_attach(ctx, &op, &v, &reason).await;
         }
     };
-    let stored = serde_json::json!({
-        "driver_volume_type": export.driver_volume_type, "target_portal": export.target_portal,
-        "target_iqn": export.target_iqn, "target_lun": export.target_lun, "auth_username": user,
-        "export": export.export, "path": export.path, "mount_options": export.mount_options, "read_only": read_only,
-    });
-    // Recorded before the compute agent is called, so an undo after a crash knows what to disconnect.
-    sqlx::query("UPDATE attachments SET connection = ?, updated_at = ? WHERE id = ?")
-        .bind(stored.to_string())
-        .bind(now_ms())
-        .bind(&op.resource_id)
-        .execute(&ctx.db)
-        .await?;
-    let connection = agent::Connection {
-        driver_volume_type: export.driver_volume_type,
-        target_portal: export.target_portal,
-        target_iqn: export.target_iqn,
-        target_lun: export.target_lun,
-        auth_username: user,
-        auth_password: password,
-        export: export.export,
-        path: export.path,
-        mount_options: export.mount_options,
-        read_only,
-    };
+    let export_ms = export_started.elapsed().as_millis() as u64;
     crate::failpoint::hit("attach.exported");
+    let compute_started = std::time::Instant::now();
     let mut compute = ctx.agents.compute(&host).await?;
     let attached = compute
         .attach_volume(agent::AttachVolumeRequest {
@@ -329,6 +347,7 @@ pub async fn attach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
             return fail_attach(ctx, &op, &v, &reason).await;
         }
     };
+    let compute_ms = compute_started.elapsed().as_millis() as u64;
     crate::failpoint::hit("attach.attached");
     let mut tx = crate::db::write(&ctx.db).await?;
     sqlx::query("UPDATE attachments SET status = 'attached', device = ?, updated_at = ? WHERE id = ?")
@@ -341,7 +360,7 @@ pub async fn attach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     operations::finish(&mut tx, &op, None).await?;
     tx.commit().await?;
     ctx.changed(&v.id);
-    tracing::info!(attachment_id = %op.resource_id, volume_id = %v.id, %device, "attached");
+    tracing::info!(attachment_id = %op.resource_id, volume_id = %v.id, %device, export_ms, compute_ms, "attached");
     Ok(Outcome::Finished)
 }
 
@@ -358,6 +377,7 @@ pub async fn detach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     let connector: serde_json::Value = serde_json::from_str(a.get::<&str, _>(9))?;
     let initiator = connector["initiator"].as_str().unwrap_or_default().to_string();
     let (instance, host): (String, String) = (a.get(2), a.get(3));
+    let compute_started = std::time::Instant::now();
     let mut compute = ctx.agents.compute(&host).await?;
     let detached = compute
         .detach_volume(agent::DetachVolumeRequest {
@@ -371,6 +391,8 @@ pub async fn detach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         Err(status) if compute_transient(&status) => return Ok(Outcome::Retry(status.message().to_string())),
         Err(status) => Some(format!("detach failed on {host}: {}", status.message())),
     };
+    let compute_ms = compute_started.elapsed().as_millis() as u64;
+    let unexport_started = std::time::Instant::now();
     if refused.is_none() {
         crate::failpoint::hit("detach.detached");
     }
@@ -402,7 +424,8 @@ pub async fn detach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     operations::finish(&mut tx, &op, None).await?;
     tx.commit().await?;
     ctx.changed(&v.id);
-    tracing::info!(attachment_id = %op.resource_id, volume_id = %v.id, "detached");
+    let unexport_ms = unexport_started.elapsed().as_millis() as u64;
+    tracing::info!(attachment_id = %op.resource_id, volume_id = %v.id, compute_ms, unexport_ms, "detached");
     Ok(Outcome::Finished)
 }
 

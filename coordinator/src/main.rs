@@ -12,8 +12,8 @@ mod db;
 mod error;
 mod failpoint;
 mod fleet;
+mod instances;
 mod operations;
-mod pending;
 mod pools;
 mod quota;
 mod quotas;
@@ -171,7 +171,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             attachments::Attachments::new(ctx.clone()),
             public.clone(),
         ))
-        .add_service(InstanceServiceServer::with_interceptor(pending::Pending, public))
+        .add_service(InstanceServiceServer::with_interceptor(instances::Instances::new(ctx.clone()), public))
         .add_service(RegistrationServer::with_interceptor(
             registration::Registrar::new(db.clone(), cfg.heartbeat_interval_seconds),
             require_roles(AGENTS),

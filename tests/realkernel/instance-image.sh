@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Builds the tiny bootable image the compute tests run as libvirt instances: the guest tier's Debian kernel
-# and an initramfs with busybox and the virtio modules. Its /init prints EMBER-INSTANCE-BOOTED on the serial
-# console, then watches for hot-plugged virtio disks: for each new one it links
+# Builds the tiny images the compute tests run as libvirt instances: the guest tier's Debian kernel, an
+# initramfs with busybox and the virtio and ext4 modules, and root.raw, an ext4 root filesystem with the same
+# busybox and init (the image a bootable volume is made from).
+#
+# The init: with `root=` on the kernel command line, the initramfs mounts that disk and switches to its
+# /sbin/init; otherwise (and on the volume's root) it prints "EMBER-INSTANCE-BOOTED root=<dev>" on the serial
+# console, then watches for hot-plugged virtio disks other than the root: for each new one it links
 # /dev/disk/by-id/virtio-<serial> (as udev would), writes "EMBER-GUEST-WROTE <serial>" padded to 4 KiB
 # through that link, flushes, and prints DISK-WRITTEN <serial>; when a disk goes it prints DISK-GONE <serial>.
 #
-# Output: target/realkernel/instance/{vmlinuz,initrd.img} (world-readable: QEMU runs as libvirt-qemu).
+# Output: target/realkernel/instance/{vmlinuz,initrd.img,root.raw} (world-readable: QEMU runs as
+# libvirt-qemu).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE=${EMBER_GUEST_CACHE:-$HERE/../../target/realkernel}
@@ -19,7 +24,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work"/{bin,dev,proc,sys,tmp,lib/modules} "$OUT"
 cp "$ROOT/usr/bin/busybox" "$work/bin/busybox"
-for m in virtio_pci virtio_blk; do
+for m in virtio_pci virtio_blk ext4 crc32c_generic; do
   "$CACHE/bin/modprobe" -d "$ROOT" -S "$kver" --show-depends "$m"
 done | awk '$1 == "insmod" && !seen[$2]++ { print $2 }' > "$work/modules.txt"
 i=0
@@ -32,15 +37,30 @@ cat > "$work/init" <<'INIT'
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-for m in /lib/modules/*.ko; do insmod "$m" 2>/dev/null; done
-mkdir -p /dev/disk/by-id
-echo "EMBER-INSTANCE-BOOTED uptime=$(cut -d' ' -f1 /proc/uptime)"
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+root=
+for a in $(cat /proc/cmdline); do case $a in root=*) root=${a#root=} ;; esac; done
+if [ -f /ember-initramfs ]; then
+  for m in /lib/modules/*.ko; do insmod "$m" 2>/dev/null; done
+  if [ -n "$root" ]; then
+    i=0
+    while [ ! -b "$root" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+    mkdir -p /newroot
+    mount -t ext4 "$root" /newroot || { echo "EMBER-ROOT-MOUNT-FAILED $root"; exec sh; }
+    mount --move /dev /newroot/dev
+    umount /proc /sys
+    exec switch_root /newroot /sbin/init
+  fi
+fi
+mkdir -p /dev/disk/by-id /tmp
+echo "EMBER-INSTANCE-BOOTED root=${root:-none} uptime=$(cut -d' ' -f1 /proc/uptime)"
+rootdev=${root#/dev/}
 seen=" "
 while true; do
   for b in /sys/block/vd*; do
     [ -e "$b" ] || continue
     name=${b##*/}
+    [ "$name" = "$rootdev" ] && continue
     serial=$(cat "$b/serial" 2>/dev/null)
     case "$seen" in *" $name=$serial "*) continue ;; esac
     seen="$seen$name=$serial "
@@ -64,8 +84,16 @@ while true; do
 done
 INIT
 chmod 755 "$work/init"
+# The root filesystem of a bootable volume: busybox and the same init, no modules.
+mkdir -p "$work/rootfs"/{bin,sbin,dev,proc,sys,tmp}
+cp "$work/bin/busybox" "$work/rootfs/bin/busybox"
+cp "$work/init" "$work/rootfs/sbin/init"
+rm -f "$OUT/root.raw"
+mkfs.ext4 -q -F -L ember-root -d "$work/rootfs" "$OUT/root.raw" 32M
+rm -rf "$work/rootfs"
+touch "$work/ember-initramfs"
 (cd "$work" && rm modules.txt && find . | "$ROOT/usr/bin/busybox" cpio -o -H newc 2>/dev/null) | gzip -1 > "$OUT/initrd.img"
 cp "$CACHE/out/vmlinuz" "$OUT/vmlinuz"
-chmod 755 "$OUT" && chmod 644 "$OUT/initrd.img" "$OUT/vmlinuz"
+chmod 755 "$OUT" && chmod 644 "$OUT/initrd.img" "$OUT/vmlinuz" "$OUT/root.raw"
 echo "$stamp" > "$OUT/stamp"
 echo "instance image: $OUT ($(du -h "$OUT/initrd.img" | cut -f1) initrd)" >&2

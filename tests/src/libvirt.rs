@@ -37,6 +37,26 @@ pub fn instance_image() -> &'static (PathBuf, PathBuf) {
     })
 }
 
+/// The ext4 root filesystem image bootable volumes are made from (see instance-image.sh).
+pub fn root_image() -> PathBuf {
+    instance_image().0.with_file_name("root.raw")
+}
+
+/// Compute-agent config making instances boot the test kernel with the volume as root.
+pub fn boot_config() -> String {
+    let (kernel, initrd) = instance_image();
+    format!(
+        "[boot]\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 root=/dev/vda rw quiet panic=-1\"\n",
+        kernel.display(),
+        initrd.display()
+    )
+}
+
+/// True when libvirt knows a domain with this UUID.
+pub fn domain_exists(uuid: &str) -> bool {
+    virsh(&["list", "--all", "--uuid"]).1.lines().any(|l| l.trim() == uuid)
+}
+
 /// A running test domain.
 pub struct Domain {
     /// Its libvirt name (what attach calls use as the instance).

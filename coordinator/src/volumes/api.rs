@@ -343,7 +343,7 @@ impl Volumes {
         Ok(shown)
     }
 
-    async fn delete(&self, who: &Identity, id: &str) -> Result<()> {
+    pub(crate) async fn delete(&self, who: &Identity, id: &str) -> Result<()> {
         validate::uuid("id", id)?;
         let mut tx = crate::db::write(&self.ctx.db).await?;
         let Some(v) = store::find(&mut tx, id).await? else {

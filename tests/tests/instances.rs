@@ -1,0 +1,161 @@
+//! Boot from volume, the seed's path: a bootable volume made from an image (the test's ext4 root filesystem,
+//! converted to qcow2), an instance booted from it on a real libvirt (QEMU/TCG) through QEMU's iSCSI
+//! initiator, a second volume hot-attached and detached while it runs, and the instance deleted with its boot
+//! volume — leaving no domain, secret, target or record. Booting from a snapshot makes the volume first.
+
+use ember_fleet_tests::libvirt::{boot_config, domain_exists, root_image, secrets};
+use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_gone, wait_volume};
+use ember_fleet_tests::{Fleet, wait_for};
+use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
+use ember_proto::v1::instance_service_client::InstanceServiceClient;
+use ember_proto::v1::snapshot_service_client::SnapshotServiceClient;
+use ember_proto::v1::volume_service_client::VolumeServiceClient;
+use ember_proto::v1::*;
+use std::io::Read;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+async fn wait_instance(client: &InstanceServiceClient<Channel>, id: &str, status: &str) -> Instance {
+    wait_for(&format!("instance {id} to be {status}"), WAIT, || async {
+        let i = client.clone().get_instance(GetInstanceRequest { id: id.into() }).await.ok()?.into_inner();
+        assert_ne!(i.status, "error", "{i:?}");
+        (i.status == status).then_some(i)
+    })
+    .await
+}
+
+async fn wait_console(client: &InstanceServiceClient<Channel>, id: &str, marker: &str) {
+    wait_for(&format!("{marker:?} on instance {id}'s console"), WAIT, || async {
+        let log = client.clone().get_console_log(GetInstanceRequest { id: id.into() }).await.ok()?.into_inner().text;
+        log.contains(marker).then_some(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_instance_boots_from_a_volume_made_from_an_image_and_takes_a_hot_attached_volume() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, dir) = fleet.file_backend("file1", "");
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    let _compute = fleet.start_agent("compute", "compute1", &boot_config());
+    wait_backend(&fleet, "storage1@file1").await;
+    wait_backend(&fleet, "compute1").await;
+    let image = fleet.subdir("images").join("root.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(root_image())
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let boot = volumes
+        .clone()
+        .create_volume(CreateVolumeRequest { size_gb: 1, image: image.to_string_lossy().into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let boot = wait_volume(&volumes, &boot.id, "available").await;
+    assert!(boot.bootable);
+
+    let instances = InstanceServiceClient::new(fleet.admin());
+    let started = Instant::now();
+    let vm = instances
+        .clone()
+        .create_instance(CreateInstanceRequest {
+            name: "vm1".into(),
+            boot_volume_id: boot.id.clone(),
+            memory_mb: 256,
+            delete_on_terminate: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(vm.status, "building");
+    let vm = wait_instance(&instances, &vm.id, "active").await;
+    println!("create to active: {:?}", started.elapsed());
+    assert_eq!(vm.host, "compute1");
+    wait_console(&instances, &vm.id, "EMBER-INSTANCE-BOOTED root=/dev/vda").await;
+    println!("boot to marker: {:?} (create call to the guest's init on the volume's root)", started.elapsed());
+    let log = instances.clone().get_console_log(GetInstanceRequest { id: vm.id.clone() }).await.unwrap().into_inner();
+    println!("console: {}", log.text);
+    let boot = wait_volume(&volumes, &boot.id, "in-use").await;
+    assert_eq!(boot.attachments.len(), 1);
+    assert_eq!((boot.attachments[0].instance.as_str(), boot.attachments[0].device.as_str()), (vm.id.as_str(), "vda"));
+    assert!(domain_exists(&vm.id), "the libvirt domain's UUID is the instance id");
+
+    // A second volume, hot-attached to the running instance by its id, written by the guest, detached.
+    let data = new_volume(&volumes, 1).await;
+    let mut attachments = AttachmentServiceClient::new(fleet.admin());
+    let a = attachments
+        .attach(AttachRequest {
+            volume_id: data.id.clone(),
+            instance: vm.id.clone(),
+            host: "compute1".into(),
+            read_only: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let attached = wait_volume(&volumes, &data.id, "in-use").await;
+    assert_eq!(attached.attachments[0].device, "vdb");
+    wait_console(&instances, &vm.id, &format!("DISK-WRITTEN serial={}", &data.id[..20])).await;
+    let mut head = vec![0u8; 18];
+    std::fs::File::open(dir.join(format!("volume-{}", data.id))).unwrap().read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"EMBER-GUEST-WROTE ");
+    attachments.detach(DetachRequest { attachment_id: a.id }).await.unwrap();
+    wait_volume(&volumes, &data.id, "available").await;
+    wait_console(&instances, &vm.id, &format!("DISK-GONE serial={}", &data.id[..20])).await;
+
+    // Delete: the domain, its secret, the export and the boot volume (delete on terminate) all go.
+    instances.clone().delete_instance(DeleteInstanceRequest { id: vm.id.clone() }).await.unwrap();
+    wait_for("the instance record to go", WAIT, || async {
+        let gone = instances.clone().get_instance(GetInstanceRequest { id: vm.id.clone() }).await;
+        matches!(gone, Err(s) if s.code() == tonic::Code::NotFound).then_some(())
+    })
+    .await;
+    wait_gone(&volumes, &boot.id).await;
+    assert!(!domain_exists(&vm.id));
+    assert!(!secrets().contains(&boot.id));
+    assert!(!fleet.tgt_show("storage1").contains(&boot.id), "no target left");
+    assert!(!dir.join(format!("volume-{}", boot.id)).exists());
+
+    // Booting from a snapshot of the data volume creates a volume from it first (it is not bootable, but a
+    // domain still starts: this checks the flow, not the guest).
+    let snap = SnapshotServiceClient::new(fleet.admin())
+        .create_snapshot(CreateSnapshotRequest { volume_id: data.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_for("the snapshot", WAIT, || async {
+        let s = SnapshotServiceClient::new(fleet.admin())
+            .get_snapshot(GetSnapshotRequest { id: snap.id.clone() })
+            .await
+            .ok()?;
+        (s.get_ref().status == "available").then_some(())
+    })
+    .await;
+    let vm2 = instances
+        .clone()
+        .create_instance(CreateInstanceRequest {
+            name: "vm2".into(),
+            boot_snapshot_id: snap.id.clone(),
+            memory_mb: 128,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(vm2.boot_volume_id, data.id);
+    let vm2 = wait_instance(&instances, &vm2.id, "active").await;
+    let made = wait_volume(&volumes, &vm2.boot_volume_id, "in-use").await;
+    assert_eq!(made.source_snapshot_id, snap.id);
+    instances.clone().delete_instance(DeleteInstanceRequest { id: vm2.id.clone() }).await.unwrap();
+    wait_volume(&volumes, &made.id, "available").await;
+    assert!(!domain_exists(&vm2.id), "the domain went; the boot volume stays (no delete on terminate)");
+}
