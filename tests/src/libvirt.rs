@@ -144,3 +144,30 @@ pub fn secrets() -> Vec<String> {
 
 /// How long the compute agent may take to confirm a detach in the tests.
 pub const DETACH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A fleet with a coordinator, a storage agent (`storage1`, file backend `file1`) and a compute agent
+/// (`compute1`, with `compute_toml` appended to its config), both registered.
+pub struct ComputeFleet {
+    /// The storage agent (dropped, so killed, before the fleet's directory goes).
+    pub storage: crate::Daemon,
+    /// The compute agent.
+    pub compute: crate::Daemon,
+    /// The file backend's directory.
+    pub dir: PathBuf,
+    /// The fleet.
+    pub fleet: crate::Fleet,
+}
+
+impl ComputeFleet {
+    /// Starts it and waits until both agents are up.
+    pub async fn start(compute_toml: &str) -> ComputeFleet {
+        let mut fleet = crate::Fleet::new();
+        fleet.start_coordinator();
+        let (backend, dir) = fleet.file_backend("file1", "");
+        let storage = fleet.start_agent("storage", "storage1", &backend);
+        let compute = fleet.start_agent("compute", "compute1", compute_toml);
+        crate::volumes::wait_backend(&fleet, "storage1@file1").await;
+        crate::volumes::wait_backend(&fleet, "compute1").await;
+        ComputeFleet { storage, compute, dir, fleet }
+    }
+}

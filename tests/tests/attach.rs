@@ -3,8 +3,8 @@
 //! data is on the storage side, and a detach leaves nothing behind (live XML, libvirt secrets, tgt targets,
 //! the coordinator's records). Failed attaches change nothing.
 
-use ember_fleet_tests::libvirt::{Domain, secrets};
-use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_volume};
+use ember_fleet_tests::libvirt::{ComputeFleet, Domain, secrets};
+use ember_fleet_tests::volumes::{new_volume, wait_volume};
 use ember_fleet_tests::{Fleet, wait_for};
 use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
@@ -39,13 +39,7 @@ async fn wait_failed_attach(volumes: &VolumeServiceClient<tonic::transport::Chan
 
 #[tokio::test]
 async fn a_volume_hot_attaches_to_a_running_guest_and_detaches_cleanly() {
-    let mut fleet = Fleet::new();
-    fleet.start_coordinator();
-    let (backend, dir) = fleet.file_backend("file1", "");
-    let _storage = fleet.start_agent("storage", "storage1", &backend);
-    let _compute = fleet.start_agent("compute", "compute1", "");
-    wait_backend(&fleet, "storage1@file1").await;
-    wait_backend(&fleet, "compute1").await;
+    let ComputeFleet { fleet, dir, storage: _storage, compute: _compute } = ComputeFleet::start("").await;
     let domain = Domain::boot("ember-attach").await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let mut attachments = AttachmentServiceClient::new(fleet.admin());
@@ -131,13 +125,7 @@ async fn a_volume_hot_attaches_to_a_running_guest_and_detaches_cleanly() {
 /// agent removed it: each time a restart finishes the work, and the end state is exact on every side.
 #[tokio::test]
 async fn attach_and_detach_converge_after_the_coordinator_crashes() {
-    let mut fleet = Fleet::new();
-    fleet.start_coordinator();
-    let (backend, dir) = fleet.file_backend("file1", "");
-    let _storage = fleet.start_agent("storage", "storage1", &backend);
-    let _compute = fleet.start_agent("compute", "compute1", "");
-    wait_backend(&fleet, "storage1@file1").await;
-    wait_backend(&fleet, "compute1").await;
+    let ComputeFleet { mut fleet, dir, storage: _storage, compute: _compute } = ComputeFleet::start("").await;
     let domain = Domain::boot("ember-crash").await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let v = new_volume(&volumes, 1).await;

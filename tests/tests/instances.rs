@@ -3,9 +3,9 @@
 //! initiator, a second volume hot-attached and detached while it runs, and the instance deleted with its boot
 //! volume — leaving no domain, secret, target or record. Booting from a snapshot makes the volume first.
 
-use ember_fleet_tests::libvirt::{boot_config, domain_exists, root_image, secrets};
-use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_gone, wait_volume};
-use ember_fleet_tests::{Fleet, wait_for};
+use ember_fleet_tests::libvirt::{ComputeFleet, boot_config, domain_exists, root_image, secrets};
+use ember_fleet_tests::volumes::{new_volume, wait_gone, wait_volume};
+use ember_fleet_tests::wait_for;
 use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
 use ember_proto::v1::instance_service_client::InstanceServiceClient;
 use ember_proto::v1::snapshot_service_client::SnapshotServiceClient;
@@ -36,13 +36,7 @@ async fn wait_console(client: &InstanceServiceClient<Channel>, id: &str, marker:
 
 #[tokio::test]
 async fn an_instance_boots_from_a_volume_made_from_an_image_and_takes_a_hot_attached_volume() {
-    let mut fleet = Fleet::new();
-    fleet.start_coordinator();
-    let (backend, dir) = fleet.file_backend("file1", "");
-    let _storage = fleet.start_agent("storage", "storage1", &backend);
-    let _compute = fleet.start_agent("compute", "compute1", &boot_config());
-    wait_backend(&fleet, "storage1@file1").await;
-    wait_backend(&fleet, "compute1").await;
+    let ComputeFleet { fleet, dir, storage: _storage, compute: _compute } = ComputeFleet::start(&boot_config()).await;
     let image = fleet.subdir("images").join("root.qcow2");
     let out = std::process::Command::new("qemu-img")
         .args(["convert", "-f", "raw", "-O", "qcow2"])
