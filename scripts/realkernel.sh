@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The real-kernel test tier: builds the Debian-kernel guest (tests/realkernel/build-guest.sh), boots it under
-# QEMU (TCG) with the project's binaries, and runs the in-guest fleet tests against real LVM, tgt, LIO and the
-# kernel iSCSI initiator. Fails when any guest check fails. Outputs (console, logs, timings) land in
+# QEMU (TCG) with the project's binaries, and runs the in-guest fleet tests against real LVM, tgt, LIO, the
+# kernel iSCSI initiator and the kernel NFS server and client. Fails when any guest check fails. Outputs (console, logs, timings) land in
 # target/realkernel/last-run.
 #
 #   scripts/realkernel.sh [PROFILE]    PROFILE = debug (default) or release: which build of the binaries
@@ -9,20 +9,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=${1:-debug}
 bin=target/$profile
-for b in ember ember-coordinator ember-storage-agent ember-compute-agent; do
+for b in ember ember-coordinator ember-storage-agent ember-compute-agent ember-backup-agent; do
   [ -x "$bin/$b" ] || { echo "$bin/$b missing: build the workspace first" >&2; exit 2; }
 done
 tests/realkernel/build-guest.sh
 # Debug symbols would triple what the guest must hold in RAM; the guest runs stripped copies.
 stripped=$(mktemp -d)
 trap 'rm -rf "$stripped"' EXIT
-for b in ember ember-coordinator ember-storage-agent ember-compute-agent; do strip -o "$stripped/$b" "$bin/$b"; done
+for b in ember ember-coordinator ember-storage-agent ember-compute-agent ember-backup-agent; do strip -o "$stripped/$b" "$bin/$b"; done
 out=target/realkernel/last-run
 rm -rf "$out"
 status=0
-EMBER_GUEST_DISKS=2 EMBER_GUEST_DISK_SIZE=12G EMBER_GUEST_TIMEOUT=${EMBER_GUEST_TIMEOUT:-900} tests/realkernel/run-guest.sh "$out" \
-  tests/realkernel/lvm-fleet.sh "$stripped"/* > "$out.console" 2>&1 || status=$?
-grep -E '^\[(PASS|FAIL)\]|guest checks:|^guest:' "$out.console" || true
+EMBER_GUEST_DISKS=3 EMBER_GUEST_DISK_SIZE=12G EMBER_GUEST_TIMEOUT=${EMBER_GUEST_TIMEOUT:-900} tests/realkernel/run-guest.sh "$out" \
+  tests/realkernel/guest-main.sh tests/realkernel/{lib.sh,lvm-fleet.sh,nfs-fleet.sh} "$stripped"/* > "$out.console" 2>&1 || status=$?
+grep -E '^\[(PASS|FAIL)\]|guest checks|^guest:' "$out.console" || true
 if [ "$status" != 0 ]; then
   echo "real-kernel tier failed (status $status); the last console lines:" >&2
   tail -n 40 "$out.console" >&2

@@ -22,6 +22,6 @@ guest_status=0
 [ "$guest_status" = 0 ] || status=$guest_status
 # One closing line for the whole suite (cargo prints one per test binary, the last often a 0-test doc run).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     /^guest checks:/ { gp += $3; gf += $5 }
+     /^guest checks/ { gp += $4; gf += $6 }
      END { printf "tests: %d passed, %d failed; real-kernel guest checks: %d passed, %d failed\n", p, f, gp, gf }' "$log"
 exit "$status"

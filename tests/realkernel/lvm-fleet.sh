@@ -11,39 +11,7 @@ OUT=/ember/out
 W=/tmp/ember
 mkdir -p "$OUT" "$W"/{certs,logs,state}
 export PATH=$JOB:$PATH
-passed=0
-failed=0
-check() {
-  local name=$1
-  shift
-  if "$@" >>"$OUT/checks.log" 2>&1; then
-    echo "[PASS] $name"
-    passed=$((passed + 1))
-  else
-    echo "[FAIL] $name"
-    failed=$((failed + 1))
-  fi
-}
-# Waits up to $1 seconds for a command to succeed (polling a condition, not sleeping for a result).
-wait_for() {
-  local limit=$1 i=0
-  shift
-  until "$@" >/dev/null 2>&1; do
-    i=$((i + 1))
-    [ $i -lt $((limit * 10)) ] || return 1
-    sleep 0.1
-  done
-}
-now_ms() { echo $(($(date +%s%N) / 1000000)); }
-timed() { # timed LABEL command...: runs it, appends "LABEL ms" to timings.txt, keeps its stdout
-  local label=$1 start rc
-  shift
-  start=$(now_ms)
-  "$@"
-  rc=$?
-  echo "$label $(($(now_ms) - start))" >>"$OUT/timings.txt"
-  return $rc
-}
+source "$JOB/lib.sh"
 
 modprobe -a dm-mod dm-snapshot dm-thin-pool iscsi_tcp sd_mod target_core_mod target_core_iblock iscsi_target_mod
 pvcreate -q "$EMBER_GUEST_DISK0" "$EMBER_GUEST_DISK1"
@@ -100,14 +68,12 @@ check "auto lvm_type made the thin pool in the empty VG" lvs ember-thin/ember-th
 ember type create thick --spec volume_backend_name=thick >/dev/null
 ember type create thin --spec volume_backend_name=thin >/dev/null
 
-json_field() { sed -n "s/^ *\"$1\": \"\\{0,1\\}\\([^\",]*\\)\"\\{0,1\\},\\{0,1\\}\$/\\1/p" | head -1; }
 new_volume() { # new_volume TYPE ARGS... → prints the id of an available volume
   ember --json volume create --type "$@" --wait | json_field id
 }
 lv_size() { lvs --noheadings --nosuffix --units b -o lv_size "$1" 2>/dev/null | tr -d ' '; }
 lv_has_tag() { lvs --noheadings -o lv_tags "$1" 2>/dev/null | grep -qw "$2"; }
 same_head() { cmp -n "$3" "$1" "$2"; }
-absent() { ! "$@"; }
 
 no_session() { ! iscsiadm -m session >/dev/null 2>&1; }
 
@@ -211,6 +177,4 @@ kill -TERM "$storage" "$coordinator"
 wait "$storage" "$coordinator" 2>/dev/null
 lvs --reportformat json --units b --nosuffix -a >"$OUT/lvs-final.json" 2>&1
 cp "$W"/logs/* "$OUT/"
-echo "guest checks: $passed passed, $failed failed"
-echo "$passed $failed" >"$OUT/summary.txt"
-exit "$failed"
+finish lvm

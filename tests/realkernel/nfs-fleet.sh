@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Runs inside the real-kernel guest: the kernel NFS server exports an ext4 disk on the guest's loopback, and a
+# fleet (coordinator, storage agent, backup agent) uses it the way a user would — the storage agent's file
+# backend on an NFS 4.2 mount it makes itself, the backup agent's repository on another share of the same
+# server. Checks: sparse volume files on the server, snapshot and clone data, a backup whose chunks land on
+# the server, a bit-identical restore, verify, and deletes that leave nothing behind.
+set -u
+JOB=$(cd "$(dirname "$0")" && pwd)
+OUT=/ember/out
+W=/tmp/ember-nfs
+mkdir -p "$OUT" "$W"/{certs,logs,state}
+export PATH=$JOB:$PATH
+source "$JOB/lib.sh"
+
+# ---------------------------------------------------------------- the NFS server (v4 only, on 127.0.0.1)
+modprobe -a ext4 nfsd nfsv4
+mkfs.ext4 -q -F "$EMBER_GUEST_DISK2"
+mkdir -p /srv/nfs /run/rpc_pipefs /var/lib/nfs/nfsdcld /var/lib/nfs/v4recovery
+mount -t ext4 "$EMBER_GUEST_DISK2" /srv/nfs
+mkdir -p /srv/nfs/volumes /srv/nfs/backups
+mount -t rpc_pipefs rpc_pipefs /run/rpc_pipefs
+mount -t nfsd nfsd /proc/fs/nfsd
+nfsdcld -p /run/rpc_pipefs # a client tracker, so the server skips the 90 s grace period of a first start
+echo "/srv/nfs 127.0.0.1(rw,no_root_squash,sync,no_subtree_check)" >/etc/exports
+exportfs -ra
+rpc.mountd -N 2 -N 3 --no-udp
+rpc.nfsd -N 3 --no-udp 8
+check "nfs: the kernel server exports /srv/nfs on the guest's loopback" sh -c "exportfs | grep -q /srv/nfs"
+
+# ---------------------------------------------------------------- the fleet
+certs=$W/certs
+ember certs init --dir "$certs" >/dev/null
+ember certs issue --dir "$certs" --role coordinator --name coordinator --dns localhost --ip 127.0.0.1 >/dev/null
+ember certs issue --dir "$certs" --role storage-agent --name storage2 --dns localhost --ip 127.0.0.1 >/dev/null
+ember certs issue --dir "$certs" --role backup-agent --name backup1 --dns localhost --ip 127.0.0.1 >/dev/null
+ember certs issue --dir "$certs" --role admin --name admin >/dev/null
+tls() { printf '[tls]\nca = "%s/ca.pem"\ncert = "%s/%s.pem"\nkey = "%s/%s.key"\n' "$certs" "$certs" "$1" "$certs" "$1"; }
+{ printf 'listen = "127.0.0.1:7010"\ndatabase = "%s/ember.db"\n' "$W"; tls coordinator; } >"$W/coordinator.toml"
+cat >"$W/storage.toml" <<CFG
+name = "storage2"
+listen = "127.0.0.1:7011"
+coordinator = "https://127.0.0.1:7010"
+state_dir = "$W/state"
+
+[[backends]]
+name = "nfs1"
+driver = "file"
+directory = "/mnt/ember-volumes"
+nfs_share = "127.0.0.1:/srv/nfs/volumes"
+
+[tgt]
+control_port = 9
+portal = "127.0.0.1:3262"
+
+CFG
+tls storage2 >>"$W/storage.toml"
+cat >"$W/backup.toml" <<CFG
+name = "backup1"
+listen = "127.0.0.1:7013"
+coordinator = "https://127.0.0.1:7010"
+
+[[repositories]]
+name = "nfsrepo"
+directory = "/mnt/ember-backups"
+nfs_share = "127.0.0.1:/srv/nfs/backups"
+
+CFG
+tls backup1 >>"$W/backup.toml"
+mkdir -p /mnt/ember-volumes /mnt/ember-backups
+export EMBER_COORDINATOR=https://127.0.0.1:7010 EMBER_CA=$certs/ca.pem EMBER_CERT=$certs/admin.pem EMBER_KEY=$certs/admin.key
+ember-coordinator --config "$W/coordinator.toml" >"$W/logs/nfs-coordinator.out" 2>"$W/logs/nfs-coordinator.log" &
+coordinator=$!
+ember-storage-agent --config "$W/storage.toml" >"$W/logs/nfs-storage.out" 2>"$W/logs/nfs-storage.log" &
+storage=$!
+ember-backup-agent --config "$W/backup.toml" >"$W/logs/nfs-backup.out" 2>"$W/logs/nfs-backup.log" &
+backup=$!
+up() { ember service list | grep "$1" | grep -q ' up'; }
+check "nfs: the storage agent registers" wait_for 90 up storage2
+check "nfs: the backup agent registers" wait_for 90 up backup1
+check "nfs: the storage agent mounted its share with NFS 4.2" sh -c "grep ' /mnt/ember-volumes nfs4 ' /proc/mounts | grep -q vers=4.2"
+check "nfs: the backup agent mounted its repository share" sh -c "grep -q ' /mnt/ember-backups nfs4 ' /proc/mounts"
+
+vol=$(timed nfs.create ember --json volume create --size 1 --wait | json_field id)
+check "nfs: the volume file is on the server" test -f "/srv/nfs/volumes/volume-$vol"
+check "nfs: ... and sparse (a 1 GiB thin volume allocates almost nothing)" test "$(du -k "/srv/nfs/volumes/volume-$vol" | cut -f1)" -lt 1024
+head -c 8388608 /dev/urandom >"$W/data"
+dd if="$W/data" of="/mnt/ember-volumes/volume-$vol" bs=1M seek=100 conv=notrunc,fsync status=none
+same_region() { dd if="$1" bs=1M skip=100 count=8 status=none | cmp - "$W/data"; }
+check "nfs: data written through the client is on the server" same_region "/srv/nfs/volumes/volume-$vol"
+snap=$(timed nfs.snapshot ember --json snapshot create "$vol" --wait | json_field id)
+check "nfs: the snapshot file holds the data" same_region "/srv/nfs/volumes/snapshot-$snap"
+clone=$(timed nfs.from_snapshot ember --json volume create --snapshot "$snap" --size 2 --wait | json_field id)
+check "nfs: a volume from the snapshot holds the data" same_region "/srv/nfs/volumes/volume-$clone"
+check "nfs: ... and grew to 2 GiB" test "$(stat -c %s "/srv/nfs/volumes/volume-$clone")" = 2147483648
+check "nfs: ... sparsely" test "$(du -k "/srv/nfs/volumes/volume-$clone" | cut -f1)" -lt 65536
+
+bk=$(timed nfs.backup ember --json backup create "$vol" --wait | json_field id)
+check "nfs: the backup is available" sh -c "ember --json backup show $bk | grep -q '\"status\": \"available\"'"
+check "nfs: its chunks are on the NFS server" test -n "$(find /srv/nfs/backups -type f -name '[0-9a-f]*' | head -1)"
+check "nfs: verify finds every chunk intact" sh -c "ember --json backup verify $bk | grep -q '\"ok\": true'"
+restored=$(timed nfs.restore ember --json backup restore "$bk" --wait | json_field volume_id)
+check "nfs: the restore is bit-identical to the volume" cmp "/srv/nfs/volumes/volume-$vol" "/srv/nfs/volumes/volume-$restored"
+
+ember backup delete "$bk" --wait >/dev/null
+for v in "$clone" "$restored"; do ember volume delete "$v" --wait >/dev/null; done
+ember snapshot delete "$snap" --wait >/dev/null
+ember volume delete "$vol" --wait >/dev/null
+check "nfs: deletes left no volume or snapshot file on the server" test -z "$(ls /srv/nfs/volumes)"
+
+kill -TERM "$storage" "$backup" "$coordinator"
+wait "$storage" "$backup" "$coordinator" 2>/dev/null
+cp "$W"/logs/* "$OUT/"
+finish nfs
