@@ -113,20 +113,28 @@ impl Compute {
             Err(e) => return Err(e),
         };
         if let Some(uuid) = uuid {
-            let running = self.virsh.state(&uuid).await? == DomainState::Running;
+            // A paused guest still holds its disks: only a domain that is off has no live disks to release.
+            let active = self.virsh.state(&uuid).await?.is_active();
             let live = disks(&self.virsh.dumpxml(&uuid, false).await?).unwrap_or_default();
             let persistent = disks(&self.virsh.dumpxml(&uuid, true).await?).unwrap_or_default();
-            let in_live = live.iter().find(|d| d.serial == r.volume_id).filter(|_| running);
+            let in_live = live.iter().find(|d| d.serial == r.volume_id).filter(|_| active);
             if let Some(d) = in_live.or_else(|| persistent.iter().find(|d| d.serial == r.volume_id)) {
                 let libvirt_started = Instant::now();
-                self.virsh.detach_disk(&uuid, &d.target, in_live.is_some()).await?;
+                // An unplug the guest has not finished yet (a retry after a timeout) makes libvirt refuse a second
+                // request; the live XML decides either way.
+                let requested = self.virsh.detach_disk(&uuid, &d.target, in_live.is_some()).await;
+                let why = match requested {
+                    Ok(()) => String::new(),
+                    Err(e) if in_live.is_some() => format!(" (libvirt: {e})"),
+                    Err(e) => return Err(e),
+                };
                 libvirt_ms = libvirt_started.elapsed().as_millis() as u64;
                 let confirm_started = Instant::now();
                 if in_live.is_some()
                     && !wait_for_disk(&self.virsh, &uuid, &r.volume_id, false, self.detach_timeout).await?
                 {
                     return Err(ComputeError::DeadlineExceeded(format!(
-                        "instance {} did not release {} within {:?}; the disk is still attached",
+                        "instance {} did not release {} within {:?}; the disk is still attached{why}",
                         r.instance, d.target, self.detach_timeout
                     )));
                 }

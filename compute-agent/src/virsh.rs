@@ -24,6 +24,16 @@ pub enum DomainState {
     Other(String),
 }
 
+impl DomainState {
+    /// True while QEMU runs the domain (running, paused, …), false when it is off or crashed.
+    pub fn is_active(&self) -> bool {
+        match self {
+            DomainState::Running => true,
+            DomainState::Other(s) => s != "shut off" && s != "crashed",
+        }
+    }
+}
+
 /// Parses `virsh list --all --uuid --name`: one `UUID NAME` pair per line.
 pub fn parse_domain_list(text: &str) -> Vec<(String, String)> {
     text.lines()

@@ -177,3 +177,47 @@ async fn attach_and_detach_converge_after_the_coordinator_crashes() {
     assert!(!secrets().contains(&v.id));
     assert_eq!(attachment_rows(&fleet, &v.id).await, 0);
 }
+
+/// A guest that does not release the disk (paused): libvirt reports success after about 5 s while the disk is
+/// still attached, so the detach must fail with the reason, the volume stay in-use and the export stay up. Once
+/// the guest runs again, a second detach finishes.
+#[tokio::test]
+async fn a_detach_the_guest_never_acknowledges_fails_clearly_and_a_retry_finishes_it() {
+    let ComputeFleet { fleet, dir: _, storage: _storage, compute: _compute } = ComputeFleet::start("").await;
+    let domain = Domain::boot("ember-paused").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let mut attachments = AttachmentServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    let a = attachments
+        .attach(AttachRequest {
+            volume_id: v.id.clone(),
+            instance: domain.name.clone(),
+            host: "compute1".into(),
+            read_only: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_volume(&volumes, &v.id, "in-use").await;
+    domain.wait_console(&format!("DISK-WRITTEN serial={}", &v.id[..20]), WAIT).await;
+
+    domain.suspend();
+    attachments.detach(DetachRequest { attachment_id: a.id.clone() }).await.unwrap();
+    let refused = wait_for("the detach to fail", WAIT, || async {
+        let v = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.ok()?.into_inner();
+        (v.status == "in-use" && v.status_reason.contains("did not release")).then_some(v)
+    })
+    .await;
+    assert_eq!(refused.attachments.len(), 1, "still attached: {refused:?}");
+    assert!(domain.xml(false).contains(&format!("<serial>{}</serial>", v.id)), "the guest still has the disk");
+    assert!(fleet.tgt_show("storage1").contains(&format!("volume-{}", v.id)), "so the export stays");
+    assert!(secrets().contains(&v.id), "and so does the secret");
+
+    domain.resume();
+    attachments.detach(DetachRequest { attachment_id: a.id.clone() }).await.unwrap();
+    wait_volume(&volumes, &v.id, "available").await;
+    assert!(!domain.xml(false).contains(&v.id));
+    assert!(!secrets().contains(&v.id));
+    assert!(!fleet.tgt_show("storage1").contains(&format!("volume-{}", v.id)));
+    assert_eq!(attachment_rows(&fleet, &v.id).await, 0);
+}
