@@ -87,6 +87,7 @@ Use it as admin with the ember CLI:
   ember type create gold --spec volume_backend_name=file1
   ember type list
   ember quota show demo
+  ember instance list          # boot from volume and attach: README, "Boot an instance from a volume"
 
 Or with any gRPC client through server reflection, e.g. buf curl (npm install @bufbuild/buf):
   npx buf curl --protocol grpc --cacert $certs/ca.pem --cert $certs/admin.pem --key $certs/admin.key \\

@@ -20,9 +20,9 @@ struct Found {
 }
 
 fn check_id(id: &str) -> Result<(), String> {
-    match uuid::Uuid::parse_str(id) {
-        Ok(u) if u.hyphenated().to_string() == id => Ok(()),
-        _ => Err(format!("{id:?} is not a Cinder backup id (a UUID)")),
+    match ember_common::identity::canonical_uuid(id) {
+        Some(_) => Ok(()),
+        None => Err(format!("{id:?} is not a Cinder backup id (a UUID)")),
     }
 }
 

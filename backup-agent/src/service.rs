@@ -41,9 +41,9 @@ impl Drop for Running<'_> {
 }
 
 fn check_id(field: &str, id: &str) -> Result<(), Status> {
-    match uuid::Uuid::parse_str(id) {
-        Ok(u) if u.hyphenated().to_string() == id => Ok(()),
-        _ => Err(Status::invalid_argument(format!("{field}: {id:?} is not a lowercase UUID"))),
+    match ember_common::identity::canonical_uuid(id) {
+        Some(_) => Ok(()),
+        None => Err(Status::invalid_argument(format!("{field}: {id:?} is not a lowercase UUID"))),
     }
 }
 

@@ -142,6 +142,12 @@ pub fn valid_name(name: &str) -> bool {
         && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+/// The id as a UUID when it is in canonical form (lowercase, hyphenated): only such ids ever become file
+/// names, device names or command arguments on a node.
+pub fn canonical_uuid(id: &str) -> Option<uuid::Uuid> {
+    uuid::Uuid::parse_str(id).ok().filter(|u| u.hyphenated().to_string() == id)
+}
+
 /// A tonic interceptor that admits only peers whose certificate carries one of `roles`, and stores their
 /// [`Identity`] in the request extensions for the handler.
 pub fn require_roles(roles: &'static [Role]) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {

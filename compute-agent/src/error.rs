@@ -39,6 +39,14 @@ pub enum ComputeError {
 /// Shorthand.
 pub type Result<T, E = ComputeError> = std::result::Result<T, E>;
 
+/// Checks a request id is a canonical UUID (ids, never names, reach libvirt and the host).
+pub fn checked_id(field: &'static str, id: &str) -> Result<()> {
+    match ember_common::identity::canonical_uuid(id) {
+        Some(_) => Ok(()),
+        None => Err(ComputeError::InvalidArgument { field, message: format!("{id:?} is not a lowercase UUID") }),
+    }
+}
+
 impl ComputeError {
     /// Wraps an I/O error with what was being done.
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ComputeError {

@@ -4,7 +4,7 @@
 //! command line) for instances, BIOS boot from the volume otherwise.
 
 use crate::domain_xml::{DiskSpec, disk_xml, escape};
-use crate::error::{ComputeError, Result};
+use crate::error::{ComputeError, Result, checked_id};
 use crate::service::Compute;
 use crate::virsh::DomainState;
 use ember_proto::agent::v1::{StartInstanceRequest, StartInstanceResponse};
@@ -62,16 +62,6 @@ pub fn domain_xml(
     )
 }
 
-fn checked_instance_id(id: &str) -> Result<()> {
-    match uuid::Uuid::parse_str(id) {
-        Ok(u) if u.hyphenated().to_string() == id => Ok(()),
-        _ => Err(ComputeError::InvalidArgument {
-            field: "instance_id",
-            message: format!("{id:?} is not a lowercase UUID"),
-        }),
-    }
-}
-
 impl Compute {
     fn instance_dir(&self, id: &str) -> PathBuf {
         self.connectors.state_dir.join("instances").join(id)
@@ -79,7 +69,7 @@ impl Compute {
 
     /// Defines and starts the instance's domain. Idempotent: a defined domain is started if it is not running.
     pub async fn start_instance(&self, r: StartInstanceRequest) -> Result<StartInstanceResponse> {
-        checked_instance_id(&r.instance_id)?;
+        checked_id("instance_id", &r.instance_id)?;
         let _guard = self.lock.lock().await;
         let exists = self.virsh.resolve(&r.instance_id).await.is_ok();
         if !exists {
@@ -114,7 +104,7 @@ impl Compute {
     /// Stops and undefines the instance's domain; one that is gone is fine. Volumes are disconnected by the
     /// detaches the coordinator sends next.
     pub async fn destroy_instance(&self, id: &str) -> Result<()> {
-        checked_instance_id(id)?;
+        checked_id("instance_id", id)?;
         let _guard = self.lock.lock().await;
         if self.virsh.resolve(id).await.is_ok() {
             if self.virsh.state(id).await? == DomainState::Running {
@@ -129,7 +119,7 @@ impl Compute {
 
     /// The last 64 KiB of the instance's serial console.
     pub fn console_log(&self, id: &str) -> Result<String> {
-        checked_instance_id(id)?;
+        checked_id("instance_id", id)?;
         let path = self.instance_dir(id).join("console.log");
         let bytes = std::fs::read(&path).map_err(|_| ComputeError::NotFound(format!("console of instance {id}")))?;
         let tail = &bytes[bytes.len().saturating_sub(64 << 10)..];

@@ -7,8 +7,8 @@
 //! coordinator may repeat them after any crash.
 
 use crate::connector::Connectors;
-use crate::domain_xml::{DiskSpec, disk_xml, disks, next_free_target};
-use crate::error::{ComputeError, Result};
+use crate::domain_xml::{DiskSpec, disk_xml, next_free_target};
+use crate::error::{ComputeError, Result, checked_id};
 use crate::virsh::{DomainState, Virsh};
 use ember_proto::agent::v1::compute_agent_server::ComputeAgent;
 use ember_proto::agent::v1::*;
@@ -30,23 +30,11 @@ pub struct Compute {
     pub boot: crate::instances::BootConfig,
 }
 
-fn checked_volume_id(id: &str) -> Result<()> {
-    match uuid::Uuid::parse_str(id) {
-        Ok(u) if u.hyphenated().to_string() == id => Ok(()),
-        _ => Err(ComputeError::InvalidArgument {
-            field: "volume_id",
-            message: format!("{id:?} is not a lowercase UUID"),
-        }),
-    }
-}
-
 /// Polls the live XML until `present(disk with this serial)` holds, or the deadline passes.
 async fn wait_for_disk(virsh: &Virsh, uuid: &str, serial: &str, present: bool, limit: Duration) -> Result<bool> {
     let deadline = Instant::now() + limit;
     loop {
-        let live = virsh.dumpxml(uuid, false).await?;
-        let found = disks(&live).map_err(|e| ComputeError::Io { context: e, source: std::io::Error::other("xml") })?;
-        if found.iter().any(|d| d.serial == serial) == present {
+        if virsh.disks(uuid, false).await?.iter().any(|d| d.serial == serial) == present {
             return Ok(true);
         }
         if Instant::now() > deadline {
@@ -58,7 +46,7 @@ async fn wait_for_disk(virsh: &Virsh, uuid: &str, serial: &str, present: bool, l
 
 impl Compute {
     async fn attach(&self, r: AttachVolumeRequest) -> Result<String> {
-        checked_volume_id(&r.volume_id)?;
+        checked_id("volume_id", &r.volume_id)?;
         let conn = r.connection.unwrap_or_default();
         let _guard = self.lock.lock().await;
         let uuid = self.virsh.resolve(&r.instance).await?;
@@ -68,7 +56,7 @@ impl Compute {
                 r.instance
             )));
         }
-        let live = disks(&self.virsh.dumpxml(&uuid, false).await?).unwrap_or_default();
+        let live = self.virsh.disks(&uuid, false).await?;
         if let Some(d) = live.iter().find(|d| d.serial == r.volume_id) {
             return Ok(d.target.clone()); // a repeat after a crash: already there
         }
@@ -76,7 +64,7 @@ impl Compute {
         let source = self.connectors.connect(&r.volume_id, &conn).await?;
         let connect_ms = started.elapsed().as_millis() as u64;
         let mut used: Vec<String> = live.into_iter().map(|d| d.target).collect();
-        used.extend(disks(&self.virsh.dumpxml(&uuid, true).await?).unwrap_or_default().into_iter().map(|d| d.target));
+        used.extend(self.virsh.disks(&uuid, true).await?.into_iter().map(|d| d.target));
         let spec = DiskSpec {
             source,
             target: next_free_target(&used),
@@ -103,7 +91,7 @@ impl Compute {
     }
 
     async fn detach(&self, r: DetachVolumeRequest) -> Result<()> {
-        checked_volume_id(&r.volume_id)?;
+        checked_id("volume_id", &r.volume_id)?;
         let conn = r.connection.unwrap_or_default();
         let _guard = self.lock.lock().await;
         let (mut libvirt_ms, mut confirm_ms) = (0u64, 0u64);
@@ -115,8 +103,8 @@ impl Compute {
         if let Some(uuid) = uuid {
             // A paused guest still holds its disks: only a domain that is off has no live disks to release.
             let active = self.virsh.state(&uuid).await?.is_active();
-            let live = disks(&self.virsh.dumpxml(&uuid, false).await?).unwrap_or_default();
-            let persistent = disks(&self.virsh.dumpxml(&uuid, true).await?).unwrap_or_default();
+            let live = self.virsh.disks(&uuid, false).await?;
+            let persistent = self.virsh.disks(&uuid, true).await?;
             let in_live = live.iter().find(|d| d.serial == r.volume_id).filter(|_| active);
             if let Some(d) = in_live.or_else(|| persistent.iter().find(|d| d.serial == r.volume_id)) {
                 let libvirt_started = Instant::now();

@@ -79,6 +79,14 @@ impl Virsh {
         if inactive { self.run(&["dumpxml", "--inactive", uuid]).await } else { self.run(&["dumpxml", uuid]).await }
     }
 
+    /// The disks of the domain's live (`inactive` false) or persistent XML.
+    pub async fn disks(&self, uuid: &str, inactive: bool) -> Result<Vec<crate::domain_xml::DomainDisk>> {
+        crate::domain_xml::disks(&self.dumpxml(uuid, inactive).await?).map_err(|e| ComputeError::Io {
+            context: format!("reading domain {uuid}"),
+            source: std::io::Error::other(e),
+        })
+    }
+
     /// Hot-plugs the device in `xml_file` into the running domain and its persistent definition.
     pub async fn attach_device(&self, uuid: &str, xml_file: &Path) -> Result<()> {
         self.run(&["attach-device", uuid, &xml_file.to_string_lossy(), "--persistent"]).await.map(drop)

@@ -44,9 +44,9 @@ pub fn spec_value(field: &'static str, key: &str, value: &str) -> Result<()> {
 
 /// A UUID in its canonical hyphenated lowercase form.
 pub fn uuid(field: &'static str, value: &str) -> Result<()> {
-    match uuid::Uuid::parse_str(value) {
-        Ok(u) if u.hyphenated().to_string() == value => Ok(()),
-        _ => Err(Error::invalid(field, format!("{value:?} is not a valid id (a lowercase UUID)"))),
+    match ember_common::identity::canonical_uuid(value) {
+        Some(_) => Ok(()),
+        None => Err(Error::invalid(field, format!("{value:?} is not a valid id (a lowercase UUID)"))),
     }
 }
 

@@ -120,3 +120,42 @@ impl Backend {
         }
     }
 }
+
+/// A pool's space in bytes, as a driver measured it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Capacity {
+    /// All the pool has.
+    pub total: u64,
+    /// Not yet used.
+    pub free: u64,
+    /// Sum of the sizes of the volumes in it (thin over-subscription is measured against this).
+    pub provisioned: u64,
+    /// Really used by volumes and snapshots.
+    pub allocated: u64,
+}
+
+/// The pool report the scheduler reads, the same shape for every driver: capacity in GiB, the backend's
+/// limits, and capabilities (`volume_backend_name`, `storage_protocol`, `driver`, plus the driver's `extra`).
+pub fn pool_report(cfg: &BackendConfig, thin: bool, space: Capacity, extra: &[(&str, &str)]) -> Pool {
+    let gb = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let mut capabilities: std::collections::HashMap<String, String> = [
+        ("volume_backend_name".to_string(), cfg.name.clone()),
+        ("storage_protocol".to_string(), "iSCSI".to_string()),
+        ("driver".to_string(), cfg.driver.clone()),
+    ]
+    .into();
+    capabilities.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Pool {
+        name: cfg.name.clone(),
+        total_capacity_gb: gb(space.total),
+        free_capacity_gb: gb(space.free),
+        provisioned_capacity_gb: gb(space.provisioned),
+        allocated_capacity_gb: gb(space.allocated),
+        thin_provisioning_support: thin,
+        thick_provisioning_support: !thin,
+        reserved_percentage: cfg.reserved_percentage,
+        max_over_subscription_ratio: cfg.max_over_subscription_ratio,
+        multiattach: true,
+        capabilities,
+    }
+}

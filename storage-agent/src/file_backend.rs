@@ -4,6 +4,7 @@
 //! Every operation is idempotent so the coordinator can repeat it after a crash: new files are built under a
 //! temporary name, flushed, and renamed into place, so a file with the final name is always complete.
 
+use crate::backend::Capacity;
 use crate::config::BackendConfig;
 use crate::error::{AgentError, Result};
 use crate::image::{self, ImageFacts};
@@ -40,10 +41,8 @@ impl Kind {
 
 /// Checks an id is a canonical UUID: only such ids ever become file names.
 pub fn checked_id(field: &'static str, id: &str) -> Result<uuid::Uuid> {
-    match uuid::Uuid::parse_str(id) {
-        Ok(u) if u.hyphenated().to_string() == id => Ok(u),
-        _ => Err(AgentError::InvalidArgument { field, message: format!("{id:?} is not a lowercase UUID") }),
-    }
+    ember_common::identity::canonical_uuid(id)
+        .ok_or_else(|| AgentError::InvalidArgument { field, message: format!("{id:?} is not a lowercase UUID") })
 }
 
 /// One file backend.
@@ -265,25 +264,8 @@ impl FileBackend {
                 }
             }
         }
-        let gb = |b: u64| b as f64 / GIB as f64;
-        Pool {
-            name: self.cfg.name.clone(),
-            total_capacity_gb: gb(total),
-            free_capacity_gb: gb(free),
-            provisioned_capacity_gb: gb(provisioned),
-            allocated_capacity_gb: gb(allocated),
-            thin_provisioning_support: self.cfg.thin,
-            thick_provisioning_support: !self.cfg.thin,
-            reserved_percentage: self.cfg.reserved_percentage,
-            max_over_subscription_ratio: self.cfg.max_over_subscription_ratio,
-            multiattach: true,
-            capabilities: [
-                ("volume_backend_name".to_string(), self.cfg.name.clone()),
-                ("storage_protocol".to_string(), "iSCSI".to_string()),
-                ("driver".to_string(), "file".to_string()),
-            ]
-            .into(),
-        }
+        let space = Capacity { total, free, provisioned, allocated };
+        crate::backend::pool_report(&self.cfg, self.cfg.thin, space, &[])
     }
 }
 

@@ -6,6 +6,7 @@
 //! copy rather than trusting a half-copied LV. Every LVM command runs with a deadline: a hung `lvs` fails one
 //! call, it never hangs the agent.
 
+use crate::backend::Capacity;
 use crate::config::{BackendConfig, LvmType, Wipe};
 use crate::error::{AgentError, Result};
 use crate::file_backend::Kind;
@@ -332,7 +333,7 @@ impl LvmBackend {
                     .await?;
             }
             if kind == Kind::Volume {
-                self.grow(&target, bytes).await?;
+                self.grow(&name, bytes).await?;
             }
         } else if kind == Kind::Snapshot {
             if existing.is_none() {
@@ -352,7 +353,7 @@ impl LvmBackend {
                 self.copy(&source_target, &target, source_lv.size).await?;
                 self.lvm("lvchange", &["-q", "--deltag", INCOMPLETE_TAG, &target]).await?;
             }
-            self.grow(&target, bytes).await?;
+            self.grow(&name, bytes).await?;
         }
         self.refresh().await?;
         Ok(if kind == Kind::Volume { bytes } else { source_lv.size })
@@ -367,10 +368,11 @@ impl LvmBackend {
         Ok(())
     }
 
-    async fn grow(&self, target: &str, bytes: u64) -> Result<()> {
-        let current = self.find(target.rsplit('/').next().unwrap_or_default()).await?.map(|lv| lv.size).unwrap_or(0);
+    /// Extends LV `name` to `bytes` unless it is already that large.
+    async fn grow(&self, name: &str, bytes: u64) -> Result<()> {
+        let current = self.find(name).await?.map(|lv| lv.size).unwrap_or(0);
         if current < bytes {
-            self.lvm("lvextend", &["-q", "-y", "-L", &format!("{bytes}b"), target]).await?;
+            self.lvm("lvextend", &["-q", "-y", "-L", &format!("{bytes}b"), &self.target(name)]).await?;
         }
         Ok(())
     }
@@ -390,7 +392,7 @@ impl LvmBackend {
                 "thick volume {id} has snapshots; LVM cannot extend it until they are deleted"
             )));
         }
-        self.grow(&self.target(&name), bytes).await?;
+        self.grow(&name, bytes).await?;
         self.refresh().await?;
         Ok(bytes)
     }
@@ -453,26 +455,9 @@ impl LvmBackend {
         let lvs = self.lvs().await?;
         let (total, free, provisioned) = capacity(vg, &lvs, self.thin_pool.as_deref());
         let allocated = lvs.iter().filter(|lv| lv.tags.iter().any(|t| t == OWNER_TAG)).map(|lv| lv.size).sum::<u64>();
-        let gb = |b: u64| b as f64 / GIB as f64;
-        let pool = Pool {
-            name: self.cfg.name.clone(),
-            total_capacity_gb: gb(total),
-            free_capacity_gb: gb(free),
-            provisioned_capacity_gb: gb(provisioned),
-            allocated_capacity_gb: gb(allocated),
-            thin_provisioning_support: self.is_thin(),
-            thick_provisioning_support: !self.is_thin(),
-            reserved_percentage: self.cfg.reserved_percentage,
-            max_over_subscription_ratio: self.cfg.max_over_subscription_ratio,
-            multiattach: true,
-            capabilities: [
-                ("volume_backend_name".to_string(), self.cfg.name.clone()),
-                ("storage_protocol".to_string(), "iSCSI".to_string()),
-                ("driver".to_string(), "lvm".to_string()),
-                ("lvm_type".to_string(), if self.is_thin() { "thin" } else { "thick" }.to_string()),
-            ]
-            .into(),
-        };
+        let space = Capacity { total, free, provisioned, allocated };
+        let lvm_type = if self.is_thin() { "thin" } else { "thick" };
+        let pool = crate::backend::pool_report(&self.cfg, self.is_thin(), space, &[("lvm_type", lvm_type)]);
         *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = pool;
         Ok(())
     }

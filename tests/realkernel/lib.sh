@@ -42,3 +42,17 @@ finish() {
   echo "guest checks ($1): $passed passed, $failed failed"
   exit "$failed"
 }
+# fleet_certs DIR ROLE:NAME...: a fleet CA in DIR, an admin certificate, and one loopback certificate per
+# daemon; sets $certs and exports the CLI's EMBER_CA/CERT/KEY (admin).
+fleet_certs() {
+  certs=$1
+  shift
+  ember certs init --dir "$certs" >/dev/null
+  for daemon in "$@"; do
+    ember certs issue --dir "$certs" --role "${daemon%%:*}" --name "${daemon#*:}" --dns localhost --ip 127.0.0.1 >/dev/null
+  done
+  ember certs issue --dir "$certs" --role admin --name admin >/dev/null
+  export EMBER_CA=$certs/ca.pem EMBER_CERT=$certs/admin.pem EMBER_KEY=$certs/admin.key
+}
+# tls NAME: the [tls] section of daemon NAME's config.
+tls() { printf '[tls]\nca = "%s/ca.pem"\ncert = "%s/%s.pem"\nkey = "%s/%s.key"\n' "$certs" "$certs" "$1" "$certs" "$1"; }

@@ -22,12 +22,7 @@ iscsid
 INITIATOR=$(sed -n 's/^InitiatorName=//p' /etc/iscsi/initiatorname.iscsi)
 
 # ---------------------------------------------------------------- the fleet
-certs=$W/certs
-ember certs init --dir "$certs" >/dev/null
-ember certs issue --dir "$certs" --role coordinator --name coordinator --dns localhost --ip 127.0.0.1 >/dev/null
-ember certs issue --dir "$certs" --role storage-agent --name storage1 --dns localhost --ip 127.0.0.1 >/dev/null
-ember certs issue --dir "$certs" --role admin --name admin >/dev/null
-tls() { printf '[tls]\nca = "%s/ca.pem"\ncert = "%s/%s.pem"\nkey = "%s/%s.key"\n' "$certs" "$certs" "$1" "$certs" "$1"; }
+fleet_certs "$W/certs" coordinator:coordinator storage-agent:storage1
 { printf 'listen = "127.0.0.1:7000"\ndatabase = "%s/ember.db"\n' "$W"; tls coordinator; } >"$W/coordinator.toml"
 cat >"$W/storage.toml" <<EOF
 name = "storage1"
@@ -57,7 +52,7 @@ portal = "127.0.0.1:3261"
 
 EOF
 tls storage1 >>"$W/storage.toml"
-export EMBER_COORDINATOR=https://127.0.0.1:7000 EMBER_CA=$certs/ca.pem EMBER_CERT=$certs/admin.pem EMBER_KEY=$certs/admin.key
+export EMBER_COORDINATOR=https://127.0.0.1:7000
 ember-coordinator --config "$W/coordinator.toml" >"$W/logs/coordinator.out" 2>"$W/logs/coordinator.log" &
 coordinator=$!
 ember-storage-agent --config "$W/storage.toml" >"$W/logs/storage.out" 2>"$W/logs/storage.log" &

@@ -28,13 +28,7 @@ rpc.nfsd -N 3 --no-udp 8
 check "nfs: the kernel server exports /srv/nfs on the guest's loopback" sh -c "exportfs | grep -q /srv/nfs"
 
 # ---------------------------------------------------------------- the fleet
-certs=$W/certs
-ember certs init --dir "$certs" >/dev/null
-ember certs issue --dir "$certs" --role coordinator --name coordinator --dns localhost --ip 127.0.0.1 >/dev/null
-ember certs issue --dir "$certs" --role storage-agent --name storage2 --dns localhost --ip 127.0.0.1 >/dev/null
-ember certs issue --dir "$certs" --role backup-agent --name backup1 --dns localhost --ip 127.0.0.1 >/dev/null
-ember certs issue --dir "$certs" --role admin --name admin >/dev/null
-tls() { printf '[tls]\nca = "%s/ca.pem"\ncert = "%s/%s.pem"\nkey = "%s/%s.key"\n' "$certs" "$certs" "$1" "$certs" "$1"; }
+fleet_certs "$W/certs" coordinator:coordinator storage-agent:storage2 backup-agent:backup1
 { printf 'listen = "127.0.0.1:7010"\ndatabase = "%s/ember.db"\n' "$W"; tls coordinator; } >"$W/coordinator.toml"
 cat >"$W/storage.toml" <<CFG
 name = "storage2"
@@ -67,7 +61,7 @@ nfs_share = "127.0.0.1:/srv/nfs/backups"
 CFG
 tls backup1 >>"$W/backup.toml"
 mkdir -p /mnt/ember-volumes /mnt/ember-backups
-export EMBER_COORDINATOR=https://127.0.0.1:7010 EMBER_CA=$certs/ca.pem EMBER_CERT=$certs/admin.pem EMBER_KEY=$certs/admin.key
+export EMBER_COORDINATOR=https://127.0.0.1:7010
 ember-coordinator --config "$W/coordinator.toml" >"$W/logs/nfs-coordinator.out" 2>"$W/logs/nfs-coordinator.log" &
 coordinator=$!
 ember-storage-agent --config "$W/storage.toml" >"$W/logs/nfs-storage.out" 2>"$W/logs/nfs-storage.log" &

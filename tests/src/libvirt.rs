@@ -182,3 +182,13 @@ impl ComputeFleet {
         ComputeFleet { storage, compute, dir, fleet }
     }
 }
+
+/// A read-write attach of `volume_id` to `instance` on the test fleets' compute host `compute1`.
+pub fn attach_request(volume_id: &str, instance: &str) -> ember_proto::v1::AttachRequest {
+    ember_proto::v1::AttachRequest {
+        volume_id: volume_id.into(),
+        instance: instance.into(),
+        host: "compute1".into(),
+        read_only: false,
+    }
+}

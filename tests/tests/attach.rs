@@ -3,7 +3,7 @@
 //! data is on the storage side, and a detach leaves nothing behind (live XML, libvirt secrets, tgt targets,
 //! the coordinator's records). Failed attaches change nothing.
 
-use ember_fleet_tests::libvirt::{ComputeFleet, Domain, secrets};
+use ember_fleet_tests::libvirt::{ComputeFleet, Domain, attach_request, secrets};
 use ember_fleet_tests::volumes::{new_volume, wait_volume};
 use ember_fleet_tests::{Fleet, wait_for};
 use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
@@ -28,6 +28,13 @@ async fn attachment_rows(fleet: &Fleet, volume_id: &str) -> i64 {
         .unwrap()
 }
 
+/// Nothing of the volume's attachment is left anywhere: no tgt target, no libvirt secret, no attachment row.
+async fn assert_released(fleet: &Fleet, volume_id: &str) {
+    assert!(!fleet.tgt_show("storage1").contains(&format!("volume-{volume_id}")), "a target was left behind");
+    assert!(!secrets().contains(&volume_id.to_string()), "a libvirt secret was left behind");
+    assert_eq!(attachment_rows(fleet, volume_id).await, 0, "an attachment record was left behind");
+}
+
 /// Waits until an attach that must fail has been undone: the volume is available again with the reason.
 async fn wait_failed_attach(volumes: &VolumeServiceClient<tonic::transport::Channel>, id: &str) -> Volume {
     wait_for(&format!("the failed attach of {id} to be undone"), WAIT, || async {
@@ -46,16 +53,7 @@ async fn a_volume_hot_attaches_to_a_running_guest_and_detaches_cleanly() {
     let v = new_volume(&volumes, 1).await;
     let serial20 = &v.id[..20];
 
-    let a = attachments
-        .attach(AttachRequest {
-            volume_id: v.id.clone(),
-            instance: domain.name.clone(),
-            host: "compute1".into(),
-            read_only: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let a = attachments.attach(attach_request(&v.id, &domain.name)).await.unwrap().into_inner();
     let in_use = wait_volume(&volumes, &v.id, "in-use").await;
     assert_eq!(in_use.attachments.len(), 1);
     assert_eq!(
@@ -82,43 +80,21 @@ async fn a_volume_hot_attaches_to_a_running_guest_and_detaches_cleanly() {
     domain.wait_console(&format!("DISK-GONE serial={serial20}"), WAIT).await;
     assert!(!domain.xml(false).contains(&v.id), "gone from the live XML");
     assert!(!domain.xml(true).contains(&v.id), "gone from the persistent XML");
-    assert!(!secrets().contains(&v.id), "the secret went with the disk");
-    assert!(!fleet.tgt_show("storage1").contains(&iqn), "the target went with the attachment");
-    assert_eq!(attachment_rows(&fleet, &v.id).await, 0);
+    assert_released(&fleet, &v.id).await;
 
     // A domain libvirt does not know: the attach fails, and is undone on both agents.
-    attachments
-        .attach(AttachRequest {
-            volume_id: v.id.clone(),
-            instance: "no-such-domain".into(),
-            host: "compute1".into(),
-            read_only: false,
-        })
-        .await
-        .unwrap();
+    attachments.attach(attach_request(&v.id, "no-such-domain")).await.unwrap();
     let failed = wait_failed_attach(&volumes, &v.id).await;
     assert!(failed.status_reason.contains("no such libvirt domain"), "{}", failed.status_reason);
-    assert!(!fleet.tgt_show("storage1").contains(&iqn), "no target left behind");
-    assert!(!secrets().contains(&v.id), "no secret left behind");
-    assert_eq!(attachment_rows(&fleet, &v.id).await, 0);
+    assert_released(&fleet, &v.id).await;
 
     // A stopped domain: refused the same way, nothing left.
     domain.stop();
-    attachments
-        .attach(AttachRequest {
-            volume_id: v.id.clone(),
-            instance: domain.name.clone(),
-            host: "compute1".into(),
-            read_only: false,
-        })
-        .await
-        .unwrap();
+    attachments.attach(attach_request(&v.id, &domain.name)).await.unwrap();
     let failed = wait_failed_attach(&volumes, &v.id).await;
     assert!(failed.status_reason.contains("shut off"), "{}", failed.status_reason);
     assert!(!domain.xml(true).contains(&v.id), "the persistent XML is unchanged");
-    assert!(!fleet.tgt_show("storage1").contains(&iqn));
-    assert!(!secrets().contains(&v.id));
-    assert_eq!(attachment_rows(&fleet, &v.id).await, 0);
+    assert_released(&fleet, &v.id).await;
 }
 
 /// The coordinator dies after the export, after the compute agent added the disk, and after the compute
@@ -140,12 +116,7 @@ async fn attach_and_detach_converge_after_the_coordinator_crashes() {
     };
     crash_at(&mut fleet, "attach.exported");
     let a = AttachmentServiceClient::new(fleet.admin())
-        .attach(AttachRequest {
-            volume_id: v.id.clone(),
-            instance: domain.name.clone(),
-            host: "compute1".into(),
-            read_only: false,
-        })
+        .attach(attach_request(&v.id, &domain.name))
         .await
         .unwrap()
         .into_inner();
@@ -173,9 +144,7 @@ async fn attach_and_detach_converge_after_the_coordinator_crashes() {
     let volumes = VolumeServiceClient::new(fleet.admin());
     let after = wait_volume(&volumes, &v.id, "available").await;
     assert!(after.attachments.is_empty());
-    assert!(!fleet.tgt_show("storage1").contains(&iqn), "the restart finished the unexport");
-    assert!(!secrets().contains(&v.id));
-    assert_eq!(attachment_rows(&fleet, &v.id).await, 0);
+    assert_released(&fleet, &v.id).await;
 }
 
 /// A guest that does not release the disk (paused): libvirt reports success after about 5 s while the disk is
@@ -188,16 +157,7 @@ async fn a_detach_the_guest_never_acknowledges_fails_clearly_and_a_retry_finishe
     let volumes = VolumeServiceClient::new(fleet.admin());
     let mut attachments = AttachmentServiceClient::new(fleet.admin());
     let v = new_volume(&volumes, 1).await;
-    let a = attachments
-        .attach(AttachRequest {
-            volume_id: v.id.clone(),
-            instance: domain.name.clone(),
-            host: "compute1".into(),
-            read_only: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let a = attachments.attach(attach_request(&v.id, &domain.name)).await.unwrap().into_inner();
     wait_volume(&volumes, &v.id, "in-use").await;
     domain.wait_console(&format!("DISK-WRITTEN serial={}", &v.id[..20]), WAIT).await;
 
@@ -217,7 +177,5 @@ async fn a_detach_the_guest_never_acknowledges_fails_clearly_and_a_retry_finishe
     attachments.detach(DetachRequest { attachment_id: a.id.clone() }).await.unwrap();
     wait_volume(&volumes, &v.id, "available").await;
     assert!(!domain.xml(false).contains(&v.id));
-    assert!(!secrets().contains(&v.id));
-    assert!(!fleet.tgt_show("storage1").contains(&format!("volume-{}", v.id)));
-    assert_eq!(attachment_rows(&fleet, &v.id).await, 0);
+    assert_released(&fleet, &v.id).await;
 }

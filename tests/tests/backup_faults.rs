@@ -1,7 +1,7 @@
 //! Backups under faults: the backup agent killed mid-backup, garbage collection racing a running backup, and
 //! an in-use volume backed up through a temporary snapshot.
 
-use ember_fleet_tests::libvirt::Domain;
+use ember_fleet_tests::libvirt::{Domain, attach_request};
 use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_volume};
 use ember_fleet_tests::{Fleet, iscsi, wait_for};
 use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
@@ -196,15 +196,7 @@ async fn an_in_use_volume_needs_force_and_is_read_through_a_temporary_snapshot()
     let volumes = VolumeServiceClient::new(fleet.admin());
     let v = new_volume(&volumes, 1).await;
     fill(&dir.join(format!("volume-{}", v.id)), 0, 8, 2 << 20);
-    AttachmentServiceClient::new(fleet.admin())
-        .attach(AttachRequest {
-            volume_id: v.id.clone(),
-            instance: vm1.name.clone(),
-            host: "compute1".into(),
-            read_only: false,
-        })
-        .await
-        .unwrap();
+    AttachmentServiceClient::new(fleet.admin()).attach(attach_request(&v.id, &vm1.name)).await.unwrap();
     wait_volume(&volumes, &v.id, "in-use").await;
     let backups = BackupServiceClient::new(fleet.admin());
     let err = backups

@@ -3,7 +3,7 @@
 //! initiator, a second volume hot-attached and detached while it runs, and the instance deleted with its boot
 //! volume — leaving no domain, secret, target or record. Booting from a snapshot makes the volume first.
 
-use ember_fleet_tests::libvirt::{ComputeFleet, boot_config, domain_exists, root_image, secrets};
+use ember_fleet_tests::libvirt::{ComputeFleet, attach_request, boot_config, domain_exists, root_image, secrets};
 use ember_fleet_tests::volumes::{new_volume, wait_gone, wait_volume};
 use ember_fleet_tests::wait_for;
 use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
@@ -86,16 +86,7 @@ async fn an_instance_boots_from_a_volume_made_from_an_image_and_takes_a_hot_atta
     // A second volume, hot-attached to the running instance by its id, written by the guest, detached.
     let data = new_volume(&volumes, 1).await;
     let mut attachments = AttachmentServiceClient::new(fleet.admin());
-    let a = attachments
-        .attach(AttachRequest {
-            volume_id: data.id.clone(),
-            instance: vm.id.clone(),
-            host: "compute1".into(),
-            read_only: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let a = attachments.attach(attach_request(&data.id, &vm.id)).await.unwrap().into_inner();
     let attached = wait_volume(&volumes, &data.id, "in-use").await;
     assert_eq!(attached.attachments[0].device, "vdb");
     wait_console(&instances, &vm.id, &format!("DISK-WRITTEN serial={}", &data.id[..20])).await;

@@ -1,6 +1,6 @@
 //! Scheduling, rescheduling, quotas and the rules that refuse bad requests, through the real fleet.
 
-use ember_fleet_tests::libvirt::Domain;
+use ember_fleet_tests::libvirt::{Domain, attach_request};
 use ember_fleet_tests::volumes::{db_state, files_in, wait_backend, wait_settled, wait_volume};
 use ember_fleet_tests::{Fleet, wait_for};
 use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
@@ -189,16 +189,7 @@ async fn bad_requests_are_refused_naming_the_problem_and_change_nothing() {
 
     // While attaching or attached: no delete, no extend.
     let mut attachments = AttachmentServiceClient::new(fleet.member("alice", "p1"));
-    let a = attachments
-        .attach(AttachRequest {
-            volume_id: v.id.clone(),
-            instance: vm1.name.clone(),
-            host: "compute1".into(),
-            read_only: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let a = attachments.attach(attach_request(&v.id, &vm1.name)).await.unwrap().into_inner();
     let err = client.delete_volume(DeleteVolumeRequest { id: v.id.clone() }).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     let in_use = wait_volume(&client, &v.id, "in-use").await;
@@ -207,25 +198,9 @@ async fn bad_requests_are_refused_naming_the_problem_and_change_nothing() {
     let err = client.extend_volume(ExtendVolumeRequest { id: v.id.clone(), new_size_gb: 2 }).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("in-use"), "{}", err.message());
-    let err = attachments
-        .attach(AttachRequest {
-            volume_id: v.id.clone(),
-            instance: vm1.name.clone(),
-            host: "compute1".into(),
-            read_only: false,
-        })
-        .await
-        .unwrap_err();
+    let err = attachments.attach(attach_request(&v.id, &vm1.name)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "twice to the same instance");
-    let err = attachments
-        .attach(AttachRequest {
-            volume_id: v.id.clone(),
-            instance: "vm2".into(),
-            host: "compute1".into(),
-            read_only: false,
-        })
-        .await
-        .unwrap_err();
+    let err = attachments.attach(attach_request(&v.id, "vm2")).await.unwrap_err();
     assert!(err.message().contains("multiattach"), "{}", err.message());
     let err = attachments
         .attach(AttachRequest {
