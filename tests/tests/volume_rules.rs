@@ -326,5 +326,11 @@ async fn exports_survive_a_tgtd_restart_and_a_storage_agent_restart() {
     let _ = std::process::Command::new("pkill").args(["-9", "-f", &format!("^tgtd -f -C {control} ")]).status();
     let _storage = fleet.start_agent("storage", "storage1", &backend);
     assert!(fleet.tgt_show("storage1").contains(&info.target_iqn), "re-created before the agent serves");
-    assert_eq!(ember_fleet_tests::iscsi::read(&url, 1, &scratch).unwrap(), std::fs::read(&pattern).unwrap());
+    // The target is there; libiscsi's first login to a tgtd that has just started can still be turned away
+    // ("Can not reconnect right now"), so the read is retried for a bounded time, then the data compared.
+    let data = wait_for("the restarted export to serve reads", Duration::from_secs(30), || async {
+        ember_fleet_tests::iscsi::read(&url, 1, &scratch).ok()
+    })
+    .await;
+    assert_eq!(data, std::fs::read(&pattern).unwrap());
 }
