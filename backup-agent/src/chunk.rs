@@ -1,9 +1,10 @@
 //! One chunk on disk: an 8-byte header (`EMBCHNK` and an encoding byte: 0 raw, 1 zlib) and the payload.
 //! Chunks are named by the sha256 of their plaintext, so reading one back always re-checks it.
 
-use flate2::Compression;
+use ember_common::direct_io::AlignedBuf;
 use flate2::read::ZlibDecoder;
 use flate2::write::ZlibEncoder;
+use flate2::{Compress, Compression, FlushCompress, Status};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 
@@ -17,28 +18,35 @@ pub const ZLIB: u8 = 1;
 /// How much of a chunk is compressed first to judge whether compressing it pays.
 const SAMPLE: usize = 64 << 10;
 
-/// Encodes a chunk: zlib level 1 unless that does not shrink it. A 64 KiB sample is tried first, so random
-/// (incompressible) data costs a sample, not a whole compression, before it is stored raw.
+/// [`encode_into`] into a new vector (for tests).
+#[cfg(test)]
 pub fn encode(plain: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(plain.len() / 2 + 8);
-    out.extend_from_slice(MAGIC);
-    if plain.len() > SAMPLE {
-        let sample = compress(&plain[..SAMPLE]);
-        if sample.len() as f64 > SAMPLE as f64 * 0.97 {
-            out.push(RAW);
-            out.extend_from_slice(plain);
-            return out;
+    let mut out = AlignedBuf::default();
+    encode_into(plain, &mut out);
+    out.as_slice().to_vec()
+}
+
+/// Encodes a chunk straight into `out` (ready for direct I/O): zlib level 1 unless that does not shrink it. A
+/// 64 KiB sample is tried first, so random (incompressible) data costs a sample, not a whole compression,
+/// before it is stored raw. Returns the stored length.
+pub fn encode_into(plain: &[u8], out: &mut AlignedBuf) -> usize {
+    let buf = out.prepare(plain.len() + 8);
+    buf[..7].copy_from_slice(MAGIC);
+    let worth_trying = plain.len() <= SAMPLE || compress(&plain[..SAMPLE]).len() as f64 <= SAMPLE as f64 * 0.97;
+    if worth_trying {
+        let mut z = Compress::new(Compression::new(1), true);
+        // Room for less than the plaintext: a stream that does not fit there did not shrink it.
+        let room = &mut buf[8..8 + plain.len() - 1];
+        if let Ok(Status::StreamEnd) = z.compress(plain, room, FlushCompress::Finish) {
+            buf[7] = ZLIB;
+            let n = 8 + z.total_out() as usize;
+            out.truncate(n);
+            return n;
         }
     }
-    let packed = compress(plain);
-    if packed.len() < plain.len() {
-        out.push(ZLIB);
-        out.extend_from_slice(&packed);
-    } else {
-        out.push(RAW);
-        out.extend_from_slice(plain);
-    }
-    out
+    buf[7] = RAW;
+    buf[8..].copy_from_slice(plain);
+    plain.len() + 8
 }
 
 fn compress(data: &[u8]) -> Vec<u8> {

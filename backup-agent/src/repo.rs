@@ -14,6 +14,7 @@
 //! never referenced before it is durable, and a crash leaves only files in `tmp/`.
 
 use crate::chunk;
+use ember_common::direct_io::{AlignedBuf, DirectFile};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -27,6 +28,11 @@ pub const FORMAT: u32 = 1;
 /// Default chunk size: 1 MiB (see docs/backup-format.md for the measurement behind it).
 pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
 const INDEX_MAGIC: &[u8; 8] = b"EMBIDX01";
+
+thread_local! {
+    /// Each worker thread's buffer for a chunk file, reused from one chunk to the next.
+    static SCRATCH: std::cell::RefCell<AlignedBuf> = std::cell::RefCell::default();
+}
 
 /// `ember-repository.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -190,16 +196,15 @@ impl Repository {
     }
 
     /// Encodes and writes a new chunk under `tmp/`; returns the temporary path and the stored size. The chunk is
-    /// not visible until [`Repository::publish`].
+    /// not visible until [`Repository::publish`]. The data bypasses the page cache (see `ember_common::direct_io`).
     pub fn stage_chunk(&self, plain: &[u8], digest: &[u8; 32]) -> io::Result<(PathBuf, u64)> {
-        let stored = chunk::encode(plain);
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let tmp = self.root.join("tmp").join(format!("{}.{}.{n}", hex(digest), std::process::id()));
-        let mut f = File::create(&tmp)?;
-        f.write_all(&stored)?;
-        // Start writeback now so the `syncfs` at publish has little left to flush.
-        let _ = nix::fcntl::posix_fadvise(&f, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
-        Ok((tmp, stored.len() as u64))
+        let stored = SCRATCH.with_borrow_mut(|buf| {
+            let stored = chunk::encode_into(plain, buf);
+            DirectFile::create_new(&tmp)?.write_all_from(buf).map(|()| stored)
+        })?;
+        Ok((tmp, stored as u64))
     }
 
     /// Makes staged chunks durable (one `syncfs`), then moves them into place and syncs again.
@@ -217,10 +222,15 @@ impl Repository {
         nix::unistd::syncfs(&root).map_err(io::Error::from)
     }
 
-    /// Reads, decodes and checks chunk `digest`.
+    /// Reads, decodes and checks chunk `digest` (around the page cache).
     pub fn read_chunk(&self, digest: &[u8; 32]) -> Result<Vec<u8>, String> {
-        let stored = fs::read(self.chunk_path(digest)).map_err(|_| format!("chunk {} is missing", hex(digest)))?;
-        chunk::decode(&stored, digest).map_err(|e| format!("chunk {} is corrupt ({e:?})", hex(digest)))
+        let missing = |_| format!("chunk {} is missing", hex(digest));
+        let file = DirectFile::open(&self.chunk_path(digest), false).map_err(missing)?;
+        let len = file.file().metadata().map_err(missing)?.len() as usize;
+        SCRATCH.with_borrow_mut(|buf| {
+            let stored = file.read_all(len, buf).map_err(|e| format!("chunk {} is unreadable: {e}", hex(digest)))?;
+            chunk::decode(stored, digest).map_err(|e| format!("chunk {} is corrupt ({e:?})", hex(digest)))
+        })
     }
 
     fn backup_dir(&self, id: &str) -> PathBuf {

@@ -10,6 +10,7 @@ use ember_proto::agent::v1::*;
 use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tonic::{Request, Response, Status};
@@ -26,8 +27,16 @@ pub struct Backups {
     pub workers: usize,
     /// Unreferenced chunks younger than this survive garbage collection.
     pub gc_grace: Duration,
-    /// Progress (bytes done, bytes total) of the backups and restores running now, by backup id.
-    pub progress: Mutex<HashMap<String, (u64, u64)>>,
+    /// Progress of the backups and restores running now, by backup id (a backup is restored by one restore at
+    /// a time: the coordinator holds it in `restoring`).
+    pub progress: Mutex<HashMap<String, Progress>>,
+}
+
+/// How far a backup or a restore has come: bytes of the volume done (by offset) out of its size.
+#[derive(Clone)]
+pub struct Progress {
+    done: Arc<AtomicU64>,
+    total: u64,
 }
 
 /// Deregisters a running backup when dropped.
@@ -36,6 +45,14 @@ struct Running<'a>(&'a Backups, String);
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         self.0.running.lock().expect("running").remove(&self.1);
+    }
+}
+
+/// Withdraws a progress report when dropped.
+struct Tracked<'a>(&'a Backups, String);
+
+impl Drop for Tracked<'_> {
+    fn drop(&mut self) {
         self.0.progress.lock().expect("progress").remove(&self.1);
     }
 }
@@ -62,6 +79,13 @@ fn now_rfc3339() -> String {
 }
 
 impl Backups {
+    /// Reports the progress of backup `id`'s backup or restore over `total` bytes until the guard drops.
+    fn track(&self, id: &str, total: u64) -> (Tracked<'_>, Arc<AtomicU64>) {
+        let done = Arc::new(AtomicU64::new(0));
+        self.progress.lock().expect("progress").insert(id.to_string(), Progress { done: done.clone(), total });
+        (Tracked(self, id.to_string()), done)
+    }
+
     fn repo(&self, name: &str) -> Result<Arc<Repository>, Status> {
         self.repos.get(name).cloned().ok_or_else(|| Status::not_found(format!("repository {name:?}")))
     }
@@ -116,7 +140,7 @@ impl Backups {
             .into_inner();
         let header = stream.message().await?.ok_or_else(|| Status::data_loss("storage agent sent no data"))?;
         let volume_size = header.volume_size;
-        self.progress.lock().expect("progress").insert(req.backup_id.clone(), (0, volume_size));
+        let (_tracked, done) = self.track(&req.backup_id, volume_size);
 
         let mut index = Index { chunk_size: repo.chunk_size, volume_size, entries: BTreeMap::new() };
         let mut logical = 0u64;
@@ -130,9 +154,7 @@ impl Backups {
                     msg.sha256.as_slice().try_into().map_err(|_| Status::data_loss("chunk without a sha256"))?;
                 index.entries.insert(msg.offset / u64::from(repo.chunk_size), digest);
                 logical += u64::from(msg.length);
-                if let Some(p) = self.progress.lock().expect("progress").get_mut(&req.backup_id) {
-                    p.0 = msg.offset + u64::from(msg.length);
-                }
+                done.store(msg.offset + u64::from(msg.length), Ordering::Relaxed);
                 if sizes.contains_key(&digest) {
                     continue;
                 }
@@ -241,6 +263,7 @@ impl Backups {
             ..Default::default()
         };
         let blank = req.target_is_blank;
+        let (_tracked, done) = self.track(&req.backup_id, manifest.volume_size);
         let entries = Arc::new(index.entries);
         let workers = self.workers;
         let producer = tokio::spawn(async move {
@@ -267,12 +290,17 @@ impl Backups {
             futures::pin_mut!(reads);
             while let Some(item) = reads.next().await {
                 let (pos, data) = item?;
+                done.store((pos * cs).min(manifest.volume_size), Ordering::Relaxed);
                 match data {
                     Some(plain) => {
                         if let Some((off, len)) = zero_run.take() {
                             let _ = tx.send(VolumeChunk { offset: off, zero_length: len, ..Default::default() }).await;
                         }
-                        if tx.send(VolumeChunk { offset: pos * cs, data: plain, ..Default::default() }).await.is_err() {
+                        if tx
+                            .send(VolumeChunk { offset: pos * cs, data: plain.into(), ..Default::default() })
+                            .await
+                            .is_err()
+                        {
                             return Ok(());
                         }
                     }
@@ -495,9 +523,11 @@ impl BackupAgent for BackupService {
 
     async fn get_progress(&self, req: Request<GetProgressRequest>) -> Result<Response<GetProgressResponse>, Status> {
         let id = &req.get_ref().backup_id;
-        let p = self.0.progress.lock().expect("progress").get(id).copied();
+        let p = self.0.progress.lock().expect("progress").get(id).cloned();
         Ok(Response::new(match p {
-            Some((done, total)) => GetProgressResponse { bytes_done: done, bytes_total: total, running: true },
+            Some(p) => {
+                GetProgressResponse { bytes_done: p.done.load(Ordering::Relaxed), bytes_total: p.total, running: true }
+            }
             None => GetProgressResponse::default(),
         }))
     }

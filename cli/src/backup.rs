@@ -125,21 +125,42 @@ fn print(list: &[Backup], json: bool) {
     output::table(&["ID", "Volume", "Status", "Size", "Kind", "Stored", "New", "Dedup", "Reason"], &rows);
 }
 
-/// Polls a backup until it leaves `creating`/`deleting`/`restoring`, drawing elapsed time and MB/s.
+/// How often `--wait` looks at a running backup or restore.
+const POLL: Duration = Duration::from_millis(50);
+
+/// One line of progress: `<id> <status> [=====>    ]  42%   1.3s   331 MB/s` (MB/s of the volume's size done).
+pub fn progress_line(id: &str, status: &str, percent: u32, size_gb: u64, elapsed: Duration) -> String {
+    const WIDTH: usize = 30;
+    let percent = percent.min(100);
+    let filled = WIDTH * percent as usize / 100;
+    let bar: String = (0..WIDTH)
+        .map(|i| match i.cmp(&filled) {
+            std::cmp::Ordering::Less => '=',
+            std::cmp::Ordering::Equal => '>',
+            std::cmp::Ordering::Greater => ' ',
+        })
+        .collect();
+    let secs = elapsed.as_secs_f64();
+    let done_mb = (size_gb << 30) as f64 * f64::from(percent) / 100.0 / 1e6;
+    let rate = if secs > 0.0 { done_mb / secs } else { 0.0 };
+    format!("{id} {status:<10} [{bar}] {percent:>3}% {secs:>6.1}s {rate:>7.0} MB/s")
+}
+
+fn draw(line: &str) {
+    eprint!("\r{line}");
+    let _ = std::io::stderr().flush();
+}
+
+/// Polls a backup until it leaves `creating`/`deleting`/`restoring`, drawing a progress bar with MB/s.
 async fn wait(client: &mut BackupServiceClient<Channel>, id: &str) -> Result<Option<Backup>, CliError> {
     let started = Instant::now();
     loop {
         match client.get_backup(GetBackupRequest { id: id.into() }).await {
             Ok(b) => {
                 let b = b.into_inner();
-                let secs = started.elapsed().as_secs_f64();
-                let done = (b.size_gb << 30) as f64 * f64::from(b.progress_percent) / 100.0;
-                let rate = if secs > 0.0 { done / 1e6 / secs } else { 0.0 };
-                eprint!("\r{} {:<10} {:>3}% {:>6.1}s {:>7.0} MB/s", b.id, b.status, b.progress_percent, secs, rate);
-                let _ = std::io::stderr().flush();
+                draw(&progress_line(&b.id, &b.status, b.progress_percent, b.size_gb, started.elapsed()));
                 if !matches!(b.status.as_str(), "creating" | "deleting" | "restoring") {
-                    let mbs = if secs > 0.0 { (b.size_gb << 30) as f64 / 1e6 / secs } else { 0.0 };
-                    eprintln!("  {mbs:.0} MB/s (volume size / time)");
+                    eprintln!();
                     return Ok(Some(b));
                 }
             }
@@ -149,8 +170,51 @@ async fn wait(client: &mut BackupServiceClient<Channel>, id: &str) -> Result<Opt
             }
             Err(s) => return Err(s.into()),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(POLL).await;
     }
+}
+
+/// Waits for the volume a restore writes to reach a final state (watching it), drawing the restore's
+/// progress from its backup meanwhile. Returns the volume, or None when it is gone.
+async fn wait_restore(
+    backups: &mut BackupServiceClient<Channel>,
+    volumes: &mut VolumeServiceClient<Channel>,
+    backup_id: &str,
+    volume_id: &str,
+) -> Result<Option<Volume>, CliError> {
+    let started = Instant::now();
+    let mut watch = volumes.watch_volume(GetVolumeRequest { id: volume_id.into() }).await?.into_inner();
+    let mut ticker = tokio::time::interval(POLL);
+    let mut last = (String::new(), 0u32, 0u64);
+    loop {
+        tokio::select! {
+            update = watch.message() => match update? {
+                Some(v) => last = (v.status, last.1, v.size_gb),
+                None => break, // a final state, or gone
+            },
+            _ = ticker.tick() => {
+                if let Ok(b) = backups.get_backup(GetBackupRequest { id: backup_id.into() }).await {
+                    let b = b.into_inner();
+                    if b.status == "restoring" {
+                        last.1 = b.progress_percent;
+                    }
+                }
+            }
+        }
+        draw(&progress_line(volume_id, &last.0, last.1, last.2, started.elapsed()));
+    }
+    let v = match volumes.get_volume(GetVolumeRequest { id: volume_id.into() }).await {
+        Ok(v) => v.into_inner(),
+        Err(s) if s.code() == tonic::Code::NotFound => {
+            eprintln!();
+            return Ok(None);
+        }
+        Err(s) => return Err(s.into()),
+    };
+    let percent = if v.status == "available" { 100 } else { last.1 };
+    draw(&progress_line(volume_id, &v.status, percent, v.size_gb, started.elapsed()));
+    eprintln!();
+    Ok(Some(v))
 }
 
 /// Runs `ember backup …`.
@@ -196,15 +260,12 @@ pub async fn run(cmd: BackupCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                 .await?
                 .into_inner();
             if w {
-                let started = Instant::now();
                 let mut volumes = VolumeServiceClient::new(channel);
-                let v = crate::volume::wait_volume(&mut volumes, &r.volume_id).await?;
-                if let Some(v) = v {
-                    let mbs = (v.size_gb << 30) as f64 / 1e6 / started.elapsed().as_secs_f64().max(1e-3);
-                    eprintln!("restored {} GiB in {:.2}s ({mbs:.0} MB/s)", v.size_gb, started.elapsed().as_secs_f64());
-                    if v.status != "available" {
-                        return Err(CliError::Other(format!("volume {} is {}: {}", v.id, v.status, v.status_reason)));
-                    }
+                let v = wait_restore(&mut client, &mut volumes, &r.backup_id, &r.volume_id).await?;
+                if let Some(v) = v
+                    && v.status != "available"
+                {
+                    return Err(CliError::Other(format!("volume {} is {}: {}", v.id, v.status, v.status_reason)));
                 }
             }
             if json {
@@ -258,4 +319,19 @@ pub async fn run(cmd: BackupCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines_show_a_bar_a_percentage_and_a_rate() {
+        let line = progress_line("b1", "creating", 50, 1, Duration::from_secs(1));
+        assert!(line.contains("[===============>              ]  50%"), "{line}");
+        assert!(line.ends_with("    537 MB/s"), "{line}");
+        let full = progress_line("b1", "available", 100, 1, Duration::from_secs(2));
+        assert!(full.contains(&format!("[{}] 100%", "=".repeat(30))), "{full}");
+        assert!(progress_line("b1", "creating", 0, 1, Duration::ZERO).ends_with(" 0 MB/s"));
+    }
 }

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod certs;
 pub mod config;
+pub mod direct_io;
 pub mod identity;
 pub mod image_source;
 pub mod logging;

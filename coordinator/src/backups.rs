@@ -275,6 +275,7 @@ impl Backups {
                 b.id, b.status
             )));
         }
+        sqlx::query("UPDATE backups SET progress = 0 WHERE id = ?").bind(&b.id).execute(&mut *tx).await?;
         let op = operations::insert(
             &mut tx,
             "restore_backup",
@@ -443,29 +444,8 @@ pub async fn create_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         parent_id: b.parent_id.clone(),
         source: Some(source_of(ctx, &v, temp.as_deref()).await?),
     };
-    let mut watcher = client.clone();
-    let call = client.create_backup(request);
-    tokio::pin!(call);
-    // While the agent works, record its progress every half second for GetBackup and `--wait`.
-    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(500));
-    let call = loop {
-        tokio::select! {
-            done = &mut call => break done,
-            _ = ticker.tick() => {
-                if let Ok(p) = watcher.get_progress(agent::GetProgressRequest { backup_id: b.id.clone() }).await {
-                    let p = p.into_inner();
-                    if p.running && p.bytes_total > 0 {
-                        let percent = (p.bytes_done * 100 / p.bytes_total).min(99) as i64;
-                        let _ = sqlx::query("UPDATE backups SET progress = ? WHERE id = ? AND status = 'creating'")
-                            .bind(percent)
-                            .bind(&b.id)
-                            .execute(&ctx.db)
-                            .await;
-                    }
-                }
-            }
-        }
-    };
+    let watcher = client.clone();
+    let call = with_progress(ctx, watcher, &b.id, "creating", client.create_backup(request)).await;
     match call {
         Ok(resp) => finish_create(ctx, &op, &b, &v, temp.as_deref(), Ok(resp.into_inner())).await,
         Err(s) if s.code() == tonic::Code::Unavailable => {
@@ -547,6 +527,39 @@ pub async fn delete_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     Ok(Outcome::Finished)
 }
 
+/// Awaits `call`, an agent call working on backup `id`, while copying the agent's progress into the backup's
+/// row (as long as the row is in `status`) every 200 ms, for GetBackup and the CLI's progress bar.
+async fn with_progress<T>(
+    ctx: &Ctx,
+    mut watcher: agent::backup_agent_client::BackupAgentClient<tonic::transport::Channel>,
+    id: &str,
+    status: &str,
+    call: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(call);
+    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            done = &mut call => return done,
+            _ = ticker.tick() => {
+                let Ok(p) = watcher.get_progress(agent::GetProgressRequest { backup_id: id.into() }).await else {
+                    continue;
+                };
+                let p = p.into_inner();
+                if p.running && p.bytes_total > 0 {
+                    let percent = (p.bytes_done * 100 / p.bytes_total).min(99) as i64;
+                    let _ = sqlx::query("UPDATE backups SET progress = ? WHERE id = ? AND status = ?")
+                        .bind(percent)
+                        .bind(id)
+                        .bind(status)
+                        .execute(&ctx.db)
+                        .await;
+                }
+            }
+        }
+    }
+}
+
 /// Writes backup `backup_id` into volume `v` through the backup agent; `blank` when `v` is new.
 pub async fn restore_into(
     ctx: &Ctx,
@@ -563,21 +576,24 @@ pub async fn restore_into(
     };
     let mut client = ctx.agents.backup(&b.host).await.map_err(|e| e.to_string())?;
     let target = source_of(ctx, v, None).await.map_err(|e| e.to_string())?;
-    client
-        .restore_backup(agent::RestoreBackupRequest {
-            backup_id: b.id.clone(),
-            repository: b.repository.clone(),
-            target: Some(target),
-            target_is_blank: blank,
-        })
+    let request = agent::RestoreBackupRequest {
+        backup_id: b.id.clone(),
+        repository: b.repository.clone(),
+        target: Some(target),
+        target_is_blank: blank,
+    };
+    let watcher = client.clone();
+    with_progress(ctx, watcher, &b.id, "restoring", client.restore_backup(request))
         .await
         .map(|_| ())
         .map_err(|s| format!("restore of backup {}: {}", b.id, s.message()))
 }
 
-/// Puts a backup back to `available` after a restore (whatever its outcome).
+/// Puts a backup back to `available` after a restore (whatever its outcome); its progress is its own again.
 pub async fn restore_done(conn: &mut SqliteConnection, backup_id: &str) -> Result<()> {
-    set_status(conn, backup_id, &["restoring"], "available", "").await?;
+    if set_status(conn, backup_id, &["restoring"], "available", "").await? {
+        sqlx::query("UPDATE backups SET progress = 100 WHERE id = ?").bind(backup_id).execute(&mut *conn).await?;
+    }
     Ok(())
 }
 

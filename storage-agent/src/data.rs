@@ -3,6 +3,7 @@
 
 use crate::error::{AgentError, Result};
 use crate::sparse;
+use ember_common::direct_io::{AlignedBuf, DirectFile};
 use ember_proto::agent::v1::VolumeChunk;
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
@@ -111,7 +112,7 @@ pub fn stream_chunks(
                 length: buf.len() as u32,
                 sha256: digest.to_vec(),
                 known: known_chunk,
-                data: if known_chunk { Vec::new() } else { buf },
+                data: if known_chunk { Default::default() } else { buf.into() },
                 ..Default::default()
             };
             if tx.blocking_send(Ok(msg)).is_err() {
@@ -122,8 +123,9 @@ pub fn stream_chunks(
     Ok(())
 }
 
-/// Applies one written chunk to `file` of `size` bytes: data is written, `zero_length` is deallocated.
-pub fn apply_chunk(file: &File, size: u64, chunk: &VolumeChunk) -> Result<u64> {
+/// Applies one written chunk to `file` of `size` bytes: data is written (around the page cache, through
+/// `scratch`), `zero_length` is deallocated.
+pub fn apply_chunk(file: &DirectFile, size: u64, chunk: &VolumeChunk, scratch: &mut AlignedBuf) -> Result<u64> {
     let len = if chunk.data.is_empty() { chunk.zero_length } else { chunk.data.len() as u64 };
     if chunk.offset.checked_add(len).is_none_or(|end| end > size) {
         return Err(AgentError::InvalidArgument {
@@ -132,26 +134,18 @@ pub fn apply_chunk(file: &File, size: u64, chunk: &VolumeChunk) -> Result<u64> {
         });
     }
     if !chunk.data.is_empty() {
-        file.write_all_at(&chunk.data, chunk.offset).map_err(AgentError::io("writing a chunk"))?;
-        // Start writing this range back now (Linux starts writeback on DONTNEED), so the final fdatasync
-        // has little left to flush; the restored data is not needed in the page cache anyway.
-        let _ = nix::fcntl::posix_fadvise(
-            file,
-            chunk.offset as i64,
-            len as i64,
-            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-        );
+        file.write_at(&chunk.data, chunk.offset, scratch).map_err(AgentError::io("writing a chunk"))?;
         return Ok(len);
     }
     if len > 0 {
         let flags = nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        if nix::fcntl::fallocate(file, flags, chunk.offset as i64, len as i64).is_err() {
-            // No hole punching here (e.g. NFS 3): write the zeros.
+        if nix::fcntl::fallocate(file.file(), flags, chunk.offset as i64, len as i64).is_err() {
+            // No hole punching here (e.g. NFS 3, a block device): write the zeros.
             let zeros = vec![0u8; len.min(1 << 20) as usize];
             let mut off = chunk.offset;
             while off < chunk.offset + len {
                 let n = (chunk.offset + len - off).min(zeros.len() as u64) as usize;
-                file.write_all_at(&zeros[..n], off).map_err(AgentError::io("zeroing"))?;
+                file.write_at(&zeros[..n], off, scratch).map_err(AgentError::io("zeroing"))?;
                 off += n as u64;
             }
         }

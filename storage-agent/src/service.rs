@@ -357,11 +357,9 @@ impl StorageAgent for StorageService {
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("volume_id: empty stream"))?;
         let id = checked_id("volume_id", &first.volume_id)?;
         let path = self.0.backend(&first.backend)?.path(Kind::Volume, &id);
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
+        let file = ember_common::direct_io::DirectFile::open(&path, true)
             .map_err(|_| AgentError::NotFound(format!("volume {id}")))?;
-        let size = crate::sparse::byte_len(&file).map_err(AgentError::io("reading size"))?;
+        let size = crate::sparse::byte_len(file.file()).map_err(AgentError::io("reading size"))?;
         if first.volume_size > size {
             return Err(AgentError::FailedPrecondition(format!(
                 "volume {id} holds {size} bytes; {} needed",
@@ -373,9 +371,9 @@ impl StorageAgent for StorageService {
         // ones arrive, then flushes the file once at the end.
         let (queue, chunks) = std::sync::mpsc::sync_channel::<VolumeChunk>(8);
         let writer = tokio::task::spawn_blocking(move || -> Result<u64, AgentError> {
-            let mut written = 0;
+            let (mut written, mut scratch) = (0, ember_common::direct_io::AlignedBuf::default());
             for chunk in chunks {
-                written += data::apply_chunk(&file, size, &chunk)?;
+                written += data::apply_chunk(&file, size, &chunk, &mut scratch)?;
             }
             file.sync_data().map_err(AgentError::io("syncing"))?;
             Ok(written)

@@ -346,17 +346,25 @@ impl Fleet {
 
     /// Runs the `ember` CLI with the given identity.
     pub fn cli_as(&self, tls: &TlsFiles, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(bin("ember"))
-            .args(args)
+        let out = self.cli_command_as(tls, args).output().expect("running ember");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    }
+
+    /// The `ember` CLI as admin against this fleet, ready to spawn (for a test that acts while it runs).
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        self.cli_command_as(&self.tls("admin-admin"), args)
+    }
+
+    fn cli_command_as(&self, tls: &TlsFiles, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("ember"));
+        cmd.args(args)
             .env("EMBER_COORDINATOR", self.coordinator_url())
             .env("EMBER_CA", &tls.ca)
             .env("EMBER_CERT", &tls.cert)
             .env("EMBER_KEY", &tls.key)
             .env_remove("EMBER_CLI_CONFIG")
-            .env("HOME", self.dir.path())
-            .output()
-            .expect("running ember");
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+            .env("HOME", self.dir.path());
+        cmd
     }
 }
 

@@ -360,3 +360,57 @@ async fn a_backup_agent_killed_mid_restore_leaves_the_target_in_error() {
     let after = backups.clone().get_backup(GetBackupRequest { id: b.id.clone() }).await.unwrap().into_inner();
     assert_eq!(after.status, "available", "the backup itself is intact and usable again");
 }
+
+/// `--wait` draws a progress bar with MB/s for a backup and for restores onto an existing volume and into a new
+/// one; while a restore runs, its backup is `restoring` and reports how far the restore has come.
+#[tokio::test]
+async fn backups_and_restores_report_progress_and_the_cli_draws_it() {
+    let BackupFleet { fleet, backend: _, dir, repo: _, storage: _storage, backup: agent } =
+        BackupFleet::start(&[("EMBER_FAILPOINTS", "backup.pause_restore_chunk")]).await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    // Data only in the second half: a restore paused at its first data chunk has done half the volume.
+    fill(&dir.join(format!("volume-{}", v.id)), 512 << 20, 31, 4 << 20);
+    let (ok, out, err) = fleet.cli(&["--json", "backup", "create", &v.id, "--wait"]);
+    assert!(ok, "{out}\n{err}");
+    assert!(err.contains(&format!("[{}] 100%", "=".repeat(30))) && err.contains("MB/s"), "{err}");
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()[0]["id"].as_str().unwrap().to_string();
+
+    let target = new_volume(&volumes, 1).await;
+    let restore = fleet
+        .cli_command(&["backup", "restore", &id, "--volume", &target.id, "--wait"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the restore to pause at its first data chunk", Duration::from_secs(60), || async {
+        agent.log_text().contains("failpoint pause").then_some(())
+    })
+    .await;
+    let backups = BackupServiceClient::new(fleet.admin());
+    let midway = wait_for("the restore's progress on its backup", Duration::from_secs(4), || {
+        let mut c = backups.clone();
+        let id = id.clone();
+        async move {
+            let b = c.get_backup(GetBackupRequest { id }).await.ok()?.into_inner();
+            (b.status == "restoring" && b.progress_percent > 0).then_some(b)
+        }
+    })
+    .await;
+    assert!((45..=50).contains(&midway.progress_percent), "half the volume is done: {midway:?}");
+    let out = restore.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&target.id) && err.contains("available") && err.contains("] 100%"), "{err}");
+    assert!(err.contains("restoring-backup ["), "the bar was drawn while restoring: {err}");
+    let b = backups.clone().get_backup(GetBackupRequest { id: id.clone() }).await.unwrap().into_inner();
+    assert_eq!((b.status.as_str(), b.progress_percent), ("available", 100), "{b:?}");
+    let restored = std::fs::read(dir.join(format!("volume-{}", target.id))).unwrap();
+    assert_eq!(&restored[512 << 20..(512 << 20) + (4 << 20)], &iscsi::pattern(31, 4 << 20)[..]);
+
+    let (ok, out, err) = fleet.cli(&["--json", "backup", "restore", &id, "--wait"]);
+    assert!(ok && err.contains("] 100%"), "{out}\n{err}");
+    let new_id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["volume_id"].as_str().unwrap().to_string();
+    let restored = std::fs::read(dir.join(format!("volume-{new_id}"))).unwrap();
+    assert_eq!(&restored[512 << 20..(512 << 20) + (4 << 20)], &iscsi::pattern(31, 4 << 20)[..]);
+}

@@ -97,11 +97,12 @@ async fn resolve_source(
     if !req.backup_id.is_empty() {
         let b = crate::backups::visible(conn, who, &req.backup_id).await?;
         // Status is the lock: the backup stays `restoring` (and so undeletable) until the volume is built.
-        let moved = sqlx::query("UPDATE backups SET status = 'restoring' WHERE id = ? AND status = 'available'")
-            .bind(&b.id)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
+        let moved =
+            sqlx::query("UPDATE backups SET status = 'restoring', progress = 0 WHERE id = ? AND status = 'available'")
+                .bind(&b.id)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
         if moved == 0 {
             return Err(Error::FailedPrecondition(format!(
                 "backup {} is {}; a restore needs available",
