@@ -10,7 +10,9 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
+use tonic::codegen::Bytes;
 
 /// Smallest and largest chunk sizes accepted.
 pub const CHUNK_SIZE_RANGE: (u32, u32) = (64 << 10, 64 << 20);
@@ -74,45 +76,70 @@ pub fn stream_chunks(
         return Ok(());
     }
     let cs = u64::from(chunk_size);
-    let hashers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8);
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8);
     let positions = chunks_with_data(&extents, cs);
-    // Read a batch in order, hash it on every core, send it in order: the reader is never the bottleneck on
-    // a page-cached or fast disk, the hashing is.
-    for batch in positions.chunks(hashers * 2) {
-        let mut bufs = Vec::with_capacity(batch.len());
-        for index in batch {
-            let offset = index * cs;
-            let len = cs.min(size - offset) as usize;
-            let mut buf = vec![0u8; len];
-            // Read only the parts of this chunk that hold data; the rest stays zero.
-            for (s, e) in extents.iter().filter(|(s, e)| *s < offset + len as u64 && *e > offset) {
-                let (from, to) = ((*s).max(offset), (*e).min(offset + len as u64));
-                file.read_exact_at(&mut buf[(from - offset) as usize..(to - offset) as usize], from)
-                    .map_err(AgentError::io(format!("reading {}", path.display())))?;
-            }
-            bufs.push((offset, buf));
+    let pool = BufferPool::default();
+    // Every core reads (pread) and hashes the next chunk not yet taken; this thread sends the results in
+    // order. A worker takes a ticket before each chunk and the sender hands one back per chunk sent, so at
+    // most `window` chunks are in memory however uneven the work.
+    let window = workers * 4;
+    let (ticket_tx, ticket_rx) = std::sync::mpsc::sync_channel::<()>(window);
+    (0..window).for_each(|_| ticket_tx.send(()).expect("room for every ticket"));
+    let ticket_rx = Mutex::new(ticket_rx);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<(usize, Result<Hashed>)>();
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            let (done_tx, ticket_rx, next, positions) = (done_tx.clone(), &ticket_rx, &next, &positions);
+            let (file, extents, pool, path) = (&file, &extents, &pool, &path);
+            scope.spawn(move || {
+                while ticket_rx.lock().expect("tickets").recv().is_ok() {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(index) = positions.get(i) else { break };
+                    let offset = index * cs;
+                    let mut buf = pool.take(cs.min(size - offset) as usize);
+                    let hashed = read_chunk(file, extents, offset, &mut buf.0)
+                        .map_err(AgentError::io(format!("reading {}", path.display())))
+                        .map(|()| {
+                            let digest = (!is_zero(&buf.0)).then(|| Sha256::digest(&buf.0).into());
+                            (offset, buf, digest)
+                        });
+                    if done_tx.send((i, hashed)).is_err() {
+                        break;
+                    }
+                }
+            });
         }
-        let digests: Vec<Option<[u8; 32]>> = std::thread::scope(|scope| {
-            let per = bufs.len().div_ceil(hashers).max(1);
-            let handles: Vec<_> = bufs
-                .chunks(per)
-                .map(|group| {
-                    scope.spawn(move || {
-                        group.iter().map(|(_, b)| (!is_zero(b)).then(|| Sha256::digest(b).into())).collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles.into_iter().flat_map(|h| h.join().expect("hashing thread")).collect()
-        });
-        for ((offset, buf), digest) in bufs.into_iter().zip(digests) {
+        drop(done_tx);
+        let sent = send_in_order(done_rx, &ticket_tx, &known, &tx);
+        drop(ticket_tx); // wakes and ends any worker still waiting for a ticket
+        sent
+    })
+}
+
+/// Sends hashed chunks arriving in any order to `tx` in position order, handing back a ticket per chunk.
+fn send_in_order(
+    done: std::sync::mpsc::Receiver<(usize, Result<Hashed>)>,
+    tickets: &std::sync::mpsc::SyncSender<()>,
+    known: &HashSet<[u8; 32]>,
+    tx: &mpsc::Sender<Result<VolumeChunk, tonic::Status>>,
+) -> Result<()> {
+    let mut waiting = std::collections::BTreeMap::new();
+    let mut expected = 0;
+    for (i, hashed) in done {
+        waiting.insert(i, hashed);
+        while let Some(hashed) = waiting.remove(&expected) {
+            expected += 1;
+            let _ = tickets.try_send(());
+            let (offset, buf, digest) = hashed?;
             let Some(digest) = digest else { continue }; // all zero: not sent
             let known_chunk = known.contains(&digest);
             let msg = VolumeChunk {
                 offset,
-                length: buf.len() as u32,
+                length: buf.0.len() as u32,
                 sha256: digest.to_vec(),
                 known: known_chunk,
-                data: if known_chunk { Default::default() } else { buf.into() },
+                data: if known_chunk { Default::default() } else { Bytes::from_owner(buf) },
                 ..Default::default()
             };
             if tx.blocking_send(Ok(msg)).is_err() {
@@ -121,6 +148,56 @@ pub fn stream_chunks(
         }
     }
     Ok(())
+}
+
+/// A chunk read and hashed: its offset, its bytes, and its sha256 unless it is all zero.
+type Hashed = (u64, Pooled, Option<[u8; 32]>);
+
+/// Reads the chunk at `offset` (as long as `buf`) from `file`: only the parts inside data `extents`; the rest
+/// is zero.
+fn read_chunk(file: &File, extents: &[(u64, u64)], offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    let end = offset + buf.len() as u64;
+    let overlapping = extents.iter().filter(|(s, e)| *s < end && *e > offset);
+    if !extents.iter().any(|(s, e)| *s <= offset && *e >= end) {
+        buf.fill(0); // holes inside the chunk (a reused buffer holds old data)
+    }
+    for (s, e) in overlapping {
+        let (from, to) = ((*s).max(offset), (*e).min(end));
+        file.read_exact_at(&mut buf[(from - offset) as usize..(to - offset) as usize], from)?;
+    }
+    Ok(())
+}
+
+/// Chunk buffers handed back after their message is sent, so a stream reuses warm memory instead of
+/// allocating (and zeroing) a new buffer per chunk; see `ember_common::direct_io` for why that matters here.
+#[derive(Default, Clone)]
+struct BufferPool(Arc<Mutex<Vec<Vec<u8>>>>);
+
+/// A buffer from a [`BufferPool`], returned to it when dropped.
+struct Pooled(Vec<u8>, BufferPool);
+
+impl BufferPool {
+    /// A buffer of `len` bytes (contents unspecified).
+    fn take(&self, len: usize) -> Pooled {
+        let mut buf = self.0.lock().expect("buffer pool").pop().unwrap_or_default();
+        buf.resize(len, 0);
+        Pooled(buf, self.clone())
+    }
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let mut pool = self.1.0.lock().expect("buffer pool");
+        if pool.len() < 64 {
+            pool.push(std::mem::take(&mut self.0));
+        }
+    }
 }
 
 /// Applies one written chunk to `file` of `size` bytes: data is written (around the page cache, through
@@ -200,5 +277,38 @@ mod stream_tests {
         assert_eq!(msgs[0].volume_size, size);
         let chunks: Vec<_> = msgs[1..].iter().map(|m| (m.offset, m.length, m.known, m.data.len())).collect();
         assert_eq!(chunks, vec![(0, 1 << 20, true, 0), (3 << 20, 5, false, 5)]);
+    }
+
+    #[test]
+    fn many_chunks_arrive_in_order_and_a_reader_that_leaves_stops_the_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v");
+        let f = File::create(&path).unwrap();
+        let cs = 64u64 << 10;
+        f.set_len(100 * cs).unwrap();
+        for i in (0..100u64).filter(|i| i % 7 != 3) {
+            f.write_all_at(&vec![(i % 250 + 1) as u8; cs as usize], i * cs).unwrap();
+        }
+        let (tx, mut rx) = mpsc::channel(4);
+        let reader = std::thread::spawn({
+            let path = path.clone();
+            move || stream_chunks(path, cs as u32, HashSet::new(), tx)
+        });
+        let mut offsets = Vec::new();
+        while let Some(m) = rx.blocking_recv() {
+            let m = m.unwrap();
+            if m.length > 0 {
+                assert_eq!(m.data[0], (m.offset / cs % 250 + 1) as u8);
+                offsets.push(m.offset / cs);
+            }
+        }
+        reader.join().unwrap().unwrap();
+        assert_eq!(offsets, (0..100u64).filter(|i| i % 7 != 3).collect::<Vec<_>>());
+
+        let (tx, mut rx) = mpsc::channel(1);
+        let reader = std::thread::spawn(move || stream_chunks(path, cs as u32, HashSet::new(), tx));
+        rx.blocking_recv().unwrap().unwrap();
+        drop(rx);
+        assert!(reader.join().unwrap().is_ok(), "the stream ends quietly when its reader leaves");
     }
 }

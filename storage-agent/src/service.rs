@@ -340,9 +340,14 @@ impl StorageAgent for StorageService {
         // A bounded queue: the reader's pace throttles the disk reads, and memory stays a few chunks.
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let errors = tx.clone();
+        let volume_id = id;
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = data::stream_chunks(path, r.chunk_size, known, tx) {
-                let _ = errors.blocking_send(Err(e.into()));
+            let started = std::time::Instant::now();
+            match data::stream_chunks(path, r.chunk_size, known, tx) {
+                Ok(()) => tracing::info!(%volume_id, ms = started.elapsed().as_millis() as u64, "volume data streamed"),
+                Err(e) => {
+                    let _ = errors.blocking_send(Err(e.into()));
+                }
             }
         });
         tracing::info!(volume_id = %id, chunk_size = r.chunk_size, "streaming volume data");
