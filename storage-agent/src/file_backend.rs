@@ -212,8 +212,7 @@ impl FileBackend {
         if self.cfg.wipe == crate::config::Wipe::Zero {
             let p = path.clone();
             let zeroed = tokio::task::spawn_blocking(move || {
-                let file = OpenOptions::new().write(true).open(&p)?;
-                sparse::zero_data_extents(&file)
+                sparse::zero_data_extents(&ember_common::direct_io::DirectFile::open(&p, true)?)
             })
             .await
             .map_err(|e| AgentError::Io { context: "wipe task".into(), source: std::io::Error::other(e) })?

@@ -39,6 +39,7 @@ struct Args {
 async fn main() {
     let args = Args::parse();
     start_process(args.agent.log_json);
+    ember_common::direct_io::keep_freed_memory();
     if let Err(e) = run(args).await {
         tracing::error!("{e}");
         eprintln!("ember-storage-agent: {e}");

@@ -4,12 +4,13 @@
 //! Why: a 1 TiB volume holding 1 GiB of data must be wiped, copied and backed up in time proportional to the
 //! 1 GiB, never the 1 TiB.
 
+use ember_common::direct_io::{AlignedBuf, DirectFile};
 use nix::errno::Errno;
 use nix::unistd::{Whence, lseek};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 
 /// The size of a file or of a block device (whose metadata says 0).
 pub fn byte_len(file: &File) -> io::Result<u64> {
@@ -45,17 +46,18 @@ pub fn data_extents(file: &File) -> io::Result<Vec<(u64, u64)>> {
     Ok(extents)
 }
 
-/// Overwrites every data extent of `file` with zeros and flushes it to stable storage; holes are neither read
-/// nor written. Returns the number of bytes zeroed.
-pub fn zero_data_extents(file: &File) -> io::Result<u64> {
+/// Overwrites every data extent of `file` with zeros (around the page cache) and flushes it to stable
+/// storage; holes are neither read nor written. Returns the number of bytes zeroed.
+pub fn zero_data_extents(file: &DirectFile) -> io::Result<u64> {
     const BUF: usize = 1 << 20;
     let zeros = vec![0u8; BUF];
+    let mut scratch = AlignedBuf::default();
     let mut zeroed = 0;
-    for (start, end) in data_extents(file)? {
+    for (start, end) in data_extents(file.file())? {
         let mut off = start;
         while off < end {
             let n = ((end - off) as usize).min(BUF);
-            file.write_all_at(&zeros[..n], off)?;
+            file.write_at(&zeros[..n], off, &mut scratch)?;
             off += n as u64;
             zeroed += n as u64;
         }
@@ -73,6 +75,7 @@ pub fn allocated_bytes(meta: &std::fs::Metadata) -> u64 {
 mod tests {
     use super::*;
     use std::io::Read;
+    use std::os::unix::fs::FileExt;
 
     #[test]
     fn extents_skip_holes_and_zeroing_touches_only_data() {
@@ -89,7 +92,7 @@ mod tests {
         assert!(covered < 8 << 20, "extents must not cover the holes: {extents:?}");
         assert!(extents.iter().any(|(s, e)| *s <= 1 << 20 && *e >= (1 << 20) + 65536), "{extents:?}");
 
-        let zeroed = zero_data_extents(&file).unwrap();
+        let zeroed = zero_data_extents(&DirectFile::open(&path, true).unwrap()).unwrap();
         assert_eq!(zeroed, covered);
         let mut all = Vec::new();
         File::open(&path).unwrap().read_to_end(&mut all).unwrap();
