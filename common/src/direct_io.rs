@@ -2,9 +2,10 @@
 //! chunk.
 //!
 //! Why: restores and backups move whole volumes once; caching them helps nothing, and on the VMs ember runs on
-//! here (free-page reporting to the host) the first touch of a page the kernel gave back costs about 2 ms per
-//! MB. Writing 700 MB of new data through the page cache took 1.6 s of system time; the same with `O_DIRECT`
-//! took 0.25 s. Measured with `dd`; see docs/backup-format.md, "Speed: where the time goes".
+//! here the first touch of a page the kernel has not used lately costs about 2 ms per MB (the pattern of
+//! free-page reporting to the host). Writing 700 MB of new data through the page cache took 1.6 s of system
+//! time; the same with `O_DIRECT` took 0.25 s. Measured with `dd`; see docs/backup-format.md, "Speed: where
+//! the time goes".
 //!
 //! `O_DIRECT` needs the buffer, the file offset and the length aligned to the device's block size. Whatever is
 //! not aligned (a short last chunk, a chunk file whose length is not a multiple of 4 KiB) goes through a
