@@ -414,3 +414,64 @@ async fn backups_and_restores_report_progress_and_the_cli_draws_it() {
     let restored = std::fs::read(dir.join(format!("volume-{new_id}"))).unwrap();
     assert_eq!(&restored[512 << 20..(512 << 20) + (4 << 20)], &iscsi::pattern(31, 4 << 20)[..]);
 }
+
+/// The storage agent dies while a restore writes into a new volume: the volume ends in `error`, never
+/// `available` with partial data, and the backup is usable again; a second restore after the agent's restart
+/// produces the whole volume.
+#[tokio::test]
+async fn a_storage_agent_killed_mid_restore_leaves_the_target_in_error() {
+    let BackupFleet { fleet, backend, dir, repo: _, mut storage, backup: agent } =
+        BackupFleet::start(&[("EMBER_FAILPOINTS", "backup.pause_restore_chunk")]).await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    fill(&dir.join(format!("volume-{}", v.id)), 0, 13, 8 << 20);
+    let source = std::fs::read(dir.join(format!("volume-{}", v.id))).unwrap();
+    let backups = BackupServiceClient::new(fleet.admin());
+    let b = backups
+        .clone()
+        .create_backup(CreateBackupRequest { volume_id: v.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(wait_backup(&backups, &b.id).await.status, "available");
+
+    let r = backups
+        .clone()
+        .restore_backup(RestoreBackupRequest { backup_id: b.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_for("the restore to be writing", Duration::from_secs(60), || async {
+        agent.log_text().contains("failpoint pause").then_some(())
+    })
+    .await;
+    storage.kill();
+    let target = ember_fleet_tests::volumes::wait_settled(&volumes, &r.volume_id).await;
+    assert_eq!(target.status, "error", "never available with partial data: {target:?}");
+    let after = wait_for("the backup released", Duration::from_secs(30), || {
+        let mut c = backups.clone();
+        let id = b.id.clone();
+        async move {
+            let b = c.get_backup(GetBackupRequest { id }).await.ok()?.into_inner();
+            (b.status == "available").then_some(b)
+        }
+    })
+    .await;
+    assert_eq!(after.progress_percent, 100, "{after:?}");
+
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    wait_backend(&fleet, "storage1@file1").await;
+    let again = wait_for("a second restore accepted", Duration::from_secs(30), || {
+        let mut c = backups.clone();
+        let id = b.id.clone();
+        async move {
+            c.restore_backup(RestoreBackupRequest { backup_id: id, ..Default::default() })
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        }
+    })
+    .await;
+    let restored = wait_volume(&volumes, &again.volume_id, "available").await;
+    assert_eq!(std::fs::read(dir.join(format!("volume-{}", restored.id))).unwrap(), source, "whole and identical");
+}

@@ -78,7 +78,10 @@ async fn readme_fleet_script_starts_a_working_fleet_and_stops_on_ctrl_c() {
     let state = tempfile::tempdir().unwrap();
     let port = free_port_block();
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let mut script = Command::new("bash")
+    // Ctrl-C must reach the script even when this suite was started with SIGINT ignored (a background job of
+    // a non-interactive shell): bash cannot trap a signal ignored on entry, so restore its default first.
+    let mut script = Command::new("env")
+        .args(["--default-signal=INT", "bash"])
         .arg(format!("{root}/scripts/fleet.sh"))
         .env("EMBER_STATE", state.path())
         .env("EMBER_PORT", port.to_string())
