@@ -54,6 +54,22 @@ async fn wait_backup(client: &BackupServiceClient<tonic::transport::Channel>, id
     .await
 }
 
+/// Waits until the backup agent's log says a pause failpoint holds it (`what` names the moment).
+async fn wait_paused(agent: &ember_fleet_tests::Daemon, what: &str) {
+    wait_for(what, Duration::from_secs(60), || async { agent.log_text().contains("failpoint pause").then_some(()) })
+        .await;
+}
+
+/// Asks for a full backup of `volume_id` and returns it as accepted (`creating`).
+async fn start_backup(backups: &BackupServiceClient<tonic::transport::Channel>, volume_id: &str) -> Backup {
+    backups
+        .clone()
+        .create_backup(CreateBackupRequest { volume_id: volume_id.into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 fn fill(file: &Path, offset: u64, seed: u8, len: usize) {
     let f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
     f.write_all_at(&iscsi::pattern(seed, len), offset).unwrap();
@@ -68,12 +84,7 @@ async fn a_backup_agent_killed_mid_backup_ends_the_backup_in_error_and_leaves_no
     let v = new_volume(&volumes, 1).await;
     fill(&dir.join(format!("volume-{}", v.id)), 0, 5, 8 << 20);
     let backups = BackupServiceClient::new(fleet.admin());
-    let b = backups
-        .clone()
-        .create_backup(CreateBackupRequest { volume_id: v.id.clone(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
+    let b = start_backup(&backups, &v.id.clone()).await;
     let status = agent.wait_exit(Duration::from_secs(60));
     assert!(!status.success(), "the backup agent died at the failpoint");
     let failed = wait_backup(&backups, &b.id).await;
@@ -124,12 +135,7 @@ async fn garbage_collection_during_a_running_backup_loses_nothing() {
     fill(&dir.join(format!("volume-{}", ids[1])), 1000 << 20, 7, 1 << 20);
     // Back up the first volume while nothing is armed yet... the pause is armed for the agent's first staged
     // chunk, which belongs to this backup: wait it out.
-    let first = backups
-        .clone()
-        .create_backup(CreateBackupRequest { volume_id: ids[0].clone(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
+    let first = start_backup(&backups, &ids[0].clone()).await;
     let first = wait_backup(&backups, &first.id).await;
     assert_eq!(first.status, "available");
     // Delete it: its chunks are unreferenced, but still there.
@@ -160,16 +166,8 @@ async fn garbage_collection_during_a_running_backup_loses_nothing() {
             .then_some(())
     })
     .await;
-    let second = backups
-        .clone()
-        .create_backup(CreateBackupRequest { volume_id: ids[1].clone(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
-    wait_for("the second backup to pause mid-way", Duration::from_secs(60), || async {
-        agent.log_text().contains("failpoint pause").then_some(())
-    })
-    .await;
+    let second = start_backup(&backups, &ids[1].clone()).await;
+    wait_paused(&agent, "the second backup to pause mid-way").await;
     let gc = BackupServiceClient::new(fleet.admin())
         .collect_garbage(CollectGarbageRequest::default())
         .await
@@ -278,16 +276,8 @@ async fn a_backup_fails_cleanly_when_its_source_or_repository_goes_away() {
     let v = new_volume(&volumes, 1).await;
     fill(&dir.join(format!("volume-{}", v.id)), 0, 11, 32 << 20);
     let backups = BackupServiceClient::new(fleet.admin());
-    let b = backups
-        .clone()
-        .create_backup(CreateBackupRequest { volume_id: v.id.clone(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
-    wait_for("the backup to be mid-way", Duration::from_secs(60), || async {
-        agent.log_text().contains("failpoint pause").then_some(())
-    })
-    .await;
+    let b = start_backup(&backups, &v.id.clone()).await;
+    wait_paused(&agent, "the backup to be mid-way").await;
     storage.kill();
     let b = wait_backup(&backups, &b.id).await;
     assert_eq!(b.status, "error", "{b:?}");
@@ -312,16 +302,8 @@ async fn a_backup_fails_cleanly_when_its_source_or_repository_goes_away() {
     })
     .await;
     wait_volume(&volumes, &v.id, "available").await;
-    let b = backups
-        .clone()
-        .create_backup(CreateBackupRequest { volume_id: v.id.clone(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
-    wait_for("the second backup to be mid-way", Duration::from_secs(60), || async {
-        agent.log_text().contains("failpoint pause").then_some(())
-    })
-    .await;
+    let b = start_backup(&backups, &v.id.clone()).await;
+    wait_paused(&agent, "the second backup to be mid-way").await;
     std::fs::remove_dir_all(&repo).unwrap();
     let b = wait_backup(&backups, &b.id).await;
     assert_eq!(b.status, "error", "{b:?}");
@@ -339,12 +321,7 @@ async fn a_backup_agent_killed_mid_restore_leaves_the_target_in_error() {
     let v = new_volume(&volumes, 1).await;
     fill(&dir.join(format!("volume-{}", v.id)), 0, 12, 8 << 20);
     let backups = BackupServiceClient::new(fleet.admin());
-    let b = backups
-        .clone()
-        .create_backup(CreateBackupRequest { volume_id: v.id.clone(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
+    let b = start_backup(&backups, &v.id.clone()).await;
     assert_eq!(wait_backup(&backups, &b.id).await.status, "available");
 
     // Onto the existing volume: it goes error_restoring. (The agent dies at its second chunk read.)
@@ -383,10 +360,7 @@ async fn backups_and_restores_report_progress_and_the_cli_draws_it() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for("the restore to pause at its first data chunk", Duration::from_secs(60), || async {
-        agent.log_text().contains("failpoint pause").then_some(())
-    })
-    .await;
+    wait_paused(&agent, "the restore to pause at its first data chunk").await;
     let backups = BackupServiceClient::new(fleet.admin());
     let midway = wait_for("the restore's progress on its backup", Duration::from_secs(4), || {
         let mut c = backups.clone();
@@ -427,12 +401,7 @@ async fn a_storage_agent_killed_mid_restore_leaves_the_target_in_error() {
     fill(&dir.join(format!("volume-{}", v.id)), 0, 13, 8 << 20);
     let source = std::fs::read(dir.join(format!("volume-{}", v.id))).unwrap();
     let backups = BackupServiceClient::new(fleet.admin());
-    let b = backups
-        .clone()
-        .create_backup(CreateBackupRequest { volume_id: v.id.clone(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
+    let b = start_backup(&backups, &v.id.clone()).await;
     assert_eq!(wait_backup(&backups, &b.id).await.status, "available");
 
     let r = backups
@@ -441,10 +410,7 @@ async fn a_storage_agent_killed_mid_restore_leaves_the_target_in_error() {
         .await
         .unwrap()
         .into_inner();
-    wait_for("the restore to be writing", Duration::from_secs(60), || async {
-        agent.log_text().contains("failpoint pause").then_some(())
-    })
-    .await;
+    wait_paused(&agent, "the restore to be writing").await;
     storage.kill();
     let target = ember_fleet_tests::volumes::wait_settled(&volumes, &r.volume_id).await;
     assert_eq!(target.status, "error", "never available with partial data: {target:?}");
