@@ -107,6 +107,19 @@ impl DirectFile {
         Ok(())
     }
 
+    /// Writes `len` zero bytes at `offset`, a MiB at a time, the same way as [`DirectFile::write_at`].
+    pub fn write_zeros(&self, offset: u64, len: u64, scratch: &mut AlignedBuf) -> io::Result<()> {
+        const STEP: u64 = 1 << 20;
+        let zeros = vec![0u8; len.min(STEP) as usize];
+        let mut off = offset;
+        while off < offset + len {
+            let n = (offset + len - off).min(STEP) as usize;
+            self.write_at(&zeros[..n], off, scratch)?;
+            off += n as u64;
+        }
+        Ok(())
+    }
+
     /// Reads the whole file (of `len` bytes) into `buf` and returns it. With `O_DIRECT` the read is padded to
     /// [`ALIGN`]; the end of the file cuts it short.
     pub fn read_all<'a>(&self, len: usize, buf: &'a mut AlignedBuf) -> io::Result<&'a [u8]> {

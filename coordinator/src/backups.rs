@@ -97,6 +97,17 @@ async fn set_status(conn: &mut SqliteConnection, id: &str, from: &[&str], to: &s
     crate::status::transition(conn, crate::status::Table::Backups, id, from, to, reason).await
 }
 
+/// Takes backup `b` for a restore: `available` → `restoring`, its progress back to 0 (it follows the restore
+/// now). The status is the lock: the backup stays undeletable, with one restore at a time, until
+/// [`restore_done`].
+pub async fn begin_restore(conn: &mut SqliteConnection, b: &BackupRow) -> Result<()> {
+    if !set_status(conn, &b.id, &["available"], "restoring", "").await? {
+        return Err(Error::FailedPrecondition(format!("backup {} is {}; a restore needs available", b.id, b.status)));
+    }
+    sqlx::query("UPDATE backups SET progress = 0 WHERE id = ?").bind(&b.id).execute(&mut *conn).await?;
+    Ok(())
+}
+
 /// The quota deltas of a backup of `size_gb`.
 fn deltas(size_gb: i64) -> Vec<quota::Delta> {
     vec![
@@ -269,13 +280,7 @@ impl Backups {
                 v.id, v.status
             )));
         }
-        if !set_status(&mut tx, &b.id, &["available"], "restoring", "").await? {
-            return Err(Error::FailedPrecondition(format!(
-                "backup {} is {}; a restore needs available",
-                b.id, b.status
-            )));
-        }
-        sqlx::query("UPDATE backups SET progress = 0 WHERE id = ?").bind(&b.id).execute(&mut *tx).await?;
+        begin_restore(&mut tx, &b).await?;
         let op = operations::insert(
             &mut tx,
             "restore_backup",

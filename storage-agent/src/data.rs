@@ -218,13 +218,7 @@ pub fn apply_chunk(file: &DirectFile, size: u64, chunk: &VolumeChunk, scratch: &
         let flags = nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
         if nix::fcntl::fallocate(file.file(), flags, chunk.offset as i64, len as i64).is_err() {
             // No hole punching here (e.g. NFS 3, a block device): write the zeros.
-            let zeros = vec![0u8; len.min(1 << 20) as usize];
-            let mut off = chunk.offset;
-            while off < chunk.offset + len {
-                let n = (chunk.offset + len - off).min(zeros.len() as u64) as usize;
-                file.write_at(&zeros[..n], off, scratch).map_err(AgentError::io("zeroing"))?;
-                off += n as u64;
-            }
+            file.write_zeros(chunk.offset, len, scratch).map_err(AgentError::io("zeroing"))?;
         }
     }
     Ok(0)

@@ -49,18 +49,11 @@ pub fn data_extents(file: &File) -> io::Result<Vec<(u64, u64)>> {
 /// Overwrites every data extent of `file` with zeros (around the page cache) and flushes it to stable
 /// storage; holes are neither read nor written. Returns the number of bytes zeroed.
 pub fn zero_data_extents(file: &DirectFile) -> io::Result<u64> {
-    const BUF: usize = 1 << 20;
-    let zeros = vec![0u8; BUF];
     let mut scratch = AlignedBuf::default();
     let mut zeroed = 0;
     for (start, end) in data_extents(file.file())? {
-        let mut off = start;
-        while off < end {
-            let n = ((end - off) as usize).min(BUF);
-            file.write_at(&zeros[..n], off, &mut scratch)?;
-            off += n as u64;
-            zeroed += n as u64;
-        }
+        file.write_zeros(start, end - start, &mut scratch)?;
+        zeroed += end - start;
     }
     file.sync_data()?;
     Ok(zeroed)

@@ -96,19 +96,8 @@ async fn resolve_source(
     }
     if !req.backup_id.is_empty() {
         let b = crate::backups::visible(conn, who, &req.backup_id).await?;
-        // Status is the lock: the backup stays `restoring` (and so undeletable) until the volume is built.
-        let moved =
-            sqlx::query("UPDATE backups SET status = 'restoring', progress = 0 WHERE id = ? AND status = 'available'")
-                .bind(&b.id)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
-        if moved == 0 {
-            return Err(Error::FailedPrecondition(format!(
-                "backup {} is {}; a restore needs available",
-                b.id, b.status
-            )));
-        }
+        // The backup stays `restoring` (and so undeletable) until the volume is built.
+        crate::backups::begin_restore(conn, &b).await?;
         return Ok(Some(Source { size_gb: b.size_gb as u64, only: None }));
     }
     if !req.image.is_empty() {
