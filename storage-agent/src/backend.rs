@@ -48,6 +48,15 @@ impl Backend {
         }
     }
 
+    /// The byte ranges of a volume or snapshot that may hold data when the driver knows them better than
+    /// `SEEK_DATA` on its file or device does (thin LVs); `None` otherwise.
+    pub async fn data_extents(&self, kind: Kind, id: &uuid::Uuid) -> Result<Option<Vec<(u64, u64)>>> {
+        match self {
+            Backend::File(_) => Ok(None),
+            Backend::Lvm(b) => b.data_extents(kind, id).await,
+        }
+    }
+
     /// True when the volume or snapshot exists.
     pub async fn exists(&self, kind: Kind, id: &uuid::Uuid) -> Result<bool> {
         match self {

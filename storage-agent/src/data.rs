@@ -61,17 +61,22 @@ pub fn chunks_with_data(extents: &[(u64, u64)], chunk: u64) -> Vec<u64> {
 }
 
 /// Streams `path` chunk by chunk into `tx` (run on a blocking thread). The first message carries only the
-/// volume size. Holes are never read; all-zero chunks are not sent; chunks whose digest is in `known` go
+/// volume size. Holes are never read: those outside `extents` when the backend knows where the data is (thin
+/// LVs), otherwise those `SEEK_DATA` finds. All-zero chunks are not sent; chunks whose digest is in `known` go
 /// without data.
 pub fn stream_chunks(
     path: PathBuf,
+    extents: Option<Vec<(u64, u64)>>,
     chunk_size: u32,
     known: HashSet<[u8; 32]>,
     tx: mpsc::Sender<Result<VolumeChunk, tonic::Status>>,
 ) -> Result<()> {
     let file = File::open(&path).map_err(AgentError::io(format!("opening {}", path.display())))?;
     let size = sparse::byte_len(&file).map_err(AgentError::io("reading size"))?;
-    let extents = sparse::data_extents(&file).map_err(AgentError::io("finding data extents"))?;
+    let extents = match extents {
+        Some(known) => known,
+        None => sparse::data_extents(&file).map_err(AgentError::io("finding data extents"))?,
+    };
     if tx.blocking_send(Ok(VolumeChunk { volume_size: size, ..Default::default() })).is_err() {
         return Ok(());
     }
@@ -153,16 +158,22 @@ fn send_in_order(
 /// A chunk read and hashed: its offset, its bytes, and its sha256 unless it is all zero.
 type Hashed = (u64, Pooled, Option<[u8; 32]>);
 
+/// The parts of `[start, end)` inside `extents` (sorted, not overlapping), in order. A thin LV can have many
+/// thousands of extents: the first is found by binary search, not by a scan.
+pub fn overlaps(extents: &[(u64, u64)], start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let first = extents.partition_point(|(_, e)| *e <= start);
+    extents[first..].iter().take_while(move |(s, _)| *s < end).map(move |(s, e)| ((*s).max(start), (*e).min(end)))
+}
+
 /// Reads the chunk at `offset` (as long as `buf`) from `file`: only the parts inside data `extents`; the rest
 /// is zero.
 fn read_chunk(file: &File, extents: &[(u64, u64)], offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
     let end = offset + buf.len() as u64;
-    let overlapping = extents.iter().filter(|(s, e)| *s < end && *e > offset);
-    if !extents.iter().any(|(s, e)| *s <= offset && *e >= end) {
+    let mut parts = overlaps(extents, offset, end).peekable();
+    if parts.peek() != Some(&(offset, end)) {
         buf.fill(0); // holes inside the chunk (a reused buffer holds old data)
     }
-    for (s, e) in overlapping {
-        let (from, to) = ((*s).max(offset), (*e).min(end));
+    for (from, to) in parts {
         file.read_exact_at(&mut buf[(from - offset) as usize..(to - offset) as usize], from)?;
     }
     Ok(())
@@ -201,8 +212,15 @@ impl Drop for Pooled {
 }
 
 /// Applies one written chunk to `file` of `size` bytes: data is written (around the page cache, through
-/// `scratch`), `zero_length` is deallocated.
-pub fn apply_chunk(file: &DirectFile, size: u64, chunk: &VolumeChunk, scratch: &mut AlignedBuf) -> Result<u64> {
+/// `scratch`), `zero_length` is deallocated or zeroed. `mapped`: the only parts of the file that can hold
+/// data, when the driver knows them (a thin LV's mapped blocks, read before the first write).
+pub fn apply_chunk(
+    file: &DirectFile,
+    size: u64,
+    mapped: Option<&[(u64, u64)]>,
+    chunk: &VolumeChunk,
+    scratch: &mut AlignedBuf,
+) -> Result<u64> {
     let len = if chunk.data.is_empty() { chunk.zero_length } else { chunk.data.len() as u64 };
     if chunk.offset.checked_add(len).is_none_or(|end| end > size) {
         return Err(AgentError::InvalidArgument {
@@ -214,12 +232,21 @@ pub fn apply_chunk(file: &DirectFile, size: u64, chunk: &VolumeChunk, scratch: &
         file.write_at(&chunk.data, chunk.offset, scratch).map_err(AgentError::io("writing a chunk"))?;
         return Ok(len);
     }
-    if len > 0 {
-        let flags = nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        if nix::fcntl::fallocate(file.file(), flags, chunk.offset as i64, len as i64).is_err() {
-            // No hole punching here (e.g. NFS 3, a block device): write the zeros.
-            file.write_zeros(chunk.offset, len, scratch).map_err(AgentError::io("zeroing"))?;
+    if len == 0 {
+        return Ok(0);
+    }
+    if let Some(mapped) = mapped {
+        // A thin LV cannot punch holes (dm-thin has no write-zeroes), and writing zeros over all of the range
+        // would provision every block of it: only the mapped parts can hold old data, so only they are zeroed.
+        for (from, to) in overlaps(mapped, chunk.offset, chunk.offset + len) {
+            file.write_zeros(from, to - from, scratch).map_err(AgentError::io("zeroing"))?;
         }
+        return Ok(0);
+    }
+    let flags = nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    if nix::fcntl::fallocate(file.file(), flags, chunk.offset as i64, len as i64).is_err() {
+        // No hole punching here (e.g. NFS 3, a thick LV): write the zeros.
+        file.write_zeros(chunk.offset, len, scratch).map_err(AgentError::io("zeroing"))?;
     }
     Ok(0)
 }
@@ -263,7 +290,7 @@ mod stream_tests {
             Sha256::digest(&first).into()
         };
         let (tx, mut rx) = mpsc::channel(16);
-        stream_chunks(path, 1 << 20, [known_digest].into(), tx).unwrap();
+        stream_chunks(path, None, 1 << 20, [known_digest].into(), tx).unwrap();
         let mut msgs = Vec::new();
         while let Ok(m) = rx.try_recv() {
             msgs.push(m.unwrap());
@@ -271,6 +298,55 @@ mod stream_tests {
         assert_eq!(msgs[0].volume_size, size);
         let chunks: Vec<_> = msgs[1..].iter().map(|m| (m.offset, m.length, m.known, m.data.len())).collect();
         assert_eq!(chunks, vec![(0, 1 << 20, true, 0), (3 << 20, 5, false, 5)]);
+    }
+
+    #[test]
+    fn extents_from_the_driver_are_all_that_is_read() {
+        // A thin LV reads as a block device whose every byte SEEK_DATA calls data; the pool's map says which
+        // 64 KiB blocks are mapped. Bytes outside the given extents are never read: they come out as zero.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v");
+        let f = File::create(&path).unwrap();
+        f.set_len(4 << 20).unwrap();
+        f.write_all_at(&[7u8; 1 << 20], 0).unwrap();
+        f.write_all_at(&[9u8; 1 << 20], 2 << 20).unwrap();
+        let mapped = vec![(64 << 10, 128 << 10), ((2 << 20) + (960 << 10), 3 << 20)];
+        let (tx, mut rx) = mpsc::channel(16);
+        stream_chunks(path, Some(mapped), 1 << 20, HashSet::new(), tx).unwrap();
+        let mut chunks = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            chunks.push(m.unwrap());
+        }
+        let sent: Vec<_> = chunks[1..].iter().map(|m| m.offset).collect();
+        assert_eq!(sent, vec![0, 2 << 20], "chunks with no mapped block are not read at all");
+        let first = &chunks[1].data;
+        assert!(first[..64 << 10].iter().all(|b| *b == 0) && first[64 << 10..128 << 10].iter().all(|b| *b == 7));
+        assert!(first[128 << 10..].iter().all(|b| *b == 0));
+        let third = &chunks[2].data;
+        assert!(third[..960 << 10].iter().all(|b| *b == 0) && third[960 << 10..].iter().all(|b| *b == 9));
+    }
+
+    #[test]
+    fn a_zero_run_is_zeroed_only_where_the_driver_says_data_can_be() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v");
+        std::fs::write(&path, vec![0xAAu8; 4 << 20]).unwrap();
+        let file = DirectFile::open(&path, true).unwrap();
+        let zero_run = VolumeChunk { offset: 0, zero_length: 4 << 20, ..Default::default() };
+        let mut scratch = AlignedBuf::default();
+        // A thin LV: blocks outside the map read as zero already and must not be written (that would
+        // provision them); the mapped 1–2 MiB is zeroed. (A plain file stands in: what is left unwritten
+        // still holds 0xAA, which shows what was not touched.)
+        let mapped = [(1 << 20, 2 << 20)];
+        assert_eq!(apply_chunk(&file, 4 << 20, Some(&mapped), &zero_run, &mut scratch).unwrap(), 0);
+        let after = std::fs::read(&path).unwrap();
+        assert!(after[1 << 20..2 << 20].iter().all(|b| *b == 0));
+        assert!(after[..1 << 20].iter().chain(&after[2 << 20..]).all(|b| *b == 0xAA));
+        // No map (a file, a thick LV): the whole run reads back as zero.
+        apply_chunk(&file, 4 << 20, None, &zero_run, &mut scratch).unwrap();
+        assert!(std::fs::read(&path).unwrap().iter().all(|b| *b == 0));
+        assert_eq!(overlaps(&[(0, 10), (20, 30), (40, 50)], 5, 25).collect::<Vec<_>>(), vec![(5, 10), (20, 25)]);
+        assert_eq!(overlaps(&[(0, 10), (20, 30)], 10, 20).count(), 0);
     }
 
     #[test]
@@ -286,7 +362,7 @@ mod stream_tests {
         let (tx, mut rx) = mpsc::channel(4);
         let reader = std::thread::spawn({
             let path = path.clone();
-            move || stream_chunks(path, cs as u32, HashSet::new(), tx)
+            move || stream_chunks(path, None, cs as u32, HashSet::new(), tx)
         });
         let mut offsets = Vec::new();
         while let Some(m) = rx.blocking_recv() {
@@ -300,7 +376,7 @@ mod stream_tests {
         assert_eq!(offsets, (0..100u64).filter(|i| i % 7 != 3).collect::<Vec<_>>());
 
         let (tx, mut rx) = mpsc::channel(1);
-        let reader = std::thread::spawn(move || stream_chunks(path, cs as u32, HashSet::new(), tx));
+        let reader = std::thread::spawn(move || stream_chunks(path, None, cs as u32, HashSet::new(), tx));
         rx.blocking_recv().unwrap().unwrap();
         drop(rx);
         assert!(reader.join().unwrap().is_ok(), "the stream ends quietly when its reader leaves");

@@ -15,6 +15,7 @@ mod lvm;
 mod service;
 mod sparse;
 mod tgt;
+mod thin_map;
 
 use clap::Parser;
 use ember_common::agent::{AgentArgs, serve_agent, start_process};

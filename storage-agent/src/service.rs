@@ -337,20 +337,32 @@ impl StorageAgent for StorageService {
         if !backend.exists(kind, &id).await? {
             return Err(AgentError::NotFound(format!("{} {id}", if r.snapshot { "snapshot" } else { "volume" })).into());
         }
+        // Where the data is, when the driver can tell (a thin LV's mapped blocks). Not knowing only costs
+        // time: every byte is then read, and zero chunks are still skipped.
+        let extents = backend.data_extents(kind, &id).await.unwrap_or_else(|e| {
+            tracing::warn!(volume_id = %id, error = %e, "data extents unknown; reading the whole device");
+            None
+        });
+        let mapped: Option<u64> = extents.as_ref().map(|x| x.iter().map(|(s, e)| e - s).sum());
         // A bounded queue: the reader's pace throttles the disk reads, and memory stays a few chunks.
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let errors = tx.clone();
         let volume_id = id;
         tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
-            match data::stream_chunks(path, r.chunk_size, known, tx) {
+            match data::stream_chunks(path, extents, r.chunk_size, known, tx) {
                 Ok(()) => tracing::info!(%volume_id, ms = started.elapsed().as_millis() as u64, "volume data streamed"),
                 Err(e) => {
                     let _ = errors.blocking_send(Err(e.into()));
                 }
             }
         });
-        tracing::info!(volume_id = %id, chunk_size = r.chunk_size, "streaming volume data");
+        match mapped {
+            Some(mapped_bytes) => {
+                tracing::info!(volume_id = %id, chunk_size = r.chunk_size, mapped_bytes, "streaming volume data (thin map)")
+            }
+            None => tracing::info!(volume_id = %id, chunk_size = r.chunk_size, "streaming volume data"),
+        }
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
@@ -361,7 +373,8 @@ impl StorageAgent for StorageService {
         let mut stream = req.into_inner();
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("volume_id: empty stream"))?;
         let id = checked_id("volume_id", &first.volume_id)?;
-        let path = self.0.backend(&first.backend)?.path(Kind::Volume, &id);
+        let backend = self.0.backend(&first.backend)?;
+        let path = backend.path(Kind::Volume, &id);
         let file = ember_common::direct_io::DirectFile::open(&path, true)
             .map_err(|_| AgentError::NotFound(format!("volume {id}")))?;
         let size = crate::sparse::byte_len(file.file()).map_err(AgentError::io("reading size"))?;
@@ -372,13 +385,15 @@ impl StorageAgent for StorageService {
             ))
             .into());
         }
+        // Which blocks of a thin LV are mapped, before anything is written: zero runs are zeroed only there.
+        let mapped = backend.data_extents(Kind::Volume, &id).await?;
         // Receive and write overlap: a writer thread takes chunks from a small bounded queue while the next
         // ones arrive, then flushes the file once at the end.
         let (queue, chunks) = std::sync::mpsc::sync_channel::<VolumeChunk>(8);
         let writer = tokio::task::spawn_blocking(move || -> Result<u64, AgentError> {
             let (mut written, mut scratch) = (0, ember_common::direct_io::AlignedBuf::default());
             for chunk in chunks {
-                written += data::apply_chunk(&file, size, &chunk, &mut scratch)?;
+                written += data::apply_chunk(&file, size, mapped.as_deref(), &chunk, &mut scratch)?;
             }
             file.sync_data().map_err(AgentError::io("syncing"))?;
             Ok(written)

@@ -3,7 +3,8 @@
 # guest's loopback with two LVM backends on real virtio disks — thick LVs exported over tgt, thin LVs exported
 # over LIO — driven through the public API with the `ember` CLI, and checked against what the node really has:
 # `lvs`, `tgtadm`, LIO's configfs, and data written through the kernel iSCSI initiator (iscsiadm, CHAP) read
-# back from the LVs, snapshots and clones. Every check prints "[PASS] name" or "[FAIL] name"; the exit
+# back from the LVs, snapshots and clones; then backups of thick and thin LVs through a backup agent, restored
+# onto new and existing LVs. Every check prints "[PASS] name" or "[FAIL] name"; the exit
 # status is the number of failures. Timings of each operation go to /ember/out/timings.txt.
 set -u
 JOB=$(cd "$(dirname "$0")" && pwd)
@@ -22,7 +23,7 @@ iscsid
 INITIATOR=$(sed -n 's/^InitiatorName=//p' /etc/iscsi/initiatorname.iscsi)
 
 # ---------------------------------------------------------------- the fleet
-fleet_certs "$W/certs" coordinator:coordinator storage-agent:storage1
+fleet_certs "$W/certs" coordinator:coordinator storage-agent:storage1 backup-agent:backup1
 { printf 'listen = "127.0.0.1:7000"\ndatabase = "%s/ember.db"\n' "$W"; tls coordinator; } >"$W/coordinator.toml"
 cat >"$W/storage.toml" <<EOF
 name = "storage1"
@@ -57,8 +58,24 @@ ember-coordinator --config "$W/coordinator.toml" >"$W/logs/coordinator.out" 2>"$
 coordinator=$!
 ember-storage-agent --config "$W/storage.toml" >"$W/logs/storage.out" 2>"$W/logs/storage.log" &
 storage=$!
-storage_up() { ember service list | grep storage1 | grep -q ' up'; }
+cat >"$W/backup.toml" <<CFG
+name = "backup1"
+listen = "127.0.0.1:7003"
+coordinator = "https://127.0.0.1:7000"
+
+[[repositories]]
+name = "local"
+directory = "$W/repository"
+
+CFG
+tls backup1 >>"$W/backup.toml"
+mkdir -p "$W/repository"
+ember-backup-agent --config "$W/backup.toml" >"$W/logs/backup.out" 2>"$W/logs/backup.log" &
+backup=$!
+up() { ember service list | grep "$1" | grep -q ' up'; }
+storage_up() { up storage1; }
 check "storage agent registers with both LVM backends" wait_for 90 storage_up
+check "the backup agent registers" wait_for 90 up backup1
 check "auto lvm_type made the thin pool in the empty VG" lvs ember-thin/ember-thin-pool
 ember type create thick --spec volume_backend_name=thick >/dev/null
 ember type create thin --spec volume_backend_name=thin >/dev/null
@@ -74,6 +91,7 @@ no_session() { ! iscsiadm -m session >/dev/null 2>&1; }
 
 head -c 4194304 /dev/urandom >"$W/pattern-a"
 head -c 4194304 /dev/urandom >"$W/pattern-b"
+head -c 4194304 /dev/urandom >"$W/pattern-c"
 
 for kind in thick thin; do
   vg=ember-$kind
@@ -167,9 +185,81 @@ for kind in thick thin; do
   check "$kind: every owned LV is gone" test -z "$(lvs --noheadings -o lv_name -S lv_tags=ember $vg)"
 done
 
+# ---------------------------------------------------------------- backups of LVs
+head -c 4194304 /dev/zero >"$W/zeros"
+at() { dd if="$1" bs=1M skip="$2" count=4 iflag=direct status=none; } # at DEVICE MiB: the 4 MiB there
+put() { dd if="$1" of="$2" bs=1M seek="$3" oflag=direct conv=notrunc,fsync status=none; } # put FILE DEVICE MiB
+holds() { at "$1" "$2" | cmp - "$3"; } # holds DEVICE MiB FILE
+backup_of() { ember --json backup create "$@" --wait | json_field id; }
+field_of() { ember --json backup show "$1" | json_field "$2"; }
+thin_used() { lvs --noheadings -o data_percent "ember-thin/volume-$1" | tr -d ' '; }
+below() { awk -v v="$1" -v max="$2" 'BEGIN { exit !(v != "" && v + 0 < max + 0) }'; }
+streamed_thin() { # streamed_thin VOLUME BYTES: the storage agent logged reading only BYTES of the thin LV
+  tr -d '\033' <"$W/logs/storage.log" | sed 's/\[[0-9;]*m//g' | grep 'streaming volume data (thin map)' | grep "$1" |
+    grep -q "mapped_bytes=$2"
+}
+
+# Thick: every byte of the LV is read; a restore onto an existing LV overwrites all of it.
+vol=$(new_volume thick --size 1)
+put "$W/pattern-a" "/dev/ember-thick/volume-$vol" 0
+put "$W/pattern-b" "/dev/ember-thick/volume-$vol" 700
+bk=$(timed thick.backup backup_of "$vol")
+check "thick backup: available" test "$(field_of "$bk" status)" = available
+check "thick backup: stores the 8 MiB of data, not the zeros" test "$(field_of "$bk" stored_bytes)" -lt 9437184
+target=$(new_volume thick --size 1)
+put "$W/pattern-a" "/dev/ember-thick/volume-$target" 300
+timed thick.restore ember backup restore "$bk" --volume "$target" --wait >/dev/null
+check "thick restore onto an existing LV: bit-identical, old data overwritten" \
+  cmp "/dev/ember-thick/volume-$vol" "/dev/ember-thick/volume-$target"
+ember backup delete "$bk" --wait >/dev/null
+for v in "$vol" "$target"; do ember volume delete "$v" --wait >/dev/null; done
+
+# Thin: only the blocks the pool has mapped are read. 64 GiB holding 8 MiB would be minutes of zeros here.
+big=$(new_volume thin --size 64)
+put "$W/pattern-a" "/dev/ember-thin/volume-$big" 0
+put "$W/pattern-b" "/dev/ember-thin/volume-$big" 40960
+# The pool's metadata snapshot an agent killed between reserving and releasing it would leave behind.
+tpool=ember--thin-ember--thin--pool-tpool
+held_root() { dmsetup status "$tpool" | awk '{ print $7 }'; } # "-" when no metadata snapshot is held
+dmsetup message "$tpool" 0 reserve_metadata_snap
+check "thin: (a crashed agent's) metadata snapshot is held" test "$(held_root)" != -
+full=$(timed thin.backup backup_of "$big")
+check "thin backup: available" test "$(field_of "$full" status)" = available
+check "thin backup: the storage agent read only the 8 MiB the pool maps" streamed_thin "$big" 8388608
+check "thin backup: ... after releasing the metadata snapshot left behind" grep -q "left reserved" "$W/logs/storage.log"
+check "thin backup: ... and it holds none now" test "$(held_root)" = -
+put "$W/pattern-c" "/dev/ember-thin/volume-$big" 20480
+inc=$(timed thin.incremental backup_of "$big" --incremental)
+new_bytes=$(field_of "$inc" new_bytes) # stored: raw random data and a small header per chunk
+check "thin incremental: only the 4 MiB written since is new ($new_bytes bytes)" test "$new_bytes" -ge 4194304 -a "$new_bytes" -lt 4259840
+check "thin incremental: ... and only the 12 MiB mapped were read" streamed_thin "$big" 12582912
+target=$(new_volume thin --size 64)
+put "$W/pattern-b" "/dev/ember-thin/volume-$target" 30720
+timed thin.restore_onto ember backup restore "$inc" --volume "$target" --wait >/dev/null
+for spot in 0:pattern-a 20480:pattern-c 40960:pattern-b 30720:zeros 10240:zeros; do
+  check "thin restore onto an existing LV: ${spot#*:} at ${spot%:*} MiB" \
+    holds "/dev/ember-thin/volume-$target" "${spot%:*}" "$W/${spot#*:}"
+done
+check "thin restore onto an existing LV: the zeros did not provision the LV ($(thin_used "$target")% used)" \
+  below "$(thin_used "$target")" 0.1
+new=$(timed thin.restore_new ember --json backup restore "$inc" --wait | json_field volume_id)
+check "thin restore to a new volume: scheduled into the thin pool" lvs "ember-thin/volume-$new"
+for spot in 0:pattern-a 20480:pattern-c 40960:pattern-b; do
+  check "thin restore to a new volume: ${spot#*:} at ${spot%:*} MiB" \
+    holds "/dev/ember-thin/volume-$new" "${spot%:*}" "$W/${spot#*:}"
+done
+check "thin restore to a new volume: only the data was written ($(thin_used "$new")% used)" \
+  below "$(thin_used "$new")" 0.1
+fields=lv_name,lv_size,lv_attr,pool_lv,origin,data_percent,lv_tags,thin_id
+lvs --reportformat json --units b --nosuffix -a -o "$fields" ember-thin >"$OUT/lvs-thin-ids.json" 2>&1
+ember backup delete "$inc" --wait >/dev/null
+ember backup delete "$full" --wait >/dev/null
+for v in "$big" "$target" "$new"; do ember volume delete "$v" --wait >/dev/null; done
+check "backups: every owned LV is gone" test -z "$(lvs --noheadings -o lv_name -S lv_tags=ember ember-thick ember-thin)"
+
 check "the agent's capacity report reached the coordinator (thin pool)" sh -c "ember --json service list | grep -q thin"
-kill -TERM "$storage" "$coordinator"
-wait "$storage" "$coordinator" 2>/dev/null
+kill -TERM "$storage" "$backup" "$coordinator"
+wait "$storage" "$backup" "$coordinator" 2>/dev/null
 lvs --reportformat json --units b --nosuffix -a >"$OUT/lvs-final.json" 2>&1
 cp "$W"/logs/* "$OUT/"
 finish lvm
