@@ -18,32 +18,52 @@ use crate::lvm::dm_name;
 use ember_common::runner::{self, CommandError};
 use std::time::Duration;
 
+/// The value of attribute `name` in one element's line, e.g. `length` in `<range_mapping ... length="16"/>`.
+fn attribute<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let at = line.find(&format!(" {name}=\""))? + name.len() + 3;
+    line[at..].split('"').next()
+}
+
 /// Byte ranges `(start, end)` of thin device `dev_id` that are mapped, in order, adjacent ones merged, cut at
 /// `size` (the LV's size: a pool's block may run past a volume's end).
-pub fn mapped_extents(xml: &str, dev_id: u32, size: u64) -> Result<Vec<(u64, u64)>> {
+///
+/// Read a line at a time, not as a document: thin_dump writes one element per line, and a volume in a pool
+/// shared with other writers gets a `single_mapping` line per 64 KiB block (its blocks interleave with theirs
+/// in the pool), so a busy volume's dump can run to hundreds of MB. Memory stays the merged ranges.
+pub fn mapped_extents(dump: impl std::io::BufRead, dev_id: u32, size: u64) -> Result<Vec<(u64, u64)>> {
     let bad = |detail: String| AgentError::Io {
         context: "parsing thin_dump output".into(),
         source: std::io::Error::other(detail),
     };
-    let doc = roxmltree::Document::parse(xml).map_err(|e| bad(e.to_string()))?;
-    let number = |node: roxmltree::Node, name: &str| -> Result<u64> {
-        node.attribute(name)
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| bad(format!("<{}> has no number {name}", node.tag_name().name())))
+    let number = |line: &str, name: &str| -> Result<u64> {
+        attribute(line, name).and_then(|v| v.parse().ok()).ok_or_else(|| bad(format!("no number {name} in {line:?}")))
     };
-    let superblock = doc.root_element();
-    let block = number(superblock, "data_block_size")? * 512;
-    let device = superblock
-        .children()
-        .find(|n| n.has_tag_name("device") && n.attribute("dev_id") == Some(dev_id.to_string().as_str()))
-        .ok_or_else(|| bad(format!("thin device {dev_id} is not in the pool's metadata")))?;
+    let wanted = dev_id.to_string();
+    let (mut block, mut found, mut inside) = (None, false, false);
     let mut extents: Vec<(u64, u64)> = Vec::new();
-    for mapping in device.children().filter(|n| n.is_element()) {
-        let (first, blocks) = match mapping.tag_name().name() {
-            "range_mapping" => (number(mapping, "origin_begin")?, number(mapping, "length")?),
-            "single_mapping" => (number(mapping, "origin_block")?, 1),
-            other => return Err(bad(format!("unexpected <{other}>"))),
+    for line in dump.lines() {
+        let line = line.map_err(AgentError::io("reading thin_dump output"))?;
+        let element = line.trim_start();
+        let (first, blocks) = if element.starts_with("<superblock") {
+            block = Some(number(element, "data_block_size")? * 512);
+            continue;
+        } else if element.starts_with("<device") {
+            inside = attribute(element, "dev_id") == Some(wanted.as_str());
+            found |= inside;
+            continue;
+        } else if element.starts_with("</device") {
+            inside = false;
+            continue;
+        } else if !inside {
+            continue;
+        } else if element.starts_with("<range_mapping") {
+            (number(element, "origin_begin")?, number(element, "length")?)
+        } else if element.starts_with("<single_mapping") {
+            (number(element, "origin_block")?, 1)
+        } else {
+            return Err(bad(format!("unexpected line {element:?}")));
         };
+        let block = block.ok_or_else(|| bad("a mapping before the superblock".into()))?;
         let (start, end) = (first * block, ((first + blocks) * block).min(size));
         if start >= end {
             continue;
@@ -52,6 +72,9 @@ pub fn mapped_extents(xml: &str, dev_id: u32, size: u64) -> Result<Vec<(u64, u64
             Some(last) if last.1 == start => last.1 = end,
             _ => extents.push((start, end)),
         }
+    }
+    if block.is_none() || !found {
+        return Err(bad(format!("thin device {dev_id} is not in the pool's metadata")));
     }
     extents.sort_unstable();
     Ok(extents)
@@ -101,11 +124,26 @@ impl ThinPool {
             self.message("release_metadata_snap").await.map_err(AgentError::Command)?;
             self.message("reserve_metadata_snap").await.map_err(AgentError::Command)?;
         }
-        let dump =
-            runner::run("thin_dump", &["--metadata-snap", "--dev-id", &dev_id.to_string(), &self.tmeta], self.timeout)
-                .await;
+        // Into a file, not through a pipe into memory: the dump can be large (see `mapped_extents`).
+        let file = tempfile::NamedTempFile::new().map_err(AgentError::io("creating a file for thin_dump"))?;
+        let out = file.path().to_string_lossy().into_owned();
+        let dump = runner::run(
+            "thin_dump",
+            &["--metadata-snap", "--dev-id", &dev_id.to_string(), "-o", &out, &self.tmeta],
+            self.timeout,
+        )
+        .await;
         let released = self.message("release_metadata_snap").await;
-        let extents = mapped_extents(&dump.map_err(AgentError::Command)?.stdout, dev_id, size)?;
+        dump.map_err(AgentError::Command)?;
+        let extents = tokio::task::spawn_blocking(move || {
+            let reader = std::io::BufReader::new(file.reopen().map_err(AgentError::io("reading thin_dump output"))?);
+            mapped_extents(reader, dev_id, size)
+        })
+        .await
+        .map_err(|e| AgentError::Io {
+            context: "parsing thin_dump output".into(),
+            source: std::io::Error::other(e),
+        })??;
         released.map_err(AgentError::Command)?;
         Ok(extents)
     }
@@ -123,31 +161,51 @@ mod tests {
         // Captured in the real-kernel guest: a 1 GiB thin LV (device 1) written at 10–13 MiB, one 4 KiB block
         // at 20,480,000, 1 MiB at 1023 MiB; a thin snapshot of it (device 2); then 1 MiB at 500 MiB into the
         // origin only; and an empty thin LV (device 3). Pool blocks are 64 KiB (128 sectors).
-        let origin = mapped_extents(DUMP, 1, 1 << 30).unwrap();
+        let origin = mapped_extents(DUMP.as_bytes(), 1, 1 << 30).unwrap();
         assert_eq!(
             origin,
             vec![(10 * MIB, 13 * MIB), (312 << 16, 313 << 16), (500 * MIB, 501 * MIB), (1023 * MIB, 1024 * MIB)]
         );
         assert!(origin[1].0 <= 20_480_000 && 20_480_000 + 4096 <= origin[1].1, "the 4 KiB write is covered");
-        let snapshot = mapped_extents(DUMP, 2, 1 << 30).unwrap();
+        let snapshot = mapped_extents(DUMP.as_bytes(), 2, 1 << 30).unwrap();
         assert_eq!(snapshot, vec![(10 * MIB, 13 * MIB), (312 << 16, 313 << 16), (1023 * MIB, 1024 * MIB)]);
-        assert_eq!(mapped_extents(DUMP, 3, 2 << 30).unwrap(), vec![], "an unwritten thin LV has no data");
+        assert_eq!(mapped_extents(DUMP.as_bytes(), 3, 2 << 30).unwrap(), vec![], "an unwritten thin LV has no data");
+    }
+
+    #[test]
+    fn blocks_that_interleave_with_other_volumes_merge_into_one_range() {
+        // A volume written while others wrote too gets its blocks scattered in the pool: one single_mapping
+        // per block, contiguous in the volume. Those make one range; the gap after them stays a gap.
+        let dump = "<superblock uuid=\"\" time=\"0\" data_block_size=\"128\" nr_data_blocks=\"0\">
+  <device dev_id=\"4\" mapped_blocks=\"4\" transaction=\"0\" creation_time=\"0\" snap_time=\"0\">
+    <single_mapping origin_block=\"0\" data_block=\"7\" time=\"0\"/>
+    <single_mapping origin_block=\"1\" data_block=\"9\" time=\"0\"/>
+    <single_mapping origin_block=\"2\" data_block=\"3\" time=\"0\"/>
+    <single_mapping origin_block=\"5\" data_block=\"11\" time=\"0\"/>
+  </device>
+</superblock>
+";
+        assert_eq!(mapped_extents(dump.as_bytes(), 4, 1 << 30).unwrap(), vec![(0, 3 << 16), (5 << 16, 6 << 16)]);
+        assert!(mapped_extents(dump.as_bytes(), 5, 1 << 30).is_err(), "another device");
     }
 
     #[test]
     fn extents_are_cut_at_the_volume_size() {
-        let cut = mapped_extents(DUMP, 1, 1023 * MIB + 4096).unwrap();
+        let cut = mapped_extents(DUMP.as_bytes(), 1, 1023 * MIB + 4096).unwrap();
         assert_eq!(cut.last(), Some(&(1023 * MIB, 1023 * MIB + 4096)));
-        assert_eq!(mapped_extents(DUMP, 1, 11 * MIB).unwrap(), vec![(10 * MIB, 11 * MIB)]);
+        assert_eq!(mapped_extents(DUMP.as_bytes(), 1, 11 * MIB).unwrap(), vec![(10 * MIB, 11 * MIB)]);
     }
 
     #[test]
     fn a_device_missing_from_the_dump_is_an_error_not_an_empty_volume() {
         let unknown = include_str!("../testdata/lvm/thin_dump-unknown-dev-id.xml");
-        let err = mapped_extents(unknown, 9, 1 << 30).unwrap_err();
+        let err = mapped_extents(unknown.as_bytes(), 9, 1 << 30).unwrap_err();
         assert!(err.to_string().contains("thin device 9"), "{err}");
-        assert!(mapped_extents(include_str!("../testdata/lvm/thin_dump-no-metadata-snap.txt"), 1, 1 << 30).is_err());
-        assert!(mapped_extents("<superblock data_block_size=\"x\"/>", 1, 1).is_err());
+        assert!(
+            mapped_extents(include_str!("../testdata/lvm/thin_dump-no-metadata-snap.txt").as_bytes(), 1, 1 << 30)
+                .is_err()
+        );
+        assert!(mapped_extents("<superblock data_block_size=\"x\">".as_bytes(), 1, 1).is_err());
     }
 
     #[test]
