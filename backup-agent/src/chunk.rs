@@ -2,11 +2,9 @@
 //! Chunks are named by the sha256 of their plaintext, so reading one back always re-checks it.
 
 use ember_common::direct_io::AlignedBuf;
-use flate2::write::ZlibEncoder;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use sha2::{Digest, Sha256};
 use std::cell::RefCell;
-use std::io::Write;
 
 /// The header's magic.
 pub const MAGIC: &[u8; 7] = b"EMBCHNK";
@@ -32,16 +30,13 @@ pub fn encode(plain: &[u8]) -> Vec<u8> {
 pub fn encode_into(plain: &[u8], out: &mut AlignedBuf) -> usize {
     let buf = out.prepare(plain.len() + 8);
     buf[..7].copy_from_slice(MAGIC);
-    let worth_trying = plain.len() <= SAMPLE || compress(&plain[..SAMPLE]).len() as f64 <= SAMPLE as f64 * 0.97;
+    let worth_trying = plain.len() <= SAMPLE || deflate(&plain[..SAMPLE], &mut [0u8; SAMPLE * 97 / 100]).is_some();
     if worth_trying {
-        let mut z = Compress::new(Compression::new(1), true);
         // Room for less than the plaintext: a stream that does not fit there did not shrink it.
-        let room = &mut buf[8..8 + plain.len() - 1];
-        if let Ok(Status::StreamEnd) = z.compress(plain, room, FlushCompress::Finish) {
+        if let Some(n) = deflate(plain, &mut buf[8..8 + plain.len() - 1]) {
             buf[7] = ZLIB;
-            let n = 8 + z.total_out() as usize;
-            out.truncate(n);
-            return n;
+            out.truncate(8 + n);
+            return 8 + n;
         }
     }
     buf[7] = RAW;
@@ -49,10 +44,13 @@ pub fn encode_into(plain: &[u8], out: &mut AlignedBuf) -> usize {
     plain.len() + 8
 }
 
-fn compress(data: &[u8]) -> Vec<u8> {
-    let mut enc = ZlibEncoder::new(Vec::with_capacity(data.len() / 2), Compression::new(1));
-    enc.write_all(data).expect("writing to memory");
-    enc.finish().expect("writing to memory")
+/// Compresses `data` (zlib level 1) into `room`; the stream's length, or None when it does not fit there.
+fn deflate(data: &[u8], room: &mut [u8]) -> Option<usize> {
+    let mut z = Compress::new(Compression::new(1), true);
+    match z.compress(data, room, FlushCompress::Finish) {
+        Ok(Status::StreamEnd) => Some(z.total_out() as usize),
+        _ => None,
+    }
 }
 
 /// Why a stored chunk cannot be used.

@@ -80,11 +80,6 @@ impl DirectFile {
         Ok(DirectFile { direct, buffered })
     }
 
-    /// Whether the data path really bypasses the page cache.
-    pub fn is_direct(&self) -> bool {
-        self.direct.is_some()
-    }
-
     /// The ordinary descriptor (for `fallocate`, `fadvise`, size queries).
     pub fn file(&self) -> &File {
         &self.buffered

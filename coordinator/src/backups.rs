@@ -449,8 +449,7 @@ pub async fn create_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         parent_id: b.parent_id.clone(),
         source: Some(source_of(ctx, &v, temp.as_deref()).await?),
     };
-    let watcher = client.clone();
-    let call = with_progress(ctx, watcher, &b.id, "creating", client.create_backup(request)).await;
+    let call = with_progress(ctx, client.clone(), &b.id, "creating", client.create_backup(request)).await;
     match call {
         Ok(resp) => finish_create(ctx, &op, &b, &v, temp.as_deref(), Ok(resp.into_inner())).await,
         Err(s) if s.code() == tonic::Code::Unavailable => {
@@ -587,8 +586,7 @@ pub async fn restore_into(
         target: Some(target),
         target_is_blank: blank,
     };
-    let watcher = client.clone();
-    with_progress(ctx, watcher, &b.id, "restoring", client.restore_backup(request))
+    with_progress(ctx, client.clone(), &b.id, "restoring", client.restore_backup(request))
         .await
         .map(|_| ())
         .map_err(|s| format!("restore of backup {}: {}", b.id, s.message()))
