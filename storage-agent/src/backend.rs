@@ -9,6 +9,16 @@ use crate::lvm::LvmBackend;
 use ember_proto::agent::v1::Pool;
 use std::path::PathBuf;
 
+/// Where a volume or snapshot can hold data, when its driver knows better than `SEEK_DATA` does: a thin LV's
+/// blocks that its pool has mapped. Everything else reads as zeros and takes no space.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataMap {
+    /// Byte ranges `(start, end)`, in order, adjacent ones merged.
+    pub extents: Vec<(u64, u64)>,
+    /// The unit of allocation (the pool's data block size, bytes): discarding a whole one unmaps it.
+    pub block: u64,
+}
+
 /// A configured backend.
 #[derive(Debug)]
 pub enum Backend {
@@ -48,12 +58,12 @@ impl Backend {
         }
     }
 
-    /// The byte ranges of a volume or snapshot that may hold data when the driver knows them better than
-    /// `SEEK_DATA` on its file or device does (thin LVs); `None` otherwise.
-    pub async fn data_extents(&self, kind: Kind, id: &uuid::Uuid) -> Result<Option<Vec<(u64, u64)>>> {
+    /// Where a volume or snapshot may hold data when the driver knows it better than `SEEK_DATA` on its file
+    /// or device does (thin LVs); `None` otherwise.
+    pub async fn data_map(&self, kind: Kind, id: &uuid::Uuid) -> Result<Option<DataMap>> {
         match self {
             Backend::File(_) => Ok(None),
-            Backend::Lvm(b) => b.data_extents(kind, id).await,
+            Backend::Lvm(b) => b.data_map(kind, id).await,
         }
     }
 

@@ -1,6 +1,7 @@
 //! The data path for backups and restores: streaming a volume's chunks with their sha256 while never reading
 //! its holes, and writing chunks back. Called by backup agents directly, never through the coordinator.
 
+use crate::backend::DataMap;
 use crate::error::{AgentError, Result};
 use crate::sparse;
 use ember_common::direct_io::{AlignedBuf, DirectFile};
@@ -217,7 +218,7 @@ impl Drop for Pooled {
 pub fn apply_chunk(
     file: &DirectFile,
     size: u64,
-    mapped: Option<&[(u64, u64)]>,
+    mapped: Option<&DataMap>,
     chunk: &VolumeChunk,
     scratch: &mut AlignedBuf,
 ) -> Result<u64> {
@@ -235,11 +236,12 @@ pub fn apply_chunk(
     if len == 0 {
         return Ok(0);
     }
-    if let Some(mapped) = mapped {
+    if let Some(map) = mapped {
         // A thin LV cannot punch holes (dm-thin has no write-zeroes), and writing zeros over all of the range
-        // would provision every block of it: only the mapped parts can hold old data, so only they are zeroed.
-        for (from, to) in overlaps(mapped, chunk.offset, chunk.offset + len) {
-            file.write_zeros(from, to - from, scratch).map_err(AgentError::io("zeroing"))?;
+        // would provision every block of it: only the mapped parts can hold old data, so only they are
+        // cleared, and their whole blocks are given back to the pool.
+        for (from, to) in overlaps(&map.extents, chunk.offset, chunk.offset + len) {
+            unmap_or_zero(file, from, to, map.block, scratch).map_err(AgentError::io("zeroing"))?;
         }
         return Ok(0);
     }
@@ -249,6 +251,26 @@ pub fn apply_chunk(
         file.write_zeros(chunk.offset, len, scratch).map_err(AgentError::io("zeroing"))?;
     }
     Ok(0)
+}
+
+/// Makes `[from, to)` of a thin LV read as zeros. The whole pool blocks in it are discarded: dm-thin unmaps
+/// them, and an unmapped block reads as zeros and takes no pool space. The partial blocks at its edges, which
+/// a discard would leave as they are, are written with zeros. A device that takes no discards (a pool with
+/// `discards=ignore`) gets zeros written over all of it.
+fn unmap_or_zero(file: &DirectFile, from: u64, to: u64, block: u64, scratch: &mut AlignedBuf) -> std::io::Result<()> {
+    if let Some((start, end)) = whole_blocks(from, to, block)
+        && sparse::discard(file.file(), start, end - start).is_ok()
+    {
+        file.write_zeros(from, start - from, scratch)?;
+        return file.write_zeros(end, to - end, scratch);
+    }
+    file.write_zeros(from, to - from, scratch)
+}
+
+/// The whole blocks of size `block` within `[from, to)`, if any.
+fn whole_blocks(from: u64, to: u64, block: u64) -> Option<(u64, u64)> {
+    let (start, end) = (from.checked_next_multiple_of(block)?, to.checked_div(block)? * block);
+    (start < end).then_some((start, end))
 }
 
 #[cfg(test)]
@@ -337,7 +359,7 @@ mod stream_tests {
         // A thin LV: blocks outside the map read as zero already and must not be written (that would
         // provision them); the mapped 1–2 MiB is zeroed. (A plain file stands in: what is left unwritten
         // still holds 0xAA, which shows what was not touched.)
-        let mapped = [(1 << 20, 2 << 20)];
+        let mapped = DataMap { extents: vec![(1 << 20, 2 << 20)], block: 64 << 10 };
         assert_eq!(apply_chunk(&file, 4 << 20, Some(&mapped), &zero_run, &mut scratch).unwrap(), 0);
         let after = std::fs::read(&path).unwrap();
         assert!(after[1 << 20..2 << 20].iter().all(|b| *b == 0));
@@ -347,6 +369,16 @@ mod stream_tests {
         assert!(std::fs::read(&path).unwrap().iter().all(|b| *b == 0));
         assert_eq!(overlaps(&[(0, 10), (20, 30), (40, 50)], 5, 25).collect::<Vec<_>>(), vec![(5, 10), (20, 25)]);
         assert_eq!(overlaps(&[(0, 10), (20, 30)], 10, 20).count(), 0);
+    }
+
+    #[test]
+    fn only_whole_pool_blocks_are_discarded() {
+        const B: u64 = 64 << 10;
+        assert_eq!(whole_blocks(0, 4 * B, B), Some((0, 4 * B)));
+        assert_eq!(whole_blocks(100, 4 * B + 5, B), Some((B, 4 * B)), "the partial edges are left to be zeroed");
+        assert_eq!(whole_blocks(100, B + 5, B), None, "no whole block inside");
+        assert_eq!(whole_blocks(B, 2 * B, B), Some((B, 2 * B)));
+        assert_eq!(whole_blocks(0, B, 0), None, "an unknown block size discards nothing");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! copy rather than trusting a half-copied LV. Every LVM command runs with a deadline: a hung `lvs` fails one
 //! call, it never hangs the agent.
 
-use crate::backend::Capacity;
+use crate::backend::{Capacity, DataMap};
 use crate::config::{BackendConfig, LvmType, Wipe};
 use crate::error::{AgentError, Result};
 use crate::file_backend::Kind;
@@ -257,14 +257,14 @@ impl LvmBackend {
         format!("{}/{name}", self.vg)
     }
 
-    /// The byte ranges of a volume or snapshot that hold data, when the pool can tell: a thin LV's mapped
+    /// Where a volume or snapshot holds data, when the pool can tell: a thin LV's mapped
     /// blocks. `None`: every byte may hold data (a thick LV).
-    pub async fn data_extents(&self, kind: Kind, id: &uuid::Uuid) -> Result<Option<Vec<(u64, u64)>>> {
+    pub async fn data_map(&self, kind: Kind, id: &uuid::Uuid) -> Result<Option<DataMap>> {
         let Some(pool) = &self.thin_map else { return Ok(None) };
         let name = lv_name(kind, id);
         let lv = self.find(&name).await?.ok_or_else(|| AgentError::NotFound(format!("LV {name}")))?;
         match lv.thin_id {
-            Some(dev_id) => pool.mapped_extents(dev_id, lv.size).await.map(Some),
+            Some(dev_id) => pool.data_map(dev_id, lv.size).await.map(Some),
             None => Ok(None),
         }
     }

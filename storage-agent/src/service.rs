@@ -339,10 +339,13 @@ impl StorageAgent for StorageService {
         }
         // Where the data is, when the driver can tell (a thin LV's mapped blocks). Not knowing only costs
         // time: every byte is then read, and zero chunks are still skipped.
-        let extents = backend.data_extents(kind, &id).await.unwrap_or_else(|e| {
-            tracing::warn!(volume_id = %id, error = %e, "data extents unknown; reading the whole device");
-            None
-        });
+        let extents = match backend.data_map(kind, &id).await {
+            Ok(map) => map.map(|m| m.extents),
+            Err(e) => {
+                tracing::warn!(volume_id = %id, error = %e, "data extents unknown; reading the whole device");
+                None
+            }
+        };
         let mapped: Option<u64> = extents.as_ref().map(|x| x.iter().map(|(s, e)| e - s).sum());
         // A bounded queue: the reader's pace throttles the disk reads, and memory stays a few chunks.
         let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -385,15 +388,15 @@ impl StorageAgent for StorageService {
             ))
             .into());
         }
-        // Which blocks of a thin LV are mapped, before anything is written: zero runs are zeroed only there.
-        let mapped = backend.data_extents(Kind::Volume, &id).await?;
+        // Which blocks of a thin LV are mapped, before anything is written: zero runs are cleared only there.
+        let mapped = backend.data_map(Kind::Volume, &id).await?;
         // Receive and write overlap: a writer thread takes chunks from a small bounded queue while the next
         // ones arrive, then flushes the file once at the end.
         let (queue, chunks) = std::sync::mpsc::sync_channel::<VolumeChunk>(8);
         let writer = tokio::task::spawn_blocking(move || -> Result<u64, AgentError> {
             let (mut written, mut scratch) = (0, ember_common::direct_io::AlignedBuf::default());
             for chunk in chunks {
-                written += data::apply_chunk(&file, size, mapped.as_deref(), &chunk, &mut scratch)?;
+                written += data::apply_chunk(&file, size, mapped.as_ref(), &chunk, &mut scratch)?;
             }
             file.sync_data().map_err(AgentError::io("syncing"))?;
             Ok(written)

@@ -13,6 +13,7 @@
 //! origin_begin="B" length="L"/>` and `<single_mapping origin_block="B"/>`; blocks are counted in units of the
 //! pool's data block size, in 512-byte sectors.
 
+use crate::backend::DataMap;
 use crate::error::{AgentError, Result};
 use crate::lvm::dm_name;
 use ember_common::runner::{self, CommandError};
@@ -24,13 +25,13 @@ fn attribute<'a>(line: &'a str, name: &str) -> Option<&'a str> {
     line[at..].split('"').next()
 }
 
-/// Byte ranges `(start, end)` of thin device `dev_id` that are mapped, in order, adjacent ones merged, cut at
-/// `size` (the LV's size: a pool's block may run past a volume's end).
+/// The byte ranges `(start, end)` of thin device `dev_id` that are mapped, in order, adjacent ones merged, cut
+/// at `size` (the LV's size: a pool's block may run past a volume's end), and the pool's block size.
 ///
 /// Read a line at a time, not as a document: thin_dump writes one element per line, and a volume in a pool
 /// shared with other writers gets a `single_mapping` line per 64 KiB block (its blocks interleave with theirs
 /// in the pool), so a busy volume's dump can run to hundreds of MB. Memory stays the merged ranges.
-pub fn mapped_extents(dump: impl std::io::BufRead, dev_id: u32, size: u64) -> Result<Vec<(u64, u64)>> {
+pub fn data_map(dump: impl std::io::BufRead, dev_id: u32, size: u64) -> Result<DataMap> {
     let bad = |detail: String| AgentError::Io {
         context: "parsing thin_dump output".into(),
         source: std::io::Error::other(detail),
@@ -73,11 +74,11 @@ pub fn mapped_extents(dump: impl std::io::BufRead, dev_id: u32, size: u64) -> Re
             _ => extents.push((start, end)),
         }
     }
-    if block.is_none() || !found {
+    let (Some(block), true) = (block, found) else {
         return Err(bad(format!("thin device {dev_id} is not in the pool's metadata")));
-    }
+    };
     extents.sort_unstable();
-    Ok(extents)
+    Ok(DataMap { extents, block })
 }
 
 /// True when the pool refused a metadata snapshot because one is already reserved.
@@ -113,7 +114,7 @@ impl ThinPool {
     }
 
     /// The mapped byte ranges of thin device `dev_id` (an LV of `size` bytes).
-    pub async fn mapped_extents(&self, dev_id: u32, size: u64) -> Result<Vec<(u64, u64)>> {
+    pub async fn data_map(&self, dev_id: u32, size: u64) -> Result<DataMap> {
         let _one_at_a_time = self.lock.lock().await;
         if let Err(first) = self.message("reserve_metadata_snap").await {
             // Only a snapshot left by an agent that died holding it makes the pool busy: give it back, retry.
@@ -124,7 +125,7 @@ impl ThinPool {
             self.message("release_metadata_snap").await.map_err(AgentError::Command)?;
             self.message("reserve_metadata_snap").await.map_err(AgentError::Command)?;
         }
-        // Into a file, not through a pipe into memory: the dump can be large (see `mapped_extents`).
+        // Into a file, not through a pipe into memory: the dump can be large (see `data_map`).
         let file = tempfile::NamedTempFile::new().map_err(AgentError::io("creating a file for thin_dump"))?;
         let out = file.path().to_string_lossy().into_owned();
         let dump = runner::run(
@@ -135,9 +136,9 @@ impl ThinPool {
         .await;
         let released = self.message("release_metadata_snap").await;
         dump.map_err(AgentError::Command)?;
-        let extents = tokio::task::spawn_blocking(move || {
+        let map = tokio::task::spawn_blocking(move || {
             let reader = std::io::BufReader::new(file.reopen().map_err(AgentError::io("reading thin_dump output"))?);
-            mapped_extents(reader, dev_id, size)
+            data_map(reader, dev_id, size)
         })
         .await
         .map_err(|e| AgentError::Io {
@@ -145,7 +146,7 @@ impl ThinPool {
             source: std::io::Error::other(e),
         })??;
         released.map_err(AgentError::Command)?;
-        Ok(extents)
+        Ok(map)
     }
 }
 
@@ -156,20 +157,25 @@ mod tests {
     const DUMP: &str = include_str!("../testdata/lvm/thin_dump-metadata-snap.xml");
     const MIB: u64 = 1 << 20;
 
+    fn extents(dump: &[u8], dev_id: u32, size: u64) -> Vec<(u64, u64)> {
+        data_map(dump, dev_id, size).unwrap().extents
+    }
+
     #[test]
-    fn mapped_extents_of_a_real_dump() {
+    fn data_map_of_a_real_dump() {
         // Captured in the real-kernel guest: a 1 GiB thin LV (device 1) written at 10–13 MiB, one 4 KiB block
         // at 20,480,000, 1 MiB at 1023 MiB; a thin snapshot of it (device 2); then 1 MiB at 500 MiB into the
         // origin only; and an empty thin LV (device 3). Pool blocks are 64 KiB (128 sectors).
-        let origin = mapped_extents(DUMP.as_bytes(), 1, 1 << 30).unwrap();
+        let origin = extents(DUMP.as_bytes(), 1, 1 << 30);
         assert_eq!(
             origin,
             vec![(10 * MIB, 13 * MIB), (312 << 16, 313 << 16), (500 * MIB, 501 * MIB), (1023 * MIB, 1024 * MIB)]
         );
         assert!(origin[1].0 <= 20_480_000 && 20_480_000 + 4096 <= origin[1].1, "the 4 KiB write is covered");
-        let snapshot = mapped_extents(DUMP.as_bytes(), 2, 1 << 30).unwrap();
+        let snapshot = extents(DUMP.as_bytes(), 2, 1 << 30);
         assert_eq!(snapshot, vec![(10 * MIB, 13 * MIB), (312 << 16, 313 << 16), (1023 * MIB, 1024 * MIB)]);
-        assert_eq!(mapped_extents(DUMP.as_bytes(), 3, 2 << 30).unwrap(), vec![], "an unwritten thin LV has no data");
+        assert_eq!(extents(DUMP.as_bytes(), 3, 2 << 30), vec![], "an unwritten thin LV has no data");
+        assert_eq!(data_map(DUMP.as_bytes(), 1, 1 << 30).unwrap().block, 64 << 10, "the pool's block size");
     }
 
     #[test]
@@ -185,27 +191,26 @@ mod tests {
   </device>
 </superblock>
 ";
-        assert_eq!(mapped_extents(dump.as_bytes(), 4, 1 << 30).unwrap(), vec![(0, 3 << 16), (5 << 16, 6 << 16)]);
-        assert!(mapped_extents(dump.as_bytes(), 5, 1 << 30).is_err(), "another device");
+        assert_eq!(extents(dump.as_bytes(), 4, 1 << 30), vec![(0, 3 << 16), (5 << 16, 6 << 16)]);
+        assert!(data_map(dump.as_bytes(), 5, 1 << 30).is_err(), "another device");
     }
 
     #[test]
     fn extents_are_cut_at_the_volume_size() {
-        let cut = mapped_extents(DUMP.as_bytes(), 1, 1023 * MIB + 4096).unwrap();
+        let cut = extents(DUMP.as_bytes(), 1, 1023 * MIB + 4096);
         assert_eq!(cut.last(), Some(&(1023 * MIB, 1023 * MIB + 4096)));
-        assert_eq!(mapped_extents(DUMP.as_bytes(), 1, 11 * MIB).unwrap(), vec![(10 * MIB, 11 * MIB)]);
+        assert_eq!(extents(DUMP.as_bytes(), 1, 11 * MIB), vec![(10 * MIB, 11 * MIB)]);
     }
 
     #[test]
     fn a_device_missing_from_the_dump_is_an_error_not_an_empty_volume() {
         let unknown = include_str!("../testdata/lvm/thin_dump-unknown-dev-id.xml");
-        let err = mapped_extents(unknown.as_bytes(), 9, 1 << 30).unwrap_err();
+        let err = data_map(unknown.as_bytes(), 9, 1 << 30).unwrap_err();
         assert!(err.to_string().contains("thin device 9"), "{err}");
         assert!(
-            mapped_extents(include_str!("../testdata/lvm/thin_dump-no-metadata-snap.txt").as_bytes(), 1, 1 << 30)
-                .is_err()
+            data_map(include_str!("../testdata/lvm/thin_dump-no-metadata-snap.txt").as_bytes(), 1, 1 << 30).is_err()
         );
-        assert!(mapped_extents("<superblock data_block_size=\"x\">".as_bytes(), 1, 1).is_err());
+        assert!(data_map("<superblock data_block_size=\"x\">".as_bytes(), 1, 1).is_err());
     }
 
     #[test]

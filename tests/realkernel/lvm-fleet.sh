@@ -221,6 +221,17 @@ put "$W/pattern-b" "/dev/ember-thin/volume-$big" 40960
 # The pool's metadata snapshot an agent killed between reserving and releasing it would leave behind.
 tpool=ember--thin-ember--thin--pool-tpool
 held_root() { dmsetup status "$tpool" | awk '{ print $7 }'; } # "-" when no metadata snapshot is held
+mapped_bytes() { # mapped_bytes VOLUME: how much of the thin LV its pool maps, read from the pool's metadata
+  dmsetup message "$tpool" 0 reserve_metadata_snap
+  thin_dump --metadata-snap --dev-id "$(lvs --noheadings -o thin_id "ember-thin/volume-$1" | tr -d ' ')" \
+    /dev/mapper/ember--thin-ember--thin--pool_tmeta >"$W/thin_dump.xml"
+  dmsetup message "$tpool" 0 release_metadata_snap
+  awk -F'"' '{ for (i = 1; i < NF; i++) {
+      if ($i ~ /data_block_size=$/) bytes = $(i + 1) * 512
+      if ($i ~ / length=$/) blocks += $(i + 1) } }
+    /<single_mapping/ { blocks++ }
+    END { print blocks * bytes }' "$W/thin_dump.xml"
+}
 dmsetup message "$tpool" 0 reserve_metadata_snap
 check "thin: (a crashed agent's) metadata snapshot is held" test "$(held_root)" != -
 full=$(timed thin.backup backup_of "$big")
@@ -235,21 +246,26 @@ check "thin incremental: only the 4 MiB written since is new ($new_bytes bytes)"
 check "thin incremental: ... and only the 12 MiB mapped were read" streamed_thin "$big" 12582912
 target=$(new_volume thin --size 64)
 put "$W/pattern-b" "/dev/ember-thin/volume-$target" 30720
+put "$W/pattern-a" "/dev/ember-thin/volume-$target" 50000
+check "thin: the restore target maps its 8 MiB of old data ($(mapped_bytes "$target") bytes)" \
+  test "$(mapped_bytes "$target")" = 8388608
 timed thin.restore_onto ember backup restore "$inc" --volume "$target" --wait >/dev/null
-for spot in 0:pattern-a 20480:pattern-c 40960:pattern-b 30720:zeros 10240:zeros; do
+for spot in 0:pattern-a 20480:pattern-c 40960:pattern-b 30720:zeros 50000:zeros 10240:zeros; do
   check "thin restore onto an existing LV: ${spot#*:} at ${spot%:*} MiB" \
     holds "/dev/ember-thin/volume-$target" "${spot%:*}" "$W/${spot#*:}"
 done
 check "thin restore onto an existing LV: the zeros did not provision the LV ($(thin_used "$target")% used)" \
   below "$(thin_used "$target")" 0.1
+check "thin restore onto an existing LV: the pool maps only the 12 MiB restored; the old blocks went back" \
+  test "$(mapped_bytes "$target")" = 12582912
 new=$(timed thin.restore_new ember --json backup restore "$inc" --wait | json_field volume_id)
 check "thin restore to a new volume: scheduled into the thin pool" lvs "ember-thin/volume-$new"
 for spot in 0:pattern-a 20480:pattern-c 40960:pattern-b; do
   check "thin restore to a new volume: ${spot#*:} at ${spot%:*} MiB" \
     holds "/dev/ember-thin/volume-$new" "${spot%:*}" "$W/${spot#*:}"
 done
-check "thin restore to a new volume: only the data was written ($(thin_used "$new")% used)" \
-  below "$(thin_used "$new")" 0.1
+check "thin restore to a new volume: the pool maps only the 12 MiB of data ($(mapped_bytes "$new") bytes)" \
+  test "$(mapped_bytes "$new")" = 12582912
 fields=lv_name,lv_size,lv_attr,pool_lv,origin,data_percent,lv_tags,thin_id
 lvs --reportformat json --units b --nosuffix -a -o "$fields" ember-thin >"$OUT/lvs-thin-ids.json" 2>&1
 ember backup delete "$inc" --wait >/dev/null
