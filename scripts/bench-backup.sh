@@ -2,7 +2,8 @@
 # Backup benchmark through the whole fleet (coordinator + storage agent + backup agent on loopback, file
 # backend), on the deterministic volume of ../shared/bench/make_volume.py:
 #   full backup, incremental after mutating 1% of the runs, restore to a new volume; backup-agent peak RSS
-#   and stored bytes.
+#   and stored bytes; and the CPU time each data agent spent in each step (from /proc/<pid>/stat), which
+#   shows whether a step waits or computes.
 # Start a release fleet first (EMBER_RELEASE=1 ./scripts/fleet.sh), then:
 #   ./scripts/bench-backup.sh [SIZE]        (default 1G; the issue's figures also want 8G for the RSS)
 set -euo pipefail
@@ -19,29 +20,37 @@ trap 'rm -rf "$work"' EXIT
 
 gib=${size%G}
 python3 "$make_volume" create --size "$size" --out "$work/vol.img" --seed 1 >/dev/null
-vol=$(ember --json volume create --size "$gib" --name bench-backup --wait | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
+vol=$(ember --json volume create --size "$gib" --name bench-backup --wait 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')
 file=$state/file-backend/volume-$vol
 dd if="$work/vol.img" of="$file" bs=1M conv=notrunc,sparse status=none
 sync
 
 agent_pid=$(pgrep -f "ember-backup-agent --config $state/backup.toml" | head -1)
-t0=$(now); full=$(ember --json backup create "$vol" --wait 2>/dev/null | python3 -c 'import json,sys; b=json.load(sys.stdin)[0]; print(b["id"], b["stored_bytes"])'); t1=$(now)
+storage_pid=$(pgrep -f "ember-storage-agent --config $state/storage.toml" | head -1)
+ticks() { awk '{ printf "%d ", $14 + $15 }' "/proc/$1/stat"; } # user + system CPU, in clock ticks
+cpu() { echo "$(ticks "$agent_pid")$(ticks "$storage_pid")"; }
+c0=$(cpu); t0=$(now); full=$(ember --json backup create "$vol" --wait 2>/dev/null | python3 -c 'import json,sys; b=json.load(sys.stdin)[0]; print(b["id"], b["stored_bytes"])'); t1=$(now); c1=$(cpu)
 python3 "$make_volume" mutate --volume-file "$work/vol.img" --seed 2 --fraction 0.01 >/dev/null
 # Not sparse this time: runs that became zero must overwrite their old data.
 dd if="$work/vol.img" of="$file" bs=1M conv=notrunc status=none
 sync
-t2=$(now); inc=$(ember --json backup create "$vol" --incremental --wait 2>/dev/null | python3 -c 'import json,sys; b=json.load(sys.stdin)[0]; print(b["id"], b["new_bytes"])'); t3=$(now)
-t4=$(now); restored=$(ember --json backup restore "${inc%% *}" --wait 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["volume_id"])'); t5=$(now)
+c2=$(cpu); t2=$(now); inc=$(ember --json backup create "$vol" --incremental --wait 2>/dev/null | python3 -c 'import json,sys; b=json.load(sys.stdin)[0]; print(b["id"], b["new_bytes"])'); t3=$(now); c3=$(cpu)
+c4=$(cpu); t4=$(now); restored=$(ember --json backup restore "${inc%% *}" --wait 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["volume_id"])'); t5=$(now); c5=$(cpu)
 same=$(cmp -s "$work/vol.img" "$state/file-backend/volume-$restored" && echo yes || echo NO)
 rss=$(awk '/VmHWM/ {print $2}' "/proc/$agent_pid/status")
-python3 - "$size" "$t0" "$t1" "$t2" "$t3" "$t4" "$t5" "${full#* }" "${inc#* }" "$rss" "$same" <<'PY'
+python3 - "$size" "$t0" "$t1" "$t2" "$t3" "$t4" "$t5" "${full#* }" "${inc#* }" "$rss" "$same" "$(getconf CLK_TCK)" \
+  "$c0" "$c1" "$c2" "$c3" "$c4" "$c5" <<'PY'
 import sys
-size, t0, t1, t2, t3, t4, t5, stored, new, rss, same = sys.argv[1:]
+size, t0, t1, t2, t3, t4, t5, stored, new, rss, same, hz = sys.argv[1:13]
+c = [list(map(int, x.split())) for x in sys.argv[13:]]
 t = lambda a, b: float(b) - float(a)
+def cpu(a, b):
+    backup, storage = (c[b][i] - c[a][i] for i in (0, 1))
+    return f"CPU: backup agent {backup / int(hz):4.2f} s, storage agent {storage / int(hz):4.2f} s"
 print(f"volume {size} (make_volume.py seed 1; incremental: mutate seed 2, fraction 0.01)")
-print(f"full backup      {t(t0, t1):6.2f} s   stored {int(stored)/1e6:8.1f} MB")
-print(f"incremental      {t(t2, t3):6.2f} s   new    {int(new)/1e6:8.1f} MB")
-print(f"restore          {t(t4, t5):6.2f} s   bit-identical: {same}")
+print(f"full backup      {t(t0, t1):6.2f} s   stored {int(stored)/1e6:8.1f} MB   {cpu(0, 1)}")
+print(f"incremental      {t(t2, t3):6.2f} s   new    {int(new)/1e6:8.1f} MB   {cpu(2, 3)}")
+print(f"restore          {t(t4, t5):6.2f} s   bit-identical: {same}   {cpu(4, 5)}")
 print(f"backup-agent peak RSS {int(rss)/1024:.1f} MiB")
 PY
 for v in "$restored" "$vol"; do ember volume delete "$v" >/dev/null 2>&1 || true; done
