@@ -29,10 +29,11 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// Opens the backend `cfg` describes (its directory or volume group must exist).
-    pub async fn open(cfg: BackendConfig) -> Result<Backend> {
+    /// Opens the backend `cfg` describes (its directory or volume group must exist). `state_dir`: the agent's
+    /// own directory, for the files a driver needs while it works.
+    pub async fn open(cfg: BackendConfig, state_dir: &std::path::Path) -> Result<Backend> {
         Ok(match cfg.driver.as_str() {
-            "lvm" => Backend::Lvm(LvmBackend::open(cfg).await?),
+            "lvm" => Backend::Lvm(LvmBackend::open(cfg, state_dir).await?),
             _ => Backend::File(FileBackend::open(cfg)?),
         })
     }

@@ -197,8 +197,8 @@ pub struct LvmBackend {
 
 impl LvmBackend {
     /// Opens a backend: checks the VG exists and settles `lvm_type` (auto: thin when the pool exists or the VG
-    /// is empty — the pool is then created —, thick otherwise).
-    pub async fn open(cfg: BackendConfig) -> Result<LvmBackend> {
+    /// is empty — the pool is then created —, thick otherwise). `state_dir` holds the thin map's work files.
+    pub async fn open(cfg: BackendConfig, state_dir: &std::path::Path) -> Result<LvmBackend> {
         let vg = cfg.volume_group.clone().unwrap_or_default();
         let pool_name = format!("{vg}-pool");
         let mut backend = LvmBackend {
@@ -222,7 +222,9 @@ impl LvmBackend {
             backend.lvm("lvcreate", &["-q", "-y", "-T", "-l", "95%FREE", "--addtag", "ember-pool", &target]).await?;
             tracing::info!(vg = %backend.vg, pool = %pool_name, "thin pool created");
         }
-        backend.thin_map = thin.then(|| Box::new(ThinPool::new(&backend.vg, &pool_name, backend.timeout)));
+        if thin {
+            backend.thin_map = Some(Box::new(ThinPool::new(&backend.vg, &pool_name, backend.timeout, state_dir)));
+        }
         backend.thin_pool = thin.then_some(pool_name);
         backend.refresh().await?;
         Ok(backend)

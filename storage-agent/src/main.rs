@@ -52,13 +52,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let file: config::StorageConfig = ember_common::config::load(args.agent.config.as_deref())?;
     let id = args.agent.resolve(file.agent.clone())?;
     let state_dir = file.state_dir.clone().unwrap_or_else(|| "/var/lib/ember/storage-agent".into());
+    let exports = exports::ExportStore::load(&state_dir)?; // creates the state directory
     let mut backends = std::collections::BTreeMap::new();
     for b in file.checked_backends()? {
         if let Some(share) = &b.nfs_share {
             let options = b.nfs_mount_options.as_deref().unwrap_or(ember_common::nfs::DEFAULT_OPTIONS);
             ember_common::nfs::ensure_mounted(share, &b.directory, options).await?;
         }
-        backends.insert(b.name.clone(), backend::Backend::open(b).await?);
+        backends.insert(b.name.clone(), backend::Backend::open(b, &state_dir).await?);
     }
     let storage = Arc::new(Storage {
         backends,
@@ -66,7 +67,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         lio: lio::Lio { root: lio::CONFIGFS_ROOT.into(), portal: file.lio.portal.clone() },
         portal: file.tgt.portal.clone(),
         iqn_prefix: file.tgt.iqn_prefix.clone(),
-        exports: tokio::sync::Mutex::new(exports::ExportStore::load(&state_dir)?),
+        exports: tokio::sync::Mutex::new(exports),
     });
     let keeper = keeper::start(storage.clone(), file.tgt.clone()).await;
 

@@ -17,6 +17,7 @@ use crate::backend::DataMap;
 use crate::error::{AgentError, Result};
 use crate::lvm::dm_name;
 use ember_common::runner::{self, CommandError};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// The value of attribute `name` in one element's line, e.g. `length` in `<range_mapping ... length="16"/>`.
@@ -86,6 +87,9 @@ fn is_busy(e: &CommandError) -> bool {
     matches!(e, CommandError::Failed { stderr, .. } if stderr.contains("Device or resource busy"))
 }
 
+/// How the names of `thin_dump` output files begin.
+const DUMP_PREFIX: &str = ".thin_dump-";
+
 /// A thin pool whose metadata tells which blocks of its thin LVs are mapped.
 #[derive(Debug)]
 pub struct ThinPool {
@@ -94,19 +98,29 @@ pub struct ThinPool {
     /// The pool's metadata device that `thin_dump` reads (`/dev/mapper/<vg>-<pool>_tmeta`).
     tmeta: String,
     timeout: Duration,
+    /// Where `thin_dump` writes its output: the agent's state directory. Not `/tmp`, which is memory on many
+    /// nodes (tmpfs), while a busy volume's dump can run to hundreds of MB.
+    work_dir: PathBuf,
     /// One metadata snapshot at a time per pool.
     lock: tokio::sync::Mutex<()>,
 }
 
 impl ThinPool {
-    /// The thin pool `pool` of volume group `vg`.
-    pub fn new(vg: &str, pool: &str, timeout: Duration) -> ThinPool {
-        ThinPool {
+    /// The thin pool `pool` of volume group `vg`; its dumps go to `work_dir`, where any an agent that died
+    /// left behind are removed now.
+    pub fn new(vg: &str, pool: &str, timeout: Duration, work_dir: &Path) -> ThinPool {
+        let pool = ThinPool {
             tpool: format!("/dev/mapper/{}-tpool", dm_name(vg, pool)),
             tmeta: format!("/dev/mapper/{}", dm_name(vg, &format!("{pool}_tmeta"))),
             timeout,
+            work_dir: work_dir.to_path_buf(),
             lock: tokio::sync::Mutex::new(()),
+        };
+        let leftovers = std::fs::read_dir(work_dir).into_iter().flatten().flatten();
+        for stale in leftovers.filter(|e| e.file_name().to_string_lossy().starts_with(DUMP_PREFIX)) {
+            let _ = std::fs::remove_file(stale.path());
         }
+        pool
     }
 
     async fn message(&self, what: &str) -> std::result::Result<(), CommandError> {
@@ -126,7 +140,10 @@ impl ThinPool {
             self.message("reserve_metadata_snap").await.map_err(AgentError::Command)?;
         }
         // Into a file, not through a pipe into memory: the dump can be large (see `data_map`).
-        let file = tempfile::NamedTempFile::new().map_err(AgentError::io("creating a file for thin_dump"))?;
+        let file = tempfile::Builder::new()
+            .prefix(DUMP_PREFIX)
+            .tempfile_in(&self.work_dir)
+            .map_err(AgentError::io("creating a file for thin_dump"))?;
         let out = file.path().to_string_lossy().into_owned();
         let dump = runner::run(
             "thin_dump",
@@ -227,8 +244,14 @@ mod tests {
     }
 
     #[test]
-    fn pool_device_names_follow_device_mapper() {
-        let pool = ThinPool::new("ember-thin", "ember-thin-pool", Duration::from_secs(1));
+    fn pool_device_names_follow_device_mapper_and_leftover_dumps_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join(format!("{DUMP_PREFIX}abc123"));
+        std::fs::write(&stale, "a dump an agent that died left").unwrap();
+        std::fs::write(dir.path().join("exports.json"), "{}").unwrap();
+        let pool = ThinPool::new("ember-thin", "ember-thin-pool", Duration::from_secs(1), dir.path());
+        assert!(!stale.exists(), "a leftover dump is removed");
+        assert!(dir.path().join("exports.json").exists(), "nothing else is");
         assert_eq!(pool.tpool, "/dev/mapper/ember--thin-ember--thin--pool-tpool");
         assert_eq!(pool.tmeta, "/dev/mapper/ember--thin-ember--thin--pool_tmeta");
     }

@@ -244,6 +244,8 @@ inc=$(timed thin.incremental backup_of "$big" --incremental)
 new_bytes=$(field_of "$inc" new_bytes) # stored: raw random data and a small header per chunk
 check "thin incremental: only the 4 MiB written since is new ($new_bytes bytes)" test "$new_bytes" -ge 4194304 -a "$new_bytes" -lt 4259840
 check "thin incremental: ... and only the 12 MiB mapped were read" streamed_thin "$big" 12582912
+check "thin: the map's thin_dump files are gone from the agent's state directory" \
+  test -z "$(find "$W/state" -name '.thin_dump-*')"
 target=$(new_volume thin --size 64)
 put "$W/pattern-b" "/dev/ember-thin/volume-$target" 30720
 put "$W/pattern-a" "/dev/ember-thin/volume-$target" 50000
