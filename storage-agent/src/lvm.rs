@@ -186,10 +186,8 @@ pub struct LvmBackend {
     pub cfg: BackendConfig,
     /// The volume group.
     vg: String,
-    /// The thin pool the volumes live in; `None` for thick.
-    thin_pool: Option<String>,
-    /// Reads which blocks of a thin LV hold data (thin only).
-    thin_map: Option<Box<ThinPool>>,
+    /// The thin pool the volumes live in, which also tells which blocks of them hold data; `None` for thick.
+    thin_pool: Option<Box<ThinPool>>,
     timeout: Duration,
     /// The last capacity report (registration is synchronous; [`LvmBackend::refresh`] updates it).
     cached: std::sync::Mutex<Pool>,
@@ -205,7 +203,6 @@ impl LvmBackend {
             timeout: Duration::from_secs(cfg.command_timeout_secs),
             vg,
             thin_pool: None,
-            thin_map: None,
             cached: std::sync::Mutex::new(Pool::default()),
             cfg,
         };
@@ -223,9 +220,8 @@ impl LvmBackend {
             tracing::info!(vg = %backend.vg, pool = %pool_name, "thin pool created");
         }
         if thin {
-            backend.thin_map = Some(Box::new(ThinPool::new(&backend.vg, &pool_name, backend.timeout, state_dir)));
+            backend.thin_pool = Some(Box::new(ThinPool::new(&backend.vg, &pool_name, backend.timeout, state_dir)));
         }
-        backend.thin_pool = thin.then_some(pool_name);
         backend.refresh().await?;
         Ok(backend)
     }
@@ -262,7 +258,7 @@ impl LvmBackend {
     /// Where a volume or snapshot holds data, when the pool can tell: a thin LV's mapped
     /// blocks. `None`: every byte may hold data (a thick LV).
     pub async fn data_map(&self, kind: Kind, id: &uuid::Uuid) -> Result<Option<DataMap>> {
-        let Some(pool) = &self.thin_map else { return Ok(None) };
+        let Some(pool) = &self.thin_pool else { return Ok(None) };
         let name = lv_name(kind, id);
         let lv = self.find(&name).await?.ok_or_else(|| AgentError::NotFound(format!("LV {name}")))?;
         match lv.thin_id {
@@ -295,7 +291,7 @@ impl LvmBackend {
     /// Creates an LV of `bytes` for a volume (thin in the pool, or thick) with `tags`.
     async fn lvcreate(&self, name: &str, bytes: u64, tags: &[&str]) -> Result<()> {
         let size = format!("{bytes}b");
-        let pool = self.thin_pool.as_ref().map(|p| self.target(p));
+        let pool = self.thin_pool.as_ref().map(|p| self.target(p.name()));
         let mut args = vec!["-q", "-y"];
         match &pool {
             Some(_) => args.extend(["-T", "-V", &size, "-n", name]),
@@ -477,7 +473,7 @@ impl LvmBackend {
         let args = ["--reportformat", "json", "--units", "b", "--nosuffix", "-o", "vg_size,vg_free", &self.vg];
         let vg = parse_vg(&self.lvm("vgs", &args).await?)?;
         let lvs = self.lvs().await?;
-        let (total, free, provisioned) = capacity(vg, &lvs, self.thin_pool.as_deref());
+        let (total, free, provisioned) = capacity(vg, &lvs, self.thin_pool.as_ref().map(|p| p.name()));
         let allocated = lvs.iter().filter(|lv| lv.tags.iter().any(|t| t == OWNER_TAG)).map(|lv| lv.size).sum::<u64>();
         let space = Capacity { total, free, provisioned, allocated };
         let lvm_type = if self.is_thin() { "thin" } else { "thick" };

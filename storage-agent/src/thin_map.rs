@@ -90,9 +90,11 @@ fn is_busy(e: &CommandError) -> bool {
 /// How the names of `thin_dump` output files begin.
 const DUMP_PREFIX: &str = ".thin_dump-";
 
-/// A thin pool whose metadata tells which blocks of its thin LVs are mapped.
+/// A thin pool, whose metadata tells which blocks of its thin LVs are mapped.
 #[derive(Debug)]
 pub struct ThinPool {
+    /// The pool LV's name.
+    name: String,
     /// The pool's data-path device, which takes the messages (`/dev/mapper/<vg>-<pool>-tpool`).
     tpool: String,
     /// The pool's metadata device that `thin_dump` reads (`/dev/mapper/<vg>-<pool>_tmeta`).
@@ -110,6 +112,7 @@ impl ThinPool {
     /// left behind are removed now.
     pub fn new(vg: &str, pool: &str, timeout: Duration, work_dir: &Path) -> ThinPool {
         let pool = ThinPool {
+            name: pool.to_string(),
             tpool: format!("/dev/mapper/{}-tpool", dm_name(vg, pool)),
             tmeta: format!("/dev/mapper/{}", dm_name(vg, &format!("{pool}_tmeta"))),
             timeout,
@@ -121,6 +124,11 @@ impl ThinPool {
             let _ = std::fs::remove_file(stale.path());
         }
         pool
+    }
+
+    /// The pool LV's name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     async fn message(&self, what: &str) -> std::result::Result<(), CommandError> {
