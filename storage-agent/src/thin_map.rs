@@ -78,7 +78,13 @@ pub fn data_map(dump: impl std::io::BufRead, dev_id: u32, size: u64) -> Result<D
     let (Some(block), true) = (block, found) else {
         return Err(bad(format!("thin device {dev_id} is not in the pool's metadata")));
     };
+    // thin_dump walks the mappings in order; should a version not, ranges that touch are still joined.
     extents.sort_unstable();
+    extents.dedup_by(|next, kept| {
+        let touches = next.0 <= kept.1;
+        kept.1 = if touches { kept.1.max(next.1) } else { kept.1 };
+        touches
+    });
     Ok(DataMap { extents, block })
 }
 
@@ -218,6 +224,20 @@ mod tests {
 ";
         assert_eq!(extents(dump.as_bytes(), 4, 1 << 30), vec![(0, 3 << 16), (5 << 16, 6 << 16)]);
         assert!(data_map(dump.as_bytes(), 5, 1 << 30).is_err(), "another device");
+    }
+
+    #[test]
+    fn mappings_out_of_order_still_make_sorted_joined_ranges() {
+        let dump = "<superblock uuid=\"\" time=\"0\" data_block_size=\"128\" nr_data_blocks=\"0\">
+  <device dev_id=\"4\" mapped_blocks=\"5\" transaction=\"0\" creation_time=\"0\" snap_time=\"0\">
+    <single_mapping origin_block=\"8\" data_block=\"1\" time=\"0\"/>
+    <range_mapping origin_begin=\"2\" data_begin=\"4\" length=\"2\" time=\"0\"/>
+    <single_mapping origin_block=\"1\" data_block=\"2\" time=\"0\"/>
+    <single_mapping origin_block=\"4\" data_block=\"3\" time=\"0\"/>
+  </device>
+</superblock>
+";
+        assert_eq!(extents(dump.as_bytes(), 4, 1 << 30), vec![(1 << 16, 5 << 16), (8 << 16, 9 << 16)]);
     }
 
     #[test]
