@@ -268,6 +268,21 @@ for spot in 0:pattern-a 20480:pattern-c 40960:pattern-b; do
 done
 check "thin restore to a new volume: the pool maps only the 12 MiB of data ($(mapped_bytes "$new") bytes)" \
   test "$(mapped_bytes "$new")" = 12582912
+# A pool that takes no discards: the restore falls back to writing zeros over the old data. The mode can only
+# change while the pool and its LVs are inactive; nothing holds them open between requests.
+vgchange -q -an ember-thin >>"$OUT/checks.log" 2>&1
+lvchange -q --discards ignore ember-thin/ember-thin-pool >>"$OUT/checks.log" 2>&1
+vgchange -q -ay ember-thin >>"$OUT/checks.log" 2>&1
+check "thin, discards=ignore: the pool takes no discards now" \
+  test "$(lvs --noheadings -o discards ember-thin/ember-thin-pool | tr -d ' ')" = ignore
+put "$W/pattern-a" "/dev/ember-thin/volume-$new" 30720
+timed thin.restore_no_discards ember backup restore "$inc" --volume "$new" --wait >/dev/null
+for spot in 0:pattern-a 20480:pattern-c 40960:pattern-b 30720:zeros; do
+  check "thin restore, discards=ignore: ${spot#*:} at ${spot%:*} MiB" \
+    holds "/dev/ember-thin/volume-$new" "${spot%:*}" "$W/${spot#*:}"
+done
+check "thin restore, discards=ignore: zeros were written over the old 4 MiB, which stay mapped" \
+  test "$(mapped_bytes "$new")" = 16777216
 fields=lv_name,lv_size,lv_attr,pool_lv,origin,data_percent,lv_tags,thin_id
 lvs --reportformat json --units b --nosuffix -a -o "$fields" ember-thin >"$OUT/lvs-thin-ids.json" 2>&1
 ember backup delete "$inc" --wait >/dev/null
