@@ -129,8 +129,13 @@ fn print(list: &[Backup], json: bool) {
 const POLL: Duration = Duration::from_millis(50);
 
 /// One line of progress: `<id> <status> [=====>    ]  42%   1.3s   331 MB/s` (MB/s of the volume's size done).
+/// A delete moves no data, so it gets the status and the time alone, as `ember volume delete --wait` shows.
 pub fn progress_line(id: &str, status: &str, percent: u32, size_gb: u64, elapsed: Duration) -> String {
     const WIDTH: usize = 30;
+    let secs = elapsed.as_secs_f64();
+    if status == "deleting" {
+        return format!("{id} {status:<10} {secs:>6.1}s");
+    }
     let percent = percent.min(100);
     let filled = WIDTH * percent as usize / 100;
     let bar: String = (0..WIDTH)
@@ -140,7 +145,6 @@ pub fn progress_line(id: &str, status: &str, percent: u32, size_gb: u64, elapsed
             std::cmp::Ordering::Greater => ' ',
         })
         .collect();
-    let secs = elapsed.as_secs_f64();
     let done_mb = (size_gb << 30) as f64 * f64::from(percent) / 100.0 / 1e6;
     let rate = if secs > 0.0 { done_mb / secs } else { 0.0 };
     format!("{id} {status:<10} [{bar}] {percent:>3}% {secs:>6.1}s {rate:>7.0} MB/s")
@@ -333,5 +337,7 @@ mod tests {
         let full = progress_line("b1", "available", 100, 1, Duration::from_secs(2));
         assert!(full.contains(&format!("[{}] 100%", "=".repeat(30))), "{full}");
         assert!(progress_line("b1", "creating", 0, 1, Duration::ZERO).ends_with(" 0 MB/s"));
+        // A finished backup's progress stays at 100 %; its delete is not a 2,000,000 MB/s transfer.
+        assert_eq!(progress_line("b1", "deleting", 100, 1, Duration::from_millis(400)), "b1 deleting      0.4s");
     }
 }

@@ -339,7 +339,8 @@ async fn a_backup_agent_killed_mid_restore_leaves_the_target_in_error() {
 }
 
 /// `--wait` draws a progress bar with MB/s for a backup and for restores onto an existing volume and into a new
-/// one; while a restore runs, its backup is `restoring` and reports how far the restore has come.
+/// one; while a restore runs, its backup is `restoring` and reports how far the restore has come. A delete
+/// shows its status and time alone.
 #[tokio::test]
 async fn backups_and_restores_report_progress_and_the_cli_draws_it() {
     let BackupFleet { fleet, backend: _, dir, repo: _, storage: _storage, backup: agent } =
@@ -387,6 +388,12 @@ async fn backups_and_restores_report_progress_and_the_cli_draws_it() {
     let new_id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["volume_id"].as_str().unwrap().to_string();
     let restored = std::fs::read(dir.join(format!("volume-{new_id}"))).unwrap();
     assert_eq!(&restored[512 << 20..(512 << 20) + (4 << 20)], &iscsi::pattern(31, 4 << 20)[..]);
+
+    // A delete moves no data: its line has the status and the time, no bar and no rate.
+    let (ok, out, err) = fleet.cli(&["backup", "delete", &id, "--wait"]);
+    assert!(ok && err.contains(&format!("{id} deleting")), "{out}\n{err}");
+    assert!(!err.contains("MB/s") && !err.contains('['), "{err}");
+    assert!(backups.clone().get_backup(GetBackupRequest { id }).await.is_err(), "the backup is gone");
 }
 
 /// The storage agent dies while a restore writes into a new volume: the volume ends in `error`, never
