@@ -39,11 +39,12 @@ python3 "$make_volume" mutate --volume-file "$work/vol.img" --seed 2 --fraction 
 dd if="$work/vol.img" of="$file" bs=1M conv=notrunc status=none
 sync
 c2=$(cpu); t2=$(now); inc=$(ember --json backup create "$vol" --incremental --wait 2>/dev/null | python3 -c 'import json,sys; b=json.load(sys.stdin)[0]; print(b["id"], b["new_bytes"])'); t3=$(now); c3=$(cpu)
-c4=$(cpu); t4=$(now); restored=$(ember --json backup restore "${inc%% *}" --wait 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["volume_id"])'); t5=$(now); c5=$(cpu)
+read -r full_id stored full_new <<<"$full"
+read -r inc_id inc_new <<<"$inc"
+c4=$(cpu); t4=$(now); restored=$(ember --json backup restore "$inc_id" --wait 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["volume_id"])'); t5=$(now); c5=$(cpu)
 same=$(cmp -s "$work/vol.img" "$state/file-backend/volume-$restored" && echo yes || echo NO)
 rss=$(awk '/VmHWM/ {print $2}' "/proc/$agent_pid/status")
-read -r full_id stored full_new <<<"$full"
-python3 - "$size" "$t0" "$t1" "$t2" "$t3" "$t4" "$t5" "$stored" "${inc#* }" "$rss" "$same" "$(getconf CLK_TCK)" \
+python3 - "$size" "$t0" "$t1" "$t2" "$t3" "$t4" "$t5" "$stored" "$inc_new" "$rss" "$same" "$(getconf CLK_TCK)" \
   "$full_new" "$c0" "$c1" "$c2" "$c3" "$c4" "$c5" <<'PY'
 import sys
 size, t0, t1, t2, t3, t4, t5, stored, new, rss, same, hz, full_new = sys.argv[1:14]
@@ -61,5 +62,5 @@ if int(full_new) < int(stored):
     print(f"NOTE: the repository already held {(int(stored) - int(full_new))/1e6:.1f} MB of these chunks (a run less "
           "than gc_grace_seconds ago?), so the full backup wrote less than a cold one: wait a minute and run again")
 PY
-for b in "${inc%% *}" "$full_id"; do ember backup delete "$b" --wait >/dev/null 2>&1 || true; done
+for b in "$inc_id" "$full_id"; do ember backup delete "$b" --wait >/dev/null 2>&1 || true; done
 for v in "$restored" "$vol"; do ember volume delete "$v" >/dev/null 2>&1 || true; done

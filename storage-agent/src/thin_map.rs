@@ -81,9 +81,11 @@ pub fn data_map(dump: impl std::io::BufRead, dev_id: u32, size: u64) -> Result<D
     // thin_dump walks the mappings in order; should a version not, ranges that touch are still joined.
     extents.sort_unstable();
     extents.dedup_by(|next, kept| {
-        let touches = next.0 <= kept.1;
-        kept.1 = if touches { kept.1.max(next.1) } else { kept.1 };
-        touches
+        if next.0 > kept.1 {
+            return false;
+        }
+        kept.1 = kept.1.max(next.1);
+        true
     });
     Ok(DataMap { extents, block })
 }
