@@ -212,6 +212,22 @@ impl Drop for Pooled {
     }
 }
 
+/// Applies every chunk from `chunks` to `file` (see [`apply_chunk`]), in the calling (blocking) thread, until
+/// the sender is done, and returns the data bytes written. The first error stops it and drops the queue, so
+/// the sender learns of it at its next send.
+pub fn apply_chunks(
+    file: &DirectFile,
+    size: u64,
+    mapped: Option<&DataMap>,
+    mut chunks: mpsc::Receiver<VolumeChunk>,
+) -> Result<u64> {
+    let (mut written, mut scratch) = (0, AlignedBuf::default());
+    while let Some(chunk) = chunks.blocking_recv() {
+        written += apply_chunk(file, size, mapped, &chunk, &mut scratch)?;
+    }
+    Ok(written)
+}
+
 /// Applies one written chunk to `file` of `size` bytes: data is written (around the page cache, through
 /// `scratch`), `zero_length` is deallocated or zeroed. `mapped`: the only parts of the file that can hold
 /// data, when the driver knows them (a thin LV's mapped blocks, read before the first write).
@@ -295,6 +311,27 @@ mod tests {
 #[cfg(test)]
 mod stream_tests {
     use super::*;
+
+    #[test]
+    fn written_chunks_land_and_a_bad_one_stops_the_writer_and_its_sender() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v");
+        std::fs::write(&path, vec![0xAAu8; 2 << 20]).unwrap();
+        let file = DirectFile::open(&path, true).unwrap();
+        let (tx, rx) = mpsc::channel(1);
+        let writer = std::thread::spawn(move || apply_chunks(&file, 2 << 20, None, rx));
+        let data = |offset, byte| VolumeChunk { offset, data: vec![byte; 1 << 20].into(), ..Default::default() };
+        tx.blocking_send(data(0, 7)).unwrap();
+        tx.blocking_send(VolumeChunk { offset: 1 << 20, zero_length: 1 << 20, ..Default::default() }).unwrap();
+        tx.blocking_send(data(2 << 20, 9)).unwrap(); // past the end
+        // The writer drops its queue when it stops, so a sender that keeps going is told within a few sends.
+        let refused = (0..1000).any(|_| tx.blocking_send(data(0, 5)).is_err());
+        assert!(refused, "the sender was never told the writer stopped");
+        assert!(matches!(writer.join().unwrap(), Err(AgentError::InvalidArgument { field: "offset", .. })));
+        let back = std::fs::read(&path).unwrap();
+        assert!(back[..1 << 20].iter().all(|b| *b == 7), "the chunk before the bad one was written");
+        assert!(back[1 << 20..].iter().all(|b| *b == 0), "the zero run before it was cleared");
+    }
 
     #[test]
     fn streams_data_chunks_in_order_with_a_short_last_chunk() {

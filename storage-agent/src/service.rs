@@ -390,21 +390,19 @@ impl StorageAgent for StorageService {
         }
         // Which blocks of a thin LV are mapped, before anything is written: zero runs are cleared only there.
         let mapped = backend.data_map(Kind::Volume, &id).await?;
-        // Receive and write overlap: a writer thread takes chunks from a small bounded queue while the next
-        // ones arrive, then flushes the file once at the end.
-        let (queue, chunks) = std::sync::mpsc::sync_channel::<VolumeChunk>(8);
-        let writer = tokio::task::spawn_blocking(move || -> Result<u64, AgentError> {
-            let (mut written, mut scratch) = (0, ember_common::direct_io::AlignedBuf::default());
-            for chunk in chunks {
-                written += data::apply_chunk(&file, size, mapped.as_ref(), &chunk, &mut scratch)?;
-            }
+        // Receive and write overlap: a writer thread takes chunks from a small bounded queue while the next ones
+        // arrive, then flushes the file once at the end. The queue is awaited, never blocked on, so a slow disk
+        // holds up this stream only, not a runtime thread that other requests need.
+        let (queue, chunks) = tokio::sync::mpsc::channel::<VolumeChunk>(8);
+        let writer = tokio::task::spawn_blocking(move || {
+            let written = data::apply_chunks(&file, size, mapped.as_ref(), chunks)?;
             file.sync_data().map_err(AgentError::io("syncing"))?;
-            Ok(written)
+            Ok::<u64, AgentError>(written)
         });
         let mut next = Some(first);
         let mut received: Result<(), Status> = Ok(());
         while let Some(chunk) = next {
-            if queue.send(chunk).is_err() {
+            if queue.send(chunk).await.is_err() {
                 break; // the writer stopped on an error; it is reported below
             }
             next = match stream.message().await {
