@@ -363,16 +363,18 @@ async fn backups_and_restores_report_progress_and_the_cli_draws_it() {
         .unwrap();
     wait_paused(&agent, "the restore to pause at its first data chunk").await;
     let backups = BackupServiceClient::new(fleet.admin());
-    let midway = wait_for("the restore's progress on its backup", Duration::from_secs(4), || {
+    // The coordinator copies the agent's progress every 200 ms, so an earlier copy, taken while the restore
+    // was still passing the empty first half, may show less; it reaches the half and stays there.
+    let midway = wait_for("the restore's progress on its backup to reach half", Duration::from_secs(4), || {
         let mut c = backups.clone();
         let id = id.clone();
         async move {
             let b = c.get_backup(GetBackupRequest { id }).await.ok()?.into_inner();
-            (b.status == "restoring" && b.progress_percent > 0).then_some(b)
+            (b.status == "restoring" && b.progress_percent >= 45).then_some(b)
         }
     })
     .await;
-    assert!((45..=50).contains(&midway.progress_percent), "half the volume is done: {midway:?}");
+    assert!(midway.progress_percent <= 50, "no further than the paused first data chunk: {midway:?}");
     let out = restore.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
