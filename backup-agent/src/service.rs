@@ -74,6 +74,57 @@ fn io_status(context: &str) -> impl Fn(std::io::Error) -> Status + '_ {
     }
 }
 
+/// Runs `f`, which works on a repository's files, on a blocking thread. On an NFS repository any file call
+/// can wait for the server, up to the soft mount's timeout; the runtime's few threads must stay free meanwhile
+/// for the other requests (progress, other backups and restores).
+async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(e.to_string()))
+}
+
+/// [`Repository::load_backup`], off the runtime.
+async fn load_backup(repo: &Arc<Repository>, id: &str) -> Result<std::io::Result<(Manifest, Index)>, Status> {
+    let (repo, id) = (repo.clone(), id.to_string());
+    off_runtime(move || repo.load_backup(&id)).await
+}
+
+/// Chunks a backup touches in one blocking call when the storage agent sent them without data.
+const TOUCH_BATCH: usize = 256;
+
+/// Touches `digests`, chunks the storage agent sent without data because the repository has them, and records
+/// their stored sizes in `sizes`. One that is gone (collected since the parent backup was deleted) fails the
+/// backup: it must not be referenced.
+async fn touch_known(
+    repo: &Arc<Repository>,
+    digests: Vec<[u8; 32]>,
+    sizes: &mut HashMap<[u8; 32], u64>,
+) -> Result<(), Status> {
+    let r = repo.clone();
+    let touched = off_runtime(move || digests.into_iter().map(|d| (d, r.touch_chunk(&d))).collect::<Vec<_>>()).await?;
+    for (d, len) in touched {
+        let len =
+            len.ok_or_else(|| Status::data_loss(format!("chunk {} is neither sent nor in the repository", hex(&d))))?;
+        sizes.insert(d, len);
+    }
+    Ok(())
+}
+
+/// What staging one new chunk came to: its temporary file, its stored size, its digest.
+type StoreResult = Result<std::io::Result<(PathBuf, u64, [u8; 32])>, tokio::task::JoinError>;
+
+/// Counts one chunk's [`StoreResult`] into a backup's stored sizes, its staged files and its new bytes.
+fn count_stored(
+    result: StoreResult,
+    sizes: &mut HashMap<[u8; 32], u64>,
+    staged: &mut Vec<(PathBuf, [u8; 32])>,
+    new_bytes: &mut u64,
+) -> Result<(), Status> {
+    let (path, n, d) = result.map_err(|e| Status::internal(e.to_string()))?.map_err(io_status("writing a chunk"))?;
+    sizes.insert(d, n);
+    *new_bytes += n;
+    staged.push((path, d));
+    Ok(())
+}
+
 fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
@@ -103,7 +154,7 @@ impl Backups {
         let repo = self.repo(&req.repository)?;
         let source = req.source.ok_or_else(|| Status::invalid_argument("source: is required"))?;
         check_id("source.id", &source.id)?;
-        if let Ok((m, _)) = repo.load_backup(&req.backup_id) {
+        if let Ok((m, _)) = load_backup(&repo, &req.backup_id).await? {
             return Ok(response_of(&m)); // already complete: a repeated call after a crash
         }
         let started = SystemTime::now();
@@ -120,7 +171,7 @@ impl Backups {
             None
         } else {
             check_id("parent_id", &req.parent_id)?;
-            Some(repo.load_backup(&req.parent_id).map_err(io_status("parent backup"))?.1)
+            Some(load_backup(&repo, &req.parent_id).await?.map_err(io_status("parent backup"))?.1)
         };
         let mut known: Vec<u8> = Vec::new();
         if let Some(p) = &parent {
@@ -147,6 +198,7 @@ impl Backups {
         let mut sizes: HashMap<[u8; 32], u64> = HashMap::new();
         let mut staging = futures::stream::FuturesUnordered::new();
         let mut staged: Vec<(PathBuf, [u8; 32])> = Vec::new();
+        let mut untouched: Vec<[u8; 32]> = Vec::new();
         let mut new_bytes = 0u64;
         let result: Result<(), Status> = async {
             while let Some(msg) = stream.message().await? {
@@ -155,20 +207,24 @@ impl Backups {
                 index.entries.insert(msg.offset / u64::from(repo.chunk_size), digest);
                 logical += u64::from(msg.length);
                 done.store(msg.offset + u64::from(msg.length), Ordering::Relaxed);
-                if sizes.contains_key(&digest) {
+                if sizes.insert(digest, 0).is_some() {
+                    continue; // already counted in this backup
+                }
+                if msg.data.is_empty() {
+                    // Sent without data as one the repository has: touched (and so kept from GC) in batches.
+                    untouched.push(digest);
+                    if untouched.len() >= TOUCH_BATCH {
+                        touch_known(&repo, std::mem::take(&mut untouched), &mut sizes).await?;
+                    }
                     continue;
                 }
-                if let Some(len) = repo.touch_chunk(&digest) {
-                    sizes.insert(digest, len);
+                // New to the storage agent, but the repository may have it from another volume: touched if so
+                // (before anything else happens, so a garbage collection that starts now keeps it), stored if not.
+                let r = repo.clone();
+                if let Some(n) = off_runtime(move || r.touch_chunk(&digest)).await? {
+                    sizes.insert(digest, n);
                     continue;
                 }
-                if msg.known || msg.data.is_empty() {
-                    return Err(Status::data_loss(format!(
-                        "chunk {} is neither sent nor in the repository",
-                        hex(&digest)
-                    )));
-                }
-                sizes.insert(digest, 0);
                 failpoint("backup.stage_chunk");
                 let r = repo.clone();
                 staging.push(tokio::task::spawn_blocking(move || {
@@ -176,34 +232,24 @@ impl Backups {
                 }));
                 // Bounded: at most `workers` chunks in memory and in flight.
                 while staging.len() >= self.workers {
-                    let (path, n, d) = staging
-                        .next()
-                        .await
-                        .expect("non-empty")
-                        .map_err(|e| Status::internal(e.to_string()))?
-                        .map_err(io_status("writing a chunk"))?;
-                    sizes.insert(d, n);
-                    new_bytes += n;
-                    staged.push((path, d));
+                    let next = staging.next().await.expect("non-empty");
+                    count_stored(next, &mut sizes, &mut staged, &mut new_bytes)?;
                 }
             }
-            while let Some(done) = staging.next().await {
-                let (path, n, d) =
-                    done.map_err(|e| Status::internal(e.to_string()))?.map_err(io_status("writing a chunk"))?;
-                sizes.insert(d, n);
-                new_bytes += n;
-                staged.push((path, d));
+            touch_known(&repo, untouched, &mut sizes).await?;
+            while let Some(next) = staging.next().await {
+                count_stored(next, &mut sizes, &mut staged, &mut new_bytes)?;
             }
             Ok(())
         }
         .await;
         if let Err(e) = result {
-            while let Some(Ok(Ok((path, _, _)))) = staging.next().await {
-                let _ = std::fs::remove_file(path);
+            while let Some(next) = staging.next().await {
+                if let Ok(Ok((path, _, d))) = next {
+                    staged.push((path, d));
+                }
             }
-            for (path, _) in &staged {
-                let _ = std::fs::remove_file(path);
-            }
+            off_runtime(move || staged.iter().for_each(|(path, _)| drop(std::fs::remove_file(path)))).await?;
             tracing::warn!(backup_id = %req.backup_id, "backup failed: {}", e.message());
             return Err(e);
         }
@@ -230,7 +276,9 @@ impl Backups {
             new_bytes,
             index_sha256: String::new(),
         };
-        repo.commit_backup(&mut manifest, &index).map_err(io_status("writing the index"))?;
+        let manifest = off_runtime(move || repo.commit_backup(&mut manifest, &index).map(|()| manifest))
+            .await?
+            .map_err(io_status("writing the index"))?;
         tracing::info!(backup_id = %req.backup_id, chunks = manifest.chunks, new_chunks = staged_count, new_bytes, "backup complete");
         let mut resp = response_of(&manifest);
         resp.chunks_transferred = staged_count as u64;
@@ -242,7 +290,7 @@ impl Backups {
         let repo = self.repo(&req.repository)?;
         let target = req.target.ok_or_else(|| Status::invalid_argument("target: is required"))?;
         check_id("target.id", &target.id)?;
-        let (manifest, index) = repo.load_backup(&req.backup_id).map_err(io_status("backup"))?;
+        let (manifest, index) = load_backup(&repo, &req.backup_id).await?.map_err(io_status("backup"))?;
         if target.size_bytes != 0 && target.size_bytes < manifest.volume_size {
             return Err(Status::failed_precondition(format!(
                 "target holds {} bytes; the backup needs {}",
@@ -250,8 +298,10 @@ impl Backups {
             )));
         }
         // Refuse early when a chunk is missing altogether.
-        if let Some(d) = index.entries.values().find(|d| !repo.chunk_path(d).exists()) {
-            return Err(Status::data_loss(format!("chunk {} is missing", hex(d))));
+        let (r, entries) = (repo.clone(), Arc::new(index.entries));
+        let all = entries.clone();
+        if let Some(d) = off_runtime(move || all.values().find(|d| !r.chunk_path(d).exists()).copied()).await? {
+            return Err(Status::data_loss(format!("chunk {} is missing", hex(&d))));
         }
         let cs = u64::from(index.chunk_size);
         let positions = manifest.volume_size.div_ceil(cs);
@@ -264,7 +314,6 @@ impl Backups {
         };
         let blank = req.target_is_blank;
         let (_tracked, done) = self.track(&req.backup_id, manifest.volume_size);
-        let entries = Arc::new(index.entries);
         let workers = self.workers;
         let producer = tokio::spawn(async move {
             if tx.send(first).await.is_err() {
@@ -337,7 +386,7 @@ impl Backups {
     async fn verify(&self, req: VerifyBackupRequest) -> Result<VerifyBackupResponse, Status> {
         check_id("backup_id", &req.backup_id)?;
         let repo = self.repo(&req.repository)?;
-        let (_, index) = repo.load_backup(&req.backup_id).map_err(io_status("backup"))?;
+        let (_, index) = load_backup(&repo, &req.backup_id).await?.map_err(io_status("backup"))?;
         let unique: Vec<[u8; 32]> = index.entries.values().copied().collect::<HashSet<_>>().into_iter().collect();
         let mut resp = VerifyBackupResponse { chunks_checked: unique.len() as u64, ..Default::default() };
         let checks = futures::stream::iter(unique)
@@ -490,7 +539,8 @@ impl BackupAgent for BackupService {
     async fn delete_backup(&self, req: Request<DeleteBackupRequest>) -> Result<Response<DeleteBackupResponse>, Status> {
         let r = req.into_inner();
         check_id("backup_id", &r.backup_id)?;
-        self.0.repo(&r.repository)?.delete_backup(&r.backup_id).map_err(io_status("deleting"))?;
+        let (repo, id) = (self.0.repo(&r.repository)?, r.backup_id.clone());
+        off_runtime(move || repo.delete_backup(&id)).await?.map_err(io_status("deleting"))?;
         tracing::info!(backup_id = %r.backup_id, "backup deleted");
         Ok(Response::new(DeleteBackupResponse {}))
     }
@@ -506,7 +556,7 @@ impl BackupAgent for BackupService {
         let r = req.into_inner();
         check_id("backup_id", &r.backup_id)?;
         let repo = self.0.repo(&r.repository)?;
-        if let Ok((m, _)) = repo.load_backup(&r.backup_id) {
+        if let Ok((m, _)) = load_backup(&repo, &r.backup_id).await? {
             return Ok(Response::new(response_of(&m)));
         }
         let started = now_rfc3339();

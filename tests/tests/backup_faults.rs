@@ -312,6 +312,45 @@ async fn a_backup_fails_cleanly_when_its_source_or_repository_goes_away() {
     assert!(v.status_reason.is_empty());
 }
 
+/// A chunk the parent backup references is gone from the repository (lost, or collected after a delete): an
+/// incremental, which the storage agent sends that chunk to without its data, fails naming it, and publishes
+/// nothing that would reference it.
+#[tokio::test]
+async fn an_incremental_whose_known_chunk_is_gone_fails_naming_it() {
+    let BackupFleet { fleet, backend: _, dir, repo, storage: _storage, backup: _agent } = BackupFleet::start(&[]).await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    fill(&dir.join(format!("volume-{}", v.id)), 0, 14, 4 << 20);
+    let backups = BackupServiceClient::new(fleet.admin());
+    let full = start_backup(&backups, &v.id).await;
+    assert_eq!(wait_backup(&backups, &full.id).await.status, "available");
+    let chunk = walkdir(&repo.join("chunks")).into_iter().next().expect("a stored chunk");
+    std::fs::remove_file(&chunk).unwrap();
+    let name = chunk.file_name().unwrap().to_string_lossy().to_string();
+
+    let incremental = backups
+        .clone()
+        .create_backup(CreateBackupRequest { volume_id: v.id.clone(), incremental: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let b = wait_backup(&backups, &incremental.id).await;
+    assert_eq!(b.status, "error", "{b:?}");
+    assert!(b.status_reason.contains(&name) && b.status_reason.contains("neither sent nor in the repository"), "{b:?}");
+    assert!(!repo.join("backups").join(&b.id).exists(), "nothing is published that references the lost chunk");
+    wait_volume(&volumes, &v.id, "available").await;
+}
+
+/// Every file under `dir`, at any depth.
+fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() { files.extend(walkdir(&path)) } else { files.push(path) }
+    }
+    files
+}
+
 /// The backup agent dies mid-restore: the restore target never becomes available with partial data.
 #[tokio::test]
 async fn a_backup_agent_killed_mid_restore_leaves_the_target_in_error() {
