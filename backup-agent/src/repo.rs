@@ -22,6 +22,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
 
 /// The repository format this build writes and reads.
 pub const FORMAT: u32 = 1;
@@ -130,6 +131,10 @@ pub struct Repository {
     /// Chunk size.
     pub chunk_size: u32,
     tmp_counter: AtomicU64,
+    /// Held while a chunk is touched and while garbage collection decides on one chunk and removes it, so a
+    /// touch lands either before the decision (which then sees the new time) or after the removal (which it
+    /// then sees as missing), never in between.
+    touch_or_sweep: std::sync::Mutex<()>,
 }
 
 fn write_atomic(dir: &Path, tmp_dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
@@ -171,7 +176,12 @@ impl Repository {
         for entry in fs::read_dir(root.join("tmp"))?.flatten() {
             let _ = fs::remove_file(entry.path());
         }
-        Ok(Repository { root: root.into(), chunk_size: cfg.chunk_size, tmp_counter: AtomicU64::new(0) })
+        Ok(Repository {
+            root: root.into(),
+            chunk_size: cfg.chunk_size,
+            tmp_counter: AtomicU64::new(0),
+            touch_or_sweep: Default::default(),
+        })
     }
 
     /// Where chunk `digest` lives.
@@ -184,6 +194,7 @@ impl Repository {
     /// collection keeps it (see [`Repository::collect_garbage`]). Returns its stored size.
     pub fn touch_chunk(&self, digest: &[u8; 32]) -> Option<u64> {
         let path = self.chunk_path(digest);
+        let _touching = self.touch_or_sweep.lock().expect("touch lock");
         let meta = fs::metadata(&path).ok()?;
         let _ = nix::sys::stat::utimensat(
             nix::fcntl::AT_FDCWD,
@@ -193,6 +204,18 @@ impl Repository {
             nix::sys::stat::UtimensatFlags::FollowSymlink,
         );
         Some(meta.len())
+    }
+
+    /// Now, by the repository's own clock: the time its filesystem stamps on a file created now. Garbage
+    /// collection compares chunk times with this, never with the agent's clock: a local filesystem stamps a
+    /// coarse clock that lags the precise one (by 7 ms, seen here: a chunk touched just after a backup began
+    /// looked older than the backup), and an NFS server stamps its own.
+    pub fn clock(&self) -> io::Result<SystemTime> {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let probe = self.root.join("tmp").join(format!("clock.{}.{n}", std::process::id()));
+        let stamped = File::create(&probe).and_then(|f| f.metadata()).and_then(|m| m.modified());
+        let _ = fs::remove_file(&probe);
+        stamped
     }
 
     /// Encodes and writes a new chunk under `tmp/`; returns the temporary path and the stored size. The chunk is
@@ -297,7 +320,7 @@ impl Repository {
     /// modification time is older than `cutoff`. Backups running during the collection are safe because every
     /// chunk they write is new (newer than the cutoff) and every existing chunk they reuse is touched
     /// ([`Repository::touch_chunk`]); the caller passes a cutoff no later than the start of the oldest backup
-    /// still running. Returns (chunks removed, bytes freed).
+    /// still running, both read from [`Repository::clock`]. Returns (chunks removed, bytes freed).
     pub fn collect_garbage(&self, cutoff: std::time::SystemTime) -> io::Result<(u64, u64)> {
         let mut marked = std::collections::HashSet::new();
         for id in self.backups()? {
@@ -314,6 +337,7 @@ impl Repository {
                     if marked.contains(&digest) {
                         continue;
                     }
+                    let _sweeping = self.touch_or_sweep.lock().expect("touch lock");
                     let meta = c.metadata()?;
                     if meta.modified()? >= cutoff {
                         continue;
@@ -331,6 +355,25 @@ impl Repository {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chunk_touched_after_reading_the_clock_is_never_older_than_it() {
+        // The property garbage collection relies on. The agent's precise clock does not give it: a filesystem
+        // stamps a coarser one that can lag it by milliseconds.
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open(dir.path(), DEFAULT_CHUNK_SIZE).unwrap();
+        let plain = vec![3u8; 4096];
+        let digest: [u8; 32] = Sha256::digest(&plain).into();
+        let (tmp, _) = repo.stage_chunk(&plain, &digest).unwrap();
+        repo.publish(&[(tmp, digest)]).unwrap();
+        for _ in 0..200 {
+            let now = repo.clock().unwrap();
+            assert!(repo.touch_chunk(&digest).is_some());
+            let touched = fs::metadata(repo.chunk_path(&digest)).unwrap().modified().unwrap();
+            assert!(touched >= now, "touched at {touched:?}, before the clock's {now:?}");
+        }
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0, "the clock leaves no file behind");
+    }
 
     #[test]
     fn index_round_trip_and_commit() {

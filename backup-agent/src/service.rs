@@ -21,8 +21,9 @@ pub struct Backups {
     pub repos: BTreeMap<String, Arc<Repository>>,
     /// Our certificate, for calling storage agents.
     pub tls: TlsFiles,
-    /// Start times of the backups running now (garbage collection must not outrun them).
-    pub running: Mutex<HashMap<String, SystemTime>>,
+    /// The backups running now, by id: their repository's root and their start by its clock
+    /// ([`Repository::clock`]); garbage collection there must not outrun them.
+    pub running: Mutex<HashMap<String, (PathBuf, SystemTime)>>,
     /// Chunks processed at once (compression, decompression).
     pub workers: usize,
     /// Unreferenced chunks younger than this survive garbage collection.
@@ -158,12 +159,15 @@ impl Backups {
             return Ok(response_of(&m)); // already complete: a repeated call after a crash
         }
         let started = SystemTime::now();
+        let r = repo.clone();
+        let started_here =
+            off_runtime(move || r.clock()).await?.map_err(io_status("reading the repository's clock"))?;
         {
             let mut running = self.running.lock().expect("running");
             if running.contains_key(&req.backup_id) {
                 return Err(Status::unavailable(format!("backup {} is already running here", req.backup_id)));
             }
-            running.insert(req.backup_id.clone(), started);
+            running.insert(req.backup_id.clone(), (repo.root.clone(), started_here));
         }
         let _running = Running(self, req.backup_id.clone());
 
@@ -593,9 +597,14 @@ impl BackupAgent for BackupService {
         req: Request<CollectGarbageRequest>,
     ) -> Result<Response<CollectGarbageResponse>, Status> {
         let repo = self.0.repo(&req.get_ref().repository)?;
-        let oldest = self.0.running.lock().expect("running").values().min().copied();
-        // Keep anything touched since the collection (or the oldest running backup) began, less the grace.
-        let cutoff = oldest.unwrap_or_else(SystemTime::now).min(SystemTime::now()) - self.0.gc_grace;
+        let r = repo.clone();
+        let now = off_runtime(move || r.clock()).await?.map_err(io_status("reading the repository's clock"))?;
+        let oldest = {
+            let running = self.0.running.lock().expect("running");
+            running.values().filter(|(root, _)| *root == repo.root).map(|(_, start)| *start).min()
+        };
+        // Keep anything touched since the collection (or the oldest backup running there) began, less the grace.
+        let cutoff = oldest.unwrap_or(now).min(now) - self.0.gc_grace;
         let (removed, freed) = tokio::task::spawn_blocking(move || repo.collect_garbage(cutoff))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
