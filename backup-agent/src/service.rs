@@ -88,6 +88,12 @@ async fn load_backup(repo: &Arc<Repository>, id: &str) -> Result<std::io::Result
     off_runtime(move || repo.load_backup(&id)).await
 }
 
+/// [`Repository::clock`], off the runtime.
+async fn repository_clock(repo: &Arc<Repository>) -> Result<SystemTime, Status> {
+    let r = repo.clone();
+    off_runtime(move || r.clock()).await?.map_err(io_status("reading the repository's clock"))
+}
+
 /// Chunks a backup touches in one blocking call when the storage agent sent them without data.
 const TOUCH_BATCH: usize = 256;
 
@@ -159,9 +165,7 @@ impl Backups {
             return Ok(response_of(&m)); // already complete: a repeated call after a crash
         }
         let started = SystemTime::now();
-        let r = repo.clone();
-        let started_here =
-            off_runtime(move || r.clock()).await?.map_err(io_status("reading the repository's clock"))?;
+        let started_here = repository_clock(&repo).await?;
         {
             let mut running = self.running.lock().expect("running");
             if running.contains_key(&req.backup_id) {
@@ -259,10 +263,7 @@ impl Backups {
         }
         let r = repo.clone();
         let staged_count = staged.len();
-        tokio::task::spawn_blocking(move || r.publish(&staged))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(io_status("publishing chunks"))?;
+        off_runtime(move || r.publish(&staged)).await?.map_err(io_status("publishing chunks"))?;
         let mut manifest = Manifest {
             format: crate::repo::FORMAT,
             backup_id: req.backup_id.clone(),
@@ -567,7 +568,7 @@ impl BackupAgent for BackupService {
         let image = repo.root.join("tmp").join(format!("import-{}.img", r.backup_id));
         let (dir, cinder_id) = (PathBuf::from(&r.directory), r.cinder_backup_id.clone());
         let backup_id = r.backup_id.clone();
-        let result = tokio::task::spawn_blocking(move || -> Result<Manifest, Status> {
+        let result = off_runtime(move || -> Result<Manifest, Status> {
             let rebuilt = crate::cinder::rebuild(&dir, &cinder_id, &image);
             let stored = rebuilt.map_err(Status::failed_precondition).and_then(|(volume_id, _)| {
                 store_image(&repo, &image, &backup_id, &volume_id, started).map_err(io_status("storing the import"))
@@ -575,8 +576,7 @@ impl BackupAgent for BackupService {
             let _ = std::fs::remove_file(&image);
             stored
         })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))??;
+        .await??;
         tracing::info!(backup_id = %r.backup_id, cinder_backup_id = %r.cinder_backup_id, chunks = result.chunks, "Cinder backup imported");
         Ok(Response::new(response_of(&result)))
     }
@@ -597,18 +597,15 @@ impl BackupAgent for BackupService {
         req: Request<CollectGarbageRequest>,
     ) -> Result<Response<CollectGarbageResponse>, Status> {
         let repo = self.0.repo(&req.get_ref().repository)?;
-        let r = repo.clone();
-        let now = off_runtime(move || r.clock()).await?.map_err(io_status("reading the repository's clock"))?;
+        let now = repository_clock(&repo).await?;
         let oldest = {
             let running = self.0.running.lock().expect("running");
             running.values().filter(|(root, _)| *root == repo.root).map(|(_, start)| *start).min()
         };
         // Keep anything touched since the collection (or the oldest backup running there) began, less the grace.
         let cutoff = oldest.unwrap_or(now).min(now) - self.0.gc_grace;
-        let (removed, freed) = tokio::task::spawn_blocking(move || repo.collect_garbage(cutoff))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(io_status("garbage collection"))?;
+        let (removed, freed) =
+            off_runtime(move || repo.collect_garbage(cutoff)).await?.map_err(io_status("garbage collection"))?;
         tracing::info!(removed, freed, "garbage collected");
         Ok(Response::new(CollectGarbageResponse { chunks_removed: removed, bytes_freed: freed }))
     }
