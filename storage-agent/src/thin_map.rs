@@ -70,6 +70,7 @@ pub fn data_map(dump: impl std::io::BufRead, dev_id: u32, size: u64) -> Result<D
         if start >= end {
             continue;
         }
+        // Joined as they come: thin_dump lists them in order, so a large device's list stays short.
         match extents.last_mut() {
             Some(last) if last.1 == start => last.1 = end,
             _ => extents.push((start, end)),
