@@ -69,6 +69,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let file: BackupConfig = ember_common::config::load(args.agent.config.as_deref())?;
     let id = args.agent.resolve(file.agent.clone())?;
     let mut repos = std::collections::BTreeMap::new();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let holder = format!("backup agent {} on host {}, process {}", id.name, host.trim(), std::process::id());
     for r in &file.repositories {
         if !valid_name(&r.name) {
             return Err(format!("repository name {:?} is not valid", r.name).into());
@@ -83,7 +85,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 format!("repository {}: chunk_size must be a power of two from 64 KiB to 64 MiB", r.name).into()
             );
         }
-        let opened = repo::Repository::open(&r.directory, chunk_size)
+        if repos.contains_key(&r.name) {
+            return Err(format!("repository name {:?} appears twice", r.name).into());
+        }
+        let opened = repo::Repository::open(&r.directory, chunk_size, &holder)
             .map_err(|e| format!("repository {} at {}: {e}", r.name, r.directory.display()))?;
         repos.insert(r.name.clone(), std::sync::Arc::new(opened));
     }

@@ -7,6 +7,7 @@
 //! <repo>/backups/<id>/index             which chunk sits at which position
 //! <repo>/backups/<id>/manifest.json     ids, parent, times, sizes, format, the index's sha256
 //! <repo>/tmp/                           files being written; removed at start
+//! <repo>/lock                           locked by the one agent using the repository; says which agent
 //! ```
 //!
 //! Durability: chunk files are written under `tmp/`, the filesystem is synced (`syncfs`), and only then are
@@ -135,6 +136,10 @@ pub struct Repository {
     /// touch lands either before the decision (which then sees the new time) or after the removal (which it
     /// then sees as missing), never in between.
     touch_or_sweep: std::sync::Mutex<()>,
+    /// `lock`, exclusively locked while the repository is open. Garbage collection knows only the backups
+    /// running in this process, and opening clears `tmp/`: a second agent on the same directory (say, the same
+    /// NFS share mounted on two backup nodes) could delete chunks the other is writing or relying on.
+    _lock: File,
 }
 
 fn write_atomic(dir: &Path, tmp_dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
@@ -146,14 +151,41 @@ fn write_atomic(dir: &Path, tmp_dir: &Path, name: &str, data: &[u8]) -> io::Resu
     File::open(dir)?.sync_all()
 }
 
+/// Locks `path` (created if missing) exclusively without waiting, then writes `holder` into it, so a process
+/// refused the lock can say who has it. The lock is `flock`, which Linux maps to an NFS lock on an NFS mount,
+/// and it goes when the process ends, however it ends.
+fn lock_exclusively(path: &Path, holder: &str) -> io::Result<File> {
+    // Opened for writing: NFS grants an exclusive lock only on a file open for writing.
+    let mut file = fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let other = fs::read_to_string(path).unwrap_or_default();
+            let other = if other.trim().is_empty() { "unknown" } else { other.trim() };
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!("in use by another process ({other}); a repository belongs to one backup agent"),
+            ));
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(e),
+    }
+    file.set_len(0)?;
+    file.write_all(holder.as_bytes())?;
+    Ok(file)
+}
+
 /// Hex of a digest.
 pub fn hex(d: &[u8; 32]) -> String {
     hex::encode(d)
 }
 
 impl Repository {
-    /// Opens the repository in `root`, creating it with `chunk_size` when new; clears `tmp/`.
-    pub fn open(root: &Path, chunk_size: u32) -> io::Result<Repository> {
+    /// Opens the repository in `root`, creating it with `chunk_size` when new, and locks it for this process,
+    /// described to others as `holder`; clears `tmp/`. Fails with [`io::ErrorKind::ResourceBusy`] naming the
+    /// holder when another process has it open.
+    pub fn open(root: &Path, chunk_size: u32, holder: &str) -> io::Result<Repository> {
+        fs::create_dir_all(root)?;
+        let lock = lock_exclusively(&root.join("lock"), holder)?;
         for d in ["chunks", "backups", "tmp"] {
             fs::create_dir_all(root.join(d))?;
         }
@@ -181,6 +213,7 @@ impl Repository {
             chunk_size: cfg.chunk_size,
             tmp_counter: AtomicU64::new(0),
             touch_or_sweep: Default::default(),
+            _lock: lock,
         })
     }
 
@@ -361,7 +394,7 @@ mod tests {
         // The property garbage collection relies on. The agent's precise clock does not give it: a filesystem
         // stamps a coarser one that can lag it by milliseconds.
         let dir = tempfile::tempdir().unwrap();
-        let repo = Repository::open(dir.path(), DEFAULT_CHUNK_SIZE).unwrap();
+        let repo = Repository::open(dir.path(), DEFAULT_CHUNK_SIZE, "test").unwrap();
         let plain = vec![3u8; 4096];
         let digest: [u8; 32] = Sha256::digest(&plain).into();
         let (tmp, _) = repo.stage_chunk(&plain, &digest).unwrap();
@@ -376,9 +409,29 @@ mod tests {
     }
 
     #[test]
+    fn a_second_opener_is_refused_naming_the_holder_and_clears_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Repository::open(dir.path(), DEFAULT_CHUNK_SIZE, "backup agent b1, process 7").unwrap();
+        let plain = vec![5u8; 4096];
+        let digest: [u8; 32] = Sha256::digest(&plain).into();
+        let (staged, _) = first.stage_chunk(&plain, &digest).unwrap();
+
+        let err = Repository::open(dir.path(), DEFAULT_CHUNK_SIZE, "backup agent b2").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ResourceBusy);
+        assert!(err.to_string().contains("backup agent b1, process 7"), "{err}");
+        assert!(staged.exists(), "the refused opener must not clear the holder's tmp/");
+
+        drop(first);
+        let second = Repository::open(dir.path(), DEFAULT_CHUNK_SIZE, "backup agent b2").unwrap();
+        assert!(!staged.exists(), "the new holder clears what the old one left in tmp/");
+        assert_eq!(fs::read_to_string(dir.path().join("lock")).unwrap(), "backup agent b2");
+        drop(second);
+    }
+
+    #[test]
     fn index_round_trip_and_commit() {
         let dir = tempfile::tempdir().unwrap();
-        let repo = Repository::open(dir.path(), DEFAULT_CHUNK_SIZE).unwrap();
+        let repo = Repository::open(dir.path(), DEFAULT_CHUNK_SIZE, "test").unwrap();
         let plain = vec![7u8; 4096];
         let digest: [u8; 32] = Sha256::digest(&plain).into();
         let (tmp, _) = repo.stage_chunk(&plain, &digest).unwrap();

@@ -3,7 +3,8 @@
 # fleet (coordinator, storage agent, backup agent) uses it the way a user would — the storage agent's file
 # backend on an NFS 4.2 mount it makes itself, the backup agent's repository on another share of the same
 # server. Checks: sparse volume files on the server, snapshot and clone data, a backup whose chunks land on
-# the server, a bit-identical restore, verify, and deletes that leave nothing behind.
+# the server, a bit-identical restore, verify, deletes that leave nothing behind, and a repository share
+# that a second backup agent refuses while the first holds it.
 set -u
 JOB=$(cd "$(dirname "$0")" && pwd)
 OUT=/ember/out
@@ -28,7 +29,7 @@ rpc.nfsd -N 3 --no-udp 8
 check "nfs: the kernel server exports /srv/nfs on the guest's loopback" sh -c "exportfs | grep -q /srv/nfs"
 
 # ---------------------------------------------------------------- the fleet
-fleet_certs "$W/certs" coordinator:coordinator storage-agent:storage2 backup-agent:backup1
+fleet_certs "$W/certs" coordinator:coordinator storage-agent:storage2 backup-agent:backup1 backup-agent:backup2
 { printf 'listen = "127.0.0.1:7010"\ndatabase = "%s/ember.db"\n' "$W"; tls coordinator; } >"$W/coordinator.toml"
 cat >"$W/storage.toml" <<CFG
 name = "storage2"
@@ -73,6 +74,21 @@ check "nfs: the storage agent registers" wait_for 90 up storage2
 check "nfs: the backup agent registers" wait_for 90 up backup1
 check "nfs: the storage agent mounted its share with NFS 4.2" sh -c "grep ' /mnt/ember-volumes nfs4 ' /proc/mounts | grep -q vers=4.2"
 check "nfs: the backup agent mounted its repository share" sh -c "grep -q ' /mnt/ember-backups nfs4 ' /proc/mounts"
+
+# A second backup agent given the same share, as a second backup node would be, must refuse it: its start-up
+# clean-up and its garbage collection know nothing of the first agent's running backups. The lock is an NFS
+# lock, held on the server.
+sed -e 's/"backup1"/"backup2"/' -e 's/:7013"/:7014"/' -e 's#/mnt/ember-backups"#/mnt/ember-backups2"#' \
+  -e 's#/backup1\.#/backup2.#' "$W/backup.toml" >"$W/backup2.toml"
+mkdir -p /mnt/ember-backups2
+refuses_shared_repository() {
+  ! timeout 60 ember-backup-agent --config "$W/backup2.toml" >/dev/null 2>"$W/logs/nfs-backup2.log" &&
+    grep -q 'repository nfsrepo at /mnt/ember-backups2: in use by another process (backup agent backup1 ' \
+      "$W/logs/nfs-backup2.log"
+}
+check "nfs: a second backup agent on the same share refuses it, naming the first" refuses_shared_repository
+check "nfs: ... which holds the lock file on the server" grep -q 'backup agent backup1 ' /srv/nfs/backups/lock
+umount /mnt/ember-backups2 2>/dev/null
 
 vol=$(timed nfs.create ember --json volume create --size 1 --wait | json_field id)
 check "nfs: the volume file is on the server" test -f "/srv/nfs/volumes/volume-$vol"

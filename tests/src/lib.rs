@@ -262,6 +262,46 @@ impl Fleet {
 
     /// [`Fleet::start_agent`] with extra environment.
     pub fn start_agent_with(&self, kind: &str, name: &str, extra_toml: &str, env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = self.agent_command(kind, name, extra_toml);
+        cmd.envs(env.iter().copied());
+        Daemon::start(cmd, self.dir.path().join(format!("{kind}-{name}-{}.log", self.next_log())))
+    }
+
+    /// Starts an agent that is expected to refuse to run; returns its exit status and what it wrote to stderr.
+    /// Panics if it is still running after `timeout`.
+    pub fn agent_refusing_to_start(
+        &self,
+        kind: &str,
+        name: &str,
+        extra_toml: &str,
+        timeout: Duration,
+    ) -> (std::process::ExitStatus, String) {
+        let log = self.dir.path().join(format!("{kind}-{name}-{}.log", self.next_log()));
+        let mut child = self
+            .agent_command(kind, name, extra_toml)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("starting agent");
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("agent {name} is still running; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (status, std::fs::read_to_string(&log).unwrap_or_default())
+    }
+
+    /// The command that runs agent `kind` named `name`, with a certificate issued for it and `extra_toml` in
+    /// its config.
+    fn agent_command(&self, kind: &str, name: &str, extra_toml: &str) -> Command {
         let role = match kind {
             "storage" => Role::StorageAgent,
             "compute" => Role::ComputeAgent,
@@ -297,8 +337,8 @@ impl Fleet {
         );
         std::fs::write(&config, text).expect("agent config");
         let mut cmd = Command::new(bin(&format!("ember-{kind}-agent")));
-        cmd.arg("--config").arg(&config).envs(env.iter().copied());
-        Daemon::start(cmd, self.dir.path().join(format!("{kind}-{name}-{}.log", self.next_log())))
+        cmd.arg("--config").arg(&config);
+        cmd
     }
 
     /// The tgtd control port and portal port of storage agent `name` (stable across its restarts).

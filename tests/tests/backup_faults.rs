@@ -119,6 +119,39 @@ async fn a_backup_agent_killed_mid_backup_ends_the_backup_in_error_and_leaves_no
 }
 
 #[tokio::test]
+async fn a_second_backup_agent_on_the_same_repository_refuses_to_start_and_disturbs_nothing() {
+    let BackupFleet { fleet, backend: _, dir, repo, storage: _storage, backup: _agent } = BackupFleet::start(&[]).await;
+    // Stands for a chunk the running agent is writing: a second agent that opened the repository would clear it.
+    let in_flight = repo.join("tmp").join("in-flight");
+    std::fs::write(&in_flight, b"staged").unwrap();
+
+    let (status, log) =
+        fleet.agent_refusing_to_start("backup", "backup2", &backup_toml(&repo), Duration::from_secs(30));
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("repository repo1 at") && log.contains("in use by another process"), "{log}");
+    assert!(log.contains("backup agent backup1 on host"), "the refusal names the holder: {log}");
+    assert!(in_flight.exists(), "the refused agent cleared the holder's tmp/");
+    let services = ember_proto::v1::fleet_service_client::FleetServiceClient::new(fleet.admin())
+        .list_services(ListServicesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .services;
+    assert!(services.iter().all(|s| s.name != "backup2"), "{services:?}");
+
+    // The holder goes on serving backups from its repository.
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let backups = BackupServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    fill(&dir.join(format!("volume-{}", v.id)), 0, 9, 2 << 20);
+    let b = start_backup(&backups, &v.id).await;
+    let done = wait_backup(&backups, &b.id).await;
+    assert_eq!(done.status, "available", "{done:?}");
+    let report = backups.clone().verify_backup(VerifyBackupRequest { id: b.id.clone() }).await.unwrap().into_inner();
+    assert_eq!((report.chunks_checked, report.missing_chunks.len(), report.corrupt_chunks.len()), (2, 0, 0));
+}
+
+#[tokio::test]
 async fn garbage_collection_during_a_running_backup_loses_nothing() {
     let BackupFleet { fleet, backend: _, dir, repo, storage: _storage, backup: agent } =
         BackupFleet::start(&[("EMBER_FAILPOINTS", "backup.pause_stage_chunk")]).await;
