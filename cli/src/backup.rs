@@ -64,6 +64,15 @@ enum BackupAction {
         /// Name of the new volume.
         #[arg(long, default_value = "")]
         name: String,
+        /// Size of the new volume in GiB (default: the backup's; at least that).
+        #[arg(long, default_value_t = 0)]
+        size: u64,
+        /// Volume type (id or name) of the new volume (default type when omitted).
+        #[arg(long = "type", default_value = "")]
+        volume_type: String,
+        /// Availability zone of the new volume.
+        #[arg(long, default_value = "")]
+        availability_zone: String,
         /// Wait until done, showing progress.
         #[arg(long)]
         wait: bool,
@@ -258,9 +267,16 @@ pub async fn run(cmd: BackupCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
             }
             println!("backup {id} {}", if w { "deleted" } else { "deleting" });
         }
-        BackupAction::Restore { id, volume, name, wait: w } => {
+        BackupAction::Restore { id, volume, name, size, volume_type, availability_zone, wait: w } => {
             let r = client
-                .restore_backup(RestoreBackupRequest { backup_id: id, volume_id: volume, name })
+                .restore_backup(RestoreBackupRequest {
+                    backup_id: id,
+                    volume_id: volume,
+                    name,
+                    size_gb: size,
+                    volume_type,
+                    availability_zone,
+                })
                 .await?
                 .into_inner();
             if w {

@@ -18,9 +18,9 @@ pub struct VolumeCmd {
 
 #[derive(Debug, clap::Subcommand)]
 enum VolumeAction {
-    /// Create a volume (blank, from a snapshot, or a clone).
+    /// Create a volume (blank, from a snapshot, a clone, from a backup, or from an image).
     Create {
-        /// Size in GiB (may be omitted with --snapshot or --source-volume).
+        /// Size in GiB (may be omitted with --snapshot, --source-volume or --backup).
         #[arg(long, default_value_t = 0)]
         size: u64,
         /// Name.
@@ -47,6 +47,9 @@ enum VolumeAction {
         /// Clone this volume.
         #[arg(long, default_value = "")]
         source_volume: String,
+        /// Restore this backup into the new volume (as `ember backup restore` does).
+        #[arg(long, default_value = "")]
+        backup: String,
         /// Fill from this image: a raw or qcow2 file (absolute path on the storage node) or an http(s) URL; the
         /// volume becomes bootable.
         #[arg(long, default_value = "")]
@@ -166,6 +169,7 @@ pub fn volume_json(v: &Volume) -> serde_json::Value {
         "status": v.status, "status_reason": v.status_reason, "volume_type": v.volume_type_name,
         "availability_zone": v.availability_zone, "host": v.host, "metadata": v.metadata, "bootable": v.bootable,
         "multiattach": v.multiattach, "source_snapshot_id": v.source_snapshot_id, "source_volume_id": v.source_volume_id,
+        "source_backup_id": v.source_backup_id,
         "attachments": v.attachments.iter().map(|a| serde_json::json!({"id": a.id, "instance": a.instance, "host": a.host, "device": a.device})).collect::<Vec<_>>(),
         "created_at": output::time(&v.created_at), "updated_at": output::time(&v.updated_at),
     })
@@ -249,6 +253,7 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
             bootable,
             snapshot,
             source_volume,
+            backup,
             image,
             idempotency_key,
             wait,
@@ -263,6 +268,7 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                 bootable,
                 snapshot_id: snapshot,
                 source_volume_id: source_volume,
+                backup_id: backup,
                 image,
                 idempotency_key,
                 ..Default::default()

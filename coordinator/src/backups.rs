@@ -254,9 +254,12 @@ impl Backups {
                 let mut conn = self.ctx.db.acquire().await?;
                 visible(&mut conn, who, &req.backup_id).await?
             };
+            // Size 0 becomes the backup's; a smaller one is refused by the create, naming size_gb.
             let create = CreateVolumeRequest {
-                size_gb: b.size_gb as u64,
+                size_gb: req.size_gb,
                 name: req.name.clone(),
+                volume_type: req.volume_type.clone(),
+                availability_zone: req.availability_zone.clone(),
                 backup_id: req.backup_id.clone(),
                 project: if who.role == Role::Admin { b.project.clone() } else { String::new() },
                 ..Default::default()
@@ -265,6 +268,16 @@ impl Backups {
             return Ok(RestoreBackupResponse { backup_id: req.backup_id, volume_id: v.id });
         }
         validate::uuid("volume_id", &req.volume_id)?;
+        for (field, given) in [
+            ("name", !req.name.is_empty()),
+            ("size_gb", req.size_gb != 0),
+            ("volume_type", !req.volume_type.is_empty()),
+            ("availability_zone", !req.availability_zone.is_empty()),
+        ] {
+            if given {
+                return Err(Error::invalid(field, "is for a new volume; an existing volume keeps its own"));
+            }
+        }
         let mut tx = crate::db::write(&self.ctx.db).await?;
         let b = visible(&mut tx, who, &req.backup_id).await?;
         let v = volumes::visible(&mut tx, who, &req.volume_id).await?;

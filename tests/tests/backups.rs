@@ -364,3 +364,102 @@ fn sha2_hex(data: &[u8]) -> String {
     let out = child.wait_with_output().unwrap();
     String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
 }
+
+/// Whether the first `len` bytes of two files are equal, read 8 MiB at a time.
+fn same_prefix(a: &Path, b: &Path, len: u64) -> bool {
+    let (a, b) = (std::fs::File::open(a).unwrap(), std::fs::File::open(b).unwrap());
+    let (mut x, mut y) = (vec![0u8; 8 << 20], vec![0u8; 8 << 20]);
+    (0..len).step_by(8 << 20).all(|off| {
+        let n = (len - off).min(8 << 20) as usize;
+        a.read_exact_at(&mut x[..n], off).unwrap();
+        b.read_exact_at(&mut y[..n], off).unwrap();
+        x[..n] == y[..n]
+    })
+}
+
+#[tokio::test]
+async fn a_restore_into_a_new_volume_takes_a_size_type_and_zone_and_refuses_a_smaller_size() {
+    let e = env().await;
+    let admin_volumes = VolumeServiceClient::new(e.fleet.admin());
+    let (ok, _, err) = e.fleet.cli(&["type", "create", "silver"]);
+    assert!(ok, "{err}");
+    let v = e.volume(2).await;
+    e.write(&v, 64 << 20, 5, 3 << 20);
+    e.write(&v, 1900 << 20, 6, 1 << 20);
+    let b = e.backup(&v, false).await;
+    assert_eq!(b.status, "available", "{b:?}");
+
+    // Through the CLI, as a person would: 3 GiB, type silver, zone nova. The backup's 2 GiB, then zeros.
+    let (ok, out, err) = e.fleet.cli(&[
+        "--json",
+        "backup",
+        "restore",
+        &b.id,
+        "--size",
+        "3",
+        "--type",
+        "silver",
+        "--availability-zone",
+        "nova",
+        "--name",
+        "bigger",
+        "--wait",
+    ]);
+    assert!(ok, "{err}");
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["volume_id"].as_str().unwrap().to_string();
+    let got = admin_volumes.clone().get_volume(GetVolumeRequest { id: id.clone() }).await.unwrap().into_inner();
+    assert_eq!(
+        (
+            got.status.as_str(),
+            got.size_gb,
+            got.volume_type_name.as_str(),
+            got.availability_zone.as_str(),
+            got.name.as_str()
+        ),
+        ("available", 3, "silver", "nova", "bigger"),
+        "{got:?}"
+    );
+    assert_eq!((got.source_backup_id.as_str(), got.project.as_str()), (b.id.as_str(), "p1"), "{got:?}");
+    let file = e.file(&id);
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 3 << 30);
+    assert!(same_prefix(&e.file(&v), &file, 2 << 30), "the first 2 GiB are the backup's");
+    let mut tail = vec![1u8; 8 << 20];
+    std::fs::File::open(&file).unwrap().read_exact_at(&mut tail, 2 << 30).unwrap();
+    assert!(tail.iter().all(|&x| x == 0), "past the backup's size the new volume reads zeros");
+
+    // `ember volume create --backup` is the same restore, through the volume API.
+    let (ok, out, err) =
+        e.fleet.cli(&["--json", "volume", "create", "--backup", &b.id, "--size", "4", "--name", "viacreate", "--wait"]);
+    assert!(ok, "{err}");
+    let created: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let created = if created.is_array() { created[0].clone() } else { created };
+    assert_eq!((created["status"].as_str(), created["size_gb"].as_u64()), (Some("available"), Some(4)), "{created}");
+    assert_eq!(created["source_backup_id"].as_str(), Some(b.id.as_str()), "{created}");
+    assert!(same_prefix(&e.file(&v), &e.file(created["id"].as_str().unwrap()), 2 << 30));
+
+    // Refused, naming the field, and nothing changes: no new volume, the backup stays available.
+    let before = admin_volumes.clone().list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().volumes;
+    let refuse = |req: RestoreBackupRequest| {
+        let mut c = e.backups.clone();
+        async move { c.restore_backup(req).await.unwrap_err() }
+    };
+    let base = RestoreBackupRequest { backup_id: b.id.clone(), ..Default::default() };
+    let smaller = refuse(RestoreBackupRequest { size_gb: 1, ..base.clone() }).await;
+    assert_eq!(smaller.code(), Code::InvalidArgument);
+    assert!(smaller.message().starts_with("size_gb: must be at least the source's 2 GiB"), "{}", smaller.message());
+    let unknown = refuse(RestoreBackupRequest { volume_type: "no-such-type".into(), ..base.clone() }).await;
+    assert_eq!(unknown.code(), Code::NotFound, "{}", unknown.message());
+    assert!(unknown.message().contains("volume_type"), "{}", unknown.message());
+    let onto = RestoreBackupRequest { volume_id: v.clone(), ..base.clone() };
+    let sized = refuse(RestoreBackupRequest { size_gb: 3, ..onto.clone() }).await;
+    assert_eq!(sized.code(), Code::InvalidArgument);
+    assert!(sized.message().starts_with("size_gb: is for a new volume"), "{}", sized.message());
+    let zoned = refuse(RestoreBackupRequest { availability_zone: "nova".into(), ..onto }).await;
+    assert!(zoned.message().starts_with("availability_zone: is for a new volume"), "{}", zoned.message());
+    let after = admin_volumes.clone().list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().volumes;
+    assert_eq!(after.len(), before.len(), "a refused restore creates no volume");
+    let still = e.backups.clone().get_backup(GetBackupRequest { id: b.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(still.status, "available", "{still:?}");
+    let source = e.volumes.clone().get_volume(GetVolumeRequest { id: v.clone() }).await.unwrap().into_inner();
+    assert_eq!(source.status, "available", "{source:?}");
+}
