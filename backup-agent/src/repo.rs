@@ -46,7 +46,7 @@ pub struct RepoConfig {
 }
 
 /// A backup's `manifest.json`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Manifest {
     /// Format version.
     pub format: u32,
@@ -74,6 +74,16 @@ pub struct Manifest {
     pub new_bytes: u64,
     /// sha256 of the `index` file, hex.
     pub index_sha256: String,
+    /// Owning project, so a coordinator that lost its database can give the backup back to it. Absent in
+    /// manifests written before it was recorded.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub project: String,
+    /// The backup's name (absent when empty).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// The backup's description (absent when empty).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
 }
 
 /// A backup's index: chunk position → digest, for the positions that are not all zero.
@@ -456,6 +466,8 @@ mod tests {
             stored_bytes: 0,
             new_bytes: 0,
             index_sha256: String::new(),
+            project: "p1".into(),
+            ..Default::default()
         };
         repo.commit_backup(&mut m, &index).unwrap();
         assert_eq!(repo.load_backup("b1").unwrap(), (m, index));

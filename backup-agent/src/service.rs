@@ -267,7 +267,8 @@ impl Backups {
         let mut manifest = Manifest {
             format: crate::repo::FORMAT,
             backup_id: req.backup_id.clone(),
-            volume_id: source.id.clone(),
+            // The source may be a temporary snapshot of the volume (a forced backup of an in-use volume).
+            volume_id: if req.volume_id.is_empty() { source.id.clone() } else { req.volume_id.clone() },
             parent_id: req.parent_id.clone(),
             started_at: time::OffsetDateTime::from(started)
                 .format(&time::format_description::well_known::Rfc3339)
@@ -280,6 +281,9 @@ impl Backups {
             stored_bytes: sizes.values().sum(),
             new_bytes,
             index_sha256: String::new(),
+            project: req.project.clone(),
+            name: req.name.clone(),
+            description: req.description.clone(),
         };
         let manifest = off_runtime(move || repo.commit_backup(&mut manifest, &index).map(|()| manifest))
             .await?
@@ -461,14 +465,26 @@ fn response_of(m: &Manifest) -> CreateBackupResponse {
     }
 }
 
-/// Cuts a volume image into the repository's chunks and commits it as backup `backup_id` (blocking).
-fn store_image(
-    repo: &Repository,
-    image: &std::path::Path,
-    backup_id: &str,
-    volume_id: &str,
-    started: String,
-) -> std::io::Result<Manifest> {
+/// What a coordinator needs to adopt the backup that manifest `m` describes.
+fn stored_backup(m: Manifest) -> StoredBackup {
+    StoredBackup {
+        backup_id: m.backup_id,
+        volume_id: m.volume_id,
+        parent_id: m.parent_id,
+        project: m.project,
+        name: m.name,
+        description: m.description,
+        started_at: m.started_at,
+        volume_size: m.volume_size,
+        stored_bytes: m.stored_bytes,
+        new_bytes: m.new_bytes,
+        logical_bytes: m.logical_bytes,
+    }
+}
+
+/// Cuts a volume image into the repository's chunks and commits it as the backup `described` names (its id,
+/// volume, start time and owner; the rest is filled in here). Blocking.
+fn store_image(repo: &Repository, image: &std::path::Path, described: Manifest) -> std::io::Result<Manifest> {
     use sha2::Digest;
     use std::os::unix::fs::FileExt;
     let file = std::fs::File::open(image)?;
@@ -505,10 +521,6 @@ fn store_image(
     repo.publish(&staged)?;
     let mut manifest = Manifest {
         format: crate::repo::FORMAT,
-        backup_id: backup_id.into(),
-        volume_id: volume_id.into(),
-        parent_id: String::new(),
-        started_at: started,
         completed_at: now_rfc3339(),
         volume_size: size,
         chunk_size: repo.chunk_size,
@@ -516,7 +528,7 @@ fn store_image(
         logical_bytes: logical,
         stored_bytes: sizes.values().sum(),
         new_bytes,
-        index_sha256: String::new(),
+        ..described
     };
     repo.commit_backup(&mut manifest, &index)?;
     Ok(manifest)
@@ -564,14 +576,20 @@ impl BackupAgent for BackupService {
         if let Ok((m, _)) = load_backup(&repo, &r.backup_id).await? {
             return Ok(Response::new(response_of(&m)));
         }
-        let started = now_rfc3339();
         let image = repo.root.join("tmp").join(format!("import-{}.img", r.backup_id));
         let (dir, cinder_id) = (PathBuf::from(&r.directory), r.cinder_backup_id.clone());
-        let backup_id = r.backup_id.clone();
+        let owner = Manifest {
+            backup_id: r.backup_id.clone(),
+            started_at: now_rfc3339(),
+            project: r.project.clone(),
+            name: r.name.clone(),
+            ..Default::default()
+        };
         let result = off_runtime(move || -> Result<Manifest, Status> {
             let rebuilt = crate::cinder::rebuild(&dir, &cinder_id, &image);
             let stored = rebuilt.map_err(Status::failed_precondition).and_then(|(volume_id, _)| {
-                store_image(&repo, &image, &backup_id, &volume_id, started).map_err(io_status("storing the import"))
+                let described = Manifest { volume_id, ..owner };
+                store_image(&repo, &image, described).map_err(io_status("storing the import"))
             });
             let _ = std::fs::remove_file(&image);
             stored
@@ -579,6 +597,27 @@ impl BackupAgent for BackupService {
         .await??;
         tracing::info!(backup_id = %r.backup_id, cinder_backup_id = %r.cinder_backup_id, chunks = result.chunks, "Cinder backup imported");
         Ok(Response::new(response_of(&result)))
+    }
+
+    async fn list_stored_backups(
+        &self,
+        req: Request<ListStoredBackupsRequest>,
+    ) -> Result<Response<ListStoredBackupsResponse>, Status> {
+        let repo = self.0.repo(&req.get_ref().repository)?;
+        let listed = off_runtime(move || -> std::io::Result<ListStoredBackupsResponse> {
+            let mut out = ListStoredBackupsResponse::default();
+            for id in repo.backups()? {
+                match repo.load_backup(&id) {
+                    Ok((m, _)) => out.backups.push(stored_backup(m)),
+                    Err(e) => out.unreadable.push(format!("{id}: {e}")),
+                }
+            }
+            Ok(out)
+        })
+        .await?
+        .map_err(io_status("listing backups"))?;
+        tracing::info!(backups = listed.backups.len(), unreadable = listed.unreadable.len(), "stored backups listed");
+        Ok(Response::new(listed))
     }
 
     async fn get_progress(&self, req: Request<GetProgressRequest>) -> Result<Response<GetProgressResponse>, Status> {

@@ -93,6 +93,15 @@ enum BackupAction {
         #[arg(long, default_value = "")]
         project: String,
     },
+    /// Adopt the backups a repository holds that the coordinator does not know, e.g. after its database was
+    /// lost (admin). Each goes to the project its manifest records.
+    ImportRepository {
+        /// Backup host and repository, `host@repository` (see `ember service list`).
+        host: String,
+        /// Owner of backups whose manifest records no project (default admin).
+        #[arg(long, default_value = "")]
+        project: String,
+    },
     /// Remove chunks no backup references (admin).
     Gc {
         /// Only this backup host (`host` or `host@repository`).
@@ -328,6 +337,28 @@ pub async fn run(cmd: BackupCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                 return Err(CliError::Other(format!("import {} is {}: {}", b.id, b.status, b.status_reason)));
             }
             print(&[b], json);
+        }
+        BackupAction::ImportRepository { host, project } => {
+            let r =
+                client.import_repository_backups(ImportRepositoryBackupsRequest { host, project }).await?.into_inner();
+            if json {
+                output::json(&serde_json::json!({
+                    "imported": r.imported.iter().map(to_json).collect::<Vec<_>>(),
+                    "already_known": r.already_known,
+                    "skipped": r.skipped,
+                }));
+            } else {
+                print(&r.imported, false);
+                println!(
+                    "imported {}, already known {}, skipped {}",
+                    r.imported.len(),
+                    r.already_known,
+                    r.skipped.len()
+                );
+                for why in &r.skipped {
+                    println!("  skipped {why}");
+                }
+            }
         }
         BackupAction::Gc { host } => {
             let r = client.collect_garbage(CollectGarbageRequest { host }).await?.into_inner();

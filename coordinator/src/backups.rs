@@ -36,7 +36,8 @@ pub struct BackupRow {
     pub host: String,
     /// Repository on that host.
     pub repository: String,
-    row: Backup,
+    /// As the API shows it.
+    pub row: Backup,
 }
 
 const SELECT: &str = "SELECT id, project, volume_id, name, description, status, status_reason, size_gb, incremental, \
@@ -75,7 +76,8 @@ fn from_row(r: &sqlx::sqlite::SqliteRow) -> BackupRow {
     }
 }
 
-async fn find(conn: &mut SqliteConnection, id: &str) -> Result<Option<BackupRow>> {
+/// The backup with this id, whoever owns it.
+pub async fn find(conn: &mut SqliteConnection, id: &str) -> Result<Option<BackupRow>> {
     Ok(sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} WHERE id = ?")))
         .bind(id)
         .fetch_optional(&mut *conn)
@@ -109,7 +111,7 @@ pub async fn begin_restore(conn: &mut SqliteConnection, b: &BackupRow) -> Result
 }
 
 /// The quota deltas of a backup of `size_gb`.
-fn deltas(size_gb: i64) -> Vec<quota::Delta> {
+pub fn deltas(size_gb: i64) -> Vec<quota::Delta> {
     vec![
         quota::Delta { resource: "backups".into(), amount: 1 },
         quota::Delta { resource: "backup_gigabytes".into(), amount: size_gb },
@@ -379,6 +381,8 @@ pub async fn import_flow(ctx: &Ctx, op: Op) -> Result<Outcome> {
             repository: b.repository.clone(),
             directory: op.payload["directory"].as_str().unwrap_or_default().into(),
             cinder_backup_id: op.payload["cinder_backup_id"].as_str().unwrap_or_default().into(),
+            project: b.project.clone(),
+            name: b.row.name.clone(),
         })
         .await;
     let mut tx = crate::db::write(&ctx.db).await?;
@@ -461,6 +465,10 @@ pub async fn create_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         repository: b.repository.clone(),
         parent_id: b.parent_id.clone(),
         source: Some(source_of(ctx, &v, temp.as_deref()).await?),
+        volume_id: v.id.clone(),
+        project: b.project.clone(),
+        name: b.row.name.clone(),
+        description: b.row.description.clone(),
     };
     let call = with_progress(ctx, client.clone(), &b.id, "creating", client.create_backup(request)).await;
     match call {
@@ -738,5 +746,13 @@ impl BackupService for Backups {
         require_admin(&req, "import Cinder backups")?;
         let r = req.into_inner();
         Ok(Response::new(self.import(r).await?))
+    }
+
+    async fn import_repository_backups(
+        &self,
+        req: Request<ImportRepositoryBackupsRequest>,
+    ) -> Result<Response<ImportRepositoryBackupsResponse>, Status> {
+        require_admin(&req, "import a repository's backups")?;
+        Ok(Response::new(crate::repository_import::import(&self.ctx, req.into_inner()).await?))
     }
 }

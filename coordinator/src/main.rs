@@ -18,6 +18,7 @@ mod pools;
 mod quota;
 mod quotas;
 mod registration;
+mod repository_import;
 mod scheduler;
 mod snapshots;
 mod status;

@@ -463,3 +463,90 @@ async fn a_restore_into_a_new_volume_takes_a_size_type_and_zone_and_refuses_a_sm
     let source = e.volumes.clone().get_volume(GetVolumeRequest { id: v.clone() }).await.unwrap().into_inner();
     assert_eq!(source.status, "available", "{source:?}");
 }
+
+#[tokio::test]
+async fn a_coordinator_that_lost_its_database_adopts_the_repositorys_backups() {
+    let mut e = env().await;
+    let v = e.volume(1).await;
+    e.write(&v, 0, 3, 2 << 20);
+    let full = e
+        .backups
+        .clone()
+        .create_backup(CreateBackupRequest { volume_id: v.clone(), name: "nightly".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let full = e.wait_backup(&full.id).await;
+    e.write(&v, 512 << 20, 4, 1 << 20);
+    let incr = e.backup(&v, true).await;
+    assert_eq!((full.status.as_str(), incr.status.as_str()), ("available", "available"));
+    let source_sha = sha256(&e.file(&v));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(e.repo.join("backups").join(&full.id).join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!((manifest["project"].as_str(), manifest["name"].as_str()), (Some("p1"), Some("nightly")), "{manifest}");
+    // A backup directory whose manifest is damaged: reported, not adopted.
+    let damaged = e.repo.join("backups").join("0a0a0a0a-1b1b-4c2c-8d3d-4e4e4e4e4e4e");
+    std::fs::create_dir_all(&damaged).unwrap();
+    std::fs::write(damaged.join("manifest.json"), b"{ not json").unwrap();
+
+    // The database is lost: a new, empty one under a restarted coordinator. The agents register again.
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", e.fleet.database().display()));
+    }
+    e.fleet.start_coordinator();
+    wait_backend(&e.fleet, "storage1@file1").await;
+    wait_backend(&e.fleet, "backup1").await;
+    let admin = BackupServiceClient::new(e.fleet.admin());
+    let listed = admin.clone().list_backups(ListBackupsRequest::default()).await.unwrap().into_inner().backups;
+    assert!(listed.is_empty(), "a new database knows no backups: {listed:?}");
+
+    // Refused, naming the problem, changing nothing.
+    let err = e
+        .backups
+        .clone()
+        .import_repository_backups(ImportRepositoryBackupsRequest {
+            host: "backup1@repo1".into(),
+            project: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "members may not: {err:?}");
+    let ask = |host: &str| {
+        let mut c = admin.clone();
+        let host = host.to_string();
+        async move { c.import_repository_backups(ImportRepositoryBackupsRequest { host, project: String::new() }).await }
+    };
+    let err = ask("backup1").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("host: "), "{}", err.message());
+    assert_eq!(ask("backup1@no-such-repo").await.unwrap_err().code(), Code::NotFound);
+    assert!(admin.clone().list_backups(ListBackupsRequest::default()).await.unwrap().into_inner().backups.is_empty());
+
+    // Through the CLI: both backups come back, to their project, parent first; the damaged one is named.
+    let (ok, out, err) = e.fleet.cli(&["--json", "backup", "import-repository", "backup1@repo1"]);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let imported = r["imported"].as_array().unwrap();
+    let ids: Vec<&str> = imported.iter().map(|b| b["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [full.id.as_str(), incr.id.as_str()], "{r}");
+    assert_eq!(r["already_known"].as_u64(), Some(0), "{r}");
+    let skipped = r["skipped"].as_array().unwrap();
+    assert!(skipped.len() == 1 && skipped[0].as_str().unwrap().starts_with("0a0a0a0a-"), "{r}");
+    let mine = e.backups.clone().list_backups(ListBackupsRequest::default()).await.unwrap().into_inner().backups;
+    let back = |id: &str| mine.iter().find(|b| b.id == id).cloned().unwrap_or_else(|| panic!("{id} in {mine:?}"));
+    let (f, i) = (back(&full.id), back(&incr.id));
+    assert_eq!(
+        (f.status.as_str(), f.name.as_str(), f.project.as_str(), f.volume_id.as_str()),
+        ("available", "nightly", "p1", v.as_str())
+    );
+    assert_eq!((f.stored_bytes, f.new_bytes, f.size_gb), (full.stored_bytes, full.new_bytes, 1));
+    assert_eq!((i.incremental, i.parent_id.as_str(), i.host.as_str()), (true, full.id.as_str(), "backup1@repo1"));
+
+    // The adopted incremental restores bit-identically; asking again adopts nothing twice.
+    let restored = e.restore_new(&incr.id).await;
+    assert_eq!(restored.status, "available", "{restored:?}");
+    assert_eq!(sha256(&e.file(&restored.id)), source_sha);
+    let again = ask("backup1@repo1").await.unwrap().into_inner();
+    assert_eq!((again.imported.len(), again.already_known), (0, 2), "{again:?}");
+}

@@ -1,0 +1,169 @@
+//! Adopting the backups a repository holds that this coordinator does not know. A repository describes itself
+//! (docs/backup-format.md): when the coordinator's database is lost, or a new coordinator takes over a backup
+//! node, the backups are still there, and this gives them back to their projects.
+
+use crate::backups::{deltas, find};
+use crate::clock::now_ms;
+use crate::context::Ctx;
+use crate::error::{Error, Result};
+use crate::validate;
+use ember_common::identity::valid_name;
+use ember_proto::agent::v1 as agent;
+use ember_proto::v1::{ImportRepositoryBackupsRequest, ImportRepositoryBackupsResponse};
+use sqlx::SqliteConnection;
+use tonic::Status;
+
+/// Imports every complete backup of repository `req.host` (`host@repository`) whose id is unknown here, as
+/// `available`, in one transaction: all of them or, when a quota refuses one, none. The agent's own status
+/// (unavailable, say) is passed on as it is.
+pub async fn import(
+    ctx: &Ctx,
+    req: ImportRepositoryBackupsRequest,
+) -> std::result::Result<ImportRepositoryBackupsResponse, Status> {
+    let (host, repository) = req
+        .host
+        .split_once('@')
+        .filter(|(h, r)| valid_name(h) && valid_name(r))
+        .ok_or_else(|| Error::invalid("host", format!("{:?} is not backup-host@repository", req.host)))?;
+    let fallback = if req.project.is_empty() { "admin" } else { req.project.as_str() };
+    validate::project("project", fallback)?;
+    {
+        let mut conn = ctx.db.acquire().await.map_err(Error::from)?;
+        if !reports_repository(&mut conn, host, repository).await? {
+            return Err(Error::not_found("repository", &req.host).into());
+        }
+    }
+    let listed = ctx
+        .agents
+        .backup(host)
+        .await?
+        .list_stored_backups(agent::ListStoredBackupsRequest { repository: repository.into() })
+        .await?
+        .into_inner();
+    Ok(adopt(ctx, host, repository, fallback, listed).await?)
+}
+
+/// Records the listed backups this coordinator does not know; backups whose manifest names no project go to
+/// `fallback`.
+async fn adopt(
+    ctx: &Ctx,
+    host: &str,
+    repository: &str,
+    fallback: &str,
+    listed: agent::ListStoredBackupsResponse,
+) -> Result<ImportRepositoryBackupsResponse> {
+    let mut found: Vec<(i64, agent::StoredBackup)> =
+        listed.backups.into_iter().map(|s| (started_ms(&s.started_at).unwrap_or_else(now_ms), s)).collect();
+    // An incremental starts after its parent is complete: oldest first lists parents before their children.
+    found.sort_by(|a, b| (a.0, &a.1.backup_id).cmp(&(b.0, &b.1.backup_id)));
+
+    let mut out = ImportRepositoryBackupsResponse { skipped: listed.unreadable, ..Default::default() };
+    let mut imported = Vec::new();
+    let mut tx = crate::db::write(&ctx.db).await?;
+    for (started, s) in found {
+        if let Err(why) = check_ids(&s) {
+            out.skipped.push(format!("{}: {why}", s.backup_id));
+            continue;
+        }
+        if find(&mut tx, &s.backup_id).await?.is_some() {
+            out.already_known += 1;
+            continue;
+        }
+        let project = if s.project.is_empty() { fallback } else { s.project.as_str() };
+        if !valid_name(project) {
+            out.skipped.push(format!("{}: project {project:?} is not a valid project name", s.backup_id));
+            continue;
+        }
+        let size_gb = s.volume_size.div_ceil(1 << 30) as i64;
+        ctx.quota.consume(&mut tx, project, &deltas(size_gb)).await?;
+        sqlx::query(
+            "INSERT INTO backups (id, project, volume_id, name, description, status, size_gb, incremental, parent_id, \
+             host, repository, stored_bytes, new_bytes, logical_bytes, progress, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, 'available', ?, ?, ?, ?, ?, ?, ?, ?, 100, ?, ?)",
+        )
+        .bind(&s.backup_id)
+        .bind(project)
+        .bind(&s.volume_id)
+        .bind(&s.name)
+        .bind(&s.description)
+        .bind(size_gb)
+        .bind(!s.parent_id.is_empty() as i64)
+        .bind(&s.parent_id)
+        .bind(host)
+        .bind(repository)
+        .bind(s.stored_bytes as i64)
+        .bind(s.new_bytes as i64)
+        .bind(s.logical_bytes as i64)
+        .bind(started)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        imported.push(s.backup_id);
+    }
+    for id in &imported {
+        out.imported.push(find(&mut tx, id).await?.ok_or_else(|| Error::not_found("backup", id))?.row);
+    }
+    tx.commit().await?;
+    tracing::info!(
+        host,
+        repository,
+        imported = imported.len(),
+        already_known = out.already_known,
+        skipped = out.skipped.len(),
+        "repository backups imported"
+    );
+    Ok(out)
+}
+
+/// Whether backup agent `host` has registered repository `repository`.
+async fn reports_repository(conn: &mut SqliteConnection, host: &str, repository: &str) -> Result<bool> {
+    let report: Option<String> = sqlx::query_scalar("SELECT report FROM services WHERE host = ? AND role = 'backup'")
+        .bind(host)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(report) = report else { return Ok(false) };
+    let report: serde_json::Value = serde_json::from_str(&report)?;
+    Ok(report["repositories"].as_array().into_iter().flatten().any(|r| r["name"].as_str() == Some(repository)))
+}
+
+/// The ids a manifest records must be ids this coordinator could have made (a repository is data from disk).
+fn check_ids(s: &agent::StoredBackup) -> std::result::Result<(), String> {
+    let uuid = |v: &str| validate::uuid("id", v).is_ok();
+    if !uuid(&s.backup_id) {
+        return Err("the backup id is not a lowercase UUID".into());
+    }
+    if !s.volume_id.is_empty() && !uuid(&s.volume_id) {
+        return Err(format!("volume id {:?} is not a lowercase UUID", s.volume_id));
+    }
+    if !s.parent_id.is_empty() && !uuid(&s.parent_id) {
+        return Err(format!("parent id {:?} is not a lowercase UUID", s.parent_id));
+    }
+    Ok(())
+}
+
+/// An RFC 3339 time in Unix milliseconds.
+fn started_ms(text: &str) -> Option<i64> {
+    let t = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_times_and_ids_are_read_strictly() {
+        assert_eq!(started_ms("2026-11-26T13:46:48.669Z"), Some(1_795_700_808_669));
+        assert_eq!(started_ms("yesterday"), None);
+        let good = agent::StoredBackup {
+            backup_id: "0a0a0a0a-1b1b-4c2c-8d3d-4e4e4e4e4e4e".into(),
+            volume_id: "1a0a0a0a-1b1b-4c2c-8d3d-4e4e4e4e4e4e".into(),
+            ..Default::default()
+        };
+        assert!(check_ids(&good).is_ok());
+        let bad_parent = agent::StoredBackup { parent_id: "../x".into(), ..good.clone() };
+        assert!(check_ids(&bad_parent).unwrap_err().contains("parent id"));
+        let bad_id = agent::StoredBackup { backup_id: "B1".into(), ..good };
+        assert!(check_ids(&bad_id).is_err());
+    }
+}
