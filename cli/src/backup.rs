@@ -264,10 +264,15 @@ pub async fn run(cmd: BackupCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
             }
             print(&[b], json);
         }
-        BackupAction::List { volume } => print(
-            &client.list_backups(ListBackupsRequest { volume_id: volume, page: None }).await?.into_inner().backups,
-            json,
-        ),
+        BackupAction::List { volume } => {
+            let all = output::all_pages(|page| {
+                let mut c = client.clone();
+                let req = ListBackupsRequest { volume_id: volume.clone(), page: Some(page) };
+                async move { c.list_backups(req).await.map(|r| r.into_inner()).map(|r| (r.backups, r.page)) }
+            })
+            .await?;
+            print(&all, json);
+        }
         BackupAction::Show { id } => print(&[client.get_backup(GetBackupRequest { id }).await?.into_inner()], json),
         BackupAction::Delete { id, wait: w } => {
             client.delete_backup(DeleteBackupRequest { id: id.clone() }).await?;

@@ -29,3 +29,22 @@ pub fn json(value: &serde_json::Value) {
 pub fn time(ts: &Option<Timestamp>) -> String {
     ts.as_ref().map(|t| t.to_string()).unwrap_or_default()
 }
+
+/// Every row of a paged list: calls `fetch` with each page request in turn (1000 rows a page, the most the
+/// coordinator gives) until the answer carries no next-page token.
+pub async fn all_pages<T, F, Fut>(mut fetch: F) -> Result<Vec<T>, tonic::Status>
+where
+    F: FnMut(ember_proto::v1::PageRequest) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, Option<ember_proto::v1::PageResponse>), tonic::Status>>,
+{
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (rows, page) = fetch(ember_proto::v1::PageRequest { page_size: 1000, page_token: token }).await?;
+        all.extend(rows);
+        token = page.map(|p| p.next_page_token).unwrap_or_default();
+        if token.is_empty() {
+            return Ok(all);
+        }
+    }
+}

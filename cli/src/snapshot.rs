@@ -123,11 +123,13 @@ pub async fn run(cmd: SnapshotCmd, conn: &ConnectArgs, json: bool) -> Result<(),
             print(&[s], json);
         }
         SnapshotAction::List { volume } => {
-            let list = client
-                .list_snapshots(ListSnapshotsRequest { volume_id: volume, ..Default::default() })
-                .await?
-                .into_inner();
-            print(&list.snapshots, json);
+            let all = output::all_pages(|page| {
+                let mut c = client.clone();
+                let req = ListSnapshotsRequest { volume_id: volume.clone(), page: Some(page), ..Default::default() };
+                async move { c.list_snapshots(req).await.map(|r| r.into_inner()).map(|r| (r.snapshots, r.page)) }
+            })
+            .await?;
+            print(&all, json);
         }
         SnapshotAction::Show { id } => {
             print(&[client.get_snapshot(GetSnapshotRequest { id }).await?.into_inner()], json)

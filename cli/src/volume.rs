@@ -277,25 +277,17 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
             finish(&mut client, v, wait, json).await
         }
         VolumeAction::List { status, name, project } => {
-            let mut all = Vec::new();
-            let mut token = String::new();
-            loop {
-                let page = PageRequest { page_size: 1000, page_token: token };
-                let resp = client
-                    .list_volumes(ListVolumesRequest {
-                        status: status.clone(),
-                        name: name.clone(),
-                        project: project.clone(),
-                        page: Some(page),
-                    })
-                    .await?
-                    .into_inner();
-                all.extend(resp.volumes);
-                token = resp.page.map(|p| p.next_page_token).unwrap_or_default();
-                if token.is_empty() {
-                    break;
-                }
-            }
+            let all = output::all_pages(|page| {
+                let mut c = client.clone();
+                let req = ListVolumesRequest {
+                    status: status.clone(),
+                    name: name.clone(),
+                    project: project.clone(),
+                    page: Some(page),
+                };
+                async move { c.list_volumes(req).await.map(|r| r.into_inner()).map(|r| (r.volumes, r.page)) }
+            })
+            .await?;
             print_volumes(&all, json);
             Ok(())
         }

@@ -663,18 +663,22 @@ impl BackupService for Backups {
     async fn list_backups(&self, req: Request<ListBackupsRequest>) -> Result<Response<ListBackupsResponse>, Status> {
         let who = who(&req)?;
         let project = if who.role == Role::Admin { String::new() } else { who.project.clone().unwrap_or_default() };
+        let page = crate::paging::Page::of(req.get_ref().page.as_ref())?;
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{SELECT} WHERE (?1 = '' OR project = ?1) AND (?2 = '' OR volume_id = ?2) ORDER BY created_at, id LIMIT 1000"
+            "{SELECT} WHERE (?1 = '' OR project = ?1) AND (?2 = '' OR volume_id = ?2) \
+             AND (created_at, id) > (?3, ?4) ORDER BY created_at, id LIMIT ?5"
         )))
         .bind(&project)
         .bind(&req.get_ref().volume_id)
+        .bind(page.after_ts)
+        .bind(&page.after_id)
+        .bind(page.limit())
         .fetch_all(&self.ctx.db)
         .await
         .map_err(Error::from)?;
-        Ok(Response::new(ListBackupsResponse {
-            backups: rows.iter().map(|r| from_row(r).row).collect(),
-            page: Some(PageResponse::default()),
-        }))
+        let mut rows: Vec<(i64, Backup)> = rows.iter().map(|r| (r.get(16), from_row(r).row)).collect();
+        let next = page.cut(&mut rows, |(ts, b)| (*ts, b.id.as_str()));
+        Ok(Response::new(ListBackupsResponse { backups: rows.into_iter().map(|(_, b)| b).collect(), page: Some(next) }))
     }
 
     async fn delete_backup(&self, req: Request<DeleteBackupRequest>) -> Result<Response<DeleteBackupResponse>, Status> {

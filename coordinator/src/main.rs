@@ -14,6 +14,7 @@ mod failpoint;
 mod fleet;
 mod instances;
 mod operations;
+mod paging;
 mod pools;
 mod quota;
 mod quotas;

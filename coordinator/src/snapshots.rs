@@ -272,20 +272,23 @@ impl SnapshotService for Snapshots {
         let who = who(&req)?;
         let r = req.into_inner();
         let project = if who.role == Role::Admin { String::new() } else { who.project.clone().unwrap_or_default() };
+        let page = crate::paging::Page::of(r.page.as_ref())?;
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "{SELECT} WHERE (?1 = '' OR project = ?1) AND (?2 = '' OR volume_id = ?2) AND (?3 = '' OR status = ?3) \
-             ORDER BY created_at, id LIMIT 1000"
+             AND (created_at, id) > (?4, ?5) ORDER BY created_at, id LIMIT ?6"
         )))
         .bind(&project)
         .bind(&r.volume_id)
         .bind(&r.status)
+        .bind(page.after_ts)
+        .bind(&page.after_id)
+        .bind(page.limit())
         .fetch_all(&self.ctx.db)
         .await
         .map_err(Error::from)?;
-        Ok(Response::new(ListSnapshotsResponse {
-            snapshots: rows.iter().map(|r| to_proto(&from_row(r))).collect(),
-            page: Some(PageResponse::default()),
-        }))
+        let mut rows: Vec<_> = rows.iter().map(from_row).collect();
+        let next = page.cut(&mut rows, |s| (s.created_at, s.id.as_str()));
+        Ok(Response::new(ListSnapshotsResponse { snapshots: rows.iter().map(to_proto).collect(), page: Some(next) }))
     }
 
     async fn delete_snapshot(

@@ -550,3 +550,84 @@ async fn a_coordinator_that_lost_its_database_adopts_the_repositorys_backups() {
     let again = ask("backup1@repo1").await.unwrap().into_inner();
     assert_eq!((again.imported.len(), again.already_known), (0, 2), "{again:?}");
 }
+
+/// The ids a paged list returns, two at a time, checking each page's size and token; and that a malformed
+/// token is refused naming it.
+async fn two_at_a_time<F, Fut>(what: &str, mut list: F) -> Vec<String>
+where
+    F: FnMut(PageRequest) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<String>, String), tonic::Status>>,
+{
+    let err = list(PageRequest { page_size: 2, page_token: "garbage".into() }).await.unwrap_err();
+    assert_eq!((err.code(), err.message()), (Code::InvalidArgument, "page.page_token: malformed"), "{what}");
+    let (first, token) = list(PageRequest { page_size: 2, page_token: String::new() }).await.unwrap();
+    assert!(first.len() == 2 && !token.is_empty(), "{what}: {first:?} {token:?}");
+    let (rest, end) = list(PageRequest { page_size: 2, page_token: token }).await.unwrap();
+    assert!(rest.len() == 1 && end.is_empty(), "{what}: {rest:?} {end:?}");
+    first.into_iter().chain(rest).collect()
+}
+
+#[tokio::test]
+async fn volumes_snapshots_and_backups_list_page_by_page() {
+    use ember_proto::v1::snapshot_service_client::SnapshotServiceClient;
+    let e = env().await;
+    let snapshots = SnapshotServiceClient::new(e.fleet.member("alice", "p1"));
+    let mut volumes = Vec::new();
+    for _ in 0..3 {
+        volumes.push(e.volume(1).await);
+    }
+    let (mut snaps, mut backups) = (Vec::new(), Vec::new());
+    for i in 0..3 {
+        let s = snapshots
+            .clone()
+            .create_snapshot(CreateSnapshotRequest { volume_id: volumes[0].clone(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        wait_for("the snapshot", Duration::from_secs(60), || {
+            let mut c = snapshots.clone();
+            let id = s.id.clone();
+            async move {
+                (c.get_snapshot(GetSnapshotRequest { id }).await.ok()?.into_inner().status == "available").then_some(())
+            }
+        })
+        .await;
+        snaps.push(s.id);
+        backups.push(e.backup(&volumes[1], i > 0).await.id);
+    }
+
+    let listed = two_at_a_time("volumes", |page| {
+        let mut c = e.volumes.clone();
+        async move {
+            let r = c.list_volumes(ListVolumesRequest { page: Some(page), ..Default::default() }).await?.into_inner();
+            Ok((r.volumes.into_iter().map(|v| v.id).collect(), r.page.unwrap_or_default().next_page_token))
+        }
+    })
+    .await;
+    assert_eq!(listed, volumes, "oldest first, each once");
+    let listed = two_at_a_time("snapshots", |page| {
+        let mut c = snapshots.clone();
+        async move {
+            let r =
+                c.list_snapshots(ListSnapshotsRequest { page: Some(page), ..Default::default() }).await?.into_inner();
+            Ok((r.snapshots.into_iter().map(|s| s.id).collect(), r.page.unwrap_or_default().next_page_token))
+        }
+    })
+    .await;
+    assert_eq!(listed, snaps);
+    let listed = two_at_a_time("backups", |page| {
+        let mut c = e.backups.clone();
+        async move {
+            let r = c.list_backups(ListBackupsRequest { page: Some(page), ..Default::default() }).await?.into_inner();
+            Ok((r.backups.into_iter().map(|b| b.id).collect(), r.page.unwrap_or_default().next_page_token))
+        }
+    })
+    .await;
+    assert_eq!(listed, backups);
+
+    // The CLI follows the pages itself.
+    let (ok, out, err) = e.fleet.cli(&["--json", "backup", "list"]);
+    assert!(ok, "{err}");
+    let all: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(all.iter().map(|b| b["id"].as_str().unwrap()).collect::<Vec<_>>(), backups);
+}

@@ -238,15 +238,7 @@ impl Volumes {
             Role::Admin => req.project.clone(),
             _ => who.project.clone().unwrap_or_default(),
         };
-        let page = req.page.clone().unwrap_or_default();
-        let size = if page.page_size == 0 { 100 } else { page.page_size.min(1000) } as i64;
-        let (after_ts, after_id) = match page.page_token.split_once(':') {
-            Some((ts, id)) => {
-                (ts.parse::<i64>().map_err(|_| Error::invalid("page.page_token", "malformed"))?, id.to_string())
-            }
-            None if page.page_token.is_empty() => (i64::MIN, String::new()),
-            None => return Err(Error::invalid("page.page_token", "malformed")),
-        };
+        let page = crate::paging::Page::of(req.page.as_ref())?;
         let mut conn = self.ctx.db.acquire().await?;
         let rows = sqlx::query(sqlx::AssertSqlSafe(store::select_sql(
             "WHERE (?1 = '' OR v.project = ?1) AND (?2 = '' OR v.status = ?2) AND (?3 = '' OR v.name = ?3) \
@@ -255,24 +247,18 @@ impl Volumes {
         .bind(&project)
         .bind(&req.status)
         .bind(&req.name)
-        .bind(after_ts)
-        .bind(&after_id)
-        .bind(size + 1)
+        .bind(page.after_ts)
+        .bind(&page.after_id)
+        .bind(page.limit())
         .fetch_all(&mut *conn)
         .await?;
-        let mut volumes = Vec::new();
         let mut rows: Vec<VolumeRow> = rows.iter().map(store::from_row).collect::<Result<_>>()?;
-        let more = rows.len() as i64 > size;
-        rows.truncate(size as usize);
+        let next = page.cut(&mut rows, |v| (v.created_at, v.id.as_str()));
+        let mut volumes = Vec::new();
         for v in &rows {
             volumes.push(store::to_proto(&mut conn, v).await?);
         }
-        let next = if more {
-            rows.last().map(|v| format!("{}:{}", v.created_at, v.id)).unwrap_or_default()
-        } else {
-            String::new()
-        };
-        Ok(ListVolumesResponse { volumes, page: Some(PageResponse { next_page_token: next }) })
+        Ok(ListVolumesResponse { volumes, page: Some(next) })
     }
 
     async fn update(&self, who: &Identity, req: UpdateVolumeRequest) -> Result<Volume> {
