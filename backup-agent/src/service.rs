@@ -608,6 +608,11 @@ impl BackupAgent for BackupService {
             let mut out = ListStoredBackupsResponse::default();
             for id in repo.backups()? {
                 match repo.load_backup(&id) {
+                    // Restores find a backup by its directory: one whose manifest names another id (a copied
+                    // directory) cannot be adopted under either.
+                    Ok((m, _)) if m.backup_id != id => {
+                        out.unreadable.push(format!("{id}: its manifest names backup {:?}", m.backup_id))
+                    }
                     Ok((m, _)) => out.backups.push(stored_backup(m)),
                     Err(e) => out.unreadable.push(format!("{id}: {e}")),
                 }

@@ -489,6 +489,12 @@ async fn a_coordinator_that_lost_its_database_adopts_the_repositorys_backups() {
     let damaged = e.repo.join("backups").join("0a0a0a0a-1b1b-4c2c-8d3d-4e4e4e4e4e4e");
     std::fs::create_dir_all(&damaged).unwrap();
     std::fs::write(damaged.join("manifest.json"), b"{ not json").unwrap();
+    // A copy of a backup's directory under another id: its manifest names the original, so it is not adopted.
+    let copy = e.repo.join("backups").join("1b1b1b1b-1b1b-4c2c-8d3d-4e4e4e4e4e4e");
+    std::fs::create_dir_all(&copy).unwrap();
+    for file in ["index", "manifest.json"] {
+        std::fs::copy(e.repo.join("backups").join(&full.id).join(file), copy.join(file)).unwrap();
+    }
 
     // The database is lost: a new, empty one under a restarted coordinator. The agents register again.
     for suffix in ["", "-wal", "-shm"] {
@@ -523,7 +529,8 @@ async fn a_coordinator_that_lost_its_database_adopts_the_repositorys_backups() {
     assert_eq!(ask("backup1@no-such-repo").await.unwrap_err().code(), Code::NotFound);
     assert!(admin.clone().list_backups(ListBackupsRequest::default()).await.unwrap().into_inner().backups.is_empty());
 
-    // Through the CLI: both backups come back, to their project, parent first; the damaged one is named.
+    // Through the CLI: both backups come back, to their project, parent first; the damaged manifest and the
+    // copied directory are named.
     let (ok, out, err) = e.fleet.cli(&["--json", "backup", "import-repository", "backup1@repo1"]);
     assert!(ok, "{err}");
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -531,8 +538,11 @@ async fn a_coordinator_that_lost_its_database_adopts_the_repositorys_backups() {
     let ids: Vec<&str> = imported.iter().map(|b| b["id"].as_str().unwrap()).collect();
     assert_eq!(ids, [full.id.as_str(), incr.id.as_str()], "{r}");
     assert_eq!(r["already_known"].as_u64(), Some(0), "{r}");
-    let skipped = r["skipped"].as_array().unwrap();
-    assert!(skipped.len() == 1 && skipped[0].as_str().unwrap().starts_with("0a0a0a0a-"), "{r}");
+    let skipped: Vec<&str> = r["skipped"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
+    assert_eq!(skipped.len(), 2, "{r}");
+    assert!(skipped.iter().any(|x| x.starts_with("0a0a0a0a-")), "the damaged manifest: {r}");
+    let named = format!("1b1b1b1b-1b1b-4c2c-8d3d-4e4e4e4e4e4e: its manifest names backup \"{}\"", full.id);
+    assert!(skipped.contains(&named.as_str()), "the copied directory: {r}");
     let mine = e.backups.clone().list_backups(ListBackupsRequest::default()).await.unwrap().into_inner().backups;
     let back = |id: &str| mine.iter().find(|b| b.id == id).cloned().unwrap_or_else(|| panic!("{id} in {mine:?}"));
     let (f, i) = (back(&full.id), back(&incr.id));
