@@ -105,18 +105,66 @@ impl AgentArgs {
     }
 }
 
+/// How long a heartbeat waits for a fresh report before it sends the last one.
+const REPORT_PATIENCE: Duration = Duration::from_secs(1);
+
+/// Builds registration reports off the async threads. A report reads the filesystems behind backends and
+/// repositories (statvfs, directory listings), and on an NFS mount whose server has gone each read blocks for
+/// the soft mount's whole timeout, a minute or more. A heartbeat must not wait that long, or the agent looks
+/// dead while it still serves (and a runtime thread is lost meanwhile). So a heartbeat waits at most
+/// `patience` for a fresh report and otherwise sends the last one; and only one report is built at a time, so
+/// a stuck filesystem holds one blocking thread, not one per heartbeat.
+struct Reports<F> {
+    build: std::sync::Arc<F>,
+    patience: Duration,
+    pending: Option<tokio::task::JoinHandle<RegisterRequest>>,
+    last: Option<RegisterRequest>,
+}
+
+impl<F: Fn() -> RegisterRequest + Send + Sync + 'static> Reports<F> {
+    fn new(build: F, patience: Duration) -> Self {
+        Reports { build: std::sync::Arc::new(build), patience, pending: None, last: None }
+    }
+
+    /// A fresh report, or the last one when the fresh one is not ready within the patience. The first report
+    /// is always waited for: there is nothing to send instead.
+    async fn next(&mut self) -> RegisterRequest {
+        let build = self.build.clone();
+        let pending = self.pending.get_or_insert_with(|| tokio::task::spawn_blocking(move || build()));
+        let fresh = match self.last {
+            None => Some(pending.await),
+            Some(_) => tokio::time::timeout(self.patience, pending).await.ok(),
+        };
+        match fresh {
+            Some(built) => {
+                self.pending = None;
+                match built {
+                    Ok(report) => self.last = Some(report),
+                    Err(e) => tracing::error!("building the capacity report failed: {e}"),
+                }
+            }
+            None => tracing::warn!(
+                "the capacity report is taking longer than {:?} (a filesystem not answering?); sending the last one",
+                self.patience
+            ),
+        }
+        self.last.clone().unwrap_or_default()
+    }
+}
+
 /// Registers with the coordinator (retrying until it answers), then heartbeats at the interval it asks for,
 /// registering again whenever it says it does not know us. `report` builds a fresh registration (with current
-/// capacity) each time. Runs until the task is dropped.
+/// capacity) each time, on a blocking thread (see [`Reports`]). Runs until the task is dropped.
 pub async fn registration_loop(
     coordinator_url: &str,
     tls: &TlsFiles,
-    report: impl Fn() -> RegisterRequest,
+    report: impl Fn() -> RegisterRequest + Send + Sync + 'static,
 ) -> Result<(), TlsError> {
     let mut client = RegistrationClient::new(tls.channel(coordinator_url)?);
     let mut backoff = Duration::from_millis(200);
+    let mut reports = Reports::new(report, REPORT_PATIENCE);
     loop {
-        let request = report();
+        let request = reports.next().await;
         let interval = match client.register(request.clone()).await {
             Ok(resp) => {
                 let secs = resp.into_inner().heartbeat_interval_seconds.max(1);
@@ -135,7 +183,7 @@ pub async fn registration_loop(
         ticker.tick().await;
         loop {
             ticker.tick().await;
-            let r = report();
+            let r = reports.next().await;
             let hb = HeartbeatRequest {
                 name: r.name,
                 role: r.role,
@@ -184,7 +232,7 @@ where
     tracing::info!(name = %id.name, %addr, %endpoint, %instance_id, "agent serving");
     let (coordinator, tls) = (id.coordinator.clone(), id.tls.clone());
     let registration = tokio::spawn(async move {
-        if let Err(e) = registration_loop(&coordinator, &tls, || report(&endpoint, &instance_id)).await {
+        if let Err(e) = registration_loop(&coordinator, &tls, move || report(&endpoint, &instance_id)).await {
             tracing::error!("registration stopped: {e}");
         }
     });
@@ -206,4 +254,44 @@ pub fn filesystem_space(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
     let st = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
     let frag = st.fragment_size() as u64;
     Ok((st.blocks() as u64 * frag, st.blocks_available() as u64 * frag))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    #[tokio::test]
+    async fn a_report_stuck_on_its_filesystem_does_not_hold_up_the_heartbeat() {
+        // The second build blocks until released, as a statvfs on a dead NFS server does.
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        let stuck = Mutex::new(stuck);
+        let builds = Arc::new(AtomicU32::new(0));
+        let counted = builds.clone();
+        let build = move || {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            if n == 1 {
+                stuck.lock().unwrap().recv().unwrap();
+            }
+            RegisterRequest { name: format!("report {n}"), ..Default::default() }
+        };
+        let mut reports = Reports::new(build, Duration::from_millis(50));
+        assert_eq!(reports.next().await.name, "report 0");
+        for _ in 0..3 {
+            assert_eq!(reports.next().await.name, "report 0", "the last report goes out meanwhile");
+        }
+        assert_eq!(builds.load(Ordering::SeqCst), 2, "one build at a time: the stuck one is not repeated");
+
+        release.send(()).unwrap();
+        let mut name = String::new();
+        for _ in 0..200 {
+            name = reports.next().await.name;
+            if name != "report 0" {
+                break;
+            }
+        }
+        assert_eq!(name, "report 1", "once the stuck build returns, its report is sent");
+        assert_eq!(reports.next().await.name, "report 2", "and fresh ones follow");
+    }
 }

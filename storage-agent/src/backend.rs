@@ -2,7 +2,7 @@
 //! whether they are files or logical volumes.
 
 use crate::config::{BackendConfig, TargetKind};
-use crate::error::Result;
+use crate::error::{AgentError, Result};
 use crate::file_backend::{FileBackend, Kind};
 use crate::image::ImageFacts;
 use crate::lvm::LvmBackend;
@@ -71,7 +71,10 @@ impl Backend {
     /// True when the volume or snapshot exists.
     pub async fn exists(&self, kind: Kind, id: &uuid::Uuid) -> Result<bool> {
         match self {
-            Backend::File(b) => Ok(b.path(kind, id).exists()),
+            Backend::File(b) => {
+                let path = b.path(kind, id);
+                on_blocking_thread(b, move |_| Ok(path.exists())).await
+            }
             Backend::Lvm(b) => b.exists(kind, id).await,
         }
     }
@@ -79,7 +82,10 @@ impl Backend {
     /// Creates a blank volume; repeating it is a no-op.
     pub async fn create_blank(&self, id: &uuid::Uuid, size_gb: u64) -> Result<u64> {
         match self {
-            Backend::File(b) => b.create_blank(id, size_gb),
+            Backend::File(b) => {
+                let id = *id;
+                on_blocking_thread(b, move |b| b.create_blank(&id, size_gb)).await
+            }
             Backend::Lvm(b) => b.create_blank(id, size_gb).await,
         }
     }
@@ -95,7 +101,10 @@ impl Backend {
         size_gb: Option<u64>,
     ) -> Result<u64> {
         match self {
-            Backend::File(b) => b.create_copy(kind, id, &b.path(source_kind, source), size_gb).await,
+            Backend::File(b) => {
+                let (id, source) = (*id, b.path(source_kind, source));
+                on_blocking_thread(b, move |b| block_on(b.create_copy(kind, &id, &source, size_gb))).await
+            }
             Backend::Lvm(b) => b.create_from(kind, id, source_kind, source, size_gb).await,
         }
     }
@@ -103,7 +112,10 @@ impl Backend {
     /// Creates a volume filled from an image; repeating it is a no-op.
     pub async fn create_from_image(&self, id: &uuid::Uuid, size_gb: u64, source: &str) -> Result<(u64, ImageFacts)> {
         match self {
-            Backend::File(b) => b.create_from_image(id, size_gb, source).await,
+            Backend::File(b) => {
+                let (id, source) = (*id, source.to_string());
+                on_blocking_thread(b, move |b| block_on(b.create_from_image(&id, size_gb, &source))).await
+            }
             Backend::Lvm(b) => b.create_from_image(id, size_gb, source).await,
         }
     }
@@ -111,7 +123,10 @@ impl Backend {
     /// Grows a volume.
     pub async fn extend(&self, id: &uuid::Uuid, new_gb: u64) -> Result<u64> {
         match self {
-            Backend::File(b) => b.extend(id, new_gb),
+            Backend::File(b) => {
+                let id = *id;
+                on_blocking_thread(b, move |b| b.extend(&id, new_gb)).await
+            }
             Backend::Lvm(b) => b.extend(id, new_gb).await,
         }
     }
@@ -119,7 +134,10 @@ impl Backend {
     /// Wipes (as configured) and removes a volume or snapshot; what is gone succeeds.
     pub async fn remove(&self, kind: Kind, id: &uuid::Uuid) -> Result<()> {
         match self {
-            Backend::File(b) => b.remove(kind, id).await,
+            Backend::File(b) => {
+                let id = *id;
+                on_blocking_thread(b, move |b| block_on(b.remove(kind, &id))).await
+            }
             Backend::Lvm(b) => b.remove(kind, id).await,
         }
     }
@@ -127,7 +145,7 @@ impl Backend {
     /// Ids of the volumes and snapshots present.
     pub async fn list(&self) -> Result<(Vec<String>, Vec<String>)> {
         match self {
-            Backend::File(b) => b.list(),
+            Backend::File(b) => on_blocking_thread(b, |b| b.list()).await,
             Backend::Lvm(b) => b.list().await,
         }
     }
@@ -139,6 +157,25 @@ impl Backend {
             Backend::Lvm(b) => b.pool(),
         }
     }
+}
+
+/// Runs a file backend operation on a blocking thread. Every file call can block for minutes on an NFS mount
+/// whose server has gone (until the soft mount gives up), and the agent's async threads must stay free
+/// meanwhile for heartbeats and other requests.
+async fn on_blocking_thread<T: Send + 'static>(
+    b: &FileBackend,
+    op: impl FnOnce(FileBackend) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let b = b.clone();
+    tokio::task::spawn_blocking(move || op(b))
+        .await
+        .map_err(|e| AgentError::Io { context: "file backend task".into(), source: std::io::Error::other(e) })?
+}
+
+/// Drives an async file backend operation (one that also runs commands) to its end on the blocking thread
+/// [`on_blocking_thread`] gave it.
+fn block_on<T>(op: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Handle::current().block_on(op)
 }
 
 /// A pool's space in bytes, as a driver measured it.

@@ -378,9 +378,16 @@ impl StorageAgent for StorageService {
         let id = checked_id("volume_id", &first.volume_id)?;
         let backend = self.0.backend(&first.backend)?;
         let path = backend.path(Kind::Volume, &id);
-        let file = ember_common::direct_io::DirectFile::open(&path, true)
-            .map_err(|_| AgentError::NotFound(format!("volume {id}")))?;
-        let size = crate::sparse::byte_len(file.file()).map_err(AgentError::io("reading size"))?;
+        // Opened off the async threads: on an NFS mount whose server has gone, an open blocks until the soft
+        // mount gives up.
+        let (file, size) = tokio::task::spawn_blocking(move || {
+            let file = ember_common::direct_io::DirectFile::open(&path, true)
+                .map_err(|_| AgentError::NotFound(format!("volume {id}")))?;
+            let size = crate::sparse::byte_len(file.file()).map_err(AgentError::io("reading size"))?;
+            Ok::<_, AgentError>((file, size))
+        })
+        .await
+        .map_err(|e| AgentError::Io { context: "opening the volume".into(), source: std::io::Error::other(e) })??;
         if first.volume_size > size {
             return Err(AgentError::FailedPrecondition(format!(
                 "volume {id} holds {size} bytes; {} needed",

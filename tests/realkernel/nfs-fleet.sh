@@ -3,8 +3,8 @@
 # fleet (coordinator, storage agent, backup agent) uses it the way a user would — the storage agent's file
 # backend on an NFS 4.2 mount it makes itself, the backup agent's repository on another share of the same
 # server. Checks: sparse volume files on the server, snapshot and clone data, a backup whose chunks land on
-# the server, a bit-identical restore, verify, deletes that leave nothing behind, and a repository share
-# that a second backup agent refuses while the first holds it.
+# the server, a bit-identical restore, verify, deletes that leave nothing behind, a repository share that a
+# second backup agent refuses while the first holds it, and a dead server that fails a backup, not the agents.
 set -u
 JOB=$(cd "$(dirname "$0")" && pwd)
 OUT=/ember/out
@@ -30,7 +30,13 @@ check "nfs: the kernel server exports /srv/nfs on the guest's loopback" sh -c "e
 
 # ---------------------------------------------------------------- the fleet
 fleet_certs "$W/certs" coordinator:coordinator storage-agent:storage2 backup-agent:backup1 backup-agent:backup2
-{ printf 'listen = "127.0.0.1:7010"\ndatabase = "%s/ember.db"\n' "$W"; tls coordinator; } >"$W/coordinator.toml"
+# Heartbeats every 2 s, down after 10 s without one: the dead-server check below sees an agent whose heartbeat
+# waits on a dead mount go down.
+{
+  printf 'listen = "127.0.0.1:7010"\ndatabase = "%s/ember.db"\n' "$W"
+  printf 'heartbeat_interval_seconds = 2\nservice_down_seconds = 10\n'
+  tls coordinator
+} >"$W/coordinator.toml"
 cat >"$W/storage.toml" <<CFG
 name = "storage2"
 listen = "127.0.0.1:7011"
@@ -116,6 +122,26 @@ for v in "$clone" "$restored"; do ember volume delete "$v" --wait >/dev/null; do
 ember snapshot delete "$snap" --wait >/dev/null
 ember volume delete "$vol" --wait >/dev/null
 check "nfs: deletes left no volume or snapshot file on the server" test -z "$(ls /srv/nfs/volumes)"
+
+# A dead server. The soft mounts turn every file call into an error once their timeout runs out, and the agents
+# keep heartbeating meanwhile: their capacity reports, which read the mounts, are built off their async threads
+# and a heartbeat does not wait for one that is stuck.
+dead=$(ember --json volume create --size 1 --wait | json_field id)
+rpc.nfsd 0
+stopped_at=$(now_ms)
+dead_backup=$(ember --json backup create "$dead" | json_field id)
+agents_up() { up storage2 && up backup1; }
+# Polled until the backup settles; notes any moment an agent was seen down.
+backup_failed() {
+  agents_up || echo "$(now_ms)" >>"$W/agent-down"
+  ember --json backup show "$dead_backup" | grep -q '"status": "error"'
+}
+check "nfs: with the server stopped, a backup ends in error instead of hanging" wait_for 400 backup_failed
+echo "nfs.dead_server_backup_error $(($(now_ms) - stopped_at))" >>"$OUT/timings.txt"
+ember --json backup show "$dead_backup" >>"$OUT/checks.log" 2>&1
+check "nfs: ... and both agents stayed up all the while" test ! -e "$W/agent-down"
+rpc.nfsd -N 3 --no-udp 8
+echo Y >/proc/fs/nfsd/v4_end_grace 2>/dev/null || true
 
 kill -TERM "$storage" "$backup" "$coordinator"
 wait "$storage" "$backup" "$coordinator" 2>/dev/null
