@@ -129,11 +129,8 @@ async fn choose_repository(ctx: &Ctx, conn: &mut SqliteConnection, az: &str) -> 
         if !crate::fleet::is_up(r.get(3), now, ctx.service_down_ms) {
             continue;
         }
-        let report: serde_json::Value = serde_json::from_str(r.get::<&str, _>(2))?;
-        for repo in report["repositories"].as_array().into_iter().flatten() {
-            let (name, zone) =
-                (repo["name"].as_str().unwrap_or_default(), repo["availability_zone"].as_str().unwrap_or_default());
-            let choice = (r.get::<String, _>(0), name.to_string());
+        for (name, zone) in reported_repositories(r.get::<&str, _>(2))? {
+            let choice = (r.get::<String, _>(0), name);
             if zone == az {
                 return Ok(choice);
             }
@@ -141,6 +138,18 @@ async fn choose_repository(ctx: &Ctx, conn: &mut SqliteConnection, az: &str) -> 
         }
     }
     fallback.ok_or_else(|| Error::FailedPrecondition("no backup repository is up and enabled".into()))
+}
+
+/// The (name, availability zone) of each repository in a backup agent's stored registration report.
+pub fn reported_repositories(report: &str) -> Result<Vec<(String, String)>> {
+    let report: serde_json::Value = serde_json::from_str(report)?;
+    let field = |repo: &serde_json::Value, key: &str| repo[key].as_str().unwrap_or_default().to_string();
+    Ok(report["repositories"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|repo| (field(repo, "name"), field(repo, "availability_zone")))
+        .collect())
 }
 
 /// The gRPC service.
@@ -728,9 +737,7 @@ impl BackupService for Backups {
         let mut total = CollectGarbageResponse::default();
         for r in rows {
             let host: String = r.get(0);
-            let report: serde_json::Value = serde_json::from_str(r.get::<&str, _>(1)).map_err(Error::from)?;
-            for repo in report["repositories"].as_array().into_iter().flatten() {
-                let name = repo["name"].as_str().unwrap_or_default().to_string();
+            for (name, _) in reported_repositories(r.get::<&str, _>(1))? {
                 let wanted = req.get_ref().host.is_empty()
                     || req.get_ref().host == host
                     || req.get_ref().host == format!("{host}@{name}");

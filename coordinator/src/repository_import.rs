@@ -122,8 +122,7 @@ async fn reports_repository(conn: &mut SqliteConnection, host: &str, repository:
         .fetch_optional(&mut *conn)
         .await?;
     let Some(report) = report else { return Ok(false) };
-    let report: serde_json::Value = serde_json::from_str(&report)?;
-    Ok(report["repositories"].as_array().into_iter().flatten().any(|r| r["name"].as_str() == Some(repository)))
+    Ok(crate::backups::reported_repositories(&report)?.iter().any(|(name, _)| name == repository))
 }
 
 /// The ids a manifest records must be ids this coordinator could have made (a repository is data from disk).
