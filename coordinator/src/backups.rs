@@ -245,9 +245,11 @@ impl Backups {
                 "backup {id} has {children} incremental backup(s) built on it; delete them first"
             )));
         }
-        if !set_status(&mut tx, id, &["available", "error"], "deleting", "").await? {
+        // `error_deleting` may be retried, as for volumes and snapshots: the repository's trouble (an I/O
+        // error, a dead NFS server) is usually gone by the time the user asks again.
+        if !set_status(&mut tx, id, &["available", "error", "error_deleting"], "deleting", "").await? {
             return Err(Error::FailedPrecondition(format!(
-                "backup {id} is {}; delete needs available or error",
+                "backup {id} is {}; delete needs available, error or error_deleting",
                 b.status
             )));
         }

@@ -173,7 +173,7 @@ impl Snapshots {
         }
         if !transition(&mut tx, id, &["available", "error", "error_deleting"], "deleting", "").await? {
             return Err(Error::FailedPrecondition(format!(
-                "snapshot {id} is {}; delete needs available or error",
+                "snapshot {id} is {}; delete needs available, error or error_deleting",
                 s.status
             )));
         }

@@ -641,3 +641,56 @@ async fn volumes_snapshots_and_backups_list_page_by_page() {
     let all: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(all.iter().map(|b| b["id"].as_str().unwrap()).collect::<Vec<_>>(), backups);
 }
+
+/// A delete the repository fails (here the manifest's path is a directory, standing in for an I/O error or a
+/// dead NFS server) leaves the backup `error_deleting` with the reason, still counted against the quota. Once
+/// the cause is gone, deleting again finishes: the backup, its files and its quota use are gone.
+#[tokio::test]
+async fn a_backup_whose_delete_failed_can_be_deleted_again() {
+    let e = env().await;
+    let v = e.volume(1).await;
+    e.write(&v, 0, 41, 1 << 20);
+    let b = e.backup(&v, false).await;
+    assert_eq!(b.status, "available", "{b:?}");
+    let dir = e.repo.join("backups").join(&b.id);
+    let manifest = dir.join("manifest.json");
+    std::fs::remove_file(&manifest).unwrap();
+    std::fs::create_dir_all(manifest.join("in-the-way")).unwrap();
+
+    e.backups.clone().delete_backup(DeleteBackupRequest { id: b.id.clone() }).await.unwrap();
+    let failed = wait_for("the delete to fail", Duration::from_secs(60), || {
+        let mut c = e.backups.clone();
+        let id = b.id.clone();
+        async move {
+            let b = c.get_backup(GetBackupRequest { id }).await.ok()?.into_inner();
+            (b.status == "error_deleting").then_some(b)
+        }
+    })
+    .await;
+    assert!(failed.status_reason.contains("deleting"), "{failed:?}");
+    assert_eq!(backup_usage(&e).await, (1, 1), "a backup that is still there still counts");
+
+    std::fs::remove_dir_all(manifest).unwrap();
+    e.backups.clone().delete_backup(DeleteBackupRequest { id: b.id.clone() }).await.unwrap();
+    wait_for("backup gone", Duration::from_secs(60), || {
+        let mut c = e.backups.clone();
+        let id = b.id.clone();
+        async move {
+            matches!(c.get_backup(GetBackupRequest { id }).await, Err(s) if s.code() == Code::NotFound).then_some(())
+        }
+    })
+    .await;
+    assert!(!dir.exists(), "the backup's directory is removed");
+    assert_eq!(backup_usage(&e).await, (0, 0), "its quota use is released");
+}
+
+/// The test project's (backups, backup_gigabytes) in use.
+async fn backup_usage(e: &Env) -> (i64, i64) {
+    let quota = ember_proto::v1::quota_service_client::QuotaServiceClient::new(e.fleet.admin())
+        .get_quota(GetQuotaRequest { project: "p1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let in_use = |name: &str| quota.items.iter().find(|i| i.resource == name).map(|i| i.in_use).unwrap();
+    (in_use("backups"), in_use("backup_gigabytes"))
+}
