@@ -25,12 +25,18 @@ enum BackupAction {
         /// Name.
         #[arg(long, default_value = "")]
         name: String,
+        /// Description.
+        #[arg(long, default_value = "")]
+        description: String,
         /// Build on the volume's latest available backup.
         #[arg(long)]
         incremental: bool,
         /// Allow an in-use volume (a temporary snapshot is backed up).
         #[arg(long)]
         force: bool,
+        /// Client-chosen key making the create safe to repeat.
+        #[arg(long, default_value = "")]
+        idempotency_key: String,
         /// Wait until done, showing progress.
         #[arg(long)]
         wait: bool,
@@ -244,14 +250,15 @@ pub async fn run(cmd: BackupCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
     let channel = conn.channel()?;
     let mut client = BackupServiceClient::new(channel.clone());
     match cmd.action {
-        BackupAction::Create { volume, name, incremental, force, wait: w } => {
+        BackupAction::Create { volume, name, description, incremental, force, idempotency_key, wait: w } => {
             let mut b = client
                 .create_backup(CreateBackupRequest {
                     volume_id: volume,
                     name,
+                    description,
                     incremental,
                     force,
-                    ..Default::default()
+                    idempotency_key,
                 })
                 .await?
                 .into_inner();

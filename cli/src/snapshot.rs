@@ -28,6 +28,9 @@ enum SnapshotAction {
         /// Allow an in-use volume.
         #[arg(long)]
         force: bool,
+        /// Client-chosen key making the create safe to repeat.
+        #[arg(long, default_value = "")]
+        idempotency_key: String,
         /// Wait until available.
         #[arg(long)]
         wait: bool,
@@ -102,15 +105,9 @@ async fn wait(
 pub async fn run(cmd: SnapshotCmd, conn: &ConnectArgs, json: bool) -> Result<(), CliError> {
     let mut client = SnapshotServiceClient::new(conn.channel()?);
     match cmd.action {
-        SnapshotAction::Create { volume, name, description, force, wait: w } => {
+        SnapshotAction::Create { volume, name, description, force, idempotency_key, wait: w } => {
             let mut s = client
-                .create_snapshot(CreateSnapshotRequest {
-                    volume_id: volume,
-                    name,
-                    description,
-                    force,
-                    idempotency_key: String::new(),
-                })
+                .create_snapshot(CreateSnapshotRequest { volume_id: volume, name, description, force, idempotency_key })
                 .await?
                 .into_inner();
             if w {

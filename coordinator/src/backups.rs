@@ -8,7 +8,7 @@ use crate::context::Ctx;
 use crate::error::{Error, Result};
 use crate::operations::{self, Op, Outcome};
 use crate::volumes::{flow::transient, store as volumes};
-use crate::{quota, validate};
+use crate::{idempotency, quota, validate};
 use ember_common::identity::{Identity, Role};
 use ember_proto::agent::v1 as agent;
 use ember_proto::v1::backup_service_server::BackupService;
@@ -58,7 +58,7 @@ fn from_row(r: &sqlx::sqlite::SqliteRow) -> BackupRow {
         parent_id: r.get(9),
         stored_bytes: stored as u64,
         new_bytes: r.get::<i64, _>(13) as u64,
-        dedup_ratio: if stored > 0 { logical as f64 / stored as f64 } else { 0.0 },
+        dedup_ratio: if stored > 0 { logical as f64 / stored as f64 } else { 1.0 },
         progress_percent: r.get::<i64, _>(15) as u32,
         host: format!("{}@{}", r.get::<String, _>(10), r.get::<String, _>(11)),
         created_at: Some(timestamp(r.get(16))),
@@ -167,8 +167,20 @@ impl Backups {
         validate::uuid("volume_id", &req.volume_id)?;
         validate::text("name", &req.name, 255)?;
         validate::text("description", &req.description, 255)?;
+        idempotency::check_key(&req.idempotency_key)?;
         let mut tx = crate::db::write(&self.ctx.db).await?;
         let v = volumes::visible(&mut tx, who, &req.volume_id).await?;
+        let digest = idempotency::digest(serde_json::json!([
+            req.volume_id,
+            req.name,
+            req.description,
+            req.incremental,
+            req.force
+        ]));
+        let key = &req.idempotency_key;
+        if let Some(id) = idempotency::earlier(&mut tx, idempotency::Table::Backups, &v.project, key, &digest).await? {
+            return Ok(find(&mut tx, &id).await?.ok_or_else(|| Error::not_found("backup", &id))?.row);
+        }
         let temp_snapshot = match v.status.as_str() {
             "available" => None,
             "in-use" if req.force => Some(uuid::Uuid::new_v4().to_string()),
@@ -204,7 +216,8 @@ impl Backups {
         let now = now_ms();
         sqlx::query(
             "INSERT INTO backups (id, project, volume_id, name, description, status, size_gb, incremental, parent_id, host, \
-             repository, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'creating', ?, ?, ?, ?, ?, ?, ?)",
+             repository, idempotency_key, request_digest, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, 'creating', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(&v.project)
@@ -216,6 +229,8 @@ impl Backups {
         .bind(&parent_id)
         .bind(&host)
         .bind(&repository)
+        .bind(idempotency::column(key))
+        .bind(&digest)
         .bind(now)
         .bind(now)
         .execute(&mut *tx)

@@ -12,6 +12,7 @@ mod db;
 mod error;
 mod failpoint;
 mod fleet;
+mod idempotency;
 mod instances;
 mod operations;
 mod paging;

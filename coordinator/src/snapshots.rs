@@ -7,7 +7,7 @@ use crate::context::Ctx;
 use crate::error::{Error, Result};
 use crate::operations::{self, Op, Outcome};
 use crate::volumes::{flow::transient, store as volumes};
-use crate::{failpoint, quota, validate};
+use crate::{failpoint, idempotency, quota, validate};
 use ember_common::identity::{Identity, Role};
 use ember_proto::agent::v1 as agent;
 use ember_proto::v1::snapshot_service_server::SnapshotService;
@@ -107,8 +107,16 @@ impl Snapshots {
         validate::text("name", &req.name, 255)?;
         validate::text("description", &req.description, 255)?;
         validate::uuid("volume_id", &req.volume_id)?;
+        idempotency::check_key(&req.idempotency_key)?;
         let mut tx = crate::db::write(&self.ctx.db).await?;
         let v = volumes::visible(&mut tx, who, &req.volume_id).await?;
+        let digest = idempotency::digest(serde_json::json!([req.volume_id, req.name, req.description, req.force]));
+        let key = &req.idempotency_key;
+        if let Some(id) = idempotency::earlier(&mut tx, idempotency::Table::Snapshots, &v.project, key, &digest).await?
+        {
+            let s = find(&mut tx, &id).await?.ok_or_else(|| Error::not_found("snapshot", &id))?;
+            return Ok(to_proto(&s));
+        }
         match v.status.as_str() {
             "available" => {}
             "in-use" if req.force => {}
@@ -126,8 +134,8 @@ impl Snapshots {
         let id = uuid::Uuid::new_v4().to_string();
         let now = now_ms();
         sqlx::query(
-            "INSERT INTO snapshots (id, project, volume_id, name, description, size_gb, status, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, 'creating', ?, ?)",
+            "INSERT INTO snapshots (id, project, volume_id, name, description, size_gb, status, idempotency_key, \
+             request_digest, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'creating', ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(&v.project)
@@ -135,6 +143,8 @@ impl Snapshots {
         .bind(&req.name)
         .bind(&req.description)
         .bind(v.size_gb)
+        .bind(idempotency::column(key))
+        .bind(&digest)
         .bind(now)
         .bind(now)
         .execute(&mut *tx)

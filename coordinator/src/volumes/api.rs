@@ -6,12 +6,11 @@ use crate::auth::{owner_project, who};
 use crate::clock::now_ms;
 use crate::context::Ctx;
 use crate::error::{Error, Result};
-use crate::{failpoint, operations, quota, validate, volume_types};
+use crate::{failpoint, idempotency, operations, quota, validate, volume_types};
 use ember_common::identity::{Identity, Role};
 use ember_proto::agent::v1 as agent;
 use ember_proto::v1::volume_service_server::VolumeService;
 use ember_proto::v1::*;
-use sha2::Digest;
 use sqlx::SqliteConnection;
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
@@ -52,7 +51,7 @@ fn check_metadata(field: &'static str, md: &HashMap<String, String>) -> Result<(
 /// A digest of the parameters of a create, to tell a repeat from a conflicting reuse of its key.
 fn request_digest(req: &CreateVolumeRequest, type_id: &str, size_gb: u64) -> String {
     let md: BTreeMap<_, _> = req.metadata.iter().collect();
-    let canon = serde_json::json!([
+    idempotency::digest(serde_json::json!([
         size_gb,
         req.name,
         req.description,
@@ -63,8 +62,7 @@ fn request_digest(req: &CreateVolumeRequest, type_id: &str, size_gb: u64) -> Str
         req.snapshot_id,
         req.source_volume_id,
         req.backup_id
-    ]);
-    hex::encode(sha2::Sha256::digest(canon.to_string().as_bytes()))
+    ]))
 }
 
 /// The type's extra spec `multiattach` says `<is> True`.
@@ -139,7 +137,7 @@ impl Volumes {
         validate::text("name", &req.name, 255)?;
         validate::text("description", &req.description, 255)?;
         check_metadata("metadata", &req.metadata)?;
-        validate::text("idempotency_key", &req.idempotency_key, 255)?;
+        idempotency::check_key(&req.idempotency_key)?;
         let project = owner_project(who, &req.project)?;
         if !req.snapshot_id.is_empty() {
             validate::uuid("snapshot_id", &req.snapshot_id)?;
@@ -177,23 +175,11 @@ impl Volumes {
             ));
         }
         let digest = request_digest(&req, &type_id, size_gb);
-        if !req.idempotency_key.is_empty() {
-            let existing: Option<(String, String)> =
-                sqlx::query_as("SELECT id, request_digest FROM volumes WHERE project = ? AND idempotency_key = ?")
-                    .bind(&project)
-                    .bind(&req.idempotency_key)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if let Some((id, d)) = existing {
-                if d != digest {
-                    return Err(Error::AlreadyExists(format!(
-                        "idempotency_key: {:?} was used for volume {id} with different parameters",
-                        req.idempotency_key
-                    )));
-                }
-                let v = store::find(&mut tx, &id).await?.ok_or_else(|| Error::not_found("volume", &id))?;
-                return store::to_proto(&mut tx, &v).await;
-            }
+        if let Some(id) =
+            idempotency::earlier(&mut tx, idempotency::Table::Volumes, &project, &req.idempotency_key, &digest).await?
+        {
+            let v = store::find(&mut tx, &id).await?.ok_or_else(|| Error::not_found("volume", &id))?;
+            return store::to_proto(&mut tx, &v).await;
         }
         self.ctx.quota.consume(&mut tx, &project, &quota::volume_deltas(&vtype.name, size_gb as i64)).await?;
         let id = uuid::Uuid::new_v4().to_string();
@@ -216,7 +202,7 @@ impl Volumes {
         .bind(&req.snapshot_id)
         .bind(&req.source_volume_id)
         .bind(&req.backup_id)
-        .bind((!req.idempotency_key.is_empty()).then_some(&req.idempotency_key))
+        .bind(idempotency::column(&req.idempotency_key))
         .bind(&digest)
         .bind(now)
         .bind(now)
