@@ -141,7 +141,6 @@ pub struct Repository {
     pub root: PathBuf,
     /// Chunk size.
     pub chunk_size: u32,
-    tmp_counter: AtomicU64,
     /// Held while a chunk is touched and while garbage collection decides on one chunk and removes it, so a
     /// touch lands either before the decision (which then sees the new time) or after the removal (which it
     /// then sees as missing), never in between.
@@ -152,8 +151,16 @@ pub struct Repository {
     _lock: File,
 }
 
+/// A name for a file in `tmp/` that no other writer uses: `stem`, this process's id and a sequence number.
+/// The number matters: backups of different volumes run, and commit, at the same time in one process, and a
+/// shared temporary file would hand one backup's index to another.
+fn temp_name(stem: &str) -> String {
+    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+    format!("{stem}.{}.{}", std::process::id(), SEQUENCE.fetch_add(1, Ordering::Relaxed))
+}
+
 fn write_atomic(dir: &Path, tmp_dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
-    let tmp = tmp_dir.join(format!("{name}.{}", std::process::id()));
+    let tmp = tmp_dir.join(temp_name(name));
     let mut f = File::create(&tmp)?;
     f.write_all(data)?;
     f.sync_all()?;
@@ -221,7 +228,6 @@ impl Repository {
         Ok(Repository {
             root: root.into(),
             chunk_size: cfg.chunk_size,
-            tmp_counter: AtomicU64::new(0),
             touch_or_sweep: Default::default(),
             _lock: lock,
         })
@@ -254,8 +260,7 @@ impl Repository {
     /// coarse clock that lags the precise one (by 7 ms, seen here: a chunk touched just after a backup began
     /// looked older than the backup), and an NFS server stamps its own.
     pub fn clock(&self) -> io::Result<SystemTime> {
-        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let probe = self.root.join("tmp").join(format!("clock.{}.{n}", std::process::id()));
+        let probe = self.root.join("tmp").join(temp_name("clock"));
         let stamped = File::create(&probe).and_then(|f| f.metadata()).and_then(|m| m.modified());
         let _ = fs::remove_file(&probe);
         stamped
@@ -264,8 +269,7 @@ impl Repository {
     /// Encodes and writes a new chunk under `tmp/`; returns the temporary path and the stored size. The chunk is
     /// not visible until [`Repository::publish`]. The data bypasses the page cache (see `ember_common::direct_io`).
     pub fn stage_chunk(&self, plain: &[u8], digest: &[u8; 32]) -> io::Result<(PathBuf, u64)> {
-        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.root.join("tmp").join(format!("{}.{}.{n}", hex(digest), std::process::id()));
+        let tmp = self.root.join("tmp").join(temp_name(&hex(digest)));
         let stored = SCRATCH.with_borrow_mut(|buf| {
             let stored = chunk::encode_into(plain, buf);
             DirectFile::create_new(&tmp)?.write_all_from(buf).map(|()| stored)
@@ -482,5 +486,32 @@ mod tests {
         );
         assert_eq!(repo.collect_garbage(later).unwrap().0, 1);
         assert!(repo.read_chunk(&digest).unwrap_err().contains("missing"));
+    }
+
+    #[test]
+    fn backups_committed_at_the_same_time_each_keep_their_own_index_and_manifest() {
+        // Backups of different volumes finish together in one agent; each must publish what it wrote.
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open(dir.path(), DEFAULT_CHUNK_SIZE, "test").unwrap();
+        let ids: Vec<String> = (0..8).map(|i| format!("backup-{i}")).collect();
+        std::thread::scope(|scope| {
+            for (i, id) in ids.iter().enumerate() {
+                let repo = &repo;
+                scope.spawn(move || {
+                    for round in 0..20u64 {
+                        let entries = (0..=i as u64).map(|p| (p, [i as u8; 32])).collect();
+                        let index = Index { chunk_size: 4096, volume_size: round << 20, entries };
+                        let mut m = Manifest { backup_id: id.clone(), volume_size: round << 20, ..Default::default() };
+                        repo.commit_backup(&mut m, &index).unwrap();
+                    }
+                });
+            }
+        });
+        for (i, id) in ids.iter().enumerate() {
+            let (m, index) = repo.load_backup(id).unwrap();
+            assert_eq!((m.backup_id.as_str(), m.volume_size), (id.as_str(), 19 << 20));
+            assert_eq!(index.entries.len(), i + 1, "{id} holds its own index");
+        }
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 }
