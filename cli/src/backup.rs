@@ -34,6 +34,9 @@ enum BackupAction {
         /// Allow an in-use volume (a temporary snapshot is backed up).
         #[arg(long)]
         force: bool,
+        /// Back up this available snapshot of the volume instead (the volume may be in use).
+        #[arg(long, default_value = "")]
+        snapshot: String,
         /// Client-chosen key making the create safe to repeat.
         #[arg(long, default_value = "")]
         idempotency_key: String,
@@ -121,7 +124,8 @@ fn to_json(b: &Backup) -> serde_json::Value {
         "id": b.id, "volume_id": b.volume_id, "name": b.name, "status": b.status, "status_reason": b.status_reason,
         "size_gb": b.size_gb, "incremental": b.incremental, "parent_id": b.parent_id, "stored_bytes": b.stored_bytes,
         "new_bytes": b.new_bytes, "dedup_ratio": b.dedup_ratio, "progress": b.progress_percent, "host": b.host,
-        "created_at": output::time(&b.created_at),
+        "created_at": output::time(&b.created_at), "snapshot_id": b.snapshot_id,
+        "data_timestamp": output::time(&b.data_timestamp), "description": b.description,
     })
 }
 
@@ -250,7 +254,7 @@ pub async fn run(cmd: BackupCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
     let channel = conn.channel()?;
     let mut client = BackupServiceClient::new(channel.clone());
     match cmd.action {
-        BackupAction::Create { volume, name, description, incremental, force, idempotency_key, wait: w } => {
+        BackupAction::Create { volume, name, description, incremental, force, snapshot, idempotency_key, wait: w } => {
             let mut b = client
                 .create_backup(CreateBackupRequest {
                     volume_id: volume,
@@ -259,6 +263,7 @@ pub async fn run(cmd: BackupCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                     incremental,
                     force,
                     idempotency_key,
+                    snapshot_id: snapshot,
                 })
                 .await?
                 .into_inner();

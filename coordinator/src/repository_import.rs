@@ -78,8 +78,8 @@ async fn adopt(
         ctx.quota.consume(&mut tx, project, &deltas(size_gb)).await?;
         sqlx::query(
             "INSERT INTO backups (id, project, volume_id, name, description, status, size_gb, incremental, parent_id, \
-             host, repository, stored_bytes, new_bytes, logical_bytes, progress, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, 'available', ?, ?, ?, ?, ?, ?, ?, ?, 100, ?, ?)",
+             host, repository, stored_bytes, new_bytes, logical_bytes, progress, created_at, data_timestamp, updated_at) \
+             VALUES (?, ?, ?, ?, ?, 'available', ?, ?, ?, ?, ?, ?, ?, ?, 100, ?, ?, ?)",
         )
         .bind(&s.backup_id)
         .bind(project)
@@ -94,6 +94,7 @@ async fn adopt(
         .bind(s.stored_bytes as i64)
         .bind(s.new_bytes as i64)
         .bind(s.logical_bytes as i64)
+        .bind(started)
         .bind(started)
         .bind(now_ms())
         .execute(&mut *tx)

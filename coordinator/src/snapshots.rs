@@ -92,6 +92,20 @@ async fn transition(conn: &mut SqliteConnection, id: &str, from: &[&str], to: &s
     crate::status::transition(conn, crate::status::Table::Snapshots, id, from, to, reason).await
 }
 
+/// Holds an available snapshot `backing-up` while a backup reads it, so that it cannot be deleted meanwhile.
+pub async fn begin_backup(conn: &mut SqliteConnection, s: &SnapshotRow) -> Result<()> {
+    if !transition(conn, &s.id, &["available"], "backing-up", "").await? {
+        return Err(Error::FailedPrecondition(format!("snapshot {} is {}; a backup needs available", s.id, s.status)));
+    }
+    Ok(())
+}
+
+/// Gives a snapshot back after the backup that read it ended, whichever way.
+pub async fn end_backup(conn: &mut SqliteConnection, id: &str) -> Result<()> {
+    transition(conn, id, &["backing-up"], "available", "").await?;
+    Ok(())
+}
+
 /// The gRPC service.
 pub struct Snapshots {
     ctx: Arc<Ctx>,

@@ -1,14 +1,15 @@
-//! Backups: `ember.v1.BackupService` and the durable create / delete / restore flows. The coordinator only
-//! decides and records; the backup agent reads the volume from the storage agent (and writes restores back)
-//! directly.
+//! Backups: the stored row and `ember.v1.BackupService` (validation, the status compare-and-swap, quota and
+//! the operation row in one transaction); the durable create / delete / restore flows are in [`flow`]. The
+//! coordinator only decides and records; the backup agent reads the volume from the storage agent (and writes
+//! restores back) directly.
 
 use crate::auth::{can_see, require_admin, who};
 use crate::clock::{now_ms, timestamp};
 use crate::context::Ctx;
 use crate::error::{Error, Result};
-use crate::operations::{self, Op, Outcome};
-use crate::volumes::{flow::transient, store as volumes};
-use crate::{idempotency, quota, validate};
+use crate::operations::{self, Op};
+use crate::volumes::store as volumes;
+use crate::{idempotency, quota, snapshots, validate};
 use ember_common::identity::{Identity, Role};
 use ember_proto::agent::v1 as agent;
 use ember_proto::v1::backup_service_server::BackupService;
@@ -16,6 +17,9 @@ use ember_proto::v1::*;
 use sqlx::{Row, SqliteConnection};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
+
+mod flow;
+pub use flow::{create_flow, delete_flow, import_flow, restore_done, restore_flow, restore_into};
 
 /// A backup as stored.
 #[derive(Debug, Clone)]
@@ -41,7 +45,8 @@ pub struct BackupRow {
 }
 
 const SELECT: &str = "SELECT id, project, volume_id, name, description, status, status_reason, size_gb, incremental, \
-     parent_id, host, repository, stored_bytes, new_bytes, logical_bytes, progress, created_at FROM backups";
+     parent_id, host, repository, stored_bytes, new_bytes, logical_bytes, progress, created_at, snapshot_id, data_timestamp \
+     FROM backups";
 
 fn from_row(r: &sqlx::sqlite::SqliteRow) -> BackupRow {
     let (stored, logical): (i64, i64) = (r.get(12), r.get(14));
@@ -62,6 +67,8 @@ fn from_row(r: &sqlx::sqlite::SqliteRow) -> BackupRow {
         progress_percent: r.get::<i64, _>(15) as u32,
         host: format!("{}@{}", r.get::<String, _>(10), r.get::<String, _>(11)),
         created_at: Some(timestamp(r.get(16))),
+        snapshot_id: r.get(17),
+        data_timestamp: Some(timestamp(r.get(18))),
     };
     BackupRow {
         id: row.id.clone(),
@@ -175,62 +182,65 @@ impl Backups {
             req.name,
             req.description,
             req.incremental,
-            req.force
+            req.force,
+            req.snapshot_id
         ]));
         let key = &req.idempotency_key;
         if let Some(id) = idempotency::earlier(&mut tx, idempotency::Table::Backups, &v.project, key, &digest).await? {
             return Ok(find(&mut tx, &id).await?.ok_or_else(|| Error::not_found("backup", &id))?.row);
         }
-        let temp_snapshot = match v.status.as_str() {
-            "available" => None,
-            "in-use" if req.force => Some(uuid::Uuid::new_v4().to_string()),
-            "in-use" => {
-                return Err(Error::FailedPrecondition(format!("volume {} is in-use; pass force to back it up", v.id)));
-            }
-            other => {
-                return Err(Error::FailedPrecondition(format!("volume {} is {other}; a backup needs available", v.id)));
-            }
+        let now = now_ms();
+        let source = hold_source(&mut tx, who, &v, &req).await?;
+        let (size_gb, data_timestamp) = match &source {
+            Source::Snapshot(s) => (s.size_gb, s.created_at),
+            _ => (v.size_gb, now),
         };
         let (parent_id, host, repository) = if req.incremental {
             let parent: Option<(String, String, String)> = sqlx::query_as(
-                "SELECT id, host, repository FROM backups WHERE volume_id = ? AND status = 'available' ORDER BY created_at DESC LIMIT 1",
+                "SELECT id, host, repository FROM backups WHERE volume_id = ? AND status = 'available' \
+                 AND data_timestamp <= ? ORDER BY data_timestamp DESC, created_at DESC LIMIT 1",
             )
             .bind(&v.id)
+            .bind(data_timestamp)
             .fetch_optional(&mut *tx)
             .await?;
             parent.ok_or_else(|| {
                 Error::FailedPrecondition(format!(
-                    "volume {} has no available backup to build an incremental on; make a full one first",
-                    v.id
+                    "volume {} has no available backup {}to build an incremental on; make a full one first",
+                    v.id,
+                    if matches!(source, Source::Snapshot(_)) { "older than the snapshot " } else { "" }
                 ))
             })?
         } else {
             let (h, r) = choose_repository(&self.ctx, &mut tx, &v.availability_zone).await?;
             (String::new(), h, r)
         };
-        if temp_snapshot.is_none() {
-            volumes::transition(&mut tx, &v.id, &["available"], "backing-up", "").await?;
-        }
-        self.ctx.quota.consume(&mut tx, &v.project, &deltas(v.size_gb)).await?;
+        let (snapshot_id, temp_snapshot) = match source {
+            Source::Volume => (String::new(), None),
+            Source::TemporarySnapshot(t) => (String::new(), Some(t)),
+            Source::Snapshot(s) => (s.id, None),
+        };
+        self.ctx.quota.consume(&mut tx, &v.project, &deltas(size_gb)).await?;
         let id = uuid::Uuid::new_v4().to_string();
-        let now = now_ms();
         sqlx::query(
             "INSERT INTO backups (id, project, volume_id, name, description, status, size_gb, incremental, parent_id, host, \
-             repository, idempotency_key, request_digest, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, 'creating', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             repository, idempotency_key, request_digest, snapshot_id, data_timestamp, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, 'creating', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(&v.project)
         .bind(&v.id)
         .bind(&req.name)
         .bind(&req.description)
-        .bind(v.size_gb)
+        .bind(size_gb)
         .bind(req.incremental as i64)
         .bind(&parent_id)
         .bind(&host)
         .bind(&repository)
         .bind(idempotency::column(key))
         .bind(&digest)
+        .bind(&snapshot_id)
+        .bind(data_timestamp)
         .bind(now)
         .bind(now)
         .execute(&mut *tx)
@@ -355,14 +365,15 @@ impl Backups {
         let id = uuid::Uuid::new_v4().to_string();
         let now = now_ms();
         sqlx::query(
-            "INSERT INTO backups (id, project, volume_id, name, description, status, size_gb, host, repository, created_at, updated_at) \
-             VALUES (?, ?, '', ?, 'imported from Cinder', 'creating', 0, ?, ?, ?, ?)",
+            "INSERT INTO backups (id, project, volume_id, name, description, status, size_gb, host, repository, created_at, \
+             data_timestamp, updated_at) VALUES (?, ?, '', ?, 'imported from Cinder', 'creating', 0, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(&project)
         .bind(format!("cinder-{}", r.cinder_backup_id))
         .bind(&host)
         .bind(&repository)
+        .bind(now)
         .bind(now)
         .bind(now)
         .execute(&mut *tx)
@@ -391,286 +402,44 @@ impl Backups {
         Ok(find(&mut conn, &id).await?.ok_or_else(|| Error::not_found("backup", &id))?.row)
     }
 }
-
-/// Import flow: the backup agent converts Cinder's files into its repository → available, sized.
-pub async fn import_flow(ctx: &Ctx, op: Op) -> Result<Outcome> {
-    let mut conn = ctx.db.acquire().await?;
-    let Some(b) = find(&mut conn, &op.resource_id).await? else {
-        operations::finish(&mut conn, &op, Some("backup no longer exists")).await?;
-        return Ok(Outcome::Finished);
-    };
-    drop(conn);
-    let mut client = ctx.agents.backup(&b.host).await?;
-    let call = client
-        .import_cinder_backup(agent::ImportCinderBackupRequest {
-            backup_id: b.id.clone(),
-            repository: b.repository.clone(),
-            directory: op.payload["directory"].as_str().unwrap_or_default().into(),
-            cinder_backup_id: op.payload["cinder_backup_id"].as_str().unwrap_or_default().into(),
-            project: b.project.clone(),
-            name: b.row.name.clone(),
-        })
-        .await;
-    let mut tx = crate::db::write(&ctx.db).await?;
-    match call {
-        Ok(resp) => {
-            let r = resp.into_inner();
-            let size_gb = r.volume_size.div_ceil(1 << 30) as i64;
-            sqlx::query("UPDATE backups SET volume_id = ?, size_gb = ?, stored_bytes = ?, new_bytes = ?, logical_bytes = ?, progress = 100 WHERE id = ?")
-                .bind(&r.volume_id)
-                .bind(size_gb)
-                .bind(r.stored_bytes as i64)
-                .bind(r.new_bytes as i64)
-                .bind(r.logical_bytes as i64)
-                .bind(&b.id)
-                .execute(&mut *tx)
-                .await?;
-            ctx.quota
-                .consume(&mut tx, &b.project, &[quota::Delta { resource: "backup_gigabytes".into(), amount: size_gb }])
-                .await?;
-            set_status(&mut tx, &b.id, &["creating"], "available", "").await?;
-            operations::finish(&mut tx, &op, None).await?;
-        }
-        Err(s) if s.code() == tonic::Code::Unavailable => return Ok(Outcome::Retry(s.message().to_string())),
-        Err(s) => {
-            let reason = format!("import failed: {}", s.message());
-            set_status(&mut tx, &b.id, &["creating"], "error", &reason).await?;
-            operations::finish(&mut tx, &op, Some(&reason)).await?;
-        }
-    }
-    tx.commit().await?;
-    Ok(Outcome::Finished)
+/// What a new backup reads.
+enum Source {
+    /// The available volume itself, held `backing-up` meanwhile.
+    Volume,
+    /// A temporary snapshot (this id) of an in-use volume, made and removed by the create flow.
+    TemporarySnapshot(String),
+    /// An available snapshot of the volume, held `backing-up` meanwhile.
+    Snapshot(snapshots::SnapshotRow),
 }
 
-/// Where a volume's data lives, for the backup agent.
-async fn source_of(ctx: &Ctx, v: &volumes::VolumeRow, snapshot: Option<&str>) -> Result<agent::VolumeSource> {
-    Ok(agent::VolumeSource {
-        storage_endpoint: ctx.agents.endpoint(&v.host, "storage").await?,
-        backend: v.backend.clone(),
-        id: snapshot.map(String::from).unwrap_or_else(|| v.id.clone()),
-        snapshot: snapshot.is_some(),
-        size_bytes: (v.size_gb as u64) << 30,
-    })
-}
-
-/// Create flow: (temporary snapshot for an in-use volume) → the backup agent backs up → available.
-pub async fn create_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
-    let mut conn = ctx.db.acquire().await?;
-    let Some(b) = find(&mut conn, &op.resource_id).await? else {
-        operations::finish(&mut conn, &op, Some("backup no longer exists")).await?;
-        return Ok(Outcome::Finished);
-    };
-    let v = volumes::find(&mut conn, &b.volume_id).await?.ok_or_else(|| Error::not_found("volume", &b.volume_id))?;
-    drop(conn);
-    let temp = op.payload["temp_snapshot"].as_str().map(String::from);
-    let mut storage = ctx.agents.storage(&v.host).await?;
-    if let Some(t) = &temp {
-        let snap = storage
-            .create_snapshot(agent::CreateSnapshotRequest {
-                snapshot_id: t.clone(),
-                volume_id: v.id.clone(),
-                backend: v.backend.clone(),
-            })
-            .await;
-        if let Err(s) = snap {
-            return finish_create(
-                ctx,
-                &op,
-                &b,
-                &v,
-                temp.as_deref(),
-                Err(format!("temporary snapshot: {}", s.message())),
-            )
-            .await;
-        }
-    }
-    crate::failpoint::hit("create_backup.calling");
-    let mut client = ctx.agents.backup(&b.host).await?;
-    let request = agent::CreateBackupRequest {
-        backup_id: b.id.clone(),
-        repository: b.repository.clone(),
-        parent_id: b.parent_id.clone(),
-        source: Some(source_of(ctx, &v, temp.as_deref()).await?),
-        volume_id: v.id.clone(),
-        project: b.project.clone(),
-        name: b.row.name.clone(),
-        description: b.row.description.clone(),
-    };
-    let call = with_progress(ctx, client.clone(), &b.id, "creating", client.create_backup(request)).await;
-    match call {
-        Ok(resp) => finish_create(ctx, &op, &b, &v, temp.as_deref(), Ok(resp.into_inner())).await,
-        Err(s) if s.code() == tonic::Code::Unavailable => {
-            Ok(Outcome::Retry(format!("backup agent {}: {}", b.host, s.message())))
-        }
-        Err(s) => finish_create(ctx, &op, &b, &v, temp.as_deref(), Err(s.message().to_string())).await,
-    }
-}
-
-async fn finish_create(
-    ctx: &Ctx,
-    op: &Op,
-    b: &BackupRow,
+/// Decides what a backup of `v` asked for by `req` reads, refusing what cannot be backed up, and holds it
+/// (`backing-up`) in the create's transaction.
+async fn hold_source(
+    conn: &mut SqliteConnection,
+    who: &Identity,
     v: &volumes::VolumeRow,
-    temp: Option<&str>,
-    result: std::result::Result<agent::CreateBackupResponse, String>,
-) -> Result<Outcome> {
-    if let Some(t) = temp
-        && let Ok(mut storage) = ctx.agents.storage(&v.host).await
-    {
-        let _ = storage
-            .delete_snapshot(agent::DeleteSnapshotRequest { snapshot_id: t.to_string(), backend: v.backend.clone() })
-            .await;
-    }
-    let mut tx = crate::db::write(&ctx.db).await?;
-    volumes::transition(&mut tx, &v.id, &["backing-up"], "available", "").await?;
-    match result {
-        Ok(r) => {
-            sqlx::query(
-                "UPDATE backups SET stored_bytes = ?, new_bytes = ?, logical_bytes = ?, progress = 100 WHERE id = ?",
-            )
-            .bind(r.stored_bytes as i64)
-            .bind(r.new_bytes as i64)
-            .bind(r.logical_bytes as i64)
-            .bind(&b.id)
-            .execute(&mut *tx)
-            .await?;
-            set_status(&mut tx, &b.id, &["creating"], "available", "").await?;
-            operations::finish(&mut tx, op, None).await?;
+    req: &CreateBackupRequest,
+) -> Result<Source> {
+    if !req.snapshot_id.is_empty() {
+        let s = snapshots::visible(conn, who, &req.snapshot_id).await?;
+        if s.volume_id != v.id {
+            return Err(Error::invalid(
+                "snapshot_id",
+                format!("{} is a snapshot of volume {}, not of volume_id {}", s.id, s.volume_id, v.id),
+            ));
         }
-        Err(msg) => {
-            let reason = format!("backup failed: {msg}");
-            set_status(&mut tx, &b.id, &["creating"], "error", &reason).await?;
-            operations::finish(&mut tx, op, Some(&reason)).await?;
-        }
+        snapshots::begin_backup(conn, &s).await?;
+        return Ok(Source::Snapshot(s));
     }
-    tx.commit().await?;
-    ctx.changed(&v.id);
-    Ok(Outcome::Finished)
-}
-
-/// Delete flow: the backup agent drops the manifest and index → row and quota gone.
-pub async fn delete_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
-    let mut conn = ctx.db.acquire().await?;
-    let Some(b) = find(&mut conn, &op.resource_id).await? else {
-        operations::finish(&mut conn, &op, None).await?;
-        return Ok(Outcome::Finished);
-    };
-    drop(conn);
-    let mut client = ctx.agents.backup(&b.host).await?;
-    if let Err(s) = client
-        .delete_backup(agent::DeleteBackupRequest { backup_id: b.id.clone(), repository: b.repository.clone() })
-        .await
-    {
-        if transient(&s) {
-            return Ok(Outcome::Retry(s.message().to_string()));
+    match v.status.as_str() {
+        "available" => {
+            volumes::transition(conn, &v.id, &["available"], "backing-up", "").await?;
+            Ok(Source::Volume)
         }
-        let mut tx = crate::db::write(&ctx.db).await?;
-        set_status(&mut tx, &b.id, &["deleting"], "error_deleting", s.message()).await?;
-        operations::finish(&mut tx, &op, Some(s.message())).await?;
-        tx.commit().await?;
-        return Ok(Outcome::Finished);
+        "in-use" if req.force => Ok(Source::TemporarySnapshot(uuid::Uuid::new_v4().to_string())),
+        "in-use" => Err(Error::FailedPrecondition(format!("volume {} is in-use; pass force to back it up", v.id))),
+        other => Err(Error::FailedPrecondition(format!("volume {} is {other}; a backup needs available", v.id))),
     }
-    let mut tx = crate::db::write(&ctx.db).await?;
-    sqlx::query("DELETE FROM backups WHERE id = ?").bind(&b.id).execute(&mut *tx).await?;
-    ctx.quota.release(&mut tx, &b.project, &deltas(b.size_gb)).await?;
-    operations::finish(&mut tx, &op, None).await?;
-    tx.commit().await?;
-    Ok(Outcome::Finished)
-}
-
-/// Awaits `call`, an agent call working on backup `id`, while copying the agent's progress into the backup's
-/// row (as long as the row is in `status`) every 200 ms, for GetBackup and the CLI's progress bar.
-async fn with_progress<T>(
-    ctx: &Ctx,
-    mut watcher: agent::backup_agent_client::BackupAgentClient<tonic::transport::Channel>,
-    id: &str,
-    status: &str,
-    call: impl std::future::Future<Output = T>,
-) -> T {
-    tokio::pin!(call);
-    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(200));
-    loop {
-        tokio::select! {
-            done = &mut call => return done,
-            _ = ticker.tick() => {
-                let Ok(p) = watcher.get_progress(agent::GetProgressRequest { backup_id: id.into() }).await else {
-                    continue;
-                };
-                let p = p.into_inner();
-                if p.running && p.bytes_total > 0 {
-                    let percent = (p.bytes_done * 100 / p.bytes_total).min(99) as i64;
-                    let _ = sqlx::query("UPDATE backups SET progress = ? WHERE id = ? AND status = ?")
-                        .bind(percent)
-                        .bind(id)
-                        .bind(status)
-                        .execute(&ctx.db)
-                        .await;
-                }
-            }
-        }
-    }
-}
-
-/// Writes backup `backup_id` into volume `v` through the backup agent; `blank` when `v` is new.
-pub async fn restore_into(
-    ctx: &Ctx,
-    backup_id: &str,
-    v: &volumes::VolumeRow,
-    blank: bool,
-) -> std::result::Result<(), String> {
-    let b = {
-        let mut conn = ctx.db.acquire().await.map_err(|e| e.to_string())?;
-        find(&mut conn, backup_id)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("backup {backup_id} no longer exists"))?
-    };
-    let mut client = ctx.agents.backup(&b.host).await.map_err(|e| e.to_string())?;
-    let target = source_of(ctx, v, None).await.map_err(|e| e.to_string())?;
-    let request = agent::RestoreBackupRequest {
-        backup_id: b.id.clone(),
-        repository: b.repository.clone(),
-        target: Some(target),
-        target_is_blank: blank,
-    };
-    with_progress(ctx, client.clone(), &b.id, "restoring", client.restore_backup(request))
-        .await
-        .map(|_| ())
-        .map_err(|s| format!("restore of backup {}: {}", b.id, s.message()))
-}
-
-/// Puts a backup back to `available` after a restore (whatever its outcome); its progress is its own again.
-pub async fn restore_done(conn: &mut SqliteConnection, backup_id: &str) -> Result<()> {
-    if set_status(conn, backup_id, &["restoring"], "available", "").await? {
-        sqlx::query("UPDATE backups SET progress = 100 WHERE id = ?").bind(backup_id).execute(&mut *conn).await?;
-    }
-    Ok(())
-}
-
-/// Restore onto an existing volume: `restoring-backup` → available, or `error_restoring`.
-pub async fn restore_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
-    let backup_id = op.payload["backup_id"].as_str().unwrap_or_default().to_string();
-    let mut conn = ctx.db.acquire().await?;
-    let Some(v) = volumes::find(&mut conn, &op.resource_id).await? else {
-        operations::finish(&mut conn, &op, Some("volume no longer exists")).await?;
-        return Ok(Outcome::Finished);
-    };
-    drop(conn);
-    let result = restore_into(ctx, &backup_id, &v, false).await;
-    let mut tx = crate::db::write(&ctx.db).await?;
-    restore_done(&mut tx, &backup_id).await?;
-    match result {
-        Ok(()) => {
-            volumes::transition(&mut tx, &v.id, &["restoring-backup"], "available", "").await?;
-            operations::finish(&mut tx, &op, None).await?;
-        }
-        Err(msg) => {
-            volumes::transition(&mut tx, &v.id, &["restoring-backup"], "error_restoring", &msg).await?;
-            operations::finish(&mut tx, &op, Some(&msg)).await?;
-        }
-    }
-    tx.commit().await?;
-    Ok(Outcome::Finished)
 }
 
 #[tonic::async_trait]

@@ -1,0 +1,320 @@
+//! The durable backup operations the coordinator's workers run: create (with its temporary or named
+//! snapshot), delete, restore and the Cinder import. Each records its outcome in the backup's row; the agents
+//! move the data.
+
+use super::{BackupRow, deltas, find, set_status};
+use crate::context::Ctx;
+use crate::error::{Error, Result};
+use crate::operations::{self, Op, Outcome};
+use crate::volumes::{flow::transient, store as volumes};
+use crate::{quota, snapshots};
+use ember_proto::agent::v1 as agent;
+use sqlx::SqliteConnection;
+use std::sync::Arc;
+
+/// Import flow: the backup agent converts Cinder's files into its repository → available, sized.
+pub async fn import_flow(ctx: &Ctx, op: Op) -> Result<Outcome> {
+    let mut conn = ctx.db.acquire().await?;
+    let Some(b) = find(&mut conn, &op.resource_id).await? else {
+        operations::finish(&mut conn, &op, Some("backup no longer exists")).await?;
+        return Ok(Outcome::Finished);
+    };
+    drop(conn);
+    let mut client = ctx.agents.backup(&b.host).await?;
+    let call = client
+        .import_cinder_backup(agent::ImportCinderBackupRequest {
+            backup_id: b.id.clone(),
+            repository: b.repository.clone(),
+            directory: op.payload["directory"].as_str().unwrap_or_default().into(),
+            cinder_backup_id: op.payload["cinder_backup_id"].as_str().unwrap_or_default().into(),
+            project: b.project.clone(),
+            name: b.row.name.clone(),
+        })
+        .await;
+    let mut tx = crate::db::write(&ctx.db).await?;
+    match call {
+        Ok(resp) => {
+            let r = resp.into_inner();
+            let size_gb = r.volume_size.div_ceil(1 << 30) as i64;
+            sqlx::query("UPDATE backups SET volume_id = ?, size_gb = ?, stored_bytes = ?, new_bytes = ?, logical_bytes = ?, progress = 100 WHERE id = ?")
+                .bind(&r.volume_id)
+                .bind(size_gb)
+                .bind(r.stored_bytes as i64)
+                .bind(r.new_bytes as i64)
+                .bind(r.logical_bytes as i64)
+                .bind(&b.id)
+                .execute(&mut *tx)
+                .await?;
+            ctx.quota
+                .consume(&mut tx, &b.project, &[quota::Delta { resource: "backup_gigabytes".into(), amount: size_gb }])
+                .await?;
+            set_status(&mut tx, &b.id, &["creating"], "available", "").await?;
+            operations::finish(&mut tx, &op, None).await?;
+        }
+        Err(s) if s.code() == tonic::Code::Unavailable => return Ok(Outcome::Retry(s.message().to_string())),
+        Err(s) => {
+            let reason = format!("import failed: {}", s.message());
+            set_status(&mut tx, &b.id, &["creating"], "error", &reason).await?;
+            operations::finish(&mut tx, &op, Some(&reason)).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(Outcome::Finished)
+}
+
+/// Where the backup's data lives, for the backup agent: the named snapshot, the temporary one, or the volume.
+async fn source_of(
+    ctx: &Ctx,
+    v: &volumes::VolumeRow,
+    b: &BackupRow,
+    temporary: Option<&str>,
+) -> Result<agent::VolumeSource> {
+    let (id, snapshot, size_gb) = match (b.row.snapshot_id.as_str(), temporary) {
+        ("", None) => (v.id.clone(), false, v.size_gb),
+        ("", Some(t)) => (t.to_string(), true, v.size_gb),
+        (named, _) => (named.to_string(), true, b.size_gb),
+    };
+    location(ctx, v, id, snapshot, size_gb).await
+}
+
+/// Volume `v`'s data, or its snapshot `id`'s, on the volume's storage backend.
+async fn location(
+    ctx: &Ctx,
+    v: &volumes::VolumeRow,
+    id: String,
+    snapshot: bool,
+    size_gb: i64,
+) -> Result<agent::VolumeSource> {
+    Ok(agent::VolumeSource {
+        storage_endpoint: ctx.agents.endpoint(&v.host, "storage").await?,
+        backend: v.backend.clone(),
+        id,
+        snapshot,
+        size_bytes: (size_gb as u64) << 30,
+    })
+}
+
+/// Create flow: (temporary snapshot for an in-use volume) → the backup agent backs up → available.
+pub async fn create_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
+    let mut conn = ctx.db.acquire().await?;
+    let Some(b) = find(&mut conn, &op.resource_id).await? else {
+        operations::finish(&mut conn, &op, Some("backup no longer exists")).await?;
+        return Ok(Outcome::Finished);
+    };
+    let v = volumes::find(&mut conn, &b.volume_id).await?.ok_or_else(|| Error::not_found("volume", &b.volume_id))?;
+    drop(conn);
+    let temp = op.payload["temp_snapshot"].as_str().map(String::from);
+    let mut storage = ctx.agents.storage(&v.host).await?;
+    if let Some(t) = &temp {
+        let snap = storage
+            .create_snapshot(agent::CreateSnapshotRequest {
+                snapshot_id: t.clone(),
+                volume_id: v.id.clone(),
+                backend: v.backend.clone(),
+            })
+            .await;
+        if let Err(s) = snap {
+            return finish_create(
+                ctx,
+                &op,
+                &b,
+                &v,
+                temp.as_deref(),
+                Err(format!("temporary snapshot: {}", s.message())),
+            )
+            .await;
+        }
+    }
+    crate::failpoint::hit("create_backup.calling");
+    let mut client = ctx.agents.backup(&b.host).await?;
+    let request = agent::CreateBackupRequest {
+        backup_id: b.id.clone(),
+        repository: b.repository.clone(),
+        parent_id: b.parent_id.clone(),
+        source: Some(source_of(ctx, &v, &b, temp.as_deref()).await?),
+        volume_id: v.id.clone(),
+        project: b.project.clone(),
+        name: b.row.name.clone(),
+        description: b.row.description.clone(),
+    };
+    let call = with_progress(ctx, client.clone(), &b.id, "creating", client.create_backup(request)).await;
+    match call {
+        Ok(resp) => finish_create(ctx, &op, &b, &v, temp.as_deref(), Ok(resp.into_inner())).await,
+        Err(s) if s.code() == tonic::Code::Unavailable => {
+            Ok(Outcome::Retry(format!("backup agent {}: {}", b.host, s.message())))
+        }
+        Err(s) => finish_create(ctx, &op, &b, &v, temp.as_deref(), Err(s.message().to_string())).await,
+    }
+}
+
+async fn finish_create(
+    ctx: &Ctx,
+    op: &Op,
+    b: &BackupRow,
+    v: &volumes::VolumeRow,
+    temp: Option<&str>,
+    result: std::result::Result<agent::CreateBackupResponse, String>,
+) -> Result<Outcome> {
+    if let Some(t) = temp
+        && let Ok(mut storage) = ctx.agents.storage(&v.host).await
+    {
+        let _ = storage
+            .delete_snapshot(agent::DeleteSnapshotRequest { snapshot_id: t.to_string(), backend: v.backend.clone() })
+            .await;
+    }
+    let mut tx = crate::db::write(&ctx.db).await?;
+    // Release what the create held: the volume, or the named snapshot (a temporary one is gone already).
+    if !b.row.snapshot_id.is_empty() {
+        snapshots::end_backup(&mut tx, &b.row.snapshot_id).await?;
+    } else if temp.is_none() {
+        volumes::transition(&mut tx, &v.id, &["backing-up"], "available", "").await?;
+    }
+    match result {
+        Ok(r) => {
+            sqlx::query(
+                "UPDATE backups SET stored_bytes = ?, new_bytes = ?, logical_bytes = ?, progress = 100 WHERE id = ?",
+            )
+            .bind(r.stored_bytes as i64)
+            .bind(r.new_bytes as i64)
+            .bind(r.logical_bytes as i64)
+            .bind(&b.id)
+            .execute(&mut *tx)
+            .await?;
+            set_status(&mut tx, &b.id, &["creating"], "available", "").await?;
+            operations::finish(&mut tx, op, None).await?;
+        }
+        Err(msg) => {
+            let reason = format!("backup failed: {msg}");
+            set_status(&mut tx, &b.id, &["creating"], "error", &reason).await?;
+            operations::finish(&mut tx, op, Some(&reason)).await?;
+        }
+    }
+    tx.commit().await?;
+    ctx.changed(&v.id);
+    Ok(Outcome::Finished)
+}
+
+/// Delete flow: the backup agent drops the manifest and index → row and quota gone.
+pub async fn delete_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
+    let mut conn = ctx.db.acquire().await?;
+    let Some(b) = find(&mut conn, &op.resource_id).await? else {
+        operations::finish(&mut conn, &op, None).await?;
+        return Ok(Outcome::Finished);
+    };
+    drop(conn);
+    let mut client = ctx.agents.backup(&b.host).await?;
+    if let Err(s) = client
+        .delete_backup(agent::DeleteBackupRequest { backup_id: b.id.clone(), repository: b.repository.clone() })
+        .await
+    {
+        if transient(&s) {
+            return Ok(Outcome::Retry(s.message().to_string()));
+        }
+        let mut tx = crate::db::write(&ctx.db).await?;
+        set_status(&mut tx, &b.id, &["deleting"], "error_deleting", s.message()).await?;
+        operations::finish(&mut tx, &op, Some(s.message())).await?;
+        tx.commit().await?;
+        return Ok(Outcome::Finished);
+    }
+    let mut tx = crate::db::write(&ctx.db).await?;
+    sqlx::query("DELETE FROM backups WHERE id = ?").bind(&b.id).execute(&mut *tx).await?;
+    ctx.quota.release(&mut tx, &b.project, &deltas(b.size_gb)).await?;
+    operations::finish(&mut tx, &op, None).await?;
+    tx.commit().await?;
+    Ok(Outcome::Finished)
+}
+
+/// Awaits `call`, an agent call working on backup `id`, while copying the agent's progress into the backup's
+/// row (as long as the row is in `status`) every 200 ms, for GetBackup and the CLI's progress bar.
+async fn with_progress<T>(
+    ctx: &Ctx,
+    mut watcher: agent::backup_agent_client::BackupAgentClient<tonic::transport::Channel>,
+    id: &str,
+    status: &str,
+    call: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(call);
+    let mut ticker = tokio::time::interval(std::time::Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            done = &mut call => return done,
+            _ = ticker.tick() => {
+                let Ok(p) = watcher.get_progress(agent::GetProgressRequest { backup_id: id.into() }).await else {
+                    continue;
+                };
+                let p = p.into_inner();
+                if p.running && p.bytes_total > 0 {
+                    let percent = (p.bytes_done * 100 / p.bytes_total).min(99) as i64;
+                    let _ = sqlx::query("UPDATE backups SET progress = ? WHERE id = ? AND status = ?")
+                        .bind(percent)
+                        .bind(id)
+                        .bind(status)
+                        .execute(&ctx.db)
+                        .await;
+                }
+            }
+        }
+    }
+}
+
+/// Writes backup `backup_id` into volume `v` through the backup agent; `blank` when `v` is new.
+pub async fn restore_into(
+    ctx: &Ctx,
+    backup_id: &str,
+    v: &volumes::VolumeRow,
+    blank: bool,
+) -> std::result::Result<(), String> {
+    let b = {
+        let mut conn = ctx.db.acquire().await.map_err(|e| e.to_string())?;
+        find(&mut conn, backup_id)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("backup {backup_id} no longer exists"))?
+    };
+    let mut client = ctx.agents.backup(&b.host).await.map_err(|e| e.to_string())?;
+    let target = location(ctx, v, v.id.clone(), false, v.size_gb).await.map_err(|e| e.to_string())?;
+    let request = agent::RestoreBackupRequest {
+        backup_id: b.id.clone(),
+        repository: b.repository.clone(),
+        target: Some(target),
+        target_is_blank: blank,
+    };
+    with_progress(ctx, client.clone(), &b.id, "restoring", client.restore_backup(request))
+        .await
+        .map(|_| ())
+        .map_err(|s| format!("restore of backup {}: {}", b.id, s.message()))
+}
+
+/// Puts a backup back to `available` after a restore (whatever its outcome); its progress is its own again.
+pub async fn restore_done(conn: &mut SqliteConnection, backup_id: &str) -> Result<()> {
+    if set_status(conn, backup_id, &["restoring"], "available", "").await? {
+        sqlx::query("UPDATE backups SET progress = 100 WHERE id = ?").bind(backup_id).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Restore onto an existing volume: `restoring-backup` → available, or `error_restoring`.
+pub async fn restore_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
+    let backup_id = op.payload["backup_id"].as_str().unwrap_or_default().to_string();
+    let mut conn = ctx.db.acquire().await?;
+    let Some(v) = volumes::find(&mut conn, &op.resource_id).await? else {
+        operations::finish(&mut conn, &op, Some("volume no longer exists")).await?;
+        return Ok(Outcome::Finished);
+    };
+    drop(conn);
+    let result = restore_into(ctx, &backup_id, &v, false).await;
+    let mut tx = crate::db::write(&ctx.db).await?;
+    restore_done(&mut tx, &backup_id).await?;
+    match result {
+        Ok(()) => {
+            volumes::transition(&mut tx, &v.id, &["restoring-backup"], "available", "").await?;
+            operations::finish(&mut tx, &op, None).await?;
+        }
+        Err(msg) => {
+            volumes::transition(&mut tx, &v.id, &["restoring-backup"], "error_restoring", &msg).await?;
+            operations::finish(&mut tx, &op, Some(&msg)).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(Outcome::Finished)
+}
