@@ -18,10 +18,22 @@ stripped=$(mktemp -d)
 trap 'rm -rf "$stripped"' EXIT
 for b in ember ember-coordinator ember-storage-agent ember-compute-agent ember-backup-agent; do strip -o "$stripped/$b" "$bin/$b"; done
 out=target/realkernel/last-run
-rm -rf "$out"
-status=0
-EMBER_GUEST_DISKS=3 EMBER_GUEST_DISK_SIZE=12G EMBER_GUEST_TIMEOUT=${EMBER_GUEST_TIMEOUT:-900} tests/realkernel/run-guest.sh "$out" \
-  tests/realkernel/guest-main.sh tests/realkernel/{lib.sh,lvm-fleet.sh,nfs-fleet.sh} "$stripped"/* > "$out.console" 2>&1 || status=$?
+run_guest() {
+  rm -rf "$out"
+  status=0
+  EMBER_GUEST_DISKS=3 EMBER_GUEST_DISK_SIZE=12G EMBER_GUEST_TIMEOUT=${EMBER_GUEST_TIMEOUT:-900} tests/realkernel/run-guest.sh "$out" \
+    tests/realkernel/guest-main.sh tests/realkernel/{lib.sh,lvm-fleet.sh,nfs-fleet.sh} "$stripped"/* > "$out.console" 2>&1 || status=$?
+}
+run_guest
+# The guest's Debian 6.1 kernel has been seen to panic (a NULL dereference in iscsi_tcp's connection cleanup,
+# right after the check that a login with a wrong CHAP secret is refused, LIO target and initiator both in that
+# kernel). That is the guest's kernel failing, not a check: the tier runs once more, keeps the first console,
+# and says so. A second panic, or any failed check, fails the tier.
+if [ "$status" != 0 ] && grep -q 'Kernel panic - not syncing' "$out.console"; then
+  cp "$out.console" "$out.panic.console"
+  echo "guest: the guest kernel panicked (console kept in $out.panic.console); running the tier once more" >&2
+  run_guest
+fi
 grep -E '^\[(PASS|FAIL)\]|guest checks|^guest:' "$out.console" || true
 if [ "$status" != 0 ]; then
   echo "real-kernel tier failed (status $status); the last console lines:" >&2
