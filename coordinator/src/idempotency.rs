@@ -4,36 +4,10 @@
 //! parameters is ALREADY_EXISTS, since answering with a resource the client did not ask for would be worse.
 
 use crate::error::{Error, Result};
+pub use crate::status::Table;
 use crate::validate;
 use sha2::Digest;
 use sqlx::SqliteConnection;
-
-/// A resource table whose rows record the key and digest of the create that made them.
-#[derive(Clone, Copy)]
-pub enum Table {
-    Volumes,
-    Snapshots,
-    Backups,
-}
-
-impl Table {
-    fn name(self) -> &'static str {
-        match self {
-            Table::Volumes => "volumes",
-            Table::Snapshots => "snapshots",
-            Table::Backups => "backups",
-        }
-    }
-
-    /// The resource's name in messages.
-    fn resource(self) -> &'static str {
-        match self {
-            Table::Volumes => "volume",
-            Table::Snapshots => "snapshot",
-            Table::Backups => "backup",
-        }
-    }
-}
 
 /// Checks a request's key: empty (no idempotency) or 1–255 characters.
 pub fn check_key(key: &str) -> Result<()> {

@@ -6,7 +6,8 @@ use crate::clock::now_ms;
 use crate::error::Result;
 use sqlx::SqliteConnection;
 
-/// The tables whose rows carry a status.
+/// The resource tables: their rows carry a status (and, see [`crate::idempotency`], the key of the create
+/// that made them).
 #[derive(Debug, Clone, Copy)]
 pub enum Table {
     /// `volumes`.
@@ -18,11 +19,21 @@ pub enum Table {
 }
 
 impl Table {
-    fn name(self) -> &'static str {
+    /// The SQL table.
+    pub fn name(self) -> &'static str {
         match self {
             Table::Volumes => "volumes",
             Table::Snapshots => "snapshots",
             Table::Backups => "backups",
+        }
+    }
+
+    /// One row's resource, as messages name it.
+    pub fn resource(self) -> &'static str {
+        match self {
+            Table::Volumes => "volume",
+            Table::Snapshots => "snapshot",
+            Table::Backups => "backup",
         }
     }
 }

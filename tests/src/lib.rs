@@ -1,6 +1,7 @@
 //! A harness for fleet tests: a fresh CA and certificates in a temporary directory, the real daemons
 //! started as processes on loopback (each on a port it picks and announces), and mTLS clients.
 
+pub mod backups;
 pub mod iscsi;
 pub mod libvirt;
 pub mod volumes;

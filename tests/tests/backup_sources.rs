@@ -2,6 +2,7 @@
 //! Cinder's `backup-create --snapshot-id`). The snapshot is held `backing-up` meanwhile, the volume is not held,
 //! and an incremental builds on the backup with the newest data not newer than what it backs up.
 
+use ember_fleet_tests::backups::{sha256, wait_backup_settled};
 use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_settled, wait_volume};
 use ember_fleet_tests::{Fleet, iscsi, wait_for};
 use ember_proto::v1::backup_service_client::BackupServiceClient;
@@ -9,7 +10,7 @@ use ember_proto::v1::snapshot_service_client::SnapshotServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
 use ember_proto::v1::*;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -90,15 +91,7 @@ impl Env {
     }
 
     async fn wait_backup(&self, id: &str) -> Backup {
-        wait_for(&format!("backup {id}"), Duration::from_secs(120), || {
-            let mut c = self.backups.clone();
-            let id = id.to_string();
-            async move {
-                let b = c.get_backup(GetBackupRequest { id }).await.ok()?.into_inner();
-                (b.status != "creating" && b.status != "restoring").then_some(b)
-            }
-        })
-        .await
+        wait_backup_settled(&self.backups, id).await
     }
 
     /// Restores `backup` into a new volume and returns the sha256 of what it holds.
@@ -115,12 +108,6 @@ impl Env {
         self.wait_backup(backup).await;
         sha256(&self.file(&v.id))
     }
-}
-
-/// sha256 of a whole file, with the system tool.
-fn sha256(path: &Path) -> String {
-    let out = std::process::Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
 }
 
 #[tokio::test]

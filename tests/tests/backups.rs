@@ -1,6 +1,7 @@
 //! Backups end to end through the real fleet: bit-identical round trips along a chain of incrementals,
 //! sparse volumes, dedup, verification of damaged chunks, deletion rules and garbage collection.
 
+use ember_fleet_tests::backups::{sha256, wait_backup_settled};
 use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_settled, wait_volume};
 use ember_fleet_tests::{Fleet, iscsi, wait_for};
 use ember_proto::v1::backup_service_client::BackupServiceClient;
@@ -85,15 +86,7 @@ impl Env {
     }
 
     async fn wait_backup(&self, id: &str) -> Backup {
-        wait_for(&format!("backup {id}"), Duration::from_secs(120), || {
-            let mut c = self.backups.clone();
-            let id = id.to_string();
-            async move {
-                let b = c.get_backup(GetBackupRequest { id }).await.ok()?.into_inner();
-                (b.status != "creating" && b.status != "restoring").then_some(b)
-            }
-        })
-        .await
+        wait_backup_settled(&self.backups, id).await
     }
 
     async fn restore_new(&self, backup: &str) -> Volume {
@@ -106,12 +99,6 @@ impl Env {
             .into_inner();
         wait_settled(&self.volumes, &r.volume_id).await
     }
-}
-
-/// sha256 of a whole file, with the system tool (fast, and not ours).
-fn sha256(path: &Path) -> String {
-    let out = std::process::Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
 }
 
 #[tokio::test]

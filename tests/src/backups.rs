@@ -1,0 +1,27 @@
+//! Backup helpers shared by the fleet tests.
+
+use crate::wait_for;
+use ember_proto::v1::backup_service_client::BackupServiceClient;
+use ember_proto::v1::*;
+use std::path::Path;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+/// Waits until backup `id` is neither being made nor read by a restore, and returns it.
+pub async fn wait_backup_settled(client: &BackupServiceClient<Channel>, id: &str) -> Backup {
+    wait_for(&format!("backup {id}"), Duration::from_secs(120), || {
+        let mut c = client.clone();
+        let id = id.to_string();
+        async move {
+            let b = c.get_backup(GetBackupRequest { id }).await.ok()?.into_inner();
+            (b.status != "creating" && b.status != "restoring").then_some(b)
+        }
+    })
+    .await
+}
+
+/// sha256 of a whole file, with the system tool (fast, and not ours).
+pub fn sha256(path: &Path) -> String {
+    let out = std::process::Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+}
