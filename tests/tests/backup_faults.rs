@@ -522,3 +522,66 @@ async fn a_storage_agent_killed_mid_restore_leaves_the_target_in_error() {
     let restored = wait_volume(&volumes, &again.volume_id, "available").await;
     assert_eq!(std::fs::read(dir.join(format!("volume-{}", restored.id))).unwrap(), source, "whole and identical");
 }
+
+/// While a backup agent is down, work that needs it is refused at once and holds nothing: an incremental on
+/// its backup (which would hold the volume `backing-up` until the agent came back) and restores of its backups
+/// (which would fail and leave a volume in error that nothing touched). Once it is back, the same calls work.
+#[tokio::test]
+async fn work_for_a_backup_agent_that_is_down_is_refused_and_holds_nothing() {
+    let BackupFleet { fleet, backend: _, dir, repo, storage: _storage, backup: mut agent } =
+        BackupFleet::start(&[]).await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    let target = new_volume(&volumes, 1).await;
+    fill(&dir.join(format!("volume-{}", v.id)), 0, 21, 2 << 20);
+    let backups = BackupServiceClient::new(fleet.admin());
+    let full = start_backup(&backups, &v.id).await;
+    assert_eq!(wait_backup(&backups, &full.id).await.status, "available");
+
+    agent.kill();
+    let fleet_client = ember_proto::v1::fleet_service_client::FleetServiceClient::new(fleet.admin());
+    wait_for("backup1 to be down", Duration::from_secs(30), || {
+        let mut c = fleet_client.clone();
+        async move {
+            let list = c.list_services(ListServicesRequest::default()).await.ok()?.into_inner().services;
+            list.iter().any(|s| s.name == "backup1" && !s.up).then_some(())
+        }
+    })
+    .await;
+    let refused = |err: tonic::Status| {
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("backup agent backup1") && err.message().contains("is down"), "{err:?}");
+    };
+    let incremental = CreateBackupRequest { volume_id: v.id.clone(), incremental: true, ..Default::default() };
+    refused(backups.clone().create_backup(incremental.clone()).await.unwrap_err());
+    let onto = RestoreBackupRequest { backup_id: full.id.clone(), volume_id: target.id.clone(), ..Default::default() };
+    refused(backups.clone().restore_backup(onto.clone()).await.unwrap_err());
+    let new = RestoreBackupRequest { backup_id: full.id.clone(), ..Default::default() };
+    refused(backups.clone().restore_backup(new).await.unwrap_err());
+    let from_backup = CreateVolumeRequest { backup_id: full.id.clone(), ..Default::default() };
+    refused(volumes.clone().create_volume(from_backup).await.unwrap_err());
+    for id in [&v.id, &target.id] {
+        let now = volumes.clone().get_volume(GetVolumeRequest { id: id.clone() }).await.unwrap().into_inner();
+        assert_eq!(now.status, "available", "{now:?}");
+    }
+    let listed = volumes.clone().list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().volumes;
+    assert_eq!(listed.len(), 2, "no volume was made for a refused restore: {listed:?}");
+    let b = backups.clone().get_backup(GetBackupRequest { id: full.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(b.status, "available");
+    let all = backups.clone().list_backups(ListBackupsRequest::default()).await.unwrap().into_inner().backups;
+    assert_eq!(all.len(), 1, "{all:?}");
+
+    let _agent = fleet.start_agent("backup", "backup1", &backup_toml(&repo));
+    let b = wait_for("an incremental to be accepted once backup1 is back", Duration::from_secs(30), || {
+        let mut c = backups.clone();
+        let req = incremental.clone();
+        async move { c.create_backup(req).await.ok().map(|r| r.into_inner()) }
+    })
+    .await;
+    assert_eq!(b.parent_id, full.id);
+    assert_eq!(wait_backup(&backups, &b.id).await.status, "available");
+    backups.clone().restore_backup(onto).await.unwrap();
+    wait_volume(&volumes, &target.id, "available").await;
+    let restored = std::fs::read(dir.join(format!("volume-{}", target.id))).unwrap();
+    assert_eq!(&restored[..2 << 20], &iscsi::pattern(21, 2 << 20)[..], "the restore ran once the agent was back");
+}

@@ -2,7 +2,7 @@
 //! repeats its create with the same key and gets the same resource, even after the first create moved on;
 //! the same key with other parameters is refused; neither repeat makes or charges anything.
 
-use ember_fleet_tests::volumes::{new_volume, wait_backend};
+use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_volume};
 use ember_fleet_tests::{Fleet, wait_for};
 use ember_proto::v1::backup_service_client::BackupServiceClient;
 use ember_proto::v1::quota_service_client::QuotaServiceClient;
@@ -106,6 +106,13 @@ async fn a_snapshot_or_backup_create_repeated_with_its_key_makes_one() {
     assert!(ok, "{err}");
     let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(shown[0]["id"], first.id.as_str(), "{out}");
+    // A volume restored from the backup: the repeat comes while the first holds the backup `restoring`.
+    let req =
+        CreateVolumeRequest { backup_id: first.id.clone(), idempotency_key: "restore-1".into(), ..Default::default() };
+    let restored = volumes.clone().create_volume(req.clone()).await.unwrap().into_inner();
+    let again = volumes.clone().create_volume(req).await.unwrap().into_inner();
+    assert_eq!(restored.id, again.id);
+    wait_volume(&volumes, &restored.id, "available").await;
     let listed = backups.clone().list_backups(ListBackupsRequest::default()).await.unwrap().into_inner();
     assert_eq!(listed.backups.len(), 1, "{listed:?}");
     assert_eq!((in_use(&fleet, "backups").await, in_use(&fleet, "backup_gigabytes").await), (1, 1));

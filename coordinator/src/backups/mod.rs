@@ -109,12 +109,30 @@ async fn set_status(conn: &mut SqliteConnection, id: &str, from: &[&str], to: &s
 /// Takes backup `b` for a restore: `available` → `restoring`, its progress back to 0 (it follows the restore
 /// now). The status is the lock: the backup stays undeletable, with one restore at a time, until
 /// [`restore_done`].
-pub async fn begin_restore(conn: &mut SqliteConnection, b: &BackupRow) -> Result<()> {
+pub async fn begin_restore(ctx: &Ctx, conn: &mut SqliteConnection, b: &BackupRow) -> Result<()> {
+    require_up(ctx, conn, &b.host, &format!("backup {}", b.id)).await?;
     if !set_status(conn, &b.id, &["available"], "restoring", "").await? {
         return Err(Error::FailedPrecondition(format!("backup {} is {}; a restore needs available", b.id, b.status)));
     }
     sqlx::query("UPDATE backups SET progress = 0 WHERE id = ?").bind(&b.id).execute(&mut *conn).await?;
     Ok(())
+}
+
+/// Refuses work that needs backup agent `host` (the `host` part of `host@repository`), which holds `what`,
+/// while that agent is down: a create would hold its volume `backing-up` until the agent came back, and a
+/// restore would fail and leave its target in error although nothing touched it.
+async fn require_up(ctx: &Ctx, conn: &mut SqliteConnection, host: &str, what: &str) -> Result<()> {
+    let beat: Option<i64> =
+        sqlx::query_scalar("SELECT last_heartbeat FROM services WHERE role = 'backup' AND host = ? LIMIT 1")
+            .bind(host)
+            .fetch_optional(&mut *conn)
+            .await?;
+    match beat {
+        Some(t) if crate::fleet::is_up(t, now_ms(), ctx.service_down_ms) => Ok(()),
+        _ => Err(Error::FailedPrecondition(format!(
+            "backup agent {host}, which holds {what}, is down; try again when it is up"
+        ))),
+    }
 }
 
 /// The quota deltas of a backup of `size_gb`.
@@ -204,13 +222,16 @@ impl Backups {
             .bind(data_timestamp)
             .fetch_optional(&mut *tx)
             .await?;
-            parent.ok_or_else(|| {
+            let parent = parent.ok_or_else(|| {
                 Error::FailedPrecondition(format!(
                     "volume {} has no available backup {}to build an incremental on; make a full one first",
                     v.id,
                     if matches!(source, Source::Snapshot(_)) { "older than the snapshot " } else { "" }
                 ))
-            })?
+            })?;
+            // An incremental is made where its parent is.
+            require_up(&self.ctx, &mut tx, &parent.1, &format!("the parent backup {}", parent.0)).await?;
+            parent
         } else {
             let (h, r) = choose_repository(&self.ctx, &mut tx, &v.availability_zone).await?;
             (String::new(), h, r)
@@ -331,7 +352,7 @@ impl Backups {
                 v.id, v.status
             )));
         }
-        begin_restore(&mut tx, &b).await?;
+        begin_restore(&self.ctx, &mut tx, &b).await?;
         let op = operations::insert(
             &mut tx,
             "restore_backup",

@@ -48,20 +48,23 @@ fn check_metadata(field: &'static str, md: &HashMap<String, String>) -> Result<(
     Ok(())
 }
 
-/// A digest of the parameters of a create, to tell a repeat from a conflicting reuse of its key.
-fn request_digest(req: &CreateVolumeRequest, type_id: &str, size_gb: u64) -> String {
+/// A digest of the parameters of a create as the client gave them, to tell a repeat from a conflicting reuse
+/// of its key. Taken from the request alone (not from what it resolves to), so that a repeat is recognised
+/// before anything is looked up or held.
+fn request_digest(req: &CreateVolumeRequest) -> String {
     let md: BTreeMap<_, _> = req.metadata.iter().collect();
     idempotency::digest(serde_json::json!([
-        size_gb,
+        req.size_gb,
         req.name,
         req.description,
-        type_id,
+        req.volume_type,
         req.availability_zone,
         md,
         req.bootable,
         req.snapshot_id,
         req.source_volume_id,
-        req.backup_id
+        req.backup_id,
+        req.image
     ]))
 }
 
@@ -76,6 +79,7 @@ struct Source {
 }
 
 async fn resolve_source(
+    ctx: &Ctx,
     conn: &mut SqliteConnection,
     who: &Identity,
     req: &CreateVolumeRequest,
@@ -95,7 +99,7 @@ async fn resolve_source(
     if !req.backup_id.is_empty() {
         let b = crate::backups::visible(conn, who, &req.backup_id).await?;
         // The backup stays `restoring` (and so undeletable) until the volume is built.
-        crate::backups::begin_restore(conn, &b).await?;
+        crate::backups::begin_restore(ctx, conn, &b).await?;
         return Ok(Some(Source { size_gb: b.size_gb as u64, only: None }));
     }
     if !req.image.is_empty() {
@@ -146,6 +150,14 @@ impl Volumes {
             return Err(Error::invalid("size_gb", format!("must be at most {MAX_SIZE_GB} GiB")));
         }
         let mut tx = crate::db::write(&self.ctx.db).await?;
+        // A repeat is answered before anything else: by now its source may be held (a backup `restoring`).
+        let digest = request_digest(&req);
+        if let Some(id) =
+            idempotency::earlier(&mut tx, idempotency::Table::Volumes, &project, &req.idempotency_key, &digest).await?
+        {
+            let v = store::find(&mut tx, &id).await?.ok_or_else(|| Error::not_found("volume", &id))?;
+            return store::to_proto(&mut tx, &v).await;
+        }
         let type_id = if req.volume_type.is_empty() {
             sqlx::query_scalar("SELECT id FROM volume_types WHERE is_default = 1")
                 .fetch_optional(&mut *tx)
@@ -158,7 +170,7 @@ impl Volumes {
             })?
         };
         let vtype = volume_types::load(&mut tx, &type_id).await?;
-        let source = resolve_source(&mut tx, who, &req).await?;
+        let source = resolve_source(&self.ctx, &mut tx, who, &req).await?;
         let size_gb = match (&source, req.size_gb) {
             (Some(s), 0) => s.size_gb,
             (Some(s), n) if n < s.size_gb => {
@@ -173,13 +185,6 @@ impl Volumes {
                 "availability_zone",
                 format!("{:?} is not a zone with storage", req.availability_zone),
             ));
-        }
-        let digest = request_digest(&req, &type_id, size_gb);
-        if let Some(id) =
-            idempotency::earlier(&mut tx, idempotency::Table::Volumes, &project, &req.idempotency_key, &digest).await?
-        {
-            let v = store::find(&mut tx, &id).await?.ok_or_else(|| Error::not_found("volume", &id))?;
-            return store::to_proto(&mut tx, &v).await;
         }
         self.ctx.quota.consume(&mut tx, &project, &quota::volume_deltas(&vtype.name, size_gb as i64)).await?;
         let id = uuid::Uuid::new_v4().to_string();
