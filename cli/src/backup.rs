@@ -380,9 +380,20 @@ pub async fn run(cmd: BackupCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
         BackupAction::Gc { host } => {
             let r = client.collect_garbage(CollectGarbageRequest { host }).await?.into_inner();
             if json {
-                output::json(&serde_json::json!({ "chunks_removed": r.chunks_removed, "bytes_freed": r.bytes_freed }));
+                output::json(&serde_json::json!({
+                    "chunks_removed": r.chunks_removed, "bytes_freed": r.bytes_freed,
+                    "collected": r.collected, "skipped": r.skipped,
+                }));
             } else {
-                println!("removed {} chunk(s), freed {:.1} MB", r.chunks_removed, r.bytes_freed as f64 / 1e6);
+                println!(
+                    "removed {} chunk(s), freed {:.1} MB on {}",
+                    r.chunks_removed,
+                    r.bytes_freed as f64 / 1e6,
+                    r.collected.join(", ")
+                );
+                for s in &r.skipped {
+                    println!("skipped {s}");
+                }
             }
         }
     }

@@ -585,3 +585,68 @@ async fn work_for_a_backup_agent_that_is_down_is_refused_and_holds_nothing() {
     let restored = std::fs::read(dir.join(format!("volume-{}", target.id))).unwrap();
     assert_eq!(&restored[..2 << 20], &iscsi::pattern(21, 2 << 20)[..], "the restore ran once the agent was back");
 }
+
+/// Garbage collection over every repository goes on past a backup agent that is down and lists it as
+/// skipped; asking for that agent alone fails with the reason, and a name that matches nothing is refused.
+#[tokio::test]
+async fn garbage_collection_skips_a_backup_agent_that_is_down_and_names_it() {
+    let BackupFleet { fleet, backend: _, dir, repo, storage: _storage, backup: _backup } =
+        BackupFleet::start(&[]).await;
+    let repo2 = fleet.subdir("repo2");
+    let mut backup2 = fleet.start_agent(
+        "backup",
+        "backup2",
+        &format!("gc_grace_seconds = 0\n[[repositories]]\nname = \"repo2\"\ndirectory = \"{}\"\n", repo2.display()),
+    );
+    wait_backend(&fleet, "backup2").await;
+    // An unreferenced chunk in repo1: a backup, then its delete.
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    fill(&dir.join(format!("volume-{}", v.id)), 0, 23, 1 << 20);
+    let backups = BackupServiceClient::new(fleet.admin());
+    let b = start_backup(&backups, &v.id).await;
+    let b = wait_backup(&backups, &b.id).await;
+    assert_eq!((b.status.as_str(), b.host.as_str()), ("available", "backup1@repo1"), "{b:?}");
+    backups.clone().delete_backup(DeleteBackupRequest { id: b.id.clone() }).await.unwrap();
+    wait_for("the backup deleted", Duration::from_secs(30), || {
+        let mut c = backups.clone();
+        let id = b.id.clone();
+        async move {
+            matches!(c.get_backup(GetBackupRequest { id }).await, Err(s) if s.code() == Code::NotFound).then_some(())
+        }
+    })
+    .await;
+
+    backup2.kill();
+    let fleet_client = ember_proto::v1::fleet_service_client::FleetServiceClient::new(fleet.admin());
+    wait_for("backup2 to be down", Duration::from_secs(30), || {
+        let mut c = fleet_client.clone();
+        async move {
+            let list = c.list_services(ListServicesRequest::default()).await.ok()?.into_inner().services;
+            list.iter().any(|s| s.name == "backup2" && !s.up).then_some(())
+        }
+    })
+    .await;
+    let gc = |host: &str| {
+        let mut c = backups.clone();
+        let host = host.to_string();
+        async move { c.collect_garbage(CollectGarbageRequest { host }).await }
+    };
+    let all = gc("").await.unwrap().into_inner();
+    assert_eq!(all.collected, ["backup1@repo1"], "{all:?}");
+    assert_eq!(all.skipped, ["backup2@repo2: its backup agent is down"], "{all:?}");
+    assert_eq!(all.chunks_removed, 1, "repo1 was collected past the down agent: {all:?}");
+    assert!(walkdir(&repo.join("chunks")).is_empty());
+    let err = gc("backup2").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("backup2@repo2: its backup agent is down"), "{}", err.message());
+    let err = gc("backup9@repo1").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("host"), "{}", err.message());
+    let (ok, out, err) = fleet.cli(&["backup", "gc"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("on backup1@repo1") && out.contains("skipped backup2@repo2: its backup agent is down"),
+        "{out}"
+    );
+}

@@ -135,6 +135,22 @@ async fn require_up(ctx: &Ctx, conn: &mut SqliteConnection, host: &str, what: &s
     }
 }
 
+/// What a garbage collection asked for `wanted` answers: the totals, unless nothing was collected — then
+/// INVALID_ARGUMENT when `wanted` named no repository, FAILED_PRECONDITION with the reasons when every
+/// repository asked for was skipped.
+fn gc_outcome(wanted: &str, total: CollectGarbageResponse) -> Result<CollectGarbageResponse> {
+    if !total.collected.is_empty() {
+        return Ok(total);
+    }
+    if total.skipped.is_empty() {
+        if wanted.is_empty() {
+            return Ok(total);
+        }
+        return Err(Error::invalid("host", format!("{wanted:?} is not a registered backup agent or repository")));
+    }
+    Err(Error::FailedPrecondition(format!("no repository was collected: {}", total.skipped.join("; "))))
+}
+
 /// The quota deltas of a backup of `size_gb`.
 pub fn deltas(size_gb: i64) -> Vec<quota::Delta> {
     vec![
@@ -537,27 +553,43 @@ impl BackupService for Backups {
         req: Request<CollectGarbageRequest>,
     ) -> Result<Response<CollectGarbageResponse>, Status> {
         require_admin(&req, "collect garbage")?;
-        let rows = sqlx::query("SELECT host, report FROM services WHERE role = 'backup'")
+        let wanted = req.into_inner().host;
+        let rows = sqlx::query("SELECT host, report, last_heartbeat FROM services WHERE role = 'backup' ORDER BY host")
             .fetch_all(&self.ctx.db)
             .await
             .map_err(Error::from)?;
         let mut total = CollectGarbageResponse::default();
         for r in rows {
             let host: String = r.get(0);
+            let up = crate::fleet::is_up(r.get(2), now_ms(), self.ctx.service_down_ms);
             for (name, _) in reported_repositories(r.get::<&str, _>(1))? {
-                let wanted = req.get_ref().host.is_empty()
-                    || req.get_ref().host == host
-                    || req.get_ref().host == format!("{host}@{name}");
-                if !wanted {
+                let repository = format!("{host}@{name}");
+                if !(wanted.is_empty() || wanted == host || wanted == repository) {
                     continue;
                 }
-                let mut client = self.ctx.agents.backup(&host).await?;
-                let g = client.collect_garbage(agent::CollectGarbageRequest { repository: name }).await?.into_inner();
-                total.chunks_removed += g.chunks_removed;
-                total.bytes_freed += g.bytes_freed;
+                if !up {
+                    total.skipped.push(format!("{repository}: its backup agent is down"));
+                    continue;
+                }
+                let collected = match self.ctx.agents.backup(&host).await {
+                    Ok(mut client) => client
+                        .collect_garbage(agent::CollectGarbageRequest { repository: name })
+                        .await
+                        .map(|g| g.into_inner())
+                        .map_err(|s| s.message().to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match collected {
+                    Ok(g) => {
+                        total.chunks_removed += g.chunks_removed;
+                        total.bytes_freed += g.bytes_freed;
+                        total.collected.push(repository);
+                    }
+                    Err(why) => total.skipped.push(format!("{repository}: {why}")),
+                }
             }
         }
-        Ok(Response::new(total))
+        gc_outcome(&wanted, total).map(Response::new).map_err(Status::from)
     }
 
     async fn import_cinder_backup(&self, req: Request<ImportCinderBackupRequest>) -> Result<Response<Backup>, Status> {
@@ -572,5 +604,32 @@ impl BackupService for Backups {
     ) -> Result<Response<ImportRepositoryBackupsResponse>, Status> {
         require_admin(&req, "import a repository's backups")?;
         Ok(Response::new(crate::repository_import::import(&self.ctx, req.into_inner()).await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(collected: &[&str], skipped: &[&str]) -> CollectGarbageResponse {
+        CollectGarbageResponse {
+            chunks_removed: 3,
+            bytes_freed: 300,
+            collected: collected.iter().map(|s| s.to_string()).collect(),
+            skipped: skipped.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn garbage_collection_fails_only_when_nothing_it_asked_for_was_collected() {
+        let partial = response(&["b1@r1"], &["b2@r2: its backup agent is down"]);
+        assert_eq!(gc_outcome("", partial.clone()).unwrap(), partial, "one down agent does not fail the rest");
+        assert_eq!(gc_outcome("", response(&[], &[])).unwrap(), response(&[], &[]), "no repositories at all");
+        let unknown = gc_outcome("b9", response(&[], &[])).unwrap_err();
+        assert_eq!(tonic::Status::from(unknown).code(), tonic::Code::InvalidArgument);
+        let down = gc_outcome("b2", response(&[], &["b2@r2: its backup agent is down"])).unwrap_err();
+        let status = tonic::Status::from(down);
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(status.message().contains("b2@r2: its backup agent is down"), "{}", status.message());
     }
 }
