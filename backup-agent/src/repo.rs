@@ -84,6 +84,12 @@ pub struct Manifest {
     /// The backup's description (absent when empty).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
+    /// The user's snapshot that was read (absent when the volume itself was).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub snapshot_id: String,
+    /// When the data was current, RFC 3339 (absent: `started_at`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub data_timestamp: String,
 }
 
 /// A backup's index: chunk position → digest, for the positions that are not all zero.

@@ -284,6 +284,8 @@ impl Backups {
             project: req.project.clone(),
             name: req.name.clone(),
             description: req.description.clone(),
+            snapshot_id: req.snapshot_id.clone(),
+            data_timestamp: req.data_timestamp.clone(),
         };
         let manifest = off_runtime(move || repo.commit_backup(&mut manifest, &index).map(|()| manifest))
             .await?
@@ -479,6 +481,8 @@ fn stored_backup(m: Manifest) -> StoredBackup {
         stored_bytes: m.stored_bytes,
         new_bytes: m.new_bytes,
         logical_bytes: m.logical_bytes,
+        snapshot_id: m.snapshot_id,
+        data_timestamp: m.data_timestamp,
     }
 }
 

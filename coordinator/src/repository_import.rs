@@ -53,7 +53,7 @@ async fn adopt(
     listed: agent::ListStoredBackupsResponse,
 ) -> Result<ImportRepositoryBackupsResponse> {
     let mut found: Vec<(i64, agent::StoredBackup)> =
-        listed.backups.into_iter().map(|s| (started_ms(&s.started_at).unwrap_or_else(now_ms), s)).collect();
+        listed.backups.into_iter().map(|s| (rfc3339_ms(&s.started_at).unwrap_or_else(now_ms), s)).collect();
     // An incremental starts after its parent is complete: oldest first lists parents before their children.
     found.sort_by(|a, b| (a.0, &a.1.backup_id).cmp(&(b.0, &b.1.backup_id)));
 
@@ -78,8 +78,8 @@ async fn adopt(
         ctx.quota.consume(&mut tx, project, &deltas(size_gb)).await?;
         sqlx::query(
             "INSERT INTO backups (id, project, volume_id, name, description, status, size_gb, incremental, parent_id, \
-             host, repository, stored_bytes, new_bytes, logical_bytes, progress, created_at, data_timestamp, updated_at) \
-             VALUES (?, ?, ?, ?, ?, 'available', ?, ?, ?, ?, ?, ?, ?, ?, 100, ?, ?, ?)",
+             host, repository, stored_bytes, new_bytes, logical_bytes, progress, created_at, snapshot_id, data_timestamp, \
+             updated_at) VALUES (?, ?, ?, ?, ?, 'available', ?, ?, ?, ?, ?, ?, ?, ?, 100, ?, ?, ?, ?)",
         )
         .bind(&s.backup_id)
         .bind(project)
@@ -95,7 +95,8 @@ async fn adopt(
         .bind(s.new_bytes as i64)
         .bind(s.logical_bytes as i64)
         .bind(started)
-        .bind(started)
+        .bind(&s.snapshot_id)
+        .bind(rfc3339_ms(&s.data_timestamp).unwrap_or(started))
         .bind(now_ms())
         .execute(&mut *tx)
         .await?;
@@ -138,11 +139,14 @@ fn check_ids(s: &agent::StoredBackup) -> std::result::Result<(), String> {
     if !s.parent_id.is_empty() && !uuid(&s.parent_id) {
         return Err(format!("parent id {:?} is not a lowercase UUID", s.parent_id));
     }
+    if !s.snapshot_id.is_empty() && !uuid(&s.snapshot_id) {
+        return Err(format!("snapshot id {:?} is not a lowercase UUID", s.snapshot_id));
+    }
     Ok(())
 }
 
 /// An RFC 3339 time in Unix milliseconds.
-fn started_ms(text: &str) -> Option<i64> {
+fn rfc3339_ms(text: &str) -> Option<i64> {
     let t = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
     Some((t.unix_timestamp_nanos() / 1_000_000) as i64)
 }
@@ -153,8 +157,8 @@ mod tests {
 
     #[test]
     fn manifest_times_and_ids_are_read_strictly() {
-        assert_eq!(started_ms("2026-11-26T13:46:48.669Z"), Some(1_795_700_808_669));
-        assert_eq!(started_ms("yesterday"), None);
+        assert_eq!(rfc3339_ms("2026-11-26T13:46:48.669Z"), Some(1_795_700_808_669));
+        assert_eq!(rfc3339_ms("yesterday"), None);
         let good = agent::StoredBackup {
             backup_id: "0a0a0a0a-1b1b-4c2c-8d3d-4e4e4e4e4e4e".into(),
             volume_id: "1a0a0a0a-1b1b-4c2c-8d3d-4e4e4e4e4e4e".into(),

@@ -465,7 +465,35 @@ async fn a_coordinator_that_lost_its_database_adopts_the_repositorys_backups() {
         .into_inner();
     let full = e.wait_backup(&full.id).await;
     e.write(&v, 512 << 20, 4, 1 << 20);
-    let incr = e.backup(&v, true).await;
+    // The incremental reads a snapshot, which its manifest records with the snapshot's time.
+    let snapshots = ember_proto::v1::snapshot_service_client::SnapshotServiceClient::new(e.fleet.member("alice", "p1"));
+    let snap = snapshots
+        .clone()
+        .create_snapshot(CreateSnapshotRequest { volume_id: v.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let snap = wait_for("the snapshot", Duration::from_secs(60), || {
+        let mut c = snapshots.clone();
+        let id = snap.id.clone();
+        async move {
+            Some(c.get_snapshot(GetSnapshotRequest { id }).await.ok()?.into_inner()).filter(|s| s.status == "available")
+        }
+    })
+    .await;
+    let incr = e
+        .backups
+        .clone()
+        .create_backup(CreateBackupRequest {
+            volume_id: v.clone(),
+            incremental: true,
+            snapshot_id: snap.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let incr = e.wait_backup(&incr.id).await;
     assert_eq!((full.status.as_str(), incr.status.as_str()), ("available", "available"));
     let source_sha = sha256(&e.file(&v));
     let manifest: serde_json::Value =
@@ -539,6 +567,8 @@ async fn a_coordinator_that_lost_its_database_adopts_the_repositorys_backups() {
     );
     assert_eq!((f.stored_bytes, f.new_bytes, f.size_gb), (full.stored_bytes, full.new_bytes, 1));
     assert_eq!((i.incremental, i.parent_id.as_str(), i.host.as_str()), (true, full.id.as_str(), "backup1@repo1"));
+    assert_eq!((f.snapshot_id.as_str(), f.data_timestamp), ("", full.data_timestamp), "the full read the volume");
+    assert_eq!((i.snapshot_id.as_str(), i.data_timestamp), (snap.id.as_str(), snap.created_at), "{i:?}");
 
     // The adopted incremental restores bit-identically; asking again adopts nothing twice.
     let restored = e.restore_new(&incr.id).await;

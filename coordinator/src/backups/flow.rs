@@ -136,6 +136,8 @@ pub async fn create_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         project: b.project.clone(),
         name: b.row.name.clone(),
         description: b.row.description.clone(),
+        snapshot_id: b.row.snapshot_id.clone(),
+        data_timestamp: b.row.data_timestamp.map(|t| t.to_string()).unwrap_or_default(),
     };
     let call = with_progress(ctx, client.clone(), &b.id, "creating", client.create_backup(request)).await;
     match call {
