@@ -650,3 +650,46 @@ async fn garbage_collection_skips_a_backup_agent_that_is_down_and_names_it() {
         "{out}"
     );
 }
+
+/// The coordinator dies as it hands a backup to the agent, and the backup agent dies too. The restarted
+/// coordinator does not wait for that agent for ever: once it is down the backup ends in error and its volume
+/// is free again, to be backed up once the agent is back.
+#[tokio::test]
+async fn a_backup_whose_agent_is_gone_when_it_resumes_ends_in_error_and_frees_the_volume() {
+    let BackupFleet { mut fleet, backend: _, dir, repo, storage: _storage, backup: mut agent } =
+        BackupFleet::start(&[]).await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    fill(&dir.join(format!("volume-{}", v.id)), 0, 25, 1 << 20);
+    fleet.start_coordinator_with(&[("EMBER_FAILPOINTS", "create_backup.calling")]);
+    let _ = BackupServiceClient::new(fleet.admin())
+        .create_backup(CreateBackupRequest { volume_id: v.id.clone(), ..Default::default() })
+        .await;
+    assert!(!fleet.coordinator.as_mut().unwrap().wait_exit(Duration::from_secs(30)).success());
+    agent.kill();
+    fleet.start_coordinator();
+
+    let backups = BackupServiceClient::new(fleet.admin());
+    let listed = backups.clone().list_backups(ListBackupsRequest::default()).await.unwrap().into_inner().backups;
+    let b = wait_backup(&backups, &listed[0].id).await;
+    assert_eq!(b.status, "error", "{b:?}");
+    assert!(b.status_reason.contains("backup agent backup1 is down"), "{b:?}");
+    let v = wait_volume(&volumes, &v.id, "available").await;
+    assert!(v.status_reason.is_empty(), "{v:?}");
+    assert!(!repo.join("backups").join(&b.id).exists());
+
+    // With the agent back, the volume backs up again.
+    let _agent = fleet.start_agent("backup", "backup1", &backup_toml(&repo));
+    let again = wait_for("a new backup to be accepted", Duration::from_secs(30), || {
+        let mut c = backups.clone();
+        let id = v.id.clone();
+        async move {
+            c.create_backup(CreateBackupRequest { volume_id: id, ..Default::default() })
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        }
+    })
+    .await;
+    assert_eq!(wait_backup(&backups, &again.id).await.status, "available");
+}

@@ -2,7 +2,7 @@
 //! snapshot), delete, restore and the Cinder import. Each records its outcome in the backup's row; the agents
 //! move the data.
 
-use super::{BackupRow, deltas, find, set_status};
+use super::{BackupRow, agent_is_up, deltas, find, set_status};
 use crate::context::Ctx;
 use crate::error::{Error, Result};
 use crate::operations::{self, Op, Outcome};
@@ -142,8 +142,16 @@ pub async fn create_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     let call = with_progress(ctx, client.clone(), &b.id, "creating", client.create_backup(request)).await;
     match call {
         Ok(resp) => finish_create(ctx, &op, &b, &v, temp.as_deref(), Ok(resp.into_inner())).await,
+        // Unreachable: a restarting agent is waited for; one that is down (it was up when the backup was
+        // accepted) fails the backup, so that its volume or snapshot is not held until it comes back.
         Err(s) if s.code() == tonic::Code::Unavailable => {
-            Ok(Outcome::Retry(format!("backup agent {}: {}", b.host, s.message())))
+            let mut conn = ctx.db.acquire().await?;
+            if agent_is_up(ctx, &mut conn, &b.host).await? {
+                return Ok(Outcome::Retry(format!("backup agent {}: {}", b.host, s.message())));
+            }
+            drop(conn);
+            let why = format!("backup agent {} is down ({})", b.host, s.message());
+            finish_create(ctx, &op, &b, &v, temp.as_deref(), Err(why)).await
         }
         Err(s) => finish_create(ctx, &op, &b, &v, temp.as_deref(), Err(s.message().to_string())).await,
     }

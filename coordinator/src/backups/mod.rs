@@ -118,21 +118,24 @@ pub async fn begin_restore(ctx: &Ctx, conn: &mut SqliteConnection, b: &BackupRow
     Ok(())
 }
 
-/// Refuses work that needs backup agent `host` (the `host` part of `host@repository`), which holds `what`,
-/// while that agent is down: a create would hold its volume `backing-up` until the agent came back, and a
-/// restore would fail and leave its target in error although nothing touched it.
-async fn require_up(ctx: &Ctx, conn: &mut SqliteConnection, host: &str, what: &str) -> Result<()> {
+/// Whether backup agent `host` (the `host` part of `host@repository`) is up, by its heartbeats.
+async fn agent_is_up(ctx: &Ctx, conn: &mut SqliteConnection, host: &str) -> Result<bool> {
     let beat: Option<i64> =
         sqlx::query_scalar("SELECT last_heartbeat FROM services WHERE role = 'backup' AND host = ? LIMIT 1")
             .bind(host)
             .fetch_optional(&mut *conn)
             .await?;
-    match beat {
-        Some(t) if crate::fleet::is_up(t, now_ms(), ctx.service_down_ms) => Ok(()),
-        _ => Err(Error::FailedPrecondition(format!(
-            "backup agent {host}, which holds {what}, is down; try again when it is up"
-        ))),
+    Ok(beat.is_some_and(|t| crate::fleet::is_up(t, now_ms(), ctx.service_down_ms)))
+}
+
+/// Refuses work that needs backup agent `host`, which holds `what`, while that agent is down: a create would
+/// hold its volume `backing-up` until the agent came back, and a restore would fail and leave its target in
+/// error although nothing touched it.
+async fn require_up(ctx: &Ctx, conn: &mut SqliteConnection, host: &str, what: &str) -> Result<()> {
+    if agent_is_up(ctx, conn, host).await? {
+        return Ok(());
     }
+    Err(Error::FailedPrecondition(format!("backup agent {host}, which holds {what}, is down; try again when it is up")))
 }
 
 /// What a garbage collection asked for `wanted` answers: the totals, unless nothing was collected — then
