@@ -524,8 +524,9 @@ async fn a_storage_agent_killed_mid_restore_leaves_the_target_in_error() {
 }
 
 /// While a backup agent is down, work that needs it is refused at once and holds nothing: an incremental on
-/// its backup (which would hold the volume `backing-up` until the agent came back) and restores of its backups
-/// (which would fail and leave a volume in error that nothing touched). Once it is back, the same calls work.
+/// its backup (which would hold the volume `backing-up` until the agent came back), restores of its backups
+/// (which would fail and leave a volume in error that nothing touched) and a verify (which said only "tcp
+/// connect error"). Once it is back, the same calls work.
 #[tokio::test]
 async fn work_for_a_backup_agent_that_is_down_is_refused_and_holds_nothing() {
     let BackupFleet { fleet, backend: _, dir, repo, storage: _storage, backup: mut agent } =
@@ -560,6 +561,7 @@ async fn work_for_a_backup_agent_that_is_down_is_refused_and_holds_nothing() {
     refused(backups.clone().restore_backup(new).await.unwrap_err());
     let from_backup = CreateVolumeRequest { backup_id: full.id.clone(), ..Default::default() };
     refused(volumes.clone().create_volume(from_backup).await.unwrap_err());
+    refused(backups.clone().verify_backup(VerifyBackupRequest { id: full.id.clone() }).await.unwrap_err());
     for id in [&v.id, &target.id] {
         let now = volumes.clone().get_volume(GetVolumeRequest { id: id.clone() }).await.unwrap().into_inner();
         assert_eq!(now.status, "available", "{now:?}");

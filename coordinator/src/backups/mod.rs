@@ -534,11 +534,13 @@ impl BackupService for Backups {
         let who = who(&req)?;
         let b = {
             let mut conn = self.ctx.db.acquire().await.map_err(Error::from)?;
-            visible(&mut conn, &who, &req.get_ref().id).await?
+            let b = visible(&mut conn, &who, &req.get_ref().id).await?;
+            if b.status != "available" {
+                return Err(Error::FailedPrecondition(format!("backup {} is {}", b.id, b.status)).into());
+            }
+            require_up(&self.ctx, &mut conn, &b.host, &format!("backup {}", b.id)).await?;
+            b
         };
-        if b.status != "available" {
-            return Err(Error::FailedPrecondition(format!("backup {} is {}", b.id, b.status)).into());
-        }
         let mut client = self.ctx.agents.backup(&b.host).await?;
         let r = client
             .verify_backup(agent::VerifyBackupRequest { backup_id: b.id.clone(), repository: b.repository.clone() })
