@@ -249,7 +249,7 @@ pub fn start_process(log_json: bool) {
     crate::logging::init(log_json);
 }
 
-/// Free and total bytes of the filesystem holding `path`.
+/// Total and free (available to unprivileged writers) bytes of the filesystem holding `path`.
 pub fn filesystem_space(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
     let st = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
     let frag = st.fragment_size() as u64;

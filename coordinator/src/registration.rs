@@ -78,11 +78,21 @@ fn rows_of(req: &RegisterRequest) -> Result<Vec<(String, String, serde_json::Val
         Some(c) => {
             serde_json::json!({ "connector": { "host": c.host, "ip": c.ip, "initiator": c.initiator, "connection_types": c.connection_types } })
         }
-        None => {
-            serde_json::json!({ "repositories": req.repositories.iter().map(|r| serde_json::json!({"name": r.name, "availability_zone": r.availability_zone, "total_bytes": r.total_bytes, "free_bytes": r.free_bytes})).collect::<Vec<_>>() })
-        }
+        None => repositories_report(&req.repositories),
     };
     Ok(vec![(String::new(), req.availability_zone.clone(), report)])
+}
+
+/// A backup agent's repositories as stored in `services.report`; choosing where a backup goes reads it back
+/// (`backups::reported_repositories`).
+fn repositories_report(repositories: &[Repository]) -> serde_json::Value {
+    let each = |r: &Repository| {
+        serde_json::json!({
+            "name": r.name, "availability_zone": r.availability_zone,
+            "total_bytes": r.total_bytes, "free_bytes": r.free_bytes,
+        })
+    };
+    serde_json::json!({ "repositories": repositories.iter().map(each).collect::<Vec<_>>() })
 }
 
 /// A backend's stats as stored in `services.report`; the scheduler reads this back.
@@ -187,6 +197,15 @@ impl Registrar {
                 .bind(&req.name)
                 .bind(role)
                 .bind(&b.name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        // A backup agent's repositories fill up and free up; where the next backup goes depends on it.
+        if !req.repositories.is_empty() {
+            sqlx::query("UPDATE services SET report = ? WHERE host = ? AND role = ? AND backend = ''")
+                .bind(repositories_report(&req.repositories).to_string())
+                .bind(&req.name)
+                .bind(role)
                 .execute(&mut *tx)
                 .await?;
         }

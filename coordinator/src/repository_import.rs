@@ -124,7 +124,7 @@ async fn reports_repository(conn: &mut SqliteConnection, host: &str, repository:
         .fetch_optional(&mut *conn)
         .await?;
     let Some(report) = report else { return Ok(false) };
-    Ok(crate::backups::reported_repositories(&report)?.iter().any(|(name, _)| name == repository))
+    Ok(crate::backups::reported_repositories(&report)?.iter().any(|r| r.name == repository))
 }
 
 /// The ids a manifest records must be ids this coordinator could have made (a repository is data from disk).

@@ -19,7 +19,10 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 mod flow;
+mod placement;
 pub use flow::{create_flow, delete_flow, import_flow, restore_done, restore_flow, restore_into};
+use placement::choose_repository;
+pub use placement::reported_repositories;
 
 /// A backup as stored.
 #[derive(Debug, Clone)]
@@ -160,40 +163,6 @@ pub fn deltas(size_gb: i64) -> Vec<quota::Delta> {
         quota::Delta { resource: "backups".into(), amount: 1 },
         quota::Delta { resource: "backup_gigabytes".into(), amount: size_gb },
     ]
-}
-
-/// Picks an up, enabled backup agent repository, preferring the volume's zone.
-async fn choose_repository(ctx: &Ctx, conn: &mut SqliteConnection, az: &str) -> Result<(String, String)> {
-    let rows = sqlx::query("SELECT host, availability_zone, report, last_heartbeat FROM services WHERE role = 'backup' AND enabled = 1 ORDER BY host")
-        .fetch_all(&mut *conn)
-        .await?;
-    let now = now_ms();
-    let mut fallback = None;
-    for r in rows {
-        if !crate::fleet::is_up(r.get(3), now, ctx.service_down_ms) {
-            continue;
-        }
-        for (name, zone) in reported_repositories(r.get::<&str, _>(2))? {
-            let choice = (r.get::<String, _>(0), name);
-            if zone == az {
-                return Ok(choice);
-            }
-            fallback.get_or_insert(choice);
-        }
-    }
-    fallback.ok_or_else(|| Error::FailedPrecondition("no backup repository is up and enabled".into()))
-}
-
-/// The (name, availability zone) of each repository in a backup agent's stored registration report.
-pub fn reported_repositories(report: &str) -> Result<Vec<(String, String)>> {
-    let report: serde_json::Value = serde_json::from_str(report)?;
-    let field = |repo: &serde_json::Value, key: &str| repo[key].as_str().unwrap_or_default().to_string();
-    Ok(report["repositories"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|repo| (field(repo, "name"), field(repo, "availability_zone")))
-        .collect())
 }
 
 /// The gRPC service.
@@ -567,7 +536,7 @@ impl BackupService for Backups {
         for r in rows {
             let host: String = r.get(0);
             let up = crate::fleet::is_up(r.get(2), now_ms(), self.ctx.service_down_ms);
-            for (name, _) in reported_repositories(r.get::<&str, _>(1))? {
+            for placement::ReportedRepository { name, .. } in reported_repositories(r.get::<&str, _>(1))? {
                 let repository = format!("{host}@{name}");
                 if !(wanted.is_empty() || wanted == host || wanted == repository) {
                     continue;

@@ -1,0 +1,117 @@
+//! Where backups go: to the repository with the most free space, as the backup agents report it with every
+//! heartbeat, and never to a full one. The repositories are small tmpfs mounts, so their free space is known
+//! and nothing else in the machine changes it.
+
+use ember_fleet_tests::backups::wait_backup_settled;
+use ember_fleet_tests::volumes::{new_volume, wait_backend};
+use ember_fleet_tests::{Fleet, iscsi, wait_for};
+use ember_proto::v1::backup_service_client::BackupServiceClient;
+use ember_proto::v1::volume_service_client::VolumeServiceClient;
+use ember_proto::v1::*;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+use tonic::Code;
+
+/// A tmpfs of `size_mib` mounted on a directory, unmounted (lazily: agents may still hold files) on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: PathBuf, size_mib: u64) -> Tmpfs {
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount a tmpfs on {}", dir.display());
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Writes `mib` MiB (or until the filesystem is full, when `mib` is `None`) into a new file in `dir`.
+fn ballast(dir: &Path, name: &str, mib: Option<u64>) {
+    let mut f = std::fs::File::create(dir.join(name)).unwrap();
+    let block = vec![0x5a_u8; 1 << 20];
+    for _ in 0..mib.unwrap_or(u64::MAX) {
+        if f.write_all(&block).is_err() {
+            assert!(mib.is_none(), "the ballast did not fit");
+            return;
+        }
+    }
+}
+
+/// The free bytes backup agent `host` last reported for its one repository.
+async fn reported_free(fleet: &Fleet, host: &str) -> u64 {
+    let report: String = sqlx::query_scalar("SELECT report FROM services WHERE role = 'backup' AND host = ?")
+        .bind(host)
+        .fetch_one(&fleet.db().await)
+        .await
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    report["repositories"][0]["free_bytes"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn backups_go_where_there_is_most_room_and_never_to_a_full_repository() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, dir) = fleet.file_backend("file1", "");
+    let small = Tmpfs::mount(fleet.subdir("small"), 32);
+    let big = Tmpfs::mount(fleet.subdir("big"), 128);
+    let repo =
+        |name: &str, dir: &Path| format!("[[repositories]]\nname = \"{name}\"\ndirectory = \"{}\"\n", dir.display());
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    let _backup1 = fleet.start_agent("backup", "backup1", &repo("small", &small.0));
+    let _backup2 = fleet.start_agent("backup", "backup2", &repo("big", &big.0));
+    for name in ["storage1@file1", "backup1", "backup2"] {
+        wait_backend(&fleet, name).await;
+    }
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await.id;
+    let f = std::fs::OpenOptions::new().write(true).open(dir.join(format!("volume-{v}"))).unwrap();
+    f.write_all_at(&iscsi::pattern(31, 1 << 20), 0).unwrap();
+    let backups = BackupServiceClient::new(fleet.admin());
+    let backup = || {
+        let mut c = backups.clone();
+        let v = v.clone();
+        async move { c.create_backup(CreateBackupRequest { volume_id: v, ..Default::default() }).await }
+    };
+
+    let first = backup().await.unwrap().into_inner();
+    assert_eq!(first.host, "backup2@big", "the bigger repository has more room");
+    assert_eq!(wait_backup_settled(&backups, &first.id).await.status, "available");
+
+    // The big one fills up; its agent's next heartbeat says so, and the next backup goes to the small one.
+    ballast(&big.0, "ballast", Some(112));
+    wait_for("backup2's heartbeat to report less room than backup1's", Duration::from_secs(30), || async {
+        (reported_free(&fleet, "backup2").await < reported_free(&fleet, "backup1").await).then_some(())
+    })
+    .await;
+    let second = backup().await.unwrap().into_inner();
+    assert_eq!(second.host, "backup1@small");
+    assert_eq!(wait_backup_settled(&backups, &second.id).await.status, "available");
+
+    // Both full: refused, naming them; nothing is made and the volume is untouched.
+    ballast(&big.0, "more", None);
+    ballast(&small.0, "ballast", None);
+    wait_for("both agents to report full repositories", Duration::from_secs(30), || async {
+        (reported_free(&fleet, "backup1").await == 0 && reported_free(&fleet, "backup2").await == 0).then_some(())
+    })
+    .await;
+    let err = backup().await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("backup1@small") && err.message().contains("backup2@big"), "{}", err.message());
+    let all = backups.clone().list_backups(ListBackupsRequest::default()).await.unwrap().into_inner().backups;
+    assert_eq!(all.len(), 2, "{all:?}");
+    let now = volumes.clone().get_volume(GetVolumeRequest { id: v.clone() }).await.unwrap().into_inner();
+    assert_eq!(now.status, "available");
+}
