@@ -70,6 +70,29 @@ async fn start_backup(backups: &BackupServiceClient<tonic::transport::Channel>, 
         .into_inner()
 }
 
+/// Asks for `req` until the coordinator accepts it (e.g. once a restarted agent is up again).
+async fn accepted(backups: &BackupServiceClient<tonic::transport::Channel>, req: CreateBackupRequest) -> Backup {
+    wait_for("a backup to be accepted", Duration::from_secs(30), || {
+        let mut c = backups.clone();
+        let req = req.clone();
+        async move { c.create_backup(req).await.ok().map(|r| r.into_inner()) }
+    })
+    .await
+}
+
+/// Waits until the coordinator shows service `name` down.
+async fn wait_down(fleet: &Fleet, name: &str) {
+    let client = ember_proto::v1::fleet_service_client::FleetServiceClient::new(fleet.admin());
+    wait_for(&format!("{name} to be down"), Duration::from_secs(30), || {
+        let mut c = client.clone();
+        async move {
+            let list = c.list_services(ListServicesRequest::default()).await.ok()?.into_inner().services;
+            list.iter().any(|s| s.name == name && !s.up).then_some(())
+        }
+    })
+    .await;
+}
+
 fn fill(file: &Path, offset: u64, seed: u8, len: usize) {
     let f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
     f.write_all_at(&iscsi::pattern(seed, len), offset).unwrap();
@@ -101,17 +124,7 @@ async fn a_backup_agent_killed_mid_backup_ends_the_backup_in_error_and_leaves_no
         async move { (c.get_volume(GetVolumeRequest { id }).await.ok()?.into_inner().status == "available").then_some(()) }
     })
     .await;
-    let b = wait_for("a new backup to be accepted", Duration::from_secs(30), || {
-        let mut c = backups.clone();
-        let id = v.id.clone();
-        async move {
-            c.create_backup(CreateBackupRequest { volume_id: id, ..Default::default() })
-                .await
-                .ok()
-                .map(|r| r.into_inner())
-        }
-    })
-    .await;
+    let b = accepted(&backups, CreateBackupRequest { volume_id: v.id.clone(), ..Default::default() }).await;
     let done = wait_backup(&backups, &b.id).await;
     assert_eq!(done.status, "available", "{done:?}");
     let report = backups.clone().verify_backup(VerifyBackupRequest { id: b.id.clone() }).await.unwrap().into_inner();
@@ -540,15 +553,7 @@ async fn work_for_a_backup_agent_that_is_down_is_refused_and_holds_nothing() {
     assert_eq!(wait_backup(&backups, &full.id).await.status, "available");
 
     agent.kill();
-    let fleet_client = ember_proto::v1::fleet_service_client::FleetServiceClient::new(fleet.admin());
-    wait_for("backup1 to be down", Duration::from_secs(30), || {
-        let mut c = fleet_client.clone();
-        async move {
-            let list = c.list_services(ListServicesRequest::default()).await.ok()?.into_inner().services;
-            list.iter().any(|s| s.name == "backup1" && !s.up).then_some(())
-        }
-    })
-    .await;
+    wait_down(&fleet, "backup1").await;
     let refused = |err: tonic::Status| {
         assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
         assert!(err.message().contains("backup agent backup1") && err.message().contains("is down"), "{err:?}");
@@ -574,12 +579,7 @@ async fn work_for_a_backup_agent_that_is_down_is_refused_and_holds_nothing() {
     assert_eq!(all.len(), 1, "{all:?}");
 
     let _agent = fleet.start_agent("backup", "backup1", &backup_toml(&repo));
-    let b = wait_for("an incremental to be accepted once backup1 is back", Duration::from_secs(30), || {
-        let mut c = backups.clone();
-        let req = incremental.clone();
-        async move { c.create_backup(req).await.ok().map(|r| r.into_inner()) }
-    })
-    .await;
+    let b = accepted(&backups, incremental).await;
     assert_eq!(b.parent_id, full.id);
     assert_eq!(wait_backup(&backups, &b.id).await.status, "available");
     backups.clone().restore_backup(onto).await.unwrap();
@@ -620,15 +620,7 @@ async fn garbage_collection_skips_a_backup_agent_that_is_down_and_names_it() {
     .await;
 
     backup2.kill();
-    let fleet_client = ember_proto::v1::fleet_service_client::FleetServiceClient::new(fleet.admin());
-    wait_for("backup2 to be down", Duration::from_secs(30), || {
-        let mut c = fleet_client.clone();
-        async move {
-            let list = c.list_services(ListServicesRequest::default()).await.ok()?.into_inner().services;
-            list.iter().any(|s| s.name == "backup2" && !s.up).then_some(())
-        }
-    })
-    .await;
+    wait_down(&fleet, "backup2").await;
     let gc = |host: &str| {
         let mut c = backups.clone();
         let host = host.to_string();
@@ -682,16 +674,6 @@ async fn a_backup_whose_agent_is_gone_when_it_resumes_ends_in_error_and_frees_th
 
     // With the agent back, the volume backs up again.
     let _agent = fleet.start_agent("backup", "backup1", &backup_toml(&repo));
-    let again = wait_for("a new backup to be accepted", Duration::from_secs(30), || {
-        let mut c = backups.clone();
-        let id = v.id.clone();
-        async move {
-            c.create_backup(CreateBackupRequest { volume_id: id, ..Default::default() })
-                .await
-                .ok()
-                .map(|r| r.into_inner())
-        }
-    })
-    .await;
+    let again = accepted(&backups, CreateBackupRequest { volume_id: v.id.clone(), ..Default::default() }).await;
     assert_eq!(wait_backup(&backups, &again.id).await.status, "available");
 }
