@@ -1,7 +1,9 @@
 //! Backup helpers shared by the fleet tests.
 
+use crate::volumes::wait_settled;
 use crate::wait_for;
 use ember_proto::v1::backup_service_client::BackupServiceClient;
+use ember_proto::v1::volume_service_client::VolumeServiceClient;
 use ember_proto::v1::*;
 use std::path::Path;
 use std::time::Duration;
@@ -18,6 +20,21 @@ pub async fn wait_backup_settled(client: &BackupServiceClient<Channel>, id: &str
         }
     })
     .await
+}
+
+/// Restores `backup` into a new volume and returns that volume once it has settled (available or error).
+pub async fn restore_new(
+    backups: &BackupServiceClient<Channel>,
+    volumes: &VolumeServiceClient<Channel>,
+    backup: &str,
+) -> Volume {
+    let r = backups
+        .clone()
+        .restore_backup(RestoreBackupRequest { backup_id: backup.into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_settled(volumes, &r.volume_id).await
 }
 
 /// sha256 of a whole file, with the system tool (fast, and not ours).

@@ -3,7 +3,7 @@
 //! and an incremental builds on the backup with the newest data not newer than what it backs up.
 
 use ember_fleet_tests::backups::{sha256, wait_backup_settled};
-use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_settled, wait_volume};
+use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_volume};
 use ember_fleet_tests::{Fleet, iscsi, wait_for};
 use ember_proto::v1::backup_service_client::BackupServiceClient;
 use ember_proto::v1::snapshot_service_client::SnapshotServiceClient;
@@ -96,14 +96,7 @@ impl Env {
 
     /// Restores `backup` into a new volume and returns the sha256 of what it holds.
     async fn restored_hash(&self, backup: &str) -> String {
-        let r = self
-            .backups
-            .clone()
-            .restore_backup(RestoreBackupRequest { backup_id: backup.into(), ..Default::default() })
-            .await
-            .unwrap()
-            .into_inner();
-        let v = wait_settled(&self.volumes, &r.volume_id).await;
+        let v = ember_fleet_tests::backups::restore_new(&self.backups, &self.volumes, backup).await;
         assert_eq!(v.status, "available", "{v:?}");
         self.wait_backup(backup).await;
         sha256(&self.file(&v.id))

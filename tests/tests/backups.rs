@@ -90,14 +90,7 @@ impl Env {
     }
 
     async fn restore_new(&self, backup: &str) -> Volume {
-        let r = self
-            .backups
-            .clone()
-            .restore_backup(RestoreBackupRequest { backup_id: backup.into(), ..Default::default() })
-            .await
-            .unwrap()
-            .into_inner();
-        wait_settled(&self.volumes, &r.volume_id).await
+        ember_fleet_tests::backups::restore_new(&self.backups, &self.volumes, backup).await
     }
 }
 
