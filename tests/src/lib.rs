@@ -121,6 +121,8 @@ pub struct Fleet {
     pub coordinator: Option<Daemon>,
     /// tgtd control port and iSCSI portal port of each storage agent, by agent name.
     tgt_ports: std::sync::Mutex<std::collections::HashMap<String, (u16, u16)>>,
+    /// Process ids of the storage agents started, to end them (and then their tgtds) with the fleet.
+    storage_agents: std::sync::Mutex<Vec<u32>>,
 }
 
 /// A free TCP port on loopback right now.
@@ -137,9 +139,19 @@ fn next_control_port() -> u16 {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        // Agents killed outright leave their tgtd running (by design: exports survive); end them here.
+        // Agents killed outright leave their tgtd running (by design: exports survive); end them here. A
+        // storage agent still running would start its tgtd again, so the agents go first (a test's locals may
+        // outlive its fleet). The command-line check keeps a reused pid safe. tgtd ignores SIGTERM while it
+        // holds targets.
+        let dir = self.dir.path().to_string_lossy().into_owned();
+        for pid in self.storage_agents.lock().unwrap().iter() {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&dir) {
+                let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            }
+        }
         for (control, _) in self.tgt_ports.lock().unwrap().values() {
-            let _ = Command::new("pkill").args(["-f", &format!("^tgtd -f -C {control} ")]).status();
+            let _ = Command::new("pkill").args(["-KILL", "-f", &format!("^tgtd -f -C {control} ")]).status();
         }
     }
 }
@@ -156,7 +168,7 @@ impl Fleet {
         ember_common::install_crypto_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         init_ca(&dir.path().join("ca"), "test fleet CA").expect("CA");
-        let fleet = Fleet { dir, coordinator: None, tgt_ports: Default::default() };
+        let fleet = Fleet { dir, coordinator: None, tgt_ports: Default::default(), storage_agents: Default::default() };
         fleet.issue(Role::Coordinator, "coordinator", None);
         fleet.issue(Role::Admin, "admin", None);
         fleet
@@ -265,7 +277,11 @@ impl Fleet {
     pub fn start_agent_with(&self, kind: &str, name: &str, extra_toml: &str, env: &[(&str, &str)]) -> Daemon {
         let mut cmd = self.agent_command(kind, name, extra_toml);
         cmd.envs(env.iter().copied());
-        Daemon::start(cmd, self.dir.path().join(format!("{kind}-{name}-{}.log", self.next_log())))
+        let daemon = Daemon::start(cmd, self.dir.path().join(format!("{kind}-{name}-{}.log", self.next_log())));
+        if kind == "storage" {
+            self.storage_agents.lock().unwrap().push(daemon.child.id());
+        }
+        daemon
     }
 
     /// Starts an agent that is expected to refuse to run; returns its exit status and what it wrote to stderr.
