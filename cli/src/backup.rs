@@ -103,7 +103,8 @@ enum BackupAction {
         project: String,
     },
     /// Adopt the backups a repository holds that the coordinator does not know, e.g. after its database was
-    /// lost (admin). Each goes to the project its manifest records.
+    /// lost (admin). Each goes to the project its manifest records. Also takes over a repository another
+    /// backup agent served (its node died, its NFS share now mounted here): its backups move to this one.
     ImportRepository {
         /// Backup host and repository, `host@repository` (see `ember service list`).
         host: String,
@@ -361,14 +362,17 @@ pub async fn run(cmd: BackupCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
             if json {
                 output::json(&serde_json::json!({
                     "imported": r.imported.iter().map(to_json).collect::<Vec<_>>(),
+                    "moved": r.moved.iter().map(to_json).collect::<Vec<_>>(),
                     "already_known": r.already_known,
                     "skipped": r.skipped,
                 }));
             } else {
-                print(&r.imported, false);
+                let listed: Vec<Backup> = r.imported.iter().chain(&r.moved).cloned().collect();
+                print(&listed, false);
                 println!(
-                    "imported {}, already known {}, skipped {}",
+                    "imported {}, moved {}, already known {}, skipped {}",
                     r.imported.len(),
+                    r.moved.len(),
                     r.already_known,
                     r.skipped.len()
                 );

@@ -1,8 +1,10 @@
 //! Adopting the backups a repository holds that this coordinator does not know. A repository describes itself
 //! (docs/backup-format.md): when the coordinator's database is lost, or a new coordinator takes over a backup
-//! node, the backups are still there, and this gives them back to their projects.
+//! node, the backups are still there, and this gives them back to their projects. And taking over a repository
+//! that another backup agent served: when a backup node dies, its NFS share survives it, and another agent
+//! that mounts the share serves its backups from then on.
 
-use crate::backups::{deltas, find};
+use crate::backups::{BackupRow, deltas, find};
 use crate::clock::now_ms;
 use crate::context::Ctx;
 use crate::error::{Error, Result};
@@ -43,8 +45,8 @@ pub async fn import(
     Ok(adopt(ctx, host, repository, fallback, listed).await?)
 }
 
-/// Records the listed backups this coordinator does not know; backups whose manifest names no project go to
-/// `fallback`.
+/// Records the listed backups this coordinator does not know (backups whose manifest names no project go to
+/// `fallback`), and moves here the listed backups it knows at a location that is no longer served.
 async fn adopt(
     ctx: &Ctx,
     host: &str,
@@ -58,15 +60,37 @@ async fn adopt(
     found.sort_by(|a, b| (a.0, &a.1.backup_id).cmp(&(b.0, &b.1.backup_id)));
 
     let mut out = ImportRepositoryBackupsResponse { skipped: listed.unreadable, ..Default::default() };
-    let mut imported = Vec::new();
+    let (mut imported, mut moved) = (Vec::new(), Vec::new());
     let mut tx = crate::db::write(&ctx.db).await?;
     for (started, s) in found {
         if let Err(why) = check_ids(&s) {
             out.skipped.push(format!("{}: {why}", s.backup_id));
             continue;
         }
-        if find(&mut tx, &s.backup_id).await?.is_some() {
-            out.already_known += 1;
+        if let Some(known) = find(&mut tx, &s.backup_id).await? {
+            if (known.host.as_str(), known.repository.as_str()) == (host, repository) {
+                out.already_known += 1;
+                continue;
+            }
+            let old_served = location_served(ctx, &mut tx, &known.host, &known.repository).await?;
+            let parent_here = match find(&mut tx, &known.parent_id).await? {
+                Some(p) => (p.host.as_str(), p.repository.as_str()) == (host, repository),
+                None => known.parent_id.is_empty(),
+            };
+            match move_refusal(&known, &s, old_served, parent_here) {
+                Some(why) => out.skipped.push(format!("{}: {why}", s.backup_id)),
+                None => {
+                    sqlx::query("UPDATE backups SET host = ?, repository = ?, updated_at = ? WHERE id = ?")
+                        .bind(host)
+                        .bind(repository)
+                        .bind(now_ms())
+                        .bind(&s.backup_id)
+                        .execute(&mut *tx)
+                        .await?;
+                    tracing::info!(backup_id = %s.backup_id, from = %format!("{}@{}", known.host, known.repository), "backup moved");
+                    moved.push(s.backup_id);
+                }
+            }
             continue;
         }
         let project = if s.project.is_empty() { fallback } else { s.project.as_str() };
@@ -105,16 +129,66 @@ async fn adopt(
     for id in &imported {
         out.imported.push(find(&mut tx, id).await?.ok_or_else(|| Error::not_found("backup", id))?.row);
     }
+    for id in &moved {
+        out.moved.push(find(&mut tx, id).await?.ok_or_else(|| Error::not_found("backup", id))?.row);
+    }
     tx.commit().await?;
     tracing::info!(
         host,
         repository,
         imported = imported.len(),
+        moved = moved.len(),
         already_known = out.already_known,
         skipped = out.skipped.len(),
         "repository backups imported"
     );
     Ok(out)
+}
+
+/// Backup statuses in which no operation is using the backup's repository, so it may move to another. A
+/// `deleting` backup's operation reads the backup's location at each attempt: moved, the delete completes
+/// at the new location instead of waiting for an agent that may never come back.
+const MOVABLE: [&str; 4] = ["available", "error", "deleting", "error_deleting"];
+
+/// Why backup `known`, which this coordinator records at another location, may not move to the repository
+/// that lists it as `stored` (None: it may). A backup moves only from a location no one serves any more, so
+/// a copied repository cannot take backups from the agent still serving the original; and never ahead of its
+/// parent, since an incremental is restored through its parent's index in the same repository.
+fn move_refusal(
+    known: &BackupRow,
+    stored: &agent::StoredBackup,
+    old_served: bool,
+    parent_here: bool,
+) -> Option<String> {
+    let old = format!("{}@{}", known.host, known.repository);
+    if (stored.volume_id.as_str(), stored.parent_id.as_str()) != (known.volume_id.as_str(), known.parent_id.as_str()) {
+        return Some(format!(
+            "this repository's copy is of volume {:?} with parent {:?}, but the backup known here is of volume {:?} \
+             with parent {:?}",
+            stored.volume_id, stored.parent_id, known.volume_id, known.parent_id
+        ));
+    }
+    if old_served {
+        return Some(format!(
+            "recorded at {old}, which is still served; a backup moves only from a repository whose agent is down \
+             or no longer reports it"
+        ));
+    }
+    if !MOVABLE.contains(&known.status.as_str()) {
+        return Some(format!("is {} at {old}; only a backup that is {} moves", known.status, MOVABLE.join(", ")));
+    }
+    if !parent_here {
+        return Some(format!(
+            "its parent {} is not recorded in this repository; move the parent first",
+            known.parent_id
+        ));
+    }
+    None
+}
+
+/// Whether `host@repository` is served: its backup agent is up and reports that repository.
+async fn location_served(ctx: &Ctx, conn: &mut SqliteConnection, host: &str, repository: &str) -> Result<bool> {
+    Ok(crate::backups::agent_is_up(ctx, conn, host).await? && reports_repository(conn, host, repository).await?)
 }
 
 /// Whether backup agent `host` has registered repository `repository`.
@@ -169,5 +243,45 @@ mod tests {
         assert!(check_ids(&bad_parent).unwrap_err().contains("parent id"));
         let bad_id = agent::StoredBackup { backup_id: "B1".into(), ..good };
         assert!(check_ids(&bad_id).is_err());
+    }
+
+    fn known(status: &str, parent: &str) -> BackupRow {
+        BackupRow {
+            id: "b".into(),
+            project: "p1".into(),
+            volume_id: "v".into(),
+            status: status.into(),
+            size_gb: 1,
+            parent_id: parent.into(),
+            host: "backup1".into(),
+            repository: "repo1".into(),
+            row: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_backup_moves_only_from_a_location_no_longer_served_and_never_ahead_of_its_parent() {
+        let stored = |parent: &str| agent::StoredBackup {
+            backup_id: "b".into(),
+            volume_id: "v".into(),
+            parent_id: parent.into(),
+            ..Default::default()
+        };
+        for status in MOVABLE {
+            assert_eq!(move_refusal(&known(status, ""), &stored(""), false, true), None, "{status}");
+        }
+        let served = move_refusal(&known("available", ""), &stored(""), true, true).unwrap();
+        assert!(served.contains("recorded at backup1@repo1, which is still served"), "{served}");
+        for status in ["creating", "restoring"] {
+            let busy = move_refusal(&known(status, ""), &stored(""), false, true).unwrap();
+            assert!(busy.starts_with(&format!("is {status} at backup1@repo1")), "{busy}");
+        }
+        let orphan = move_refusal(&known("available", "p"), &stored("p"), false, false).unwrap();
+        assert!(orphan.contains("its parent p is not recorded in this repository"), "{orphan}");
+        let other = agent::StoredBackup { volume_id: "w".into(), ..stored("") };
+        let differs = move_refusal(&known("available", ""), &other, false, true).unwrap();
+        assert!(differs.contains("copy is of volume \"w\""), "{differs}");
+        let reparented = move_refusal(&known("available", ""), &stored("p"), false, true).unwrap();
+        assert!(reparented.contains("with parent \"p\""), "{reparented}");
     }
 }

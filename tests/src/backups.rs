@@ -1,10 +1,11 @@
 //! Backup helpers shared by the fleet tests.
 
 use crate::volumes::wait_settled;
-use crate::wait_for;
+use crate::{Fleet, iscsi, wait_for};
 use ember_proto::v1::backup_service_client::BackupServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
 use ember_proto::v1::*;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -41,4 +42,24 @@ pub async fn restore_new(
 pub fn sha256(path: &Path) -> String {
     let out = std::process::Command::new("sha256sum").arg(path).output().unwrap();
     String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().to_string()
+}
+
+/// Waits until the coordinator shows service `name` down.
+pub async fn wait_down(fleet: &Fleet, name: &str) {
+    let client = ember_proto::v1::fleet_service_client::FleetServiceClient::new(fleet.admin());
+    wait_for(&format!("{name} to be down"), Duration::from_secs(30), || {
+        let mut c = client.clone();
+        async move {
+            let list = c.list_services(ListServicesRequest::default()).await.ok()?.into_inner().services;
+            list.iter().any(|s| s.name == name && !s.up).then_some(())
+        }
+    })
+    .await;
+}
+
+/// Writes `len` bytes of test pattern `seed` at `offset` of `file` (a file-backend volume), durably.
+pub fn fill(file: &Path, offset: u64, seed: u8, len: usize) {
+    let f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+    f.write_all_at(&iscsi::pattern(seed, len), offset).unwrap();
+    f.sync_all().unwrap();
 }

@@ -1,6 +1,7 @@
 //! Backups under faults: the backup agent killed mid-backup, garbage collection racing a running backup, and
 //! an in-use volume backed up through a temporary snapshot.
 
+use ember_fleet_tests::backups::{fill, wait_down};
 use ember_fleet_tests::libvirt::{Domain, attach_request};
 use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_volume};
 use ember_fleet_tests::{Fleet, iscsi, wait_for};
@@ -8,7 +9,6 @@ use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
 use ember_proto::v1::backup_service_client::BackupServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
 use ember_proto::v1::*;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
 use tonic::Code;
@@ -78,25 +78,6 @@ async fn accepted(backups: &BackupServiceClient<tonic::transport::Channel>, req:
         async move { c.create_backup(req).await.ok().map(|r| r.into_inner()) }
     })
     .await
-}
-
-/// Waits until the coordinator shows service `name` down.
-async fn wait_down(fleet: &Fleet, name: &str) {
-    let client = ember_proto::v1::fleet_service_client::FleetServiceClient::new(fleet.admin());
-    wait_for(&format!("{name} to be down"), Duration::from_secs(30), || {
-        let mut c = client.clone();
-        async move {
-            let list = c.list_services(ListServicesRequest::default()).await.ok()?.into_inner().services;
-            list.iter().any(|s| s.name == name && !s.up).then_some(())
-        }
-    })
-    .await;
-}
-
-fn fill(file: &Path, offset: u64, seed: u8, len: usize) {
-    let f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
-    f.write_all_at(&iscsi::pattern(seed, len), offset).unwrap();
-    f.sync_all().unwrap();
 }
 
 #[tokio::test]

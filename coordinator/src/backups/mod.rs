@@ -122,7 +122,7 @@ pub async fn begin_restore(ctx: &Ctx, conn: &mut SqliteConnection, b: &BackupRow
 }
 
 /// Whether backup agent `host` (the `host` part of `host@repository`) is up, by its heartbeats.
-async fn agent_is_up(ctx: &Ctx, conn: &mut SqliteConnection, host: &str) -> Result<bool> {
+pub async fn agent_is_up(ctx: &Ctx, conn: &mut SqliteConnection, host: &str) -> Result<bool> {
     let beat: Option<i64> =
         sqlx::query_scalar("SELECT last_heartbeat FROM services WHERE role = 'backup' AND host = ? LIMIT 1")
             .bind(host)
@@ -138,7 +138,10 @@ async fn require_up(ctx: &Ctx, conn: &mut SqliteConnection, host: &str, what: &s
     if agent_is_up(ctx, conn, host).await? {
         return Ok(());
     }
-    Err(Error::FailedPrecondition(format!("backup agent {host}, which holds {what}, is down; try again when it is up")))
+    Err(Error::FailedPrecondition(format!(
+        "backup agent {host}, which holds {what}, is down; try again when it is up, \
+         or serve its repository from another backup agent (import-repository)"
+    )))
 }
 
 /// What a garbage collection asked for `wanted` answers: the totals, unless nothing was collected — then

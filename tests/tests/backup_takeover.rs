@@ -1,0 +1,127 @@
+//! A backup node dies and another backup agent takes over its repository (an NFS share survives the node
+//! that mounted it): the backups move to the new agent and are restored, extended and deleted through it.
+
+use ember_fleet_tests::backups::{fill, restore_new, sha256, wait_backup_settled, wait_down};
+use ember_fleet_tests::volumes::{new_volume, wait_backend};
+use ember_fleet_tests::{Fleet, wait_for};
+use ember_proto::v1::backup_service_client::BackupServiceClient;
+use ember_proto::v1::volume_service_client::VolumeServiceClient;
+use ember_proto::v1::*;
+use std::path::Path;
+use std::time::Duration;
+use tonic::Code;
+
+fn repository_toml(repo: &Path) -> String {
+    format!("gc_grace_seconds = 0\n[[repositories]]\nname = \"repo1\"\ndirectory = \"{}\"\n", repo.display())
+}
+
+/// Backups the coordinator has, as (id, status, host).
+async fn locations(backups: &BackupServiceClient<tonic::transport::Channel>) -> Vec<(String, String, String)> {
+    let mut all = backups.clone().list_backups(ListBackupsRequest::default()).await.unwrap().into_inner().backups;
+    all.sort_by_key(|b| b.created_at.map(|t| (t.seconds, t.nanos)));
+    all.into_iter().map(|b| (b.id, b.status, b.host)).collect()
+}
+
+#[tokio::test]
+async fn a_repository_whose_agent_died_is_taken_over_by_another_agent_and_its_backups_work_there() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, dir) = fleet.file_backend("file1", "");
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    let repo = fleet.subdir("repo1");
+    let mut backup1 = fleet.start_agent("backup", "backup1", &repository_toml(&repo));
+    wait_backend(&fleet, "storage1@file1").await;
+    wait_backend(&fleet, "backup1").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let backups = BackupServiceClient::new(fleet.admin());
+
+    // A full backup and two incrementals, each of different data.
+    let v = new_volume(&volumes, 1).await;
+    let file = dir.join(format!("volume-{}", v.id));
+    let mut chain = Vec::new();
+    let mut shas = Vec::new();
+    for (i, seed) in [41u8, 42, 43].into_iter().enumerate() {
+        fill(&file, (i as u64) << 22, seed, 2 << 20);
+        let req = CreateBackupRequest { volume_id: v.id.clone(), incremental: i > 0, ..Default::default() };
+        let b = backups.clone().create_backup(req).await.unwrap().into_inner();
+        let b = wait_backup_settled(&backups, &b.id).await;
+        assert_eq!((b.status.as_str(), b.host.as_str()), ("available", "backup1@repo1"), "{b:?}");
+        chain.push(b.id);
+        shas.push(sha256(&file));
+    }
+
+    // A copy of the repository, served by a second agent while the first still serves the original: nothing
+    // moves, and each backup is named with the reason.
+    let copy = fleet.subdir("repo1-copy");
+    let cp = std::process::Command::new("cp").arg("-a").arg(repo.join(".")).arg(&copy).status().unwrap();
+    assert!(cp.success());
+    let _backup2 = fleet.start_agent("backup", "backup2", &repository_toml(&copy));
+    wait_backend(&fleet, "backup2").await;
+    let take_over = || {
+        let mut c = backups.clone();
+        async move {
+            let req = ImportRepositoryBackupsRequest { host: "backup2@repo1".into(), project: String::new() };
+            c.import_repository_backups(req).await.unwrap().into_inner()
+        }
+    };
+    let refused = take_over().await;
+    assert_eq!((refused.imported.len(), refused.moved.len(), refused.already_known), (0, 0, 0), "{refused:?}");
+    assert_eq!(refused.skipped.len(), 3, "{refused:?}");
+    for id in &chain {
+        let why = format!("{id}: recorded at backup1@repo1, which is still served");
+        assert!(refused.skipped.iter().any(|s| s.starts_with(&why)), "{why} in {refused:?}");
+    }
+    assert!(
+        locations(&backups).await.iter().all(|(_, s, h)| (s.as_str(), h.as_str()) == ("available", "backup1@repo1"))
+    );
+
+    // The first backup node dies. Work on its backups is refused, pointing at the way out; a delete is accepted
+    // and waits for an agent.
+    backup1.kill();
+    wait_down(&fleet, "backup1").await;
+    let restore = RestoreBackupRequest { backup_id: chain[1].clone(), ..Default::default() };
+    let err = backups.clone().restore_backup(restore).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("backup agent backup1") && err.message().contains("import-repository"), "{err:?}");
+    backups.clone().delete_backup(DeleteBackupRequest { id: chain[2].clone() }).await.unwrap();
+    let deleting = backups.clone().get_backup(GetBackupRequest { id: chain[2].clone() }).await.unwrap().into_inner();
+    assert_eq!(deleting.status, "deleting");
+
+    // The operator takes the repository over through the CLI: all three move, parents first.
+    let (ok, out, err) = fleet.cli(&["--json", "backup", "import-repository", "backup2@repo1"]);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let moved: Vec<&str> = r["moved"].as_array().unwrap().iter().map(|b| b["id"].as_str().unwrap()).collect();
+    assert_eq!(moved, chain.iter().map(String::as_str).collect::<Vec<_>>(), "{r}");
+    assert!(r["moved"].as_array().unwrap().iter().all(|b| b["host"] == "backup2@repo1"), "{r}");
+    assert_eq!((r["imported"].as_array().unwrap().len(), r["skipped"].as_array().unwrap().len()), (0, 0), "{r}");
+
+    // The pending delete completes through the new agent, in its repository; the dead node's copy is untouched.
+    let gone = chain[2].clone();
+    wait_for("the delete to complete at backup2", Duration::from_secs(60), || {
+        let mut c = backups.clone();
+        let id = gone.clone();
+        async move { (c.get_backup(GetBackupRequest { id }).await.err()?.code() == Code::NotFound).then_some(()) }
+    })
+    .await;
+    assert!(!copy.join("backups").join(&gone).exists(), "deleted from the repository backup2 serves");
+    assert!(repo.join("backups").join(&gone).exists(), "the dead agent's directory is not backup2's to touch");
+
+    // The moved incremental restores bit-identically through the new agent; the next incremental builds on it
+    // there; a second take-over finds everything in place.
+    let restored = restore_new(&backups, &volumes, &chain[1]).await;
+    assert_eq!(restored.status, "available", "{restored:?}");
+    assert_eq!(sha256(&dir.join(format!("volume-{}", restored.id))), shas[1]);
+    let req = CreateBackupRequest { volume_id: v.id.clone(), incremental: true, ..Default::default() };
+    let next = backups.clone().create_backup(req).await.unwrap().into_inner();
+    let next = wait_backup_settled(&backups, &next.id).await;
+    assert_eq!(
+        (next.status.as_str(), next.parent_id.as_str(), next.host.as_str()),
+        ("available", chain[1].as_str(), "backup2@repo1"),
+        "{next:?}"
+    );
+    let again = take_over().await;
+    assert_eq!((again.moved.len(), again.already_known, again.skipped.len()), (0, 3, 0), "{again:?}");
+    let hosts: Vec<String> = locations(&backups).await.into_iter().map(|(_, _, h)| h).collect();
+    assert_eq!(hosts, ["backup2@repo1"; 3], "full, first incremental, the new incremental");
+}
