@@ -62,6 +62,10 @@ enum BackupAction {
         /// Wait until gone.
         #[arg(long)]
         wait: bool,
+        /// Admin: drop the record without its repository, which no backup agent serves any more (a lost
+        /// backup node); files left there stay, and import-repository can adopt them again.
+        #[arg(long, conflicts_with = "wait")]
+        forget: bool,
     },
     /// Restore into a new volume, or onto an existing one with --volume.
     Restore {
@@ -287,8 +291,12 @@ pub async fn run(cmd: BackupCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
             print(&all, json);
         }
         BackupAction::Show { id } => print(&[client.get_backup(GetBackupRequest { id }).await?.into_inner()], json),
-        BackupAction::Delete { id, wait: w } => {
-            client.delete_backup(DeleteBackupRequest { id: id.clone() }).await?;
+        BackupAction::Delete { id, wait: _, forget: true } => {
+            client.delete_backup(DeleteBackupRequest { id: id.clone(), forget: true }).await?;
+            println!("backup {id} forgotten");
+        }
+        BackupAction::Delete { id, wait: w, forget: false } => {
+            client.delete_backup(DeleteBackupRequest { id: id.clone(), forget: false }).await?;
             if w && let Some(b) = wait(&mut client, &id).await? {
                 return Err(CliError::Other(format!("backup {} is {}: {}", b.id, b.status, b.status_reason)));
             }

@@ -4,7 +4,7 @@
 //! that another backup agent served: when a backup node dies, its NFS share survives it, and another agent
 //! that mounts the share serves its backups from then on.
 
-use crate::backups::{BackupRow, deltas, find};
+use crate::backups::{BackupRow, SETTLED, deltas, find, location_served, reports_repository};
 use crate::clock::now_ms;
 use crate::context::Ctx;
 use crate::error::{Error, Result};
@@ -12,7 +12,6 @@ use crate::validate;
 use ember_common::identity::valid_name;
 use ember_proto::agent::v1 as agent;
 use ember_proto::v1::{ImportRepositoryBackupsRequest, ImportRepositoryBackupsResponse};
-use sqlx::SqliteConnection;
 use tonic::Status;
 
 /// Imports every complete backup of repository `req.host` (`host@repository`) whose id is unknown here, as
@@ -145,11 +144,6 @@ async fn adopt(
     Ok(out)
 }
 
-/// Backup statuses in which no operation is using the backup's repository, so it may move to another. A
-/// `deleting` backup's operation reads the backup's location at each attempt: moved, the delete completes
-/// at the new location instead of waiting for an agent that may never come back.
-const MOVABLE: [&str; 4] = ["available", "error", "deleting", "error_deleting"];
-
 /// Why backup `known`, which this coordinator records at another location, may not move to the repository
 /// that lists it as `stored` (None: it may). A backup moves only from a location no one serves any more, so
 /// a copied repository cannot take backups from the agent still serving the original; and never ahead of its
@@ -174,8 +168,8 @@ fn move_refusal(
              or no longer reports it"
         ));
     }
-    if !MOVABLE.contains(&known.status.as_str()) {
-        return Some(format!("is {} at {old}; only a backup that is {} moves", known.status, MOVABLE.join(", ")));
+    if !SETTLED.contains(&known.status.as_str()) {
+        return Some(format!("is {} at {old}; only a backup that is {} moves", known.status, SETTLED.join(", ")));
     }
     if !parent_here {
         return Some(format!(
@@ -184,21 +178,6 @@ fn move_refusal(
         ));
     }
     None
-}
-
-/// Whether `host@repository` is served: its backup agent is up and reports that repository.
-async fn location_served(ctx: &Ctx, conn: &mut SqliteConnection, host: &str, repository: &str) -> Result<bool> {
-    Ok(crate::backups::agent_is_up(ctx, conn, host).await? && reports_repository(conn, host, repository).await?)
-}
-
-/// Whether backup agent `host` has registered repository `repository`.
-async fn reports_repository(conn: &mut SqliteConnection, host: &str, repository: &str) -> Result<bool> {
-    let report: Option<String> = sqlx::query_scalar("SELECT report FROM services WHERE host = ? AND role = 'backup'")
-        .bind(host)
-        .fetch_optional(&mut *conn)
-        .await?;
-    let Some(report) = report else { return Ok(false) };
-    Ok(crate::backups::reported_repositories(&report)?.iter().any(|r| r.name == repository))
 }
 
 /// The ids a manifest records must be ids this coordinator could have made (a repository is data from disk).
@@ -267,7 +246,7 @@ mod tests {
             parent_id: parent.into(),
             ..Default::default()
         };
-        for status in MOVABLE {
+        for status in SETTLED {
             assert_eq!(move_refusal(&known(status, ""), &stored(""), false, true), None, "{status}");
         }
         let served = move_refusal(&known("available", ""), &stored(""), true, true).unwrap();

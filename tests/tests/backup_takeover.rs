@@ -1,10 +1,12 @@
 //! A backup node dies and another backup agent takes over its repository (an NFS share survives the node
-//! that mounted it): the backups move to the new agent and are restored, extended and deleted through it.
+//! that mounted it): the backups move to the new agent and are restored, extended and deleted through it. And
+//! a backup node lost with its disks: an admin forgets its backups, which can be adopted again if it returns.
 
 use ember_fleet_tests::backups::{fill, restore_new, sha256, wait_backup_settled, wait_down};
 use ember_fleet_tests::volumes::{new_volume, wait_backend};
 use ember_fleet_tests::{Fleet, wait_for};
 use ember_proto::v1::backup_service_client::BackupServiceClient;
+use ember_proto::v1::quota_service_client::QuotaServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
 use ember_proto::v1::*;
 use std::path::Path;
@@ -83,7 +85,7 @@ async fn a_repository_whose_agent_died_is_taken_over_by_another_agent_and_its_ba
     let err = backups.clone().restore_backup(restore).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("backup agent backup1") && err.message().contains("import-repository"), "{err:?}");
-    backups.clone().delete_backup(DeleteBackupRequest { id: chain[2].clone() }).await.unwrap();
+    backups.clone().delete_backup(DeleteBackupRequest { id: chain[2].clone(), forget: false }).await.unwrap();
     let deleting = backups.clone().get_backup(GetBackupRequest { id: chain[2].clone() }).await.unwrap().into_inner();
     assert_eq!(deleting.status, "deleting");
 
@@ -124,4 +126,98 @@ async fn a_repository_whose_agent_died_is_taken_over_by_another_agent_and_its_ba
     assert_eq!((again.moved.len(), again.already_known, again.skipped.len()), (0, 3, 0), "{again:?}");
     let hosts: Vec<String> = locations(&backups).await.into_iter().map(|(_, _, h)| h).collect();
     assert_eq!(hosts, ["backup2@repo1"; 3], "full, first incremental, the new incremental");
+}
+
+/// Backup quota use of project `project`: (backups, backup_gigabytes).
+async fn backup_quota(fleet: &Fleet, project: &str) -> (i64, i64) {
+    let quota = QuotaServiceClient::new(fleet.admin())
+        .get_quota(GetQuotaRequest { project: project.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let used = |r: &str| quota.items.iter().find(|i| i.resource == r).map_or(0, |i| i.in_use + i.reserved);
+    (used("backups"), used("backup_gigabytes"))
+}
+
+#[tokio::test]
+async fn backups_whose_repository_is_lost_for_good_are_forgotten_by_an_admin_and_can_be_adopted_again() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, dir) = fleet.file_backend("file1", "");
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    let repo = fleet.subdir("repo1");
+    let mut backup1 = fleet.start_agent("backup", "backup1", &repository_toml(&repo));
+    wait_backend(&fleet, "storage1@file1").await;
+    wait_backend(&fleet, "backup1").await;
+    let volumes = VolumeServiceClient::new(fleet.member("alice", "p1"));
+    let mine = BackupServiceClient::new(fleet.member("alice", "p1"));
+    let admin = BackupServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    fill(&dir.join(format!("volume-{}", v.id)), 0, 51, 2 << 20);
+    let mut chain = Vec::new();
+    for incremental in [false, true] {
+        let req = CreateBackupRequest { volume_id: v.id.clone(), incremental, ..Default::default() };
+        let b = mine.clone().create_backup(req).await.unwrap().into_inner();
+        assert_eq!(wait_backup_settled(&mine, &b.id).await.status, "available");
+        chain.push(b.id);
+    }
+    assert_eq!(backup_quota(&fleet, "p1").await, (2, 2));
+    let forget = |id: &str| DeleteBackupRequest { id: id.into(), forget: true };
+
+    // Refused, naming the reason, changing nothing: a member; a repository still served; a parent.
+    let err = mine.clone().delete_backup(forget(&chain[1])).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("forget"), "{err:?}");
+    let err = admin.clone().delete_backup(forget(&chain[1])).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("repository backup1@repo1, which is served"), "{err:?}");
+    backup1.kill();
+    wait_down(&fleet, "backup1").await;
+    let err = admin.clone().delete_backup(forget(&chain[0])).await.unwrap_err();
+    assert!(err.message().contains("incremental backup(s) built on it"), "{err:?}");
+    assert_eq!(locations(&admin).await.len(), 2);
+    assert_eq!(backup_quota(&fleet, "p1").await, (2, 2));
+
+    // The node is lost. A delete waits for it; the admin forgets both, the incremental through the CLI.
+    mine.clone().delete_backup(DeleteBackupRequest { id: chain[1].clone(), forget: false }).await.unwrap();
+    let (ok, out, err) = fleet.cli(&["backup", "delete", &chain[1], "--forget"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), format!("backup {} forgotten", chain[1]));
+    admin.clone().delete_backup(forget(&chain[0])).await.unwrap();
+    assert!(locations(&admin).await.is_empty());
+    assert_eq!(backup_quota(&fleet, "p1").await, (0, 0), "their quota is released");
+    // The delete that waited for the agent ends, with nothing left to do.
+    let pool = fleet.db().await;
+    wait_for("the waiting delete to end", Duration::from_secs(30), || {
+        let pool = pool.clone();
+        let id = chain[1].clone();
+        async move {
+            let state: String =
+                sqlx::query_scalar("SELECT state FROM operations WHERE resource_id = ? AND kind = 'delete_backup'")
+                    .bind(id)
+                    .fetch_one(&pool)
+                    .await
+                    .ok()?;
+            (state == "done").then_some(())
+        }
+    })
+    .await;
+    for id in &chain {
+        assert!(repo.join("backups").join(id).join("manifest.json").exists(), "the repository was not touched");
+    }
+
+    // The disks turn up after all: the repository's backups are adopted again, to their project.
+    let _backup1 = fleet.start_agent("backup", "backup1", &repository_toml(&repo));
+    let again = wait_for("the repository to be adopted again", Duration::from_secs(30), || {
+        let mut c = admin.clone();
+        async move {
+            let req = ImportRepositoryBackupsRequest { host: "backup1@repo1".into(), project: String::new() };
+            c.import_repository_backups(req).await.ok().map(|r| r.into_inner())
+        }
+    })
+    .await;
+    let ids: Vec<&str> = again.imported.iter().map(|b| b.id.as_str()).collect();
+    assert_eq!(ids, [chain[0].as_str(), chain[1].as_str()], "{again:?}");
+    assert!(again.imported.iter().all(|b| b.project == "p1" && b.status == "available"), "{again:?}");
+    assert_eq!(backup_quota(&fleet, "p1").await, (2, 2));
 }

@@ -124,11 +124,16 @@ async fn a_chain_of_incrementals_restores_bit_identically_and_moves_only_changes
     }
 
     // Deleting a backup with incrementals on it is refused; newest first works, then GC frees the chunks.
-    let err = e.backups.clone().delete_backup(DeleteBackupRequest { id: chain[0].0.id.clone() }).await.unwrap_err();
+    let err = e
+        .backups
+        .clone()
+        .delete_backup(DeleteBackupRequest { id: chain[0].0.id.clone(), forget: false })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("incremental"), "{}", err.message());
     for (b, _) in chain.iter().rev() {
-        e.backups.clone().delete_backup(DeleteBackupRequest { id: b.id.clone() }).await.unwrap();
+        e.backups.clone().delete_backup(DeleteBackupRequest { id: b.id.clone(), forget: false }).await.unwrap();
         wait_for("backup gone", Duration::from_secs(30), || {
             let mut c = e.backups.clone();
             let id = b.id.clone();
@@ -667,7 +672,7 @@ async fn a_backup_whose_delete_failed_can_be_deleted_again() {
     std::fs::remove_file(&manifest).unwrap();
     std::fs::create_dir_all(manifest.join("in-the-way")).unwrap();
 
-    e.backups.clone().delete_backup(DeleteBackupRequest { id: b.id.clone() }).await.unwrap();
+    e.backups.clone().delete_backup(DeleteBackupRequest { id: b.id.clone(), forget: false }).await.unwrap();
     let failed = wait_for("the delete to fail", Duration::from_secs(60), || {
         let mut c = e.backups.clone();
         let id = b.id.clone();
@@ -681,7 +686,7 @@ async fn a_backup_whose_delete_failed_can_be_deleted_again() {
     assert_eq!(backup_usage(&e).await, (1, 1), "a backup that is still there still counts");
 
     std::fs::remove_dir_all(manifest).unwrap();
-    e.backups.clone().delete_backup(DeleteBackupRequest { id: b.id.clone() }).await.unwrap();
+    e.backups.clone().delete_backup(DeleteBackupRequest { id: b.id.clone(), forget: false }).await.unwrap();
     wait_for("backup gone", Duration::from_secs(60), || {
         let mut c = e.backups.clone();
         let id = b.id.clone();

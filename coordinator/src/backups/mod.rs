@@ -131,6 +131,26 @@ pub async fn agent_is_up(ctx: &Ctx, conn: &mut SqliteConnection, host: &str) -> 
     Ok(beat.is_some_and(|t| crate::fleet::is_up(t, now_ms(), ctx.service_down_ms)))
 }
 
+/// Whether `host@repository` is served: its backup agent is up and reports that repository.
+pub async fn location_served(ctx: &Ctx, conn: &mut SqliteConnection, host: &str, repository: &str) -> Result<bool> {
+    Ok(agent_is_up(ctx, conn, host).await? && reports_repository(conn, host, repository).await?)
+}
+
+/// Whether backup agent `host` has registered repository `repository` (up or not).
+pub async fn reports_repository(conn: &mut SqliteConnection, host: &str, repository: &str) -> Result<bool> {
+    let report: Option<String> = sqlx::query_scalar("SELECT report FROM services WHERE host = ? AND role = 'backup'")
+        .bind(host)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(report) = report else { return Ok(false) };
+    Ok(reported_repositories(&report)?.iter().any(|r| r.name == repository))
+}
+
+/// Backup statuses in which no operation is reading or writing the backup's repository: such a backup may move
+/// to another repository or be forgotten. A `deleting` backup's operation reads the backup's row at each
+/// attempt, so it finishes on the new location, or at once when the row is gone.
+pub const SETTLED: [&str; 4] = ["available", "error", "deleting", "error_deleting"];
+
 /// Refuses work that needs backup agent `host`, which holds `what`, while that agent is down: a create would
 /// hold its volume `backing-up` until the agent came back, and a restore would fail and leave its target in
 /// error although nothing touched it.
@@ -265,14 +285,17 @@ impl Backups {
         Ok(b.row)
     }
 
-    async fn delete(&self, who: &Identity, id: &str) -> Result<()> {
+    async fn delete(&self, who: &Identity, id: &str, forget: bool) -> Result<()> {
         validate::uuid("id", id)?;
+        if forget && who.role != Role::Admin {
+            return Err(Error::PermissionDenied("only admins may forget a backup (forget)".into()));
+        }
         let mut tx = crate::db::write(&self.ctx.db).await?;
         let Some(b) = find(&mut tx, id).await? else { return Ok(()) };
         if !can_see(who, &b.project) {
             return Err(Error::not_found("backup", id));
         }
-        if b.status == "deleting" {
+        if b.status == "deleting" && !forget {
             return Ok(());
         }
         let children: i64 =
@@ -281,6 +304,9 @@ impl Backups {
             return Err(Error::FailedPrecondition(format!(
                 "backup {id} has {children} incremental backup(s) built on it; delete them first"
             )));
+        }
+        if forget {
+            return self.forget(tx, &b).await;
         }
         // `error_deleting` may be retried, as for volumes and snapshots: the repository's trouble (an I/O
         // error, a dead NFS server) is usually gone by the time the user asks again.
@@ -293,6 +319,31 @@ impl Backups {
         let op = operations::insert(&mut tx, "delete_backup", "backup", id, "deleting", serde_json::json!({})).await?;
         tx.commit().await?;
         operations::spawn(&self.ctx, op);
+        Ok(())
+    }
+
+    /// Removes backup `b`'s record and releases its quota without its repository, which no agent serves any
+    /// more (a backup node lost with its disks): a delete would wait for that agent for ever. Whatever files
+    /// are left there stay; should the repository come back, import-repository adopts them again.
+    async fn forget(&self, mut tx: sqlx::Transaction<'_, sqlx::Sqlite>, b: &BackupRow) -> Result<()> {
+        if !SETTLED.contains(&b.status.as_str()) {
+            return Err(Error::FailedPrecondition(format!(
+                "backup {} is {}; forget needs {}",
+                b.id,
+                b.status,
+                SETTLED.join(", ")
+            )));
+        }
+        if location_served(&self.ctx, &mut tx, &b.host, &b.repository).await? {
+            return Err(Error::FailedPrecondition(format!(
+                "backup {} is in repository {}@{}, which is served; delete it without forget",
+                b.id, b.host, b.repository
+            )));
+        }
+        sqlx::query("DELETE FROM backups WHERE id = ?").bind(&b.id).execute(&mut *tx).await?;
+        self.ctx.quota.release(&mut tx, &b.project, &deltas(b.size_gb)).await?;
+        tx.commit().await?;
+        tracing::warn!(backup_id = %b.id, location = %format!("{}@{}", b.host, b.repository), "backup forgotten");
         Ok(())
     }
 
@@ -490,7 +541,7 @@ impl BackupService for Backups {
 
     async fn delete_backup(&self, req: Request<DeleteBackupRequest>) -> Result<Response<DeleteBackupResponse>, Status> {
         let who = who(&req)?;
-        self.delete(&who, &req.get_ref().id).await?;
+        self.delete(&who, &req.get_ref().id, req.get_ref().forget).await?;
         Ok(Response::new(DeleteBackupResponse {}))
     }
 
