@@ -40,6 +40,9 @@ enum BackupAction {
         /// Client-chosen key making the create safe to repeat.
         #[arg(long, default_value = "")]
         idempotency_key: String,
+        /// Put the backup in a repository of this zone (e.g. another site than the volume's).
+        #[arg(long, default_value = "")]
+        availability_zone: String,
         /// Wait until done, showing progress.
         #[arg(long)]
         wait: bool,
@@ -131,6 +134,7 @@ fn to_json(b: &Backup) -> serde_json::Value {
         "new_bytes": b.new_bytes, "dedup_ratio": b.dedup_ratio, "progress": b.progress_percent, "host": b.host,
         "created_at": output::time(&b.created_at), "snapshot_id": b.snapshot_id,
         "data_timestamp": output::time(&b.data_timestamp), "description": b.description,
+        "availability_zone": b.availability_zone,
     })
 }
 
@@ -259,7 +263,17 @@ pub async fn run(cmd: BackupCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
     let channel = conn.channel()?;
     let mut client = BackupServiceClient::new(channel.clone());
     match cmd.action {
-        BackupAction::Create { volume, name, description, incremental, force, snapshot, idempotency_key, wait: w } => {
+        BackupAction::Create {
+            volume,
+            name,
+            description,
+            incremental,
+            force,
+            snapshot,
+            idempotency_key,
+            availability_zone,
+            wait: w,
+        } => {
             let mut b = client
                 .create_backup(CreateBackupRequest {
                     volume_id: volume,
@@ -269,6 +283,7 @@ pub async fn run(cmd: BackupCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                     force,
                     idempotency_key,
                     snapshot_id: snapshot,
+                    availability_zone,
                 })
                 .await?
                 .into_inner();

@@ -4,7 +4,7 @@
 //! that another backup agent served: when a backup node dies, its NFS share survives it, and another agent
 //! that mounts the share serves its backups from then on.
 
-use crate::backups::{BackupRow, SETTLED, deltas, find, location_served, reports_repository};
+use crate::backups::{BackupRow, SETTLED, deltas, find, location_served, reports_repository, repository_zone};
 use crate::clock::now_ms;
 use crate::context::Ctx;
 use crate::error::{Error, Result};
@@ -61,6 +61,7 @@ async fn adopt(
     let mut out = ImportRepositoryBackupsResponse { skipped: listed.unreadable, ..Default::default() };
     let (mut imported, mut moved) = (Vec::new(), Vec::new());
     let mut tx = crate::db::write(&ctx.db).await?;
+    let zone = repository_zone(&mut tx, host, repository).await?;
     for (started, s) in found {
         if let Err(why) = check_ids(&s) {
             out.skipped.push(format!("{}: {why}", s.backup_id));
@@ -79,9 +80,12 @@ async fn adopt(
             match move_refusal(&known, &s, old_served, parent_here) {
                 Some(why) => out.skipped.push(format!("{}: {why}", s.backup_id)),
                 None => {
-                    sqlx::query("UPDATE backups SET host = ?, repository = ?, updated_at = ? WHERE id = ?")
-                        .bind(host)
-                        .bind(repository)
+                    sqlx::query(
+                        "UPDATE backups SET host = ?, repository = ?, availability_zone = ?, updated_at = ? WHERE id = ?",
+                    )
+                    .bind(host)
+                    .bind(repository)
+                    .bind(&zone)
                         .bind(now_ms())
                         .bind(&s.backup_id)
                         .execute(&mut *tx)
@@ -101,8 +105,8 @@ async fn adopt(
         ctx.quota.consume(&mut tx, project, &deltas(size_gb)).await?;
         sqlx::query(
             "INSERT INTO backups (id, project, volume_id, name, description, status, size_gb, incremental, parent_id, \
-             host, repository, stored_bytes, new_bytes, logical_bytes, progress, created_at, snapshot_id, data_timestamp, \
-             updated_at) VALUES (?, ?, ?, ?, ?, 'available', ?, ?, ?, ?, ?, ?, ?, ?, 100, ?, ?, ?, ?)",
+             host, repository, availability_zone, stored_bytes, new_bytes, logical_bytes, progress, created_at, snapshot_id, \
+             data_timestamp, updated_at) VALUES (?, ?, ?, ?, ?, 'available', ?, ?, ?, ?, ?, ?, ?, ?, ?, 100, ?, ?, ?, ?)",
         )
         .bind(&s.backup_id)
         .bind(project)
@@ -114,6 +118,7 @@ async fn adopt(
         .bind(&s.parent_id)
         .bind(host)
         .bind(repository)
+        .bind(&zone)
         .bind(s.stored_bytes as i64)
         .bind(s.new_bytes as i64)
         .bind(s.logical_bytes as i64)

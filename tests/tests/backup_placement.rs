@@ -1,8 +1,8 @@
 //! Where backups go: to the repository with the most free space, as the backup agents report it with every
 //! heartbeat, and never to a full one. The repositories are small tmpfs mounts, so their free space is known
-//! and nothing else in the machine changes it.
+//! and nothing else in the machine changes it. And to the availability zone a create asks for.
 
-use ember_fleet_tests::backups::wait_backup_settled;
+use ember_fleet_tests::backups::{restore_new, sha256, wait_backup_settled, wait_down};
 use ember_fleet_tests::volumes::{new_volume, wait_backend};
 use ember_fleet_tests::{Fleet, iscsi, wait_for};
 use ember_proto::v1::backup_service_client::BackupServiceClient;
@@ -113,5 +113,87 @@ async fn backups_go_where_there_is_most_room_and_never_to_a_full_repository() {
     let all = backups.clone().list_backups(ListBackupsRequest::default()).await.unwrap().into_inner().backups;
     assert_eq!(all.len(), 2, "{all:?}");
     let now = volumes.clone().get_volume(GetVolumeRequest { id: v.clone() }).await.unwrap().into_inner();
+    assert_eq!(now.status, "available");
+}
+
+#[tokio::test]
+async fn a_backup_goes_to_the_zone_asked_for_and_an_incremental_stays_with_its_parent() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, dir) = fleet.file_backend("file1", "");
+    let repo = |name: &str, zone: &str| {
+        let dir = fleet.subdir(name);
+        format!(
+            "[[repositories]]\nname = \"{name}\"\ndirectory = \"{}\"\navailability_zone = \"{zone}\"\n",
+            dir.display()
+        )
+    };
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    let _backup1 = fleet.start_agent("backup", "backup1", &repo("local", "nova"));
+    let mut backup2 = fleet.start_agent("backup", "backup2", &repo("offsite", "dr"));
+    for name in ["storage1@file1", "backup1", "backup2"] {
+        wait_backend(&fleet, name).await;
+    }
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    assert_eq!(v.availability_zone, "nova");
+    let file = dir.join(format!("volume-{}", v.id));
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().write_all_at(&iscsi::pattern(33, 3 << 20), 0).unwrap();
+    let backups = BackupServiceClient::new(fleet.admin());
+    let create = |incremental: bool, zone: &str| {
+        let mut c = backups.clone();
+        let req = CreateBackupRequest {
+            volume_id: v.id.clone(),
+            incremental,
+            availability_zone: zone.into(),
+            ..Default::default()
+        };
+        async move { c.create_backup(req).await.map(|r| r.into_inner()) }
+    };
+
+    // No zone asked for: the volume's.
+    let local = create(false, "").await.unwrap();
+    assert_eq!((local.host.as_str(), local.availability_zone.as_str()), ("backup1@local", "nova"));
+    assert_eq!(wait_backup_settled(&backups, &local.id).await.status, "available");
+    // Another site, through the CLI; it restores bit-identically from there.
+    let (ok, out, err) = fleet.cli(&["--json", "backup", "create", &v.id, "--availability-zone", "dr", "--wait"]);
+    assert!(ok, "{err}");
+    let offsite: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let offsite = &offsite[0];
+    assert_eq!(
+        (offsite["host"].as_str(), offsite["availability_zone"].as_str()),
+        (Some("backup2@offsite"), Some("dr"))
+    );
+    let offsite_id = offsite["id"].as_str().unwrap().to_string();
+    let restored = restore_new(&backups, &volumes, &offsite_id).await;
+    assert_eq!(restored.status, "available", "{restored:?}");
+    assert_eq!(sha256(&dir.join(format!("volume-{}", restored.id))), sha256(&file));
+    // The next incremental builds on that newest backup, in its repository.
+    let incremental = create(true, "dr").await.unwrap();
+    assert_eq!((incremental.parent_id.as_str(), incremental.host.as_str()), (offsite_id.as_str(), "backup2@offsite"));
+    assert_eq!(wait_backup_settled(&backups, &incremental.id).await.status, "available");
+
+    // Refused, naming the field and the reason, making nothing.
+    let err = create(true, "nova").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().starts_with("availability_zone: an incremental is made in its parent's repository"),
+        "{err:?}"
+    );
+    assert!(err.message().contains("backup2@offsite"), "{err:?}");
+    let err = create(false, "mars").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(err.message(), "availability_zone: \"mars\" is not a zone with a backup repository");
+    let err = create(false, "not a zone!").await.unwrap_err();
+    assert!(err.code() == Code::InvalidArgument && err.message().starts_with("availability_zone: "), "{err:?}");
+    // The zone's only agent is down: no other zone stands in for it.
+    backup2.kill();
+    wait_down(&fleet, "backup2").await;
+    let err = create(false, "dr").await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert_eq!(err.message(), "no backup repository in zone dr is up and enabled");
+    let all = backups.clone().list_backups(ListBackupsRequest::default()).await.unwrap().into_inner().backups;
+    assert_eq!(all.len(), 3, "{all:?}");
+    let now = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
     assert_eq!(now.status, "available");
 }

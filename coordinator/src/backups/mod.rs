@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::operations::{self, Op};
 use crate::volumes::store as volumes;
 use crate::{idempotency, quota, snapshots, validate};
-use ember_common::identity::{Identity, Role};
+use ember_common::identity::{Identity, Role, valid_name};
 use ember_proto::agent::v1 as agent;
 use ember_proto::v1::backup_service_server::BackupService;
 use ember_proto::v1::*;
@@ -48,8 +48,8 @@ pub struct BackupRow {
 }
 
 const SELECT: &str = "SELECT id, project, volume_id, name, description, status, status_reason, size_gb, incremental, \
-     parent_id, host, repository, stored_bytes, new_bytes, logical_bytes, progress, created_at, snapshot_id, data_timestamp \
-     FROM backups";
+     parent_id, host, repository, stored_bytes, new_bytes, logical_bytes, progress, created_at, snapshot_id, data_timestamp, \
+     availability_zone FROM backups";
 
 fn from_row(r: &sqlx::sqlite::SqliteRow) -> BackupRow {
     let (stored, logical): (i64, i64) = (r.get(12), r.get(14));
@@ -72,6 +72,7 @@ fn from_row(r: &sqlx::sqlite::SqliteRow) -> BackupRow {
         created_at: Some(timestamp(r.get(16))),
         snapshot_id: r.get(17),
         data_timestamp: Some(timestamp(r.get(18))),
+        availability_zone: r.get(19),
     };
     BackupRow {
         id: row.id.clone(),
@@ -138,12 +139,12 @@ pub async fn location_served(ctx: &Ctx, conn: &mut SqliteConnection, host: &str,
 
 /// Whether backup agent `host` has registered repository `repository` (up or not).
 pub async fn reports_repository(conn: &mut SqliteConnection, host: &str, repository: &str) -> Result<bool> {
-    let report: Option<String> = sqlx::query_scalar("SELECT report FROM services WHERE host = ? AND role = 'backup'")
-        .bind(host)
-        .fetch_optional(&mut *conn)
-        .await?;
-    let Some(report) = report else { return Ok(false) };
-    Ok(reported_repositories(&report)?.iter().any(|r| r.name == repository))
+    Ok(placement::reported(conn, host, repository).await?.is_some())
+}
+
+/// The availability zone of repository `host@repository` as its agent reports it (empty when it does not).
+pub async fn repository_zone(conn: &mut SqliteConnection, host: &str, repository: &str) -> Result<String> {
+    Ok(placement::reported(conn, host, repository).await?.map(|r| r.availability_zone).unwrap_or_default())
 }
 
 /// Backup statuses in which no operation is reading or writing the backup's repository: such a backup may move
@@ -204,16 +205,18 @@ impl Backups {
         validate::text("name", &req.name, 255)?;
         validate::text("description", &req.description, 255)?;
         idempotency::check_key(&req.idempotency_key)?;
+        if !req.availability_zone.is_empty() && !valid_name(&req.availability_zone) {
+            return Err(Error::invalid("availability_zone", format!("{:?} is not a zone name", req.availability_zone)));
+        }
         let mut tx = crate::db::write(&self.ctx.db).await?;
         let v = volumes::visible(&mut tx, who, &req.volume_id).await?;
-        let digest = idempotency::digest(serde_json::json!([
-            req.volume_id,
-            req.name,
-            req.description,
-            req.incremental,
-            req.force,
-            req.snapshot_id
-        ]));
+        let mut asked =
+            serde_json::json!([req.volume_id, req.name, req.description, req.incremental, req.force, req.snapshot_id]);
+        if !req.availability_zone.is_empty() {
+            // Only when given, so that keys recorded before the field existed still match their repeats.
+            asked.as_array_mut().expect("an array").push(req.availability_zone.clone().into());
+        }
+        let digest = idempotency::digest(asked);
         let key = &req.idempotency_key;
         if let Some(id) = idempotency::earlier(&mut tx, idempotency::Table::Backups, &v.project, key, &digest).await? {
             return Ok(find(&mut tx, &id).await?.ok_or_else(|| Error::not_found("backup", &id))?.row);
@@ -224,7 +227,7 @@ impl Backups {
             Source::Snapshot(s) => (s.size_gb, s.created_at),
             _ => (v.size_gb, now),
         };
-        let (parent_id, host, repository) = if req.incremental {
+        let (parent_id, host, repository, zone) = if req.incremental {
             let parent: Option<(String, String, String)> = sqlx::query_as(
                 "SELECT id, host, repository FROM backups WHERE volume_id = ? AND status = 'available' \
                  AND data_timestamp <= ? ORDER BY data_timestamp DESC, created_at DESC LIMIT 1",
@@ -242,10 +245,25 @@ impl Backups {
             })?;
             // An incremental is made where its parent is.
             require_up(&self.ctx, &mut tx, &parent.1, &format!("the parent backup {}", parent.0)).await?;
-            parent
+            let (id, host, repository) = parent;
+            let zone = repository_zone(&mut tx, &host, &repository).await?;
+            if !req.availability_zone.is_empty() && req.availability_zone != zone {
+                return Err(Error::invalid(
+                    "availability_zone",
+                    format!(
+                        "an incremental is made in its parent's repository, and parent {id} is in {host}@{repository}, \
+                         zone {zone:?}"
+                    ),
+                ));
+            }
+            (id, host, repository, zone)
         } else {
-            let (h, r) = choose_repository(&self.ctx, &mut tx, &v.availability_zone).await?;
-            (String::new(), h, r)
+            let (zone, strict) = match req.availability_zone.as_str() {
+                "" => (v.availability_zone.as_str(), false),
+                asked => (asked, true),
+            };
+            let (h, r) = choose_repository(&self.ctx, &mut tx, zone, strict).await?;
+            (String::new(), h, r.name, r.availability_zone)
         };
         let (snapshot_id, temp_snapshot) = match source {
             Source::Volume => (String::new(), None),
@@ -256,8 +274,8 @@ impl Backups {
         let id = uuid::Uuid::new_v4().to_string();
         sqlx::query(
             "INSERT INTO backups (id, project, volume_id, name, description, status, size_gb, incremental, parent_id, host, \
-             repository, idempotency_key, request_digest, snapshot_id, data_timestamp, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, 'creating', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             repository, availability_zone, idempotency_key, request_digest, snapshot_id, data_timestamp, created_at, \
+             updated_at) VALUES (?, ?, ?, ?, ?, 'creating', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(&v.project)
@@ -269,6 +287,7 @@ impl Backups {
         .bind(&parent_id)
         .bind(&host)
         .bind(&repository)
+        .bind(&zone)
         .bind(idempotency::column(key))
         .bind(&digest)
         .bind(&snapshot_id)
@@ -422,20 +441,22 @@ impl Backups {
         let project = if r.project.is_empty() { "admin".to_string() } else { r.project.clone() };
         validate::project("project", &project)?;
         let mut tx = crate::db::write(&self.ctx.db).await?;
-        let (host, repository) = choose_repository(&self.ctx, &mut tx, "").await?;
+        let (host, repository) = choose_repository(&self.ctx, &mut tx, "", false).await?;
         // The size is known once the agent has read Cinder's files; count the backup now, its GiB after.
         self.ctx.quota.consume(&mut tx, &project, &deltas(0)).await?;
         let id = uuid::Uuid::new_v4().to_string();
         let now = now_ms();
         sqlx::query(
-            "INSERT INTO backups (id, project, volume_id, name, description, status, size_gb, host, repository, created_at, \
-             data_timestamp, updated_at) VALUES (?, ?, '', ?, 'imported from Cinder', 'creating', 0, ?, ?, ?, ?, ?)",
+            "INSERT INTO backups (id, project, volume_id, name, description, status, size_gb, host, repository, \
+             availability_zone, created_at, data_timestamp, updated_at) \
+             VALUES (?, ?, '', ?, 'imported from Cinder', 'creating', 0, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
         .bind(&project)
         .bind(format!("cinder-{}", r.cinder_backup_id))
         .bind(&host)
-        .bind(&repository)
+        .bind(&repository.name)
+        .bind(&repository.availability_zone)
         .bind(now)
         .bind(now)
         .bind(now)

@@ -1,6 +1,6 @@
-//! Where a new backup goes: a repository of an up, enabled backup agent, in the volume's availability zone
-//! when there is one there, with the most free space. Agents report each repository's space at registration
-//! and with every heartbeat.
+//! Where a new backup goes: a repository of an up, enabled backup agent, in the zone the create asked for, or
+//! else in the volume's availability zone when there is one there, with the most free space. Agents report
+//! each repository's zone and space at registration and with every heartbeat.
 
 use crate::context::Ctx;
 use crate::error::{Error, Result};
@@ -43,42 +43,69 @@ pub fn reported_repositories(report: &str) -> Result<Vec<ReportedRepository>> {
         .collect())
 }
 
-/// Picks from `candidates` (agent host, repository), in host order, where a backup of a volume in zone `az`
-/// goes: among the repositories that are not full, those in `az` if any, else all; of those the one with the
-/// most free space, the first on a tie. `None` when every one is full (or there are none).
-pub fn pick<'a>(candidates: &'a [(String, ReportedRepository)], az: &str) -> Option<&'a (String, ReportedRepository)> {
+/// Picks from `candidates` (agent host, repository), in host order, where a backup goes. `zone` is a zone the
+/// backup must go to (`strict`), or the volume's zone, preferred. Among the repositories that are not full,
+/// those in `zone` (only those when `strict`; else all when there are none), and of those the one with the most
+/// free space, the first on a tie. `None` when there is none.
+pub fn pick<'a>(
+    candidates: &'a [(String, ReportedRepository)],
+    zone: &str,
+    strict: bool,
+) -> Option<&'a (String, ReportedRepository)> {
     let open: Vec<_> = candidates.iter().filter(|(_, r)| !r.is_full()).collect();
-    let in_zone: Vec<_> = open.iter().copied().filter(|(_, r)| r.availability_zone == az).collect();
-    let pool = if in_zone.is_empty() { open } else { in_zone };
+    let in_zone: Vec<_> = open.iter().copied().filter(|(_, r)| r.availability_zone == zone).collect();
+    let pool = if in_zone.is_empty() && !strict { open } else { in_zone };
     // max_by_key keeps the last of equals; walk backwards so that the first wins a tie.
     pool.into_iter().rev().max_by_key(|(_, r)| r.free_bytes)
 }
 
-/// Chooses the (agent host, repository) for a new backup of a volume in zone `az`.
-pub async fn choose_repository(ctx: &Ctx, conn: &mut SqliteConnection, az: &str) -> Result<(String, String)> {
-    let rows = sqlx::query(
-        "SELECT host, report, last_heartbeat FROM services WHERE role = 'backup' AND enabled = 1 ORDER BY host",
-    )
-    .fetch_all(&mut *conn)
-    .await?;
+/// Chooses the agent host and repository for a new backup: of a volume in `zone`, or, when `strict`, one that
+/// must go to `zone` (which the caller asked for in `availability_zone`).
+pub async fn choose_repository(
+    ctx: &Ctx,
+    conn: &mut SqliteConnection,
+    zone: &str,
+    strict: bool,
+) -> Result<(String, ReportedRepository)> {
+    let rows =
+        sqlx::query("SELECT host, report, last_heartbeat, enabled FROM services WHERE role = 'backup' ORDER BY host")
+            .fetch_all(&mut *conn)
+            .await?;
     let now = crate::clock::now_ms();
-    let mut candidates = Vec::new();
+    let (mut candidates, mut zone_known) = (Vec::new(), false);
     for r in rows {
-        if crate::fleet::is_up(r.get(2), now, ctx.service_down_ms) {
-            let host: String = r.get(0);
-            candidates.extend(reported_repositories(r.get::<&str, _>(1))?.into_iter().map(|repo| (host.clone(), repo)));
+        let host: String = r.get(0);
+        let repositories = reported_repositories(r.get::<&str, _>(1))?;
+        zone_known |= repositories.iter().any(|repo| repo.availability_zone == zone);
+        if r.get::<i64, _>(3) != 0 && crate::fleet::is_up(r.get(2), now, ctx.service_down_ms) {
+            candidates.extend(repositories.into_iter().map(|repo| (host.clone(), repo)));
         }
     }
-    match pick(&candidates, az) {
-        Some((host, repo)) => Ok((host.clone(), repo.name.clone())),
-        None if candidates.is_empty() => {
-            Err(Error::FailedPrecondition("no backup repository is up and enabled".into()))
-        }
-        None => Err(Error::ResourceExhausted(format!(
-            "every backup repository that is up and enabled is full: {}",
-            candidates.iter().map(|(h, r)| format!("{h}@{}", r.name)).collect::<Vec<_>>().join(", ")
-        ))),
+    if strict && !zone_known {
+        return Err(Error::invalid("availability_zone", format!("{zone:?} is not a zone with a backup repository")));
     }
+    if let Some((host, repo)) = pick(&candidates, zone, strict) {
+        return Ok((host.clone(), repo.clone()));
+    }
+    let considered: Vec<_> = candidates.iter().filter(|(_, r)| !strict || r.availability_zone == zone).collect();
+    let place = if strict { format!(" in zone {zone}") } else { String::new() };
+    if considered.is_empty() {
+        return Err(Error::FailedPrecondition(format!("no backup repository{place} is up and enabled")));
+    }
+    Err(Error::ResourceExhausted(format!(
+        "every backup repository{place} that is up and enabled is full: {}",
+        considered.iter().map(|(h, r)| format!("{h}@{}", r.name)).collect::<Vec<_>>().join(", ")
+    )))
+}
+
+/// Repository `host@repository` as its backup agent last reported it (`None`: not reported), up or not.
+pub async fn reported(conn: &mut SqliteConnection, host: &str, repository: &str) -> Result<Option<ReportedRepository>> {
+    let report: Option<String> = sqlx::query_scalar("SELECT report FROM services WHERE host = ? AND role = 'backup'")
+        .bind(host)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(report) = report else { return Ok(None) };
+    Ok(reported_repositories(&report)?.into_iter().find(|r| r.name == repository))
 }
 
 #[cfg(test)]
@@ -96,7 +123,7 @@ mod tests {
     }
 
     fn picked(candidates: &[(String, ReportedRepository)], az: &str) -> Option<String> {
-        pick(candidates, az).map(|(h, r)| format!("{h}@{}", r.name))
+        pick(candidates, az, false).map(|(h, r)| format!("{h}@{}", r.name))
     }
 
     #[test]
@@ -114,6 +141,16 @@ mod tests {
         assert_eq!(picked(&full_zone, "nova").as_deref(), Some("b3@r3"), "the zone's only one is full");
         assert_eq!(picked(&[repo("b1", "r1", "nova", 100, 0)], "nova"), None, "full everywhere");
         assert_eq!(picked(&[], "nova"), None);
+    }
+
+    #[test]
+    fn a_zone_asked_for_is_the_only_one_considered() {
+        let fleet =
+            [repo("b1", "r1", "nova", 100, 90), repo("b2", "r2", "east", 100, 10), repo("b3", "r3", "east", 100, 0)];
+        let strict = |az: &str| pick(&fleet, az, true).map(|(h, r)| format!("{h}@{}", r.name));
+        assert_eq!(strict("east").as_deref(), Some("b2@r2"), "less room, but in the zone asked for");
+        assert_eq!(strict("west"), None, "no repository there: no fallback to another zone");
+        assert_eq!(pick(&fleet[2..], "east", true), None, "the zone's only repository is full");
     }
 
     #[test]
