@@ -4,12 +4,12 @@
 
 use ember_fleet_tests::backups::{fill, restore_new, sha256, wait_backup_settled, wait_down};
 use ember_fleet_tests::volumes::{new_volume, wait_backend};
-use ember_fleet_tests::{Fleet, wait_for};
+use ember_fleet_tests::{Daemon, Fleet, wait_for};
 use ember_proto::v1::backup_service_client::BackupServiceClient;
 use ember_proto::v1::quota_service_client::QuotaServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
 use ember_proto::v1::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tonic::Code;
 
@@ -24,16 +24,33 @@ async fn locations(backups: &BackupServiceClient<tonic::transport::Channel>) -> 
     all.into_iter().map(|b| (b.id, b.status, b.host)).collect()
 }
 
+/// A coordinator, storage agent `storage1` (file backend `file1` in `dir`) and backup agent `backup1`
+/// (repository `repo1` in `repo`), both registered.
+struct OneSite {
+    fleet: Fleet,
+    dir: PathBuf,
+    repo: PathBuf,
+    storage: Daemon,
+    backup1: Daemon,
+}
+
+impl OneSite {
+    async fn start() -> OneSite {
+        let mut fleet = Fleet::new();
+        fleet.start_coordinator();
+        let (backend, dir) = fleet.file_backend("file1", "");
+        let storage = fleet.start_agent("storage", "storage1", &backend);
+        let repo = fleet.subdir("repo1");
+        let backup1 = fleet.start_agent("backup", "backup1", &repository_toml(&repo));
+        wait_backend(&fleet, "storage1@file1").await;
+        wait_backend(&fleet, "backup1").await;
+        OneSite { fleet, dir, repo, storage, backup1 }
+    }
+}
+
 #[tokio::test]
 async fn a_repository_whose_agent_died_is_taken_over_by_another_agent_and_its_backups_work_there() {
-    let mut fleet = Fleet::new();
-    fleet.start_coordinator();
-    let (backend, dir) = fleet.file_backend("file1", "");
-    let _storage = fleet.start_agent("storage", "storage1", &backend);
-    let repo = fleet.subdir("repo1");
-    let mut backup1 = fleet.start_agent("backup", "backup1", &repository_toml(&repo));
-    wait_backend(&fleet, "storage1@file1").await;
-    wait_backend(&fleet, "backup1").await;
+    let OneSite { fleet, dir, repo, storage: _storage, mut backup1 } = OneSite::start().await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let backups = BackupServiceClient::new(fleet.admin());
 
@@ -141,14 +158,7 @@ async fn backup_quota(fleet: &Fleet, project: &str) -> (i64, i64) {
 
 #[tokio::test]
 async fn backups_whose_repository_is_lost_for_good_are_forgotten_by_an_admin_and_can_be_adopted_again() {
-    let mut fleet = Fleet::new();
-    fleet.start_coordinator();
-    let (backend, dir) = fleet.file_backend("file1", "");
-    let _storage = fleet.start_agent("storage", "storage1", &backend);
-    let repo = fleet.subdir("repo1");
-    let mut backup1 = fleet.start_agent("backup", "backup1", &repository_toml(&repo));
-    wait_backend(&fleet, "storage1@file1").await;
-    wait_backend(&fleet, "backup1").await;
+    let OneSite { fleet, dir, repo, storage: _storage, mut backup1 } = OneSite::start().await;
     let volumes = VolumeServiceClient::new(fleet.member("alice", "p1"));
     let mine = BackupServiceClient::new(fleet.member("alice", "p1"));
     let admin = BackupServiceClient::new(fleet.admin());
