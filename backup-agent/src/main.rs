@@ -5,6 +5,7 @@ mod chunk;
 mod cinder;
 mod repo;
 mod service;
+mod verify;
 
 use clap::Parser;
 use ember_common::agent::{AgentArgs, AgentSettings, filesystem_space, serve_agent, start_process};

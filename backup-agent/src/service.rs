@@ -58,14 +58,14 @@ impl Drop for Tracked<'_> {
     }
 }
 
-fn check_id(field: &str, id: &str) -> Result<(), Status> {
+pub(crate) fn check_id(field: &str, id: &str) -> Result<(), Status> {
     match ember_common::identity::canonical_uuid(id) {
         Some(_) => Ok(()),
         None => Err(Status::invalid_argument(format!("{field}: {id:?} is not a lowercase UUID"))),
     }
 }
 
-fn io_status(context: &str) -> impl Fn(std::io::Error) -> Status + '_ {
+pub(crate) fn io_status(context: &str) -> impl Fn(std::io::Error) -> Status + '_ {
     move |e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             Status::not_found(format!("{context}: {e}"))
@@ -78,12 +78,15 @@ fn io_status(context: &str) -> impl Fn(std::io::Error) -> Status + '_ {
 /// Runs `f`, which works on a repository's files, on a blocking thread. On an NFS repository any file call
 /// can wait for the server, up to the soft mount's timeout; the runtime's few threads must stay free meanwhile
 /// for the other requests (progress, other backups and restores).
-async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+pub(crate) async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
     tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(e.to_string()))
 }
 
 /// [`Repository::load_backup`], off the runtime.
-async fn load_backup(repo: &Arc<Repository>, id: &str) -> Result<std::io::Result<(Manifest, Index)>, Status> {
+pub(crate) async fn load_backup(
+    repo: &Arc<Repository>,
+    id: &str,
+) -> Result<std::io::Result<(Manifest, Index)>, Status> {
     let (repo, id) = (repo.clone(), id.to_string());
     off_runtime(move || repo.load_backup(&id)).await
 }
@@ -144,7 +147,7 @@ impl Backups {
         (Tracked(self, id.to_string()), done)
     }
 
-    fn repo(&self, name: &str) -> Result<Arc<Repository>, Status> {
+    pub(crate) fn repo(&self, name: &str) -> Result<Arc<Repository>, Status> {
         self.repos.get(name).cloned().ok_or_else(|| Status::not_found(format!("repository {name:?}")))
     }
 
@@ -393,39 +396,6 @@ impl Backups {
             }
         }
     }
-
-    async fn verify(&self, req: VerifyBackupRequest) -> Result<VerifyBackupResponse, Status> {
-        check_id("backup_id", &req.backup_id)?;
-        let repo = self.repo(&req.repository)?;
-        let (_, index) = load_backup(&repo, &req.backup_id).await?.map_err(io_status("backup"))?;
-        let unique: Vec<[u8; 32]> = index.entries.values().copied().collect::<HashSet<_>>().into_iter().collect();
-        let mut resp = VerifyBackupResponse { chunks_checked: unique.len() as u64, ..Default::default() };
-        let checks = futures::stream::iter(unique)
-            .map(|d| {
-                let repo = repo.clone();
-                async move {
-                    (
-                        d,
-                        tokio::task::spawn_blocking(move || repo.read_chunk(&d))
-                            .await
-                            .map(|r| r.err())
-                            .unwrap_or(Some("join".into())),
-                    )
-                }
-            })
-            .buffer_unordered(self.workers);
-        futures::pin_mut!(checks);
-        while let Some((d, err)) = checks.next().await {
-            match err {
-                Some(e) if e.contains("missing") => resp.missing_chunks.push(hex(&d)),
-                Some(_) => resp.corrupt_chunks.push(hex(&d)),
-                None => {}
-            }
-        }
-        resp.missing_chunks.sort();
-        resp.corrupt_chunks.sort();
-        Ok(resp)
-    }
 }
 
 /// Test-only fault injection. `EMBER_FAILPOINTS=backup.stage_chunk` aborts the agent (like SIGKILL) when it
@@ -568,6 +538,13 @@ impl BackupAgent for BackupService {
 
     async fn verify_backup(&self, req: Request<VerifyBackupRequest>) -> Result<Response<VerifyBackupResponse>, Status> {
         Ok(Response::new(self.0.verify(req.into_inner()).await?))
+    }
+
+    async fn verify_repository(
+        &self,
+        req: Request<VerifyRepositoryRequest>,
+    ) -> Result<Response<VerifyRepositoryResponse>, Status> {
+        Ok(Response::new(self.0.verify_repository(&req.get_ref().repository).await?))
     }
 
     async fn import_cinder_backup(

@@ -98,6 +98,11 @@ enum BackupAction {
         /// Backup id.
         id: String,
     },
+    /// Re-read and re-hash every chunk of every backup in a repository, each chunk once (admin).
+    VerifyRepository {
+        /// Backup host and repository, `host@repository` (see `ember service list`).
+        host: String,
+    },
     /// Import a backup written by Cinder's posix/NFS driver (admin): DIR is its backup_posix_path, readable
     /// by the backup agent.
     ImportCinder {
@@ -365,6 +370,53 @@ pub async fn run(cmd: BackupCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                     "backup {id} is damaged: {} missing, {} corrupt chunk(s)",
                     r.missing_chunks.len(),
                     r.corrupt_chunks.len()
+                )));
+            }
+        }
+        BackupAction::VerifyRepository { host } => {
+            let r = client.verify_repository(VerifyRepositoryRequest { host: host.clone() }).await?.into_inner();
+            let faults = r.damaged.len() + r.unreadable.len() + r.absent.len();
+            if json {
+                let damaged: Vec<_> = r
+                    .damaged
+                    .iter()
+                    .map(|d| {
+                        serde_json::json!({ "id": d.backup_id, "missing_chunks": d.missing_chunks, "corrupt_chunks": d.corrupt_chunks })
+                    })
+                    .collect();
+                output::json(&serde_json::json!({
+                    "repository": host, "ok": faults == 0, "backups_checked": r.backups_checked,
+                    "chunks_checked": r.chunks_checked, "damaged": damaged, "unreadable": r.unreadable, "absent": r.absent,
+                }));
+            } else {
+                println!("repository {host}: {} backups, {} chunks checked", r.backups_checked, r.chunks_checked);
+                for d in &r.damaged {
+                    println!(
+                        "damaged {}: {} missing, {} corrupt chunk(s)",
+                        d.backup_id,
+                        d.missing_chunks.len(),
+                        d.corrupt_chunks.len()
+                    );
+                    for c in &d.missing_chunks {
+                        println!("  missing {c}");
+                    }
+                    for c in &d.corrupt_chunks {
+                        println!("  corrupt {c}");
+                    }
+                }
+                for why in &r.unreadable {
+                    println!("unreadable {why}");
+                }
+                for id in &r.absent {
+                    println!("absent {id}: recorded in this repository, which does not hold it");
+                }
+            }
+            if faults > 0 {
+                return Err(CliError::Other(format!(
+                    "repository {host}: {} damaged, {} unreadable, {} absent backup(s)",
+                    r.damaged.len(),
+                    r.unreadable.len(),
+                    r.absent.len()
                 )));
             }
         }

@@ -4,7 +4,9 @@
 //! that another backup agent served: when a backup node dies, its NFS share survives it, and another agent
 //! that mounts the share serves its backups from then on.
 
-use crate::backups::{BackupRow, SETTLED, deltas, find, location_served, reports_repository, repository_zone};
+use crate::backups::{
+    BackupRow, SETTLED, deltas, find, location_served, parse_location, reports_repository, repository_zone,
+};
 use crate::clock::now_ms;
 use crate::context::Ctx;
 use crate::error::{Error, Result};
@@ -21,11 +23,7 @@ pub async fn import(
     ctx: &Ctx,
     req: ImportRepositoryBackupsRequest,
 ) -> std::result::Result<ImportRepositoryBackupsResponse, Status> {
-    let (host, repository) = req
-        .host
-        .split_once('@')
-        .filter(|(h, r)| valid_name(h) && valid_name(r))
-        .ok_or_else(|| Error::invalid("host", format!("{:?} is not backup-host@repository", req.host)))?;
+    let (host, repository) = parse_location("host", &req.host)?;
     let fallback = if req.project.is_empty() { "admin" } else { req.project.as_str() };
     validate::project("project", fallback)?;
     {

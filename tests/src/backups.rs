@@ -1,12 +1,12 @@
 //! Backup helpers shared by the fleet tests.
 
-use crate::volumes::wait_settled;
-use crate::{Fleet, iscsi, wait_for};
+use crate::volumes::{wait_backend, wait_settled};
+use crate::{Daemon, Fleet, iscsi, wait_for};
 use ember_proto::v1::backup_service_client::BackupServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
 use ember_proto::v1::*;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tonic::transport::Channel;
 
@@ -62,4 +62,39 @@ pub fn fill(file: &Path, offset: u64, seed: u8, len: usize) {
     let f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
     f.write_all_at(&iscsi::pattern(seed, len), offset).unwrap();
     f.sync_all().unwrap();
+}
+
+/// A backup agent's config with one repository, `repo1` in `repo`, and no garbage-collection grace.
+pub fn repository_toml(repo: &Path) -> String {
+    format!("gc_grace_seconds = 0\n[[repositories]]\nname = \"repo1\"\ndirectory = \"{}\"\n", repo.display())
+}
+
+/// A coordinator, storage agent `storage1` (file backend `file1` in `dir`) and backup agent `backup1`
+/// (repository `repo1` in `repo`), both registered.
+pub struct OneSite {
+    /// The fleet.
+    pub fleet: Fleet,
+    /// The file backend's directory.
+    pub dir: PathBuf,
+    /// The repository's directory.
+    pub repo: PathBuf,
+    /// Storage agent `storage1`.
+    pub storage: Daemon,
+    /// Backup agent `backup1`.
+    pub backup1: Daemon,
+}
+
+impl OneSite {
+    /// Starts it all and waits until both agents are registered.
+    pub async fn start() -> OneSite {
+        let mut fleet = Fleet::new();
+        fleet.start_coordinator();
+        let (backend, dir) = fleet.file_backend("file1", "");
+        let storage = fleet.start_agent("storage", "storage1", &backend);
+        let repo = fleet.subdir("repo1");
+        let backup1 = fleet.start_agent("backup", "backup1", &repository_toml(&repo));
+        wait_backend(&fleet, "storage1@file1").await;
+        wait_backend(&fleet, "backup1").await;
+        OneSite { fleet, dir, repo, storage, backup1 }
+    }
 }

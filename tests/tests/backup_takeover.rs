@@ -2,50 +2,21 @@
 //! that mounted it): the backups move to the new agent and are restored, extended and deleted through it. And
 //! a backup node lost with its disks: an admin forgets its backups, which can be adopted again if it returns.
 
-use ember_fleet_tests::backups::{fill, restore_new, sha256, wait_backup_settled, wait_down};
+use ember_fleet_tests::backups::{OneSite, fill, repository_toml, restore_new, sha256, wait_backup_settled, wait_down};
 use ember_fleet_tests::volumes::{new_volume, wait_backend};
-use ember_fleet_tests::{Daemon, Fleet, wait_for};
+use ember_fleet_tests::{Fleet, wait_for};
 use ember_proto::v1::backup_service_client::BackupServiceClient;
 use ember_proto::v1::quota_service_client::QuotaServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
 use ember_proto::v1::*;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tonic::Code;
-
-fn repository_toml(repo: &Path) -> String {
-    format!("gc_grace_seconds = 0\n[[repositories]]\nname = \"repo1\"\ndirectory = \"{}\"\n", repo.display())
-}
 
 /// Backups the coordinator has, as (id, status, host).
 async fn locations(backups: &BackupServiceClient<tonic::transport::Channel>) -> Vec<(String, String, String)> {
     let mut all = backups.clone().list_backups(ListBackupsRequest::default()).await.unwrap().into_inner().backups;
     all.sort_by_key(|b| b.created_at.map(|t| (t.seconds, t.nanos)));
     all.into_iter().map(|b| (b.id, b.status, b.host)).collect()
-}
-
-/// A coordinator, storage agent `storage1` (file backend `file1` in `dir`) and backup agent `backup1`
-/// (repository `repo1` in `repo`), both registered.
-struct OneSite {
-    fleet: Fleet,
-    dir: PathBuf,
-    repo: PathBuf,
-    storage: Daemon,
-    backup1: Daemon,
-}
-
-impl OneSite {
-    async fn start() -> OneSite {
-        let mut fleet = Fleet::new();
-        fleet.start_coordinator();
-        let (backend, dir) = fleet.file_backend("file1", "");
-        let storage = fleet.start_agent("storage", "storage1", &backend);
-        let repo = fleet.subdir("repo1");
-        let backup1 = fleet.start_agent("backup", "backup1", &repository_toml(&repo));
-        wait_backend(&fleet, "storage1@file1").await;
-        wait_backend(&fleet, "backup1").await;
-        OneSite { fleet, dir, repo, storage, backup1 }
-    }
 }
 
 #[tokio::test]

@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status};
 
 mod flow;
 mod placement;
+mod verify;
 pub use flow::{create_flow, delete_flow, import_flow, restore_done, restore_flow, restore_into};
 use placement::choose_repository;
 pub use placement::reported_repositories;
@@ -130,6 +131,13 @@ pub async fn agent_is_up(ctx: &Ctx, conn: &mut SqliteConnection, host: &str) -> 
             .fetch_optional(&mut *conn)
             .await?;
     Ok(beat.is_some_and(|t| crate::fleet::is_up(t, now_ms(), ctx.service_down_ms)))
+}
+
+/// Splits `text`, a repository's location `host@repository`, given in request field `field`.
+pub fn parse_location<'a>(field: &'static str, text: &'a str) -> Result<(&'a str, &'a str)> {
+    text.split_once('@')
+        .filter(|(h, r)| valid_name(h) && valid_name(r))
+        .ok_or_else(|| Error::invalid(field, format!("{text:?} is not backup-host@repository")))
 }
 
 /// Whether `host@repository` is served: its backup agent is up and reports that repository.
@@ -645,6 +653,14 @@ impl BackupService for Backups {
         require_admin(&req, "import Cinder backups")?;
         let r = req.into_inner();
         Ok(Response::new(self.import(r).await?))
+    }
+
+    async fn verify_repository(
+        &self,
+        req: Request<VerifyRepositoryRequest>,
+    ) -> Result<Response<VerifyRepositoryResponse>, Status> {
+        require_admin(&req, "verify a repository")?;
+        Ok(Response::new(verify::verify_repository(&self.ctx, &req.get_ref().host).await?))
     }
 
     async fn import_repository_backups(
