@@ -93,6 +93,17 @@ enum BackupAction {
         #[arg(long)]
         wait: bool,
     },
+    /// Rename a backup or change its description.
+    Update {
+        /// Backup id.
+        id: String,
+        /// New name.
+        #[arg(long)]
+        name: Option<String>,
+        /// New description.
+        #[arg(long)]
+        description: Option<String>,
+    },
     /// Re-read and re-hash every chunk of a backup.
     Verify {
         /// Backup id.
@@ -372,6 +383,10 @@ pub async fn run(cmd: BackupCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                     r.corrupt_chunks.len()
                 )));
             }
+        }
+        BackupAction::Update { id, name, description } => {
+            let b = client.update_backup(UpdateBackupRequest { id, name, description }).await?.into_inner();
+            print(&[b], json);
         }
         BackupAction::VerifyRepository { host } => {
             let r = client.verify_repository(VerifyRepositoryRequest { host: host.clone() }).await?.into_inner();

@@ -568,6 +568,31 @@ impl BackupService for Backups {
         Ok(Response::new(ListBackupsResponse { backups: rows.into_iter().map(|(_, b)| b).collect(), page: Some(next) }))
     }
 
+    async fn update_backup(&self, req: Request<UpdateBackupRequest>) -> Result<Response<Backup>, Status> {
+        let who = who(&req)?;
+        let req = req.into_inner();
+        validate::uuid("id", &req.id)?;
+        if let Some(n) = &req.name {
+            validate::text("name", n, 255)?;
+        }
+        if let Some(d) = &req.description {
+            validate::text("description", d, 255)?;
+        }
+        let mut tx = crate::db::write(&self.ctx.db).await.map_err(Error::from)?;
+        let b = visible(&mut tx, &who, &req.id).await?;
+        sqlx::query("UPDATE backups SET name = ?, description = ?, updated_at = ? WHERE id = ?")
+            .bind(req.name.as_ref().unwrap_or(&b.row.name))
+            .bind(req.description.as_ref().unwrap_or(&b.row.description))
+            .bind(now_ms())
+            .bind(&b.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(Error::from)?;
+        let b = find(&mut tx, &b.id).await?.ok_or_else(|| Error::not_found("backup", &req.id))?;
+        tx.commit().await.map_err(Error::from)?;
+        Ok(Response::new(b.row))
+    }
+
     async fn delete_backup(&self, req: Request<DeleteBackupRequest>) -> Result<Response<DeleteBackupResponse>, Status> {
         let who = who(&req)?;
         self.delete(&who, &req.get_ref().id, req.get_ref().forget).await?;

@@ -1,0 +1,57 @@
+//! Renaming a backup and changing its description (Cinder's backup-update), by its owner or an admin.
+
+use ember_fleet_tests::backups::{OneSite, wait_backup_settled};
+use ember_fleet_tests::volumes::new_volume;
+use ember_proto::v1::backup_service_client::BackupServiceClient;
+use ember_proto::v1::volume_service_client::VolumeServiceClient;
+use ember_proto::v1::*;
+use tonic::Code;
+
+#[tokio::test]
+async fn a_backup_is_renamed_and_redescribed_by_its_owner_or_an_admin_and_bad_updates_change_nothing() {
+    let OneSite { fleet, storage: _storage, backup1: _backup1, .. } = OneSite::start().await;
+    let volumes = VolumeServiceClient::new(fleet.member("alice", "p1"));
+    let alice = BackupServiceClient::new(fleet.member("alice", "p1"));
+    let v = new_volume(&volumes, 1).await;
+    let req = CreateBackupRequest {
+        volume_id: v.id.clone(),
+        name: "nightly".into(),
+        description: "before the upgrade".into(),
+        ..Default::default()
+    };
+    let b = alice.clone().create_backup(req).await.unwrap().into_inner();
+    assert_eq!(wait_backup_settled(&alice, &b.id).await.status, "available");
+    let show = |id: String| {
+        let mut c = alice.clone();
+        async move { c.get_backup(GetBackupRequest { id }).await.unwrap().into_inner() }
+    };
+
+    // The owner renames it; the description, unset in the request, stays.
+    let update = |name: Option<&str>, description: Option<&str>| UpdateBackupRequest {
+        id: b.id.clone(),
+        name: name.map(String::from),
+        description: description.map(String::from),
+    };
+    let renamed = alice.clone().update_backup(update(Some("weekly"), None)).await.unwrap().into_inner();
+    assert_eq!((renamed.name.as_str(), renamed.description.as_str()), ("weekly", "before the upgrade"));
+    let now = show(b.id.clone()).await;
+    assert_eq!((now.name.as_str(), now.status.as_str()), ("weekly", "available"));
+
+    // An admin, through the CLI, changes the description only.
+    let (ok, out, err) = fleet.cli(&["--json", "backup", "update", &b.id, "--description", "kept offsite"]);
+    assert!(ok, "{err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((shown[0]["name"].as_str(), shown[0]["description"].as_str()), (Some("weekly"), Some("kept offsite")));
+
+    // Refused, naming the field, changing nothing: another project's member, a malformed id, a long name.
+    let bob = BackupServiceClient::new(fleet.member("bob", "p2"));
+    assert_eq!(bob.clone().update_backup(update(Some("mine"), None)).await.unwrap_err().code(), Code::NotFound);
+    let bad_id = UpdateBackupRequest { id: "B1".into(), name: Some("x".into()), description: None };
+    let err = alice.clone().update_backup(bad_id).await.unwrap_err();
+    assert!(err.code() == Code::InvalidArgument && err.message().starts_with("id: "), "{err:?}");
+    let long = "n".repeat(256);
+    let err = alice.clone().update_backup(update(Some(&long), Some("lost"))).await.unwrap_err();
+    assert!(err.code() == Code::InvalidArgument && err.message().starts_with("name: "), "{err:?}");
+    let now = show(b.id.clone()).await;
+    assert_eq!((now.name.as_str(), now.description.as_str()), ("weekly", "kept offsite"));
+}
