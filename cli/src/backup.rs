@@ -171,11 +171,16 @@ fn print(list: &[Backup], json: bool) {
                 format!("{:.1} MB", b.stored_bytes as f64 / 1e6),
                 format!("{:.1} MB", b.new_bytes as f64 / 1e6),
                 format!("{:.2}", b.dedup_ratio),
+                b.host.clone(),
+                b.availability_zone.clone(),
                 b.status_reason.clone(),
             ]
         })
         .collect();
-    output::table(&["ID", "Volume", "Status", "Size", "Kind", "Stored", "New", "Dedup", "Reason"], &rows);
+    output::table(
+        &["ID", "Volume", "Status", "Size", "Kind", "Stored", "New", "Dedup", "Host", "Zone", "Reason"],
+        &rows,
+    );
 }
 
 /// How often `--wait` looks at a running backup or restore.
