@@ -52,6 +52,12 @@ enum BackupAction {
         /// Only this volume's.
         #[arg(long, default_value = "")]
         volume: String,
+        /// Only those in this status.
+        #[arg(long, default_value = "")]
+        status: String,
+        /// Only those held by this backup agent (`host`) or repository (`host@repository`).
+        #[arg(long, default_value = "")]
+        host: String,
     },
     /// Show one backup.
     Show {
@@ -317,10 +323,15 @@ pub async fn run(cmd: BackupCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
             }
             print(&[b], json);
         }
-        BackupAction::List { volume } => {
+        BackupAction::List { volume, status, host } => {
             let all = output::all_pages(|page| {
                 let mut c = client.clone();
-                let req = ListBackupsRequest { volume_id: volume.clone(), page: Some(page) };
+                let req = ListBackupsRequest {
+                    volume_id: volume.clone(),
+                    page: Some(page),
+                    status: status.clone(),
+                    host: host.clone(),
+                };
                 async move { c.list_backups(req).await.map(|r| r.into_inner()).map(|r| (r.backups, r.page)) }
             })
             .await?;

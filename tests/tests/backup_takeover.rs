@@ -19,6 +19,13 @@ async fn locations(backups: &BackupServiceClient<tonic::transport::Channel>) -> 
     all.into_iter().map(|b| (b.id, b.status, b.host)).collect()
 }
 
+/// Ids of the backups listed with filters `status` and `host`, oldest first.
+async fn listed(backups: &BackupServiceClient<tonic::transport::Channel>, status: &str, host: &str) -> Vec<String> {
+    let req = ListBackupsRequest { status: status.into(), host: host.into(), ..Default::default() };
+    let all = backups.clone().list_backups(req).await.unwrap().into_inner().backups;
+    all.into_iter().map(|b| b.id).collect()
+}
+
 #[tokio::test]
 async fn a_repository_whose_agent_died_is_taken_over_by_another_agent_and_its_backups_work_there() {
     let OneSite { fleet, dir, repo, storage: _storage, mut backup1 } = OneSite::start().await;
@@ -76,6 +83,15 @@ async fn a_repository_whose_agent_died_is_taken_over_by_another_agent_and_its_ba
     backups.clone().delete_backup(DeleteBackupRequest { id: chain[2].clone(), forget: false }).await.unwrap();
     let deleting = backups.clone().get_backup(GetBackupRequest { id: chain[2].clone() }).await.unwrap().into_inner();
     assert_eq!(deleting.status, "deleting");
+    // What the dead node holds, and what waits for it, as an operator lists them.
+    assert_eq!(listed(&backups, "", "backup1").await, chain);
+    assert_eq!(listed(&backups, "deleting", "backup1@repo1").await, [chain[2].clone()]);
+    let err = backups
+        .clone()
+        .list_backups(ListBackupsRequest { status: "avaliable".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert!(err.code() == Code::InvalidArgument && err.message().starts_with("status: "), "{err:?}");
 
     // The operator takes the repository over through the CLI: all three move, parents first.
     let (ok, out, err) = fleet.cli(&["--json", "backup", "import-repository", "backup2@repo1"]);
@@ -96,6 +112,15 @@ async fn a_repository_whose_agent_died_is_taken_over_by_another_agent_and_its_ba
     .await;
     assert!(!copy.join("backups").join(&gone).exists(), "deleted from the repository backup2 serves");
     assert!(repo.join("backups").join(&gone).exists(), "the dead agent's directory is not backup2's to touch");
+    let (ok, out, err) = fleet.cli(&["--json", "backup", "list", "--host", "backup2@repo1"]);
+    assert!(ok, "{err}");
+    let now_there: Vec<String> = serde_json::from_str::<Vec<serde_json::Value>>(&out)
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(now_there, chain[..2]);
+    assert!(listed(&backups, "", "backup1").await.is_empty());
 
     // The moved incremental restores bit-identically through the new agent; the next incremental builds on it
     // there; a second take-over finds everything in place.

@@ -160,6 +160,9 @@ pub async fn repository_zone(conn: &mut SqliteConnection, host: &str, repository
 /// attempt, so it finishes on the new location, or at once when the row is gone.
 pub const SETTLED: [&str; 4] = ["available", "error", "deleting", "error_deleting"];
 
+/// Every status a backup can be in.
+const STATUSES: [&str; 6] = ["creating", "available", "error", "deleting", "error_deleting", "restoring"];
+
 /// Refuses work that needs backup agent `host`, which holds `what`, while that agent is down: a create would
 /// hold its volume `backing-up` until the agent came back, and a restore would fail and leave its target in
 /// error although nothing touched it.
@@ -551,8 +554,13 @@ impl BackupService for Backups {
         let who = who(&req)?;
         let project = if who.role == Role::Admin { String::new() } else { who.project.clone().unwrap_or_default() };
         let page = crate::paging::Page::of(req.get_ref().page.as_ref())?;
+        let (status, host) = (&req.get_ref().status, &req.get_ref().host);
+        if !status.is_empty() && !STATUSES.contains(&status.as_str()) {
+            return Err(Error::invalid("status", format!("{status:?} is not one of {}", STATUSES.join(", "))).into());
+        }
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "{SELECT} WHERE (?1 = '' OR project = ?1) AND (?2 = '' OR volume_id = ?2) \
+             AND (?6 = '' OR status = ?6) AND (?7 = '' OR host = ?7 OR host || '@' || repository = ?7) \
              AND (created_at, id) > (?3, ?4) ORDER BY created_at, id LIMIT ?5"
         )))
         .bind(&project)
@@ -560,6 +568,8 @@ impl BackupService for Backups {
         .bind(page.after_ts)
         .bind(&page.after_id)
         .bind(page.limit())
+        .bind(status)
+        .bind(host)
         .fetch_all(&self.ctx.db)
         .await
         .map_err(Error::from)?;
