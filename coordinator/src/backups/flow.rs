@@ -227,8 +227,12 @@ pub async fn delete_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         return Ok(Outcome::Finished);
     }
     let mut tx = crate::db::write(&ctx.db).await?;
-    sqlx::query("DELETE FROM backups WHERE id = ?").bind(&b.id).execute(&mut *tx).await?;
-    ctx.quota.release(&mut tx, &b.project, &deltas(b.size_gb)).await?;
+    // The row may be gone already: an admin can forget a backup whose agent looks down while this call,
+    // which still reached the agent, was on its way; its quota was released then.
+    let deleted = sqlx::query("DELETE FROM backups WHERE id = ?").bind(&b.id).execute(&mut *tx).await?;
+    if deleted.rows_affected() == 1 {
+        ctx.quota.release(&mut tx, &b.project, &deltas(b.size_gb)).await?;
+    }
     operations::finish(&mut tx, &op, None).await?;
     tx.commit().await?;
     Ok(Outcome::Finished)
