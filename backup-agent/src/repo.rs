@@ -194,6 +194,9 @@ fn lock_exclusively(path: &Path, holder: &str) -> io::Result<File> {
     }
     file.set_len(0)?;
     file.write_all(holder.as_bytes())?;
+    // Flushed to the server now: an NFS client writes back on close or fsync, and this file stays open while
+    // the agent runs, so an agent refused on another node would otherwise read an empty holder.
+    file.sync_all()?;
     Ok(file)
 }
 

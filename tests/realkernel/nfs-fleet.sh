@@ -117,8 +117,22 @@ check "nfs: verify finds every chunk intact" sh -c "ember --json backup verify $
 restored=$(timed nfs.restore ember --json backup restore "$bk" --wait | json_field volume_id)
 check "nfs: the restore is bit-identical to the volume" cmp "/srv/nfs/volumes/volume-$vol" "/srv/nfs/volumes/volume-$restored"
 
+# The backup node dies (SIGKILL, no clean-up). Another agent mounts the same share: the NFS client gave up the
+# dead process's lock on the server, so it starts, and it takes the repository over with the backup in it.
+kill -KILL "$backup"
+wait "$backup" 2>/dev/null
+check "nfs: the killed backup agent is seen down" wait_for 60 absent up backup1
+ember-backup-agent --config "$W/backup2.toml" >"$W/logs/nfs-backup2.out" 2>"$W/logs/nfs-backup2-takeover.log" &
+backup=$!
+check "nfs: a second backup agent gets the dead one's share and registers" wait_for 90 up backup2
+check "nfs: ... and holds the lock on the server" grep -q 'backup agent backup2 ' /srv/nfs/backups/lock
+ember --json backup import-repository backup2@nfsrepo >>"$OUT/checks.log" 2>&1
+check "nfs: import-repository moves the backup to it" sh -c "ember --json backup show $bk | grep -q '\"host\": \"backup2@nfsrepo\"'"
+moved=$(timed nfs.restore_after_takeover ember --json backup restore "$bk" --wait | json_field volume_id)
+check "nfs: ... and it restores bit-identically from there" cmp "/srv/nfs/volumes/volume-$vol" "/srv/nfs/volumes/volume-$moved"
+
 ember backup delete "$bk" --wait >/dev/null
-for v in "$clone" "$restored"; do ember volume delete "$v" --wait >/dev/null; done
+for v in "$clone" "$restored" "$moved"; do ember volume delete "$v" --wait >/dev/null; done
 ember snapshot delete "$snap" --wait >/dev/null
 ember volume delete "$vol" --wait >/dev/null
 check "nfs: deletes left no volume or snapshot file on the server" test -z "$(ls /srv/nfs/volumes)"
@@ -130,7 +144,7 @@ dead=$(ember --json volume create --size 1 --wait | json_field id)
 rpc.nfsd 0
 stopped_at=$(now_ms)
 dead_backup=$(ember --json backup create "$dead" | json_field id)
-agents_up() { up storage2 && up backup1; }
+agents_up() { up storage2 && up backup2; }
 # Polled until the backup settles; notes any moment an agent was seen down.
 backup_failed() {
   agents_up || echo "$(now_ms)" >>"$W/agent-down"
