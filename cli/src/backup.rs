@@ -412,7 +412,11 @@ pub async fn run(cmd: BackupCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                     .damaged
                     .iter()
                     .map(|d| {
-                        serde_json::json!({ "id": d.backup_id, "missing_chunks": d.missing_chunks, "corrupt_chunks": d.corrupt_chunks })
+                        serde_json::json!({
+                            "id": d.backup_id,
+                            "missing_chunks": d.missing_chunks,
+                            "corrupt_chunks": d.corrupt_chunks,
+                        })
                     })
                     .collect();
                 output::json(&serde_json::json!({

@@ -14,6 +14,7 @@ use crate::validate;
 use ember_common::identity::valid_name;
 use ember_proto::agent::v1 as agent;
 use ember_proto::v1::{ImportRepositoryBackupsRequest, ImportRepositoryBackupsResponse};
+use sqlx::SqliteConnection;
 use tonic::Status;
 
 /// Imports every complete backup of repository `req.host` (`host@repository`) whose id is unknown here, as
@@ -70,27 +71,9 @@ async fn adopt(
                 out.already_known += 1;
                 continue;
             }
-            let old_served = location_served(ctx, &mut tx, &known.host, &known.repository).await?;
-            let parent_here = match find(&mut tx, &known.parent_id).await? {
-                Some(p) => (p.host.as_str(), p.repository.as_str()) == (host, repository),
-                None => known.parent_id.is_empty(),
-            };
-            match move_refusal(&known, &s, old_served, parent_here) {
+            match move_here(ctx, &mut tx, &known, &s, (host, repository, &zone)).await? {
                 Some(why) => out.skipped.push(format!("{}: {why}", s.backup_id)),
-                None => {
-                    sqlx::query(
-                        "UPDATE backups SET host = ?, repository = ?, availability_zone = ?, updated_at = ? WHERE id = ?",
-                    )
-                    .bind(host)
-                    .bind(repository)
-                    .bind(&zone)
-                        .bind(now_ms())
-                        .bind(&s.backup_id)
-                        .execute(&mut *tx)
-                        .await?;
-                    tracing::info!(backup_id = %s.backup_id, from = %format!("{}@{}", known.host, known.repository), "backup moved");
-                    moved.push(s.backup_id);
-                }
+                None => moved.push(s.backup_id),
             }
             continue;
         }
@@ -145,6 +128,35 @@ async fn adopt(
         "repository backups imported"
     );
     Ok(out)
+}
+
+/// Moves backup `known` to location `to` (host, repository, zone), which lists it as `stored`, when
+/// [`move_refusal`] allows; otherwise returns why not.
+async fn move_here(
+    ctx: &Ctx,
+    conn: &mut SqliteConnection,
+    known: &BackupRow,
+    stored: &agent::StoredBackup,
+    (host, repository, zone): (&str, &str, &str),
+) -> Result<Option<String>> {
+    let old_served = location_served(ctx, conn, &known.host, &known.repository).await?;
+    let parent_here = match find(conn, &known.parent_id).await? {
+        Some(p) => (p.host.as_str(), p.repository.as_str()) == (host, repository),
+        None => known.parent_id.is_empty(),
+    };
+    if let Some(why) = move_refusal(known, stored, old_served, parent_here) {
+        return Ok(Some(why));
+    }
+    sqlx::query("UPDATE backups SET host = ?, repository = ?, availability_zone = ?, updated_at = ? WHERE id = ?")
+        .bind(host)
+        .bind(repository)
+        .bind(zone)
+        .bind(now_ms())
+        .bind(&known.id)
+        .execute(&mut *conn)
+        .await?;
+    tracing::info!(backup_id = %known.id, from = %format!("{}@{}", known.host, known.repository), "backup moved");
+    Ok(None)
 }
 
 /// Why backup `known`, which this coordinator records at another location, may not move to the repository
