@@ -74,6 +74,8 @@ pub fn repository_toml(repo: &Path) -> String {
 pub struct OneSite {
     /// The fleet.
     pub fleet: Fleet,
+    /// The storage agent's backend section, to start it again.
+    pub backend: String,
     /// The file backend's directory.
     pub dir: PathBuf,
     /// The repository's directory.
@@ -87,14 +89,19 @@ pub struct OneSite {
 impl OneSite {
     /// Starts it all and waits until both agents are registered.
     pub async fn start() -> OneSite {
+        Self::start_with(&[]).await
+    }
+
+    /// [`OneSite::start`] with `backup_env` in the backup agent's environment (e.g. `EMBER_FAILPOINTS`).
+    pub async fn start_with(backup_env: &[(&str, &str)]) -> OneSite {
         let mut fleet = Fleet::new();
         fleet.start_coordinator();
         let (backend, dir) = fleet.file_backend("file1", "");
         let storage = fleet.start_agent("storage", "storage1", &backend);
         let repo = fleet.subdir("repo1");
-        let backup1 = fleet.start_agent("backup", "backup1", &repository_toml(&repo));
+        let backup1 = fleet.start_agent_with("backup", "backup1", &repository_toml(&repo), backup_env);
         wait_backend(&fleet, "storage1@file1").await;
         wait_backend(&fleet, "backup1").await;
-        OneSite { fleet, dir, repo, storage, backup1 }
+        OneSite { fleet, backend, dir, repo, storage, backup1 }
     }
 }

@@ -1,10 +1,10 @@
 //! Backups under faults: the backup agent killed mid-backup, garbage collection racing a running backup, and
 //! an in-use volume backed up through a temporary snapshot.
 
-use ember_fleet_tests::backups::{fill, wait_down};
+use ember_fleet_tests::backups::{OneSite, fill, repository_toml, wait_down};
 use ember_fleet_tests::libvirt::{Domain, attach_request};
 use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_volume};
-use ember_fleet_tests::{Fleet, iscsi, wait_for};
+use ember_fleet_tests::{iscsi, wait_for};
 use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
 use ember_proto::v1::backup_service_client::BackupServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
@@ -12,35 +12,6 @@ use ember_proto::v1::*;
 use std::path::Path;
 use std::time::Duration;
 use tonic::Code;
-
-/// A fleet with a coordinator, a storage agent (file backend `file1`) and a backup agent (repository `repo1`,
-/// no GC grace, `backup_env` in its environment), both registered.
-struct BackupFleet {
-    fleet: Fleet,
-    backend: String,
-    dir: std::path::PathBuf,
-    repo: std::path::PathBuf,
-    storage: ember_fleet_tests::Daemon,
-    backup: ember_fleet_tests::Daemon,
-}
-
-impl BackupFleet {
-    async fn start(backup_env: &[(&str, &str)]) -> BackupFleet {
-        let mut fleet = Fleet::new();
-        fleet.start_coordinator();
-        let (backend, dir) = fleet.file_backend("file1", "");
-        let repo = fleet.subdir("repo1");
-        let storage = fleet.start_agent("storage", "storage1", &backend);
-        let backup = fleet.start_agent_with("backup", "backup1", &backup_toml(&repo), backup_env);
-        wait_backend(&fleet, "storage1@file1").await;
-        wait_backend(&fleet, "backup1").await;
-        BackupFleet { fleet, backend, dir, repo, storage, backup }
-    }
-}
-
-fn backup_toml(repo: &Path) -> String {
-    format!("gc_grace_seconds = 0\n[[repositories]]\nname = \"repo1\"\ndirectory = \"{}\"\n", repo.display())
-}
 
 async fn wait_backup(client: &BackupServiceClient<tonic::transport::Channel>, id: &str) -> Backup {
     wait_for(&format!("backup {id}"), Duration::from_secs(120), || {
@@ -82,8 +53,8 @@ async fn accepted(backups: &BackupServiceClient<tonic::transport::Channel>, req:
 
 #[tokio::test]
 async fn a_backup_agent_killed_mid_backup_ends_the_backup_in_error_and_leaves_nothing_half_done() {
-    let BackupFleet { fleet, backend: _, dir, repo, storage: _storage, backup: mut agent } =
-        BackupFleet::start(&[("EMBER_FAILPOINTS", "backup.stage_chunk")]).await;
+    let OneSite { fleet, backend: _, dir, repo, storage: _storage, backup1: mut agent } =
+        OneSite::start_with(&[("EMBER_FAILPOINTS", "backup.stage_chunk")]).await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let v = new_volume(&volumes, 1).await;
     fill(&dir.join(format!("volume-{}", v.id)), 0, 5, 8 << 20);
@@ -97,7 +68,7 @@ async fn a_backup_agent_killed_mid_backup_ends_the_backup_in_error_and_leaves_no
     assert!(!repo.join("backups").join(&b.id).join("manifest.json").exists(), "no manifest for the failed backup");
 
     // The restarted agent clears what the dead one was writing; a new backup then completes and verifies.
-    let _agent = fleet.start_agent("backup", "backup1", &backup_toml(&repo));
+    let _agent = fleet.start_agent("backup", "backup1", &repository_toml(&repo));
     assert_eq!(std::fs::read_dir(repo.join("tmp")).unwrap().count(), 0, "temporary files were cleaned");
     wait_for("the volume back to available", Duration::from_secs(30), || {
         let mut c = volumes.clone();
@@ -114,13 +85,13 @@ async fn a_backup_agent_killed_mid_backup_ends_the_backup_in_error_and_leaves_no
 
 #[tokio::test]
 async fn a_second_backup_agent_on_the_same_repository_refuses_to_start_and_disturbs_nothing() {
-    let BackupFleet { fleet, backend: _, dir, repo, storage: _storage, backup: _agent } = BackupFleet::start(&[]).await;
+    let OneSite { fleet, backend: _, dir, repo, storage: _storage, backup1: _agent } = OneSite::start().await;
     // Stands for a chunk the running agent is writing: a second agent that opened the repository would clear it.
     let in_flight = repo.join("tmp").join("in-flight");
     std::fs::write(&in_flight, b"staged").unwrap();
 
     let (status, log) =
-        fleet.agent_refusing_to_start("backup", "backup2", &backup_toml(&repo), Duration::from_secs(30));
+        fleet.agent_refusing_to_start("backup", "backup2", &repository_toml(&repo), Duration::from_secs(30));
     assert!(!status.success(), "{log}");
     assert!(log.contains("repository repo1 at") && log.contains("in use by another process"), "{log}");
     assert!(log.contains("backup agent backup1 on host"), "the refusal names the holder: {log}");
@@ -147,8 +118,8 @@ async fn a_second_backup_agent_on_the_same_repository_refuses_to_start_and_distu
 
 #[tokio::test]
 async fn garbage_collection_during_a_running_backup_loses_nothing() {
-    let BackupFleet { fleet, backend: _, dir, repo, storage: _storage, backup: agent } =
-        BackupFleet::start(&[("EMBER_FAILPOINTS", "backup.pause_stage_chunk")]).await;
+    let OneSite { fleet, backend: _, dir, repo, storage: _storage, backup1: agent } =
+        OneSite::start_with(&[("EMBER_FAILPOINTS", "backup.pause_stage_chunk")]).await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let backups = BackupServiceClient::new(fleet.admin());
     let mut ids = Vec::new();
@@ -182,7 +153,7 @@ async fn garbage_collection_during_a_running_backup_loses_nothing() {
     let agent = fleet.start_agent_with(
         "backup",
         "backup1",
-        &backup_toml(&repo),
+        &repository_toml(&repo),
         &[("EMBER_FAILPOINTS", "backup.pause_stage_chunk")],
     );
     wait_for("backup agent re-registered", Duration::from_secs(20), || async {
@@ -213,8 +184,7 @@ async fn garbage_collection_during_a_running_backup_loses_nothing() {
 
 #[tokio::test]
 async fn an_in_use_volume_needs_force_and_is_read_through_a_temporary_snapshot() {
-    let BackupFleet { fleet, backend: _, dir, repo: _, storage: _storage, backup: _backup } =
-        BackupFleet::start(&[]).await;
+    let OneSite { fleet, backend: _, dir, repo: _, storage: _storage, backup1: _backup } = OneSite::start().await;
     let _compute = fleet.start_agent("compute", "compute1", "");
     wait_backend(&fleet, "compute1").await;
     let vm1 = Domain::boot("ember-backup").await;
@@ -255,8 +225,7 @@ async fn an_in_use_volume_needs_force_and_is_read_through_a_temporary_snapshot()
 /// volume: after a restart both converge (the backup completes; the restored volume is whole).
 #[tokio::test]
 async fn backups_and_restores_converge_after_the_coordinator_crashes() {
-    let BackupFleet { mut fleet, backend: _, dir, repo: _, storage: _storage, backup: _backup } =
-        BackupFleet::start(&[]).await;
+    let OneSite { mut fleet, backend: _, dir, repo: _, storage: _storage, backup1: _backup } = OneSite::start().await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let v = new_volume(&volumes, 1).await;
     let source = dir.join(format!("volume-{}", v.id));
@@ -297,8 +266,8 @@ async fn backups_and_restores_converge_after_the_coordinator_crashes() {
 /// a reason, and the volume is usable again.
 #[tokio::test]
 async fn a_backup_fails_cleanly_when_its_source_or_repository_goes_away() {
-    let BackupFleet { fleet, backend, dir, repo, mut storage, backup: agent } =
-        BackupFleet::start(&[("EMBER_FAILPOINTS", "backup.pause_stage_chunk")]).await;
+    let OneSite { fleet, backend, dir, repo, mut storage, backup1: agent } =
+        OneSite::start_with(&[("EMBER_FAILPOINTS", "backup.pause_stage_chunk")]).await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let v = new_volume(&volumes, 1).await;
     fill(&dir.join(format!("volume-{}", v.id)), 0, 11, 32 << 20);
@@ -317,7 +286,7 @@ async fn a_backup_fails_cleanly_when_its_source_or_repository_goes_away() {
     let agent = fleet.start_agent_with(
         "backup",
         "backup1",
-        &backup_toml(&repo),
+        &repository_toml(&repo),
         &[("EMBER_FAILPOINTS", "backup.pause_stage_chunk")],
     );
     wait_for("both agents back", Duration::from_secs(30), || async {
@@ -344,7 +313,7 @@ async fn a_backup_fails_cleanly_when_its_source_or_repository_goes_away() {
 /// nothing that would reference it.
 #[tokio::test]
 async fn an_incremental_whose_known_chunk_is_gone_fails_naming_it() {
-    let BackupFleet { fleet, backend: _, dir, repo, storage: _storage, backup: _agent } = BackupFleet::start(&[]).await;
+    let OneSite { fleet, backend: _, dir, repo, storage: _storage, backup1: _agent } = OneSite::start().await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let v = new_volume(&volumes, 1).await;
     fill(&dir.join(format!("volume-{}", v.id)), 0, 14, 4 << 20);
@@ -381,8 +350,8 @@ fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
 /// The backup agent dies mid-restore: the restore target never becomes available with partial data.
 #[tokio::test]
 async fn a_backup_agent_killed_mid_restore_leaves_the_target_in_error() {
-    let BackupFleet { fleet, backend: _, dir, repo: _, storage: _storage, backup: mut agent } =
-        BackupFleet::start(&[("EMBER_FAILPOINTS", "backup.restore_chunk")]).await;
+    let OneSite { fleet, backend: _, dir, repo: _, storage: _storage, backup1: mut agent } =
+        OneSite::start_with(&[("EMBER_FAILPOINTS", "backup.restore_chunk")]).await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let v = new_volume(&volumes, 1).await;
     fill(&dir.join(format!("volume-{}", v.id)), 0, 12, 8 << 20);
@@ -409,8 +378,8 @@ async fn a_backup_agent_killed_mid_restore_leaves_the_target_in_error() {
 /// shows its status and time alone.
 #[tokio::test]
 async fn backups_and_restores_report_progress_and_the_cli_draws_it() {
-    let BackupFleet { fleet, backend: _, dir, repo: _, storage: _storage, backup: agent } =
-        BackupFleet::start(&[("EMBER_FAILPOINTS", "backup.pause_restore_chunk")]).await;
+    let OneSite { fleet, backend: _, dir, repo: _, storage: _storage, backup1: agent } =
+        OneSite::start_with(&[("EMBER_FAILPOINTS", "backup.pause_restore_chunk")]).await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let v = new_volume(&volumes, 1).await;
     // Data only in the second half: a restore paused at its first data chunk has done half the volume.
@@ -469,8 +438,8 @@ async fn backups_and_restores_report_progress_and_the_cli_draws_it() {
 /// produces the whole volume.
 #[tokio::test]
 async fn a_storage_agent_killed_mid_restore_leaves_the_target_in_error() {
-    let BackupFleet { fleet, backend, dir, repo: _, mut storage, backup: agent } =
-        BackupFleet::start(&[("EMBER_FAILPOINTS", "backup.pause_restore_chunk")]).await;
+    let OneSite { fleet, backend, dir, repo: _, mut storage, backup1: agent } =
+        OneSite::start_with(&[("EMBER_FAILPOINTS", "backup.pause_restore_chunk")]).await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let v = new_volume(&volumes, 1).await;
     fill(&dir.join(format!("volume-{}", v.id)), 0, 13, 8 << 20);
@@ -523,8 +492,7 @@ async fn a_storage_agent_killed_mid_restore_leaves_the_target_in_error() {
 /// connect error"). Once it is back, the same calls work.
 #[tokio::test]
 async fn work_for_a_backup_agent_that_is_down_is_refused_and_holds_nothing() {
-    let BackupFleet { fleet, backend: _, dir, repo, storage: _storage, backup: mut agent } =
-        BackupFleet::start(&[]).await;
+    let OneSite { fleet, backend: _, dir, repo, storage: _storage, backup1: mut agent } = OneSite::start().await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let v = new_volume(&volumes, 1).await;
     let target = new_volume(&volumes, 1).await;
@@ -559,7 +527,7 @@ async fn work_for_a_backup_agent_that_is_down_is_refused_and_holds_nothing() {
     let all = backups.clone().list_backups(ListBackupsRequest::default()).await.unwrap().into_inner().backups;
     assert_eq!(all.len(), 1, "{all:?}");
 
-    let _agent = fleet.start_agent("backup", "backup1", &backup_toml(&repo));
+    let _agent = fleet.start_agent("backup", "backup1", &repository_toml(&repo));
     let b = accepted(&backups, incremental).await;
     assert_eq!(b.parent_id, full.id);
     assert_eq!(wait_backup(&backups, &b.id).await.status, "available");
@@ -573,8 +541,7 @@ async fn work_for_a_backup_agent_that_is_down_is_refused_and_holds_nothing() {
 /// skipped; asking for that agent alone fails with the reason, and a name that matches nothing is refused.
 #[tokio::test]
 async fn garbage_collection_skips_a_backup_agent_that_is_down_and_names_it() {
-    let BackupFleet { fleet, backend: _, dir, repo, storage: _storage, backup: _backup } =
-        BackupFleet::start(&[]).await;
+    let OneSite { fleet, backend: _, dir, repo, storage: _storage, backup1: _backup } = OneSite::start().await;
     let repo2 = fleet.subdir("repo2");
     let mut backup2 = fleet.start_agent(
         "backup",
@@ -631,8 +598,7 @@ async fn garbage_collection_skips_a_backup_agent_that_is_down_and_names_it() {
 /// is free again, to be backed up once the agent is back.
 #[tokio::test]
 async fn a_backup_whose_agent_is_gone_when_it_resumes_ends_in_error_and_frees_the_volume() {
-    let BackupFleet { mut fleet, backend: _, dir, repo, storage: _storage, backup: mut agent } =
-        BackupFleet::start(&[]).await;
+    let OneSite { mut fleet, backend: _, dir, repo, storage: _storage, backup1: mut agent } = OneSite::start().await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let v = new_volume(&volumes, 1).await;
     fill(&dir.join(format!("volume-{}", v.id)), 0, 25, 1 << 20);
@@ -654,7 +620,7 @@ async fn a_backup_whose_agent_is_gone_when_it_resumes_ends_in_error_and_frees_th
     assert!(!repo.join("backups").join(&b.id).exists());
 
     // With the agent back, the volume backs up again.
-    let _agent = fleet.start_agent("backup", "backup1", &backup_toml(&repo));
+    let _agent = fleet.start_agent("backup", "backup1", &repository_toml(&repo));
     let again = accepted(&backups, CreateBackupRequest { volume_id: v.id.clone(), ..Default::default() }).await;
     assert_eq!(wait_backup(&backups, &again.id).await.status, "available");
 }

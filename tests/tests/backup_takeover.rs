@@ -28,7 +28,7 @@ async fn listed(backups: &BackupServiceClient<tonic::transport::Channel>, status
 
 #[tokio::test]
 async fn a_repository_whose_agent_died_is_taken_over_by_another_agent_and_its_backups_work_there() {
-    let OneSite { fleet, dir, repo, storage: _storage, mut backup1 } = OneSite::start().await;
+    let OneSite { fleet, dir, repo, storage: _storage, mut backup1, .. } = OneSite::start().await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let backups = BackupServiceClient::new(fleet.admin());
 
@@ -154,7 +154,7 @@ async fn backup_quota(fleet: &Fleet, project: &str) -> (i64, i64) {
 
 #[tokio::test]
 async fn backups_whose_repository_is_lost_for_good_are_forgotten_by_an_admin_and_can_be_adopted_again() {
-    let OneSite { fleet, dir, repo, storage: _storage, mut backup1 } = OneSite::start().await;
+    let OneSite { fleet, dir, repo, storage: _storage, mut backup1, .. } = OneSite::start().await;
     let volumes = VolumeServiceClient::new(fleet.member("alice", "p1"));
     let mine = BackupServiceClient::new(fleet.member("alice", "p1"));
     let admin = BackupServiceClient::new(fleet.admin());

@@ -26,7 +26,7 @@ fn chunk_file(repo: &Path, name: &str) -> std::path::PathBuf {
 
 #[tokio::test]
 async fn a_repository_is_verified_chunk_by_chunk_once_and_its_damage_named_per_backup() {
-    let OneSite { fleet, dir, repo, storage: _storage, backup1: _backup1 } = OneSite::start().await;
+    let OneSite { fleet, dir, repo, storage: _storage, backup1: _backup1, .. } = OneSite::start().await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let backups = BackupServiceClient::new(fleet.admin());
     let backup = |volume: &str, incremental: bool| {

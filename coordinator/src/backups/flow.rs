@@ -227,15 +227,20 @@ pub async fn delete_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         return Ok(Outcome::Finished);
     }
     let mut tx = crate::db::write(&ctx.db).await?;
-    // The row may be gone already: an admin can forget a backup whose agent looks down while this call,
-    // which still reached the agent, was on its way; its quota was released then.
-    let deleted = sqlx::query("DELETE FROM backups WHERE id = ?").bind(&b.id).execute(&mut *tx).await?;
-    if deleted.rows_affected() == 1 {
-        ctx.quota.release(&mut tx, &b.project, &deltas(b.size_gb)).await?;
-    }
+    remove_record(ctx, &mut tx, &b).await?;
     operations::finish(&mut tx, &op, None).await?;
     tx.commit().await?;
     Ok(Outcome::Finished)
+}
+
+/// Removes backup `b`'s row and releases its quota, once: the row may be gone already, e.g. forgotten by an
+/// admin while a delete that still reached the agent was on its way.
+pub async fn remove_record(ctx: &Ctx, conn: &mut SqliteConnection, b: &BackupRow) -> Result<()> {
+    let deleted = sqlx::query("DELETE FROM backups WHERE id = ?").bind(&b.id).execute(&mut *conn).await?;
+    if deleted.rows_affected() == 1 {
+        ctx.quota.release(conn, &b.project, &deltas(b.size_gb)).await?;
+    }
+    Ok(())
 }
 
 /// Awaits `call`, an agent call working on backup `id`, while copying the agent's progress into the backup's

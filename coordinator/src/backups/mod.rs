@@ -315,6 +315,28 @@ impl Backups {
         Ok(b.row)
     }
 
+    async fn update(&self, who: &Identity, req: UpdateBackupRequest) -> Result<Backup> {
+        validate::uuid("id", &req.id)?;
+        if let Some(n) = &req.name {
+            validate::text("name", n, 255)?;
+        }
+        if let Some(d) = &req.description {
+            validate::text("description", d, 255)?;
+        }
+        let mut tx = crate::db::write(&self.ctx.db).await?;
+        let b = visible(&mut tx, who, &req.id).await?;
+        sqlx::query("UPDATE backups SET name = ?, description = ?, updated_at = ? WHERE id = ?")
+            .bind(req.name.as_ref().unwrap_or(&b.row.name))
+            .bind(req.description.as_ref().unwrap_or(&b.row.description))
+            .bind(now_ms())
+            .bind(&b.id)
+            .execute(&mut *tx)
+            .await?;
+        let b = find(&mut tx, &b.id).await?.ok_or_else(|| Error::not_found("backup", &req.id))?;
+        tx.commit().await?;
+        Ok(b.row)
+    }
+
     async fn delete(&self, who: &Identity, id: &str, forget: bool) -> Result<()> {
         validate::uuid("id", id)?;
         if forget && who.role != Role::Admin {
@@ -370,8 +392,7 @@ impl Backups {
                 b.id, b.host, b.repository
             )));
         }
-        sqlx::query("DELETE FROM backups WHERE id = ?").bind(&b.id).execute(&mut *tx).await?;
-        self.ctx.quota.release(&mut tx, &b.project, &deltas(b.size_gb)).await?;
+        flow::remove_record(&self.ctx, &mut tx, b).await?;
         tx.commit().await?;
         tracing::warn!(backup_id = %b.id, location = %format!("{}@{}", b.host, b.repository), "backup forgotten");
         Ok(())
@@ -580,27 +601,7 @@ impl BackupService for Backups {
 
     async fn update_backup(&self, req: Request<UpdateBackupRequest>) -> Result<Response<Backup>, Status> {
         let who = who(&req)?;
-        let req = req.into_inner();
-        validate::uuid("id", &req.id)?;
-        if let Some(n) = &req.name {
-            validate::text("name", n, 255)?;
-        }
-        if let Some(d) = &req.description {
-            validate::text("description", d, 255)?;
-        }
-        let mut tx = crate::db::write(&self.ctx.db).await.map_err(Error::from)?;
-        let b = visible(&mut tx, &who, &req.id).await?;
-        sqlx::query("UPDATE backups SET name = ?, description = ?, updated_at = ? WHERE id = ?")
-            .bind(req.name.as_ref().unwrap_or(&b.row.name))
-            .bind(req.description.as_ref().unwrap_or(&b.row.description))
-            .bind(now_ms())
-            .bind(&b.id)
-            .execute(&mut *tx)
-            .await
-            .map_err(Error::from)?;
-        let b = find(&mut tx, &b.id).await?.ok_or_else(|| Error::not_found("backup", &req.id))?;
-        tx.commit().await.map_err(Error::from)?;
-        Ok(Response::new(b.row))
+        Ok(Response::new(self.update(&who, req.into_inner()).await?))
     }
 
     async fn delete_backup(&self, req: Request<DeleteBackupRequest>) -> Result<Response<DeleteBackupResponse>, Status> {
