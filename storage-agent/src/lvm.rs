@@ -166,6 +166,18 @@ pub fn classify(e: CommandError) -> AgentError {
     AgentError::Command(e)
 }
 
+/// Refuses a `dd of=` path that is not a block device: a missing device node would make dd create a regular
+/// file under /dev (RAM) and "succeed" without touching the LV.
+fn block_device(path: &str) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let context = format!("writing to {path}");
+    match std::fs::metadata(path) {
+        Ok(m) if m.file_type().is_block_device() => Ok(()),
+        Ok(_) => Err(AgentError::Io { context, source: std::io::Error::other("not a block device") }),
+        Err(source) => Err(AgentError::Io { context, source }),
+    }
+}
+
 /// The device-mapper name of an LV (`-` doubled inside each part).
 pub fn dm_name(vg: &str, lv: &str) -> String {
     format!("{}-{}", vg.replace('-', "--"), lv.replace('-', "--"))
@@ -381,6 +393,7 @@ impl LvmBackend {
 
     /// Copies `len` bytes from one LV to another with direct I/O (the page cache would only be polluted).
     async fn copy(&self, from: &str, to: &str, len: u64) -> Result<()> {
+        block_device(&format!("/dev/{to}"))?;
         let (src, dst) = (format!("if=/dev/{from}"), format!("of=/dev/{to}"));
         let count = format!("count={}", len.div_ceil(MIB));
         let args = [src.as_str(), &dst, "bs=1M", &count, "iflag=direct", "oflag=direct", "conv=fdatasync"];
@@ -438,6 +451,7 @@ impl LvmBackend {
             if self.cfg.wipe_size_mb > 0 {
                 mib = mib.min(self.cfg.wipe_size_mb);
             }
+            block_device(&device)?;
             let (of, count) = (format!("of={device}"), format!("count={mib}"));
             runner::run("dd", &["if=/dev/zero", &of, "bs=1M", &count, "oflag=direct", "conv=fdatasync"], DATA_TIMEOUT)
                 .await?;
@@ -572,6 +586,20 @@ mod tests {
         let missing = stderr_of(include_str!("../testdata/lvm/lvremove-missing.txt"));
         assert!(matches!(classify(failed(&missing)), AgentError::NotFound(_)));
         assert!(matches!(classify(failed("  Device or resource busy")), AgentError::Command(_)));
+    }
+
+    #[test]
+    fn only_a_block_device_is_written_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("regular");
+        std::fs::write(&file, b"x").unwrap();
+        let refused = block_device(file.to_str().unwrap()).unwrap_err().to_string();
+        assert!(refused.contains("not a block device"), "{refused}");
+        let missing = dir.path().join("missing");
+        assert!(matches!(block_device(missing.to_str().unwrap()), Err(AgentError::Io { .. })));
+        assert!(!missing.exists());
+        // A character device is no LV either; the real-kernel tier writes to real LV devices.
+        assert!(block_device("/dev/null").unwrap_err().to_string().contains("not a block device"));
     }
 
     #[test]

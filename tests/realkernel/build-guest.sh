@@ -29,18 +29,27 @@ if [ -f "$OUT/stamp" ] && [ "$(cat "$OUT/stamp")" = "$stamp" ] && [ -f "$OUT/ini
   exit 0
 fi
 
-say "kernel $kver; resolving packages"
-python3 "$HERE/resolve.py" "${PACKAGES[@]}" > "$CACHE/packages.list"
-echo "linux-image-$kver" >> "$CACHE/packages.list"
-
-mkdir -p "$DEBS" "$OUT"
-missing=()
-while read -r p; do
-  compgen -G "$DEBS/${p}_*.deb" >/dev/null || missing+=("$p")
-done < "$CACHE/packages.list"
-if [ ${#missing[@]} -gt 0 ]; then
+fetch() { # resolves the package set and downloads what is not here yet
+  say "kernel $kver; resolving packages"
+  python3 "$HERE/resolve.py" "${PACKAGES[@]}" > "$CACHE/packages.list"
+  echo "linux-image-$kver" >> "$CACHE/packages.list"
+  mkdir -p "$DEBS" "$OUT"
+  local missing=() p
+  while read -r p; do
+    compgen -G "$DEBS/${p}_*.deb" >/dev/null || missing+=("$p")
+  done < "$CACHE/packages.list"
+  [ ${#missing[@]} -gt 0 ] || return 0
   say "downloading ${#missing[@]} packages"
   (cd "$DEBS" && apt-get download -qq "${missing[@]}" >/dev/null)
+}
+# Package lists older than the mirror name versions it no longer has ("Can't find a source to download"): a
+# machine whose packages were all installed long ago never ran apt-get update for this. Update once and retry.
+if ! fetch; then
+  say "download failed; updating the package lists and trying again"
+  apt-get update -qq
+  kver=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ { sub("linux-image-", "", $2); print $2; exit }')
+  stamp="$kver ${stamp#* }"
+  fetch
 fi
 
 say "unpacking"

@@ -1,5 +1,5 @@
 # Helpers shared by the in-guest test scripts (sourced): checks that print "[PASS] name" / "[FAIL] name" and
-# count, a polling wait, and timings appended to /ember/out/timings.txt.
+# count, a polling wait, timings appended to /ember/out/timings.txt, and a bound on every CLI call.
 passed=0
 failed=0
 check() {
@@ -56,3 +56,46 @@ fleet_certs() {
 }
 # tls NAME: the [tls] section of daemon NAME's config.
 tls() { printf '[tls]\nca = "%s/ca.pem"\ncert = "%s/%s.pem"\nkey = "%s/%s.key"\n' "$certs" "$certs" "$1" "$certs" "$1"; }
+
+# Every `ember` call is bounded. One that runs past $EMBER_STEP_LIMIT seconds is stuck: `stuck` writes what
+# the guest was doing to the console and to /ember/out/stuck.txt, and stops the suite, so that a hang costs
+# minutes and says where it is instead of running into the guest's overall timeout with nothing to show.
+# The slowest step, a backup onto a dead NFS server, takes about 215 s here.
+EMBER_STEP_LIMIT=${EMBER_STEP_LIMIT:-600}
+suite_pid=$$
+ember() {
+  local rc=0
+  timeout "$EMBER_STEP_LIMIT" "$JOB/ember" "$@" || rc=$?
+  [ "$rc" != 124 ] || stuck "ember $*"
+  return "$rc"
+}
+# stuck WHAT: the evidence of a hang (every process and what it waits on, the stacks of those in D state,
+# the kernel's and the daemons' last lines, the LVs and device-mapper tables), then the suite's end.
+stuck() {
+  {
+    echo "=== stuck for ${EMBER_STEP_LIMIT}s: $1"
+    echo "--- processes (pid state wchan: command)"
+    local p cmd
+    for p in /proc/[0-9]*; do
+      cmd=$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null | cut -c1-160)
+      [ -n "$cmd" ] || continue # kernel threads
+      echo "${p#/proc/} $(cut -d' ' -f3 "$p/stat" 2>/dev/null) $(cat "$p/wchan" 2>/dev/null): $cmd"
+    done
+    for p in /proc/[0-9]*; do
+      [ "$(cut -d' ' -f3 "$p/stat" 2>/dev/null)" = D ] || continue
+      echo "--- kernel stack of ${p#/proc/} ($(tr '\0' ' ' <"$p/cmdline" | cut -c1-80))"
+      cat "$p/stack" 2>/dev/null
+    done
+    echo "--- lvs -a; dmsetup table"
+    timeout 20 lvs -a 2>&1
+    timeout 20 dmsetup table 2>&1
+    echo "--- kernel log"
+    dmesg | tail -n 30
+    for log in "$W"/logs/*.log; do
+      echo "--- $log"
+      tail -n 15 "$log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-300
+    done
+    echo "=== end of stuck"
+  } 2>&1 | tee "$OUT/stuck.txt" >"${EMBER_CONSOLE:-/dev/console}"
+  kill -TERM "$suite_pid"
+}
