@@ -10,6 +10,7 @@ mod verify;
 use clap::Parser;
 use ember_common::agent::{AgentArgs, AgentSettings, filesystem_space, serve_agent, start_process};
 use ember_common::identity::{Role, require_roles, valid_name};
+use ember_common::nfs::Mounted;
 use ember_proto::agent::v1::backup_agent_server::BackupAgentServer;
 use ember_proto::agent::v1::{AgentRole, RegisterRequest, Repository};
 use serde::Deserialize;
@@ -69,30 +70,21 @@ async fn main() {
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let file: BackupConfig = ember_common::config::load(args.agent.config.as_deref())?;
     let id = args.agent.resolve(file.agent.clone())?;
-    let mut repos = std::collections::BTreeMap::new();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let holder = format!("backup agent {} on host {}, process {}", id.name, host.trim(), std::process::id());
-    for r in &file.repositories {
-        if !valid_name(&r.name) {
-            return Err(format!("repository name {:?} is not valid", r.name).into());
+    // A refused start (a repository another agent holds, a bad setting) leaves no share mounted that it mounted.
+    let mut mounted_now = Vec::new();
+    let repos = match open_repositories(&file, &holder, &mut mounted_now).await {
+        Ok(repos) => repos,
+        Err(e) => {
+            for dir in &mounted_now {
+                if let Err(u) = ember_common::nfs::unmount(dir).await {
+                    tracing::warn!(dir = %dir.display(), "could not unmount after a refused start: {u}");
+                }
+            }
+            return Err(e);
         }
-        if let Some(share) = &r.nfs_share {
-            let options = r.nfs_mount_options.as_deref().unwrap_or(ember_common::nfs::DEFAULT_OPTIONS);
-            ember_common::nfs::ensure_mounted(share, &r.directory, options).await?;
-        }
-        let chunk_size = r.chunk_size.unwrap_or(repo::DEFAULT_CHUNK_SIZE);
-        if !chunk_size.is_power_of_two() || !(64 << 10..=64 << 20).contains(&chunk_size) {
-            return Err(
-                format!("repository {}: chunk_size must be a power of two from 64 KiB to 64 MiB", r.name).into()
-            );
-        }
-        if repos.contains_key(&r.name) {
-            return Err(format!("repository name {:?} appears twice", r.name).into());
-        }
-        let opened = repo::Repository::open(&r.directory, chunk_size, &holder)
-            .map_err(|e| format!("repository {} at {}: {e}", r.name, r.directory.display()))?;
-        repos.insert(r.name.clone(), std::sync::Arc::new(opened));
-    }
+    };
     let backups = std::sync::Arc::new(service::Backups {
         repos,
         tls: id.tls.clone(),
@@ -131,4 +123,38 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .collect(),
     })
     .await
+}
+
+/// Opens the configured repositories, mounting NFS shares first; the directories of the shares it mounted
+/// itself go into `mounted_now`, so that a failed start can unmount them.
+async fn open_repositories(
+    file: &BackupConfig,
+    holder: &str,
+    mounted_now: &mut Vec<PathBuf>,
+) -> Result<std::collections::BTreeMap<String, std::sync::Arc<repo::Repository>>, Box<dyn std::error::Error>> {
+    let mut repos = std::collections::BTreeMap::new();
+    for r in &file.repositories {
+        if !valid_name(&r.name) {
+            return Err(format!("repository name {:?} is not valid", r.name).into());
+        }
+        if let Some(share) = &r.nfs_share {
+            let options = r.nfs_mount_options.as_deref().unwrap_or(ember_common::nfs::DEFAULT_OPTIONS);
+            if ember_common::nfs::ensure_mounted(share, &r.directory, options).await? == Mounted::Now {
+                mounted_now.push(r.directory.clone());
+            }
+        }
+        let chunk_size = r.chunk_size.unwrap_or(repo::DEFAULT_CHUNK_SIZE);
+        if !chunk_size.is_power_of_two() || !(64 << 10..=64 << 20).contains(&chunk_size) {
+            return Err(
+                format!("repository {}: chunk_size must be a power of two from 64 KiB to 64 MiB", r.name).into()
+            );
+        }
+        if repos.contains_key(&r.name) {
+            return Err(format!("repository name {:?} appears twice", r.name).into());
+        }
+        let opened = repo::Repository::open(&r.directory, chunk_size, holder)
+            .map_err(|e| format!("repository {} at {}: {e}", r.name, r.directory.display()))?;
+        repos.insert(r.name.clone(), std::sync::Arc::new(opened));
+    }
+    Ok(repos)
 }

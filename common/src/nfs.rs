@@ -65,7 +65,18 @@ pub fn mounted_on(mounts: &str, dir: &str) -> Option<(String, String)> {
 }
 
 /// Mounts `share` on `dir` unless it is already mounted there.
-pub async fn ensure_mounted(share: &str, dir: &Path, options: &str) -> Result<(), MountError> {
+/// What [`ensure_mounted`] did: mounted the share now, or found it mounted already (by an earlier run, or by
+/// the operator). Only a mount made now is this process's to undo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mounted {
+    /// This call mounted it.
+    Now,
+    /// It was mounted before.
+    Already,
+}
+
+/// Mounts `share` on `dir` unless it is mounted there already.
+pub async fn ensure_mounted(share: &str, dir: &Path, options: &str) -> Result<Mounted, MountError> {
     if !valid_share(share) {
         return Err(MountError::Invalid(format!("NFS share {share:?} is not server:/path")));
     }
@@ -75,7 +86,7 @@ pub async fn ensure_mounted(share: &str, dir: &Path, options: &str) -> Result<()
     let dir_s = dir.to_string_lossy().into_owned();
     let table = std::fs::read_to_string("/proc/self/mounts")?;
     match mounted_on(&table, &dir_s) {
-        Some((source, fstype)) if source == share && fstype.starts_with("nfs") => return Ok(()),
+        Some((source, fstype)) if source == share && fstype.starts_with("nfs") => return Ok(Mounted::Already),
         Some((source, _)) if source != share && dir != Path::new("/") => {
             return Err(MountError::Occupied { dir: dir_s, mounted: source });
         }
@@ -84,6 +95,14 @@ pub async fn ensure_mounted(share: &str, dir: &Path, options: &str) -> Result<()
     std::fs::create_dir_all(dir)?;
     runner::run("mount", &mount_args(share, &dir_s, options), Duration::from_secs(120)).await?;
     tracing::info!(share, dir = %dir_s, options, "NFS share mounted");
+    Ok(Mounted::Now)
+}
+
+/// Unmounts what is mounted on `dir`; bounded, as a dead server can make `umount` wait.
+pub async fn unmount(dir: &Path) -> Result<(), MountError> {
+    let dir_s = dir.to_string_lossy();
+    runner::run("umount", &[&dir_s], Duration::from_secs(60)).await?;
+    tracing::info!(dir = %dir_s, "NFS share unmounted");
     Ok(())
 }
 

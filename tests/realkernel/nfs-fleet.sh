@@ -94,7 +94,7 @@ refuses_shared_repository() {
 }
 check "nfs: a second backup agent on the same share refuses it, naming the first" refuses_shared_repository
 check "nfs: ... which holds the lock file on the server" grep -q 'backup agent backup1 ' /srv/nfs/backups/lock
-umount /mnt/ember-backups2 2>/dev/null
+check "nfs: ... and the refused agent left the share it mounted unmounted" absent grep -q ' /mnt/ember-backups2 ' /proc/mounts
 
 vol=$(timed nfs.create ember --json volume create --size 1 --wait | json_field id)
 check "nfs: the volume file is on the server" test -f "/srv/nfs/volumes/volume-$vol"
