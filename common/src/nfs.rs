@@ -64,7 +64,6 @@ pub fn mounted_on(mounts: &str, dir: &str) -> Option<(String, String)> {
     })
 }
 
-/// Mounts `share` on `dir` unless it is already mounted there.
 /// What [`ensure_mounted`] did: mounted the share now, or found it mounted already (by an earlier run, or by
 /// the operator). Only a mount made now is this process's to undo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

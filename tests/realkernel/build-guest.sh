@@ -21,7 +21,10 @@ PACKAGES=(busybox-static kmod bash coreutils util-linux mount e2fsprogs lvm2 thi
 MODULES=(virtio_pci virtio_blk virtio_rng dm-mod dm-snapshot dm-thin-pool dm-zero dm-bufio scsi_mod sd_mod
          iscsi_tcp configfs target_core_mod target_core_iblock iscsi_target_mod loop ext4 nfsv3 nfsv4 nfsd)
 
-kver=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ { sub("linux-image-", "", $2); print $2; exit }')
+kernel_version() { # the kernel Debian's linux-image-amd64 depends on, per the package lists
+  apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ { sub("linux-image-", "", $2); print $2; exit }'
+}
+kver=$(kernel_version)
 [ -n "$kver" ] || { echo "cannot tell the kernel version from apt-cache" >&2; exit 1; }
 stamp="$kver $(cat "$HERE/build-guest.sh" "$HERE/init.sh" "$HERE/resolve.py" | sha256sum | cut -c1-16)"
 if [ -f "$OUT/stamp" ] && [ "$(cat "$OUT/stamp")" = "$stamp" ] && [ -f "$OUT/initramfs.cpio" ]; then
@@ -47,7 +50,7 @@ fetch() { # resolves the package set and downloads what is not here yet
 if ! fetch; then
   say "download failed; updating the package lists and trying again"
   apt-get update -qq
-  kver=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ { sub("linux-image-", "", $2); print $2; exit }')
+  kver=$(kernel_version)
   stamp="$kver ${stamp#* }"
   fetch
 fi
