@@ -88,6 +88,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let backups = std::sync::Arc::new(service::Backups {
         repos,
         tls: id.tls.clone(),
+        peer_timeout: id.peer_timeout,
         running: Default::default(),
         workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2),
         gc_grace: std::time::Duration::from_secs(file.gc_grace_seconds.unwrap_or(60)),

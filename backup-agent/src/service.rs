@@ -21,6 +21,8 @@ pub struct Backups {
     pub repos: BTreeMap<String, Arc<Repository>>,
     /// Our certificate, for calling storage agents.
     pub tls: TlsFiles,
+    /// How long a silent storage agent is given before its stream fails.
+    pub peer_timeout: Duration,
     /// The backups running now, by id: their repository's root and their start by its clock
     /// ([`Repository::clock`]); garbage collection there must not outrun them.
     pub running: Mutex<HashMap<String, (PathBuf, SystemTime)>>,
@@ -155,7 +157,10 @@ impl Backups {
         if !source.storage_endpoint.starts_with("https://") {
             return Err(Status::invalid_argument("source.storage_endpoint: must be an https:// URL"));
         }
-        let channel = self.tls.channel(&source.storage_endpoint).map_err(|e| Status::unavailable(e.to_string()))?;
+        let channel = self
+            .tls
+            .channel_with(&source.storage_endpoint, self.peer_timeout)
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(StorageAgentClient::new(channel).max_decoding_message_size(128 << 20))
     }
 

@@ -22,6 +22,9 @@ pub struct AgentSettings {
     pub coordinator: Option<String>,
     /// Availability zone; default `nova` as in Cinder.
     pub availability_zone: Option<String>,
+    /// Seconds a peer (the coordinator, another agent) may stay silent before its connection is given up
+    /// and the calls on it fail; default 20.
+    pub peer_timeout_seconds: Option<u64>,
     /// TLS material.
     pub tls: Option<TlsFiles>,
 }
@@ -47,6 +50,9 @@ pub struct AgentArgs {
     /// Availability zone.
     #[arg(long)]
     pub availability_zone: Option<String>,
+    /// Seconds a silent peer is given before its connection is dropped.
+    #[arg(long, env = "EMBER_PEER_TIMEOUT")]
+    pub peer_timeout: Option<u64>,
     /// Fleet CA certificate.
     #[arg(long)]
     pub ca: Option<PathBuf>,
@@ -74,6 +80,8 @@ pub struct AgentIdentity {
     pub coordinator: String,
     /// Availability zone.
     pub availability_zone: String,
+    /// How long a silent peer is given (see [`TlsFiles::channel_with`]).
+    pub peer_timeout: Duration,
     /// TLS material.
     pub tls: TlsFiles,
 }
@@ -100,6 +108,10 @@ impl AgentArgs {
                 .clone()
                 .or(file.availability_zone)
                 .unwrap_or_else(|| "nova".into()),
+            peer_timeout: self
+                .peer_timeout
+                .or(file.peer_timeout_seconds)
+                .map_or(crate::tls::PEER_TIMEOUT, Duration::from_secs),
             tls,
         })
     }
@@ -158,9 +170,10 @@ impl<F: Fn() -> RegisterRequest + Send + Sync + 'static> Reports<F> {
 pub async fn registration_loop(
     coordinator_url: &str,
     tls: &TlsFiles,
+    peer_timeout: Duration,
     report: impl Fn() -> RegisterRequest + Send + Sync + 'static,
 ) -> Result<(), TlsError> {
-    let mut client = RegistrationClient::new(tls.channel(coordinator_url)?);
+    let mut client = RegistrationClient::new(tls.channel_with(coordinator_url, peer_timeout)?);
     let mut backoff = Duration::from_millis(200);
     let mut reports = Reports::new(report, REPORT_PATIENCE);
     loop {
@@ -230,13 +243,14 @@ where
     let endpoint = id.advertise.clone().unwrap_or_else(|| url_for(addr));
     let instance_id = new_instance_id();
     tracing::info!(name = %id.name, %addr, %endpoint, %instance_id, "agent serving");
-    let (coordinator, tls) = (id.coordinator.clone(), id.tls.clone());
+    let (coordinator, tls, peer_timeout) = (id.coordinator.clone(), id.tls.clone(), id.peer_timeout);
     let registration = tokio::spawn(async move {
-        if let Err(e) = registration_loop(&coordinator, &tls, move || report(&endpoint, &instance_id)).await {
+        let report = move || report(&endpoint, &instance_id);
+        if let Err(e) = registration_loop(&coordinator, &tls, peer_timeout, report).await {
             tracing::error!("registration stopped: {e}");
         }
     });
-    let served = crate::server::serve(listener, &id.tls, services, health_names, shutdown).await;
+    let served = crate::server::serve(listener, &id.tls, services, health_names, shutdown, id.peer_timeout).await;
     registration.abort();
     served?;
     tracing::info!("agent stopped");

@@ -3,6 +3,7 @@
 
 use crate::tls::{TlsError, TlsFiles};
 use std::net::SocketAddr;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::service::{Routes, RoutesBuilder};
 use tonic::transport::Server;
@@ -57,13 +58,16 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 
 /// Adds reflection and health to `services` and serves them on `listener` with mTLS until `shutdown`
 /// resolves; in-flight calls finish first. `health_names` are the fully qualified service names reported
-/// SERVING.
+/// SERVING. A client that stays silent for `peer_timeout` (it answers neither the TLS handshake nor an HTTP/2
+/// ping) has its connection closed, which cancels its calls: a stream from a frozen peer does not hold a
+/// volume, or a request thread, forever.
 pub async fn serve(
     listener: TcpListener,
     tls: &TlsFiles,
     mut services: RoutesBuilder,
     health_names: &[&str],
     shutdown: impl std::future::Future<Output = ()>,
+    peer_timeout: Duration,
 ) -> Result<(), ServeError> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ember_proto::FILE_DESCRIPTOR_SET)
@@ -79,11 +83,14 @@ pub async fn serve(
     }
     services.add_service(reflection_v1).add_service(reflection_v1alpha).add_service(health_service);
     let routes: Routes = services.routes();
+    let (ping_every, ping_patience) = crate::tls::ping_schedule(peer_timeout);
     Server::builder()
+        .http2_keepalive_interval(Some(ping_every))
+        .http2_keepalive_timeout(Some(ping_patience))
         // Large HTTP/2 windows: volume data streams at hundreds of MB/s, which 64 KiB windows throttle.
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(32 << 20))
-        .tls_config(tls.server_config()?)?
+        .tls_config(tls.server_config()?.timeout(peer_timeout))?
         .add_routes(routes)
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await?;

@@ -2,6 +2,7 @@
 
 use serde::Deserialize;
 use std::path::PathBuf;
+use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity as TlsIdentity, ServerTlsConfig};
 
 /// Where a daemon's or client's TLS material lives.
@@ -50,15 +51,52 @@ impl TlsFiles {
             .identity(TlsIdentity::from_pem(read(&self.cert)?, read(&self.key)?)))
     }
 
-    /// A lazily connecting channel to `url` (e.g. `https://127.0.0.1:7000`). Reuse it: a new TLS connection
-    /// costs about a millisecond.
+    /// A lazily connecting channel to `url` (e.g. `https://127.0.0.1:7000`) that gives up on a silent peer
+    /// after [`PEER_TIMEOUT`]. Reuse it: a new TLS connection costs about a millisecond.
     pub fn channel(&self, url: &str) -> Result<Channel, TlsError> {
+        self.channel_with(url, PEER_TIMEOUT)
+    }
+
+    /// [`TlsFiles::channel`] giving up on a silent peer after `peer_timeout`: a connection whose peer answers
+    /// neither the TLS handshake nor an HTTP/2 ping within it is closed, and every call on it fails with
+    /// `UNAVAILABLE`. Without this, a peer that stopped without closing its sockets (a frozen process, a
+    /// host gone from the network) would hold each call to it, and the operation behind the call, forever.
+    /// Long calls are not limited: a peer that answers pings may take hours over a copy.
+    pub fn channel_with(&self, url: &str, peer_timeout: Duration) -> Result<Channel, TlsError> {
+        let (ping_every, ping_patience) = ping_schedule(peer_timeout);
         let endpoint = Endpoint::from_shared(url.to_string())?
-            .tls_config(self.client_config()?)?
-            .connect_timeout(std::time::Duration::from_secs(5))
+            .tls_config(self.client_config()?.timeout(peer_timeout))?
+            .connect_timeout(peer_timeout.min(Duration::from_secs(5)))
+            .http2_keep_alive_interval(ping_every)
+            .keep_alive_timeout(ping_patience)
+            .keep_alive_while_idle(true)
             .initial_stream_window_size(Some(16 << 20))
             .initial_connection_window_size(Some(32 << 20))
             .tcp_nodelay(true);
         Ok(endpoint.connect_lazy())
+    }
+}
+
+/// How long a peer may stay silent before its connection is given up, unless configured otherwise
+/// (`peer_timeout_seconds`).
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// When to ping a peer and how long to wait for its answer, so that a silent peer is noticed within
+/// `peer_timeout`: half of it between pings, half waiting (at least 100 ms each).
+pub fn ping_schedule(peer_timeout: Duration) -> (Duration, Duration) {
+    let half = (peer_timeout / 2).max(Duration::from_millis(100));
+    (half, half)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_silent_peer_is_noticed_within_the_timeout() {
+        let (every, patience) = ping_schedule(Duration::from_secs(20));
+        assert_eq!((every, patience), (Duration::from_secs(10), Duration::from_secs(10)));
+        let (every, patience) = ping_schedule(Duration::ZERO);
+        assert_eq!((every, patience), (Duration::from_millis(100), Duration::from_millis(100)));
     }
 }

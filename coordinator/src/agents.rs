@@ -9,19 +9,22 @@ use ember_proto::agent::v1::storage_agent_client::StorageAgentClient;
 use sqlx::SqlitePool;
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Duration;
 use tonic::transport::Channel;
 
 /// The coordinator's clients to agents.
 pub struct Agents {
     tls: TlsFiles,
+    /// How long a silent agent is given before the calls to it fail.
+    peer_timeout: Duration,
     channels: Mutex<HashMap<String, Channel>>,
     db: SqlitePool,
 }
 
 impl Agents {
     /// Clients authenticated with the coordinator's certificate.
-    pub fn new(tls: TlsFiles, db: SqlitePool) -> Self {
-        Agents { tls, channels: Mutex::new(HashMap::new()), db }
+    pub fn new(tls: TlsFiles, db: SqlitePool, peer_timeout: Duration) -> Self {
+        Agents { tls, peer_timeout, channels: Mutex::new(HashMap::new()), db }
     }
 
     fn channel(&self, endpoint: &str) -> Result<Channel> {
@@ -31,7 +34,7 @@ impl Agents {
         }
         let c = self
             .tls
-            .channel(endpoint)
+            .channel_with(endpoint, self.peer_timeout)
             .map_err(|e| Error::FailedPrecondition(format!("agent endpoint {endpoint}: {e}")))?;
         channels.insert(endpoint.to_string(), c.clone());
         Ok(c)

@@ -25,6 +25,10 @@ pub struct CoordinatorConfig {
     pub capacity_weight_multiplier: f64,
     /// Seconds between reconciler passes (resuming operations, sweeping orphans).
     pub reconcile_interval_seconds: u32,
+    /// Seconds an agent may stay silent (answering neither a TLS handshake nor an HTTP/2 ping) before its
+    /// connection is given up and the calls on it fail, so a frozen agent or a vanished host cannot hold an
+    /// operation forever. Calls that run long on an agent that answers are not limited.
+    pub peer_timeout_seconds: u32,
     /// Default quota limits per project; -1 is unlimited. Missing resources use the built-in defaults.
     pub default_quotas: BTreeMap<String, i64>,
 }
@@ -40,6 +44,7 @@ impl Default for CoordinatorConfig {
             max_attempts: 3,
             capacity_weight_multiplier: 1.0,
             reconcile_interval_seconds: 10,
+            peer_timeout_seconds: 20,
             default_quotas: BTreeMap::new(),
         }
     }

@@ -80,6 +80,9 @@ struct Args {
     /// Seconds between reconciler passes.
     #[arg(long)]
     reconcile_interval: Option<u32>,
+    /// Seconds a silent agent is given before its connection is dropped and the calls on it fail.
+    #[arg(long, env = "EMBER_PEER_TIMEOUT")]
+    peer_timeout: Option<u32>,
     /// Log one JSON object per line instead of text.
     #[arg(long)]
     log_json: bool,
@@ -101,6 +104,9 @@ fn settings(args: &Args) -> Result<CoordinatorConfig, Box<dyn std::error::Error>
     }
     if let Some(r) = args.reconcile_interval {
         cfg.reconcile_interval_seconds = r.max(1);
+    }
+    if let Some(p) = args.peer_timeout {
+        cfg.peer_timeout_seconds = p;
     }
     let tls = cfg.tls.take();
     cfg.tls = match (&args.ca, &args.cert, &args.key, tls) {
@@ -133,11 +139,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let cfg = settings(&args)?;
     let tls = cfg.tls.clone().ok_or("tls (--ca, --cert, --key or [tls] in the config) is required")?;
     let db = db::open(&cfg.database).await?;
+    let peer_timeout = std::time::Duration::from_secs(cfg.peer_timeout_seconds.into());
     tracing::info!(database = %cfg.database.display(), "database open and migrated");
 
     let ctx = std::sync::Arc::new(context::Ctx {
         db: db.clone(),
-        agents: agents::Agents::new(tls.clone(), db.clone()),
+        agents: agents::Agents::new(tls.clone(), db.clone(), peer_timeout),
         quota: quota::QuotaEngine::new(&cfg.default_quotas),
         schedule_lock: tokio::sync::Mutex::new(()),
         max_attempts: cfg.max_attempts.max(1),
@@ -186,6 +193,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         routes,
         &["ember.v1.VolumeService", "ember.v1.FleetService", "ember.agent.v1.Registration"],
         shutdown,
+        peer_timeout,
     )
     .await?;
     reconciler.abort();

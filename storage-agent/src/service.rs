@@ -182,6 +182,7 @@ impl Storage {
                 source: std::io::Error::other("failpoint"),
             });
         }
+        freeze_once_if_armed("storage.freeze_in_create_volume");
         let backend = self.backend(&req.backend)?;
         if req.size_gb == 0 {
             return Err(AgentError::InvalidArgument { field: "size_gb", message: "must be at least 1".into() });
@@ -221,6 +222,17 @@ fn only_coordinator<T>(req: &Request<T>) -> Result<(), Status> {
 /// Fault injection for tests: `EMBER_FAILPOINTS=storage.create_volume` makes every create fail.
 fn failpoint_armed(name: &str) -> bool {
     std::env::var("EMBER_FAILPOINTS").map(|v| v.split(',').any(|p| p.trim() == name)).unwrap_or(false)
+}
+
+/// Fault injection for tests: `EMBER_FAILPOINTS=storage.freeze_in_create_volume` stops the whole process
+/// (SIGSTOP) in the middle of its first create, as a hung host would: its sockets stay open and nothing
+/// answers. It goes on where it stopped when sent SIGCONT.
+fn freeze_once_if_armed(name: &str) {
+    static FROZEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if failpoint_armed(name) && !FROZEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        tracing::warn!(failpoint = name, "failpoint hit: freezing");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+    }
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<VolumeChunk, Status>> + Send>>;

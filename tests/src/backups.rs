@@ -38,6 +38,13 @@ pub async fn restore_new(
     wait_settled(volumes, &r.volume_id).await
 }
 
+/// Waits until the backup agent's log says a pause failpoint (`backup.pause_stage_chunk`) holds it (`what`
+/// names the moment).
+pub async fn wait_paused(agent: &Daemon, what: &str) {
+    wait_for(what, Duration::from_secs(60), || async { agent.log_text().contains("failpoint pause").then_some(()) })
+        .await;
+}
+
 /// sha256 of a whole file, with the system tool (fast, and not ours).
 pub fn sha256(path: &Path) -> String {
     let out = std::process::Command::new("sha256sum").arg(path).output().unwrap();

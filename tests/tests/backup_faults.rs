@@ -1,7 +1,7 @@
 //! Backups under faults: the backup agent killed mid-backup, garbage collection racing a running backup, and
 //! an in-use volume backed up through a temporary snapshot.
 
-use ember_fleet_tests::backups::{OneSite, fill, repository_toml, wait_down};
+use ember_fleet_tests::backups::{OneSite, fill, repository_toml, wait_down, wait_paused};
 use ember_fleet_tests::libvirt::{Domain, attach_request};
 use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_volume};
 use ember_fleet_tests::{iscsi, wait_for};
@@ -23,12 +23,6 @@ async fn wait_backup(client: &BackupServiceClient<tonic::transport::Channel>, id
         }
     })
     .await
-}
-
-/// Waits until the backup agent's log says a pause failpoint holds it (`what` names the moment).
-async fn wait_paused(agent: &ember_fleet_tests::Daemon, what: &str) {
-    wait_for(what, Duration::from_secs(60), || async { agent.log_text().contains("failpoint pause").then_some(()) })
-        .await;
 }
 
 /// Asks for a full backup of `volume_id` and returns it as accepted (`creating`).
