@@ -10,7 +10,7 @@ mod verify;
 use clap::Parser;
 use ember_common::agent::{AgentArgs, AgentSettings, filesystem_space, serve_agent, start_process};
 use ember_common::identity::{Role, require_roles, valid_name};
-use ember_common::nfs::Mounted;
+use ember_common::nfs::StartMounts;
 use ember_proto::agent::v1::backup_agent_server::BackupAgentServer;
 use ember_proto::agent::v1::{AgentRole, RegisterRequest, Repository};
 use serde::Deserialize;
@@ -73,15 +73,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let holder = format!("backup agent {} on host {}, process {}", id.name, host.trim(), std::process::id());
     // A refused start (a repository another agent holds, a bad setting) leaves no share mounted that it mounted.
-    let mut mounted_now = Vec::new();
-    let repos = match open_repositories(&file, &holder, &mut mounted_now).await {
+    let mut mounts = StartMounts::default();
+    let repos = match open_repositories(&file, &holder, &mut mounts).await {
         Ok(repos) => repos,
         Err(e) => {
-            for dir in &mounted_now {
-                if let Err(u) = ember_common::nfs::unmount(dir).await {
-                    tracing::warn!(dir = %dir.display(), "could not unmount after a refused start: {u}");
-                }
-            }
+            mounts.undo().await;
             return Err(e);
         }
     };
@@ -131,7 +127,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 async fn open_repositories(
     file: &BackupConfig,
     holder: &str,
-    mounted_now: &mut Vec<PathBuf>,
+    mounts: &mut StartMounts,
 ) -> Result<std::collections::BTreeMap<String, std::sync::Arc<repo::Repository>>, Box<dyn std::error::Error>> {
     let mut repos = std::collections::BTreeMap::new();
     for r in &file.repositories {
@@ -140,9 +136,7 @@ async fn open_repositories(
         }
         if let Some(share) = &r.nfs_share {
             let options = r.nfs_mount_options.as_deref().unwrap_or(ember_common::nfs::DEFAULT_OPTIONS);
-            if ember_common::nfs::ensure_mounted(share, &r.directory, options).await? == Mounted::Now {
-                mounted_now.push(r.directory.clone());
-            }
+            mounts.ensure(share, &r.directory, options).await?;
         }
         let chunk_size = r.chunk_size.unwrap_or(repo::DEFAULT_CHUNK_SIZE);
         if !chunk_size.is_power_of_two() || !(64 << 10..=64 << 20).contains(&chunk_size) {

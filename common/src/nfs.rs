@@ -3,7 +3,7 @@
 //! options come from the operator's config, are checked, and are passed as separate arguments.
 
 use crate::runner::{self, CommandError};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Options used when the config names none: NFS 4.2 (sparse files, SEEK_DATA, fallocate and punch-hole need
@@ -95,6 +95,32 @@ pub async fn ensure_mounted(share: &str, dir: &Path, options: &str) -> Result<Mo
     runner::run("mount", &mount_args(share, &dir_s, options), Duration::from_secs(120)).await?;
     tracing::info!(share, dir = %dir_s, options, "NFS share mounted");
     Ok(Mounted::Now)
+}
+
+/// The NFS shares an agent mounted itself while starting. A start that is refused after mounting (a backend
+/// or repository that will not open, a setting found wrong later) calls [`StartMounts::undo`], so it leaves
+/// no mount behind; shares that were mounted before it started stay mounted.
+#[derive(Debug, Default)]
+pub struct StartMounts(Vec<PathBuf>);
+
+impl StartMounts {
+    /// [`ensure_mounted`], remembering a mount made now.
+    pub async fn ensure(&mut self, share: &str, dir: &Path, options: &str) -> Result<(), MountError> {
+        if ensure_mounted(share, dir, options).await? == Mounted::Now {
+            self.0.push(dir.to_path_buf());
+        }
+        Ok(())
+    }
+
+    /// Unmounts the shares mounted by [`StartMounts::ensure`], newest first; a failure is logged, not returned,
+    /// as the refusal that led here is the error to report.
+    pub async fn undo(self) {
+        for dir in self.0.iter().rev() {
+            if let Err(e) = unmount(dir).await {
+                tracing::warn!(dir = %dir.display(), "could not unmount after a refused start: {e}");
+            }
+        }
+    }
 }
 
 /// Unmounts what is mounted on `dir`; bounded, as a dead server can make `umount` wait.

@@ -20,6 +20,7 @@ mod thin_map;
 use clap::Parser;
 use ember_common::agent::{AgentArgs, serve_agent, start_process};
 use ember_common::identity::{Role, require_roles};
+use ember_common::nfs::StartMounts;
 use ember_proto::agent::v1::storage_agent_server::StorageAgentServer;
 use ember_proto::agent::v1::{AgentRole, Backend, RegisterRequest};
 use service::{Storage, StorageService};
@@ -53,14 +54,15 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let id = args.agent.resolve(file.agent.clone())?;
     let state_dir = file.state_dir.clone().unwrap_or_else(|| "/var/lib/ember/storage-agent".into());
     let exports = exports::ExportStore::load(&state_dir)?; // creates the state directory
-    let mut backends = std::collections::BTreeMap::new();
-    for b in file.checked_backends()? {
-        if let Some(share) = &b.nfs_share {
-            let options = b.nfs_mount_options.as_deref().unwrap_or(ember_common::nfs::DEFAULT_OPTIONS);
-            ember_common::nfs::ensure_mounted(share, &b.directory, options).await?;
+    // A refused start (a backend that will not open) leaves no share mounted that it mounted.
+    let mut mounts = StartMounts::default();
+    let backends = match open_backends(&file, &state_dir, &mut mounts).await {
+        Ok(backends) => backends,
+        Err(e) => {
+            mounts.undo().await;
+            return Err(e);
         }
-        backends.insert(b.name.clone(), backend::Backend::open(b, &state_dir).await?);
-    }
+    };
     let storage = Arc::new(Storage {
         backends,
         tgt: tgt::Tgt { control_port: file.tgt.control_port },
@@ -111,4 +113,23 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     keeper.abort();
     let _ = keeper.await;
     served
+}
+
+/// Opens the configured backends, mounting the NFS shares of those that live on one.
+async fn open_backends(
+    file: &config::StorageConfig,
+    state_dir: &std::path::Path,
+    mounts: &mut StartMounts,
+) -> Result<std::collections::BTreeMap<String, backend::Backend>, Box<dyn std::error::Error>> {
+    let mut backends = std::collections::BTreeMap::new();
+    for b in file.checked_backends()? {
+        if let Some(share) = &b.nfs_share {
+            let options = b.nfs_mount_options.as_deref().unwrap_or(ember_common::nfs::DEFAULT_OPTIONS);
+            mounts.ensure(share, &b.directory, options).await?;
+        }
+        let name = b.name.clone();
+        let opened = backend::Backend::open(b, state_dir).await.map_err(|e| format!("backend {name}: {e}"))?;
+        backends.insert(name, opened);
+    }
+    Ok(backends)
 }

@@ -96,6 +96,22 @@ check "nfs: a second backup agent on the same share refuses it, naming the first
 check "nfs: ... which holds the lock file on the server" grep -q 'backup agent backup1 ' /srv/nfs/backups/lock
 check "nfs: ... and the refused agent left the share it mounted unmounted" absent grep -q ' /mnt/ember-backups2 ' /proc/mounts
 
+# A storage agent whose start is refused after it mounted its share (a later backend's volume group is not
+# there) unmounts it again. It never gets as far as TLS, so it borrows storage2's settings.
+{
+  sed -e 's/:7011"/:7015"/' -e 's#/mnt/ember-volumes"#/mnt/ember-volumes3"#' -e "s#$W/state\"#$W/state3\"#" \
+    "$W/storage.toml"
+  printf '[[backends]]\nname = "lvm9"\ndriver = "lvm"\nvolume_group = "ember-no-such-vg"\n'
+} >"$W/storage3.toml"
+mkdir -p /mnt/ember-volumes3
+refuses_missing_volume_group() {
+  ! timeout 60 ember-storage-agent --config "$W/storage3.toml" >/dev/null 2>"$W/logs/nfs-storage3.log" &&
+    grep -q 'ember-storage-agent: backend lvm9: ' "$W/logs/nfs-storage3.log"
+}
+check "nfs: a storage agent whose second backend will not open refuses to start, naming it" refuses_missing_volume_group
+check "nfs: ... after it had mounted its first backend's share" grep -q 'NFS share mounted.*/mnt/ember-volumes3' "$W/logs/nfs-storage3.log"
+check "nfs: ... which it unmounted again" absent grep -q ' /mnt/ember-volumes3 ' /proc/mounts
+
 vol=$(timed nfs.create ember --json volume create --size 1 --wait | json_field id)
 check "nfs: the volume file is on the server" test -f "/srv/nfs/volumes/volume-$vol"
 check "nfs: ... and sparse (a 1 GiB thin volume allocates almost nothing)" test "$(du -k "/srv/nfs/volumes/volume-$vol" | cut -f1)" -lt 1024

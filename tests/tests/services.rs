@@ -160,3 +160,17 @@ async fn json_logs_and_a_config_file_with_flag_overrides() {
     assert!(lines.iter().any(|l| l["fields"]["message"] == "coordinator serving"), "{text}");
     assert!(lines.iter().all(|l| l["level"].is_string() && l["timestamp"].is_string()), "{text}");
 }
+
+#[tokio::test]
+async fn a_storage_agent_whose_backend_will_not_open_refuses_to_start_naming_it() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (good, _) = fleet.file_backend("file1", "");
+    // The settings are valid; the volume group is not there (nor, on this host, LVM itself).
+    let bad = "[[backends]]\nname = \"lvm1\"\ndriver = \"lvm\"\nvolume_group = \"ember-no-such-vg\"\n";
+    let (status, log) =
+        fleet.agent_refusing_to_start("storage", "storage1", &format!("{good}{bad}"), Duration::from_secs(30));
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("ember-storage-agent: backend lvm1: "), "{log}");
+    assert!(find(&services(&fleet).await, "storage1").is_none(), "the refused agent never registered");
+}
