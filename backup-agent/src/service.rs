@@ -404,8 +404,10 @@ impl Backups {
 }
 
 /// Test-only fault injection. `EMBER_FAILPOINTS=backup.stage_chunk` aborts the agent (like SIGKILL) when it
-/// is about to stage its second new chunk (`backup.restore_chunk`: when a restore reads its second chunk); `backup.pause_stage_chunk` holds the first backup there for five
-/// seconds instead (logging "failpoint pause"), so a test can act while a backup is running.
+/// is about to stage its second new chunk (`backup.restore_chunk`: when a restore reads its second chunk);
+/// `backup.pause_stage_chunk` holds the first backup there instead (logging "failpoint pause"), so a test can
+/// act while a backup is running: for five seconds, or, with `EMBER_FAILPOINT_RELEASE=<path>`, until that file
+/// exists (at most two minutes).
 fn failpoint(name: &str) {
     static SEEN: Mutex<Option<HashMap<String, u32>>> = Mutex::new(None);
     let armed = std::env::var("EMBER_FAILPOINTS").unwrap_or_default();
@@ -426,7 +428,15 @@ fn failpoint(name: &str) {
     let pause = format!("backup.pause_{}", name.trim_start_matches("backup."));
     if armed.contains(&pause.as_str()) && n == 0 {
         tracing::warn!(failpoint = %pause, "failpoint pause");
-        std::thread::sleep(Duration::from_secs(5));
+        match std::env::var_os("EMBER_FAILPOINT_RELEASE").map(PathBuf::from) {
+            Some(release) => {
+                let deadline = std::time::Instant::now() + Duration::from_secs(120);
+                while !release.exists() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            None => std::thread::sleep(Duration::from_secs(5)),
+        }
     }
 }
 

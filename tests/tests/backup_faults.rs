@@ -3,7 +3,7 @@
 
 use ember_fleet_tests::backups::{OneSite, fill, repository_toml, wait_down, wait_paused};
 use ember_fleet_tests::libvirt::{Domain, attach_request};
-use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_volume};
+use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_gone, wait_volume};
 use ember_fleet_tests::{iscsi, wait_for};
 use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
 use ember_proto::v1::backup_service_client::BackupServiceClient;
@@ -178,14 +178,21 @@ async fn garbage_collection_during_a_running_backup_loses_nothing() {
 
 #[tokio::test]
 async fn an_in_use_volume_needs_force_and_is_read_through_a_temporary_snapshot() {
-    let OneSite { fleet, backend: _, dir, repo: _, storage: _storage, backup1: _backup } = OneSite::start().await;
+    let hold = tempfile::tempdir().unwrap();
+    let release = hold.path().join("release");
+    let OneSite { fleet, backend: _, dir, repo: _, storage: _storage, backup1: backup_agent } = OneSite::start_with(&[
+        ("EMBER_FAILPOINTS", "backup.pause_stage_chunk"),
+        ("EMBER_FAILPOINT_RELEASE", release.to_str().unwrap()),
+    ])
+    .await;
     let _compute = fleet.start_agent("compute", "compute1", "");
     wait_backend(&fleet, "compute1").await;
     let vm1 = Domain::boot("ember-backup").await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let v = new_volume(&volumes, 1).await;
     fill(&dir.join(format!("volume-{}", v.id)), 0, 8, 2 << 20);
-    AttachmentServiceClient::new(fleet.admin()).attach(attach_request(&v.id, &vm1.name)).await.unwrap();
+    let attachments = AttachmentServiceClient::new(fleet.admin());
+    let a = attachments.clone().attach(attach_request(&v.id, &vm1.name)).await.unwrap().into_inner();
     wait_volume(&volumes, &v.id, "in-use").await;
     let backups = BackupServiceClient::new(fleet.admin());
     let err = backups
@@ -201,18 +208,31 @@ async fn an_in_use_volume_needs_force_and_is_read_through_a_temporary_snapshot()
         .await
         .unwrap()
         .into_inner();
+    wait_paused(&backup_agent, "the forced backup to be mid-way").await;
+    let snapshots = || -> Vec<String> {
+        let names = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().to_string());
+        names.filter(|n| n.starts_with("snapshot-")).collect()
+    };
+    assert_eq!(snapshots().len(), 1, "the backup reads a temporary snapshot");
+    let now = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(now.status, "in-use", "the volume stays attached while it is backed up");
+
+    // Detached mid-way, the volume is not the backup's to lose: it cannot be deleted until the backup ends.
+    attachments.clone().detach(DetachRequest { attachment_id: a.id.clone() }).await.unwrap();
+    wait_volume(&volumes, &v.id, "available").await;
+    let err = volumes.clone().delete_volume(DeleteVolumeRequest { id: v.id.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains(&format!("being backed up (backup {})", b.id)), "{}", err.message());
+    let now = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(now.status, "available", "the refused delete changed nothing");
+
+    std::fs::write(&release, b"").unwrap();
     let b = wait_backup(&backups, &b.id).await;
     assert_eq!(b.status, "available", "{b:?}");
     assert_eq!(b.stored_bytes, (2 << 20) + 16, "two raw 1 MiB chunks of random data");
-    let left: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| n.starts_with("snapshot-"))
-        .collect();
-    assert!(left.is_empty(), "the temporary snapshot was removed: {left:?}");
-    let v = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
-    assert_eq!(v.status, "in-use", "the volume stayed attached throughout");
+    assert!(snapshots().is_empty(), "the temporary snapshot was removed: {:?}", snapshots());
+    volumes.clone().delete_volume(DeleteVolumeRequest { id: v.id.clone() }).await.unwrap();
+    wait_gone(&volumes, &v.id).await;
 }
 
 /// The coordinator dies as it hands a backup to the agent, and again mid-way through a restore into a new

@@ -338,6 +338,18 @@ impl Volumes {
         if attachments > 0 {
             return Err(Error::FailedPrecondition(format!("volume {id} is attached; detach it first")));
         }
+        // A forced backup of an in-use volume reads a temporary snapshot of it and leaves the volume in-use, so
+        // a detach does not wait for it; the delete does, as the snapshot lives and dies with its volume.
+        let backing_up: Option<String> =
+            sqlx::query_scalar("SELECT id FROM backups WHERE volume_id = ? AND status = 'creating' LIMIT 1")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some(backup) = backing_up {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is being backed up (backup {backup}); delete it when the backup ends"
+            )));
+        }
         if !store::transition(&mut tx, id, &["available", "error", "error_extending", "error_deleting"], "deleting", "")
             .await?
         {
