@@ -35,11 +35,13 @@ pub struct Backups {
     pub progress: Mutex<HashMap<String, Progress>>,
 }
 
-/// How far a backup or a restore has come: bytes of the volume done (by offset) out of its size.
+/// How far a backup or a restore has come: bytes of the volume done (by offset) out of its size, and bytes of
+/// data moved.
 #[derive(Clone)]
 pub struct Progress {
     done: Arc<AtomicU64>,
     total: u64,
+    data: Arc<AtomicU64>,
 }
 
 /// Deregisters a running backup when dropped.
@@ -142,11 +144,13 @@ fn now_rfc3339() -> String {
 }
 
 impl Backups {
-    /// Reports the progress of backup `id`'s backup or restore over `total` bytes until the guard drops.
-    fn track(&self, id: &str, total: u64) -> (Tracked<'_>, Arc<AtomicU64>) {
-        let done = Arc::new(AtomicU64::new(0));
-        self.progress.lock().expect("progress").insert(id.to_string(), Progress { done: done.clone(), total });
-        (Tracked(self, id.to_string()), done)
+    /// Reports the progress of backup `id`'s backup or restore over `total` bytes until the guard drops:
+    /// through the counters returned, of the volume's bytes done (by offset) and of data bytes moved.
+    fn track(&self, id: &str, total: u64) -> (Tracked<'_>, Arc<AtomicU64>, Arc<AtomicU64>) {
+        let (done, data) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let progress = Progress { done: done.clone(), total, data: data.clone() };
+        self.progress.lock().expect("progress").insert(id.to_string(), progress);
+        (Tracked(self, id.to_string()), done, data)
     }
 
     pub(crate) fn repo(&self, name: &str) -> Result<Arc<Repository>, Status> {
@@ -207,7 +211,7 @@ impl Backups {
             .into_inner();
         let header = stream.message().await?.ok_or_else(|| Status::data_loss("storage agent sent no data"))?;
         let volume_size = header.volume_size;
-        let (_tracked, done) = self.track(&req.backup_id, volume_size);
+        let (_tracked, done, moved) = self.track(&req.backup_id, volume_size);
 
         let mut index = Index { chunk_size: repo.chunk_size, volume_size, entries: BTreeMap::new() };
         let mut logical = 0u64;
@@ -223,6 +227,7 @@ impl Backups {
                 index.entries.insert(msg.offset / u64::from(repo.chunk_size), digest);
                 logical += u64::from(msg.length);
                 done.store(msg.offset + u64::from(msg.length), Ordering::Relaxed);
+                moved.store(logical, Ordering::Relaxed);
                 if sizes.insert(digest, 0).is_some() {
                     continue; // already counted in this backup
                 }
@@ -332,7 +337,7 @@ impl Backups {
             ..Default::default()
         };
         let blank = req.target_is_blank;
-        let (_tracked, done) = self.track(&req.backup_id, manifest.volume_size);
+        let (_tracked, done, moved) = self.track(&req.backup_id, manifest.volume_size);
         let workers = self.workers;
         let producer = tokio::spawn(async move {
             if tx.send(first).await.is_err() {
@@ -361,6 +366,7 @@ impl Backups {
                 done.store((pos * cs).min(manifest.volume_size), Ordering::Relaxed);
                 match data {
                     Some(plain) => {
+                        moved.fetch_add(plain.len() as u64, Ordering::Relaxed);
                         if let Some((off, len)) = zero_run.take() {
                             let _ = tx.send(VolumeChunk { offset: off, zero_length: len, ..Default::default() }).await;
                         }
@@ -625,9 +631,12 @@ impl BackupAgent for BackupService {
         let id = &req.get_ref().backup_id;
         let p = self.0.progress.lock().expect("progress").get(id).cloned();
         Ok(Response::new(match p {
-            Some(p) => {
-                GetProgressResponse { bytes_done: p.done.load(Ordering::Relaxed), bytes_total: p.total, running: true }
-            }
+            Some(p) => GetProgressResponse {
+                bytes_done: p.done.load(Ordering::Relaxed),
+                bytes_total: p.total,
+                running: true,
+                data_bytes: p.data.load(Ordering::Relaxed),
+            },
             None => GetProgressResponse::default(),
         }))
     }

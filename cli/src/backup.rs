@@ -153,7 +153,8 @@ fn to_json(b: &Backup) -> serde_json::Value {
     serde_json::json!({
         "id": b.id, "volume_id": b.volume_id, "name": b.name, "status": b.status, "status_reason": b.status_reason,
         "size_gb": b.size_gb, "incremental": b.incremental, "parent_id": b.parent_id, "stored_bytes": b.stored_bytes,
-        "new_bytes": b.new_bytes, "dedup_ratio": b.dedup_ratio, "progress": b.progress_percent, "host": b.host,
+        "new_bytes": b.new_bytes, "dedup_ratio": b.dedup_ratio, "progress": b.progress_percent,
+        "progress_data_bytes": b.progress_data_bytes, "host": b.host,
         "created_at": output::time(&b.created_at), "snapshot_id": b.snapshot_id,
         "data_timestamp": output::time(&b.data_timestamp), "description": b.description,
         "availability_zone": b.availability_zone,
@@ -192,9 +193,11 @@ fn print(list: &[Backup], json: bool) {
 /// How often `--wait` looks at a running backup or restore.
 const POLL: Duration = Duration::from_millis(50);
 
-/// One line of progress: `<id> <status> [=====>    ]  42%   1.3s   331 MB/s` (MB/s of the volume's size done).
-/// A delete moves no data, so it gets the status and the time alone, as `ember volume delete --wait` shows.
-pub fn progress_line(id: &str, status: &str, percent: u32, size_gb: u64, elapsed: Duration) -> String {
+/// One line of progress: `<id> <status> [=====>    ]  42%   1.3s   331 MB/s`. The bar and the percentage are of
+/// the volume passed, holes included; the rate is of `data_bytes`, the data moved: a sparse terabyte passed in
+/// seconds is not a transfer of hundreds of GB/s. A delete moves no data, so it gets the status and the time
+/// alone, as `ember volume delete --wait` shows.
+pub fn progress_line(id: &str, status: &str, percent: u32, data_bytes: u64, elapsed: Duration) -> String {
     const WIDTH: usize = 30;
     let secs = elapsed.as_secs_f64();
     if status == "deleting" {
@@ -209,8 +212,7 @@ pub fn progress_line(id: &str, status: &str, percent: u32, size_gb: u64, elapsed
             std::cmp::Ordering::Greater => ' ',
         })
         .collect();
-    let done_mb = (size_gb << 30) as f64 * f64::from(percent) / 100.0 / 1e6;
-    let rate = if secs > 0.0 { done_mb / secs } else { 0.0 };
+    let rate = if secs > 0.0 { data_bytes as f64 / 1e6 / secs } else { 0.0 };
     format!("{id} {status:<10} [{bar}] {percent:>3}% {secs:>6.1}s {rate:>7.0} MB/s")
 }
 
@@ -226,7 +228,7 @@ async fn wait(client: &mut BackupServiceClient<Channel>, id: &str) -> Result<Opt
         match client.get_backup(GetBackupRequest { id: id.into() }).await {
             Ok(b) => {
                 let b = b.into_inner();
-                draw(&progress_line(&b.id, &b.status, b.progress_percent, b.size_gb, started.elapsed()));
+                draw(&progress_line(&b.id, &b.status, b.progress_percent, b.progress_data_bytes, started.elapsed()));
                 if !matches!(b.status.as_str(), "creating" | "deleting" | "restoring") {
                     eprintln!();
                     return Ok(Some(b));
@@ -253,18 +255,19 @@ async fn wait_restore(
     let started = Instant::now();
     let mut watch = volumes.watch_volume(GetVolumeRequest { id: volume_id.into() }).await?.into_inner();
     let mut ticker = tokio::time::interval(POLL);
+    // The volume's status; the restore's percentage and data written, from its backup.
     let mut last = (String::new(), 0u32, 0u64);
     loop {
         tokio::select! {
             update = watch.message() => match update? {
-                Some(v) => last = (v.status, last.1, v.size_gb),
+                Some(v) => last.0 = v.status,
                 None => break, // a final state, or gone
             },
             _ = ticker.tick() => {
                 if let Ok(b) = backups.get_backup(GetBackupRequest { id: backup_id.into() }).await {
                     let b = b.into_inner();
                     if b.status == "restoring" {
-                        last.1 = b.progress_percent;
+                        (last.1, last.2) = (b.progress_percent, b.progress_data_bytes);
                     }
                 }
             }
@@ -279,8 +282,14 @@ async fn wait_restore(
         }
         Err(s) => return Err(s.into()),
     };
-    let percent = if v.status == "available" { 100 } else { last.1 };
-    draw(&progress_line(volume_id, &v.status, percent, v.size_gb, started.elapsed()));
+    // Done, the restore wrote all of the backup's data (which its backup now shows again).
+    let (percent, written) = if v.status == "available" {
+        let b = backups.get_backup(GetBackupRequest { id: backup_id.into() }).await.map(|b| b.into_inner());
+        (100, b.map_or(last.2, |b| b.progress_data_bytes))
+    } else {
+        (last.1, last.2)
+    };
+    draw(&progress_line(volume_id, &v.status, percent, written, started.elapsed()));
     eprintln!();
     Ok(Some(v))
 }
@@ -520,13 +529,16 @@ mod tests {
 
     #[test]
     fn progress_lines_show_a_bar_a_percentage_and_a_rate() {
-        let line = progress_line("b1", "creating", 50, 1, Duration::from_secs(1));
+        let line = progress_line("b1", "creating", 50, 537 << 20, Duration::from_secs(1));
         assert!(line.contains("[===============>              ]  50%"), "{line}");
-        assert!(line.ends_with("    537 MB/s"), "{line}");
-        let full = progress_line("b1", "available", 100, 1, Duration::from_secs(2));
+        assert!(line.ends_with("    563 MB/s"), "{line}");
+        let full = progress_line("b1", "available", 100, 1 << 30, Duration::from_secs(2));
         assert!(full.contains(&format!("[{}] 100%", "=".repeat(30))), "{full}");
-        assert!(progress_line("b1", "creating", 0, 1, Duration::ZERO).ends_with(" 0 MB/s"));
-        // A finished backup's progress stays at 100 %; its delete is not a 2,000,000 MB/s transfer.
-        assert_eq!(progress_line("b1", "deleting", 100, 1, Duration::from_millis(400)), "b1 deleting      0.4s");
+        assert!(progress_line("b1", "creating", 0, 0, Duration::ZERO).ends_with(" 0 MB/s"));
+        // A terabyte holding 10 MiB, passed in two seconds: the rate is of the data, not of the terabyte.
+        let sparse = progress_line("b1", "creating", 100, 10 << 20, Duration::from_secs(2));
+        assert!(sparse.ends_with("      5 MB/s"), "{sparse}");
+        // A finished backup's progress stays at 100 %; its delete is not a transfer at all.
+        assert_eq!(progress_line("b1", "deleting", 100, 1 << 30, Duration::from_millis(400)), "b1 deleting      0.4s");
     }
 }

@@ -401,7 +401,10 @@ async fn backups_and_restores_report_progress_and_the_cli_draws_it() {
     let (ok, out, err) = fleet.cli(&["--json", "backup", "create", &v.id, "--wait"]);
     assert!(ok, "{out}\n{err}");
     assert!(err.contains(&format!("[{}] 100%", "=".repeat(30))) && err.contains("MB/s"), "{err}");
-    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()[0]["id"].as_str().unwrap().to_string();
+    let created = serde_json::from_str::<serde_json::Value>(&out).unwrap();
+    let id = created[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(created[0]["progress_data_bytes"].as_u64(), Some(4 << 20), "{out}");
+    assert_rate_of(&err, 4 << 20);
 
     let target = new_volume(&volumes, 1).await;
     let restore = fleet
@@ -424,11 +427,13 @@ async fn backups_and_restores_report_progress_and_the_cli_draws_it() {
     })
     .await;
     assert!(midway.progress_percent <= 50, "no further than the paused first data chunk: {midway:?}");
+    assert_eq!(midway.progress_data_bytes, 0, "half the volume passed, but no data written yet: {midway:?}");
     let out = restore.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains(&target.id) && err.contains("available") && err.contains("] 100%"), "{err}");
     assert!(err.contains("restoring-backup ["), "the bar was drawn while restoring: {err}");
+    assert_rate_of(&err, 4 << 20);
     let b = backups.clone().get_backup(GetBackupRequest { id: id.clone() }).await.unwrap().into_inner();
     assert_eq!((b.status.as_str(), b.progress_percent), ("available", 100), "{b:?}");
     let restored = std::fs::read(dir.join(format!("volume-{}", target.id))).unwrap();
@@ -445,6 +450,17 @@ async fn backups_and_restores_report_progress_and_the_cli_draws_it() {
     assert!(ok && err.contains(&format!("{id} deleting")), "{out}\n{err}");
     assert!(!err.contains("MB/s") && !err.contains('['), "{err}");
     assert!(backups.clone().get_backup(GetBackupRequest { id }).await.is_err(), "the backup is gone");
+}
+
+/// Checks the rate on the last progress line the CLI drew in `stderr`: `data_bytes` over the time it shows, not
+/// the volume's size over it (the volume here is 1 GiB).
+fn assert_rate_of(stderr: &str, data_bytes: u64) {
+    let last = stderr.trim_end().rsplit('\r').next().unwrap();
+    let fields: Vec<&str> = last.split_whitespace().collect();
+    let secs: f64 = fields[fields.len() - 3].trim_end_matches('s').parse().unwrap();
+    let rate: f64 = fields[fields.len() - 2].parse().unwrap();
+    let expected = data_bytes as f64 / 1e6 / secs.max(0.05);
+    assert!((rate - expected).abs() <= expected * 0.2 + 1.0, "{rate} MB/s in {secs} s for {data_bytes} bytes: {last}");
 }
 
 /// The storage agent dies while a restore writes into a new volume: the volume ends in `error`, never

@@ -264,8 +264,11 @@ async fn with_progress<T>(
                 let p = p.into_inner();
                 if p.running && p.bytes_total > 0 {
                     let percent = (p.bytes_done * 100 / p.bytes_total).min(99) as i64;
-                    let _ = sqlx::query("UPDATE backups SET progress = ? WHERE id = ? AND status = ?")
+                    let _ = sqlx::query(
+                        "UPDATE backups SET progress = ?, progress_data_bytes = ? WHERE id = ? AND status = ?",
+                    )
                         .bind(percent)
+                        .bind(p.data_bytes as i64)
                         .bind(id)
                         .bind(status)
                         .execute(&ctx.db)

@@ -50,17 +50,20 @@ pub struct BackupRow {
 
 const SELECT: &str = "SELECT id, project, volume_id, name, description, status, status_reason, size_gb, incremental, \
      parent_id, host, repository, stored_bytes, new_bytes, logical_bytes, progress, created_at, snapshot_id, data_timestamp, \
-     availability_zone FROM backups";
+     availability_zone, progress_data_bytes FROM backups";
 
 fn from_row(r: &sqlx::sqlite::SqliteRow) -> BackupRow {
     let (stored, logical): (i64, i64) = (r.get(12), r.get(14));
+    let status: String = r.get(5);
+    // The column follows a running backup or restore; otherwise the backup's own data is what was moved.
+    let data_moved = if matches!(status.as_str(), "creating" | "restoring") { r.get(20) } else { logical };
     let row = Backup {
         id: r.get(0),
         project: r.get(1),
         volume_id: r.get(2),
         name: r.get(3),
         description: r.get(4),
-        status: r.get(5),
+        status,
         status_reason: r.get(6),
         size_gb: r.get::<i64, _>(7) as u64,
         incremental: r.get::<i64, _>(8) != 0,
@@ -74,6 +77,7 @@ fn from_row(r: &sqlx::sqlite::SqliteRow) -> BackupRow {
         snapshot_id: r.get(17),
         data_timestamp: Some(timestamp(r.get(18))),
         availability_zone: r.get(19),
+        progress_data_bytes: data_moved as u64,
     };
     BackupRow {
         id: row.id.clone(),
@@ -119,7 +123,10 @@ pub async fn begin_restore(ctx: &Ctx, conn: &mut SqliteConnection, b: &BackupRow
     if !set_status(conn, &b.id, &["available"], "restoring", "").await? {
         return Err(Error::FailedPrecondition(format!("backup {} is {}; a restore needs available", b.id, b.status)));
     }
-    sqlx::query("UPDATE backups SET progress = 0 WHERE id = ?").bind(&b.id).execute(&mut *conn).await?;
+    sqlx::query("UPDATE backups SET progress = 0, progress_data_bytes = 0 WHERE id = ?")
+        .bind(&b.id)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
