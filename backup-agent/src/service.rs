@@ -33,6 +33,8 @@ pub struct Backups {
     /// Progress of the backups and restores running now, by backup id (a backup is restored by one restore at
     /// a time: the coordinator holds it in `restoring`).
     pub progress: Mutex<HashMap<String, Progress>>,
+    /// Backups asked to stop (their delete waits for them).
+    pub stops: crate::stops::Stops,
 }
 
 /// How far a backup or a restore has come: bytes of the volume done (by offset) out of its size, and bytes of
@@ -50,6 +52,7 @@ struct Running<'a>(&'a Backups, String);
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         self.0.running.lock().expect("running").remove(&self.1);
+        self.0.stops.ended();
     }
 }
 
@@ -186,6 +189,9 @@ impl Backups {
             running.insert(req.backup_id.clone(), (repo.root.clone(), started_here));
         }
         let _running = Running(self, req.backup_id.clone());
+        if self.stops.asked(&req.backup_id) {
+            return Err(Status::cancelled("stopped: the backup is being deleted"));
+        }
 
         let parent = if req.parent_id.is_empty() {
             None
@@ -222,6 +228,9 @@ impl Backups {
         let mut new_bytes = 0u64;
         let result: Result<(), Status> = async {
             while let Some(msg) = stream.message().await? {
+                if self.stops.asked(&req.backup_id) {
+                    return Err(Status::cancelled("stopped: the backup was deleted while it was being made"));
+                }
                 let digest: [u8; 32] =
                     msg.sha256.as_slice().try_into().map_err(|_| Status::data_loss("chunk without a sha256"))?;
                 index.entries.insert(msg.offset / u64::from(repo.chunk_size), digest);
@@ -260,6 +269,11 @@ impl Backups {
             touch_known(&repo, untouched, &mut sizes).await?;
             while let Some(next) = staging.next().await {
                 count_stored(next, &mut sizes, &mut staged, &mut new_bytes)?;
+            }
+            // Asked to stop after the last chunk: nothing is published (a stop asked later still finds the
+            // backup's files, as its delete waits for this to end).
+            if self.stops.asked(&req.backup_id) {
+                return Err(Status::cancelled("stopped: the backup was deleted while it was being made"));
             }
             Ok(())
         }
@@ -552,7 +566,12 @@ impl BackupAgent for BackupService {
         let r = req.into_inner();
         check_id("backup_id", &r.backup_id)?;
         let (repo, id) = (self.0.repo(&r.repository)?, r.backup_id.clone());
+        // A backup still being made here is stopped first: it could otherwise publish after the delete.
+        self.0.stops.ask(&id);
+        let running = |id: &str| self.0.running.lock().expect("running").contains_key(id);
+        self.0.stops.wait_until_ended(&id, running).await;
         off_runtime(move || repo.delete_backup(&id)).await?.map_err(io_status("deleting"))?;
+        self.0.stops.forget(&r.backup_id);
         tracing::info!(backup_id = %r.backup_id, "backup deleted");
         Ok(Response::new(DeleteBackupResponse {}))
     }

@@ -75,6 +75,9 @@ enum BackupAction {
         /// backup node); files left there stay, and import-repository can adopt them again.
         #[arg(long, conflicts_with = "wait")]
         forget: bool,
+        /// Also a backup still being made: it stops, and nothing of it is kept.
+        #[arg(long, conflicts_with = "forget")]
+        force: bool,
     },
     /// Restore into a new volume, or onto an existing one with --volume.
     Restore {
@@ -347,12 +350,12 @@ pub async fn run(cmd: BackupCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
             print(&all, json);
         }
         BackupAction::Show { id } => print(&[client.get_backup(GetBackupRequest { id }).await?.into_inner()], json),
-        BackupAction::Delete { id, wait: _, forget: true } => {
-            client.delete_backup(DeleteBackupRequest { id: id.clone(), forget: true }).await?;
+        BackupAction::Delete { id, wait: _, forget: true, force: _ } => {
+            client.delete_backup(DeleteBackupRequest { id: id.clone(), forget: true, force: false }).await?;
             println!("backup {id} forgotten");
         }
-        BackupAction::Delete { id, wait: w, forget: false } => {
-            client.delete_backup(DeleteBackupRequest { id: id.clone(), forget: false }).await?;
+        BackupAction::Delete { id, wait: w, forget: false, force } => {
+            client.delete_backup(DeleteBackupRequest { id: id.clone(), forget: false, force }).await?;
             if w && let Some(b) = wait(&mut client, &id).await? {
                 return Err(CliError::Other(format!("backup {} is {}: {}", b.id, b.status, b.status_reason)));
             }

@@ -45,6 +45,17 @@ pub async fn wait_paused(agent: &Daemon, what: &str) {
         .await;
 }
 
+/// Project `project`'s (backups, backup_gigabytes) in use.
+pub async fn backup_usage(fleet: &Fleet, project: &str) -> (i64, i64) {
+    let quota = ember_proto::v1::quota_service_client::QuotaServiceClient::new(fleet.admin())
+        .get_quota(GetQuotaRequest { project: project.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let in_use = |name: &str| quota.items.iter().find(|i| i.resource == name).map(|i| i.in_use).unwrap();
+    (in_use("backups"), in_use("backup_gigabytes"))
+}
+
 /// sha256 of a whole file, with the system tool (fast, and not ours).
 pub fn sha256(path: &Path) -> String {
     let out = std::process::Command::new("sha256sum").arg(path).output().unwrap();

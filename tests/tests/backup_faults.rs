@@ -131,7 +131,7 @@ async fn garbage_collection_during_a_running_backup_loses_nothing() {
     let first = wait_backup(&backups, &first.id).await;
     assert_eq!(first.status, "available");
     // Delete it: its chunks are unreferenced, but still there.
-    backups.clone().delete_backup(DeleteBackupRequest { id: first.id.clone(), forget: false }).await.unwrap();
+    backups.clone().delete_backup(DeleteBackupRequest { id: first.id.clone(), ..Default::default() }).await.unwrap();
     wait_for("first backup gone", Duration::from_secs(30), || {
         let mut c = backups.clone();
         let id = first.id.clone();
@@ -587,7 +587,7 @@ async fn garbage_collection_skips_a_backup_agent_that_is_down_and_names_it() {
     let b = start_backup(&backups, &v.id).await;
     let b = wait_backup(&backups, &b.id).await;
     assert_eq!((b.status.as_str(), b.host.as_str()), ("available", "backup1@repo1"), "{b:?}");
-    backups.clone().delete_backup(DeleteBackupRequest { id: b.id.clone(), forget: false }).await.unwrap();
+    backups.clone().delete_backup(DeleteBackupRequest { id: b.id.clone(), ..Default::default() }).await.unwrap();
     wait_for("the backup deleted", Duration::from_secs(30), || {
         let mut c = backups.clone();
         let id = b.id.clone();

@@ -80,7 +80,7 @@ async fn a_repository_whose_agent_died_is_taken_over_by_another_agent_and_its_ba
     let err = backups.clone().restore_backup(restore).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("backup agent backup1") && err.message().contains("import-repository"), "{err:?}");
-    backups.clone().delete_backup(DeleteBackupRequest { id: chain[2].clone(), forget: false }).await.unwrap();
+    backups.clone().delete_backup(DeleteBackupRequest { id: chain[2].clone(), ..Default::default() }).await.unwrap();
     let deleting = backups.clone().get_backup(GetBackupRequest { id: chain[2].clone() }).await.unwrap().into_inner();
     assert_eq!(deleting.status, "deleting");
     // What the dead node holds, and what waits for it, as an operator lists them.
@@ -168,7 +168,7 @@ async fn backups_whose_repository_is_lost_for_good_are_forgotten_by_an_admin_and
         chain.push(b.id);
     }
     assert_eq!(backup_quota(&fleet, "p1").await, (2, 2));
-    let forget = |id: &str| DeleteBackupRequest { id: id.into(), forget: true };
+    let forget = |id: &str| DeleteBackupRequest { id: id.into(), forget: true, ..Default::default() };
 
     // Refused, naming the reason, changing nothing: a member; a repository still served; a parent.
     let err = mine.clone().delete_backup(forget(&chain[1])).await.unwrap_err();
@@ -185,7 +185,7 @@ async fn backups_whose_repository_is_lost_for_good_are_forgotten_by_an_admin_and
     assert_eq!(backup_quota(&fleet, "p1").await, (2, 2));
 
     // The node is lost. A delete waits for it; the admin forgets both, the incremental through the CLI.
-    mine.clone().delete_backup(DeleteBackupRequest { id: chain[1].clone(), forget: false }).await.unwrap();
+    mine.clone().delete_backup(DeleteBackupRequest { id: chain[1].clone(), ..Default::default() }).await.unwrap();
     let (ok, out, err) = fleet.cli(&["backup", "delete", &chain[1], "--forget"]);
     assert!(ok, "{err}");
     assert_eq!(out.trim(), format!("backup {} forgotten", chain[1]));

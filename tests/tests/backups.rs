@@ -1,7 +1,7 @@
 //! Backups end to end through the real fleet: bit-identical round trips along a chain of incrementals,
 //! sparse volumes, dedup, verification of damaged chunks, deletion rules and garbage collection.
 
-use ember_fleet_tests::backups::{sha256, wait_backup_settled};
+use ember_fleet_tests::backups::{backup_usage, sha256, wait_backup_settled};
 use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_settled, wait_volume};
 use ember_fleet_tests::{Fleet, iscsi, wait_for};
 use ember_proto::v1::backup_service_client::BackupServiceClient;
@@ -127,13 +127,13 @@ async fn a_chain_of_incrementals_restores_bit_identically_and_moves_only_changes
     let err = e
         .backups
         .clone()
-        .delete_backup(DeleteBackupRequest { id: chain[0].0.id.clone(), forget: false })
+        .delete_backup(DeleteBackupRequest { id: chain[0].0.id.clone(), ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("incremental"), "{}", err.message());
     for (b, _) in chain.iter().rev() {
-        e.backups.clone().delete_backup(DeleteBackupRequest { id: b.id.clone(), forget: false }).await.unwrap();
+        e.backups.clone().delete_backup(DeleteBackupRequest { id: b.id.clone(), ..Default::default() }).await.unwrap();
         wait_for("backup gone", Duration::from_secs(30), || {
             let mut c = e.backups.clone();
             let id = b.id.clone();
@@ -672,7 +672,7 @@ async fn a_backup_whose_delete_failed_can_be_deleted_again() {
     std::fs::remove_file(&manifest).unwrap();
     std::fs::create_dir_all(manifest.join("in-the-way")).unwrap();
 
-    e.backups.clone().delete_backup(DeleteBackupRequest { id: b.id.clone(), forget: false }).await.unwrap();
+    e.backups.clone().delete_backup(DeleteBackupRequest { id: b.id.clone(), ..Default::default() }).await.unwrap();
     let failed = wait_for("the delete to fail", Duration::from_secs(60), || {
         let mut c = e.backups.clone();
         let id = b.id.clone();
@@ -683,10 +683,10 @@ async fn a_backup_whose_delete_failed_can_be_deleted_again() {
     })
     .await;
     assert!(failed.status_reason.contains("deleting"), "{failed:?}");
-    assert_eq!(backup_usage(&e).await, (1, 1), "a backup that is still there still counts");
+    assert_eq!(backup_usage(&e.fleet, "p1").await, (1, 1), "a backup that is still there still counts");
 
     std::fs::remove_dir_all(manifest).unwrap();
-    e.backups.clone().delete_backup(DeleteBackupRequest { id: b.id.clone(), forget: false }).await.unwrap();
+    e.backups.clone().delete_backup(DeleteBackupRequest { id: b.id.clone(), ..Default::default() }).await.unwrap();
     wait_for("backup gone", Duration::from_secs(60), || {
         let mut c = e.backups.clone();
         let id = b.id.clone();
@@ -696,16 +696,5 @@ async fn a_backup_whose_delete_failed_can_be_deleted_again() {
     })
     .await;
     assert!(!dir.exists(), "the backup's directory is removed");
-    assert_eq!(backup_usage(&e).await, (0, 0), "its quota use is released");
-}
-
-/// The test project's (backups, backup_gigabytes) in use.
-async fn backup_usage(e: &Env) -> (i64, i64) {
-    let quota = ember_proto::v1::quota_service_client::QuotaServiceClient::new(e.fleet.admin())
-        .get_quota(GetQuotaRequest { project: "p1".into() })
-        .await
-        .unwrap()
-        .into_inner();
-    let in_use = |name: &str| quota.items.iter().find(|i| i.resource == name).map(|i| i.in_use).unwrap();
-    (in_use("backups"), in_use("backup_gigabytes"))
+    assert_eq!(backup_usage(&e.fleet, "p1").await, (0, 0), "its quota use is released");
 }

@@ -104,6 +104,11 @@ pub async fn create_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     let v = volumes::find(&mut conn, &b.volume_id).await?.ok_or_else(|| Error::not_found("volume", &b.volume_id))?;
     drop(conn);
     let temp = op.payload["temp_snapshot"].as_str().map(String::from);
+    if b.status != "creating" {
+        // Deleted (with force) before the agent was asked, e.g. while the coordinator was down: only the
+        // volume or snapshot it held is left to release.
+        return finish_create(ctx, &op, &b, &v, temp.as_deref(), Err(format!("the backup is {}", b.status))).await;
+    }
     let mut storage = ctx.agents.storage(&v.host).await?;
     if let Some(t) = &temp {
         let snap = storage

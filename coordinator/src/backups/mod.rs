@@ -344,7 +344,7 @@ impl Backups {
         Ok(b.row)
     }
 
-    async fn delete(&self, who: &Identity, id: &str, forget: bool) -> Result<()> {
+    async fn delete(&self, who: &Identity, id: &str, forget: bool, force: bool) -> Result<()> {
         validate::uuid("id", id)?;
         if forget && who.role != Role::Admin {
             return Err(Error::PermissionDenied("only admins may forget a backup (forget)".into()));
@@ -368,10 +368,24 @@ impl Backups {
             return self.forget(tx, &b).await;
         }
         // `error_deleting` may be retried, as for volumes and snapshots: the repository's trouble (an I/O
-        // error, a dead NFS server) is usually gone by the time the user asks again.
-        if !set_status(&mut tx, id, &["available", "error", "error_deleting"], "deleting", "").await? {
+        // error, a dead NFS server) is usually gone by the time the user asks again. A backup being made is
+        // deleted only when asked with force: the agent stops it before it removes its files, and the create
+        // flow, finding it deleting, releases what it held.
+        if force && b.status == "creating" && b.volume_id.is_empty() {
+            // An import from Cinder reads another system's files and cannot be stopped half-way.
             return Err(Error::FailedPrecondition(format!(
-                "backup {id} is {}; delete needs available, error or error_deleting",
+                "backup {id} is an import from Cinder still running; delete it when it has ended"
+            )));
+        }
+        let from: &[&str] = if force {
+            &["available", "error", "error_deleting", "creating"]
+        } else {
+            &["available", "error", "error_deleting"]
+        };
+        if !set_status(&mut tx, id, from, "deleting", "").await? {
+            let hint = if b.status == "creating" { "; pass force to stop it and delete it" } else { "" };
+            return Err(Error::FailedPrecondition(format!(
+                "backup {id} is {}; delete needs available, error or error_deleting{hint}",
                 b.status
             )));
         }
@@ -613,7 +627,7 @@ impl BackupService for Backups {
 
     async fn delete_backup(&self, req: Request<DeleteBackupRequest>) -> Result<Response<DeleteBackupResponse>, Status> {
         let who = who(&req)?;
-        self.delete(&who, &req.get_ref().id, req.get_ref().forget).await?;
+        self.delete(&who, &req.get_ref().id, req.get_ref().forget, req.get_ref().force).await?;
         Ok(Response::new(DeleteBackupResponse {}))
     }
 
