@@ -572,14 +572,8 @@ async fn work_for_a_backup_agent_that_is_down_is_refused_and_holds_nothing() {
 #[tokio::test]
 async fn garbage_collection_skips_a_backup_agent_that_is_down_and_names_it() {
     let OneSite { fleet, backend: _, dir, repo, storage: _storage, backup1: _backup } = OneSite::start().await;
-    let repo2 = fleet.subdir("repo2");
-    let mut backup2 = fleet.start_agent(
-        "backup",
-        "backup2",
-        &format!("gc_grace_seconds = 0\n[[repositories]]\nname = \"repo2\"\ndirectory = \"{}\"\n", repo2.display()),
-    );
-    wait_backend(&fleet, "backup2").await;
-    // An unreferenced chunk in repo1: a backup, then its delete.
+    // An unreferenced chunk in repo1: a backup, then its delete. Made before backup2 starts, since a new backup
+    // goes to the repository that reported the most free space, and both are on this test's one filesystem.
     let volumes = VolumeServiceClient::new(fleet.admin());
     let v = new_volume(&volumes, 1).await;
     fill(&dir.join(format!("volume-{}", v.id)), 0, 23, 1 << 20);
@@ -597,6 +591,13 @@ async fn garbage_collection_skips_a_backup_agent_that_is_down_and_names_it() {
     })
     .await;
 
+    let repo2 = fleet.subdir("repo2");
+    let mut backup2 = fleet.start_agent(
+        "backup",
+        "backup2",
+        &format!("gc_grace_seconds = 0\n[[repositories]]\nname = \"repo2\"\ndirectory = \"{}\"\n", repo2.display()),
+    );
+    wait_backend(&fleet, "backup2").await;
     backup2.kill();
     wait_down(&fleet, "backup2").await;
     let gc = |host: &str| {
