@@ -360,6 +360,18 @@ impl Repository {
         File::open(self.root.join("backups"))?.sync_all()
     }
 
+    /// Rewrites complete backup `id`'s name and description in its manifest, atomically. NotFound when the
+    /// backup is not complete here (still being made, or deleted meanwhile: the rename into a removed directory
+    /// fails, so a delete is never undone).
+    pub fn describe_backup(&self, id: &str, name: &str, description: &str) -> io::Result<()> {
+        let dir = self.backup_dir(id);
+        let mut manifest: Manifest = serde_json::from_slice(&fs::read(dir.join("manifest.json"))?)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        manifest.name = name.to_string();
+        manifest.description = description.to_string();
+        write_atomic(&dir, &self.root.join("tmp"), "manifest.json", &serde_json::to_vec_pretty(&manifest)?)
+    }
+
     /// Ids of complete backups.
     pub fn backups(&self) -> io::Result<Vec<String>> {
         let mut ids = Vec::new();

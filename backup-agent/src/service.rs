@@ -576,6 +576,23 @@ impl BackupAgent for BackupService {
         Ok(Response::new(DeleteBackupResponse {}))
     }
 
+    async fn describe_backup(
+        &self,
+        req: Request<DescribeBackupRequest>,
+    ) -> Result<Response<DescribeBackupResponse>, Status> {
+        let r = req.into_inner();
+        check_id("backup_id", &r.backup_id)?;
+        let repo = self.0.repo(&r.repository)?;
+        let id = r.backup_id.clone();
+        match off_runtime(move || repo.describe_backup(&id, &r.name, &r.description)).await? {
+            Ok(()) => Ok(Response::new(DescribeBackupResponse {})),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(Status::not_found(format!("backup {} is not complete here", r.backup_id)))
+            }
+            Err(e) => Err(io_status("describing")(e)),
+        }
+    }
+
     async fn verify_backup(&self, req: Request<VerifyBackupRequest>) -> Result<Response<VerifyBackupResponse>, Status> {
         Ok(Response::new(self.0.verify(req.into_inner()).await?))
     }

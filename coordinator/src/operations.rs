@@ -148,6 +148,7 @@ async fn run(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         "delete_snapshot" => crate::snapshots::delete_flow(ctx, op).await,
         "create_backup" => crate::backups::create_flow(ctx, op).await,
         "delete_backup" => crate::backups::delete_flow(ctx, op).await,
+        "describe_backup" => crate::backups::describe_flow(ctx, op).await,
         "restore_backup" => crate::backups::restore_flow(ctx, op).await,
         "import_backup" => crate::backups::import_flow(ctx, op).await,
         "attach" => crate::attachments::attach_flow(ctx, op).await,

@@ -238,6 +238,43 @@ pub async fn delete_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     Ok(Outcome::Finished)
 }
 
+/// Describe flow: the backup's name and description as the coordinator has them now → its manifest. Waits
+/// while the backup is still being made (its manifest is written at the end, with the names it started with)
+/// and while its agent cannot be reached; ends without a call when the backup has no manifest to keep.
+pub async fn describe_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
+    let mut conn = ctx.db.acquire().await?;
+    let b = find(&mut conn, &op.resource_id).await?;
+    let b = match b {
+        Some(b) if b.status == "creating" => return Ok(Outcome::Retry("the backup is still being made".into())),
+        Some(b) if matches!(b.status.as_str(), "available" | "restoring") => b,
+        _ => {
+            operations::finish(&mut conn, &op, None).await?;
+            return Ok(Outcome::Finished);
+        }
+    };
+    drop(conn);
+    let mut client = ctx.agents.backup(&b.host).await?;
+    let call = client
+        .describe_backup(agent::DescribeBackupRequest {
+            backup_id: b.id.clone(),
+            repository: b.repository.clone(),
+            name: b.row.name.clone(),
+            description: b.row.description.clone(),
+        })
+        .await;
+    let failed = match call {
+        Ok(_) => None,
+        Err(s) if transient(&s) => return Ok(Outcome::Retry(s.message().to_string())),
+        Err(s) => {
+            tracing::warn!(backup_id = %b.id, code = ?s.code(), message = s.message(), "manifest not described");
+            Some(s.message().to_string())
+        }
+    };
+    let mut conn = ctx.db.acquire().await?;
+    operations::finish(&mut conn, &op, failed.as_deref()).await?;
+    Ok(Outcome::Finished)
+}
+
 /// Removes backup `b`'s row and releases its quota, once: the row may be gone already, e.g. forgotten by an
 /// admin while a delete that still reached the agent was on its way.
 pub async fn remove_record(ctx: &Ctx, conn: &mut SqliteConnection, b: &BackupRow) -> Result<()> {

@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status};
 mod flow;
 mod placement;
 mod verify;
-pub use flow::{create_flow, delete_flow, import_flow, restore_done, restore_flow, restore_into};
+pub use flow::{create_flow, delete_flow, describe_flow, import_flow, restore_done, restore_flow, restore_into};
 use placement::choose_repository;
 pub use placement::reported_repositories;
 
@@ -332,15 +332,31 @@ impl Backups {
         }
         let mut tx = crate::db::write(&self.ctx.db).await?;
         let b = visible(&mut tx, who, &req.id).await?;
+        let (name, description) =
+            (req.name.as_ref().unwrap_or(&b.row.name), req.description.as_ref().unwrap_or(&b.row.description));
+        let changed = (name, description) != (&b.row.name, &b.row.description);
         sqlx::query("UPDATE backups SET name = ?, description = ?, updated_at = ? WHERE id = ?")
-            .bind(req.name.as_ref().unwrap_or(&b.row.name))
-            .bind(req.description.as_ref().unwrap_or(&b.row.description))
+            .bind(name)
+            .bind(description)
             .bind(now_ms())
             .bind(&b.id)
             .execute(&mut *tx)
             .await?;
+        // The repository keeps its own record of the names (its manifests), for a coordinator that adopts it:
+        // an operation carries the change there, now or when the backup is complete and its agent is up.
+        let op = if changed {
+            Some(
+                operations::insert(&mut tx, "describe_backup", "backup", &b.id, "describing", serde_json::json!({}))
+                    .await?,
+            )
+        } else {
+            None
+        };
         let b = find(&mut tx, &b.id).await?.ok_or_else(|| Error::not_found("backup", &req.id))?;
         tx.commit().await?;
+        if let Some(op) = op {
+            operations::spawn(&self.ctx, op);
+        }
         Ok(b.row)
     }
 
