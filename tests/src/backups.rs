@@ -104,7 +104,32 @@ pub struct OneSite {
     pub backup1: Daemon,
 }
 
+/// What holds a backup agent's first staged chunk (failpoint `backup.pause_stage_chunk`) until
+/// [`Held::release`]: a test acts while that backup runs, without racing a timed pause.
+pub struct Held {
+    _dir: tempfile::TempDir,
+    file: PathBuf,
+}
+
+impl Held {
+    /// Lets the held backup go on.
+    pub fn release(&self) {
+        std::fs::write(&self.file, b"").unwrap();
+    }
+}
+
 impl OneSite {
+    /// [`OneSite::start`] with the backup agent's first backup held mid-way (once it logs "failpoint pause",
+    /// see [`wait_paused`]) until released.
+    pub async fn start_held() -> (OneSite, Held) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("release");
+        let env =
+            [("EMBER_FAILPOINTS", "backup.pause_stage_chunk"), ("EMBER_FAILPOINT_RELEASE", file.to_str().unwrap())];
+        let site = Self::start_with(&env).await;
+        (site, Held { _dir: dir, file })
+    }
+
     /// Starts it all and waits until both agents are registered.
     pub async fn start() -> OneSite {
         Self::start_with(&[]).await

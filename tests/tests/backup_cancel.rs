@@ -12,13 +12,7 @@ use tonic::Code;
 
 #[tokio::test]
 async fn a_backup_deleted_with_force_while_it_runs_stops_and_leaves_nothing() {
-    let hold = tempfile::tempdir().unwrap();
-    let release = hold.path().join("release");
-    let OneSite { fleet, dir, repo, storage: _storage, backup1: agent, .. } = OneSite::start_with(&[
-        ("EMBER_FAILPOINTS", "backup.pause_stage_chunk"),
-        ("EMBER_FAILPOINT_RELEASE", release.to_str().unwrap()),
-    ])
-    .await;
+    let (OneSite { fleet, dir, repo, storage: _storage, backup1: agent, .. }, held) = OneSite::start_held().await;
     let volumes = VolumeServiceClient::new(fleet.member("alice", "p1"));
     let backups = BackupServiceClient::new(fleet.member("alice", "p1"));
     let v = new_volume(&volumes, 1).await;
@@ -42,7 +36,7 @@ async fn a_backup_deleted_with_force_while_it_runs_stops_and_leaves_nothing() {
     let (ok, out, err) = fleet.cli(&["backup", "delete", &b.id, "--force"]);
     assert!(ok, "{out}\n{err}");
     assert_eq!(show(b.id.clone()).await.unwrap().into_inner().status, "deleting");
-    std::fs::write(&release, b"").unwrap();
+    held.release();
     wait_for("the backup to be gone", Duration::from_secs(60), || async {
         matches!(show(b.id.clone()).await, Err(s) if s.code() == Code::NotFound).then_some(())
     })

@@ -178,13 +178,7 @@ async fn garbage_collection_during_a_running_backup_loses_nothing() {
 
 #[tokio::test]
 async fn an_in_use_volume_needs_force_and_is_read_through_a_temporary_snapshot() {
-    let hold = tempfile::tempdir().unwrap();
-    let release = hold.path().join("release");
-    let OneSite { fleet, backend: _, dir, repo: _, storage: _storage, backup1: backup_agent } = OneSite::start_with(&[
-        ("EMBER_FAILPOINTS", "backup.pause_stage_chunk"),
-        ("EMBER_FAILPOINT_RELEASE", release.to_str().unwrap()),
-    ])
-    .await;
+    let (OneSite { fleet, dir, storage: _storage, backup1: backup_agent, .. }, held) = OneSite::start_held().await;
     let _compute = fleet.start_agent("compute", "compute1", "");
     wait_backend(&fleet, "compute1").await;
     let vm1 = Domain::boot("ember-backup").await;
@@ -226,7 +220,7 @@ async fn an_in_use_volume_needs_force_and_is_read_through_a_temporary_snapshot()
     let now = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
     assert_eq!(now.status, "available", "the refused delete changed nothing");
 
-    std::fs::write(&release, b"").unwrap();
+    held.release();
     let b = wait_backup(&backups, &b.id).await;
     assert_eq!(b.status, "available", "{b:?}");
     assert_eq!(b.stored_bytes, (2 << 20) + 16, "two raw 1 MiB chunks of random data");

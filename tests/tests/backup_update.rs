@@ -76,13 +76,7 @@ async fn a_backup_is_renamed_and_redescribed_by_its_owner_or_an_admin_and_bad_up
 
 #[tokio::test]
 async fn a_backup_renamed_while_it_is_being_made_is_complete_under_its_new_name() {
-    let hold = tempfile::tempdir().unwrap();
-    let release = hold.path().join("release");
-    let OneSite { fleet, dir, repo, storage: _storage, backup1: agent, .. } = OneSite::start_with(&[
-        ("EMBER_FAILPOINTS", "backup.pause_stage_chunk"),
-        ("EMBER_FAILPOINT_RELEASE", release.to_str().unwrap()),
-    ])
-    .await;
+    let (OneSite { fleet, dir, repo, storage: _storage, backup1: agent, .. }, held) = OneSite::start_held().await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let backups = BackupServiceClient::new(fleet.admin());
     let v = new_volume(&volumes, 1).await;
@@ -93,7 +87,7 @@ async fn a_backup_renamed_while_it_is_being_made_is_complete_under_its_new_name(
     let rename = UpdateBackupRequest { id: b.id.clone(), name: Some("second".into()), description: None };
     let renamed = backups.clone().update_backup(rename).await.unwrap().into_inner();
     assert_eq!((renamed.name.as_str(), renamed.status.as_str()), ("second", "creating"));
-    std::fs::write(&release, b"").unwrap();
+    held.release();
     assert_eq!(wait_backup_settled(&backups, &b.id).await.status, "available");
     // The agent wrote the manifest with the name the backup started with; the rename follows it there.
     wait_manifest(&repo, &b.id, "second", "").await;
