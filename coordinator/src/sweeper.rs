@@ -2,6 +2,10 @@
 //! not place there (a create that failed on an agent that then went away, a crash between an agent call and
 //! its record). It lists the agent first and reads the database second, so a volume placed on the backend
 //! while the sweep runs is always seen as placed, never as an orphan.
+//!
+//! It removes only what this coordinator made: a file whose id no operation of its names. A database that was
+//! lost, replaced by an empty one or restored from an older copy knows nothing of volumes made since, and those
+//! files are someone's data: they are left alone and reported once each, for an operator to look into.
 
 use crate::clock::now_ms;
 use crate::context::Ctx;
@@ -9,6 +13,35 @@ use crate::error::Result;
 use ember_proto::agent::v1 as agent;
 use sqlx::Row;
 use std::collections::HashSet;
+use std::sync::Mutex;
+
+/// Files left alone already reported, so each is reported once per coordinator process.
+static REPORTED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+
+/// Whether an operation of this coordinator ever named `id`: as the volume or snapshot it was about, or as the
+/// temporary snapshot a forced backup made.
+async fn made_here(ctx: &Ctx, id: &str) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM operations WHERE resource_id = ?1) \
+         OR EXISTS (SELECT 1 FROM operations WHERE kind = 'create_backup' \
+                    AND json_extract(payload, '$.temp_snapshot') = ?1)",
+    )
+    .bind(id)
+    .fetch_one(&ctx.db)
+    .await?)
+}
+
+/// Logs, once per process, that `kind` file `id` on `pool` is left alone.
+fn report_unknown(kind: &str, id: &str, pool: &str) {
+    let mut reported = REPORTED.lock().expect("reported");
+    if reported.get_or_insert_with(HashSet::new).insert(format!("{pool}/{id}")) {
+        tracing::warn!(
+            id,
+            pool,
+            "a {kind} file this coordinator has no record of is left alone (a lost or replaced database?)"
+        );
+    }
+}
 
 /// Snapshots that running backups of in-use volumes made and still read.
 async fn temporary_snapshots(ctx: &Ctx) -> Result<Vec<String>> {
@@ -55,7 +88,12 @@ pub async fn sweep(ctx: &Ctx) -> Result<usize> {
         .into_iter()
         .chain(temporary_snapshots(ctx).await?)
         .collect();
+        let pool = format!("{host}@{backend}");
         for id in held.volume_ids.iter().filter(|id| !placed.contains(*id)) {
+            if !made_here(ctx, id).await? {
+                report_unknown("volume", id, &pool);
+                continue;
+            }
             tracing::warn!(volume_id = %id, %host, %backend, "removing orphaned volume file");
             if client
                 .delete_volume(agent::DeleteVolumeRequest { volume_id: id.clone(), backend: backend.clone() })
@@ -66,6 +104,10 @@ pub async fn sweep(ctx: &Ctx) -> Result<usize> {
             }
         }
         for id in held.snapshot_ids.iter().filter(|id| !snapshots.contains(*id)) {
+            if !made_here(ctx, id).await? {
+                report_unknown("snapshot", id, &pool);
+                continue;
+            }
             tracing::warn!(snapshot_id = %id, %host, %backend, "removing orphaned snapshot file");
             if client
                 .delete_snapshot(agent::DeleteSnapshotRequest { snapshot_id: id.clone(), backend: backend.clone() })

@@ -1,10 +1,12 @@
 //! Crash safety: the coordinator is killed (it aborts at a named failpoint, like a SIGKILL) at each step of
 //! create and delete; after a restart every volume converges, quota is exact and no backend holds an orphan.
+//! The orphan sweeper removes only what this coordinator made: a lost database destroys no volume.
 
-use ember_fleet_tests::volumes::{db_state, files_in, wait_backend, wait_gone, wait_settled};
+use ember_fleet_tests::volumes::{db_state, files_in, new_volume, wait_backend, wait_gone, wait_settled};
 use ember_fleet_tests::{Fleet, wait_for};
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
 use ember_proto::v1::*;
+use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 #[tokio::test]
@@ -65,14 +67,57 @@ async fn create_and_delete_converge_after_a_crash_at_every_step() {
 }
 
 #[tokio::test]
-async fn the_sweeper_removes_a_file_the_coordinator_does_not_place() {
+async fn the_sweeper_removes_only_files_this_coordinator_made_and_no_longer_places() {
     let mut fleet = Fleet::new();
     fleet.start_coordinator();
     let (backend, dir) = fleet.file_backend("file1", "");
     let _storage = fleet.start_agent("storage", "storage1", &backend);
     wait_backend(&fleet, "storage1@file1").await;
-    // A file left by a create whose record says it lives elsewhere (or nowhere).
-    let stray = dir.join("volume-0a0a0a0a-1b1b-4c2c-8d3d-4e4e4e4e4e4e");
-    std::fs::write(&stray, b"left behind").unwrap();
-    wait_for("the orphan sweep", Duration::from_secs(30), || async { (!stray.exists()).then_some(()) }).await;
+    let client = VolumeServiceClient::new(fleet.admin());
+    // A volume this coordinator made and deleted, back on the backend (say, the agent's disk restored from an
+    // old copy): an orphan it knows, removed.
+    let gone = new_volume(&client, 1).await;
+    client.clone().delete_volume(DeleteVolumeRequest { id: gone.id.clone() }).await.unwrap();
+    wait_gone(&client, &gone.id).await;
+    let known = dir.join(format!("volume-{}", gone.id));
+    std::fs::write(&known, b"brought back").unwrap();
+    // A file it never made (another coordinator's, or made before its database was replaced): left alone.
+    let stranger = "0a0a0a0a-1b1b-4c2c-8d3d-4e4e4e4e4e4e";
+    std::fs::write(dir.join(format!("volume-{stranger}")), b"someone's data").unwrap();
+    wait_for("the orphan sweep", Duration::from_secs(30), || async { (!known.exists()).then_some(()) }).await;
+    wait_left_alone(&fleet, stranger).await;
+    assert_eq!(std::fs::read(dir.join(format!("volume-{stranger}"))).unwrap(), b"someone's data");
+}
+
+#[tokio::test]
+async fn a_coordinator_started_on_an_empty_database_destroys_no_volume_it_finds() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, dir) = fleet.file_backend("file1", "");
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    wait_backend(&fleet, "storage1@file1").await;
+    let v = new_volume(&VolumeServiceClient::new(fleet.admin()), 1).await;
+    let file = dir.join(format!("volume-{}", v.id));
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().write_all_at(b"precious", 4096).unwrap();
+
+    // The database is lost, and the coordinator starts again on an empty one; the agent registers with it.
+    fleet.coordinator.as_mut().unwrap().kill();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", fleet.database().display()));
+    }
+    fleet.start_coordinator();
+    wait_backend(&fleet, "storage1@file1").await;
+    wait_left_alone(&fleet, &v.id).await;
+    let mut data = [0u8; 8];
+    std::fs::File::open(&file).unwrap().read_exact_at(&mut data, 4096).unwrap();
+    assert_eq!(&data, b"precious", "the volume the new database does not know is intact");
+}
+
+/// Waits until the coordinator reports that it leaves the file of `id`, which it has no record of, alone.
+async fn wait_left_alone(fleet: &Fleet, id: &str) {
+    let coordinator = fleet.coordinator.as_ref().unwrap();
+    wait_for(&format!("{id} reported and left alone"), Duration::from_secs(30), || async {
+        coordinator.log_text().lines().any(|l| l.contains(id) && l.contains("is left alone")).then_some(())
+    })
+    .await;
 }
