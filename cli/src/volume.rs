@@ -86,6 +86,26 @@ enum VolumeAction {
         #[arg(long)]
         wait: bool,
     },
+    /// Admin: adopt a volume a backend holds that the coordinator has no record of (after its database was lost
+    /// or replaced; the coordinator's log names each such volume it leaves alone).
+    Manage {
+        /// The pool that holds it, host@backend.
+        pool: String,
+        /// Its id on that backend.
+        id: String,
+        /// Owning project (default admin).
+        #[arg(long, default_value = "")]
+        project: String,
+        /// Name.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Description.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Volume type (default: the default type).
+        #[arg(long = "type", default_value = "")]
+        volume_type: String,
+    },
     /// Grow a volume.
     Extend {
         /// Volume id.
@@ -302,6 +322,12 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                 return Err(CliError::Other(format!("volume {} is {}: {}", v.id, v.status, v.status_reason)));
             }
             println!("volume {id} {}", if wait { "deleted" } else { "deleting" });
+            Ok(())
+        }
+        VolumeAction::Manage { pool, id, project, name, description, volume_type } => {
+            let req = ManageVolumeRequest { pool, id, project, name, description, volume_type };
+            let v = client.manage_volume(req).await?.into_inner();
+            print_volumes(&[v], json);
             Ok(())
         }
         VolumeAction::Extend { id, size, wait } => {

@@ -321,6 +321,23 @@ impl StorageAgent for StorageService {
         Ok(Response::new(UnexportVolumeResponse {}))
     }
 
+    async fn inspect_volume(&self, req: Request<InspectVolumeRequest>) -> Result<Response<VolumeResult>, Status> {
+        only_coordinator(&req)?;
+        let r = req.into_inner();
+        let id = checked_id("volume_id", &r.volume_id)?;
+        let backend = self.0.backend(&r.backend)?;
+        if !backend.exists(Kind::Volume, &id).await? {
+            return Err(AgentError::NotFound(format!("volume {id} on backend {}", r.backend)).into());
+        }
+        let path = backend.path(Kind::Volume, &id);
+        // Off the async threads: the file may be on an NFS mount.
+        let size = tokio::task::spawn_blocking(move || crate::sparse::byte_len(&std::fs::File::open(&path)?))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(AgentError::io("reading the size"))?;
+        Ok(Response::new(VolumeResult { volume_id: r.volume_id, size_bytes: size, ..Default::default() }))
+    }
+
     async fn list_resources(
         &self,
         req: Request<ListResourcesRequest>,

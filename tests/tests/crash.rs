@@ -8,6 +8,7 @@ use ember_proto::v1::volume_service_client::VolumeServiceClient;
 use ember_proto::v1::*;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
+use tonic::Code;
 
 #[tokio::test]
 async fn create_and_delete_converge_after_a_crash_at_every_step() {
@@ -90,7 +91,7 @@ async fn the_sweeper_removes_only_files_this_coordinator_made_and_no_longer_plac
 }
 
 #[tokio::test]
-async fn a_coordinator_started_on_an_empty_database_destroys_no_volume_it_finds() {
+async fn a_coordinator_started_on_an_empty_database_destroys_no_volume_it_finds_and_an_admin_adopts_them() {
     let mut fleet = Fleet::new();
     fleet.start_coordinator();
     let (backend, dir) = fleet.file_backend("file1", "");
@@ -111,6 +112,39 @@ async fn a_coordinator_started_on_an_empty_database_destroys_no_volume_it_finds(
     let mut data = [0u8; 8];
     std::fs::File::open(&file).unwrap().read_exact_at(&mut data, 4096).unwrap();
     assert_eq!(&data, b"precious", "the volume the new database does not know is intact");
+
+    // An admin adopts it back (Cinder's manage); bad requests are refused, naming the problem, changing nothing.
+    let manage = |pool: &str, id: &str| ManageVolumeRequest {
+        pool: pool.into(),
+        id: id.into(),
+        project: "p1".into(),
+        ..Default::default()
+    };
+    let member = VolumeServiceClient::new(fleet.member("alice", "p1"));
+    let err = member.clone().manage_volume(manage("storage1@file1", &v.id)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let admin = VolumeServiceClient::new(fleet.admin());
+    let err = admin.clone().manage_volume(manage("storage1", &v.id)).await.unwrap_err();
+    assert!(err.code() == Code::InvalidArgument && err.message().starts_with("pool: "), "{err:?}");
+    let nowhere = "0b0b0b0b-1c1c-4d2d-8e3e-4f4f4f4f4f4f";
+    let err = admin.clone().manage_volume(manage("storage1@file1", nowhere)).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert_eq!(db_state(&fleet, "p1").await, (vec![], 0, 0), "nothing was recorded");
+    let (ok, out, err) =
+        fleet.cli(&["--json", "volume", "manage", "storage1@file1", &v.id, "--project", "p1", "--name", "back"]);
+    assert!(ok, "{out}\n{err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((shown[0]["id"].as_str(), shown[0]["status"].as_str()), (Some(v.id.as_str()), Some("available")));
+    let adopted = member.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
+    assert_eq!((adopted.size_gb, adopted.name.as_str(), adopted.project.as_str()), (1, "back", "p1"), "{adopted:?}");
+    assert_eq!(db_state(&fleet, "p1").await, (vec![(v.id.clone(), "available".into(), 1)], 1, 1), "counted once");
+    let err = admin.clone().manage_volume(manage("storage1@file1", &v.id)).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+
+    // It is the project's volume like any other: its owner deletes it, and the file goes.
+    member.clone().delete_volume(DeleteVolumeRequest { id: v.id.clone() }).await.unwrap();
+    wait_gone(&member, &v.id).await;
+    assert!(!file.exists(), "the adopted volume's file is removed by its delete");
 }
 
 /// Waits until the coordinator reports that it leaves the file of `id`, which it has no record of, alone.

@@ -158,17 +158,7 @@ impl Volumes {
             let v = store::find(&mut tx, &id).await?.ok_or_else(|| Error::not_found("volume", &id))?;
             return store::to_proto(&mut tx, &v).await;
         }
-        let type_id = if req.volume_type.is_empty() {
-            sqlx::query_scalar("SELECT id FROM volume_types WHERE is_default = 1")
-                .fetch_optional(&mut *tx)
-                .await?
-                .ok_or_else(|| Error::FailedPrecondition("no default volume type; name one in volume_type".into()))?
-        } else {
-            volume_types::resolve(&mut tx, &req.volume_type).await.map_err(|e| match e {
-                Error::NotFound { id, .. } => Error::NotFound { kind: "volume_type", id },
-                other => other,
-            })?
-        };
+        let type_id = type_id_for(&mut tx, &req.volume_type).await?;
         let vtype = volume_types::load(&mut tx, &type_id).await?;
         let source = resolve_source(&self.ctx, &mut tx, who, &req).await?;
         let size_gb = match (&source, req.size_gb) {
@@ -500,6 +490,11 @@ impl VolumeService for Volumes {
         Ok(Response::new(self.extend(&who, req.into_inner()).await?))
     }
 
+    async fn manage_volume(&self, req: Request<ManageVolumeRequest>) -> Result<Response<Volume>, Status> {
+        let who = who(&req)?;
+        Ok(Response::new(super::manage::manage(&self.ctx, &who, req.into_inner()).await?))
+    }
+
     async fn delete_volume(&self, req: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {
         let who = who(&req)?;
         self.delete(&who, &req.get_ref().id).await?;
@@ -578,4 +573,18 @@ impl VolumeService for Volumes {
         self.terminate(&who, req.into_inner()).await?;
         Ok(Response::new(TerminateConnectionResponse {}))
     }
+}
+
+/// The id of volume type `name` (a name or an id; empty: the default type).
+pub(crate) async fn type_id_for(conn: &mut SqliteConnection, name: &str) -> Result<String> {
+    if name.is_empty() {
+        return sqlx::query_scalar("SELECT id FROM volume_types WHERE is_default = 1")
+            .fetch_optional(&mut *conn)
+            .await?
+            .ok_or_else(|| Error::FailedPrecondition("no default volume type; name one in volume_type".into()));
+    }
+    volume_types::resolve(conn, name).await.map_err(|e| match e {
+        Error::NotFound { id, .. } => Error::NotFound { kind: "volume_type", id },
+        other => other,
+    })
 }

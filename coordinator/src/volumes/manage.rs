@@ -1,0 +1,117 @@
+//! Adopting a volume a storage backend holds that the coordinator has no record of, as Cinder's `manage` does:
+//! after the database was lost or replaced, the orphan sweeper leaves such volumes alone and reports them, and
+//! an admin brings each back under its own id, into a project, counted against that project's quotas.
+
+use super::api::type_id_for;
+use super::store;
+use crate::auth::owner_project;
+use crate::clock::now_ms;
+use crate::context::Ctx;
+use crate::error::{Error, Result};
+use crate::{quota, validate, volume_types};
+use ember_common::identity::{Identity, Role};
+use ember_proto::agent::v1 as agent;
+use ember_proto::v1::{ManageVolumeRequest, Volume};
+
+/// `host@backend`, each part non-empty.
+fn parse_pool(pool: &str) -> Result<(&str, &str)> {
+    match pool.split_once('@') {
+        Some((host, backend)) if !host.is_empty() && !backend.is_empty() && !backend.contains('@') => {
+            Ok((host, backend))
+        }
+        _ => Err(Error::invalid("pool", format!("{pool:?} is not host@backend"))),
+    }
+}
+
+/// Whole GiB in `bytes`, or `None` when it is not a whole number of them (ember makes volumes in whole GiB).
+fn whole_gib(bytes: u64) -> Option<u64> {
+    (bytes > 0 && bytes.is_multiple_of(1 << 30)).then_some(bytes >> 30)
+}
+
+/// Adopts volume `req.id` of pool `req.pool`: the agent must hold it, and no volume of that id may be known.
+pub async fn manage(ctx: &Ctx, who: &Identity, req: ManageVolumeRequest) -> Result<Volume> {
+    if who.role != Role::Admin {
+        return Err(Error::PermissionDenied("only admins may manage a volume".into()));
+    }
+    let (host, backend) = parse_pool(&req.pool)?;
+    validate::uuid("id", &req.id)?;
+    validate::text("name", &req.name, 255)?;
+    validate::text("description", &req.description, 255)?;
+    let project = owner_project(who, &req.project)?;
+    let pool = crate::pools::candidates(ctx)
+        .await?
+        .into_iter()
+        .find(|p| p.host == host && p.backend == backend)
+        .ok_or_else(|| Error::FailedPrecondition(format!("pool {} is not up and enabled", req.pool)))?;
+    let mut conn = ctx.db.acquire().await?;
+    if store::find(&mut conn, &req.id).await?.is_some() {
+        return Err(Error::AlreadyExists(format!("volume {} is already known", req.id)));
+    }
+    drop(conn);
+    let held = ctx
+        .agents
+        .storage(host)
+        .await?
+        .inspect_volume(agent::InspectVolumeRequest { volume_id: req.id.clone(), backend: backend.to_string() })
+        .await
+        .map_err(|s| match s.code() {
+            tonic::Code::NotFound => Error::not_found("volume", format!("{} on {}", req.id, req.pool)),
+            _ => Error::FailedPrecondition(format!("asking {}: {}", req.pool, s.message())),
+        })?
+        .into_inner();
+    let size_gb = whole_gib(held.size_bytes).ok_or_else(|| {
+        Error::FailedPrecondition(format!(
+            "volume {} holds {} bytes, not a whole number of GiB; ember cannot size it",
+            req.id, held.size_bytes
+        ))
+    })?;
+
+    let mut tx = crate::db::write(&ctx.db).await?;
+    // Asked again under the write lock: two manages of one volume race here, and one of them loses.
+    if store::find(&mut tx, &req.id).await?.is_some() {
+        return Err(Error::AlreadyExists(format!("volume {} is already known", req.id)));
+    }
+    let type_id = type_id_for(&mut tx, &req.volume_type).await?;
+    let vtype = volume_types::load(&mut tx, &type_id).await?;
+    ctx.quota.consume(&mut tx, &project, &quota::volume_deltas(&vtype.name, size_gb as i64)).await?;
+    let now = now_ms();
+    sqlx::query(
+        "INSERT INTO volumes (id, project, name, description, size_gb, status, volume_type_id, availability_zone, \
+         host, backend, multiattach, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'available', ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&req.id)
+    .bind(&project)
+    .bind(&req.name)
+    .bind(&req.description)
+    .bind(size_gb as i64)
+    .bind(&type_id)
+    .bind(&pool.availability_zone)
+    .bind(host)
+    .bind(backend)
+    .bind(super::api::type_allows_multiattach(&vtype.extra_specs) as i64)
+    .bind(now)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    let v = store::find(&mut tx, &req.id).await?.ok_or_else(|| Error::not_found("volume", &req.id))?;
+    let shown = store::to_proto(&mut tx, &v).await?;
+    tx.commit().await?;
+    tracing::warn!(volume_id = %req.id, pool = %req.pool, %project, size_gb, "volume managed (adopted)");
+    Ok(shown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pools_and_sizes() {
+        assert_eq!(parse_pool("storage1@file1").unwrap(), ("storage1", "file1"));
+        for bad in ["storage1", "@file1", "storage1@", "a@b@c", ""] {
+            assert!(parse_pool(bad).is_err(), "{bad}");
+        }
+        assert_eq!(whole_gib(3 << 30), Some(3));
+        assert_eq!(whole_gib((1 << 30) + 512), None);
+        assert_eq!(whole_gib(0), None);
+    }
+}
