@@ -16,6 +16,20 @@ pub struct VolumeCmd {
     action: VolumeAction,
 }
 
+/// What a new or adopted volume is called, and its type.
+#[derive(Debug, clap::Args)]
+struct Naming {
+    /// Name.
+    #[arg(long, default_value = "")]
+    name: String,
+    /// Description.
+    #[arg(long, default_value = "")]
+    description: String,
+    /// Volume type id or name (default type when omitted).
+    #[arg(long = "type", default_value = "")]
+    volume_type: String,
+}
+
 #[derive(Debug, clap::Subcommand)]
 enum VolumeAction {
     /// Create a volume (blank, from a snapshot, a clone, from a backup, or from an image).
@@ -23,15 +37,8 @@ enum VolumeAction {
         /// Size in GiB (may be omitted with --snapshot, --source-volume or --backup).
         #[arg(long, default_value_t = 0)]
         size: u64,
-        /// Name.
-        #[arg(long, default_value = "")]
-        name: String,
-        /// Description.
-        #[arg(long, default_value = "")]
-        description: String,
-        /// Volume type id or name (default type when omitted).
-        #[arg(long = "type", default_value = "")]
-        volume_type: String,
+        #[command(flatten)]
+        naming: Naming,
         /// Availability zone.
         #[arg(long, default_value = "")]
         availability_zone: String,
@@ -96,15 +103,8 @@ enum VolumeAction {
         /// Owning project (default admin).
         #[arg(long, default_value = "")]
         project: String,
-        /// Name.
-        #[arg(long, default_value = "")]
-        name: String,
-        /// Description.
-        #[arg(long, default_value = "")]
-        description: String,
-        /// Volume type (default: the default type).
-        #[arg(long = "type", default_value = "")]
-        volume_type: String,
+        #[command(flatten)]
+        naming: Naming,
     },
     /// Grow a volume.
     Extend {
@@ -265,9 +265,7 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
     match cmd.action {
         VolumeAction::Create {
             size,
-            name,
-            description,
-            volume_type,
+            naming: Naming { name, description, volume_type },
             availability_zone,
             properties,
             bootable,
@@ -324,7 +322,7 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
             println!("volume {id} {}", if wait { "deleted" } else { "deleting" });
             Ok(())
         }
-        VolumeAction::Manage { pool, id, project, name, description, volume_type } => {
+        VolumeAction::Manage { pool, id, project, naming: Naming { name, description, volume_type } } => {
             let req = ManageVolumeRequest { pool, id, project, name, description, volume_type };
             let v = client.manage_volume(req).await?.into_inner();
             print_volumes(&[v], json);
