@@ -75,13 +75,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let holder = format!("backup agent {} on host {}, process {}", id.name, host.trim(), std::process::id());
     // A refused start (a repository another agent holds, a bad setting) leaves no share mounted that it mounted.
     let mut mounts = StartMounts::default();
-    let repos = match open_repositories(&file, &holder, &mut mounts).await {
-        Ok(repos) => repos,
-        Err(e) => {
-            mounts.undo().await;
-            return Err(e);
-        }
-    };
+    let opened = open_repositories(&file, &holder, &mut mounts).await;
+    let repos = mounts.undo_if_refused(opened).await?;
     let backups = std::sync::Arc::new(service::Backups {
         repos,
         tls: id.tls.clone(),

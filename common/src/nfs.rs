@@ -98,8 +98,9 @@ pub async fn ensure_mounted(share: &str, dir: &Path, options: &str) -> Result<Mo
 }
 
 /// The NFS shares an agent mounted itself while starting. A start that is refused after mounting (a backend
-/// or repository that will not open, a setting found wrong later) calls [`StartMounts::undo`], so it leaves
-/// no mount behind; shares that were mounted before it started stay mounted.
+/// or repository that will not open, a setting found wrong later) goes through
+/// [`StartMounts::undo_if_refused`], so it leaves no mount behind; shares that were mounted before it started
+/// stay mounted.
 #[derive(Debug, Default)]
 pub struct StartMounts(Vec<PathBuf>);
 
@@ -112,9 +113,18 @@ impl StartMounts {
         Ok(())
     }
 
+    /// Passes on what the start opened, or, when `opened` is the start's refusal, first unmounts what it
+    /// mounted.
+    pub async fn undo_if_refused<T, E>(self, opened: Result<T, E>) -> Result<T, E> {
+        if opened.is_err() {
+            self.undo().await;
+        }
+        opened
+    }
+
     /// Unmounts the shares mounted by [`StartMounts::ensure`], newest first; a failure is logged, not returned,
     /// as the refusal that led here is the error to report.
-    pub async fn undo(self) {
+    async fn undo(self) {
         for dir in self.0.iter().rev() {
             if let Err(e) = unmount(dir).await {
                 tracing::warn!(dir = %dir.display(), "could not unmount after a refused start: {e}");

@@ -56,13 +56,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let exports = exports::ExportStore::load(&state_dir)?; // creates the state directory
     // A refused start (a backend that will not open) leaves no share mounted that it mounted.
     let mut mounts = StartMounts::default();
-    let backends = match open_backends(&file, &state_dir, &mut mounts).await {
-        Ok(backends) => backends,
-        Err(e) => {
-            mounts.undo().await;
-            return Err(e);
-        }
-    };
+    let opened = open_backends(&file, &state_dir, &mut mounts).await;
+    let backends = mounts.undo_if_refused(opened).await?;
     let storage = Arc::new(Storage {
         backends,
         tgt: tgt::Tgt { control_port: file.tgt.control_port },
