@@ -56,6 +56,17 @@ pub struct CommandOutput {
     pub stderr: String,
 }
 
+/// The slowest pace a data command is allowed before it counts as hung: a busy, degraded disk or a slow image
+/// server still moves this much.
+const SLOWEST_BYTES_PER_SEC: u64 = 16 << 20;
+
+/// The deadline of a command that moves `bytes` of data (a copy, a wipe, an image conversion): ten minutes,
+/// plus the time `bytes` take at [`SLOWEST_BYTES_PER_SEC`]. A fixed bound would fail large volumes for their
+/// size alone (6 h is 1 TiB at 50 MB/s), while this one still ends a command that hangs.
+pub fn data_deadline(bytes: u64) -> Duration {
+    Duration::from_secs(600 + bytes.div_ceil(SLOWEST_BYTES_PER_SEC))
+}
+
 /// Runs `program args…` with a deadline; stdin is closed.
 pub async fn run(program: &str, args: &[&str], timeout: Duration) -> Result<CommandOutput, CommandError> {
     run_with_input(program, args, timeout, None).await
@@ -115,6 +126,13 @@ pub async fn run_with_input(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_deadlines_grow_with_the_bytes_moved() {
+        assert_eq!(data_deadline(0), Duration::from_secs(600));
+        assert_eq!(data_deadline(1 << 30), Duration::from_secs(600 + 64));
+        assert!(data_deadline(16 << 40) > Duration::from_secs(11 * 24 * 3600), "16 TiB at 16 MiB/s is 12 days");
+    }
 
     #[tokio::test]
     async fn runs_with_c_locale_and_reports_failures() {

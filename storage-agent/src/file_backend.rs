@@ -15,11 +15,8 @@ use std::fs::{File, OpenOptions};
 #[cfg(test)]
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 const GIB: u64 = 1 << 30;
-/// A copy of a whole volume may take long on a slow disk; it is still bounded.
-const COPY_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 /// Which kind of file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,7 +139,9 @@ impl FileBackend {
             AgentError::NotFound(format!("source {}", source.file_name().unwrap_or_default().to_string_lossy()))
         })?;
         let (src, dst) = (source.to_string_lossy().into_owned(), tmp.to_string_lossy().into_owned());
-        if let Err(e) = runner::run("cp", &["--reflink=auto", "--sparse=always", "--", &src, &dst], COPY_TIMEOUT).await
+        if let Err(e) =
+            runner::run("cp", &["--reflink=auto", "--sparse=always", "--", &src, &dst], runner::data_deadline(src_len))
+                .await
         {
             let _ = std::fs::remove_file(&tmp);
             return Err(e.into());

@@ -8,7 +8,6 @@ use std::path::Path;
 use std::time::Duration;
 
 const INFO_TIMEOUT: Duration = Duration::from_secs(120);
-const CONVERT_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 /// What `qemu-img info` says about an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +68,7 @@ pub async fn convert(source: &str, facts: &ImageFacts, dest: &Path, existing: bo
         }
     }
     args.extend([source, dest.as_ref()]);
-    runner::run("qemu-img", &args, CONVERT_TIMEOUT).await?;
+    runner::run("qemu-img", &args, runner::data_deadline(facts.virtual_size)).await?;
     Ok(())
 }
 

@@ -24,8 +24,6 @@ const MIB: u64 = 1 << 20;
 pub const OWNER_TAG: &str = "ember";
 /// The tag on a thick LV whose data copy has not finished.
 pub const INCOMPLETE_TAG: &str = "ember-incomplete";
-/// Copies and wipes move whole volumes; they are bounded too, only longer.
-const DATA_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 /// One logical volume, as `lvs` reports it.
 #[derive(Debug, Clone, PartialEq)]
@@ -397,7 +395,7 @@ impl LvmBackend {
         let (src, dst) = (format!("if=/dev/{from}"), format!("of=/dev/{to}"));
         let count = format!("count={}", len.div_ceil(MIB));
         let args = [src.as_str(), &dst, "bs=1M", &count, "iflag=direct", "oflag=direct", "conv=fdatasync"];
-        runner::run("dd", &args, DATA_TIMEOUT).await?;
+        runner::run("dd", &args, runner::data_deadline(len)).await?;
         Ok(())
     }
 
@@ -453,8 +451,8 @@ impl LvmBackend {
             }
             block_device(&device)?;
             let (of, count) = (format!("of={device}"), format!("count={mib}"));
-            runner::run("dd", &["if=/dev/zero", &of, "bs=1M", &count, "oflag=direct", "conv=fdatasync"], DATA_TIMEOUT)
-                .await?;
+            let args = ["if=/dev/zero", of.as_str(), "bs=1M", &count, "oflag=direct", "conv=fdatasync"];
+            runner::run("dd", &args, runner::data_deadline(mib * MIB)).await?;
             tracing::info!(%id, wiped_mib = mib, "wiped");
         }
         match self.lvm("lvremove", &["-q", "-f", &self.target(&name)]).await {
