@@ -111,6 +111,9 @@ pub enum Outcome {
     Finished,
     /// A dependency (an agent) could not be reached; the operation stays running and is retried later.
     Retry(String),
+    /// The operation waits, as designed, for another one on its resource to end (an update of a backup still
+    /// being made). It stays running, and runs again when that one finishes or at the next reconcile pass.
+    Waiting(String),
 }
 
 /// Starts a worker for operation `id` unless one is running in this process.
@@ -120,23 +123,50 @@ pub fn spawn(ctx: &Arc<Ctx>, id: String) {
     }
     let ctx = ctx.clone();
     tokio::spawn(async move {
-        let result = match load(&ctx, &id).await {
+        let (result, resource) = match load(&ctx, &id).await {
             Ok(Some(op)) => {
                 let resource = op.resource_id.clone();
                 let result = run(&ctx, op).await;
                 ctx.changed(&resource);
-                result
+                (result, Some(resource))
             }
-            Ok(None) => Ok(Outcome::Finished),
-            Err(e) => Err(e),
+            Ok(None) => (Ok(Outcome::Finished), None),
+            Err(e) => (Err(e), None),
         };
+        let finished = matches!(result, Ok(Outcome::Finished));
         match result {
             Ok(Outcome::Finished) => {}
             Ok(Outcome::Retry(why)) => tracing::warn!(op_id = %id, %why, "operation paused; will retry"),
+            Ok(Outcome::Waiting(why)) => tracing::debug!(op_id = %id, %why, "operation waiting"),
             Err(e) => tracing::error!(op_id = %id, "operation worker failed: {e}; will retry"),
         }
         ctx.running_ops.lock().expect("op set").remove(&id);
+        if let (true, Some(resource)) = (finished, resource) {
+            wake_waiting(&ctx, &id, &resource).await;
+        }
     });
+}
+
+/// Runs again, now, the operations still running on `resource` other than `finished`, which just ended: one of
+/// them may have been waiting for it. Every operation may run at any time (the reconcile pass runs them all), so
+/// waking one early is safe.
+async fn wake_waiting(ctx: &Arc<Ctx>, finished: &str, resource: &str) {
+    let waiting: Vec<String> =
+        match sqlx::query_scalar("SELECT id FROM operations WHERE state = 'running' AND resource_id = ? AND id != ?")
+            .bind(resource)
+            .bind(finished)
+            .fetch_all(&ctx.db)
+            .await
+        {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(op_id = %finished, "finding operations to wake: {e}");
+                return;
+            }
+        };
+    for id in waiting {
+        spawn(ctx, id);
+    }
 }
 
 async fn run(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {

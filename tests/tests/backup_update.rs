@@ -91,4 +91,6 @@ async fn a_backup_renamed_while_it_is_being_made_is_complete_under_its_new_name(
     assert_eq!(wait_backup_settled(&backups, &b.id).await.status, "available");
     // The agent wrote the manifest with the name the backup started with; the rename follows it there.
     wait_manifest(&repo, &b.id, "second", "").await;
+    let log = fleet.coordinator.as_ref().unwrap().log_text();
+    assert!(!log.contains("operation paused"), "waiting for the backup is no fault to warn of:\n{log}");
 }

@@ -245,7 +245,7 @@ pub async fn describe_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     let mut conn = ctx.db.acquire().await?;
     let b = find(&mut conn, &op.resource_id).await?;
     let b = match b {
-        Some(b) if b.status == "creating" => return Ok(Outcome::Retry("the backup is still being made".into())),
+        Some(b) if b.status == "creating" => return Ok(Outcome::Waiting("the backup is still being made".into())),
         Some(b) if matches!(b.status.as_str(), "available" | "restoring") => b,
         _ => {
             operations::finish(&mut conn, &op, None).await?;
