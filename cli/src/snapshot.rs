@@ -46,6 +46,20 @@ enum SnapshotAction {
         /// Snapshot id.
         id: String,
     },
+    /// Admin: adopt a snapshot the volume's backend holds that the coordinator has no record of (after its
+    /// database was lost or replaced). Adopt the volume first (`ember volume manage`).
+    Manage {
+        /// The volume it is a snapshot of.
+        volume: String,
+        /// The snapshot's id on the volume's backend (its file or LV is named by it).
+        id: String,
+        /// Name.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Description.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
     /// Delete a snapshot.
     Delete {
         /// Snapshot id.
@@ -130,6 +144,10 @@ pub async fn run(cmd: SnapshotCmd, conn: &ConnectArgs, json: bool) -> Result<(),
         }
         SnapshotAction::Show { id } => {
             print(&[client.get_snapshot(GetSnapshotRequest { id }).await?.into_inner()], json)
+        }
+        SnapshotAction::Manage { volume, id, name, description } => {
+            let req = ManageSnapshotRequest { volume_id: volume, id, name, description };
+            print(&[client.manage_snapshot(req).await?.into_inner()], json);
         }
         SnapshotAction::Delete { id, wait: w } => {
             client.delete_snapshot(DeleteSnapshotRequest { id: id.clone() }).await?;

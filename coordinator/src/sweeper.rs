@@ -31,14 +31,18 @@ async fn made_here(ctx: &Ctx, id: &str) -> Result<bool> {
     .await?)
 }
 
-/// Logs, once per process, that `kind` file `id` on `pool` is left alone.
+/// Logs, once per process, that `kind` file `id` on `pool` is left alone, and how an admin adopts it.
 fn report_unknown(kind: &str, id: &str, pool: &str) {
     let mut reported = REPORTED.lock().expect("reported");
     if reported.get_or_insert_with(HashSet::new).insert(format!("{pool}/{id}")) {
+        let adopt = match kind {
+            "volume" => format!("`ember volume manage {pool} {id}` adopts it"),
+            _ => format!("`ember snapshot manage VOLUME {id}` adopts it once its volume is known"),
+        };
         tracing::warn!(
             id,
             pool,
-            "a {kind} file this coordinator has no record of is left alone (a lost or replaced database?)"
+            "a {kind} file this coordinator has no record of is left alone (a lost or replaced database?); {adopt}"
         );
     }
 }

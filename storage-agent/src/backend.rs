@@ -19,6 +19,17 @@ pub struct DataMap {
     pub block: u64,
 }
 
+/// What a driver records about a volume or snapshot beyond its data, for adopting one the coordinator has no
+/// record of.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Record {
+    /// The id of the volume a snapshot was taken of, when the driver keeps that (an LV's origin); a snapshot
+    /// file is a plain copy and keeps none.
+    pub origin_volume: Option<String>,
+    /// True when a copy into it never finished (a thick LV still tagged incomplete): its data is partial.
+    pub incomplete: bool,
+}
+
 /// A configured backend.
 #[derive(Debug)]
 pub enum Backend {
@@ -76,6 +87,16 @@ impl Backend {
                 on_blocking_thread(b, move |_| Ok(path.exists())).await
             }
             Backend::Lvm(b) => b.exists(kind, id).await,
+        }
+    }
+
+    /// What the driver records about a volume or snapshot; `None` when it holds none of that id.
+    pub async fn record(&self, kind: Kind, id: &uuid::Uuid) -> Result<Option<Record>> {
+        match self {
+            // A file with the final name is always complete (copies are renamed into place), and is no more
+            // than its data.
+            Backend::File(_) => Ok(self.exists(kind, id).await?.then(Record::default)),
+            Backend::Lvm(b) => b.record(kind, id).await,
         }
     }
 

@@ -34,6 +34,14 @@ impl Kind {
             Kind::Snapshot => "snapshot-",
         }
     }
+
+    /// "volume" or "snapshot", for messages.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Kind::Volume => "volume",
+            Kind::Snapshot => "snapshot",
+        }
+    }
 }
 
 /// Checks an id is a canonical UUID: only such ids ever become file names.

@@ -6,7 +6,7 @@
 //! copy rather than trusting a half-copied LV. Every LVM command runs with a deadline: a hung `lvs` fails one
 //! call, it never hangs the agent.
 
-use crate::backend::{Capacity, DataMap};
+use crate::backend::{Capacity, DataMap, Record};
 use crate::config::{BackendConfig, LvmType, Wipe};
 use crate::error::{AgentError, Result};
 use crate::file_backend::Kind;
@@ -189,6 +189,16 @@ pub fn lv_name(kind: Kind, id: &uuid::Uuid) -> String {
     }
 }
 
+/// A snapshot's origin volume (ember's snapshots are taken of volumes, named `volume-<id>`; a thin volume's
+/// origin is only where its blocks came from), and whether the LV still carries the tag of an unfinished copy.
+fn record_of(lv: &Lv) -> Record {
+    let snapshot = lv.name.starts_with("_snapshot-");
+    Record {
+        origin_volume: lv.origin.strip_prefix("volume-").filter(|_| snapshot).map(str::to_string),
+        incomplete: lv.tags.iter().any(|t| t == INCOMPLETE_TAG),
+    }
+}
+
 /// One LVM backend.
 #[derive(Debug)]
 pub struct LvmBackend {
@@ -280,6 +290,11 @@ impl LvmBackend {
     /// True when the LV exists.
     pub async fn exists(&self, kind: Kind, id: &uuid::Uuid) -> Result<bool> {
         Ok(self.find(&lv_name(kind, id)).await?.is_some())
+    }
+
+    /// What LVM records about a volume or snapshot; `None` when there is no such LV.
+    pub async fn record(&self, kind: Kind, id: &uuid::Uuid) -> Result<Option<Record>> {
+        Ok(self.find(&lv_name(kind, id)).await?.as_ref().map(record_of))
     }
 
     /// Creates a blank volume. Repeating it is a no-op; a different size is refused.
@@ -523,6 +538,18 @@ mod tests {
             (snap.origin.as_str(), snap.pool.as_str()),
             ("volume-33333333-3333-3333-3333-333333333333", "ember-pool")
         );
+    }
+
+    #[test]
+    fn records_a_snapshots_origin_volume_and_an_unfinished_copy() {
+        let lvs = parse_lvs(LVS).unwrap();
+        let snap = lvs.iter().find(|lv| lv.name.starts_with("_snapshot-4444")).unwrap();
+        let origin = Some("33333333-3333-3333-3333-333333333333".to_string());
+        assert_eq!(record_of(snap), Record { origin_volume: origin, incomplete: false });
+        let thick = lvs.iter().find(|lv| lv.name == "volume-11111111-1111-1111-1111-111111111111").unwrap();
+        assert_eq!(record_of(thick), Record::default());
+        let copying = Lv { tags: vec![OWNER_TAG.into(), INCOMPLETE_TAG.into()], ..thick.clone() };
+        assert!(record_of(&copying).incomplete);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The storage agent's gRPC service: volume and snapshot operations on the file backends, and exports over
 //! tgt. Every call is idempotent, because the coordinator repeats calls after a crash.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Record};
 use crate::config::TargetKind;
 use crate::data;
 use crate::error::{AgentError, Result};
@@ -38,6 +38,24 @@ pub struct Storage {
 impl Storage {
     fn backend(&self, name: &str) -> Result<&Backend> {
         self.backends.get(name).ok_or_else(|| AgentError::NotFound(format!("backend {name:?}")))
+    }
+
+    /// The size of a volume or snapshot `backend` holds and what its driver records about it, for adopting it;
+    /// NOT_FOUND when it holds none of that id.
+    async fn inspect(&self, backend: &str, kind: Kind, id: &uuid::Uuid) -> Result<(u64, Record)> {
+        let b = self.backend(backend)?;
+        let record = b
+            .record(kind, id)
+            .await?
+            .ok_or_else(|| AgentError::NotFound(format!("{} {id} on backend {backend}", kind.noun())))?;
+        let path = b.path(kind, id);
+        // Off the async threads: the file may be on an NFS mount.
+        let size = tokio::task::spawn_blocking(move || crate::sparse::byte_len(&std::fs::File::open(&path)?))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|read| read)
+            .map_err(AgentError::io("reading the size"))?;
+        Ok((size, record))
     }
 
     fn iqn(&self, volume: &uuid::Uuid) -> String {
@@ -291,7 +309,7 @@ impl StorageAgent for StorageService {
         let backend = self.0.backend(&r.backend)?;
         let size = backend.create_from(Kind::Snapshot, &snap, Kind::Volume, &vol, None).await?;
         tracing::info!(snapshot_id = %snap, volume_id = %vol, size, "snapshot created");
-        Ok(Response::new(SnapshotResult { snapshot_id: r.snapshot_id, size_bytes: size }))
+        Ok(Response::new(SnapshotResult { snapshot_id: r.snapshot_id, size_bytes: size, ..Default::default() }))
     }
 
     async fn delete_snapshot(
@@ -325,17 +343,24 @@ impl StorageAgent for StorageService {
         only_coordinator(&req)?;
         let r = req.into_inner();
         let id = checked_id("volume_id", &r.volume_id)?;
-        let backend = self.0.backend(&r.backend)?;
-        if !backend.exists(Kind::Volume, &id).await? {
-            return Err(AgentError::NotFound(format!("volume {id} on backend {}", r.backend)).into());
+        let (size_bytes, record) = self.0.inspect(&r.backend, Kind::Volume, &id).await?;
+        if record.incomplete {
+            return Err(AgentError::FailedPrecondition(format!(
+                "volume {id} on backend {} is a copy that never finished; its data is partial",
+                r.backend
+            ))
+            .into());
         }
-        let path = backend.path(Kind::Volume, &id);
-        // Off the async threads: the file may be on an NFS mount.
-        let size = tokio::task::spawn_blocking(move || crate::sparse::byte_len(&std::fs::File::open(&path)?))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(AgentError::io("reading the size"))?;
-        Ok(Response::new(VolumeResult { volume_id: r.volume_id, size_bytes: size, ..Default::default() }))
+        Ok(Response::new(VolumeResult { volume_id: r.volume_id, size_bytes, ..Default::default() }))
+    }
+
+    async fn inspect_snapshot(&self, req: Request<InspectSnapshotRequest>) -> Result<Response<SnapshotResult>, Status> {
+        only_coordinator(&req)?;
+        let r = req.into_inner();
+        let id = checked_id("snapshot_id", &r.snapshot_id)?;
+        let (size_bytes, record) = self.0.inspect(&r.backend, Kind::Snapshot, &id).await?;
+        let volume_id = record.origin_volume.unwrap_or_default();
+        Ok(Response::new(SnapshotResult { snapshot_id: r.snapshot_id, size_bytes, volume_id }))
     }
 
     async fn list_resources(

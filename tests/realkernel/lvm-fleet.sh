@@ -163,6 +163,30 @@ for kind in thick thin; do
   check "$kind: clone holds the volume's current data" same_head "$W/pattern-b" "/dev/$vg/volume-$clone" 4194304
   check "$kind: deleting a volume with snapshots is refused" absent ember volume delete "$vol"
   check "$kind: ... and the LV is still there" lv_has_tag "$vg/volume-$vol" ember
+  # A snapshot LV of the volume that the coordinator has no record of, as a lost database leaves one: made by
+  # hand the way the agent makes them. The sweeper leaves it alone; an admin adopts it under its own volume only.
+  hand=$(cat /proc/sys/kernel/random/uuid)
+  case $kind in
+    thick) lvcreate -q -y -s -L "$(lv_size "$vg/volume-$vol")b" -n "_snapshot-$hand" --addtag ember "$vg/volume-$vol" ;;
+    thin) lvcreate -q -y -s -kn -n "_snapshot-$hand" --addtag ember "$vg/volume-$vol" ;;
+  esac >/dev/null
+  left_alone() { grep "$hand" "$W/logs/coordinator.log" | grep -q "is left alone"; }
+  check "$kind: the sweeper leaves an unknown snapshot LV alone and reports it" wait_for 60 left_alone
+  check "$kind: ... the LV is still there" lv_has_tag "$vg/_snapshot-$hand" ember
+  ember snapshot manage "$from_snap" "$hand" >/dev/null 2>"$W/refused"
+  check "$kind: adopting it under another volume is refused, naming its origin" grep -q "is a snapshot of volume $vol" "$W/refused"
+  check "$kind: adopting it under its volume makes it available" test "$(ember --json snapshot manage "$vol" "$hand" | json_field status)" = available
+  check "$kind: ... of the volume's 2 GiB" test "$(ember --json snapshot show "$hand" | json_field size_gb)" = 2
+  timed "$kind.adopted_snapshot_delete" ember snapshot delete "$hand" --wait >/dev/null
+  check "$kind: deleting the adopted snapshot removed its LV" absent lvs "$vg/_snapshot-$hand"
+  if [ $kind = thick ]; then
+    # A thick copy an agent never finished (it still carries the incomplete tag) holds partial data: not adopted.
+    partial=$(cat /proc/sys/kernel/random/uuid)
+    lvcreate -q -y -L 1g -n "volume-$partial" --addtag ember --addtag ember-incomplete "$vg" >/dev/null
+    ember volume manage storage1@thick "$partial" >/dev/null 2>"$W/refused"
+    check "thick: adopting a volume whose copy never finished is refused" grep -q "never finished" "$W/refused"
+    lvremove -q -y "$vg/volume-$partial" >/dev/null
+  fi
 
   # A marker in the clone, then where it sits on the disk (a linear LV: "0 <len> linear <dev> <start>").
   marker="EMBER-WIPE-MARKER-$kind-$RANDOM$RANDOM"

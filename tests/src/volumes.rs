@@ -3,6 +3,7 @@
 
 use crate::{Fleet, wait_for};
 use ember_proto::v1::fleet_service_client::FleetServiceClient;
+use ember_proto::v1::snapshot_service_client::SnapshotServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
 use ember_proto::v1::*;
 use std::collections::BTreeSet;
@@ -36,6 +37,26 @@ pub async fn new_volume(client: &VolumeServiceClient<Channel>, size_gb: u64) -> 
         .expect("create volume")
         .into_inner();
     wait_volume(client, &v.id, "available").await
+}
+
+/// Waits until snapshot `id` has `status` and returns it.
+pub async fn wait_snapshot(client: &SnapshotServiceClient<Channel>, id: &str, status: &str) -> Snapshot {
+    wait_for(&format!("snapshot {id} to be {status}"), WAIT, || {
+        let mut c = client.clone();
+        let id = id.to_string();
+        async move {
+            let s = c.get_snapshot(GetSnapshotRequest { id }).await.ok()?.into_inner();
+            (s.status == status).then_some(s)
+        }
+    })
+    .await
+}
+
+/// Snapshots volume `volume_id` (which must not be in use) and waits until the snapshot is available.
+pub async fn new_snapshot(client: &SnapshotServiceClient<Channel>, volume_id: &str) -> Snapshot {
+    let req = CreateSnapshotRequest { volume_id: volume_id.into(), ..Default::default() };
+    let s = client.clone().create_snapshot(req).await.expect("create snapshot").into_inner();
+    wait_snapshot(client, &s.id, "available").await
 }
 
 /// Waits until volume `id` is in a final state and returns it.

@@ -3,7 +3,7 @@
 //! and an incremental builds on the backup with the newest data not newer than what it backs up.
 
 use ember_fleet_tests::backups::{sha256, wait_backup_settled};
-use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_volume};
+use ember_fleet_tests::volumes::{new_snapshot, new_volume, wait_backend, wait_snapshot, wait_volume};
 use ember_fleet_tests::{Fleet, iscsi, wait_for};
 use ember_proto::v1::backup_service_client::BackupServiceClient;
 use ember_proto::v1::snapshot_service_client::SnapshotServiceClient;
@@ -64,26 +64,11 @@ impl Env {
     }
 
     async fn snapshot(&self, volume: &str) -> Snapshot {
-        let s = self
-            .snapshots
-            .clone()
-            .create_snapshot(CreateSnapshotRequest { volume_id: volume.into(), ..Default::default() })
-            .await
-            .unwrap()
-            .into_inner();
-        self.wait_snapshot(&s.id, "available").await
+        new_snapshot(&self.snapshots, volume).await
     }
 
     async fn wait_snapshot(&self, id: &str, status: &str) -> Snapshot {
-        wait_for(&format!("snapshot {id} to be {status}"), Duration::from_secs(60), || {
-            let mut c = self.snapshots.clone();
-            let id = id.to_string();
-            async move {
-                let s = c.get_snapshot(GetSnapshotRequest { id }).await.ok()?.into_inner();
-                (s.status == status).then_some(s)
-            }
-        })
-        .await
+        wait_snapshot(&self.snapshots, id, status).await
     }
 
     async fn start(&self, req: CreateBackupRequest) -> Backup {

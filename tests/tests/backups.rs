@@ -2,7 +2,7 @@
 //! sparse volumes, dedup, verification of damaged chunks, deletion rules and garbage collection.
 
 use ember_fleet_tests::backups::{backup_usage, sha256, wait_backup_settled};
-use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_settled, wait_volume};
+use ember_fleet_tests::volumes::{new_snapshot, new_volume, wait_backend, wait_settled, wait_volume};
 use ember_fleet_tests::{Fleet, iscsi, wait_for};
 use ember_proto::v1::backup_service_client::BackupServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
@@ -465,20 +465,7 @@ async fn a_coordinator_that_lost_its_database_adopts_the_repositorys_backups() {
     e.write(&v, 512 << 20, 4, 1 << 20);
     // The incremental reads a snapshot, which its manifest records with the snapshot's time.
     let snapshots = ember_proto::v1::snapshot_service_client::SnapshotServiceClient::new(e.fleet.member("alice", "p1"));
-    let snap = snapshots
-        .clone()
-        .create_snapshot(CreateSnapshotRequest { volume_id: v.clone(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
-    let snap = wait_for("the snapshot", Duration::from_secs(60), || {
-        let mut c = snapshots.clone();
-        let id = snap.id.clone();
-        async move {
-            Some(c.get_snapshot(GetSnapshotRequest { id }).await.ok()?.into_inner()).filter(|s| s.status == "available")
-        }
-    })
-    .await;
+    let snap = new_snapshot(&snapshots, &v).await;
     let incr = e
         .backups
         .clone()
@@ -603,20 +590,7 @@ async fn volumes_snapshots_and_backups_list_page_by_page() {
     }
     let (mut snaps, mut backups) = (Vec::new(), Vec::new());
     for i in 0..3 {
-        let s = snapshots
-            .clone()
-            .create_snapshot(CreateSnapshotRequest { volume_id: volumes[0].clone(), ..Default::default() })
-            .await
-            .unwrap()
-            .into_inner();
-        wait_for("the snapshot", Duration::from_secs(60), || {
-            let mut c = snapshots.clone();
-            let id = s.id.clone();
-            async move {
-                (c.get_snapshot(GetSnapshotRequest { id }).await.ok()?.into_inner().status == "available").then_some(())
-            }
-        })
-        .await;
+        let s = new_snapshot(&snapshots, &volumes[0]).await;
         snaps.push(s.id);
         backups.push(e.backup(&volumes[1], i > 0).await.id);
     }

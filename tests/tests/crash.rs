@@ -2,11 +2,15 @@
 //! create and delete; after a restart every volume converges, quota is exact and no backend holds an orphan.
 //! The orphan sweeper removes only what this coordinator made: a lost database destroys no volume.
 
-use ember_fleet_tests::volumes::{db_state, files_in, new_volume, wait_backend, wait_gone, wait_settled};
+use ember_fleet_tests::volumes::{
+    db_state, files_in, new_snapshot, new_volume, wait_backend, wait_gone, wait_settled, wait_volume,
+};
 use ember_fleet_tests::{Fleet, wait_for};
+use ember_proto::v1::snapshot_service_client::SnapshotServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
 use ember_proto::v1::*;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::time::Duration;
 use tonic::Code;
 
@@ -100,6 +104,8 @@ async fn a_coordinator_started_on_an_empty_database_destroys_no_volume_it_finds_
     let v = new_volume(&VolumeServiceClient::new(fleet.admin()), 1).await;
     let file = dir.join(format!("volume-{}", v.id));
     std::fs::OpenOptions::new().write(true).open(&file).unwrap().write_all_at(b"precious", 4096).unwrap();
+    let snap = new_snapshot(&SnapshotServiceClient::new(fleet.admin()), &v.id).await;
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().write_all_at(b"later...", 4096).unwrap();
 
     // The database is lost, and the coordinator starts again on an empty one; the agent registers with it.
     fleet.coordinator.as_mut().unwrap().kill();
@@ -109,9 +115,10 @@ async fn a_coordinator_started_on_an_empty_database_destroys_no_volume_it_finds_
     fleet.start_coordinator();
     wait_backend(&fleet, "storage1@file1").await;
     wait_left_alone(&fleet, &v.id).await;
-    let mut data = [0u8; 8];
-    std::fs::File::open(&file).unwrap().read_exact_at(&mut data, 4096).unwrap();
-    assert_eq!(&data, b"precious", "the volume the new database does not know is intact");
+    wait_left_alone(&fleet, &snap.id).await;
+    assert_eq!(&read_at(&file, 4096), b"later...", "the volume the new database does not know is intact");
+    let snap_file = dir.join(format!("snapshot-{}", snap.id));
+    assert_eq!(&read_at(&snap_file, 4096), b"precious", "and so is its snapshot");
 
     // An admin adopts it back (Cinder's manage); bad requests are refused, naming the problem, changing nothing.
     let manage = |pool: &str, id: &str| ManageVolumeRequest {
@@ -140,11 +147,88 @@ async fn a_coordinator_started_on_an_empty_database_destroys_no_volume_it_finds_
     assert_eq!(db_state(&fleet, "p1").await, (vec![(v.id.clone(), "available".into(), 1)], 1, 1), "counted once");
     let err = admin.clone().manage_volume(manage("storage1@file1", &v.id)).await.unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    adopt_the_snapshot(&fleet, &v.id, &snap.id, &snap_file).await;
 
     // It is the project's volume like any other: its owner deletes it, and the file goes.
     member.clone().delete_volume(DeleteVolumeRequest { id: v.id.clone() }).await.unwrap();
     wait_gone(&member, &v.id).await;
     assert!(!file.exists(), "the adopted volume's file is removed by its delete");
+}
+
+/// With its volume adopted, an admin adopts the snapshot the new database did not know (Cinder's
+/// snapshot-manage): it joins the volume's project and quotas, and is a snapshot like any other.
+async fn adopt_the_snapshot(fleet: &Fleet, volume: &str, snap: &str, snap_file: &Path) {
+    let manage = |volume: &str, id: &str| ManageSnapshotRequest {
+        volume_id: volume.into(),
+        id: id.into(),
+        ..Default::default()
+    };
+    let member = SnapshotServiceClient::new(fleet.member("alice", "p1"));
+    let err = member.clone().manage_snapshot(manage(volume, snap)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let admin = SnapshotServiceClient::new(fleet.admin());
+    let err = admin.clone().manage_snapshot(manage(volume, "not-a-uuid")).await.unwrap_err();
+    assert!(err.code() == Code::InvalidArgument && err.message().starts_with("id: "), "{err:?}");
+    let unknown = "0c0c0c0c-1d1d-4e2e-8f3f-4a4a4a4a4a4a";
+    let err = admin.clone().manage_snapshot(manage(unknown, snap)).await.unwrap_err();
+    assert!(err.code() == Code::NotFound && err.message().contains(unknown), "an unknown volume: {err:?}");
+    let err = admin.clone().manage_snapshot(manage(volume, unknown)).await.unwrap_err();
+    assert!(err.code() == Code::NotFound && err.message().contains("storage1@file1"), "not on its pool: {err:?}");
+    assert_eq!(snapshot_usage(fleet, "p1").await, (0, 1), "nothing was recorded");
+
+    let (ok, out, err) = fleet.cli(&["--json", "snapshot", "manage", volume, snap, "--name", "back"]);
+    assert!(ok, "{out}\n{err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((shown[0]["id"].as_str(), shown[0]["status"].as_str()), (Some(snap), Some("available")), "{shown}");
+    let adopted = member.clone().get_snapshot(GetSnapshotRequest { id: snap.into() }).await.unwrap().into_inner();
+    let facts = (adopted.volume_id.as_str(), adopted.project.as_str(), adopted.size_gb, adopted.name.as_str());
+    assert_eq!(facts, (volume, "p1", 1, "back"), "{adopted:?}");
+    assert_eq!(snapshot_usage(fleet, "p1").await, (1, 2), "counted once, as a snapshot and its gigabytes");
+    let err = admin.clone().manage_snapshot(manage(volume, snap)).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    let volumes = VolumeServiceClient::new(fleet.member("alice", "p1"));
+    let err = volumes.clone().delete_volume(DeleteVolumeRequest { id: volume.into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "its volume now keeps it: {err:?}");
+
+    // A volume made from it holds its data; deleting it removes its file.
+    let req = CreateVolumeRequest { size_gb: 1, snapshot_id: snap.into(), ..Default::default() };
+    let copy = volumes.clone().create_volume(req).await.unwrap().into_inner();
+    let copy = wait_volume(&volumes, &copy.id, "available").await;
+    let copy_file = snap_file.with_file_name(format!("volume-{}", copy.id));
+    assert_eq!(&read_at(&copy_file, 4096), b"precious", "the volume from the adopted snapshot");
+    volumes.clone().delete_volume(DeleteVolumeRequest { id: copy.id.clone() }).await.unwrap();
+    wait_gone(&volumes, &copy.id).await;
+    member.clone().delete_snapshot(DeleteSnapshotRequest { id: snap.into() }).await.unwrap();
+    wait_for("the adopted snapshot to be deleted", Duration::from_secs(60), || {
+        let mut c = member.clone();
+        async move { c.get_snapshot(GetSnapshotRequest { id: snap.into() }).await.is_err().then_some(()) }
+    })
+    .await;
+    assert!(!snap_file.exists(), "the adopted snapshot's file is removed by its delete");
+    assert_eq!(snapshot_usage(fleet, "p1").await, (0, 1), "its quota is given back");
+}
+
+/// `(snapshots, gigabytes)` in use by `project`: gigabytes count volumes and snapshots both.
+async fn snapshot_usage(fleet: &Fleet, project: &str) -> (i64, i64) {
+    let pool = fleet.db().await;
+    let mut used = [0i64; 2];
+    for (n, resource) in ["snapshots", "gigabytes"].into_iter().enumerate() {
+        used[n] = sqlx::query_scalar("SELECT in_use + reserved FROM quota_usages WHERE project = ? AND resource = ?")
+            .bind(project)
+            .bind(resource)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+            .unwrap_or(0);
+    }
+    pool.close().await;
+    (used[0], used[1])
+}
+
+fn read_at(file: &Path, offset: u64) -> [u8; 8] {
+    let mut data = [0u8; 8];
+    std::fs::File::open(file).unwrap().read_exact_at(&mut data, offset).unwrap();
+    data
 }
 
 /// Waits until the coordinator reports that it leaves the file of `id`, which it has no record of, alone.

@@ -24,8 +24,17 @@ fn parse_pool(pool: &str) -> Result<(&str, &str)> {
 }
 
 /// Whole GiB in `bytes`, or `None` when it is not a whole number of them (ember makes volumes in whole GiB).
-fn whole_gib(bytes: u64) -> Option<u64> {
+pub(crate) fn whole_gib(bytes: u64) -> Option<u64> {
     (bytes > 0 && bytes.is_multiple_of(1 << 30)).then_some(bytes >> 30)
+}
+
+/// The error for an agent's refusal to inspect `kind` `id` on `pool`: NOT_FOUND when it holds none, else why
+/// it would not (the agent is down, the data is partial).
+pub(crate) fn refused_by_agent(kind: &'static str, id: &str, pool: &str, status: &tonic::Status) -> Error {
+    match status.code() {
+        tonic::Code::NotFound => Error::not_found(kind, format!("{id} on {pool}")),
+        _ => Error::FailedPrecondition(format!("asking {pool}: {}", status.message())),
+    }
 }
 
 /// Adopts volume `req.id` of pool `req.pool`: the agent must hold it, and no volume of that id may be known.
@@ -54,10 +63,7 @@ pub async fn manage(ctx: &Ctx, who: &Identity, req: ManageVolumeRequest) -> Resu
         .await?
         .inspect_volume(agent::InspectVolumeRequest { volume_id: req.id.clone(), backend: backend.to_string() })
         .await
-        .map_err(|s| match s.code() {
-            tonic::Code::NotFound => Error::not_found("volume", format!("{} on {}", req.id, req.pool)),
-            _ => Error::FailedPrecondition(format!("asking {}: {}", req.pool, s.message())),
-        })?
+        .map_err(|s| refused_by_agent("volume", &req.id, &req.pool, &s))?
         .into_inner();
     let size_gb = whole_gib(held.size_bytes).ok_or_else(|| {
         Error::FailedPrecondition(format!(

@@ -1,5 +1,8 @@
 //! Snapshots: `ember.v1.SnapshotService` and the durable create/delete flows. A snapshot lives on its
-//! volume's backend; volumes made from it are placed there too.
+//! volume's backend; volumes made from it are placed there too. Adopting one the coordinator has no record
+//! of is [`manage`].
+
+pub mod manage;
 
 use crate::auth::{can_see, who};
 use crate::clock::{now_ms, timestamp};
@@ -313,6 +316,11 @@ impl SnapshotService for Snapshots {
         let mut rows: Vec<_> = rows.iter().map(from_row).collect();
         let next = page.cut(&mut rows, |s| (s.created_at, s.id.as_str()));
         Ok(Response::new(ListSnapshotsResponse { snapshots: rows.iter().map(to_proto).collect(), page: Some(next) }))
+    }
+
+    async fn manage_snapshot(&self, req: Request<ManageSnapshotRequest>) -> Result<Response<Snapshot>, Status> {
+        let who = who(&req)?;
+        Ok(Response::new(manage::manage(&self.ctx, &who, req.into_inner()).await?))
     }
 
     async fn delete_snapshot(
