@@ -46,6 +46,17 @@ enum SnapshotAction {
         /// Snapshot id.
         id: String,
     },
+    /// Rename a snapshot or change its description.
+    Update {
+        /// Snapshot id.
+        id: String,
+        /// New name.
+        #[arg(long)]
+        name: Option<String>,
+        /// New description.
+        #[arg(long)]
+        description: Option<String>,
+    },
     /// Admin: adopt a snapshot the volume's backend holds that the coordinator has no record of (after its
     /// database was lost or replaced). Adopt the volume first (`ember volume manage`).
     Manage {
@@ -74,7 +85,7 @@ fn print(list: &[Snapshot], json: bool) {
     if json {
         let items: Vec<_> = list
             .iter()
-            .map(|s| serde_json::json!({"id": s.id, "volume_id": s.volume_id, "name": s.name, "status": s.status, "status_reason": s.status_reason, "size_gb": s.size_gb, "created_at": output::time(&s.created_at)}))
+            .map(|s| serde_json::json!({"id": s.id, "project": s.project, "volume_id": s.volume_id, "name": s.name, "description": s.description, "status": s.status, "status_reason": s.status_reason, "size_gb": s.size_gb, "created_at": output::time(&s.created_at)}))
             .collect();
         output::json(&serde_json::Value::Array(items));
         return;
@@ -144,6 +155,10 @@ pub async fn run(cmd: SnapshotCmd, conn: &ConnectArgs, json: bool) -> Result<(),
         }
         SnapshotAction::Show { id } => {
             print(&[client.get_snapshot(GetSnapshotRequest { id }).await?.into_inner()], json)
+        }
+        SnapshotAction::Update { id, name, description } => {
+            let req = UpdateSnapshotRequest { id, name, description };
+            print(&[client.update_snapshot(req).await?.into_inner()], json);
         }
         SnapshotAction::Manage { volume, id, name, description } => {
             let req = ManageSnapshotRequest { volume_id: volume, id, name, description };

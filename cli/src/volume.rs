@@ -85,6 +85,26 @@ enum VolumeAction {
         /// Volume id.
         id: String,
     },
+    /// Rename a volume, change its description or bootable flag, or set and unset its metadata.
+    Update {
+        /// Volume id.
+        id: String,
+        /// New name.
+        #[arg(long)]
+        name: Option<String>,
+        /// New description.
+        #[arg(long)]
+        description: Option<String>,
+        /// Mark bootable (`true`) or not (`false`).
+        #[arg(long)]
+        bootable: Option<bool>,
+        /// Metadata `key=value` to set (repeatable).
+        #[arg(long = "property")]
+        properties: Vec<String>,
+        /// Metadata key to remove (repeatable).
+        #[arg(long = "unset-property")]
+        unset_properties: Vec<String>,
+    },
     /// Delete a volume.
     Delete {
         /// Volume id.
@@ -312,6 +332,18 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
         VolumeAction::Show { id } => {
             let v = client.get_volume(GetVolumeRequest { id }).await?.into_inner();
             print_volumes(&[v], json);
+            Ok(())
+        }
+        VolumeAction::Update { id, name, description, bootable, properties, unset_properties } => {
+            let req = UpdateVolumeRequest {
+                id,
+                name,
+                description,
+                bootable,
+                set_metadata: crate::types::parse_pairs(&properties)?,
+                unset_metadata: unset_properties,
+            };
+            print_volumes(&[client.update_volume(req).await?.into_inner()], json);
             Ok(())
         }
         VolumeAction::Delete { id, wait } => {

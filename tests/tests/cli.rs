@@ -143,7 +143,8 @@ fn free_port_block() -> u16 {
     panic!("no free block of four ports");
 }
 
-/// A person's volume workflow with the CLI: create with --wait, snapshot, clone from it, extend, list, delete.
+/// A person's volume workflow with the CLI: create with --wait, snapshot, update both, clone from the snapshot,
+/// extend, list, delete.
 #[tokio::test]
 async fn volume_workflow_through_the_cli() {
     let mut fleet = Fleet::new();
@@ -167,6 +168,24 @@ async fn volume_workflow_through_the_cli() {
     let s = json(&["snapshot", "create", &id, "--name", "snap1", "--wait"]);
     assert_eq!(s[0]["status"], "available");
     let sid = s[0]["id"].as_str().unwrap().to_string();
+    let update = format!("volume update {id} --name web2 --description front-end --bootable true --property owner=ops");
+    let updated = json(&format!("{update} --unset-property tier").split(' ').collect::<Vec<_>>());
+    let facts = (&updated[0]["name"], &updated[0]["description"], &updated[0]["bootable"], &updated[0]["metadata"]);
+    assert_eq!(facts, (&"web2".into(), &"front-end".into(), &true.into(), &serde_json::json!({"owner": "ops"})));
+    let renamed = json(&["snapshot", "update", &sid, "--name", "before-upgrade", "--description", "weekly"]);
+    assert_eq!((&renamed[0]["name"], &renamed[0]["description"]), (&"before-upgrade".into(), &"weekly".into()));
+    let shown = json(&["snapshot", "show", &sid]);
+    assert_eq!((&shown[0]["name"], &shown[0]["status"]), (&"before-upgrade".into(), &"available".into()));
+    let long = "n".repeat(256);
+    let (ok, _, err) = fleet.cli(&["volume", "update", &id, "--name", &long, "--description", "lost"]);
+    assert!(!ok && err.starts_with("ember: INVALID_ARGUMENT: name:"), "{err}");
+    let (ok, _, err) = fleet.cli(&["snapshot", "update", &sid, "--name", &long, "--description", "lost"]);
+    assert!(!ok && err.starts_with("ember: INVALID_ARGUMENT: name:"), "{err}");
+    let (ok, _, err) = fleet.cli(&["snapshot", "update", "not-a-uuid", "--name", "x"]);
+    assert!(!ok && err.starts_with("ember: INVALID_ARGUMENT: id:"), "{err}");
+    let (v, s) = (json(&["volume", "show", &id]), json(&["snapshot", "show", &sid]));
+    let unchanged = (&v[0]["name"], &v[0]["description"], &s[0]["name"], &s[0]["description"]);
+    assert_eq!(unchanged, (&"web2".into(), &"front-end".into(), &"before-upgrade".into(), &"weekly".into()));
     let from = json(&["volume", "create", "--snapshot", &sid, "--wait"]);
     assert_eq!((from[0]["status"].as_str(), from[0]["size_gb"].as_u64()), (Some("available"), Some(1)));
     let ext = json(&["volume", "extend", &id, "2", "--wait"]);

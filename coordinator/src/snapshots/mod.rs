@@ -180,6 +180,28 @@ impl Snapshots {
         Ok(to_proto(&s))
     }
 
+    async fn update(&self, who: &Identity, req: UpdateSnapshotRequest) -> Result<Snapshot> {
+        validate::uuid("id", &req.id)?;
+        if let Some(n) = &req.name {
+            validate::text("name", n, 255)?;
+        }
+        if let Some(d) = &req.description {
+            validate::text("description", d, 255)?;
+        }
+        let mut tx = crate::db::write(&self.ctx.db).await?;
+        let s = visible(&mut tx, who, &req.id).await?;
+        sqlx::query("UPDATE snapshots SET name = ?, description = ?, updated_at = ? WHERE id = ?")
+            .bind(req.name.as_ref().unwrap_or(&s.name))
+            .bind(req.description.as_ref().unwrap_or(&s.description))
+            .bind(now_ms())
+            .bind(&s.id)
+            .execute(&mut *tx)
+            .await?;
+        let s = find(&mut tx, &s.id).await?.ok_or_else(|| Error::not_found("snapshot", &req.id))?;
+        tx.commit().await?;
+        Ok(to_proto(&s))
+    }
+
     async fn delete(&self, who: &Identity, id: &str) -> Result<()> {
         validate::uuid("id", id)?;
         let mut tx = crate::db::write(&self.ctx.db).await?;
@@ -316,6 +338,11 @@ impl SnapshotService for Snapshots {
         let mut rows: Vec<_> = rows.iter().map(from_row).collect();
         let next = page.cut(&mut rows, |s| (s.created_at, s.id.as_str()));
         Ok(Response::new(ListSnapshotsResponse { snapshots: rows.iter().map(to_proto).collect(), page: Some(next) }))
+    }
+
+    async fn update_snapshot(&self, req: Request<UpdateSnapshotRequest>) -> Result<Response<Snapshot>, Status> {
+        let who = who(&req)?;
+        Ok(Response::new(self.update(&who, req.into_inner()).await?))
     }
 
     async fn manage_snapshot(&self, req: Request<ManageSnapshotRequest>) -> Result<Response<Snapshot>, Status> {
