@@ -6,6 +6,10 @@
 //! It removes only what this coordinator made: a file whose id no operation of its names. A database that was
 //! lost, replaced by an empty one or restored from an older copy knows nothing of volumes made since, and those
 //! files are someone's data: they are left alone and reported once each, for an operator to look into.
+//!
+//! The other way round, a settled volume or snapshot the database places on a backend that does not hold it (a
+//! database restored from an older copy that still lists what was deleted since, or data removed by hand) is
+//! reported once too; its record is left as it is.
 
 use crate::clock::now_ms;
 use crate::context::Ctx;
@@ -47,6 +51,57 @@ fn report_unknown(kind: &str, id: &str, pool: &str) {
     }
 }
 
+/// Logs, once per process, that the database records `kind` `id` on `pool` but the backend does not hold it.
+fn report_missing(kind: &str, id: &str, pool: &str) {
+    let mut reported = REPORTED.lock().expect("reported");
+    if reported.get_or_insert_with(HashSet::new).insert(format!("missing {pool}/{id}")) {
+        tracing::error!(
+            id,
+            pool,
+            "{kind} {id} is recorded on {pool}, but the backend does not hold it (a database restored from an older \
+             copy, or data removed by hand?)"
+        );
+    }
+}
+
+/// Reports the settled volumes and snapshots recorded on `host@backend` that `held` (listed at `listed_at`)
+/// lacks. Only rows last changed before the listing count: a create that finished since may have made its file
+/// after the agent listed its files.
+async fn report_records_without_data(
+    ctx: &Ctx,
+    host: &str,
+    backend: &str,
+    held: &agent::ListResourcesResponse,
+    listed_at: i64,
+) -> Result<()> {
+    let pool = format!("{host}@{backend}");
+    let volumes: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM volumes WHERE host = ? AND backend = ? AND status IN ('available', 'in-use') \
+         AND updated_at < ?",
+    )
+    .bind(host)
+    .bind(backend)
+    .bind(listed_at)
+    .fetch_all(&ctx.db)
+    .await?;
+    for id in volumes.iter().filter(|id| !held.volume_ids.contains(id)) {
+        report_missing("volume", id, &pool);
+    }
+    let snapshots: Vec<String> = sqlx::query_scalar(
+        "SELECT s.id FROM snapshots s JOIN volumes v ON v.id = s.volume_id WHERE v.host = ? AND v.backend = ? \
+         AND s.status = 'available' AND s.updated_at < ?",
+    )
+    .bind(host)
+    .bind(backend)
+    .bind(listed_at)
+    .fetch_all(&ctx.db)
+    .await?;
+    for id in snapshots.iter().filter(|id| !held.snapshot_ids.contains(id)) {
+        report_missing("snapshot", id, &pool);
+    }
+    Ok(())
+}
+
 /// Snapshots that running backups of in-use volumes made and still read.
 async fn temporary_snapshots(ctx: &Ctx) -> Result<Vec<String>> {
     Ok(sqlx::query_scalar(
@@ -71,10 +126,12 @@ pub async fn sweep(ctx: &Ctx) -> Result<usize> {
             continue;
         }
         let Ok(mut client) = ctx.agents.storage(&host).await else { continue };
+        let listed_at = now_ms();
         let Ok(held) = client.list_resources(agent::ListResourcesRequest { backend: backend.clone() }).await else {
             continue;
         };
         let held = held.into_inner();
+        report_records_without_data(ctx, &host, &backend, &held, listed_at).await?;
         let placed: HashSet<String> = sqlx::query_scalar("SELECT id FROM volumes WHERE host = ? AND backend = ?")
             .bind(&host)
             .bind(&backend)

@@ -28,6 +28,9 @@ pub struct Record {
     pub origin_volume: Option<String>,
     /// True when a copy into it never finished (a thick LV still tagged incomplete): its data is partial.
     pub incomplete: bool,
+    /// True when ember did not make it: an LV without ember's owner tag, which the agent never lists (so the
+    /// coordinator could not look after it) and does not take over.
+    pub foreign: bool,
 }
 
 /// A configured backend.

@@ -190,12 +190,14 @@ pub fn lv_name(kind: Kind, id: &uuid::Uuid) -> String {
 }
 
 /// A snapshot's origin volume (ember's snapshots are taken of volumes, named `volume-<id>`; a thin volume's
-/// origin is only where its blocks came from), and whether the LV still carries the tag of an unfinished copy.
+/// origin is only where its blocks came from), whether the LV still carries the tag of an unfinished copy, and
+/// whether it lacks ember's owner tag.
 fn record_of(lv: &Lv) -> Record {
     let snapshot = lv.name.starts_with("_snapshot-");
     Record {
         origin_volume: lv.origin.strip_prefix("volume-").filter(|_| snapshot).map(str::to_string),
         incomplete: lv.tags.iter().any(|t| t == INCOMPLETE_TAG),
+        foreign: !lv.tags.iter().any(|t| t == OWNER_TAG),
     }
 }
 
@@ -541,15 +543,19 @@ mod tests {
     }
 
     #[test]
-    fn records_a_snapshots_origin_volume_and_an_unfinished_copy() {
+    fn records_a_snapshots_origin_volume_an_unfinished_copy_and_a_foreign_lv() {
+        // This capture predates the owner tag; the tags are set here as the agent sets them.
         let lvs = parse_lvs(LVS).unwrap();
-        let snap = lvs.iter().find(|lv| lv.name.starts_with("_snapshot-4444")).unwrap();
+        let owned = |name: &str, tags: &[&str]| {
+            let lv = lvs.iter().find(|lv| lv.name.starts_with(name)).unwrap();
+            Lv { tags: tags.iter().map(|t| t.to_string()).collect(), ..lv.clone() }
+        };
+        let snap = owned("_snapshot-4444", &[OWNER_TAG]);
         let origin = Some("33333333-3333-3333-3333-333333333333".to_string());
-        assert_eq!(record_of(snap), Record { origin_volume: origin, incomplete: false });
-        let thick = lvs.iter().find(|lv| lv.name == "volume-11111111-1111-1111-1111-111111111111").unwrap();
-        assert_eq!(record_of(thick), Record::default());
-        let copying = Lv { tags: vec![OWNER_TAG.into(), INCOMPLETE_TAG.into()], ..thick.clone() };
-        assert!(record_of(&copying).incomplete);
+        assert_eq!(record_of(&snap), Record { origin_volume: origin, ..Record::default() });
+        assert_eq!(record_of(&owned("volume-1111", &[OWNER_TAG])), Record::default());
+        assert!(record_of(&owned("volume-1111", &[OWNER_TAG, INCOMPLETE_TAG])).incomplete);
+        assert!(record_of(&owned("volume-1111", &["ember-volume"])).foreign);
     }
 
     #[test]

@@ -48,6 +48,12 @@ impl Storage {
             .record(kind, id)
             .await?
             .ok_or_else(|| AgentError::NotFound(format!("{} {id} on backend {backend}", kind.noun())))?;
+        if record.foreign {
+            return Err(AgentError::FailedPrecondition(format!(
+                "{} {id} on backend {backend} was not made by ember (its LV lacks the `ember` tag)",
+                kind.noun()
+            )));
+        }
         let path = b.path(kind, id);
         // Off the async threads: the file may be on an NFS mount.
         let size = tokio::task::spawn_blocking(move || crate::sparse::byte_len(&std::fs::File::open(&path)?))

@@ -186,6 +186,11 @@ for kind in thick thin; do
     ember volume manage storage1@thick "$partial" >/dev/null 2>"$W/refused"
     check "thick: adopting a volume whose copy never finished is refused" grep -q "never finished" "$W/refused"
     lvremove -q -y "$vg/volume-$partial" >/dev/null
+    # An LV that only looks like ember's (no owner tag): the agent never lists it, so it is not taken over.
+    lvcreate -q -y -L 1g -n "volume-$partial" "$vg" >/dev/null
+    ember volume manage storage1@thick "$partial" >/dev/null 2>"$W/refused"
+    check "thick: adopting an LV ember did not make is refused" grep -q "not made by ember" "$W/refused"
+    lvremove -q -y "$vg/volume-$partial" >/dev/null
   fi
 
   # A marker in the clone, then where it sits on the disk (a linear LV: "0 <len> linear <dev> <start>").

@@ -231,6 +231,37 @@ fn read_at(file: &Path, offset: u64) -> [u8; 8] {
     data
 }
 
+#[tokio::test]
+async fn a_record_whose_data_the_backend_no_longer_holds_is_reported_and_left_as_it_is() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, dir) = fleet.file_backend("file1", "");
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    wait_backend(&fleet, "storage1@file1").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let (v, kept) = (new_volume(&volumes, 1).await, new_volume(&volumes, 1).await);
+    let snap = new_snapshot(&SnapshotServiceClient::new(fleet.admin()), &v.id).await;
+    // As a database restored from an older copy sees it: the data went, the records stayed.
+    std::fs::remove_file(dir.join(format!("volume-{}", v.id))).unwrap();
+    std::fs::remove_file(dir.join(format!("snapshot-{}", snap.id))).unwrap();
+    let coordinator = fleet.coordinator.as_ref().unwrap();
+    let reported = |id: &str| {
+        let id = id.to_string();
+        move || {
+            let log = coordinator.log_text();
+            let found = log.lines().any(|l| l.contains(&id) && l.contains("the backend does not hold it"));
+            async move { found.then_some(()) }
+        }
+    };
+    wait_for("the volume reported", Duration::from_secs(30), reported(&v.id)).await;
+    wait_for("the snapshot reported", Duration::from_secs(30), reported(&snap.id)).await;
+    let log = coordinator.log_text();
+    assert!(!log.contains(&format!("{} is recorded", kept.id)), "a volume whose file is there is not reported");
+    assert_eq!(log.matches(&format!("volume {} is recorded", v.id)).count(), 1, "reported once:\n{log}");
+    let after = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(after.status, "available", "the record is left for an operator to decide on");
+}
+
 /// Waits until the coordinator reports that it leaves the file of `id`, which it has no record of, alone.
 async fn wait_left_alone(fleet: &Fleet, id: &str) {
     let coordinator = fleet.coordinator.as_ref().unwrap();
