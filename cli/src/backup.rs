@@ -106,12 +106,8 @@ enum BackupAction {
     Update {
         /// Backup id.
         id: String,
-        /// New name.
-        #[arg(long)]
-        name: Option<String>,
-        /// New description.
-        #[arg(long)]
-        description: Option<String>,
+        #[command(flatten)]
+        renaming: output::Renaming,
     },
     /// Re-read and re-hash every chunk of a backup.
     Verify {
@@ -412,7 +408,7 @@ pub async fn run(cmd: BackupCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                 )));
             }
         }
-        BackupAction::Update { id, name, description } => {
+        BackupAction::Update { id, renaming: output::Renaming { name, description } } => {
             let b = client.update_backup(UpdateBackupRequest { id, name, description }).await?.into_inner();
             print(&[b], json);
         }

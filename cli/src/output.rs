@@ -1,4 +1,4 @@
-//! Printing: aligned tables for people, JSON for scripts.
+//! Printing: aligned tables for people, JSON for scripts; and the flags several commands share.
 
 use prost_types::Timestamp;
 
@@ -47,4 +47,15 @@ where
             return Ok(all);
         }
     }
+}
+
+/// A new name and description for an update; either may be left out to keep it.
+#[derive(Debug, clap::Args)]
+pub struct Renaming {
+    /// New name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// New description.
+    #[arg(long)]
+    pub description: Option<String>,
 }

@@ -50,12 +50,8 @@ enum SnapshotAction {
     Update {
         /// Snapshot id.
         id: String,
-        /// New name.
-        #[arg(long)]
-        name: Option<String>,
-        /// New description.
-        #[arg(long)]
-        description: Option<String>,
+        #[command(flatten)]
+        renaming: output::Renaming,
     },
     /// Admin: adopt a snapshot the volume's backend holds that the coordinator has no record of (after its
     /// database was lost or replaced). Adopt the volume first (`ember volume manage`).
@@ -156,7 +152,7 @@ pub async fn run(cmd: SnapshotCmd, conn: &ConnectArgs, json: bool) -> Result<(),
         SnapshotAction::Show { id } => {
             print(&[client.get_snapshot(GetSnapshotRequest { id }).await?.into_inner()], json)
         }
-        SnapshotAction::Update { id, name, description } => {
+        SnapshotAction::Update { id, renaming: output::Renaming { name, description } } => {
             let req = UpdateSnapshotRequest { id, name, description };
             print(&[client.update_snapshot(req).await?.into_inner()], json);
         }

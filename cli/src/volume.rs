@@ -89,12 +89,8 @@ enum VolumeAction {
     Update {
         /// Volume id.
         id: String,
-        /// New name.
-        #[arg(long)]
-        name: Option<String>,
-        /// New description.
-        #[arg(long)]
-        description: Option<String>,
+        #[command(flatten)]
+        renaming: output::Renaming,
         /// Mark bootable (`true`) or not (`false`).
         #[arg(long)]
         bootable: Option<bool>,
@@ -334,7 +330,13 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
             print_volumes(&[v], json);
             Ok(())
         }
-        VolumeAction::Update { id, name, description, bootable, properties, unset_properties } => {
+        VolumeAction::Update {
+            id,
+            renaming: output::Renaming { name, description },
+            bootable,
+            properties,
+            unset_properties,
+        } => {
             let req = UpdateVolumeRequest {
                 id,
                 name,
