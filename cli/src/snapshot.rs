@@ -67,6 +67,11 @@ enum SnapshotAction {
         #[arg(long, default_value = "")]
         description: String,
     },
+    /// Admin: forget an available snapshot, leaving its data on the backend (`manage` takes it back).
+    Unmanage {
+        /// Snapshot id.
+        id: String,
+    },
     /// Delete a snapshot.
     Delete {
         /// Snapshot id.
@@ -159,6 +164,10 @@ pub async fn run(cmd: SnapshotCmd, conn: &ConnectArgs, json: bool) -> Result<(),
         SnapshotAction::Manage { volume, id, name, description } => {
             let req = ManageSnapshotRequest { volume_id: volume, id, name, description };
             print(&[client.manage_snapshot(req).await?.into_inner()], json);
+        }
+        SnapshotAction::Unmanage { id } => {
+            client.unmanage_snapshot(UnmanageSnapshotRequest { id: id.clone() }).await?;
+            println!("snapshot {id} unmanaged; its data stays on the backend");
         }
         SnapshotAction::Delete { id, wait: w } => {
             client.delete_snapshot(DeleteSnapshotRequest { id: id.clone() }).await?;

@@ -101,6 +101,15 @@ enum VolumeAction {
         #[arg(long = "unset-property")]
         unset_properties: Vec<String>,
     },
+    /// Admin: stop managing an available volume without snapshots, leaving its data on the backend (`manage`
+    /// takes it back, into any project).
+    Unmanage {
+        /// Volume id.
+        id: String,
+        /// Wait until ember has let go of it.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Delete a volume.
     Delete {
         /// Volume id.
@@ -346,6 +355,14 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                 unset_metadata: unset_properties,
             };
             print_volumes(&[client.update_volume(req).await?.into_inner()], json);
+            Ok(())
+        }
+        VolumeAction::Unmanage { id, wait } => {
+            let v = client.unmanage_volume(UnmanageVolumeRequest { id: id.clone() }).await?.into_inner();
+            if wait && let Some(v) = wait_volume(&mut client, &id).await? {
+                return Err(CliError::Other(format!("volume {} is {}: {}", v.id, v.status, v.status_reason)));
+            }
+            println!("volume {} {}; its data stays on {}", v.id, if wait { "unmanaged" } else { "unmanaging" }, v.host);
             Ok(())
         }
         VolumeAction::Delete { id, wait } => {

@@ -72,6 +72,19 @@ pub async fn advance(conn: &mut SqliteConnection, op: &mut Op, step: &str) -> Re
     Ok(())
 }
 
+/// Records an operation that was done whole inside the caller's transaction, with no agent to call: kept, like
+/// every operation, as the history the orphan sweeper reads.
+pub async fn record_done(
+    conn: &mut SqliteConnection,
+    kind: &str,
+    resource_type: &str,
+    resource_id: &str,
+) -> Result<()> {
+    let id = insert(conn, kind, resource_type, resource_id, "done", serde_json::json!({})).await?;
+    sqlx::query("UPDATE operations SET state = 'done' WHERE id = ?").bind(&id).execute(&mut *conn).await?;
+    Ok(())
+}
+
 /// Ends an operation.
 pub async fn finish(conn: &mut SqliteConnection, op: &Op, failed: Option<&str>) -> Result<()> {
     sqlx::query("UPDATE operations SET state = ?, error = ?, updated_at = ? WHERE id = ?")
@@ -174,6 +187,7 @@ async fn run(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         "create_volume" => crate::volumes::flow::create(ctx, op).await,
         "delete_volume" => crate::volumes::flow::delete(ctx, op).await,
         "extend_volume" => crate::volumes::flow::extend(ctx, op).await,
+        "unmanage_volume" => crate::volumes::manage::unmanage_flow(ctx, op).await,
         "create_snapshot" => crate::snapshots::create_flow(ctx, op).await,
         "delete_snapshot" => crate::snapshots::delete_flow(ctx, op).await,
         "create_backup" => crate::backups::create_flow(ctx, op).await,

@@ -3,9 +3,10 @@
 //! its record). It lists the agent first and reads the database second, so a volume placed on the backend
 //! while the sweep runs is always seen as placed, never as an orphan.
 //!
-//! It removes only what this coordinator made: a file whose id no operation of its names. A database that was
-//! lost, replaced by an empty one or restored from an older copy knows nothing of volumes made since, and those
-//! files are someone's data: they are left alone and reported once each, for an operator to look into.
+//! It removes only what this coordinator made: a file whose id no operation of its names, or one it has let go
+//! of (unmanaged), is not. A database that was lost, replaced by an empty one or restored from an older copy
+//! knows nothing of volumes made since, and those files are someone's data: they are left alone and reported
+//! once each, for an operator to look into.
 //!
 //! The other way round, a settled volume or snapshot the database places on a backend that does not hold it (a
 //! database restored from an older copy that still lists what was deleted since, or data removed by hand) is
@@ -19,35 +20,45 @@ use sqlx::Row;
 use std::collections::HashSet;
 use std::sync::Mutex;
 
-/// Files left alone already reported, so each is reported once per coordinator process.
+/// Reports already logged, so each is logged once per coordinator process (per spell, see [`Unknown`]).
 static REPORTED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
 
-/// Whether an operation of this coordinator ever named `id`: as the volume or snapshot it was about, or as the
-/// temporary snapshot a forced backup made.
-async fn made_here(ctx: &Ctx, id: &str) -> Result<bool> {
-    Ok(sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM operations WHERE resource_id = ?1) \
-         OR EXISTS (SELECT 1 FROM operations WHERE kind = 'create_backup' \
-                    AND json_extract(payload, '$.temp_snapshot') = ?1)",
+/// What this coordinator's operations say of a file on a backend that its database does not place there.
+enum Unknown {
+    /// It made the file and has not let go of it: an orphan, to remove.
+    Orphan,
+    /// Not its to remove: made elsewhere, or before the database it has (`since` is empty), or let go of by
+    /// the unmanage operation `since`. Each such spell is reported once.
+    LeftAlone { since: String },
+}
+
+/// Whether this coordinator made `id` and has not let go of it since: the latest of its operations that named
+/// it as the volume or snapshot it was about is not an unmanage, or a forced backup named it as the temporary
+/// snapshot it made.
+async fn classify(ctx: &Ctx, id: &str) -> Result<Unknown> {
+    let (latest, kind, temporary): (Option<String>, Option<String>, bool) = sqlx::query_as(
+        "SELECT latest.id, latest.kind, EXISTS (SELECT 1 FROM operations WHERE kind = 'create_backup' \
+                                                AND json_extract(payload, '$.temp_snapshot') = ?1) \
+         FROM (SELECT 1) LEFT JOIN (SELECT id, kind FROM operations WHERE resource_id = ?1 \
+                                    ORDER BY created_at DESC, rowid DESC LIMIT 1) AS latest",
     )
     .bind(id)
     .fetch_one(&ctx.db)
-    .await?)
+    .await?;
+    let let_go = matches!(kind.as_deref(), None | Some("unmanage_volume" | "unmanage_snapshot"));
+    Ok(if temporary || !let_go { Unknown::Orphan } else { Unknown::LeftAlone { since: latest.unwrap_or_default() } })
 }
 
-/// Logs, once per process, that `kind` file `id` on `pool` is left alone, and how an admin adopts it.
-fn report_unknown(kind: &str, id: &str, pool: &str) {
+/// Logs, once per spell, that `kind` file `id` on `pool` is left alone, and how an admin adopts it.
+fn report_unknown(kind: &str, id: &str, pool: &str, since: &str) {
     let mut reported = REPORTED.lock().expect("reported");
-    if reported.get_or_insert_with(HashSet::new).insert(format!("{pool}/{id}")) {
+    if reported.get_or_insert_with(HashSet::new).insert(format!("{pool}/{id}/{since}")) {
         let adopt = match kind {
             "volume" => format!("`ember volume manage {pool} {id}` adopts it"),
             _ => format!("`ember snapshot manage VOLUME {id}` adopts it once its volume is known"),
         };
-        tracing::warn!(
-            id,
-            pool,
-            "a {kind} file this coordinator has no record of is left alone (a lost or replaced database?); {adopt}"
-        );
+        let why = if since.is_empty() { "a lost or replaced database?" } else { "it was unmanaged" };
+        tracing::warn!(id, pool, "a {kind} file this coordinator has no record of is left alone ({why}); {adopt}");
     }
 }
 
@@ -151,8 +162,8 @@ pub async fn sweep(ctx: &Ctx) -> Result<usize> {
         .collect();
         let pool = format!("{host}@{backend}");
         for id in held.volume_ids.iter().filter(|id| !placed.contains(*id)) {
-            if !made_here(ctx, id).await? {
-                report_unknown("volume", id, &pool);
+            if let Unknown::LeftAlone { since } = classify(ctx, id).await? {
+                report_unknown("volume", id, &pool, &since);
                 continue;
             }
             tracing::warn!(volume_id = %id, %host, %backend, "removing orphaned volume file");
@@ -165,8 +176,8 @@ pub async fn sweep(ctx: &Ctx) -> Result<usize> {
             }
         }
         for id in held.snapshot_ids.iter().filter(|id| !snapshots.contains(*id)) {
-            if !made_here(ctx, id).await? {
-                report_unknown("snapshot", id, &pool);
+            if let Unknown::LeftAlone { since } = classify(ctx, id).await? {
+                report_unknown("snapshot", id, &pool, &since);
                 continue;
             }
             tracing::warn!(snapshot_id = %id, %host, %backend, "removing orphaned snapshot file");

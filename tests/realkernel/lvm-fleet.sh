@@ -177,6 +177,10 @@ for kind in thick thin; do
   check "$kind: adopting it under another volume is refused, naming its origin" grep -q "is a snapshot of volume $vol" "$W/refused"
   check "$kind: adopting it under its volume makes it available" test "$(ember --json snapshot manage "$vol" "$hand" | json_field status)" = available
   check "$kind: ... of the volume's 2 GiB" test "$(ember --json snapshot show "$hand" | json_field size_gb)" = 2
+  ember snapshot unmanage "$hand" >/dev/null
+  check "$kind: an unmanaged snapshot is forgotten" absent ember snapshot show "$hand"
+  check "$kind: ... and the sweeper leaves its LV" wait_for 60 sh -c "grep $hand '$W/logs/coordinator.log' | grep -c 'is left alone' | grep -qx 2"
+  check "$kind: ... which manage takes back" test "$(ember --json snapshot manage "$vol" "$hand" | json_field status)" = available
   timed "$kind.adopted_snapshot_delete" ember snapshot delete "$hand" --wait >/dev/null
   check "$kind: deleting the adopted snapshot removed its LV" absent lvs "$vg/_snapshot-$hand"
   if [ $kind = thick ]; then

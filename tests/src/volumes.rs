@@ -113,27 +113,35 @@ pub fn files_in(dir: &Path) -> BTreeSet<String> {
         .collect()
 }
 
+/// What `project` uses of quota `resource` (in use plus reserved).
+pub async fn usage(fleet: &Fleet, project: &str, resource: &str) -> i64 {
+    let pool = fleet.db().await;
+    let used = sqlx::query_scalar("SELECT in_use + reserved FROM quota_usages WHERE project = ? AND resource = ?")
+        .bind(project)
+        .bind(resource)
+        .fetch_optional(&pool)
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    pool.close().await;
+    used
+}
+
 /// Every volume row's (id, status) and the committed quota use, read straight from the database.
 pub async fn db_state(fleet: &Fleet, project: &str) -> (Vec<(String, String, i64)>, i64, i64) {
     let pool = fleet.db().await;
     let rows: Vec<(String, String, i64)> =
         sqlx::query_as("SELECT id, status, size_gb FROM volumes ORDER BY id").fetch_all(&pool).await.unwrap();
-    let used = |r: &'static str| {
-        let pool = pool.clone();
-        let project = project.to_string();
-        async move {
-            sqlx::query_scalar::<_, i64>(
-                "SELECT in_use + reserved FROM quota_usages WHERE project = ? AND resource = ?",
-            )
-            .bind(project)
-            .bind(r)
-            .fetch_optional(&pool)
-            .await
-            .unwrap()
-            .unwrap_or(0)
-        }
-    };
-    let (volumes, gigabytes) = (used("volumes").await, used("gigabytes").await);
     pool.close().await;
-    (rows, volumes, gigabytes)
+    (rows, usage(fleet, project, "volumes").await, usage(fleet, project, "gigabytes").await)
+}
+
+/// Waits until the coordinator reports that it leaves the file of `id`, which it has no record of, alone: proof
+/// that a sweep passed over the file without removing it.
+pub async fn wait_left_alone(fleet: &Fleet, id: &str) {
+    let coordinator = fleet.coordinator.as_ref().unwrap();
+    wait_for(&format!("{id} reported and left alone"), Duration::from_secs(30), || async {
+        coordinator.log_text().lines().any(|l| l.contains(id) && l.contains("is left alone")).then_some(())
+    })
+    .await;
 }

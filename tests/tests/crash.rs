@@ -3,7 +3,8 @@
 //! The orphan sweeper removes only what this coordinator made: a lost database destroys no volume.
 
 use ember_fleet_tests::volumes::{
-    db_state, files_in, new_snapshot, new_volume, wait_backend, wait_gone, wait_settled, wait_volume,
+    db_state, files_in, new_snapshot, new_volume, usage, wait_backend, wait_gone, wait_left_alone, wait_settled,
+    wait_volume,
 };
 use ember_fleet_tests::{Fleet, wait_for};
 use ember_proto::v1::snapshot_service_client::SnapshotServiceClient;
@@ -210,19 +211,7 @@ async fn adopt_the_snapshot(fleet: &Fleet, volume: &str, snap: &str, snap_file: 
 
 /// `(snapshots, gigabytes)` in use by `project`: gigabytes count volumes and snapshots both.
 async fn snapshot_usage(fleet: &Fleet, project: &str) -> (i64, i64) {
-    let pool = fleet.db().await;
-    let mut used = [0i64; 2];
-    for (n, resource) in ["snapshots", "gigabytes"].into_iter().enumerate() {
-        used[n] = sqlx::query_scalar("SELECT in_use + reserved FROM quota_usages WHERE project = ? AND resource = ?")
-            .bind(project)
-            .bind(resource)
-            .fetch_optional(&pool)
-            .await
-            .unwrap()
-            .unwrap_or(0);
-    }
-    pool.close().await;
-    (used[0], used[1])
+    (usage(fleet, project, "snapshots").await, usage(fleet, project, "gigabytes").await)
 }
 
 fn read_at(file: &Path, offset: u64) -> [u8; 8] {
@@ -260,13 +249,4 @@ async fn a_record_whose_data_the_backend_no_longer_holds_is_reported_and_left_as
     assert_eq!(log.matches(&format!("volume {} is recorded", v.id)).count(), 1, "reported once:\n{log}");
     let after = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
     assert_eq!(after.status, "available", "the record is left for an operator to decide on");
-}
-
-/// Waits until the coordinator reports that it leaves the file of `id`, which it has no record of, alone.
-async fn wait_left_alone(fleet: &Fleet, id: &str) {
-    let coordinator = fleet.coordinator.as_ref().unwrap();
-    wait_for(&format!("{id} reported and left alone"), Duration::from_secs(30), || async {
-        coordinator.log_text().lines().any(|l| l.contains(id) && l.contains("is left alone")).then_some(())
-    })
-    .await;
 }

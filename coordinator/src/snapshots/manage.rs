@@ -1,7 +1,8 @@
 //! Adopting a snapshot a volume's backend holds that the coordinator has no record of, as Cinder's
 //! `snapshot-manage` does: after the database was lost or replaced, an admin first brings the volume back
 //! ([`crate::volumes::manage`]), then each of its snapshots, into the volume's project and quotas. Until then
-//! such a snapshot is left alone by the sweeper, and on LVM it keeps its volume from being deleted.
+//! such a snapshot is left alone by the sweeper, and on LVM it keeps its volume from being deleted. And the
+//! reverse, Cinder's `snapshot-unmanage`: ember forgets a snapshot and leaves its data where it is.
 
 use super::{SnapshotRow, find, to_proto};
 use crate::clock::now_ms;
@@ -9,10 +10,10 @@ use crate::context::Ctx;
 use crate::error::{Error, Result};
 use crate::volumes::manage::{refused_by_agent, whole_gib};
 use crate::volumes::store as volumes;
-use crate::{quota, validate};
+use crate::{operations, quota, validate};
 use ember_common::identity::{Identity, Role};
 use ember_proto::agent::v1 as agent;
-use ember_proto::v1::{ManageSnapshotRequest, Snapshot};
+use ember_proto::v1::{ManageSnapshotRequest, Snapshot, UnmanageSnapshotRequest};
 
 /// Volume states a snapshot can be adopted under: settled ones, where nothing is being made or removed.
 const SETTLED: [&str; 2] = ["available", "in-use"];
@@ -102,10 +103,41 @@ pub async fn manage(ctx: &Ctx, who: &Identity, req: ManageSnapshotRequest) -> Re
     .bind(now)
     .execute(&mut *tx)
     .await?;
+    operations::record_done(&mut tx, "manage_snapshot", "snapshot", &req.id).await?;
     let s: SnapshotRow = find(&mut tx, &req.id).await?.ok_or_else(|| Error::not_found("snapshot", &req.id))?;
     tx.commit().await?;
     tracing::warn!(snapshot_id = %req.id, volume_id = %v.id, %pool, project = %v.project, size_gb, "snapshot managed (adopted)");
     Ok(to_proto(&s))
+}
+
+/// Forgets snapshot `req.id`, which must be `available` and the source of no volume being made, and leaves its
+/// data on the backend. No agent is called (a snapshot has no export), so it is one transaction; the finished
+/// operation it records is what tells the sweeper to leave the file alone.
+pub async fn unmanage(ctx: &Ctx, who: &Identity, req: UnmanageSnapshotRequest) -> Result<()> {
+    if who.role != Role::Admin {
+        return Err(Error::PermissionDenied("only admins may unmanage a snapshot".into()));
+    }
+    validate::uuid("id", &req.id)?;
+    let mut tx = crate::db::write(&ctx.db).await?;
+    let s = find(&mut tx, &req.id).await?.ok_or_else(|| Error::not_found("snapshot", &req.id))?;
+    if s.status != "available" {
+        return Err(Error::FailedPrecondition(format!("snapshot {} is {}; unmanage needs available", s.id, s.status)));
+    }
+    let building: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM volumes WHERE source_snapshot_id = ? AND status = 'creating'")
+            .bind(&s.id)
+            .fetch_one(&mut *tx)
+            .await?;
+    if building > 0 {
+        return Err(Error::FailedPrecondition(format!("snapshot {} is the source of a volume being created", s.id)));
+    }
+    let v = volumes::find(&mut tx, &s.volume_id).await?.ok_or_else(|| Error::not_found("volume", &s.volume_id))?;
+    sqlx::query("DELETE FROM snapshots WHERE id = ?").bind(&s.id).execute(&mut *tx).await?;
+    ctx.quota.release(&mut tx, &s.project, &quota::snapshot_deltas(&v.volume_type_name, s.size_gb)).await?;
+    operations::record_done(&mut tx, "unmanage_snapshot", "snapshot", &s.id).await?;
+    tx.commit().await?;
+    tracing::warn!(snapshot_id = %s.id, volume_id = %v.id, "snapshot unmanaged; its data stays");
+    Ok(())
 }
 
 #[cfg(test)]

@@ -345,6 +345,15 @@ impl SnapshotService for Snapshots {
         Ok(Response::new(self.update(&who, req.into_inner()).await?))
     }
 
+    async fn unmanage_snapshot(
+        &self,
+        req: Request<UnmanageSnapshotRequest>,
+    ) -> Result<Response<UnmanageSnapshotResponse>, Status> {
+        let who = who(&req)?;
+        manage::unmanage(&self.ctx, &who, req.into_inner()).await?;
+        Ok(Response::new(UnmanageSnapshotResponse {}))
+    }
+
     async fn manage_snapshot(&self, req: Request<ManageSnapshotRequest>) -> Result<Response<Snapshot>, Status> {
         let who = who(&req)?;
         Ok(Response::new(manage::manage(&self.ctx, &who, req.into_inner()).await?))

@@ -495,6 +495,11 @@ impl VolumeService for Volumes {
         Ok(Response::new(super::manage::manage(&self.ctx, &who, req.into_inner()).await?))
     }
 
+    async fn unmanage_volume(&self, req: Request<UnmanageVolumeRequest>) -> Result<Response<Volume>, Status> {
+        let who = who(&req)?;
+        Ok(Response::new(super::manage::unmanage(&self.ctx, &who, req.into_inner()).await?))
+    }
+
     async fn delete_volume(&self, req: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {
         let who = who(&req)?;
         self.delete(&who, &req.get_ref().id).await?;

@@ -175,11 +175,11 @@ pub async fn create(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
     }
 }
 
-/// Removes a volume's row and gives its quota back.
-async fn forget(ctx: &Ctx, tx: &mut sqlx::SqliteConnection, v: &store::VolumeRow) -> Result<()> {
+/// Removes a volume's row and gives its quota back; `done` says why, for the log ("deleted", "unmanaged").
+pub(super) async fn forget(ctx: &Ctx, tx: &mut sqlx::SqliteConnection, v: &store::VolumeRow, done: &str) -> Result<()> {
     sqlx::query("DELETE FROM volumes WHERE id = ?").bind(&v.id).execute(&mut *tx).await?;
     ctx.quota.release(tx, &v.project, &quota::volume_deltas(&v.volume_type_name, v.size_gb)).await?;
-    tracing::info!(volume_id = %v.id, "volume deleted");
+    tracing::info!(volume_id = %v.id, "volume {done}");
     Ok(())
 }
 
@@ -210,7 +210,7 @@ pub async fn delete(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         failpoint::hit("delete_volume.deleted");
     }
     let mut tx = crate::db::write(&ctx.db).await?;
-    forget(ctx, &mut tx, &v).await?;
+    forget(ctx, &mut tx, &v, "deleted").await?;
     operations::finish(&mut tx, &op, None).await?;
     tx.commit().await?;
     Ok(Outcome::Finished)

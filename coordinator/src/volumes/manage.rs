@@ -1,6 +1,8 @@
 //! Adopting a volume a storage backend holds that the coordinator has no record of, as Cinder's `manage` does:
 //! after the database was lost or replaced, the orphan sweeper leaves such volumes alone and reports them, and
-//! an admin brings each back under its own id, into a project, counted against that project's quotas.
+//! an admin brings each back under its own id, into a project, counted against that project's quotas. And the
+//! reverse, Cinder's `unmanage`: ember lets go of a volume and leaves its data where it is (to hand it to
+//! another system, or to manage it again into another project).
 
 use super::api::type_id_for;
 use super::store;
@@ -8,10 +10,12 @@ use crate::auth::owner_project;
 use crate::clock::now_ms;
 use crate::context::Ctx;
 use crate::error::{Error, Result};
+use crate::operations::{self, Op, Outcome};
 use crate::{quota, validate, volume_types};
 use ember_common::identity::{Identity, Role};
 use ember_proto::agent::v1 as agent;
-use ember_proto::v1::{ManageVolumeRequest, Volume};
+use ember_proto::v1::{ManageVolumeRequest, UnmanageVolumeRequest, Volume};
+use std::sync::Arc;
 
 /// `host@backend`, each part non-empty.
 fn parse_pool(pool: &str) -> Result<(&str, &str)> {
@@ -99,11 +103,89 @@ pub async fn manage(ctx: &Ctx, who: &Identity, req: ManageVolumeRequest) -> Resu
     .bind(now)
     .execute(&mut *tx)
     .await?;
+    operations::record_done(&mut tx, "manage_volume", "volume", &req.id).await?;
     let v = store::find(&mut tx, &req.id).await?.ok_or_else(|| Error::not_found("volume", &req.id))?;
     let shown = store::to_proto(&mut tx, &v).await?;
     tx.commit().await?;
     tracing::warn!(volume_id = %req.id, pool = %req.pool, %project, size_gb, "volume managed (adopted)");
     Ok(shown)
+}
+
+/// Starts letting go of volume `req.id`: it must be `available`, with no snapshots and nothing being made from
+/// it. The volume is `unmanaging` until [`unmanage_flow`] has removed its export and forgotten it.
+pub async fn unmanage(ctx: &Arc<Ctx>, who: &Identity, req: UnmanageVolumeRequest) -> Result<Volume> {
+    if who.role != Role::Admin {
+        return Err(Error::PermissionDenied("only admins may unmanage a volume".into()));
+    }
+    validate::uuid("id", &req.id)?;
+    let mut tx = crate::db::write(&ctx.db).await?;
+    let v = store::find(&mut tx, &req.id).await?.ok_or_else(|| Error::not_found("volume", &req.id))?;
+    let (snapshots, sources): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM snapshots WHERE volume_id = ?1), \
+                (SELECT COUNT(*) FROM volumes WHERE source_volume_id = ?1 AND status = 'creating')",
+    )
+    .bind(&v.id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if snapshots > 0 {
+        return Err(Error::FailedPrecondition(format!(
+            "volume {} has {snapshots} snapshot(s); unmanage or delete them first",
+            v.id
+        )));
+    }
+    if sources > 0 {
+        return Err(Error::FailedPrecondition(format!("volume {} is the source of a volume being created", v.id)));
+    }
+    if !store::transition(&mut tx, &v.id, &["available"], "unmanaging", "").await? {
+        return Err(Error::FailedPrecondition(format!("volume {} is {}; unmanage needs available", v.id, v.status)));
+    }
+    let op =
+        operations::insert(&mut tx, "unmanage_volume", "volume", &v.id, "unmanaging", serde_json::json!({})).await?;
+    let v = store::find(&mut tx, &v.id).await?.ok_or_else(|| Error::not_found("volume", &req.id))?;
+    let shown = store::to_proto(&mut tx, &v).await?;
+    tx.commit().await?;
+    operations::spawn(ctx, op);
+    Ok(shown)
+}
+
+/// Unmanage: the agent removes the volume's export, if any (idempotent), and keeps its data → row and quota
+/// gone. The operation that stays on record is what tells the sweeper to leave the file alone.
+pub async fn unmanage_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
+    let mut conn = ctx.db.acquire().await?;
+    let Some(v) = store::find(&mut conn, &op.resource_id).await? else {
+        operations::finish(&mut conn, &op, None).await?;
+        return Ok(Outcome::Finished);
+    };
+    drop(conn);
+    let call = ctx
+        .agents
+        .storage(&v.host)
+        .await?
+        .unexport_volume(agent::UnexportVolumeRequest {
+            volume_id: v.id.clone(),
+            backend: v.backend.clone(),
+            initiator: String::new(),
+        })
+        .await;
+    let mut tx = crate::db::write(&ctx.db).await?;
+    match call {
+        Ok(_) => super::flow::forget(ctx, &mut tx, &v, "unmanaged").await?,
+        Err(s) if super::flow::transient(&s) => {
+            return Ok(Outcome::Retry(format!("storage agent {}: {}", v.host, s.message())));
+        }
+        Err(s) => {
+            // Still ember's, as it was: the export could not be removed, so the volume is not let go of.
+            let reason = format!("unmanage failed on {}@{}: {}", v.host, v.backend, s.message());
+            store::transition(&mut tx, &v.id, &["unmanaging"], "available", &reason).await?;
+            operations::finish(&mut tx, &op, Some(&reason)).await?;
+            tx.commit().await?;
+            return Ok(Outcome::Finished);
+        }
+    }
+    operations::finish(&mut tx, &op, None).await?;
+    tx.commit().await?;
+    tracing::warn!(volume_id = %v.id, pool = %format!("{}@{}", v.host, v.backend), "volume unmanaged; its data stays");
+    Ok(Outcome::Finished)
 }
 
 #[cfg(test)]
