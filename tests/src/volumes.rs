@@ -113,6 +113,14 @@ pub fn files_in(dir: &Path) -> BTreeSet<String> {
         .collect()
 }
 
+/// The 8 bytes at `offset` of a volume or snapshot file: where tests leave a marker to find again.
+pub fn read_at(file: &Path, offset: u64) -> [u8; 8] {
+    use std::os::unix::fs::FileExt;
+    let mut data = [0u8; 8];
+    std::fs::File::open(file).unwrap().read_exact_at(&mut data, offset).unwrap();
+    data
+}
+
 /// What `project` uses of quota `resource` (in use plus reserved).
 pub async fn usage(fleet: &Fleet, project: &str, resource: &str) -> i64 {
     let pool = fleet.db().await;

@@ -3,8 +3,8 @@
 //! The orphan sweeper removes only what this coordinator made: a lost database destroys no volume.
 
 use ember_fleet_tests::volumes::{
-    db_state, files_in, new_snapshot, new_volume, usage, wait_backend, wait_gone, wait_left_alone, wait_settled,
-    wait_volume,
+    db_state, files_in, new_snapshot, new_volume, read_at, usage, wait_backend, wait_gone, wait_left_alone,
+    wait_settled, wait_volume,
 };
 use ember_fleet_tests::{Fleet, wait_for};
 use ember_proto::v1::snapshot_service_client::SnapshotServiceClient;
@@ -212,12 +212,6 @@ async fn adopt_the_snapshot(fleet: &Fleet, volume: &str, snap: &str, snap_file: 
 /// `(snapshots, gigabytes)` in use by `project`: gigabytes count volumes and snapshots both.
 async fn snapshot_usage(fleet: &Fleet, project: &str) -> (i64, i64) {
     (usage(fleet, project, "snapshots").await, usage(fleet, project, "gigabytes").await)
-}
-
-fn read_at(file: &Path, offset: u64) -> [u8; 8] {
-    let mut data = [0u8; 8];
-    std::fs::File::open(file).unwrap().read_exact_at(&mut data, offset).unwrap();
-    data
 }
 
 #[tokio::test]

@@ -4,21 +4,14 @@
 
 use ember_fleet_tests::Fleet;
 use ember_fleet_tests::volumes::{
-    new_snapshot, new_volume, usage, wait_backend, wait_gone, wait_left_alone, wait_snapshot, wait_volume,
+    new_snapshot, new_volume, read_at, usage, wait_backend, wait_gone, wait_left_alone, wait_snapshot, wait_volume,
 };
 use ember_proto::v1::snapshot_service_client::SnapshotServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
 use ember_proto::v1::*;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::time::Duration;
 use tonic::Code;
-
-fn read_at(file: &Path, offset: u64) -> [u8; 8] {
-    let mut data = [0u8; 8];
-    std::fs::File::open(file).unwrap().read_exact_at(&mut data, offset).unwrap();
-    data
-}
 
 #[tokio::test]
 async fn an_unmanaged_volume_keeps_its_data_and_moves_to_another_project_when_managed_again() {
