@@ -44,6 +44,18 @@ impl Kind {
     }
 }
 
+/// Refuses to preallocate `needed` bytes where only `free` are left: NoSpace, with both figures.
+fn check_room(needed: u64, free: u64) -> Result<()> {
+    if needed > free {
+        return Err(AgentError::NoSpace(format!(
+            "preallocating {} GiB needs more than the {} GiB free on the backend",
+            needed.div_ceil(GIB),
+            free / GIB
+        )));
+    }
+    Ok(())
+}
+
 /// Checks an id is a canonical UUID: only such ids ever become file names.
 pub fn checked_id(field: &'static str, id: &str) -> Result<uuid::Uuid> {
     ember_common::identity::canonical_uuid(id)
@@ -97,11 +109,21 @@ impl FileBackend {
     /// Sets the size; thick backends allocate the new range.
     fn size_file(&self, file: &File, path: &Path, bytes: u64) -> Result<()> {
         let old = file.metadata().map_err(AgentError::io(format!("inspecting {}", path.display())))?.len();
-        file.set_len(bytes).map_err(AgentError::io(format!("sizing {}", path.display())))?;
         if !self.cfg.thin && bytes > old {
-            nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::empty(), old as i64, (bytes - old) as i64)
-                .map_err(|e| AgentError::io(format!("allocating {}", path.display()))(e.into()))?;
+            // Asked first: fallocate would take every free block before it fails, for the whole filesystem.
+            let (_, free) = ember_common::agent::filesystem_space(&self.cfg.directory)
+                .map_err(AgentError::io(format!("reading the free space of {}", self.cfg.directory.display())))?;
+            check_room(bytes - old, free)?;
+            // Allocating grows the file; a failure leaves its size as it was, and the blocks it took past the end
+            // are given back, so a failed extend leaves the volume as it was.
+            if let Err(e) =
+                nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::empty(), old as i64, (bytes - old) as i64)
+            {
+                let _ = file.set_len(old);
+                return Err(AgentError::io(format!("allocating {}", path.display()))(e.into()));
+            }
         }
+        file.set_len(bytes).map_err(AgentError::io(format!("sizing {}", path.display())))?;
         file.sync_all().map_err(AgentError::io(format!("syncing {}", path.display())))
     }
 
@@ -358,5 +380,23 @@ mod tests {
         b.create_blank(&id, 1).unwrap();
         assert!(sparse::allocated_bytes(&std::fs::metadata(b.path(Kind::Volume, &id)).unwrap()) >= GIB);
         assert!(checked_id("volume_id", "../../etc/passwd").is_err(), "only UUIDs become paths");
+
+        // An extend past the free space is refused before anything is allocated, and leaves the volume as it was.
+        let (_, free) = ember_common::agent::filesystem_space(dir.path()).unwrap();
+        // Twice the free space: other tests freeing space meanwhile cannot make it fit.
+        let too_big = free / GIB * 2 + 64;
+        let err = b.extend(&id, too_big).unwrap_err();
+        assert!(matches!(err, AgentError::NoSpace(_)), "{err}");
+        let meta = std::fs::metadata(b.path(Kind::Volume, &id)).unwrap();
+        assert_eq!((meta.len(), sparse::allocated_bytes(&meta) < 2 * GIB), (GIB, true), "unchanged");
+        assert_eq!(b.extend(&id, 2).unwrap(), 2 * GIB, "a smaller extend then succeeds");
+        assert!(sparse::allocated_bytes(&std::fs::metadata(b.path(Kind::Volume, &id)).unwrap()) >= 2 * GIB);
+    }
+
+    #[test]
+    fn room_to_preallocate() {
+        assert!(check_room(GIB, GIB).is_ok());
+        let err = check_room(3 * GIB, 2 * GIB + 5).unwrap_err();
+        assert_eq!(err.to_string(), "preallocating 3 GiB needs more than the 2 GiB free on the backend");
     }
 }

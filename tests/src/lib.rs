@@ -117,6 +117,15 @@ impl Daemon {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Waits until an agent has registered with the coordinator: from then on the coordinator reaches it (a
+    /// restarted agent listens on a new port).
+    pub async fn wait_registered(&self) {
+        wait_for("the agent to register", Duration::from_secs(60), || async {
+            self.log_text().contains("registered with the coordinator").then_some(())
+        })
+        .await
+    }
 }
 
 impl Drop for Daemon {

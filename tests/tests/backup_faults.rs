@@ -1,7 +1,7 @@
 //! Backups under faults: the backup agent killed mid-backup, garbage collection racing a running backup, and
 //! an in-use volume backed up through a temporary snapshot.
 
-use ember_fleet_tests::backups::{OneSite, fill, repository_toml, wait_down, wait_paused};
+use ember_fleet_tests::backups::{OneSite, fill, repository_toml, sha256, wait_down, wait_paused};
 use ember_fleet_tests::libvirt::{Domain, attach_request};
 use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_gone, wait_volume};
 use ember_fleet_tests::{iscsi, wait_for};
@@ -358,27 +358,49 @@ fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
 /// The backup agent dies mid-restore: the restore target never becomes available with partial data.
 #[tokio::test]
 async fn a_backup_agent_killed_mid_restore_leaves_the_target_in_error() {
-    let OneSite { fleet, backend: _, dir, repo: _, storage: _storage, backup1: mut agent } =
+    let OneSite { fleet, backend: _, dir, repo, storage: _storage, backup1: mut agent } =
         OneSite::start_with(&[("EMBER_FAILPOINTS", "backup.restore_chunk")]).await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let v = new_volume(&volumes, 1).await;
-    fill(&dir.join(format!("volume-{}", v.id)), 0, 12, 8 << 20);
+    let file = dir.join(format!("volume-{}", v.id));
+    fill(&file, 0, 12, 8 << 20);
     let backups = BackupServiceClient::new(fleet.admin());
     let b = start_backup(&backups, &v.id.clone()).await;
     assert_eq!(wait_backup(&backups, &b.id).await.status, "available");
+    let backed_up = sha256(&file);
+    fill(&file, 0, 13, 8 << 20); // the volume moves on; restoring puts it back
 
     // Onto the existing volume: it goes error_restoring. (The agent dies at its second chunk read.)
-    backups
-        .clone()
-        .restore_backup(RestoreBackupRequest { backup_id: b.id.clone(), volume_id: v.id.clone(), ..Default::default() })
-        .await
-        .unwrap();
+    let restore = RestoreBackupRequest { backup_id: b.id.clone(), volume_id: v.id.clone(), ..Default::default() };
+    backups.clone().restore_backup(restore.clone()).await.unwrap();
     assert!(!agent.wait_exit(Duration::from_secs(60)).success(), "the agent died at the failpoint");
     let target = ember_fleet_tests::volumes::wait_settled(&volumes, &v.id).await;
     assert_eq!(target.status, "error_restoring", "{target:?}");
     assert!(target.status_reason.contains("restore of backup"), "{target:?}");
     let after = backups.clone().get_backup(GetBackupRequest { id: b.id.clone() }).await.unwrap().into_inner();
     assert_eq!(after.status, "available", "the backup itself is intact and usable again");
+
+    // Restoring onto it again is how it is put right.
+    let mut agent = fleet.start_agent("backup", "backup1", &repository_toml(&repo));
+    agent.wait_registered().await;
+    backups.clone().restore_backup(restore.clone()).await.unwrap();
+    let target = wait_volume(&volumes, &v.id, "available").await;
+    assert_eq!((target.status_reason.as_str(), sha256(&file)), ("", backed_up), "restored bit-identically");
+
+    // A volume left error_restoring can be deleted, as one whose create failed can.
+    agent.kill();
+    let failing = fleet.start_agent_with(
+        "backup",
+        "backup1",
+        &repository_toml(&repo),
+        &[("EMBER_FAILPOINTS", "backup.restore_chunk")],
+    );
+    failing.wait_registered().await;
+    backups.clone().restore_backup(restore).await.unwrap();
+    assert_eq!(ember_fleet_tests::volumes::wait_settled(&volumes, &v.id).await.status, "error_restoring");
+    volumes.clone().delete_volume(DeleteVolumeRequest { id: v.id.clone() }).await.unwrap();
+    wait_gone(&volumes, &v.id).await;
+    assert!(!file.exists(), "its file went with it");
 }
 
 /// `--wait` draws a progress bar with MB/s for a backup and for restores onto an existing volume and into a new

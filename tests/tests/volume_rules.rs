@@ -287,6 +287,38 @@ async fn quotas_bound_creates_and_usage_equals_what_exists() {
     assert_eq!(volumes, 2, "the repeat consumed nothing");
 }
 
+/// An extend the backend has no room for fails before anything is allocated: the volume keeps its size and
+/// data, its quota is given back, and asking again with a size that fits puts it right.
+#[tokio::test]
+async fn a_failed_extend_leaves_the_volume_as_it_was_and_can_be_tried_again() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, dir) = fleet.file_backend("thick", "thin = false\n");
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    wait_backend(&fleet, "storage1@thick").await;
+    let limits = [("gigabytes".to_string(), 65536)].into();
+    QuotaServiceClient::new(fleet.admin()).set_quota(SetQuotaRequest { project: "p1".into(), limits }).await.unwrap();
+    let mut client = VolumeServiceClient::new(fleet.member("alice", "p1"));
+    let v = client.create_volume(CreateVolumeRequest { size_gb: 1, ..Default::default() }).await.unwrap().into_inner();
+    wait_volume(&client, &v.id, "available").await;
+    let file = dir.join(format!("volume-{}", v.id));
+
+    // Twice the filesystem's free space (other tests freeing space meanwhile cannot make it fit).
+    let free = ember_common::agent::filesystem_space(&dir).unwrap().1 >> 30;
+    client.extend_volume(ExtendVolumeRequest { id: v.id.clone(), new_size_gb: free * 2 + 64 }).await.unwrap();
+    let failed = wait_settled(&client, &v.id).await;
+    assert_eq!((failed.status.as_str(), failed.size_gb), ("error_extending", 1), "{failed:?}");
+    assert!(failed.status_reason.contains("free on the backend"), "{failed:?}");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 1 << 30, "the file kept its size");
+    assert_eq!(db_state(&fleet, "p1").await.2, 1, "the reservation was given back");
+
+    client.extend_volume(ExtendVolumeRequest { id: v.id.clone(), new_size_gb: 2 }).await.unwrap();
+    let grown = wait_volume(&client, &v.id, "available").await;
+    assert_eq!((grown.size_gb, grown.status_reason.as_str()), (2, ""));
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 2 << 30);
+    assert_eq!(db_state(&fleet, "p1").await.2, 2);
+}
+
 #[tokio::test]
 async fn exports_survive_a_tgtd_restart_and_a_storage_agent_restart() {
     let mut fleet = Fleet::new();

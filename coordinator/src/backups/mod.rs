@@ -476,9 +476,11 @@ impl Backups {
                 format!("volume {} ({} GiB) is smaller than the backup ({} GiB)", v.id, v.size_gb, b.size_gb),
             ));
         }
-        if !volumes::transition(&mut tx, &v.id, &["available"], "restoring-backup", "").await? {
+        // A volume a restore failed on holds partial data that nothing vouches for: restoring onto it again is
+        // how it is put right.
+        if !volumes::transition(&mut tx, &v.id, &["available", "error_restoring"], "restoring-backup", "").await? {
             return Err(Error::FailedPrecondition(format!(
-                "volume {} is {}; a restore needs available",
+                "volume {} is {}; a restore needs available or error_restoring",
                 v.id, v.status
             )));
         }

@@ -25,6 +25,10 @@ pub const MAX_SIZE_GB: u64 = 65536;
 pub const FINAL_STATUSES: &[&str] =
     &["available", "in-use", "error", "error_deleting", "error_extending", "error_restoring"];
 
+/// Statuses a volume can be deleted from: settled and not in use. A restore that failed onto a volume left it
+/// `error_restoring`, with partial data; it is deleted like a volume whose create failed.
+const DELETABLE: &[&str] = &["available", "error", "error_extending", "error_restoring", "error_deleting"];
+
 /// The gRPC service.
 pub struct Volumes {
     ctx: Arc<Ctx>,
@@ -285,8 +289,12 @@ impl Volumes {
         if req.new_size_gb > MAX_SIZE_GB {
             return Err(Error::invalid("new_size_gb", format!("must be at most {MAX_SIZE_GB} GiB")));
         }
-        if !store::transition(&mut tx, &v.id, &["available"], "extending", "").await? {
-            return Err(Error::FailedPrecondition(format!("volume {} is {}; extend needs available", v.id, v.status)));
+        // A failed extend leaves the volume as it was (the agent refused it): asking again is how it is retried.
+        if !store::transition(&mut tx, &v.id, &["available", "error_extending"], "extending", "").await? {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {} is {}; extend needs available or error_extending",
+                v.id, v.status
+            )));
         }
         let delta = req.new_size_gb as i64 - v.size_gb;
         let deltas = extend_deltas(&v.volume_type_name, delta);
@@ -340,12 +348,11 @@ impl Volumes {
                 "volume {id} is being backed up (backup {backup}); delete it when the backup ends"
             )));
         }
-        if !store::transition(&mut tx, id, &["available", "error", "error_extending", "error_deleting"], "deleting", "")
-            .await?
-        {
+        if !store::transition(&mut tx, id, DELETABLE, "deleting", "").await? {
             return Err(Error::FailedPrecondition(format!(
-                "volume {id} is {}; delete needs available, error, error_extending or error_deleting",
-                v.status
+                "volume {id} is {}; delete needs {}",
+                v.status,
+                DELETABLE.join(", ")
             )));
         }
         let op = operations::insert(&mut tx, "delete_volume", "volume", id, "deleting", serde_json::json!({})).await?;
