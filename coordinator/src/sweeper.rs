@@ -3,10 +3,10 @@
 //! its record). It lists the agent first and reads the database second, so a volume placed on the backend
 //! while the sweep runs is always seen as placed, never as an orphan.
 //!
-//! It removes only what this coordinator made: a file whose id no operation of its names, or one it has let go
-//! of (unmanaged), is not. A database that was lost, replaced by an empty one or restored from an older copy
-//! knows nothing of volumes made since, and those files are someone's data: they are left alone and reported
-//! once each, for an operator to look into.
+//! It removes only files this coordinator made and still owns. A file whose id no operation of its names is
+//! not its to remove: a database that was lost, replaced by an empty one or restored from an older copy knows
+//! nothing of the volumes made since, and those files are someone's data. Nor is one it let go of (unmanaged).
+//! Such files are left alone and reported once each, for an operator to look into.
 //!
 //! The other way round, a settled volume or snapshot the database places on a backend that does not hold it (a
 //! database restored from an older copy that still lists what was deleted since, or data removed by hand) is
@@ -32,21 +32,32 @@ enum Unknown {
     LeftAlone { since: String },
 }
 
-/// Whether this coordinator made `id` and has not let go of it since: the latest of its operations that named
-/// it as the volume or snapshot it was about is not an unmanage, or a forced backup named it as the temporary
-/// snapshot it made.
-async fn classify(ctx: &Ctx, id: &str) -> Result<Unknown> {
-    let (latest, kind, temporary): (Option<String>, Option<String>, bool) = sqlx::query_as(
-        "SELECT latest.id, latest.kind, EXISTS (SELECT 1 FROM operations WHERE kind = 'create_backup' \
-                                                AND json_extract(payload, '$.temp_snapshot') = ?1) \
-         FROM (SELECT 1) LEFT JOIN (SELECT id, kind FROM operations WHERE resource_id = ?1 \
-                                    ORDER BY created_at DESC, rowid DESC LIMIT 1) AS latest",
+/// Classifies file `id`: an orphan when this coordinator made it and has not let go of it since (the latest of
+/// its operations that named it as the volume or snapshot it was about is not an unmanage, or a forced backup
+/// named it as the temporary snapshot it made); left alone otherwise.
+async fn classify(ctx: &Ctx, id: &str, snapshot: bool) -> Result<Unknown> {
+    let latest: Option<(String, String)> = sqlx::query_as(
+        "SELECT id, kind FROM operations WHERE resource_id = ? ORDER BY created_at DESC, rowid DESC LIMIT 1",
     )
     .bind(id)
-    .fetch_one(&ctx.db)
+    .fetch_optional(&ctx.db)
     .await?;
-    let let_go = matches!(kind.as_deref(), None | Some("unmanage_volume" | "unmanage_snapshot"));
-    Ok(if temporary || !let_go { Unknown::Orphan } else { Unknown::LeftAlone { since: latest.unwrap_or_default() } })
+    let owned =
+        latest.as_ref().is_some_and(|(_, kind)| !matches!(kind.as_str(), "unmanage_volume" | "unmanage_snapshot"));
+    // Only a snapshot file can be a forced backup's temporary snapshot; this one looks through every backup made.
+    let temporary = snapshot
+        && sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM operations WHERE kind = 'create_backup' \
+                            AND json_extract(payload, '$.temp_snapshot') = ?)",
+        )
+        .bind(id)
+        .fetch_one(&ctx.db)
+        .await?;
+    Ok(if owned || temporary {
+        Unknown::Orphan
+    } else {
+        Unknown::LeftAlone { since: latest.map(|(op, _)| op).unwrap_or_default() }
+    })
 }
 
 /// Logs, once per spell, that `kind` file `id` on `pool` is left alone, and how an admin adopts it.
@@ -95,7 +106,8 @@ async fn report_records_without_data(
     .bind(listed_at)
     .fetch_all(&ctx.db)
     .await?;
-    for id in volumes.iter().filter(|id| !held.volume_ids.contains(id)) {
+    let held_volumes: HashSet<&String> = held.volume_ids.iter().collect();
+    for id in volumes.iter().filter(|id| !held_volumes.contains(id)) {
         report_missing("volume", id, &pool);
     }
     let snapshots: Vec<String> = sqlx::query_scalar(
@@ -107,7 +119,8 @@ async fn report_records_without_data(
     .bind(listed_at)
     .fetch_all(&ctx.db)
     .await?;
-    for id in snapshots.iter().filter(|id| !held.snapshot_ids.contains(id)) {
+    let held_snapshots: HashSet<&String> = held.snapshot_ids.iter().collect();
+    for id in snapshots.iter().filter(|id| !held_snapshots.contains(id)) {
         report_missing("snapshot", id, &pool);
     }
     Ok(())
@@ -162,7 +175,7 @@ pub async fn sweep(ctx: &Ctx) -> Result<usize> {
         .collect();
         let pool = format!("{host}@{backend}");
         for id in held.volume_ids.iter().filter(|id| !placed.contains(*id)) {
-            if let Unknown::LeftAlone { since } = classify(ctx, id).await? {
+            if let Unknown::LeftAlone { since } = classify(ctx, id, false).await? {
                 report_unknown("volume", id, &pool, &since);
                 continue;
             }
@@ -176,7 +189,7 @@ pub async fn sweep(ctx: &Ctx) -> Result<usize> {
             }
         }
         for id in held.snapshot_ids.iter().filter(|id| !snapshots.contains(*id)) {
-            if let Unknown::LeftAlone { since } = classify(ctx, id).await? {
+            if let Unknown::LeftAlone { since } = classify(ctx, id, true).await? {
                 report_unknown("snapshot", id, &pool, &since);
                 continue;
             }
