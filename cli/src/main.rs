@@ -39,7 +39,7 @@ enum Command {
     Type(types::TypeCmd),
     /// Show and set project quotas.
     Quota(quota::QuotaCmd),
-    /// Create, list, show, extend, delete, attach and export volumes.
+    /// Create, list, show, update, extend, delete, attach, export, manage and unmanage volumes.
     Volume(volume::VolumeCmd),
     /// Snapshots of volumes.
     Snapshot(snapshot::SnapshotCmd),

@@ -101,15 +101,6 @@ enum VolumeAction {
         #[arg(long = "unset-property")]
         unset_properties: Vec<String>,
     },
-    /// Admin: stop managing an available volume without snapshots, leaving its data on the backend (`manage`
-    /// takes it back, into any project).
-    Unmanage {
-        /// Volume id.
-        id: String,
-        /// Wait until ember has let go of it.
-        #[arg(long)]
-        wait: bool,
-    },
     /// Delete a volume.
     Delete {
         /// Volume id.
@@ -130,6 +121,15 @@ enum VolumeAction {
         project: String,
         #[command(flatten)]
         naming: Naming,
+    },
+    /// Admin: stop managing an available volume without snapshots, leaving its data on the backend (`manage`
+    /// takes it back, into any project).
+    Unmanage {
+        /// Volume id.
+        id: String,
+        /// Wait until ember has let go of it.
+        #[arg(long)]
+        wait: bool,
     },
     /// Grow a volume.
     Extend {
