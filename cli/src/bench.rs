@@ -107,7 +107,7 @@ async fn attach(conn: &ConnectArgs, instance: String, host: String, runs: usize,
         wait_status(&mut volumes, &v.id, "in-use").await?;
         attach_times.push(started.elapsed());
         let started = Instant::now();
-        attachments.detach(DetachRequest { attachment_id: a.id }).await?;
+        attachments.detach(DetachRequest { attachment_id: a.id, ..Default::default() }).await?;
         wait_status(&mut volumes, &v.id, "available").await?;
         detach_times.push(started.elapsed());
     }

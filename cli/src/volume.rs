@@ -162,6 +162,10 @@ enum VolumeAction {
     Detach {
         /// Attachment or volume id.
         id: String,
+        /// Admin: without the compute host, for a host that is gone for good; the host loses access to the
+        /// volume and its guest is not told. Also takes over a detach waiting for that host.
+        #[arg(long)]
+        force: bool,
         /// Wait until detached.
         #[arg(long)]
         wait: bool,
@@ -401,7 +405,7 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
             print_attachments(&[a], json);
             Ok(())
         }
-        VolumeAction::Detach { id, wait } => {
+        VolumeAction::Detach { id, force, wait } => {
             let mut attachments = AttachmentServiceClient::new(channel);
             let list = attachments
                 .list_attachments(ListAttachmentsRequest { volume_id: id.clone(), instance: String::new() })
@@ -419,7 +423,7 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                     )));
                 }
             };
-            attachments.detach(DetachRequest { attachment_id: attachment_id.clone() }).await?;
+            attachments.detach(DetachRequest { attachment_id: attachment_id.clone(), force }).await?;
             if wait {
                 wait_volume(&mut client, &volume_id).await?;
             }

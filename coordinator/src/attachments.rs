@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::operations::{self, Op, Outcome};
 use crate::validate;
 use crate::volumes::{flow::transient, store as volumes};
-use ember_common::identity::{Identity, valid_name};
+use ember_common::identity::{Identity, Role, valid_name};
 use ember_proto::agent::v1 as agent;
 use ember_proto::v1::attachment_service_server::AttachmentService;
 use ember_proto::v1::*;
@@ -129,11 +129,19 @@ impl Attachments {
         Ok(shown)
     }
 
-    async fn detach(&self, who: &Identity, id: &str) -> Result<()> {
+    async fn detach(&self, who: &Identity, id: &str, force: bool) -> Result<()> {
+        if force && who.role != Role::Admin {
+            return Err(Error::PermissionDenied("only admins may force a detach".into()));
+        }
         let mut tx = crate::db::write(&self.ctx.db).await?;
         let a = visible(&mut tx, who, id).await?;
         let status: String = a.get(4);
         if status == "detaching" {
+            if force {
+                force_running_detach(&mut tx, id).await?;
+                tx.commit().await?;
+                operations::wake(&self.ctx, id).await;
+            }
             return Ok(());
         }
         let moved = sqlx::query(
@@ -149,11 +157,27 @@ impl Attachments {
         }
         let volume_id: String = a.get(1);
         volumes::transition(&mut tx, &volume_id, &["in-use"], "detaching", "").await?;
-        let op = operations::insert(&mut tx, "detach", "attachment", id, "unexporting", serde_json::json!({})).await?;
+        let payload = serde_json::json!({ "force": force });
+        let op = operations::insert(&mut tx, "detach", "attachment", id, "unexporting", payload).await?;
         tx.commit().await?;
         operations::spawn(&self.ctx, op);
         Ok(())
     }
+}
+
+/// Turns the detach of attachment `id` that is waiting for its compute host into a forced one: its next
+/// attempt leaves the host out.
+async fn force_running_detach(conn: &mut sqlx::SqliteConnection, id: &str) -> Result<()> {
+    sqlx::query(
+        "UPDATE operations SET payload = json_set(payload, '$.force', json('true')), updated_at = ? \
+         WHERE kind = 'detach' AND resource_id = ? AND state = 'running'",
+    )
+    .bind(now_ms())
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    tracing::warn!(attachment_id = %id, "detach forced: the compute host will not be asked");
+    Ok(())
 }
 
 pub(crate) async fn load(ctx: &Ctx, id: &str) -> Result<Option<(sqlx::sqlite::SqliteRow, volumes::VolumeRow)>> {
@@ -378,18 +402,23 @@ pub async fn detach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     let initiator = connector["initiator"].as_str().unwrap_or_default().to_string();
     let (instance, host): (String, String) = (a.get(2), a.get(3));
     let compute_started = std::time::Instant::now();
-    let mut compute = ctx.agents.compute(&host).await?;
-    let detached = compute
-        .detach_volume(agent::DetachVolumeRequest {
-            volume_id: v.id.clone(),
-            instance,
-            connection: Some(stored_connection(&a)),
-        })
-        .await;
-    let refused = match detached {
-        Ok(_) => None,
-        Err(status) if compute_transient(&status) => return Ok(Outcome::Retry(status.message().to_string())),
-        Err(status) => Some(format!("detach failed on {host}: {}", status.message())),
+    let refused = if op.payload["force"].as_bool().unwrap_or(false) {
+        tracing::warn!(attachment_id = %op.resource_id, volume_id = %v.id, %host, "forced detach: the host is not asked");
+        None
+    } else {
+        let mut compute = ctx.agents.compute(&host).await?;
+        let detached = compute
+            .detach_volume(agent::DetachVolumeRequest {
+                volume_id: v.id.clone(),
+                instance,
+                connection: Some(stored_connection(&a)),
+            })
+            .await;
+        match detached {
+            Ok(_) => None,
+            Err(status) if compute_transient(&status) => return Ok(Outcome::Retry(status.message().to_string())),
+            Err(status) => Some(format!("detach failed on {host}: {}", status.message())),
+        }
     };
     let compute_ms = compute_started.elapsed().as_millis() as u64;
     let unexport_started = std::time::Instant::now();
@@ -438,7 +467,8 @@ impl AttachmentService for Attachments {
 
     async fn detach(&self, req: Request<DetachRequest>) -> Result<Response<DetachResponse>, Status> {
         let who = who(&req)?;
-        Attachments::detach(self, &who, &req.get_ref().attachment_id).await?;
+        let r = req.get_ref();
+        Attachments::detach(self, &who, &r.attachment_id, r.force).await?;
         Ok(Response::new(DetachResponse {}))
     }
 

@@ -155,29 +155,29 @@ pub fn spawn(ctx: &Arc<Ctx>, id: String) {
         }
         ctx.running_ops.lock().expect("op set").remove(&id);
         if let (true, Some(resource)) = (finished, resource) {
-            wake_waiting(&ctx, &id, &resource).await;
+            wake(&ctx, &resource).await;
         }
     });
 }
 
-/// Runs again, now, the operations still running on `resource` other than `finished`, which just ended: one of
-/// them may have been waiting for it. Every operation may run at any time (the reconcile pass runs them all), so
-/// waking one early is safe.
-async fn wake_waiting(ctx: &Arc<Ctx>, finished: &str, resource: &str) {
-    let waiting: Vec<String> =
-        match sqlx::query_scalar("SELECT id FROM operations WHERE state = 'running' AND resource_id = ? AND id != ?")
+/// Runs now, rather than at the next reconcile pass, the operations still running on `resource`: one may
+/// have been waiting for an operation that just ended, or been changed (a detach forced). Every operation may
+/// run at any time (the reconcile pass runs them all), so running one early is safe; one already running in
+/// this process is left to its worker.
+pub async fn wake(ctx: &Arc<Ctx>, resource: &str) {
+    let running: Vec<String> =
+        match sqlx::query_scalar("SELECT id FROM operations WHERE state = 'running' AND resource_id = ?")
             .bind(resource)
-            .bind(finished)
             .fetch_all(&ctx.db)
             .await
         {
             Ok(ids) => ids,
             Err(e) => {
-                tracing::warn!(op_id = %finished, "finding operations to wake: {e}");
+                tracing::warn!(resource_id = %resource, "finding operations to wake: {e}");
                 return;
             }
         };
-    for id in waiting {
+    for id in running {
         spawn(ctx, id);
     }
 }

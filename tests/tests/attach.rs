@@ -30,9 +30,8 @@ async fn attachment_rows(fleet: &Fleet, volume_id: &str) -> i64 {
 
 /// Nothing of the volume's attachment is left anywhere: no tgt target, no libvirt secret, no attachment row.
 async fn assert_released(fleet: &Fleet, volume_id: &str) {
-    assert!(!fleet.tgt_show("storage1").contains(&format!("volume-{volume_id}")), "a target was left behind");
+    assert_released_from_storage(fleet, volume_id).await;
     assert!(!secrets().contains(&volume_id.to_string()), "a libvirt secret was left behind");
-    assert_eq!(attachment_rows(fleet, volume_id).await, 0, "an attachment record was left behind");
 }
 
 /// Waits until an attach that must fail has been undone: the volume is available again with the reason.
@@ -74,7 +73,7 @@ async fn a_volume_hot_attaches_to_a_running_guest_and_detaches_cleanly() {
     let iqn = format!("volume-{}", v.id);
     assert!(fleet.tgt_show("storage1").contains(&iqn), "the target exists while attached");
 
-    attachments.detach(DetachRequest { attachment_id: a.id.clone() }).await.unwrap();
+    attachments.detach(DetachRequest { attachment_id: a.id.clone(), ..Default::default() }).await.unwrap();
     let after = wait_volume(&volumes, &v.id, "available").await;
     assert!(after.attachments.is_empty());
     domain.wait_console(&format!("DISK-GONE serial={serial20}"), WAIT).await;
@@ -136,7 +135,10 @@ async fn attach_and_detach_converge_after_the_coordinator_crashes() {
     assert!(head(&dir.join(format!("volume-{}", v.id)), 18).starts_with(b"EMBER-GUEST-WROTE "));
 
     crash_at(&mut fleet, "detach.detached");
-    AttachmentServiceClient::new(fleet.admin()).detach(DetachRequest { attachment_id: a.id.clone() }).await.unwrap();
+    AttachmentServiceClient::new(fleet.admin())
+        .detach(DetachRequest { attachment_id: a.id.clone(), ..Default::default() })
+        .await
+        .unwrap();
     wait_crash(&mut fleet);
     assert!(!domain.xml(false).contains(&v.id), "the disk left the guest before the crash");
     assert!(fleet.tgt_show("storage1").contains(&iqn), "the export was still there at the crash");
@@ -162,7 +164,7 @@ async fn a_detach_the_guest_never_acknowledges_fails_clearly_and_a_retry_finishe
     domain.wait_console(&format!("DISK-WRITTEN serial={}", &v.id[..20]), WAIT).await;
 
     domain.suspend();
-    attachments.detach(DetachRequest { attachment_id: a.id.clone() }).await.unwrap();
+    attachments.detach(DetachRequest { attachment_id: a.id.clone(), ..Default::default() }).await.unwrap();
     let refused = wait_for("the detach to fail", WAIT, || async {
         let v = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.ok()?.into_inner();
         (v.status == "in-use" && v.status_reason.contains("did not release")).then_some(v)
@@ -174,8 +176,51 @@ async fn a_detach_the_guest_never_acknowledges_fails_clearly_and_a_retry_finishe
     assert!(secrets().contains(&v.id), "and so does the secret");
 
     domain.resume();
-    attachments.detach(DetachRequest { attachment_id: a.id.clone() }).await.unwrap();
+    attachments.detach(DetachRequest { attachment_id: a.id.clone(), ..Default::default() }).await.unwrap();
     wait_volume(&volumes, &v.id, "available").await;
     assert!(!domain.xml(false).contains(&v.id));
     assert_released(&fleet, &v.id).await;
+}
+
+/// A compute host gone for good: its detach waits for it, for ever. An admin forces it (Cinder's
+/// os-force_detach): the host is not asked, the volume's export is removed on the storage side so the host
+/// cannot reach it again, and the volume is free.
+#[tokio::test]
+async fn a_detach_waiting_for_a_dead_compute_host_is_forced_by_an_admin() {
+    let ComputeFleet { fleet, dir: _, storage: _storage, mut compute } = ComputeFleet::start("").await;
+    let domain = Domain::boot("ember-force").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let attachments = AttachmentServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    let a = attachments.clone().attach(attach_request(&v.id, &domain.name)).await.unwrap().into_inner();
+    wait_volume(&volumes, &v.id, "in-use").await;
+    assert!(fleet.tgt_show("storage1").contains(&format!("volume-{}", v.id)), "exported while attached");
+
+    compute.kill();
+    let detach = DetachRequest { attachment_id: a.id.clone(), force: false };
+    attachments.clone().detach(detach).await.unwrap();
+    let coordinator = fleet.coordinator.as_ref().unwrap();
+    wait_for("the detach to wait for the host", WAIT, || async {
+        coordinator.log_text().contains("operation paused").then_some(())
+    })
+    .await;
+    let waiting = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(waiting.status, "detaching");
+
+    let forced = DetachRequest { attachment_id: a.id.clone(), force: true };
+    let err = AttachmentServiceClient::new(fleet.member("alice", "p1")).detach(forced).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let (ok, out, err) = fleet.cli(&["volume", "detach", &v.id, "--force", "--wait"]);
+    assert!(ok && out.contains("detached"), "{out}\n{err}");
+    let free = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
+    assert_eq!((free.status.as_str(), free.attachments.len()), ("available", 0), "{free:?}");
+    assert_released_from_storage(&fleet, &v.id).await;
+    // The host was not asked: its guest still has the disk (and would get I/O errors on it).
+    assert!(domain.xml(false).contains(&format!("<serial>{}</serial>", v.id)), "the dead host was not touched");
+}
+
+/// Nothing of the volume's attachment is left on the storage side or in the coordinator's records.
+async fn assert_released_from_storage(fleet: &Fleet, volume_id: &str) {
+    assert!(!fleet.tgt_show("storage1").contains(&format!("volume-{volume_id}")), "a target was left behind");
+    assert_eq!(attachment_rows(fleet, volume_id).await, 0, "an attachment record was left behind");
 }

@@ -212,7 +212,7 @@ async fn an_in_use_volume_needs_force_and_is_read_through_a_temporary_snapshot()
     assert_eq!(now.status, "in-use", "the volume stays attached while it is backed up");
 
     // Detached mid-way, the volume is not the backup's to lose: it cannot be deleted until the backup ends.
-    attachments.clone().detach(DetachRequest { attachment_id: a.id.clone() }).await.unwrap();
+    attachments.clone().detach(DetachRequest { attachment_id: a.id.clone(), ..Default::default() }).await.unwrap();
     wait_volume(&volumes, &v.id, "available").await;
     let err = volumes.clone().delete_volume(DeleteVolumeRequest { id: v.id.clone() }).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");

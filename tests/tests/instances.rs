@@ -93,7 +93,7 @@ async fn an_instance_boots_from_a_volume_made_from_an_image_and_takes_a_hot_atta
     let mut head = vec![0u8; 18];
     std::fs::File::open(dir.join(format!("volume-{}", data.id))).unwrap().read_exact(&mut head).unwrap();
     assert_eq!(&head, b"EMBER-GUEST-WROTE ");
-    attachments.detach(DetachRequest { attachment_id: a.id }).await.unwrap();
+    attachments.detach(DetachRequest { attachment_id: a.id, ..Default::default() }).await.unwrap();
     wait_volume(&volumes, &data.id, "available").await;
     wait_console(&instances, &vm.id, &format!("DISK-GONE serial={}", &data.id[..20])).await;
 

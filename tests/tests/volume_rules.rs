@@ -215,11 +215,12 @@ async fn bad_requests_are_refused_naming_the_problem_and_change_nothing() {
     // The export for compute1's initiator exists while attached, and goes on detach.
     let iqn = format!("volume-{}", v.id);
     assert!(fleet.tgt_show("storage1").contains(&iqn));
-    attachments.detach(DetachRequest { attachment_id: a.id.clone() }).await.unwrap();
+    attachments.detach(DetachRequest { attachment_id: a.id.clone(), ..Default::default() }).await.unwrap();
     let v = wait_volume(&client, &v.id, "available").await;
     assert!(v.attachments.is_empty());
     assert!(!fleet.tgt_show("storage1").contains(&iqn), "target gone after detach");
-    let err = attachments.detach(DetachRequest { attachment_id: a.id.clone() }).await.unwrap_err();
+    let err =
+        attachments.detach(DetachRequest { attachment_id: a.id.clone(), ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "detach of what is not attached");
 
     assert_eq!(db_state(&fleet, "p1").await, before, "refused requests changed nothing");
