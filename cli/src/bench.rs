@@ -111,7 +111,7 @@ async fn attach(conn: &ConnectArgs, instance: String, host: String, runs: usize,
         wait_status(&mut volumes, &v.id, "available").await?;
         detach_times.push(started.elapsed());
     }
-    volumes.delete_volume(DeleteVolumeRequest { id: v.id.clone() }).await?;
+    volumes.delete_volume(DeleteVolumeRequest { id: v.id.clone(), ..Default::default() }).await?;
     attach_times.sort();
     detach_times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -174,7 +174,7 @@ pub async fn run(cmd: BenchCmd, conn: &ConnectArgs, json: bool) -> Result<(), Cl
     }
     latencies.sort();
     for id in ids.drain(..) {
-        client.clone().delete_volume(DeleteVolumeRequest { id }).await?;
+        client.clone().delete_volume(DeleteVolumeRequest { id, ..Default::default() }).await?;
     }
 
     let started = Instant::now();
@@ -205,7 +205,7 @@ pub async fn run(cmd: BenchCmd, conn: &ConnectArgs, json: bool) -> Result<(), Cl
         .map(|id| {
             let mut c = client.clone();
             tokio::spawn(async move {
-                c.delete_volume(DeleteVolumeRequest { id: id.clone() }).await?;
+                c.delete_volume(DeleteVolumeRequest { id: id.clone(), ..Default::default() }).await?;
                 wait_final(&mut c, &id).await.ok();
                 Ok::<_, CliError>(())
             })

@@ -105,6 +105,10 @@ enum VolumeAction {
     Delete {
         /// Volume id.
         id: String,
+        /// Admin: its storage node is lost for good; drop the records of the volume, its snapshots and its
+        /// attachments without it (files left there stay).
+        #[arg(long)]
+        forget: bool,
         /// Wait until it is gone.
         #[arg(long)]
         wait: bool,
@@ -369,8 +373,12 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
             println!("volume {} {}; its data stays on {}", v.id, if wait { "unmanaged" } else { "unmanaging" }, v.host);
             Ok(())
         }
-        VolumeAction::Delete { id, wait } => {
-            client.delete_volume(DeleteVolumeRequest { id: id.clone() }).await?;
+        VolumeAction::Delete { id, forget, wait } => {
+            client.delete_volume(DeleteVolumeRequest { id: id.clone(), forget }).await?;
+            if forget {
+                println!("volume {id} forgotten");
+                return Ok(());
+            }
             if wait && let Some(v) = wait_volume(&mut client, &id).await? {
                 return Err(CliError::Other(format!("volume {} is {}: {}", v.id, v.status, v.status_reason)));
             }

@@ -23,12 +23,15 @@ use std::sync::Mutex;
 /// Reports already logged, so each is logged once per coordinator process (per spell, see [`Unknown`]).
 static REPORTED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
 
+/// Operations by which this coordinator let go of a file it made: after one, the file is not its to remove.
+const LET_GO: [&str; 4] = ["unmanage_volume", "unmanage_snapshot", "forget_volume", "forget_snapshot"];
+
 /// What this coordinator's operations say of a file on a backend that its database does not place there.
 enum Unknown {
     /// It made the file and has not let go of it: an orphan, to remove.
     Orphan,
     /// Not its to remove: made elsewhere, or before the database it has (`since` is empty), or let go of by
-    /// the unmanage operation `since`. Each such spell is reported once.
+    /// the unmanage or forget operation `since`. Each such spell is reported once.
     LeftAlone { since: String },
 }
 
@@ -42,8 +45,7 @@ async fn classify(ctx: &Ctx, id: &str, snapshot: bool) -> Result<Unknown> {
     .bind(id)
     .fetch_optional(&ctx.db)
     .await?;
-    let owned =
-        latest.as_ref().is_some_and(|(_, kind)| !matches!(kind.as_str(), "unmanage_volume" | "unmanage_snapshot"));
+    let owned = latest.as_ref().is_some_and(|(_, kind)| !LET_GO.contains(&kind.as_str()));
     // Only a snapshot file can be a forced backup's temporary snapshot; this one looks through every backup made.
     let temporary = snapshot
         && sqlx::query_scalar(
@@ -68,7 +70,7 @@ fn report_unknown(kind: &str, id: &str, pool: &str, since: &str) {
             "volume" => format!("`ember volume manage {pool} {id}` adopts it"),
             _ => format!("`ember snapshot manage VOLUME {id}` adopts it once its volume is known"),
         };
-        let why = if since.is_empty() { "a lost or replaced database?" } else { "it was unmanaged" };
+        let why = if since.is_empty() { "a lost or replaced database?" } else { "it was unmanaged or forgotten" };
         tracing::warn!(id, pool, "a {kind} file this coordinator has no record of is left alone ({why}); {adopt}");
     }
 }

@@ -214,7 +214,11 @@ async fn an_in_use_volume_needs_force_and_is_read_through_a_temporary_snapshot()
     // Detached mid-way, the volume is not the backup's to lose: it cannot be deleted until the backup ends.
     attachments.clone().detach(DetachRequest { attachment_id: a.id.clone(), ..Default::default() }).await.unwrap();
     wait_volume(&volumes, &v.id, "available").await;
-    let err = volumes.clone().delete_volume(DeleteVolumeRequest { id: v.id.clone() }).await.unwrap_err();
+    let err = volumes
+        .clone()
+        .delete_volume(DeleteVolumeRequest { id: v.id.clone(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains(&format!("being backed up (backup {})", b.id)), "{}", err.message());
     let now = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
@@ -225,7 +229,7 @@ async fn an_in_use_volume_needs_force_and_is_read_through_a_temporary_snapshot()
     assert_eq!(b.status, "available", "{b:?}");
     assert_eq!(b.stored_bytes, (2 << 20) + 16, "two raw 1 MiB chunks of random data");
     assert!(snapshots().is_empty(), "the temporary snapshot was removed: {:?}", snapshots());
-    volumes.clone().delete_volume(DeleteVolumeRequest { id: v.id.clone() }).await.unwrap();
+    volumes.clone().delete_volume(DeleteVolumeRequest { id: v.id.clone(), ..Default::default() }).await.unwrap();
     wait_gone(&volumes, &v.id).await;
 }
 
@@ -398,7 +402,7 @@ async fn a_backup_agent_killed_mid_restore_leaves_the_target_in_error() {
     failing.wait_registered().await;
     backups.clone().restore_backup(restore).await.unwrap();
     assert_eq!(ember_fleet_tests::volumes::wait_settled(&volumes, &v.id).await.status, "error_restoring");
-    volumes.clone().delete_volume(DeleteVolumeRequest { id: v.id.clone() }).await.unwrap();
+    volumes.clone().delete_volume(DeleteVolumeRequest { id: v.id.clone(), ..Default::default() }).await.unwrap();
     wait_gone(&volumes, &v.id).await;
     assert!(!file.exists(), "its file went with it");
 }

@@ -59,7 +59,7 @@ async fn create_and_delete_converge_after_a_crash_at_every_step() {
     for (point, id) in ["delete_volume.accepted", "delete_volume.deleted"].into_iter().zip(&ids) {
         fleet.start_coordinator_with(&[("EMBER_FAILPOINTS", point)]);
         let mut client = VolumeServiceClient::new(fleet.admin());
-        let _ = client.delete_volume(DeleteVolumeRequest { id: id.clone() }).await;
+        let _ = client.delete_volume(DeleteVolumeRequest { id: id.clone(), ..Default::default() }).await;
         let status = fleet.coordinator.as_mut().unwrap().wait_exit(Duration::from_secs(30));
         assert!(!status.success(), "{point}: the coordinator should have crashed");
         fleet.start_coordinator();
@@ -83,7 +83,7 @@ async fn the_sweeper_removes_only_files_this_coordinator_made_and_no_longer_plac
     // A volume this coordinator made and deleted, back on the backend (say, the agent's disk restored from an
     // old copy): an orphan it knows, removed.
     let gone = new_volume(&client, 1).await;
-    client.clone().delete_volume(DeleteVolumeRequest { id: gone.id.clone() }).await.unwrap();
+    client.clone().delete_volume(DeleteVolumeRequest { id: gone.id.clone(), ..Default::default() }).await.unwrap();
     wait_gone(&client, &gone.id).await;
     let known = dir.join(format!("volume-{}", gone.id));
     std::fs::write(&known, b"brought back").unwrap();
@@ -151,7 +151,7 @@ async fn a_coordinator_started_on_an_empty_database_destroys_no_volume_it_finds_
     adopt_the_snapshot(&fleet, &v.id, &snap.id, &snap_file).await;
 
     // It is the project's volume like any other: its owner deletes it, and the file goes.
-    member.clone().delete_volume(DeleteVolumeRequest { id: v.id.clone() }).await.unwrap();
+    member.clone().delete_volume(DeleteVolumeRequest { id: v.id.clone(), ..Default::default() }).await.unwrap();
     wait_gone(&member, &v.id).await;
     assert!(!file.exists(), "the adopted volume's file is removed by its delete");
 }
@@ -188,7 +188,11 @@ async fn adopt_the_snapshot(fleet: &Fleet, volume: &str, snap: &str, snap_file: 
     let err = admin.clone().manage_snapshot(manage(volume, snap)).await.unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     let volumes = VolumeServiceClient::new(fleet.member("alice", "p1"));
-    let err = volumes.clone().delete_volume(DeleteVolumeRequest { id: volume.into() }).await.unwrap_err();
+    let err = volumes
+        .clone()
+        .delete_volume(DeleteVolumeRequest { id: volume.into(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "its volume now keeps it: {err:?}");
 
     // A volume made from it holds its data; deleting it removes its file.
@@ -197,7 +201,7 @@ async fn adopt_the_snapshot(fleet: &Fleet, volume: &str, snap: &str, snap_file: 
     let copy = wait_volume(&volumes, &copy.id, "available").await;
     let copy_file = snap_file.with_file_name(format!("volume-{}", copy.id));
     assert_eq!(&read_at(&copy_file, 4096), b"precious", "the volume from the adopted snapshot");
-    volumes.clone().delete_volume(DeleteVolumeRequest { id: copy.id.clone() }).await.unwrap();
+    volumes.clone().delete_volume(DeleteVolumeRequest { id: copy.id.clone(), ..Default::default() }).await.unwrap();
     wait_gone(&volumes, &copy.id).await;
     member.clone().delete_snapshot(DeleteSnapshotRequest { id: snap.into() }).await.unwrap();
     wait_for("the adopted snapshot to be deleted", Duration::from_secs(60), || {

@@ -52,7 +52,7 @@ async fn a_create_on_a_storage_agent_that_freezes_mid_call_ends_in_error_and_lea
         (files_in(&dir) == [fresh.id.clone()].into()).then_some(())
     })
     .await;
-    volumes.clone().delete_volume(DeleteVolumeRequest { id: frozen.id.clone() }).await.unwrap();
+    volumes.clone().delete_volume(DeleteVolumeRequest { id: frozen.id.clone(), ..Default::default() }).await.unwrap();
 }
 
 #[tokio::test]

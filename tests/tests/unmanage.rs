@@ -1,6 +1,7 @@
 //! Letting go of a volume and its snapshot (Cinder's unmanage and snapshot-unmanage): ember forgets them and
 //! gives their quota back, removes the volume's export, and leaves the data on the backend, where the orphan
-//! sweeper does not touch it. Managing them again moves them into another project.
+//! sweeper does not touch it. Managing them again moves them into another project. And forgetting a volume
+//! whose storage node is lost for good, without that node.
 
 use ember_fleet_tests::Fleet;
 use ember_fleet_tests::volumes::{
@@ -103,7 +104,58 @@ async fn an_unmanaged_volume_keeps_its_data_and_moves_to_another_project_when_ma
         async move { c.get_snapshot(GetSnapshotRequest { id }).await.is_err().then_some(()) }
     })
     .await;
-    bob.clone().delete_volume(DeleteVolumeRequest { id: v.id.clone() }).await.unwrap();
+    bob.clone().delete_volume(DeleteVolumeRequest { id: v.id.clone(), ..Default::default() }).await.unwrap();
     wait_gone(&bob, &v.id).await;
     assert!(!file.exists() && !snap_file.exists(), "deleted in p2, the files go");
+}
+
+/// A storage node lost for good: a delete of its snapshot waits for it for ever. An admin forgets the volume,
+/// which takes its snapshot's record and all the quota with it, without the node. Should the node come back,
+/// its files are left alone, and manage adopts the volume again.
+#[tokio::test]
+async fn a_volume_on_a_storage_node_lost_for_good_is_forgotten_and_its_files_are_left_alone() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, dir) = fleet.file_backend("file1", "");
+    let mut storage = fleet.start_agent("storage", "storage1", &backend);
+    wait_backend(&fleet, "storage1@file1").await;
+    let (alice, alice_snaps) = (
+        VolumeServiceClient::new(fleet.member("alice", "p1")),
+        SnapshotServiceClient::new(fleet.member("alice", "p1")),
+    );
+    let v = new_volume(&alice, 1).await;
+    let file = dir.join(format!("volume-{}", v.id));
+    std::fs::OpenOptions::new().write(true).open(&file).unwrap().write_all_at(b"precious", 4096).unwrap();
+    let snap = new_snapshot(&alice_snaps, &v.id).await;
+    let forget = DeleteVolumeRequest { id: v.id.clone(), forget: true };
+    let admin = VolumeServiceClient::new(fleet.admin());
+    let err = admin.clone().delete_volume(forget.clone()).await.unwrap_err();
+    assert!(err.code() == Code::FailedPrecondition && err.message().contains("which is up"), "{err:?}");
+
+    storage.kill();
+    ember_fleet_tests::backups::wait_down(&fleet, "storage1@file1").await;
+    alice_snaps.clone().delete_snapshot(DeleteSnapshotRequest { id: snap.id.clone() }).await.unwrap();
+    assert_eq!(wait_snapshot(&alice_snaps, &snap.id, "deleting").await.status, "deleting", "waits for the node");
+    let err = alice.clone().delete_volume(forget.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let (ok, out, err) = fleet.cli(&["volume", "delete", &v.id, "--forget"]);
+    assert!(ok && out.contains("forgotten"), "{out}\n{err}");
+    assert_eq!(
+        alice.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let err = alice_snaps.clone().get_snapshot(GetSnapshotRequest { id: snap.id.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    for resource in ["volumes", "snapshots", "gigabytes"] {
+        assert_eq!(usage(&fleet, "p1", resource).await, 0, "{resource} given back");
+    }
+
+    // The node comes back: a sweep leaves both files alone, data intact; the volume can be adopted again.
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    wait_left_alone(&fleet, &v.id).await;
+    wait_left_alone(&fleet, &snap.id).await;
+    assert_eq!(&read_at(&file, 4096), b"precious");
+    assert!(dir.join(format!("snapshot-{}", snap.id)).exists());
+    let manage = ManageVolumeRequest { pool: "storage1@file1".into(), id: v.id.clone(), ..Default::default() };
+    assert_eq!(admin.clone().manage_volume(manage).await.unwrap().into_inner().status, "available");
 }

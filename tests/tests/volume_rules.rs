@@ -183,14 +183,14 @@ async fn bad_requests_are_refused_naming_the_problem_and_change_nothing() {
     let mut bob = VolumeServiceClient::new(fleet.member("bob", "p2"));
     let err = bob.get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let err = bob.delete_volume(DeleteVolumeRequest { id: v.id.clone() }).await.unwrap_err();
+    let err = bob.delete_volume(DeleteVolumeRequest { id: v.id.clone(), ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert!(bob.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().volumes.is_empty());
 
     // While attaching or attached: no delete, no extend.
     let mut attachments = AttachmentServiceClient::new(fleet.member("alice", "p1"));
     let a = attachments.attach(attach_request(&v.id, &vm1.name)).await.unwrap().into_inner();
-    let err = client.delete_volume(DeleteVolumeRequest { id: v.id.clone() }).await.unwrap_err();
+    let err = client.delete_volume(DeleteVolumeRequest { id: v.id.clone(), ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     let in_use = wait_volume(&client, &v.id, "in-use").await;
     assert_eq!(in_use.attachments.len(), 1);
@@ -275,7 +275,7 @@ async fn quotas_bound_creates_and_usage_equals_what_exists() {
     assert_eq!((volumes, gigabytes), (2, 5));
 
     // Idempotent creates: the same key and parameters give the same volume; different parameters conflict.
-    client.delete_volume(DeleteVolumeRequest { id: plain.id.clone() }).await.unwrap();
+    client.delete_volume(DeleteVolumeRequest { id: plain.id.clone(), ..Default::default() }).await.unwrap();
     ember_fleet_tests::volumes::wait_gone(&client, &plain.id).await;
     let req = CreateVolumeRequest { size_gb: 1, idempotency_key: "job-42".into(), ..Default::default() };
     let first = client.create_volume(req.clone()).await.unwrap().into_inner();

@@ -187,7 +187,7 @@ async fn data_survives_snapshot_clone_and_extend_over_iscsi_and_delete_leaves_no
     assert_eq!(used("snapshots"), (1, 0));
 
     // The volume with a snapshot cannot be deleted yet.
-    let err = volumes.delete_volume(DeleteVolumeRequest { id: v.id.clone() }).await.unwrap_err();
+    let err = volumes.delete_volume(DeleteVolumeRequest { id: v.id.clone(), ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("snapshot"), "{}", err.message());
 
@@ -205,12 +205,15 @@ async fn data_survives_snapshot_clone_and_extend_over_iscsi_and_delete_leaves_no
     snapshots.delete_snapshot(DeleteSnapshotRequest { id: snap.id.clone() }).await.unwrap();
     wait_snapshot(&mut snapshots, &snap.id, "gone").await;
     for id in [&v.id, &from_snap.id, &clone.id] {
-        volumes.delete_volume(DeleteVolumeRequest { id: id.clone() }).await.unwrap();
+        volumes.delete_volume(DeleteVolumeRequest { id: id.clone(), ..Default::default() }).await.unwrap();
     }
     for id in [&v.id, &from_snap.id, &clone.id] {
         wait_gone(&mut volumes, id).await;
     }
-    volumes.delete_volume(DeleteVolumeRequest { id: v.id.clone() }).await.expect("deleting what is gone succeeds");
+    volumes
+        .delete_volume(DeleteVolumeRequest { id: v.id.clone(), ..Default::default() })
+        .await
+        .expect("deleting what is gone succeeds");
     let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(left.is_empty(), "files left: {left:?}");
     let shown = fleet.tgt_show("storage1");

@@ -509,7 +509,11 @@ impl VolumeService for Volumes {
 
     async fn delete_volume(&self, req: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {
         let who = who(&req)?;
-        self.delete(&who, &req.get_ref().id).await?;
+        if req.get_ref().forget {
+            super::manage::forget(&self.ctx, &who, &req.get_ref().id).await?;
+        } else {
+            self.delete(&who, &req.get_ref().id).await?;
+        }
         Ok(Response::new(DeleteVolumeResponse {}))
     }
 

@@ -2,7 +2,8 @@
 //! after the database was lost or replaced, the orphan sweeper leaves such volumes alone and reports them, and
 //! an admin brings each back under its own id, into a project, counted against that project's quotas. And the
 //! reverse, Cinder's `unmanage`: ember lets go of a volume and leaves its data where it is (to hand it to
-//! another system, or to manage it again into another project).
+//! another system, or to manage it again into another project). And, for a storage node lost for good, forgetting
+//! a volume without it.
 
 use super::api::type_id_for;
 use super::store;
@@ -186,6 +187,62 @@ pub async fn unmanage_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     tx.commit().await?;
     tracing::warn!(volume_id = %v.id, pool = %format!("{}@{}", v.host, v.backend), "volume unmanaged; its data stays");
     Ok(Outcome::Finished)
+}
+
+/// Whether storage pool `host`@`backend` is served: its agent's heartbeats are recent and report the backend.
+async fn pool_served(ctx: &Ctx, conn: &mut sqlx::SqliteConnection, host: &str, backend: &str) -> Result<bool> {
+    let heartbeat: Option<i64> =
+        sqlx::query_scalar("SELECT last_heartbeat FROM services WHERE role = 'storage' AND host = ? AND backend = ?")
+            .bind(host)
+            .bind(backend)
+            .fetch_optional(&mut *conn)
+            .await?;
+    Ok(heartbeat.is_some_and(|hb| crate::fleet::is_up(hb, now_ms(), ctx.service_down_ms)))
+}
+
+/// Removes the records of volume `id`, its snapshots and its attachments, and releases their quota, without its
+/// storage node, which is lost for good: a delete would wait for it for ever. No agent is asked; the operations
+/// still waiting on them end on their own when they find the records gone. The finished operations it records
+/// tell the sweeper to leave the files alone, should the node come back.
+pub async fn forget(ctx: &Ctx, who: &Identity, id: &str) -> Result<()> {
+    if who.role != Role::Admin {
+        return Err(Error::PermissionDenied("only admins may forget a volume (forget)".into()));
+    }
+    validate::uuid("id", id)?;
+    let mut tx = crate::db::write(&ctx.db).await?;
+    let Some(v) = store::find(&mut tx, id).await? else { return Ok(()) };
+    let pool = format!("{}@{}", v.host, v.backend);
+    if !v.host.is_empty() && pool_served(ctx, &mut tx, &v.host, &v.backend).await? {
+        return Err(Error::FailedPrecondition(format!(
+            "volume {id} is on {pool}, which is up; delete it without forget"
+        )));
+    }
+    let booting: Option<String> = sqlx::query_scalar("SELECT id FROM instances WHERE boot_volume_id = ? LIMIT 1")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if let Some(instance) = booting {
+        return Err(Error::FailedPrecondition(format!("instance {instance} boots from volume {id}; delete it first")));
+    }
+    let snapshots: Vec<(String, i64)> =
+        sqlx::query_as("SELECT id, size_gb FROM snapshots WHERE volume_id = ?").bind(id).fetch_all(&mut *tx).await?;
+    for (snapshot, size_gb) in &snapshots {
+        sqlx::query("DELETE FROM snapshots WHERE id = ?").bind(snapshot).execute(&mut *tx).await?;
+        ctx.quota.release(&mut tx, &v.project, &quota::snapshot_deltas(&v.volume_type_name, *size_gb)).await?;
+        operations::record_done(&mut tx, "forget_snapshot", "snapshot", snapshot).await?;
+    }
+    let attachments = sqlx::query("DELETE FROM attachments WHERE volume_id = ?").bind(id).execute(&mut *tx).await?;
+    super::flow::forget(ctx, &mut tx, &v, "forgotten").await?;
+    operations::record_done(&mut tx, "forget_volume", "volume", id).await?;
+    tx.commit().await?;
+    tracing::warn!(
+        volume_id = %id,
+        %pool,
+        snapshots = snapshots.len(),
+        attachments = attachments.rows_affected(),
+        "volume forgotten without its storage node"
+    );
+    Ok(())
 }
 
 #[cfg(test)]
