@@ -126,6 +126,12 @@ enum VolumeAction {
         #[command(flatten)]
         naming: Naming,
     },
+    /// Admin: list what a pool holds that the coordinator has no record of (what `manage` could adopt), with
+    /// sizes and, for snapshots, the volume each was taken of where the backend records it.
+    Manageable {
+        /// The pool, host@backend.
+        pool: String,
+    },
     /// Admin: stop managing an available volume without snapshots, leaving its data on the backend (`manage`
     /// takes it back, into any project).
     Unmanage {
@@ -252,6 +258,30 @@ fn print_volumes(volumes: &[Volume], json: bool) {
     output::table(&["ID", "Name", "Status", "Size", "Type", "Host", "Attached to", "Reason"], &rows);
 }
 
+fn print_manageable(list: &ListManageableResponse, json: bool) {
+    let as_json = |m: &Manageable| {
+        serde_json::json!({"id": m.id, "size_gb": m.size_gb, "safe_to_manage": m.safe_to_manage,
+            "reason_not_safe": m.reason_not_safe, "volume_id": m.volume_id})
+    };
+    if json {
+        let volumes: Vec<_> = list.volumes.iter().map(as_json).collect();
+        let snapshots: Vec<_> = list.snapshots.iter().map(as_json).collect();
+        output::json(&serde_json::json!({"volumes": volumes, "snapshots": snapshots}));
+        return;
+    }
+    let rows = |kind: &str, items: &[Manageable]| -> Vec<Vec<String>> {
+        let safe =
+            |m: &Manageable| if m.safe_to_manage { "yes".to_string() } else { format!("no: {}", m.reason_not_safe) };
+        items
+            .iter()
+            .map(|m| vec![kind.into(), m.id.clone(), m.size_gb.to_string(), safe(m), m.volume_id.clone()])
+            .collect()
+    };
+    let mut all = rows("volume", &list.volumes);
+    all.extend(rows("snapshot", &list.snapshots));
+    output::table(&["Kind", "ID", "Size", "Safe to manage", "Of volume"], &all);
+}
+
 /// Follows a volume until a final state, printing each status change to stderr. Returns the last state, or
 /// `None` when it was deleted.
 pub async fn wait_volume(client: &mut VolumeServiceClient<Channel>, id: &str) -> Result<Option<Volume>, CliError> {
@@ -363,6 +393,11 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                 unset_metadata: unset_properties,
             };
             print_volumes(&[client.update_volume(req).await?.into_inner()], json);
+            Ok(())
+        }
+        VolumeAction::Manageable { pool } => {
+            let list = client.list_manageable(ListManageableRequest { pool }).await?.into_inner();
+            print_manageable(&list, json);
             Ok(())
         }
         VolumeAction::Unmanage { id, wait } => {

@@ -129,7 +129,7 @@ async fn report_records_without_data(
 }
 
 /// Snapshots that running backups of in-use volumes made and still read.
-async fn temporary_snapshots(ctx: &Ctx) -> Result<Vec<String>> {
+pub(crate) async fn temporary_snapshots(ctx: &Ctx) -> Result<Vec<String>> {
     Ok(sqlx::query_scalar(
         "SELECT json_extract(payload, '$.temp_snapshot') FROM operations \
          WHERE state = 'running' AND kind = 'create_backup' AND json_extract(payload, '$.temp_snapshot') IS NOT NULL",

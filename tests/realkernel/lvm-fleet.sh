@@ -173,6 +173,7 @@ for kind in thick thin; do
   left_alone() { grep "$hand" "$W/logs/coordinator.log" | grep -q "is left alone"; }
   check "$kind: the sweeper leaves an unknown snapshot LV alone and reports it" wait_for 60 left_alone
   check "$kind: ... the LV is still there" lv_has_tag "$vg/_snapshot-$hand" ember
+  check "$kind: manageable lists it with its origin volume" sh -c "ember --json volume manageable storage1@$kind | grep -q '\"volume_id\": \"$vol\"'"
   ember snapshot manage "$from_snap" "$hand" >/dev/null 2>"$W/refused"
   check "$kind: adopting it under another volume is refused, naming its origin" grep -q "is a snapshot of volume $vol" "$W/refused"
   check "$kind: adopting it under its volume makes it available" test "$(ember --json snapshot manage "$vol" "$hand" | json_field status)" = available

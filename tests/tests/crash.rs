@@ -121,6 +121,18 @@ async fn a_coordinator_started_on_an_empty_database_destroys_no_volume_it_finds_
     let snap_file = dir.join(format!("snapshot-{}", snap.id));
     assert_eq!(&read_at(&snap_file, 4096), b"precious", "and so is its snapshot");
 
+    // What the pool holds that the coordinator does not know, as Cinder's manageable-list shows it.
+    let (ok, out, err) = fleet.cli(&["--json", "volume", "manageable", "storage1@file1"]);
+    assert!(ok, "{out}\n{err}");
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let expect = |id: &str| serde_json::json!([{"id": id, "size_gb": 1, "safe_to_manage": true, "reason_not_safe": "", "volume_id": ""}]);
+    assert_eq!((&listed["volumes"], &listed["snapshots"]), (&expect(&v.id), &expect(&snap.id)), "{listed}");
+    let err = VolumeServiceClient::new(fleet.member("alice", "p1"))
+        .list_manageable(ListManageableRequest { pool: "storage1@file1".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
     // An admin adopts it back (Cinder's manage); bad requests are refused, naming the problem, changing nothing.
     let manage = |pool: &str, id: &str| ManageVolumeRequest {
         pool: pool.into(),
@@ -148,6 +160,13 @@ async fn a_coordinator_started_on_an_empty_database_destroys_no_volume_it_finds_
     assert_eq!(db_state(&fleet, "p1").await, (vec![(v.id.clone(), "available".into(), 1)], 1, 1), "counted once");
     let err = admin.clone().manage_volume(manage("storage1@file1", &v.id)).await.unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    let listed = VolumeServiceClient::new(fleet.admin())
+        .list_manageable(ListManageableRequest { pool: "storage1@file1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let listed: Vec<_> = listed.volumes.iter().chain(&listed.snapshots).map(|m| m.id.as_str()).collect();
+    assert_eq!(listed, [snap.id.as_str()], "the adopted volume is no longer listed");
     adopt_the_snapshot(&fleet, &v.id, &snap.id, &snap_file).await;
 
     // It is the project's volume like any other: its owner deletes it, and the file goes.

@@ -502,6 +502,14 @@ impl VolumeService for Volumes {
         Ok(Response::new(super::manage::manage(&self.ctx, &who, req.into_inner()).await?))
     }
 
+    async fn list_manageable(
+        &self,
+        req: Request<ListManageableRequest>,
+    ) -> Result<Response<ListManageableResponse>, Status> {
+        let who = who(&req)?;
+        Ok(Response::new(super::manageable::list(&self.ctx, &who, req.into_inner()).await?))
+    }
+
     async fn unmanage_volume(&self, req: Request<UnmanageVolumeRequest>) -> Result<Response<Volume>, Status> {
         let who = who(&req)?;
         Ok(Response::new(super::manage::unmanage(&self.ctx, &who, req.into_inner()).await?))

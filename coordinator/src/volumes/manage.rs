@@ -19,7 +19,7 @@ use ember_proto::v1::{ManageVolumeRequest, UnmanageVolumeRequest, Volume};
 use std::sync::Arc;
 
 /// `host@backend`, each part non-empty.
-fn parse_pool(pool: &str) -> Result<(&str, &str)> {
+pub(crate) fn parse_pool(pool: &str) -> Result<(&str, &str)> {
     match pool.split_once('@') {
         Some((host, backend)) if !host.is_empty() && !backend.is_empty() && !backend.contains('@') => {
             Ok((host, backend))
