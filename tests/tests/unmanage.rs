@@ -136,6 +136,9 @@ async fn a_volume_on_a_storage_node_lost_for_good_is_forgotten_and_its_files_are
     ember_fleet_tests::backups::wait_down(&fleet, "storage1@file1").await;
     alice_snaps.clone().delete_snapshot(DeleteSnapshotRequest { id: snap.id.clone() }).await.unwrap();
     assert_eq!(wait_snapshot(&alice_snaps, &snap.id, "deleting").await.status, "deleting", "waits for the node");
+    // An extend waits for the node too, holding a reservation of 1 GiB more.
+    alice.clone().extend_volume(ExtendVolumeRequest { id: v.id.clone(), new_size_gb: 2 }).await.unwrap();
+    assert_eq!(usage(&fleet, "p1", "gigabytes").await, 3, "1 + 1 in use, 1 reserved");
     let err = alice.clone().delete_volume(forget.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     let (ok, out, err) = fleet.cli(&["volume", "delete", &v.id, "--forget"]);

@@ -200,6 +200,30 @@ async fn pool_served(ctx: &Ctx, conn: &mut sqlx::SqliteConnection, host: &str, b
     Ok(heartbeat.is_some_and(|hb| crate::fleet::is_up(hb, now_ms(), ctx.service_down_ms)))
 }
 
+/// Volume states whose operation fails by itself once the storage node cannot be reached, releasing what it
+/// holds (a create fails once its agent is down; a backup or restore fails on the agent-to-agent stream).
+const SETTLES_ALONE: [&str; 3] = ["creating", "backing-up", "restoring-backup"];
+
+/// Ends the extends of volume `v` that wait for its lost node for ever, giving back the quota they reserved.
+async fn end_extends(ctx: &Ctx, conn: &mut sqlx::SqliteConnection, v: &store::VolumeRow) -> Result<()> {
+    let extends: Vec<(String, String)> = sqlx::query_as(
+        "SELECT id, payload FROM operations WHERE kind = 'extend_volume' AND resource_id = ? AND state = 'running'",
+    )
+    .bind(&v.id)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (op, payload) in extends {
+        let delta = serde_json::from_str::<serde_json::Value>(&payload)?["delta"].as_i64().unwrap_or(0);
+        ctx.quota.rollback(conn, &v.project, &super::api::extend_deltas(&v.volume_type_name, delta)).await?;
+        sqlx::query("UPDATE operations SET state = 'failed', error = 'volume forgotten', updated_at = ? WHERE id = ?")
+            .bind(now_ms())
+            .bind(&op)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
 /// Removes the records of volume `id`, its snapshots and its attachments, and releases their quota, without its
 /// storage node, which is lost for good: a delete would wait for it for ever. No agent is asked; the operations
 /// still waiting on them end on their own when they find the records gone. The finished operations it records
@@ -216,6 +240,15 @@ pub async fn forget(ctx: &Ctx, who: &Identity, id: &str) -> Result<()> {
         return Err(Error::FailedPrecondition(format!(
             "volume {id} is on {pool}, which is up; delete it without forget"
         )));
+    }
+    if SETTLES_ALONE.contains(&v.status.as_str()) {
+        return Err(Error::FailedPrecondition(format!(
+            "volume {id} is {}, which ends on its own now that {pool} is down; forget it then",
+            v.status
+        )));
+    }
+    if v.status == "extending" {
+        end_extends(ctx, &mut tx, &v).await?;
     }
     let booting: Option<String> = sqlx::query_scalar("SELECT id FROM instances WHERE boot_volume_id = ? LIMIT 1")
         .bind(id)
