@@ -52,6 +52,16 @@ pub async fn wait_snapshot(client: &SnapshotServiceClient<Channel>, id: &str, st
     .await
 }
 
+/// Waits until snapshot `id` no longer exists.
+pub async fn wait_snapshot_gone(client: &SnapshotServiceClient<Channel>, id: &str) {
+    wait_for(&format!("snapshot {id} to be gone"), WAIT, || {
+        let mut c = client.clone();
+        let id = id.to_string();
+        async move { c.get_snapshot(GetSnapshotRequest { id }).await.is_err().then_some(()) }
+    })
+    .await
+}
+
 /// Snapshots volume `volume_id` (which must not be in use) and waits until the snapshot is available.
 pub async fn new_snapshot(client: &SnapshotServiceClient<Channel>, volume_id: &str) -> Snapshot {
     let req = CreateSnapshotRequest { volume_id: volume_id.into(), ..Default::default() };

@@ -4,7 +4,7 @@
 
 use ember_fleet_tests::volumes::{
     db_state, files_in, new_snapshot, new_volume, read_at, usage, wait_backend, wait_gone, wait_left_alone,
-    wait_settled, wait_volume,
+    wait_settled, wait_snapshot_gone, wait_volume,
 };
 use ember_fleet_tests::{Fleet, wait_for};
 use ember_proto::v1::snapshot_service_client::SnapshotServiceClient;
@@ -223,11 +223,7 @@ async fn adopt_the_snapshot(fleet: &Fleet, volume: &str, snap: &str, snap_file: 
     volumes.clone().delete_volume(DeleteVolumeRequest { id: copy.id.clone(), ..Default::default() }).await.unwrap();
     wait_gone(&volumes, &copy.id).await;
     member.clone().delete_snapshot(DeleteSnapshotRequest { id: snap.into() }).await.unwrap();
-    wait_for("the adopted snapshot to be deleted", Duration::from_secs(60), || {
-        let mut c = member.clone();
-        async move { c.get_snapshot(GetSnapshotRequest { id: snap.into() }).await.is_err().then_some(()) }
-    })
-    .await;
+    wait_snapshot_gone(&member, snap).await;
     assert!(!snap_file.exists(), "the adopted snapshot's file is removed by its delete");
     assert_eq!(snapshot_usage(fleet, "p1").await, (0, 1), "its quota is given back");
 }

@@ -5,7 +5,8 @@
 
 use ember_fleet_tests::Fleet;
 use ember_fleet_tests::volumes::{
-    new_snapshot, new_volume, read_at, usage, wait_backend, wait_gone, wait_left_alone, wait_snapshot, wait_volume,
+    new_snapshot, new_volume, read_at, usage, wait_backend, wait_gone, wait_left_alone, wait_snapshot,
+    wait_snapshot_gone, wait_volume,
 };
 use ember_proto::v1::snapshot_service_client::SnapshotServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
@@ -98,12 +99,7 @@ async fn an_unmanaged_volume_keeps_its_data_and_moves_to_another_project_when_ma
     let req = ManageSnapshotRequest { volume_id: v.id.clone(), id: snap.id.clone(), ..Default::default() };
     admin_snaps.clone().manage_snapshot(req).await.unwrap();
     bob_snaps.clone().delete_snapshot(DeleteSnapshotRequest { id: snap.id.clone() }).await.unwrap();
-    ember_fleet_tests::wait_for("the snapshot deleted", Duration::from_secs(60), || {
-        let mut c = bob_snaps.clone();
-        let id = snap.id.clone();
-        async move { c.get_snapshot(GetSnapshotRequest { id }).await.is_err().then_some(()) }
-    })
-    .await;
+    wait_snapshot_gone(&bob_snaps, &snap.id).await;
     bob.clone().delete_volume(DeleteVolumeRequest { id: v.id.clone(), ..Default::default() }).await.unwrap();
     wait_gone(&bob, &v.id).await;
     assert!(!file.exists() && !snap_file.exists(), "deleted in p2, the files go");

@@ -132,8 +132,7 @@ pub async fn unmanage(ctx: &Ctx, who: &Identity, req: UnmanageSnapshotRequest) -
         return Err(Error::FailedPrecondition(format!("snapshot {} is the source of a volume being created", s.id)));
     }
     let v = volumes::find(&mut tx, &s.volume_id).await?.ok_or_else(|| Error::not_found("volume", &s.volume_id))?;
-    sqlx::query("DELETE FROM snapshots WHERE id = ?").bind(&s.id).execute(&mut *tx).await?;
-    ctx.quota.release(&mut tx, &s.project, &quota::snapshot_deltas(&v.volume_type_name, s.size_gb)).await?;
+    super::remove_record(ctx, &mut tx, &s.id, &s.project, &v.volume_type_name, s.size_gb).await?;
     operations::record_done(&mut tx, "unmanage_snapshot", "snapshot", &s.id).await?;
     tx.commit().await?;
     tracing::warn!(snapshot_id = %s.id, volume_id = %v.id, "snapshot unmanaged; its data stays");

@@ -95,6 +95,20 @@ async fn transition(conn: &mut SqliteConnection, id: &str, from: &[&str], to: &s
     crate::status::transition(conn, crate::status::Table::Snapshots, id, from, to, reason).await
 }
 
+/// Removes snapshot `id`'s row and gives back the quota it counted against `project` (its volume is of type
+/// `type_name`): when it is deleted, let go of, or forgotten with its volume.
+pub async fn remove_record(
+    ctx: &Ctx,
+    conn: &mut SqliteConnection,
+    id: &str,
+    project: &str,
+    type_name: &str,
+    size_gb: i64,
+) -> Result<()> {
+    sqlx::query("DELETE FROM snapshots WHERE id = ?").bind(id).execute(&mut *conn).await?;
+    ctx.quota.release(conn, project, &quota::snapshot_deltas(type_name, size_gb)).await
+}
+
 /// Holds an available snapshot `backing-up` while a backup reads it, so that it cannot be deleted meanwhile.
 pub async fn begin_backup(conn: &mut SqliteConnection, s: &SnapshotRow) -> Result<()> {
     if !transition(conn, &s.id, &["available"], "backing-up", "").await? {
@@ -284,8 +298,7 @@ pub async fn delete_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     let mut tx = crate::db::write(&ctx.db).await?;
     match call {
         Ok(_) => {
-            sqlx::query("DELETE FROM snapshots WHERE id = ?").bind(&s.id).execute(&mut *tx).await?;
-            ctx.quota.release(&mut tx, &s.project, &quota::snapshot_deltas(&vol.volume_type_name, s.size_gb)).await?;
+            remove_record(ctx, &mut tx, &s.id, &s.project, &vol.volume_type_name, s.size_gb).await?;
             operations::finish(&mut tx, &op, None).await?;
             tracing::info!(snapshot_id = %s.id, "snapshot deleted");
         }

@@ -19,13 +19,24 @@ use ember_proto::v1::{ManageVolumeRequest, UnmanageVolumeRequest, Volume};
 use std::sync::Arc;
 
 /// `host@backend`, each part non-empty.
-pub(crate) fn parse_pool(pool: &str) -> Result<(&str, &str)> {
+fn parse_pool(pool: &str) -> Result<(&str, &str)> {
     match pool.split_once('@') {
         Some((host, backend)) if !host.is_empty() && !backend.is_empty() && !backend.contains('@') => {
             Ok((host, backend))
         }
         _ => Err(Error::invalid("pool", format!("{pool:?} is not host@backend"))),
     }
+}
+
+/// Pool `name` (`host@backend`) as the scheduler sees it; FAILED_PRECONDITION unless it is up and enabled, as
+/// adopting from it, or listing what it holds, needs its agent.
+pub(crate) async fn up_pool(ctx: &Ctx, name: &str) -> Result<crate::scheduler::PoolState> {
+    let (host, backend) = parse_pool(name)?;
+    crate::pools::candidates(ctx)
+        .await?
+        .into_iter()
+        .find(|p| p.host == host && p.backend == backend)
+        .ok_or_else(|| Error::FailedPrecondition(format!("pool {name} is not up and enabled")))
 }
 
 /// Whole GiB in `bytes`, or `None` when it is not a whole number of them (ember makes volumes in whole GiB).
@@ -52,11 +63,7 @@ pub async fn manage(ctx: &Ctx, who: &Identity, req: ManageVolumeRequest) -> Resu
     validate::text("name", &req.name, 255)?;
     validate::text("description", &req.description, 255)?;
     let project = owner_project(who, &req.project)?;
-    let pool = crate::pools::candidates(ctx)
-        .await?
-        .into_iter()
-        .find(|p| p.host == host && p.backend == backend)
-        .ok_or_else(|| Error::FailedPrecondition(format!("pool {} is not up and enabled", req.pool)))?;
+    let pool = up_pool(ctx, &req.pool).await?;
     let mut conn = ctx.db.acquire().await?;
     if store::find(&mut conn, &req.id).await?.is_some() {
         return Err(Error::AlreadyExists(format!("volume {} is already known", req.id)));
@@ -260,8 +267,7 @@ pub async fn forget(ctx: &Ctx, who: &Identity, id: &str) -> Result<()> {
     let snapshots: Vec<(String, i64)> =
         sqlx::query_as("SELECT id, size_gb FROM snapshots WHERE volume_id = ?").bind(id).fetch_all(&mut *tx).await?;
     for (snapshot, size_gb) in &snapshots {
-        sqlx::query("DELETE FROM snapshots WHERE id = ?").bind(snapshot).execute(&mut *tx).await?;
-        ctx.quota.release(&mut tx, &v.project, &quota::snapshot_deltas(&v.volume_type_name, *size_gb)).await?;
+        crate::snapshots::remove_record(ctx, &mut tx, snapshot, &v.project, &v.volume_type_name, *size_gb).await?;
         operations::record_done(&mut tx, "forget_snapshot", "snapshot", snapshot).await?;
     }
     let attachments = sqlx::query("DELETE FROM attachments WHERE volume_id = ?").bind(id).execute(&mut *tx).await?;

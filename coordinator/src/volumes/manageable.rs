@@ -2,7 +2,7 @@
 //! snapshots an admin could adopt with `manage`, each with its size, whether it can be adopted as it is, and for
 //! a snapshot the volume it was taken of where the backend records it.
 
-use super::manage::{parse_pool, whole_gib};
+use super::manage::{up_pool, whole_gib};
 use crate::context::Ctx;
 use crate::error::{Error, Result};
 use ember_common::identity::{Identity, Role};
@@ -38,10 +38,8 @@ pub async fn list(ctx: &Ctx, who: &Identity, req: ListManageableRequest) -> Resu
     if who.role != Role::Admin {
         return Err(Error::PermissionDenied("only admins may list what a pool holds".into()));
     }
-    let (host, backend) = parse_pool(&req.pool)?;
-    if !crate::pools::candidates(ctx).await?.iter().any(|p| p.host == host && p.backend == backend) {
-        return Err(Error::FailedPrecondition(format!("pool {} is not up and enabled", req.pool)));
-    }
+    let pool = up_pool(ctx, &req.pool).await?;
+    let (host, backend) = (pool.host.as_str(), pool.backend.as_str());
     let mut client = ctx.agents.storage(host).await?;
     let held = client
         .list_resources(agent::ListResourcesRequest { backend: backend.to_string() })
