@@ -173,7 +173,7 @@ enum VolumeAction {
         /// Attachment or volume id.
         id: String,
         /// Admin: without the compute host, for a host that is gone for good; the host loses access to the
-        /// volume and its guest is not told. Also takes over a detach waiting for that host.
+        /// volume and its guest is not told. Also takes over a detach, or ends an attach, waiting for that host.
         #[arg(long)]
         force: bool,
         /// Wait until detached.

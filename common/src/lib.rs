@@ -6,6 +6,7 @@ pub mod agent;
 pub mod certs;
 pub mod config;
 pub mod direct_io;
+pub mod failpoint;
 pub mod identity;
 pub mod image_source;
 pub mod logging;

@@ -145,6 +145,8 @@ impl ComputeAgent for ComputeService {
     async fn attach_volume(&self, req: Request<AttachVolumeRequest>) -> Result<Response<AttachVolumeResponse>, Status> {
         let r = req.into_inner();
         let span = tracing::info_span!("attach_volume", volume_id = %r.volume_id);
+        // Tests: `compute.freeze_in_attach_volume` freezes the agent here, once the coordinator's call reached it.
+        ember_common::failpoint::freeze_once("compute.freeze_in_attach_volume");
         let device = self.0.attach(r).instrument(span).await?;
         Ok(Response::new(AttachVolumeResponse { device }))
     }

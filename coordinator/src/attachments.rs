@@ -144,6 +144,12 @@ impl Attachments {
             }
             return Ok(());
         }
+        if status == "attaching" && force {
+            abandon_running_attach(&mut tx, id, a.get(1)).await?;
+            tx.commit().await?;
+            operations::wake(&self.ctx, id).await;
+            return Ok(());
+        }
         let moved = sqlx::query(
             "UPDATE attachments SET status = 'detaching', updated_at = ? WHERE id = ? AND status = 'attached'",
         )
@@ -153,7 +159,8 @@ impl Attachments {
         .await?
         .rows_affected();
         if moved == 0 {
-            return Err(Error::FailedPrecondition(format!("attachment {id} is {status}; detach needs attached")));
+            let hint = if status == "attaching" { " (an admin may force it)" } else { "" };
+            return Err(Error::FailedPrecondition(format!("attachment {id} is {status}; detach needs attached{hint}")));
         }
         let volume_id: String = a.get(1);
         volumes::transition(&mut tx, &volume_id, &["in-use"], "detaching", "").await?;
@@ -178,6 +185,58 @@ async fn force_running_detach(conn: &mut sqlx::SqliteConnection, id: &str) -> Re
     .await?;
     tracing::warn!(attachment_id = %id, "detach forced: the compute host will not be asked");
     Ok(())
+}
+
+/// Turns attachment `id`, whose attach is still running (typically retrying against a compute host that is gone),
+/// into a forced detach: the attachment and its volume move to `detaching`, and the attach operation, seeing
+/// that, removes the export instead of going on (`abandon_attach`). The same operation undoes what it did, so no
+/// export of a still-running attempt can outlive the undo.
+async fn abandon_running_attach(conn: &mut SqliteConnection, id: &str, volume_id: String) -> Result<()> {
+    let attach_running: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM operations WHERE kind = 'attach' AND resource_id = ? AND state = 'running'",
+    )
+    .bind(id)
+    .fetch_one(&mut *conn)
+    .await?;
+    if attach_running == 0 {
+        // An instance's boot reserves its volume with an attachment of its own: its boot operation ends it.
+        return Err(Error::FailedPrecondition(format!(
+            "attachment {id} is being made by an instance boot; delete the instance instead"
+        )));
+    }
+    sqlx::query(
+        "UPDATE attachments SET status = 'detaching', status_reason = ?, updated_at = ? \
+         WHERE id = ? AND status = 'attaching'",
+    )
+    .bind(ABANDONED)
+    .bind(now_ms())
+    .bind(id)
+    .execute(&mut *conn)
+    .await?;
+    volumes::transition(conn, &volume_id, &["attaching"], "detaching", "").await?;
+    tracing::warn!(attachment_id = %id, volume_id = %volume_id, "attach abandoned by a forced detach: the compute host will not be asked");
+    Ok(())
+}
+
+/// The reason recorded on an attach that a forced detach ended.
+const ABANDONED: &str = "attach abandoned: detach forced by an admin";
+
+/// Ends an attach that a forced detach took over: the initiator's access goes (unless shared), the compute host is
+/// not asked, the record goes and the volume settles.
+async fn abandon_attach(
+    ctx: &Arc<Ctx>,
+    op: &Op,
+    v: &volumes::VolumeRow,
+    host: &str,
+    initiator: &str,
+) -> Result<Outcome> {
+    let reason = match unexport_unless_shared(ctx, &op.resource_id, v, initiator).await? {
+        Ok(()) => format!("{ABANDONED}; {host} was not asked"),
+        Err(status) if transient(&status) => return Ok(Outcome::Retry(status.message().to_string())),
+        // Retrying a refusal would hold the volume for ever; the reason names the export left behind.
+        Err(status) => format!("{ABANDONED}; its export on {} was refused removal: {}", v.host, status.message()),
+    };
+    fail_attach(ctx, op, v, &reason).await
 }
 
 pub(crate) async fn load(ctx: &Ctx, id: &str) -> Result<Option<(sqlx::sqlite::SqliteRow, volumes::VolumeRow)>> {
@@ -329,6 +388,9 @@ pub async fn attach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     let initiator = connector["initiator"].as_str().unwrap_or_default().to_string();
     let read_only = a.get::<&str, _>(6) == "ro";
     let (instance, host): (String, String) = (a.get(2), a.get(3));
+    if a.get::<&str, _>(4) == "detaching" {
+        return abandon_attach(ctx, &op, &v, &host, &initiator).await;
+    }
     let export_started = std::time::Instant::now();
     let connection = match export_attachment(ctx, &op.resource_id, &v, &initiator, read_only).await? {
         Ok(c) => c,
@@ -374,12 +436,21 @@ pub async fn attach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     let compute_ms = compute_started.elapsed().as_millis() as u64;
     crate::failpoint::hit("attach.attached");
     let mut tx = crate::db::write(&ctx.db).await?;
-    sqlx::query("UPDATE attachments SET status = 'attached', device = ?, updated_at = ? WHERE id = ?")
-        .bind(&device)
-        .bind(now_ms())
-        .bind(&op.resource_id)
-        .execute(&mut *tx)
-        .await?;
+    let attached = sqlx::query(
+        "UPDATE attachments SET status = 'attached', device = ?, updated_at = ? WHERE id = ? AND status = 'attaching'",
+    )
+    .bind(&device)
+    .bind(now_ms())
+    .bind(&op.resource_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if attached == 0 {
+        // A detach was forced while the host attached: as with any forced detach, the host is not asked, and its
+        // guest keeps a disk it can no longer reach.
+        drop(tx);
+        return abandon_attach(ctx, &op, &v, &host, &initiator).await;
+    }
     settle_volume(&mut tx, &v.id, "").await?;
     operations::finish(&mut tx, &op, None).await?;
     tx.commit().await?;

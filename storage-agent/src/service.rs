@@ -9,6 +9,7 @@ use crate::exports::{ExportRecord, ExportStore};
 use crate::file_backend::{Kind, checked_id};
 use crate::lio::{Lio, LioSpec};
 use crate::tgt::{TargetSpec, Tgt};
+use ember_common::failpoint;
 use ember_proto::agent::v1::storage_agent_server::StorageAgent;
 use ember_proto::agent::v1::*;
 use std::collections::BTreeMap;
@@ -200,13 +201,14 @@ impl Storage {
 
     async fn create(&self, req: CreateVolumeRequest) -> Result<VolumeResult> {
         let id = checked_id("volume_id", &req.volume_id)?;
-        if failpoint_armed("storage.create_volume") {
+        if failpoint::armed("storage.create_volume") {
             return Err(AgentError::Io {
                 context: "injected failure (EMBER_FAILPOINTS)".into(),
                 source: std::io::Error::other("failpoint"),
             });
         }
-        freeze_once_if_armed("storage.freeze_in_create_volume");
+        // Tests: `storage.freeze_in_create_volume` freezes the agent here, mid-call.
+        failpoint::freeze_once("storage.freeze_in_create_volume");
         let backend = self.backend(&req.backend)?;
         if req.size_gb == 0 {
             return Err(AgentError::InvalidArgument { field: "size_gb", message: "must be at least 1".into() });
@@ -240,22 +242,6 @@ fn only_coordinator<T>(req: &Request<T>) -> Result<(), Status> {
     match ember_common::identity::caller(req)?.role {
         ember_common::identity::Role::Coordinator => Ok(()),
         role => Err(Status::permission_denied(format!("role {role} may only call ReadVolume and WriteVolume"))),
-    }
-}
-
-/// Fault injection for tests: `EMBER_FAILPOINTS=storage.create_volume` makes every create fail.
-fn failpoint_armed(name: &str) -> bool {
-    std::env::var("EMBER_FAILPOINTS").map(|v| v.split(',').any(|p| p.trim() == name)).unwrap_or(false)
-}
-
-/// Fault injection for tests: `EMBER_FAILPOINTS=storage.freeze_in_create_volume` stops the whole process
-/// (SIGSTOP) in the middle of its first create, as a hung host would: its sockets stay open and nothing
-/// answers. It goes on where it stopped when sent SIGCONT.
-fn freeze_once_if_armed(name: &str) {
-    static FROZEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if failpoint_armed(name) && !FROZEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
-        tracing::warn!(failpoint = name, "failpoint hit: freezing");
-        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
     }
 }
 

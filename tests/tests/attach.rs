@@ -4,7 +4,7 @@
 //! the coordinator's records). Failed attaches change nothing.
 
 use ember_fleet_tests::libvirt::{ComputeFleet, Domain, attach_request, secrets};
-use ember_fleet_tests::volumes::{new_volume, wait_volume};
+use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_volume};
 use ember_fleet_tests::{Fleet, wait_for};
 use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
@@ -217,6 +217,86 @@ async fn a_detach_waiting_for_a_dead_compute_host_is_forced_by_an_admin() {
     assert_released_from_storage(&fleet, &v.id).await;
     // The host was not asked: its guest still has the disk (and would get I/O errors on it).
     assert!(domain.xml(false).contains(&format!("<serial>{}</serial>", v.id)), "the dead host was not touched");
+}
+
+/// A compute host that dies before an attach reaches it: the attach waits for it, with the volume exported to
+/// it and `attaching`. An admin's forced detach ends that attach: the export goes, the host is not asked, and the
+/// volume is free, with the reason.
+#[tokio::test]
+async fn an_attach_waiting_for_a_dead_compute_host_is_ended_by_a_forced_detach() {
+    let ComputeFleet { fleet, dir: _, storage: _storage, mut compute } = ComputeFleet::start("").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let attachments = AttachmentServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    compute.kill();
+    let a = attachments.clone().attach(attach_request(&v.id, "ember-gone")).await.unwrap().into_inner();
+    let coordinator = fleet.coordinator.as_ref().unwrap();
+    wait_for("the attach to wait for the host", WAIT, || async {
+        coordinator.log_text().contains("operation paused").then_some(())
+    })
+    .await;
+    assert!(fleet.tgt_show("storage1").contains(&format!("volume-{}", v.id)), "exported before the host is asked");
+    let waiting = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(waiting.status, "attaching");
+
+    let plain = DetachRequest { attachment_id: a.id.clone(), force: false };
+    let err = attachments.clone().detach(plain).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("an admin may force it"), "{err:?}");
+    let forced = DetachRequest { attachment_id: a.id.clone(), force: true };
+    let err = AttachmentServiceClient::new(fleet.member("alice", "p1")).detach(forced).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+
+    let (ok, out, err) = fleet.cli(&["volume", "detach", &v.id, "--force", "--wait"]);
+    assert!(ok && out.contains("detached"), "{out}\n{err}");
+    let free = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
+    assert_eq!((free.status.as_str(), free.attachments.len()), ("available", 0), "{free:?}");
+    assert!(free.status_reason.contains("attach abandoned"), "{free:?}");
+    assert_released_from_storage(&fleet, &v.id).await;
+    let (state, error): (String, String) =
+        sqlx::query_as("SELECT state, error FROM operations WHERE kind = 'attach' AND resource_id = ?")
+            .bind(&a.id)
+            .fetch_one(&fleet.db().await)
+            .await
+            .unwrap();
+    assert_eq!(state, "failed");
+    assert!(error.contains("was not asked"), "{error}");
+}
+
+/// A detach forced while the compute host is in the middle of the attach (frozen there, then thawed): the host
+/// finishes attaching, but the forced detach holds. The attach ends, the export goes, and the host is not asked
+/// again, so its guest keeps a disk it can no longer reach, as with any forced detach.
+#[tokio::test]
+async fn a_detach_forced_while_the_host_attaches_ends_the_attach() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, _dir) = fleet.file_backend("file1", "");
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    let freeze = [("EMBER_FAILPOINTS", "compute.freeze_in_attach_volume")];
+    let compute = fleet.start_agent_with("compute", "compute1", "", &freeze);
+    wait_backend(&fleet, "storage1@file1").await;
+    wait_backend(&fleet, "compute1").await;
+    let domain = Domain::boot("ember-race").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let attachments = AttachmentServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    let a = attachments.clone().attach(attach_request(&v.id, &domain.name)).await.unwrap().into_inner();
+    wait_for("the compute agent to freeze in the attach", WAIT, || async { compute.is_stopped().then_some(()) }).await;
+
+    let (ok, out, err) = fleet.cli(&["volume", "detach", &v.id, "--force"]);
+    assert!(ok && out.contains("detaching"), "{out}\n{err}");
+    let get = GetAttachmentRequest { id: a.id.clone() };
+    let taken = attachments.clone().get_attachment(get).await.unwrap().into_inner();
+    assert_eq!(taken.status, "detaching", "{taken:?}");
+    compute.signal("CONT");
+
+    let free = wait_failed_attach(&volumes, &v.id).await;
+    assert!(free.status_reason.contains("attach abandoned"), "{free:?}");
+    assert!(free.attachments.is_empty(), "{free:?}");
+    assert_released_from_storage(&fleet, &v.id).await;
+    assert!(compute.log_text().contains("volume attached"), "the host finished its attach");
+    assert!(!compute.log_text().contains("volume detached"), "the host was asked to detach");
+    assert!(domain.xml(false).contains(&format!("<serial>{}</serial>", v.id)), "the guest was left alone");
 }
 
 /// Nothing of the volume's attachment is left on the storage side or in the coordinator's records.
