@@ -141,7 +141,7 @@ enum VolumeAction {
         #[arg(long)]
         wait: bool,
     },
-    /// Grow a volume.
+    /// Grow a volume, attached or not (its guests are told of the new size).
     Extend {
         /// Volume id.
         id: String,

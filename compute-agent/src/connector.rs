@@ -167,6 +167,34 @@ impl Connectors {
         Ok(device)
     }
 
+    /// Makes this host see a volume's new size before QEMU is asked to grow the disk: the kernel initiator's
+    /// SCSI device re-reads its capacity (a session rescan, then the device's own rescan, as os-brick does).
+    /// QEMU's own initiator re-reads the capacity itself when resized, and a file has grown already.
+    pub async fn rescan(&self, c: &Connection, new_size: u64) -> Result<()> {
+        if c.driver_volume_type != "iscsi" || self.iscsi_mode != IscsiMode::Kernel {
+            return Ok(());
+        }
+        let (t, p) = (c.target_iqn.as_str(), c.target_portal.as_str());
+        let device = by_path(p, t, c.target_lun);
+        self.iscsiadm(&["-m", "node", "-T", t, "-p", p, "--rescan"]).await?;
+        let real =
+            std::fs::canonicalize(&device).map_err(ComputeError::io(format!("resolving {}", device.display())))?;
+        let name = real.file_name().unwrap_or_default();
+        let rescan = PathBuf::from("/sys/block").join(name).join("device/rescan");
+        if rescan.exists() {
+            std::fs::write(&rescan, "1").map_err(ComputeError::io(format!("writing {}", rescan.display())))?;
+        }
+        let dev = real.to_string_lossy().into_owned();
+        let out = runner::run("blockdev", &["--getsize64", &dev], ISCSIADM_TIMEOUT).await?.stdout;
+        match out.trim().parse::<u64>() {
+            Ok(size) if size >= new_size => Ok(()),
+            _ => Err(ComputeError::FailedPrecondition(format!(
+                "{dev} is {} bytes after a rescan, not {new_size}: the target has not grown",
+                out.trim()
+            ))),
+        }
+    }
+
     /// Kernel initiator: flush and delete our SCSI device, then log out and delete the node unless another
     /// LUN of the same target is still in use on this host.
     pub async fn kernel_logout(&self, c: &Connection) -> Result<()> {

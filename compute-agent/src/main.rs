@@ -54,17 +54,29 @@ struct Args {
     /// Run one connector step by hand instead of the agent (operators finishing or undoing a connection;
     /// the real-kernel tests).
     #[command(subcommand)]
-    tool: Option<Tool>,
+    tool: Option<IscsiTool>,
 }
 
-/// Connector steps an operator can run by hand.
+/// Kernel-initiator connector steps an operator can run by hand.
 #[derive(Debug, clap::Subcommand)]
-enum Tool {
+enum IscsiTool {
     /// Log in to an iSCSI LUN with the kernel initiator and print its device (CHAP secret from
     /// $EMBER_CHAP_PASSWORD, never the command line).
-    IscsiConnect(IscsiTarget),
+    #[command(name = "iscsi-connect")]
+    Connect(IscsiTarget),
     /// Flush and remove an iSCSI LUN's device, logging out when no other LUN of the target is in use.
-    IscsiDisconnect(IscsiTarget),
+    #[command(name = "iscsi-disconnect")]
+    Disconnect(IscsiTarget),
+    /// Make a logged-in LUN's device show the size its target has grown to (after an extend).
+    #[command(name = "iscsi-rescan")]
+    Rescan {
+        /// The LUN.
+        #[command(flatten)]
+        target: IscsiTarget,
+        /// The size in bytes the device must reach.
+        #[arg(long)]
+        size: u64,
+    },
 }
 
 /// One iSCSI LUN.
@@ -98,8 +110,8 @@ impl IscsiTarget {
     }
 }
 
-/// Runs a [`Tool`] with the kernel connector.
-async fn run_tool(tool: Tool) -> Result<(), Box<dyn std::error::Error>> {
+/// Runs a [`IscsiTool`] with the kernel connector.
+async fn run_tool(tool: IscsiTool) -> Result<(), Box<dyn std::error::Error>> {
     let connectors = connector::Connectors {
         virsh: virsh::Virsh { uri: String::new(), timeout: std::time::Duration::from_secs(60) },
         iscsi_mode: connector::IscsiMode::Kernel,
@@ -107,8 +119,9 @@ async fn run_tool(tool: Tool) -> Result<(), Box<dyn std::error::Error>> {
         state_dir: std::env::temp_dir(),
     };
     match tool {
-        Tool::IscsiConnect(t) => println!("{}", connectors.kernel_login(&t.connection()).await?.display()),
-        Tool::IscsiDisconnect(t) => connectors.kernel_logout(&t.connection()).await?,
+        IscsiTool::Connect(t) => println!("{}", connectors.kernel_login(&t.connection()).await?.display()),
+        IscsiTool::Disconnect(t) => connectors.kernel_logout(&t.connection()).await?,
+        IscsiTool::Rescan { target, size } => connectors.rescan(&target.connection(), size).await?,
     }
     Ok(())
 }

@@ -90,6 +90,29 @@ impl Compute {
         Ok(spec.target)
     }
 
+    /// Makes the domain see the attached volume's new size. A domain whose disk already has it is left as it is.
+    async fn extend(&self, r: ExtendAttachedVolumeRequest) -> Result<u64> {
+        checked_id("volume_id", &r.volume_id)?;
+        let conn = r.connection.unwrap_or_default();
+        let _guard = self.lock.lock().await;
+        let uuid = self.virsh.resolve(&r.instance).await?;
+        let live = self.virsh.disks(&uuid, false).await?;
+        let Some(disk) = live.iter().find(|d| d.serial == r.volume_id) else {
+            return Err(ComputeError::FailedPrecondition(format!(
+                "volume {} is not attached to instance {}",
+                r.volume_id, r.instance
+            )));
+        };
+        if self.virsh.block_capacity(&uuid, &disk.target).await? == r.new_size_bytes {
+            return Ok(r.new_size_bytes);
+        }
+        self.connectors.rescan(&conn, r.new_size_bytes).await?;
+        self.virsh.blockresize(&uuid, &disk.target, r.new_size_bytes).await?;
+        let capacity = self.virsh.block_capacity(&uuid, &disk.target).await?;
+        tracing::info!(instance = %r.instance, device = %disk.target, capacity, "volume resized in the domain");
+        Ok(capacity)
+    }
+
     async fn detach(&self, r: DetachVolumeRequest) -> Result<()> {
         checked_id("volume_id", &r.volume_id)?;
         let conn = r.connection.unwrap_or_default();
@@ -156,6 +179,16 @@ impl ComputeAgent for ComputeService {
         let span = tracing::info_span!("detach_volume", volume_id = %r.volume_id);
         self.0.detach(r).instrument(span).await?;
         Ok(Response::new(DetachVolumeResponse {}))
+    }
+
+    async fn extend_volume(
+        &self,
+        req: Request<ExtendAttachedVolumeRequest>,
+    ) -> Result<Response<ExtendAttachedVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let span = tracing::info_span!("extend_volume", volume_id = %r.volume_id);
+        let capacity_bytes = self.0.extend(r).instrument(span).await?;
+        Ok(Response::new(ExtendAttachedVolumeResponse { capacity_bytes }))
     }
 
     async fn start_instance(

@@ -44,6 +44,11 @@ pub fn parse_domain_list(text: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The `Capacity:` line of `virsh domblkinfo`, in bytes.
+pub fn parse_capacity(text: &str) -> Option<u64> {
+    text.lines().find_map(|l| l.strip_prefix("Capacity:")).and_then(|v| v.trim().parse().ok())
+}
+
 impl Virsh {
     async fn run(&self, args: &[&str]) -> Result<String> {
         let mut argv = vec!["-c", &self.uri];
@@ -99,6 +104,21 @@ impl Virsh {
         self.run(&["detach-disk", uuid, target, scope]).await.map(drop)
     }
 
+    /// Resizes disk `target` of a running domain to `bytes` (QEMU's block_resize; the guest is told). A size QEMU
+    /// cannot reach (a device that has not grown) is an error.
+    pub async fn blockresize(&self, uuid: &str, target: &str, bytes: u64) -> Result<()> {
+        self.run(&["blockresize", uuid, target, &format!("{bytes}B")]).await.map(drop)
+    }
+
+    /// The capacity in bytes of disk `target` as the running domain sees it.
+    pub async fn block_capacity(&self, uuid: &str, target: &str) -> Result<u64> {
+        let out = self.run(&["domblkinfo", uuid, target]).await?;
+        parse_capacity(&out).ok_or_else(|| ComputeError::Io {
+            context: format!("reading the capacity of {target} in domain {uuid}"),
+            source: std::io::Error::other(format!("no Capacity line in {out:?}")),
+        })
+    }
+
     /// Defines a domain from an XML file.
     pub async fn define(&self, xml_file: &Path) -> Result<()> {
         self.run(&["define", &xml_file.to_string_lossy()]).await.map(drop)
@@ -150,5 +170,12 @@ mod tests {
         let list = super::parse_domain_list(text);
         assert_eq!(list.len(), 2);
         assert_eq!(list[1], ("7c0d1e9a-0000-4000-8000-000000000002".into(), "vm-two".into()));
+    }
+
+    #[test]
+    fn parses_the_block_capacity() {
+        let text = include_str!("../testdata/virsh-domblkinfo.txt");
+        assert_eq!(super::parse_capacity(text), Some(2147483648));
+        assert_eq!(super::parse_capacity("error: no such disk\n"), None);
     }
 }

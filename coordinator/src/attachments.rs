@@ -49,16 +49,55 @@ async fn visible(conn: &mut SqliteConnection, who: &Identity, id: &str) -> Resul
     }
 }
 
-/// The volume's status once its attachments are as they are now.
-pub(crate) async fn settle_volume(conn: &mut SqliteConnection, volume_id: &str, reason: &str) -> Result<()> {
+/// The status a volume settles to with its attachments as they are now: `in-use` or `available`.
+pub(crate) async fn settled_status(conn: &mut SqliteConnection, volume_id: &str) -> Result<&'static str> {
     let attached: i64 =
         sqlx::query_scalar("SELECT COUNT(*) FROM attachments WHERE volume_id = ? AND status = 'attached'")
             .bind(volume_id)
             .fetch_one(&mut *conn)
             .await?;
-    let to = if attached > 0 { "in-use" } else { "available" };
+    Ok(if attached > 0 { "in-use" } else { "available" })
+}
+
+/// Moves a volume that is attaching, detaching or in-use to the status its attachments now give it.
+pub(crate) async fn settle_volume(conn: &mut SqliteConnection, volume_id: &str, reason: &str) -> Result<()> {
+    let to = settled_status(conn, volume_id).await?;
     volumes::transition(conn, volume_id, &["attaching", "detaching", "in-use"], to, reason).await?;
     Ok(())
+}
+
+/// Has every guest the volume is attached to see its new size (`bytes`), through each compute agent. Returns,
+/// for each one that could not be told, why. A call that fails is not retried: the volume has grown either way,
+/// and the guest sees the new size at its next attach or boot.
+pub(crate) async fn tell_guests_of_new_size(ctx: &Arc<Ctx>, volume_id: &str, bytes: u64) -> Result<Vec<String>> {
+    let attached =
+        sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} WHERE a.volume_id = ? AND a.status = 'attached'")))
+            .bind(volume_id)
+            .fetch_all(&ctx.db)
+            .await?;
+    let mut untold = Vec::new();
+    for a in attached {
+        let (instance, host): (String, String) = (a.get(2), a.get(3));
+        let request = agent::ExtendAttachedVolumeRequest {
+            volume_id: volume_id.to_string(),
+            instance: instance.clone(),
+            connection: Some(stored_connection(&a)),
+            new_size_bytes: bytes,
+        };
+        let told = match ctx.agents.compute(&host).await {
+            Ok(mut compute) => compute.extend_volume(request).await.map_err(|s| s.message().to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match told {
+            Ok(r) if r.get_ref().capacity_bytes >= bytes => {
+                tracing::info!(volume_id, %instance, %host, "the guest sees the new size");
+            }
+            Ok(r) => untold
+                .push(format!("instance {instance} on {host} sees {} bytes, not {bytes}", r.get_ref().capacity_bytes)),
+            Err(why) => untold.push(format!("instance {instance} on {host} was not told of the new size: {why}")),
+        }
+    }
+    Ok(untold)
 }
 
 /// The gRPC service.
@@ -150,6 +189,12 @@ impl Attachments {
             operations::wake(&self.ctx, id).await;
             return Ok(());
         }
+        let volume_id: String = a.get(1);
+        if volumes::find(&mut tx, &volume_id).await?.is_some_and(|v| v.status == "extending") {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {volume_id} is extending; detach it once the extend has ended"
+            )));
+        }
         let moved = sqlx::query(
             "UPDATE attachments SET status = 'detaching', updated_at = ? WHERE id = ? AND status = 'attached'",
         )
@@ -162,7 +207,6 @@ impl Attachments {
             let hint = if status == "attaching" { " (an admin may force it)" } else { "" };
             return Err(Error::FailedPrecondition(format!("attachment {id} is {status}; detach needs attached{hint}")));
         }
-        let volume_id: String = a.get(1);
         volumes::transition(&mut tx, &volume_id, &["in-use"], "detaching", "").await?;
         let payload = serde_json::json!({ "force": force });
         let op = operations::insert(&mut tx, "detach", "attachment", id, "unexporting", payload).await?;

@@ -8,6 +8,8 @@
 # console, then watches for hot-plugged virtio disks other than the root: for each new one it links
 # /dev/disk/by-id/virtio-<serial> (as udev would), writes "EMBER-GUEST-WROTE <serial>" padded to 4 KiB
 # through that link, flushes, and prints DISK-WRITTEN <serial>; when a disk goes it prints DISK-GONE <serial>.
+# It prints DISK-SIZE serial=<serial> sectors=<n> when it first sees a disk and whenever the disk's size changes
+# (a volume extended while attached).
 #
 # Output: target/realkernel/instance/{vmlinuz,initrd.img,root.raw} (world-readable: QEMU runs as
 # libvirt-qemu).
@@ -56,12 +58,18 @@ mkdir -p /dev/disk/by-id /tmp
 echo "EMBER-INSTANCE-BOOTED root=${root:-none} uptime=$(cut -d' ' -f1 /proc/uptime)"
 rootdev=${root#/dev/}
 seen=" "
+sizes=" "
 while true; do
   for b in /sys/block/vd*; do
     [ -e "$b" ] || continue
     name=${b##*/}
     [ "$name" = "$rootdev" ] && continue
     serial=$(cat "$b/serial" 2>/dev/null)
+    size=$(cat "$b/size" 2>/dev/null)
+    case "$sizes" in *" $name:$size "*) ;; *)
+      sizes="$(echo "$sizes" | sed "s| $name:[0-9]* | |")$name:$size "
+      [ -n "$serial" ] && echo "DISK-SIZE serial=$serial sectors=$size" ;;
+    esac
     case "$seen" in *" $name=$serial "*) continue ;; esac
     seen="$seen$name=$serial "
     [ -n "$serial" ] || continue
@@ -77,6 +85,7 @@ while true; do
     if [ ! -e "/sys/block/$name" ]; then
       echo "DISK-GONE serial=${entry#*=}"
       rm -f "/dev/disk/by-id/virtio-${entry#*=}"
+      sizes=$(echo "$sizes" | sed "s| $name:[0-9]* | |")
       seen=$(echo "$seen" | sed "s| $entry | |")
     fi
   done

@@ -131,6 +131,14 @@ for kind in thick thin; do
   check "$kind: the disk has the volume's size" test "$(blockdev --getsize64 "$dev" 2>/dev/null)" = 1073741824
   dd if="$W/pattern-a" of="$dev" bs=1M oflag=direct conv=fsync status=none
   check "$kind: data written through iSCSI is on the LV" same_head "$W/pattern-a" "/dev/$vg/volume-$vol" 4194304
+  # Grown while this initiator is logged in (as an attached volume is): the target reports the new size (tgt's
+  # LUN re-made, LIO's iblock reading the LV) and the connector's rescan makes the device show it.
+  timed "$kind.extend" ember volume extend "$vol" 2 --wait >/dev/null
+  check "$kind: extend while logged in grew the LV to 2 GiB" test "$(lv_size "$vg/volume-$vol")" = 2147483648
+  check "$kind: ... the connector's rescan shows the device at 2 GiB" \
+    ember-compute-agent iscsi-rescan --portal "$portal" --iqn "$iqn" --username "$user" --size 2147483648
+  check "$kind: ... blockdev agrees" test "$(blockdev --getsize64 "$dev" 2>/dev/null)" = 2147483648
+  check "$kind: ... and the data is still there" same_head "$W/pattern-a" "$dev" 4194304
   if [ $kind = thin ]; then
     # An interrupted disconnect: the device was flushed and deleted, then the process died before logout.
     sd=$(basename "$(readlink -f "$dev")")
@@ -149,8 +157,6 @@ for kind in thick thin; do
     thin) check "thin: unexport removed the LIO target and backstore" absent test -e "/sys/kernel/config/target/iscsi/$iqn" ;;
   esac
 
-  timed "$kind.extend" ember volume extend "$vol" 2 --wait >/dev/null
-  check "$kind: extend grew the LV to 2 GiB" test "$(lv_size "$vg/volume-$vol")" = 2147483648
   snap=$(timed "$kind.snapshot" sh -c "ember --json snapshot create $vol --wait | sed -n 's/^ *\"id\": \"\\([^\"]*\\)\".*/\\1/p' | head -1")
   check "$kind: snapshot LV _snapshot-<id> exists" lv_has_tag "$vg/_snapshot-$snap" ember
   check "$kind: snapshot's origin is the volume" test "$(lvs --noheadings -o origin "$vg/_snapshot-$snap" | tr -d ' ')" = "volume-$vol"

@@ -3,8 +3,8 @@
 //! data is on the storage side, and a detach leaves nothing behind (live XML, libvirt secrets, tgt targets,
 //! the coordinator's records). Failed attaches change nothing.
 
-use ember_fleet_tests::libvirt::{ComputeFleet, Domain, attach_request, secrets};
-use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_volume};
+use ember_fleet_tests::libvirt::{ComputeFleet, Domain, attach_request, secrets, virsh};
+use ember_fleet_tests::volumes::{db_state, new_volume, wait_backend, wait_volume};
 use ember_fleet_tests::{Fleet, wait_for};
 use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
@@ -297,6 +297,51 @@ async fn a_detach_forced_while_the_host_attaches_ends_the_attach() {
     assert!(compute.log_text().contains("volume attached"), "the host finished its attach");
     assert!(!compute.log_text().contains("volume detached"), "the host was asked to detach");
     assert!(domain.xml(false).contains(&format!("<serial>{}</serial>", v.id)), "the guest was left alone");
+}
+
+/// An attached volume grows under its running guest (Cinder's extend of an in-use volume): the storage agent grows
+/// the file and has tgt report the new capacity, the compute agent has QEMU resize the disk, and the guest's kernel
+/// sees the new size. A compute host that cannot be told does not hold the extend: the volume grows, and the
+/// reason names the instance.
+#[tokio::test]
+async fn an_attached_volume_grows_and_its_guest_sees_the_new_size() {
+    let ComputeFleet { mut fleet, dir, storage: _storage, mut compute } = ComputeFleet::start("").await;
+    let domain = Domain::boot("ember-grow").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let attachments = AttachmentServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    attachments.clone().attach(attach_request(&v.id, &domain.name)).await.unwrap();
+    let device = wait_volume(&volumes, &v.id, "in-use").await.attachments[0].device.clone();
+    let serial20 = &v.id[..20];
+    domain.wait_console(&format!("DISK-SIZE serial={serial20} sectors=2097152"), WAIT).await;
+
+    // The coordinator crashes once the storage agent has grown the volume, before any guest is told; its restart
+    // goes on from there.
+    fleet.start_coordinator_with(&[("EMBER_FAILPOINTS", "extend_volume.extended")]);
+    let extend = ExtendVolumeRequest { id: v.id.clone(), new_size_gb: 2 };
+    VolumeServiceClient::new(fleet.admin()).extend_volume(extend).await.unwrap();
+    let crashed = fleet.coordinator.as_mut().unwrap().wait_exit(Duration::from_secs(60));
+    assert!(!crashed.success(), "the coordinator aborted at the failpoint");
+    assert!(!compute.log_text().contains("resized in the domain"), "no guest was told before the crash");
+    fleet.start_coordinator();
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let grown = wait_volume(&volumes, &v.id, "in-use").await;
+    assert_eq!((grown.status.as_str(), grown.size_gb, grown.status_reason.as_str()), ("in-use", 2, ""), "{grown:?}");
+    assert_eq!(std::fs::metadata(dir.join(format!("volume-{}", v.id))).unwrap().len(), 2 << 30);
+    assert!(fleet.tgt_show("storage1").contains("Size: 2147 MB"), "tgt reports the new capacity");
+    let (_, info, _) = virsh(&["domblkinfo", &domain.uuid, &device]);
+    assert!(info.contains("Capacity:       2147483648"), "{info}");
+    domain.wait_console(&format!("DISK-SIZE serial={serial20} sectors=4194304"), WAIT).await;
+    let (_, _, gigabytes_in_use) = db_state(&fleet, "admin").await;
+    assert_eq!(gigabytes_in_use, 2);
+
+    compute.kill();
+    let (ok, out, err) = fleet.cli(&["volume", "extend", &v.id, "3", "--wait"]);
+    assert!(ok, "{out}\n{err}");
+    let untold = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
+    assert_eq!((untold.status.as_str(), untold.size_gb), ("in-use", 3), "{untold:?}");
+    assert!(untold.status_reason.contains(&format!("instance {} on compute1 was not told", domain.name)), "{untold:?}");
+    assert_eq!(std::fs::metadata(dir.join(format!("volume-{}", v.id))).unwrap().len(), 3 << 30);
 }
 
 /// Nothing of the volume's attachment is left on the storage side or in the coordinator's records.

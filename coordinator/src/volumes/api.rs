@@ -290,9 +290,11 @@ impl Volumes {
             return Err(Error::invalid("new_size_gb", format!("must be at most {MAX_SIZE_GB} GiB")));
         }
         // A failed extend leaves the volume as it was (the agent refused it): asking again is how it is retried.
-        if !store::transition(&mut tx, &v.id, &["available", "error_extending"], "extending", "").await? {
+        // An attached volume grows under its guests, which are told (Cinder's extend of in-use volumes).
+        let from = ["available", "in-use", "error_extending"];
+        if !store::transition(&mut tx, &v.id, &from, "extending", "").await? {
             return Err(Error::FailedPrecondition(format!(
-                "volume {} is {}; extend needs available or error_extending",
+                "volume {} is {}; extend needs available, in-use or error_extending",
                 v.id, v.status
             )));
         }

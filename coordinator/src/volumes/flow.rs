@@ -216,8 +216,12 @@ pub async fn delete(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     Ok(Outcome::Finished)
 }
 
-/// Extend: agent grows the volume → new size, reservation committed.
-pub async fn extend(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
+/// Extend: the storage agent grows the volume (and has its iSCSI target report the new size) → the new size is
+/// recorded and its reservation committed (step `resizing`) → each guest the volume is attached to is told, through
+/// its compute agent → available, or in-use. Telling guests is best effort, as in Cinder and Nova: the volume has
+/// grown either way, a host that could not be told is named in the volume's status reason, and its guest sees the
+/// size at its next attach or boot.
+pub async fn extend(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
     let mut conn = ctx.db.acquire().await?;
     let Some(v) = store::find(&mut conn, &op.resource_id).await? else {
         operations::finish(&mut conn, &op, Some("volume no longer exists")).await?;
@@ -225,37 +229,56 @@ pub async fn extend(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     };
     drop(conn);
     let new_size = op.payload["new_size_gb"].as_u64().unwrap_or(0);
-    let deltas = super::api::extend_deltas(&v.volume_type_name, op.payload["delta"].as_i64().unwrap_or(0));
-    let mut client = ctx.agents.storage(&v.host).await?;
-    let call = client
-        .extend_volume(agent::ExtendVolumeRequest {
-            volume_id: v.id.clone(),
-            backend: v.backend.clone(),
-            new_size_gb: new_size,
-        })
-        .await;
-    let mut tx = crate::db::write(&ctx.db).await?;
-    match call {
-        Ok(_) => {
-            sqlx::query("UPDATE volumes SET size_gb = ? WHERE id = ?")
-                .bind(new_size as i64)
-                .bind(&v.id)
-                .execute(&mut *tx)
-                .await?;
-            store::transition(&mut tx, &v.id, &["extending"], "available", "").await?;
-            ctx.quota.commit(&mut tx, &v.project, &deltas).await?;
-            operations::finish(&mut tx, &op, None).await?;
+    if op.step == "extending" {
+        let deltas = super::api::extend_deltas(&v.volume_type_name, op.payload["delta"].as_i64().unwrap_or(0));
+        let mut client = ctx.agents.storage(&v.host).await?;
+        let call = client
+            .extend_volume(agent::ExtendVolumeRequest {
+                volume_id: v.id.clone(),
+                backend: v.backend.clone(),
+                new_size_gb: new_size,
+            })
+            .await;
+        let mut tx = crate::db::write(&ctx.db).await?;
+        match call {
+            Ok(_) => {
+                sqlx::query("UPDATE volumes SET size_gb = ? WHERE id = ?")
+                    .bind(new_size as i64)
+                    .bind(&v.id)
+                    .execute(&mut *tx)
+                    .await?;
+                ctx.quota.commit(&mut tx, &v.project, &deltas).await?;
+                operations::advance(&mut tx, &mut op, "resizing").await?;
+            }
+            Err(status) if transient(&status) => {
+                return Ok(Outcome::Retry(format!("storage agent {}: {}", v.host, status.message())));
+            }
+            Err(status) => {
+                // The agent refused, so the volume is as it was. An attached one stays usable (and detachable).
+                let reason = format!("extend failed on {}@{}: {}", v.host, v.backend, status.message());
+                let to = match crate::attachments::settled_status(&mut tx, &v.id).await? {
+                    "in-use" => "in-use",
+                    _ => "error_extending",
+                };
+                store::transition(&mut tx, &v.id, &["extending"], to, &reason).await?;
+                ctx.quota.rollback(&mut tx, &v.project, &deltas).await?;
+                operations::finish(&mut tx, &op, Some(&reason)).await?;
+                tx.commit().await?;
+                return Ok(Outcome::Finished);
+            }
         }
-        Err(status) if transient(&status) => {
-            return Ok(Outcome::Retry(format!("storage agent {}: {}", v.host, status.message())));
-        }
-        Err(status) => {
-            let reason = format!("extend failed on {}@{}: {}", v.host, v.backend, status.message());
-            store::transition(&mut tx, &v.id, &["extending"], "error_extending", &reason).await?;
-            ctx.quota.rollback(&mut tx, &v.project, &deltas).await?;
-            operations::finish(&mut tx, &op, Some(&reason)).await?;
-        }
+        tx.commit().await?;
+        failpoint::hit("extend_volume.extended");
     }
+    let untold = crate::attachments::tell_guests_of_new_size(ctx, &v.id, new_size << 30).await?;
+    let reason = untold.join("; ");
+    let mut tx = crate::db::write(&ctx.db).await?;
+    let to = crate::attachments::settled_status(&mut tx, &v.id).await?;
+    store::transition(&mut tx, &v.id, &["extending"], to, &reason).await?;
+    operations::finish(&mut tx, &op, None).await?;
     tx.commit().await?;
+    if !untold.is_empty() {
+        tracing::warn!(volume_id = %v.id, %reason, "volume extended; some guests were not told");
+    }
     Ok(Outcome::Finished)
 }

@@ -213,15 +213,18 @@ const SETTLES_ALONE: [&str; 3] = ["creating", "backing-up", "restoring-backup"];
 
 /// Ends the extends of volume `v` that wait for its lost node for ever, giving back the quota they reserved.
 async fn end_extends(ctx: &Ctx, conn: &mut sqlx::SqliteConnection, v: &store::VolumeRow) -> Result<()> {
-    let extends: Vec<(String, String)> = sqlx::query_as(
-        "SELECT id, payload FROM operations WHERE kind = 'extend_volume' AND resource_id = ? AND state = 'running'",
+    let extends: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT id, payload, step FROM operations WHERE kind = 'extend_volume' AND resource_id = ? AND state = 'running'",
     )
     .bind(&v.id)
     .fetch_all(&mut *conn)
     .await?;
-    for (op, payload) in extends {
-        let delta = serde_json::from_str::<serde_json::Value>(&payload)?["delta"].as_i64().unwrap_or(0);
-        ctx.quota.rollback(conn, &v.project, &super::api::extend_deltas(&v.volume_type_name, delta)).await?;
+    for (op, payload, step) in extends {
+        // Past `extending`, the reservation is committed: it is part of the volume's usage, released with it.
+        if step == "extending" {
+            let delta = serde_json::from_str::<serde_json::Value>(&payload)?["delta"].as_i64().unwrap_or(0);
+            ctx.quota.rollback(conn, &v.project, &super::api::extend_deltas(&v.volume_type_name, delta)).await?;
+        }
         sqlx::query("UPDATE operations SET state = 'failed', error = 'volume forgotten', updated_at = ? WHERE id = ?")
             .bind(now_ms())
             .bind(&op)
