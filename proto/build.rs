@@ -14,6 +14,7 @@ const PROTOS: &[&str] = &[
     "ember/v1/backups.proto",
     "ember/v1/attachments.proto",
     "ember/v1/instances.proto",
+    "ember/v1/transfers.proto",
     "ember/agent/v1/registration.proto",
     "ember/agent/v1/storage.proto",
     "ember/agent/v1/compute.proto",

@@ -12,6 +12,7 @@ mod output;
 mod quota;
 mod service;
 mod snapshot;
+mod transfer;
 mod types;
 mod volume;
 
@@ -43,6 +44,8 @@ enum Command {
     Volume(volume::VolumeCmd),
     /// Snapshots of volumes.
     Snapshot(snapshot::SnapshotCmd),
+    /// Hand volumes to other projects.
+    Transfer(transfer::TransferCmd),
     /// Instances booted from volumes.
     Instance(instance::InstanceCmd),
     /// Attachments of volumes to instances.
@@ -64,6 +67,7 @@ async fn main() {
         Command::Quota(c) => quota::run(c, &cli.conn, cli.json).await,
         Command::Volume(c) => volume::run(c, &cli.conn, cli.json).await,
         Command::Snapshot(c) => snapshot::run(c, &cli.conn, cli.json).await,
+        Command::Transfer(c) => transfer::run(c, &cli.conn, cli.json).await,
         Command::Instance(c) => instance::run(c, &cli.conn, cli.json).await,
         Command::Attachment(c) => volume::run_attachments(c, &cli.conn, cli.json).await,
         Command::Backup(c) => backup::run(c, &cli.conn, cli.json).await,

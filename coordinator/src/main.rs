@@ -25,6 +25,7 @@ mod scheduler;
 mod snapshots;
 mod status;
 mod sweeper;
+mod transfers;
 mod validate;
 mod volume_types;
 mod volumes;
@@ -40,6 +41,7 @@ use ember_proto::v1::fleet_service_server::FleetServiceServer;
 use ember_proto::v1::instance_service_server::InstanceServiceServer;
 use ember_proto::v1::quota_service_server::QuotaServiceServer;
 use ember_proto::v1::snapshot_service_server::SnapshotServiceServer;
+use ember_proto::v1::transfer_service_server::TransferServiceServer;
 use ember_proto::v1::volume_service_server::VolumeServiceServer;
 use ember_proto::v1::volume_type_service_server::VolumeTypeServiceServer;
 use std::path::PathBuf;
@@ -181,7 +183,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             attachments::Attachments::new(ctx.clone()),
             public.clone(),
         ))
-        .add_service(InstanceServiceServer::with_interceptor(instances::Instances::new(ctx.clone()), public))
+        .add_service(InstanceServiceServer::with_interceptor(instances::Instances::new(ctx.clone()), public.clone()))
+        .add_service(TransferServiceServer::with_interceptor(transfers::Transfers::new(ctx.clone()), public))
         .add_service(RegistrationServer::with_interceptor(
             registration::Registrar::new(db.clone(), cfg.heartbeat_interval_seconds),
             require_roles(AGENTS),

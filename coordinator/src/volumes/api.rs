@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status};
 pub const MAX_SIZE_GB: u64 = 65536;
 /// Statuses in which nothing more happens without a new request.
 pub const FINAL_STATUSES: &[&str] =
-    &["available", "in-use", "error", "error_deleting", "error_extending", "error_restoring"];
+    &["available", "in-use", "awaiting-transfer", "error", "error_deleting", "error_extending", "error_restoring"];
 
 /// Statuses a volume can be deleted from: settled and not in use. A restore that failed onto a volume left it
 /// `error_restoring`, with partial data; it is deleted like a volume whose create failed.
@@ -440,7 +440,8 @@ pub fn check_connector(c: &Connector) -> Result<()> {
     validate::text("connector.ip", &c.ip, 64)
 }
 
-fn random_string(len: usize) -> String {
+/// A random string of `len` characters that cannot be misread (no 0/O, 1/l/I).
+pub(crate) fn random_string(len: usize) -> String {
     use rand::Rng;
     const CHARS: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
     let mut rng = rand::rng();

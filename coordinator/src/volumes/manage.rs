@@ -274,6 +274,7 @@ pub async fn forget(ctx: &Ctx, who: &Identity, id: &str) -> Result<()> {
         operations::record_done(&mut tx, "forget_snapshot", "snapshot", snapshot).await?;
     }
     let attachments = sqlx::query("DELETE FROM attachments WHERE volume_id = ?").bind(id).execute(&mut *tx).await?;
+    crate::transfers::remove_for_volume(&mut tx, id).await?;
     super::flow::forget(ctx, &mut tx, &v, "forgotten").await?;
     operations::record_done(&mut tx, "forget_volume", "volume", id).await?;
     tx.commit().await?;
