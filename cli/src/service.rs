@@ -33,6 +33,14 @@ enum ServiceAction {
         /// `host` or `host@backend`.
         name: String,
     },
+    /// Remove a service that is gone for good (down, holding nothing) from the list.
+    Delete {
+        /// `host` or `host@backend`.
+        name: String,
+        /// The role, when the host runs agents of several.
+        #[arg(long, value_parser = ["storage", "compute", "backup"])]
+        role: Option<String>,
+    },
 }
 
 fn role_name(role: i32) -> &'static str {
@@ -90,6 +98,23 @@ pub async fn run(cmd: ServiceCmd, conn: &ConnectArgs, json: bool) -> Result<(), 
         ServiceAction::Enable { name } => {
             let s = client.enable_service(EnableServiceRequest { name }).await?.into_inner();
             print(&[s], json);
+        }
+        ServiceAction::Delete { name, role } => {
+            let role = match role.as_deref() {
+                Some("storage") => ServiceRole::Storage,
+                Some("compute") => ServiceRole::Compute,
+                Some("backup") => ServiceRole::Backup,
+                _ => ServiceRole::Unspecified,
+            };
+            let req = DeleteServiceRequest { name, role: role as i32 };
+            let removed = client.delete_service(req).await?.into_inner().removed;
+            if json {
+                print(&removed, json);
+            } else {
+                for s in removed {
+                    println!("service {} ({}) removed", s.name, role_name(s.role));
+                }
+            }
         }
     }
     Ok(())

@@ -118,6 +118,78 @@ impl Fleet {
     }
 }
 
+/// What a service of `role` on `host` (one `backend`, or all) still holds, worded for an error; empty when nothing.
+async fn holdings(conn: &mut sqlx::SqliteConnection, role: &str, host: &str, backend: Option<&str>) -> Result<String> {
+    let counts: &[(&str, &str, &str)] = match role {
+        "storage" => &[(
+            "SELECT COUNT(*) FROM volumes WHERE host = ?1 AND (?2 IS NULL OR backend = ?2)",
+            "volume(s)",
+            "delete them, or forget them (ember volume delete --forget)",
+        )],
+        "compute" => &[
+            ("SELECT COUNT(*) FROM attachments WHERE host = ?1", "attachment(s)", "detach them (--force)"),
+            ("SELECT COUNT(*) FROM instances WHERE host = ?1", "instance(s)", "delete them"),
+        ],
+        _ => &[(
+            "SELECT COUNT(*) FROM backups WHERE host = ?1",
+            "backup(s)",
+            "serve its repositories from another agent (ember backup import-repository), or forget them",
+        )],
+    };
+    let mut held = Vec::new();
+    for (query, noun, remedy) in counts {
+        let n: i64 =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(*query)).bind(host).bind(backend).fetch_one(&mut *conn).await?;
+        if n > 0 {
+            held.push(format!("{n} {noun}: {remedy}"));
+        }
+    }
+    Ok(held.join("; "))
+}
+
+impl Fleet {
+    async fn delete(&self, req: &DeleteServiceRequest) -> Result<Vec<Service>> {
+        if req.name.is_empty() {
+            return Err(Error::invalid("name", "must be `host` or `host@backend`"));
+        }
+        ServiceRole::try_from(req.role).map_err(|_| Error::invalid("role", "unknown role"))?;
+        let (host, backend) = split_name(&req.name);
+        let listed = self.list(&ListServicesRequest { role: req.role, host: host.to_string() }).await?;
+        let matching: Vec<Service> = listed.into_iter().filter(|s| backend.is_none_or(|b| s.backend == b)).collect();
+        let Some(first) = matching.first() else { return Err(Error::not_found("service", &req.name)) };
+        if matching.iter().any(|s| s.role != first.role) {
+            return Err(Error::invalid("role", format!("host {host} runs agents of several roles; name one")));
+        }
+        if let Some(up) = matching.iter().find(|s| s.up) {
+            return Err(Error::FailedPrecondition(format!(
+                "service {} is up; stop its agent first (a running agent registers again)",
+                up.name
+            )));
+        }
+        let role = role_column(role_of_number(first.role)).unwrap_or_default();
+        let mut tx = crate::db::write(&self.db).await?;
+        let held = holdings(&mut tx, role, host, backend).await?;
+        if !held.is_empty() {
+            return Err(Error::FailedPrecondition(format!("service {} still holds {held}", req.name)));
+        }
+        sqlx::query("DELETE FROM services WHERE host = ?1 AND role = ?2 AND (?3 IS NULL OR backend = ?3)")
+            .bind(host)
+            .bind(role)
+            .bind(backend)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        for s in &matching {
+            tracing::warn!(service = %s.name, role, "service removed");
+        }
+        Ok(matching)
+    }
+}
+
+fn role_of_number(role: i32) -> ServiceRole {
+    ServiceRole::try_from(role).unwrap_or(ServiceRole::Unspecified)
+}
+
 #[tonic::async_trait]
 impl FleetService for Fleet {
     async fn list_services(&self, req: Request<ListServicesRequest>) -> Result<Response<ListServicesResponse>, Status> {
@@ -134,6 +206,14 @@ impl FleetService for Fleet {
     async fn enable_service(&self, req: Request<EnableServiceRequest>) -> Result<Response<Service>, Status> {
         require_admin(&req, "enable services")?;
         Ok(Response::new(self.set_enabled(&req.get_ref().name, true, "").await?))
+    }
+
+    async fn delete_service(
+        &self,
+        req: Request<DeleteServiceRequest>,
+    ) -> Result<Response<DeleteServiceResponse>, Status> {
+        require_admin(&req, "remove services")?;
+        Ok(Response::new(DeleteServiceResponse { removed: self.delete(req.get_ref()).await? }))
     }
 }
 

@@ -2,6 +2,7 @@
 
 use ember_fleet_tests::{Fleet, SERVICE_DOWN_SECONDS, wait_for};
 use ember_proto::v1::fleet_service_client::FleetServiceClient;
+use ember_proto::v1::volume_service_client::VolumeServiceClient;
 use ember_proto::v1::*;
 use std::time::Duration;
 
@@ -173,4 +174,54 @@ async fn a_storage_agent_whose_backend_will_not_open_refuses_to_start_naming_it(
     assert!(!status.success(), "{log}");
     assert!(log.contains("ember-storage-agent: backend lvm1: "), "{log}");
     assert!(find(&services(&fleet).await, "storage1").is_none(), "the refused agent never registered");
+}
+
+/// A node gone for good leaves its services listed `down` for ever; an admin removes them once they hold nothing
+/// (Cinder's `cinder-manage service remove`). Refused while the agent is up and while anything is still on it;
+/// an agent that comes back registers anew.
+#[tokio::test]
+async fn a_dead_service_that_holds_nothing_is_removed_from_the_list() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, _dir) = fleet.file_backend("file1", "");
+    let mut storage = fleet.start_agent("storage", "storage1", &backend);
+    let _compute = fleet.start_agent("compute", "compute1", "");
+    ember_fleet_tests::volumes::wait_backend(&fleet, "storage1@file1").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let v = ember_fleet_tests::volumes::new_volume(&volumes, 1).await;
+    let mut admin = FleetServiceClient::new(fleet.admin());
+    let remove = |name: &str| DeleteServiceRequest { name: name.into(), role: 0 };
+
+    let err = admin.delete_service(remove("storage1@file1")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("is up"), "{err:?}");
+    let err =
+        FleetServiceClient::new(fleet.member("alice", "p1")).delete_service(remove("compute1")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+
+    storage.kill();
+    wait_for("the storage agent to be down", Duration::from_secs(u64::from(SERVICE_DOWN_SECONDS) + 5), || async {
+        find(&services(&fleet).await, "storage1@file1").is_some_and(|s| !s.up).then_some(())
+    })
+    .await;
+    let err = admin.delete_service(remove("storage1@file1")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("1 volume(s)") && err.message().contains("--forget"), "{err:?}");
+    assert!(find(&services(&fleet).await, "storage1@file1").is_some(), "a refusal changes nothing");
+
+    let forget = DeleteVolumeRequest { id: v.id.clone(), forget: true };
+    volumes.clone().delete_volume(forget).await.unwrap();
+    let (ok, out, err) = fleet.cli(&["service", "delete", "storage1@file1"]);
+    assert!(ok && out.contains("storage1@file1 (ember-storage) removed"), "{out}\n{err}");
+    let list = services(&fleet).await;
+    assert!(find(&list, "storage1@file1").is_none(), "{list:?}");
+    assert!(find(&list, "compute1").is_some_and(|s| s.up), "the others stay");
+    let err = admin.delete_service(remove("storage1@file1")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    wait_for("the agent to register anew", Duration::from_secs(20), || async {
+        find(&services(&fleet).await, "storage1@file1").is_some_and(|s| s.up).then_some(())
+    })
+    .await;
 }
