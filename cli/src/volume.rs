@@ -141,6 +141,13 @@ enum VolumeAction {
         #[arg(long)]
         wait: bool,
     },
+    /// Change a volume's type where it lies; its pool must already satisfy the new type.
+    Retype {
+        /// Volume id.
+        id: String,
+        /// The new type (name or id).
+        volume_type: String,
+    },
     /// Grow a volume, attached or not (its guests are told of the new size).
     Extend {
         /// Volume id.
@@ -423,6 +430,11 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
         VolumeAction::Manage { pool, id, project, naming: Naming { name, description, volume_type } } => {
             let req = ManageVolumeRequest { pool, id, project, name, description, volume_type };
             let v = client.manage_volume(req).await?.into_inner();
+            print_volumes(&[v], json);
+            Ok(())
+        }
+        VolumeAction::Retype { id, volume_type } => {
+            let v = client.retype_volume(RetypeVolumeRequest { id, volume_type }).await?.into_inner();
             print_volumes(&[v], json);
             Ok(())
         }

@@ -97,6 +97,23 @@ pub async fn candidates(ctx: &Ctx) -> Result<Vec<PoolState>> {
     Ok(pools)
 }
 
+/// The pool `host@backend` as its latest report describes it, if its service is up (enabled or not: a volume
+/// already there is not being placed).
+pub async fn current(ctx: &Ctx, host: &str, backend: &str) -> Result<Option<PoolState>> {
+    let row = sqlx::query(
+        "SELECT s.availability_zone, s.report, s.last_heartbeat, \
+         (SELECT COALESCE(SUM(v.size_gb), 0) FROM volumes v WHERE v.host = s.host AND v.backend = s.backend) \
+         FROM services s WHERE s.role = 'storage' AND s.host = ? AND s.backend = ?",
+    )
+    .bind(host)
+    .bind(backend)
+    .fetch_optional(&ctx.db)
+    .await?;
+    let Some(r) = row.filter(|r| crate::fleet::is_up(r.get(2), now_ms(), ctx.service_down_ms)) else { return Ok(None) };
+    let report: Value = serde_json::from_str(r.get::<&str, _>(1))?;
+    Ok(pools_of(host, backend, r.get(0), &report, r.get::<i64, _>(3) as f64).into_iter().next())
+}
+
 /// Availability zones that have storage.
 pub async fn zones(ctx: &Ctx) -> Result<Vec<String>> {
     Ok(sqlx::query_scalar("SELECT DISTINCT availability_zone FROM services WHERE role = 'storage' ORDER BY 1")

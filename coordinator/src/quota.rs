@@ -36,6 +36,17 @@ pub fn snapshot_deltas(type_name: &str, size_gb: i64) -> Vec<Delta> {
     ]
 }
 
+/// The deltas of a volume of type `type_name` and `size_gb` GiB together with its snapshots (their sizes), one
+/// per resource: what moves when the volume changes project or type.
+pub fn volume_with_snapshots(type_name: &str, size_gb: i64, snapshot_sizes: &[i64]) -> Vec<Delta> {
+    let mut sum: BTreeMap<String, i64> = BTreeMap::new();
+    let snapshots = snapshot_sizes.iter().flat_map(|s| snapshot_deltas(type_name, *s));
+    for d in volume_deltas(type_name, size_gb).into_iter().chain(snapshots) {
+        *sum.entry(d.resource).or_default() += d.amount;
+    }
+    sum.into_iter().map(|(resource, amount)| Delta { resource, amount }).collect()
+}
+
 /// The limit of a resource for a project: admin-set, else configured default, else unlimited.
 async fn limit(
     conn: &mut SqliteConnection,
@@ -149,5 +160,20 @@ impl QuotaEngine {
             add(conn, project, &d.resource, 0, -d.amount).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_volume_with_snapshots_sums_per_resource() {
+        let usage: std::collections::BTreeMap<String, i64> =
+            super::volume_with_snapshots("gold", 10, &[10, 10]).into_iter().map(|d| (d.resource, d.amount)).collect();
+        assert_eq!(usage["volumes"], 1);
+        assert_eq!(usage["snapshots"], 2);
+        assert_eq!(usage["gigabytes"], 30);
+        assert_eq!(usage["gigabytes_gold"], 30);
+        assert_eq!(usage["volumes_gold"], 1);
+        assert_eq!(usage["snapshots_gold"], 2);
     }
 }

@@ -128,12 +128,7 @@ pub fn capacity_filter(req: &Request, pool: &PoolState) -> Result<(), String> {
         return Ok(());
     }
     let wants_thin = req.wants_thin();
-    if req.extra_specs.get("provisioning:type").map(|v| v.trim()) == Some("thick") && !pool.thick {
-        return Err("thick provisioning requested but not supported".into());
-    }
-    if req.extra_specs.get("provisioning:type").map(|v| v.trim()) == Some("thin") && !pool.thin {
-        return Err("thin provisioning requested but not supported".into());
-    }
+    provisioning_filter(req, pool)?;
     match (pool.free, pool.total) {
         (Capacity::Infinite | Capacity::Unknown, _) => return Ok(()),
         (_, Capacity::Infinite | Capacity::Unknown) => {
@@ -160,6 +155,23 @@ pub fn capacity_filter(req: &Request, pool: &PoolState) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The type's `provisioning:type`, when it names one, is a kind the pool provisions.
+pub fn provisioning_filter(req: &Request, pool: &PoolState) -> Result<(), String> {
+    match req.extra_specs.get("provisioning:type").map(|v| v.trim()) {
+        Some("thick") if !pool.thick => Err("thick provisioning requested but not supported".into()),
+        Some("thin") if !pool.thin => Err("thin provisioning requested but not supported".into()),
+        _ => Ok(()),
+    }
+}
+
+/// Whether a volume already on `pool` may take the type `req` describes without moving (a retype): the filters
+/// that say what the pool is (zone, provisioning, capabilities), not whether it has room.
+pub fn fits_in_place(req: &Request, pool: &PoolState) -> Result<(), String> {
+    az_filter(req, pool)?;
+    provisioning_filter(req, pool)?;
+    capabilities_filter(req, pool)
 }
 
 fn parse_bool(s: &str) -> bool {

@@ -14,7 +14,6 @@ use ember_proto::v1::transfer_service_server::TransferService;
 use ember_proto::v1::*;
 use sha2::Digest;
 use sqlx::{Row, SqliteConnection};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -63,16 +62,6 @@ fn key_digest(salt: &str, key: &str) -> String {
 fn key_matches(t: &TransferRow, key: &str) -> bool {
     let (given, stored) = (key_digest(&t.salt, key), t.key_sha256.as_bytes());
     given.len() == stored.len() && given.bytes().zip(stored).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
-}
-
-/// The quota a volume and its snapshots count, one delta per resource.
-fn usage_of(type_name: &str, size_gb: i64, snapshot_sizes: &[i64]) -> Vec<quota::Delta> {
-    let mut sum: BTreeMap<String, i64> = BTreeMap::new();
-    let snapshots = snapshot_sizes.iter().flat_map(|s| quota::snapshot_deltas(type_name, *s));
-    for d in quota::volume_deltas(type_name, size_gb).into_iter().chain(snapshots) {
-        *sum.entry(d.resource).or_default() += d.amount;
-    }
-    sum.into_iter().map(|(resource, amount)| quota::Delta { resource, amount }).collect()
 }
 
 /// Transfer `id` if `who` may see it (its offering project, or an admin).
@@ -199,7 +188,7 @@ impl Transfers {
         }
         let v = volumes::find(&mut tx, &t.volume_id).await?.ok_or_else(|| Error::not_found("volume", &t.volume_id))?;
         let snapshot_sizes = settled_snapshot_sizes(&mut tx, &v.id).await?;
-        let usage = usage_of(&v.volume_type_name, v.size_gb, &snapshot_sizes);
+        let usage = quota::volume_with_snapshots(&v.volume_type_name, v.size_gb, &snapshot_sizes);
         self.ctx.quota.consume(&mut tx, &receiver, &usage).await?;
         self.ctx.quota.release(&mut tx, &t.project, &usage).await?;
         // Idempotency keys belong to the offering project's requests; kept, they could clash with the receiver's.
@@ -300,17 +289,5 @@ mod tests {
         assert!(!key_matches(&t, "wrong-key"));
         assert!(!key_matches(&t, ""));
         assert_ne!(key_digest("other", "right-key"), t.key_sha256, "the salt is part of the digest");
-    }
-
-    #[test]
-    fn usage_sums_the_volume_and_its_snapshots_per_resource() {
-        let usage: BTreeMap<String, i64> =
-            usage_of("gold", 10, &[10, 10]).into_iter().map(|d| (d.resource, d.amount)).collect();
-        assert_eq!(usage["volumes"], 1);
-        assert_eq!(usage["snapshots"], 2);
-        assert_eq!(usage["gigabytes"], 30);
-        assert_eq!(usage["gigabytes_gold"], 30);
-        assert_eq!(usage["volumes_gold"], 1);
-        assert_eq!(usage["snapshots_gold"], 2);
     }
 }

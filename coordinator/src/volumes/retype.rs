@@ -1,0 +1,109 @@
+//! Retype in place (Cinder's retype with migration policy `never`): a volume takes another type when the pool it
+//! is on already satisfies that type. No agent is asked and no data moves, so it is one transaction: the checks,
+//! the per-type quota moving from the old type to the new, and the new type on the row.
+
+use super::store;
+use crate::context::Ctx;
+use crate::error::{Error, Result};
+use crate::scheduler::{self, Request};
+use crate::{operations, pools, quota, validate, volume_types};
+use ember_common::identity::Identity;
+use ember_proto::v1::{RetypeVolumeRequest, Volume};
+
+/// The per-type part of the quota a volume and its snapshots count under type `type_name` (`volumes_<type>`,
+/// `gigabytes_<type>`, `snapshots_<type>`): what a retype moves. The totals stay as they are.
+pub fn per_type_usage(type_name: &str, size_gb: i64, snapshot_sizes: &[i64]) -> Vec<quota::Delta> {
+    let suffix = format!("_{type_name}");
+    let all = quota::volume_with_snapshots(type_name, size_gb, snapshot_sizes);
+    all.into_iter().filter(|d| d.resource.ends_with(&suffix)).collect()
+}
+
+/// Retypes volume `req.id` where it lies.
+pub async fn retype(ctx: &Ctx, who: &Identity, req: RetypeVolumeRequest) -> Result<Volume> {
+    validate::uuid("id", &req.id)?;
+    let mut tx = crate::db::write(&ctx.db).await?;
+    let v = store::visible(&mut tx, who, &req.id).await?;
+    let new_id = volume_types::resolve(&mut tx, &req.volume_type)
+        .await
+        .map_err(|_| Error::invalid("volume_type", format!("no volume type {:?}", req.volume_type)))?;
+    if new_id == v.volume_type_id {
+        return Err(Error::invalid(
+            "volume_type",
+            format!("volume {} is already of type {}", v.id, v.volume_type_name),
+        ));
+    }
+    if !matches!(v.status.as_str(), "available" | "in-use") {
+        return Err(Error::FailedPrecondition(format!(
+            "volume {} is {}; retype needs available or in-use",
+            v.id, v.status
+        )));
+    }
+    let new_type = volume_types::load(&mut tx, &new_id).await?;
+    let pool = pools::current(ctx, &v.host, &v.backend).await?.ok_or_else(|| {
+        Error::FailedPrecondition(format!(
+            "pool {}@{} is down, so whether it satisfies type {} cannot be checked",
+            v.host, v.backend, new_type.name
+        ))
+    })?;
+    let wanted = Request { extra_specs: new_type.extra_specs.clone().into_iter().collect(), ..Default::default() };
+    if let Err(why) = scheduler::fits_in_place(&wanted, &pool) {
+        return Err(Error::FailedPrecondition(format!(
+            "pool {} does not satisfy type {}: {why}; ember does not move volumes between pools",
+            pool.name(),
+            new_type.name
+        )));
+    }
+    let multiattach = super::api::type_allows_multiattach(&new_type.extra_specs);
+    let attachments: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM attachments WHERE volume_id = ?")
+        .bind(&v.id)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !multiattach && attachments > 1 {
+        return Err(Error::FailedPrecondition(format!(
+            "volume {} has {attachments} attachments and type {} does not allow multiattach",
+            v.id, new_type.name
+        )));
+    }
+    // A snapshot being made or deleted would count or release its quota under the type it began with.
+    let snapshots: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT id, status, size_gb FROM snapshots WHERE volume_id = ? ORDER BY id")
+            .bind(&v.id)
+            .fetch_all(&mut *tx)
+            .await?;
+    if let Some((id, status, _)) = snapshots.iter().find(|(_, s, _)| s == "creating" || s == "deleting") {
+        return Err(Error::FailedPrecondition(format!(
+            "snapshot {id} of volume {} is {status}; retype when it has ended",
+            v.id
+        )));
+    }
+    let sizes: Vec<i64> = snapshots.iter().map(|(_, _, size)| *size).collect();
+    ctx.quota.consume(&mut tx, &v.project, &per_type_usage(&new_type.name, v.size_gb, &sizes)).await?;
+    ctx.quota.release(&mut tx, &v.project, &per_type_usage(&v.volume_type_name, v.size_gb, &sizes)).await?;
+    sqlx::query("UPDATE volumes SET volume_type_id = ?, multiattach = ?, updated_at = ? WHERE id = ?")
+        .bind(&new_id)
+        .bind(multiattach as i64)
+        .bind(crate::clock::now_ms())
+        .bind(&v.id)
+        .execute(&mut *tx)
+        .await?;
+    operations::record_done(&mut tx, "retype_volume", "volume", &v.id).await?;
+    let retyped = store::find(&mut tx, &v.id).await?.ok_or_else(|| Error::not_found("volume", &v.id))?;
+    let shown = store::to_proto(&mut tx, &retyped).await?;
+    tx.commit().await?;
+    ctx.changed(&v.id);
+    tracing::info!(volume_id = %v.id, from = %v.volume_type_name, to = %new_type.name, "volume retyped in place");
+    Ok(shown)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_retype_moves_only_the_per_type_usage() {
+        let moved: Vec<(String, i64)> =
+            super::per_type_usage("gold", 10, &[10, 5]).into_iter().map(|d| (d.resource, d.amount)).collect();
+        assert_eq!(
+            moved,
+            [("gigabytes_gold".to_string(), 25), ("snapshots_gold".to_string(), 2), ("volumes_gold".to_string(), 1)]
+        );
+    }
+}
