@@ -187,7 +187,7 @@ async fn bad_requests_are_refused_naming_the_problem_and_change_nothing() {
     assert_eq!(err.code(), Code::NotFound);
     assert!(bob.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().volumes.is_empty());
 
-    // While attaching or attached: no delete, no extend.
+    // While attaching or attached: no delete (an attached volume may be extended: see attach.rs).
     let mut attachments = AttachmentServiceClient::new(fleet.member("alice", "p1"));
     let a = attachments.attach(attach_request(&v.id, &vm1.name)).await.unwrap().into_inner();
     let err = client.delete_volume(DeleteVolumeRequest { id: v.id.clone(), ..Default::default() }).await.unwrap_err();
@@ -195,9 +195,6 @@ async fn bad_requests_are_refused_naming_the_problem_and_change_nothing() {
     let in_use = wait_volume(&client, &v.id, "in-use").await;
     assert_eq!(in_use.attachments.len(), 1);
     assert_eq!(in_use.attachments[0].instance, vm1.name);
-    let err = client.extend_volume(ExtendVolumeRequest { id: v.id.clone(), new_size_gb: 2 }).await.unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("in-use"), "{}", err.message());
     let err = attachments.attach(attach_request(&v.id, &vm1.name)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "twice to the same instance");
     let err = attachments.attach(attach_request(&v.id, "vm2")).await.unwrap_err();
