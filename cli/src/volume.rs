@@ -141,6 +141,16 @@ enum VolumeAction {
         #[arg(long)]
         wait: bool,
     },
+    /// Revert a detached volume to one of its snapshots, in place.
+    Revert {
+        /// Volume id.
+        id: String,
+        /// Snapshot id (of this volume).
+        snapshot: String,
+        /// Wait until it is done.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Change a volume's type where it lies; its pool must already satisfy the new type.
     Retype {
         /// Volume id.
@@ -432,6 +442,10 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
             let v = client.manage_volume(req).await?.into_inner();
             print_volumes(&[v], json);
             Ok(())
+        }
+        VolumeAction::Revert { id, snapshot, wait } => {
+            let v = client.revert_volume(RevertVolumeRequest { id, snapshot_id: snapshot }).await?.into_inner();
+            finish(&mut client, v, wait, json).await
         }
         VolumeAction::Retype { id, volume_type } => {
             let v = client.retype_volume(RetypeVolumeRequest { id, volume_type }).await?.into_inner();

@@ -168,7 +168,7 @@ pub fn overlaps(extents: &[(u64, u64)], start: u64, end: u64) -> impl Iterator<I
 
 /// Reads the chunk at `offset` (as long as `buf`) from `file`: only the parts inside data `extents`; the rest
 /// is zero.
-fn read_chunk(file: &File, extents: &[(u64, u64)], offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+pub fn read_chunk(file: &File, extents: &[(u64, u64)], offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
     let end = offset + buf.len() as u64;
     let mut parts = overlaps(extents, offset, end).peekable();
     if parts.peek() != Some(&(offset, end)) {

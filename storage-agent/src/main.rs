@@ -12,6 +12,7 @@ mod image;
 mod keeper;
 mod lio;
 mod lvm;
+mod revert;
 mod service;
 mod sparse;
 mod tgt;

@@ -199,6 +199,47 @@ impl Storage {
         Ok(())
     }
 
+    /// Reverts a volume to one of its snapshots in place (see `revert.rs`).
+    async fn revert(&self, r: RevertVolumeRequest) -> Result<u64> {
+        let id = checked_id("volume_id", &r.volume_id)?;
+        let snap = checked_id("snapshot_id", &r.snapshot_id)?;
+        let backend = self.backend(&r.backend)?;
+        if !backend.exists(Kind::Volume, &id).await? {
+            return Err(AgentError::NotFound(format!("volume {id}")));
+        }
+        let Some(record) = backend.record(Kind::Snapshot, &snap).await? else {
+            return Err(AgentError::NotFound(format!("snapshot {snap}")));
+        };
+        if let Some(origin) = record.origin_volume.filter(|o| *o != r.volume_id) {
+            return Err(AgentError::FailedPrecondition(format!("snapshot {snap} is of volume {origin}, not {id}")));
+        }
+        // Read before anything is written: where each side can hold data (a thin LV's mapped blocks).
+        let volume_map = backend.data_map(Kind::Volume, &id).await?;
+        let snapshot_map = backend.data_map(Kind::Snapshot, &snap).await?;
+        let (volume_path, snapshot_path) = (backend.path(Kind::Volume, &id), backend.path(Kind::Snapshot, &snap));
+        let changed = tokio::task::spawn_blocking(move || {
+            let open = |p: &std::path::Path| {
+                std::fs::File::open(p).map_err(AgentError::io(format!("opening {}", p.display())))
+            };
+            let (volume, snapshot) = (open(&volume_path)?, open(&snapshot_path)?);
+            let extents = |f: &std::fs::File, map: &Option<crate::backend::DataMap>| match map {
+                Some(m) => Ok(m.extents.clone()),
+                None => crate::sparse::data_extents(f).map_err(AgentError::io("finding data extents")),
+            };
+            let (volume_x, snapshot_x) = (extents(&volume, &volume_map)?, extents(&snapshot, &snapshot_map)?);
+            let size = |f: &std::fs::File| crate::sparse::byte_len(f).map_err(AgentError::io("reading a size"));
+            let volume_side = crate::revert::Side { file: &volume, size: size(&volume)?, extents: &volume_x };
+            let snapshot_side = crate::revert::Side { file: &snapshot, size: size(&snapshot)?, extents: &snapshot_x };
+            let target = ember_common::direct_io::DirectFile::open(&volume_path, true)
+                .map_err(AgentError::io(format!("opening {}", volume_path.display())))?;
+            crate::revert::revert(&target, &volume_side, &snapshot_side, volume_map.as_ref())
+        })
+        .await
+        .map_err(|e| AgentError::Io { context: "reverting".into(), source: std::io::Error::other(e) })??;
+        tracing::info!(volume_id = %id, snapshot_id = %snap, changed, "volume reverted to its snapshot");
+        Ok(changed)
+    }
+
     async fn create(&self, req: CreateVolumeRequest) -> Result<VolumeResult> {
         let id = checked_id("volume_id", &req.volume_id)?;
         if failpoint::armed("storage.create_volume") {
@@ -291,6 +332,14 @@ impl StorageAgent for StorageService {
         drop(store);
         tracing::info!(volume_id = %id, size, "volume extended");
         Ok(Response::new(VolumeResult { volume_id: r.volume_id, size_bytes: size, ..Default::default() }))
+    }
+
+    async fn revert_volume(&self, req: Request<RevertVolumeRequest>) -> Result<Response<RevertVolumeResponse>, Status> {
+        only_coordinator(&req)?;
+        let r = req.into_inner();
+        let span = tracing::info_span!("revert_volume", volume_id = %r.volume_id, snapshot_id = %r.snapshot_id);
+        let bytes_changed = self.0.revert(r).instrument(span).await?;
+        Ok(Response::new(RevertVolumeResponse { bytes_changed }))
     }
 
     async fn create_snapshot(&self, req: Request<CreateSnapshotRequest>) -> Result<Response<SnapshotResult>, Status> {

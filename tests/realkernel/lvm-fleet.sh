@@ -219,6 +219,17 @@ for kind in thick thin; do
     check "thick: the marker was on the disk where the LV was" grep -aq "$marker" "$W/before"
     check "thick: the deleted LV's data was wiped from the disk" absent grep -aq "$marker" "$W/after"
   fi
+  # Revert in place: the volume reads as its snapshot again. Only the chunks that differ are written, so on thin
+  # the blocks it shares with the snapshot stay shared and the volume's allocation does not grow.
+  used_before=$(lvs --noheadings -o data_percent "$vg/volume-$vol" 2>/dev/null | tr -d ' ')
+  timed "$kind.revert" ember volume revert "$vol" "$snap" --wait >/dev/null
+  check "$kind: revert put the snapshot's data back in the LV" same_head "$W/pattern-a" "/dev/$vg/volume-$vol" 4194304
+  check "$kind: ... and the volume is available" test "$(ember --json volume show "$vol" | json_field status)" = available
+  if [ $kind = thin ]; then
+    used_after=$(lvs --noheadings -o data_percent "$vg/volume-$vol" 2>/dev/null | tr -d ' ')
+    check "thin: ... and provisioned no more of the volume ($used_before% -> $used_after%)" \
+      awk -v a="$used_after" -v b="$used_before" 'BEGIN { exit !(a + 0 <= b + 0) }'
+  fi
   ember snapshot delete "$snap" --wait >/dev/null
   ember volume delete "$from_snap" --wait >/dev/null
   ember volume delete "$vol" --wait >/dev/null

@@ -91,7 +91,14 @@ pub async fn visible(conn: &mut SqliteConnection, who: &Identity, id: &str) -> R
     }
 }
 
-async fn transition(conn: &mut SqliteConnection, id: &str, from: &[&str], to: &str, reason: &str) -> Result<bool> {
+/// Moves snapshot `id` from one of `from` to `to`; false when it was in none of them.
+pub(crate) async fn transition(
+    conn: &mut SqliteConnection,
+    id: &str,
+    from: &[&str],
+    to: &str,
+    reason: &str,
+) -> Result<bool> {
     crate::status::transition(conn, crate::status::Table::Snapshots, id, from, to, reason).await
 }
 

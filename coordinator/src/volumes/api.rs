@@ -495,6 +495,11 @@ impl VolumeService for Volumes {
         Ok(Response::new(self.update(&who, req.into_inner()).await?))
     }
 
+    async fn revert_volume(&self, req: Request<RevertVolumeRequest>) -> Result<Response<Volume>, Status> {
+        let who = who(&req)?;
+        Ok(Response::new(super::revert::revert(&self.ctx, &who, req.into_inner()).await?))
+    }
+
     async fn retype_volume(&self, req: Request<RetypeVolumeRequest>) -> Result<Response<Volume>, Status> {
         let who = who(&req)?;
         Ok(Response::new(super::retype::retype(&self.ctx, &who, req.into_inner()).await?))
