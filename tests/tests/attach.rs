@@ -207,14 +207,7 @@ async fn a_detach_waiting_for_a_dead_compute_host_is_forced_by_an_admin() {
     let waiting = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
     assert_eq!(waiting.status, "detaching");
 
-    let forced = DetachRequest { attachment_id: a.id.clone(), force: true };
-    let err = AttachmentServiceClient::new(fleet.member("alice", "p1")).detach(forced).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
-    let (ok, out, err) = fleet.cli(&["volume", "detach", &v.id, "--force", "--wait"]);
-    assert!(ok && out.contains("detached"), "{out}\n{err}");
-    let free = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
-    assert_eq!((free.status.as_str(), free.attachments.len()), ("available", 0), "{free:?}");
-    assert_released_from_storage(&fleet, &v.id).await;
+    force_detach(&fleet, &volumes, &a.id, &v.id).await;
     // The host was not asked: its guest still has the disk (and would get I/O errors on it).
     assert!(domain.xml(false).contains(&format!("<serial>{}</serial>", v.id)), "the dead host was not touched");
 }
@@ -243,16 +236,8 @@ async fn an_attach_waiting_for_a_dead_compute_host_is_ended_by_a_forced_detach()
     let err = attachments.clone().detach(plain).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("an admin may force it"), "{err:?}");
-    let forced = DetachRequest { attachment_id: a.id.clone(), force: true };
-    let err = AttachmentServiceClient::new(fleet.member("alice", "p1")).detach(forced).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
-
-    let (ok, out, err) = fleet.cli(&["volume", "detach", &v.id, "--force", "--wait"]);
-    assert!(ok && out.contains("detached"), "{out}\n{err}");
-    let free = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
-    assert_eq!((free.status.as_str(), free.attachments.len()), ("available", 0), "{free:?}");
+    let free = force_detach(&fleet, &volumes, &a.id, &v.id).await;
     assert!(free.status_reason.contains("attach abandoned"), "{free:?}");
-    assert_released_from_storage(&fleet, &v.id).await;
     let (state, error): (String, String) =
         sqlx::query_as("SELECT state, error FROM operations WHERE kind = 'attach' AND resource_id = ?")
             .bind(&a.id)
@@ -342,6 +327,25 @@ async fn an_attached_volume_grows_and_its_guest_sees_the_new_size() {
     assert_eq!((untold.status.as_str(), untold.size_gb), ("in-use", 3), "{untold:?}");
     assert!(untold.status_reason.contains(&format!("instance {} on compute1 was not told", domain.name)), "{untold:?}");
     assert_eq!(std::fs::metadata(dir.join(format!("volume-{}", v.id))).unwrap().len(), 3 << 30);
+}
+
+/// An admin forces the detach of attachment `attachment_id` of `volume_id` (after checking a member may not),
+/// through the CLI; returns the volume, checked free: available, no attachment, no export left.
+async fn force_detach(
+    fleet: &Fleet,
+    volumes: &VolumeServiceClient<tonic::transport::Channel>,
+    attachment_id: &str,
+    volume_id: &str,
+) -> Volume {
+    let forced = DetachRequest { attachment_id: attachment_id.into(), force: true };
+    let err = AttachmentServiceClient::new(fleet.member("alice", "p1")).detach(forced).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let (ok, out, err) = fleet.cli(&["volume", "detach", volume_id, "--force", "--wait"]);
+    assert!(ok && out.contains("detached"), "{out}\n{err}");
+    let free = volumes.clone().get_volume(GetVolumeRequest { id: volume_id.into() }).await.unwrap().into_inner();
+    assert_eq!((free.status.as_str(), free.attachments.len()), ("available", 0), "{free:?}");
+    assert_released_from_storage(fleet, volume_id).await;
+    free
 }
 
 /// Nothing of the volume's attachment is left on the storage side or in the coordinator's records.
