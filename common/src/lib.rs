@@ -11,6 +11,7 @@ pub mod identity;
 pub mod image_source;
 pub mod logging;
 pub mod nfs;
+pub mod qos;
 pub mod runner;
 pub mod server;
 pub mod stub;

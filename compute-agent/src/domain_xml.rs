@@ -36,6 +36,8 @@ pub struct DiskSpec {
     pub serial: String,
     /// Attach read-only.
     pub read_only: bool,
+    /// Front-end QoS limits by `<iotune>` element name (checked against `ember_common::qos::LIMITS`).
+    pub iotune: std::collections::BTreeMap<String, u64>,
 }
 
 /// Escapes text for an XML attribute or element.
@@ -82,9 +84,17 @@ pub fn disk_xml(d: &DiskSpec) -> String {
         DiskSource::File(path) => ("file", format!("<source file='{}'/>", escape(path))),
     };
     let readonly = if d.read_only { "\n  <readonly/>" } else { "" };
+    // Element names come from the fixed list only: a name is not text that escaping could make safe.
+    let limits: String = d
+        .iotune
+        .iter()
+        .filter(|(name, _)| ember_common::qos::LIMITS.contains(&name.as_str()))
+        .map(|(name, value)| format!("\n    <{name}>{value}</{name}>"))
+        .collect();
+    let iotune = if limits.is_empty() { String::new() } else { format!("\n  <iotune>{limits}\n  </iotune>") };
     format!(
         "<disk type='{kind}' device='disk'>\n  <driver name='qemu' type='raw' cache='none' discard='unmap'/>\n  \
-         {source}\n  <target dev='{}' bus='virtio'/>\n  <serial>{}</serial>{readonly}\n</disk>\n",
+         {source}\n  <target dev='{}' bus='virtio'/>\n  <serial>{}</serial>{readonly}{iotune}\n</disk>\n",
         escape(&d.target),
         escape(&d.serial)
     )
@@ -179,6 +189,7 @@ mod tests {
             target: "vdb".into(),
             serial: "22222222-2222-2222-2222-222222222222".into(),
             read_only: true,
+            iotune: [("total_iops_sec".to_string(), 500), ("<bad/>".to_string(), 1)].into(),
         };
         let xml = disk_xml(&spec);
         let doc = roxmltree::Document::parse(&xml).unwrap();
@@ -187,6 +198,10 @@ mod tests {
         let host = doc.descendants().find(|n| n.has_tag_name("host")).unwrap();
         assert_eq!((host.attribute("name"), host.attribute("port")), (Some("127.0.0.1"), Some("3260")));
         assert!(doc.descendants().any(|n| n.has_tag_name("readonly")));
+        let iotune = doc.descendants().find(|n| n.has_tag_name("iotune")).unwrap();
+        let limits: Vec<_> =
+            iotune.children().filter(|n| n.is_element()).map(|n| (n.tag_name().name(), n.text())).collect();
+        assert_eq!(limits, [("total_iops_sec", Some("500"))], "only known limits become elements");
         let source = doc.descendants().find(|n| n.has_tag_name("source")).unwrap();
         assert_eq!(source.attribute("name"), Some("iqn.2010-10.org.ember:volume-1/1"));
         let wrapped = format!("<domain><devices>{xml}</devices></domain>");

@@ -47,6 +47,15 @@ pub fn checked_id(field: &'static str, id: &str) -> Result<()> {
     }
 }
 
+/// Checks a disk's front-end QoS limits (names from `ember_common::qos::LIMITS`, values above zero).
+pub fn checked_iotune(
+    limits: std::collections::HashMap<String, u64>,
+) -> Result<std::collections::BTreeMap<String, u64>> {
+    let limits = limits.into_iter().collect();
+    ember_common::qos::check(&limits).map_err(|message| ComputeError::InvalidArgument { field: "iotune", message })?;
+    Ok(limits)
+}
+
 impl ComputeError {
     /// Wraps an I/O error with what was being done.
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ComputeError {

@@ -4,7 +4,7 @@
 //! command line) for instances, BIOS boot from the volume otherwise.
 
 use crate::domain_xml::{DiskSpec, disk_xml, escape};
-use crate::error::{ComputeError, Result, checked_id};
+use crate::error::{ComputeError, Result, checked_id, checked_iotune};
 use crate::service::Compute;
 use crate::virsh::DomainState;
 use ember_proto::agent::v1::{StartInstanceRequest, StartInstanceResponse};
@@ -80,6 +80,7 @@ impl Compute {
                 target: "vda".into(),
                 serial: r.boot_volume_id.clone(),
                 read_only: false,
+                iotune: checked_iotune(r.iotune.clone())?,
             });
             let dir = self.instance_dir(&r.instance_id);
             std::fs::create_dir_all(&dir).map_err(ComputeError::io(format!("creating {}", dir.display())))?;

@@ -8,7 +8,7 @@
 
 use crate::connector::Connectors;
 use crate::domain_xml::{DiskSpec, disk_xml, next_free_target};
-use crate::error::{ComputeError, Result, checked_id};
+use crate::error::{ComputeError, Result, checked_id, checked_iotune};
 use crate::virsh::{DomainState, Virsh};
 use ember_proto::agent::v1::compute_agent_server::ComputeAgent;
 use ember_proto::agent::v1::*;
@@ -70,6 +70,7 @@ impl Compute {
             target: next_free_target(&used),
             serial: r.volume_id.clone(),
             read_only: conn.read_only,
+            iotune: checked_iotune(r.iotune)?,
         };
         let xml_file = self.connectors.state_dir.join(format!("disk-{}.xml", r.volume_id));
         std::fs::write(&xml_file, disk_xml(&spec)).map_err(ComputeError::io("writing the disk XML"))?;

@@ -446,6 +446,7 @@ pub async fn attach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     };
     let export_ms = export_started.elapsed().as_millis() as u64;
     crate::failpoint::hit("attach.exported");
+    let iotune = crate::volume_types::disk_limits(&mut *ctx.db.acquire().await?, &v.volume_type_id).await?;
     let compute_started = std::time::Instant::now();
     let mut compute = ctx.agents.compute(&host).await?;
     let attached = compute
@@ -453,6 +454,7 @@ pub async fn attach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
             volume_id: v.id.clone(),
             instance: instance.clone(),
             connection: Some(connection.clone()),
+            iotune,
         })
         .await;
     let device = match attached {

@@ -286,6 +286,7 @@ pub async fn boot_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
             connection: Some(connection),
             vcpus: i.vcpus,
             memory_mb: i.memory_mb,
+            iotune: crate::volume_types::disk_limits(&mut *ctx.db.acquire().await?, &v.volume_type_id).await?,
         })
         .await;
     match started {

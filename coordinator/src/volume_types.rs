@@ -28,7 +28,17 @@ fn check_specs(specs: &HashMap<String, String>) -> Result<()> {
         validate::spec_key("extra_specs", k)?;
         validate::spec_value("extra_specs", k, v)?;
     }
-    Ok(())
+    front_end_qos(specs).map(drop)
+}
+
+/// The front-end QoS limits of type `type_id`, as a compute agent takes them (`iotune`).
+pub async fn disk_limits(conn: &mut SqliteConnection, type_id: &str) -> Result<HashMap<String, u64>> {
+    Ok(front_end_qos(&load(conn, type_id).await?.extra_specs)?.into_iter().collect())
+}
+
+/// The front-end QoS limits (`qos:` extra specs) a type sets on its volumes' disks, checked.
+pub fn front_end_qos(specs: &HashMap<String, String>) -> Result<std::collections::BTreeMap<String, u64>> {
+    ember_common::qos::from_specs(specs).map_err(|e| Error::invalid("extra_specs", e))
 }
 
 /// Finds a type's id by id or name.
@@ -162,6 +172,8 @@ impl VolumeTypes {
         let id = resolve(&mut tx, &req.id_or_name).await?;
         upsert_specs(&mut tx, &id, &req.extra_specs).await?;
         let updated = load(&mut tx, &id).await?;
+        // The limits must hold together with those the type already had (the transaction is dropped if not).
+        front_end_qos(&updated.extra_specs)?;
         tx.commit().await?;
         Ok(updated)
     }

@@ -8,6 +8,7 @@ use ember_fleet_tests::volumes::{db_state, new_volume, wait_backend, wait_volume
 use ember_fleet_tests::{Fleet, wait_for};
 use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
+use ember_proto::v1::volume_type_service_client::VolumeTypeServiceClient;
 use ember_proto::v1::*;
 use std::io::Read;
 use std::time::Duration;
@@ -327,6 +328,61 @@ async fn an_attached_volume_grows_and_its_guest_sees_the_new_size() {
     assert_eq!((untold.status.as_str(), untold.size_gb), ("in-use", 3), "{untold:?}");
     assert!(untold.status_reason.contains(&format!("instance {} on compute1 was not told", domain.name)), "{untold:?}");
     assert_eq!(std::fs::metadata(dir.join(format!("volume-{}", v.id))).unwrap().len(), 3 << 30);
+}
+
+/// A volume type's front-end QoS (`qos:` extra specs, as Cinder's front-end QoS specs that Nova applies) limits
+/// the guest's disk: the compute agent writes it as libvirt `<iotune>`, and QEMU enforces it. Bad limits are
+/// refused when set, naming them; an attached volume keeps its limits, so a retype that would change them waits
+/// for the detach.
+#[tokio::test]
+async fn a_types_front_end_qos_limits_the_attached_disk() {
+    let ComputeFleet { fleet, dir: _, storage: _storage, compute: _compute } = ComputeFleet::start("").await;
+    let domain = Domain::boot("ember-qos").await;
+    let mut types = VolumeTypeServiceClient::new(fleet.admin());
+    let limits = [("qos:total_iops_sec", "500"), ("qos:read_bytes_sec", "10485760")];
+    let create = CreateVolumeTypeRequest {
+        name: "limited".into(),
+        extra_specs: limits.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    };
+    types.create_volume_type(create).await.unwrap();
+    for (key, value, why) in [
+        ("qos:write_bytes_sec", "fast", "whole number"),
+        ("qos:total_bytes_sec", "1", "cannot be set together"),
+        ("qos:iops", "5", "not a QoS limit"),
+    ] {
+        let req =
+            SetExtraSpecsRequest { id_or_name: "limited".into(), extra_specs: [(key.into(), value.into())].into() };
+        let err = types.set_extra_specs(req).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{key}: {err:?}");
+        assert!(err.message().contains("extra_specs") && err.message().contains(why), "{key}: {err:?}");
+    }
+    let kept = types.get_volume_type(GetVolumeTypeRequest { id_or_name: "limited".into() }).await.unwrap().into_inner();
+    assert_eq!(kept.extra_specs.len(), 2, "refused specs changed nothing: {kept:?}");
+
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let req = CreateVolumeRequest { size_gb: 1, volume_type: "limited".into(), ..Default::default() };
+    let v = volumes.clone().create_volume(req).await.unwrap().into_inner();
+    wait_volume(&volumes, &v.id, "available").await;
+    let attachments = AttachmentServiceClient::new(fleet.admin());
+    let a = attachments.clone().attach(attach_request(&v.id, &domain.name)).await.unwrap().into_inner();
+    let device = wait_volume(&volumes, &v.id, "in-use").await.attachments[0].device.clone();
+    assert!(domain.xml(false).contains("<total_iops_sec>500</total_iops_sec>"), "{}", domain.xml(false));
+    let (ok, tune, err) = virsh(&["blkdeviotune", &domain.uuid, &device]);
+    assert!(ok, "{err}");
+    let applied = |name: &str| {
+        tune.lines()
+            .find_map(|l| l.split_once(':').filter(|(k, _)| k.trim() == name).map(|(_, v)| v.trim().to_string()))
+    };
+    assert_eq!(applied("total_iops_sec").as_deref(), Some("500"), "{tune}");
+    assert_eq!(applied("read_bytes_sec").as_deref(), Some("10485760"), "{tune}");
+
+    let retype = RetypeVolumeRequest { id: v.id.clone(), volume_type: "__DEFAULT__".into() };
+    let err = volumes.clone().retype_volume(retype).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("front-end QoS"), "{err:?}");
+    attachments.clone().detach(DetachRequest { attachment_id: a.id, ..Default::default() }).await.unwrap();
+    wait_volume(&volumes, &v.id, "available").await;
 }
 
 /// An admin forces the detach of attachment `attachment_id` of `volume_id` (after checking a member may not),
