@@ -323,6 +323,8 @@ impl StorageAgent for StorageService {
         let r = req.into_inner();
         let id = checked_id("volume_id", &r.volume_id)?;
         let backend = self.0.backend(&r.backend)?;
+        // Tests: `storage.freeze_in_extend_volume` freezes the agent here, mid-call.
+        failpoint::freeze_once("storage.freeze_in_extend_volume");
         let size = backend.extend(&id, r.new_size_gb).await?;
         let store = self.0.exports.lock().await;
         // LIO's iblock reads the device size at each READ CAPACITY; tgt must re-create the LUN.

@@ -330,6 +330,42 @@ async fn an_attached_volume_grows_and_its_guest_sees_the_new_size() {
     assert_eq!(std::fs::metadata(dir.join(format!("volume-{}", v.id))).unwrap().len(), 3 << 30);
 }
 
+/// While an attached volume is being extended, its detach is refused, so the guests the extend tells are the
+/// ones that keep it; once the extend ends, the detach goes through.
+#[tokio::test]
+async fn a_detach_waits_for_the_extend_of_its_volume() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, _dir) = fleet.file_backend("file1", "");
+    let freeze = [("EMBER_FAILPOINTS", "storage.freeze_in_extend_volume")];
+    let storage = fleet.start_agent_with("storage", "storage1", &backend, &freeze);
+    let _compute = fleet.start_agent("compute", "compute1", "");
+    wait_backend(&fleet, "storage1@file1").await;
+    wait_backend(&fleet, "compute1").await;
+    let domain = Domain::boot("ember-wait").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let attachments = AttachmentServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    let a = attachments.clone().attach(attach_request(&v.id, &domain.name)).await.unwrap().into_inner();
+    wait_volume(&volumes, &v.id, "in-use").await;
+    volumes.clone().extend_volume(ExtendVolumeRequest { id: v.id.clone(), new_size_gb: 2 }).await.unwrap();
+    wait_for("the storage agent to freeze in the extend", WAIT, || async { storage.is_stopped().then_some(()) }).await;
+
+    let detach = DetachRequest { attachment_id: a.id.clone(), ..Default::default() };
+    let err = attachments.clone().detach(detach.clone()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("extending"), "{err:?}");
+    let still = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
+    assert_eq!((still.status.as_str(), still.attachments.len()), ("extending", 1), "{still:?}");
+
+    storage.signal("CONT");
+    let grown = wait_volume(&volumes, &v.id, "in-use").await;
+    assert_eq!(grown.size_gb, 2);
+    attachments.clone().detach(detach).await.unwrap();
+    let free = wait_volume(&volumes, &v.id, "available").await;
+    assert!(free.attachments.is_empty(), "{free:?}");
+}
+
 /// A volume type's front-end QoS (`qos:` extra specs, as Cinder's front-end QoS specs that Nova applies) limits
 /// the guest's disk: the compute agent writes it as libvirt `<iotune>`, and QEMU enforces it. Bad limits are
 /// refused when set, naming them; an attached volume keeps its limits, so a retype that would change them waits
