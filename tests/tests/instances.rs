@@ -10,6 +10,7 @@ use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
 use ember_proto::v1::instance_service_client::InstanceServiceClient;
 use ember_proto::v1::snapshot_service_client::SnapshotServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
+use ember_proto::v1::volume_type_service_client::VolumeTypeServiceClient;
 use ember_proto::v1::*;
 use std::io::Read;
 use std::time::{Duration, Instant};
@@ -46,13 +47,21 @@ async fn an_instance_boots_from_a_volume_made_from_an_image_and_takes_a_hot_atta
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
+    // The boot volume's type sets front-end QoS, which the instance's boot disk gets.
+    let capped = CreateVolumeTypeRequest {
+        name: "capped".into(),
+        extra_specs: [("qos:read_iops_sec".to_string(), "2000".to_string())].into(),
+        ..Default::default()
+    };
+    VolumeTypeServiceClient::new(fleet.admin()).create_volume_type(capped).await.unwrap();
     let volumes = VolumeServiceClient::new(fleet.admin());
-    let boot = volumes
-        .clone()
-        .create_volume(CreateVolumeRequest { size_gb: 1, image: image.to_string_lossy().into(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
+    let image_volume = CreateVolumeRequest {
+        size_gb: 1,
+        image: image.to_string_lossy().into(),
+        volume_type: "capped".into(),
+        ..Default::default()
+    };
+    let boot = volumes.clone().create_volume(image_volume).await.unwrap().into_inner();
     let boot = wait_volume(&volumes, &boot.id, "available").await;
     assert!(boot.bootable);
 
@@ -82,6 +91,8 @@ async fn an_instance_boots_from_a_volume_made_from_an_image_and_takes_a_hot_atta
     assert_eq!(boot.attachments.len(), 1);
     assert_eq!((boot.attachments[0].instance.as_str(), boot.attachments[0].device.as_str()), (vm.id.as_str(), "vda"));
     assert!(domain_exists(&vm.id), "the libvirt domain's UUID is the instance id");
+    let (_, xml, _) = ember_fleet_tests::libvirt::virsh(&["dumpxml", &vm.id]);
+    assert!(xml.contains("<read_iops_sec>2000</read_iops_sec>"), "the boot disk has its type's QoS: {xml}");
 
     // A second volume, hot-attached to the running instance by its id, written by the guest, detached.
     let data = new_volume(&volumes, 1).await;
