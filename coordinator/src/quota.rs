@@ -120,6 +120,23 @@ impl QuotaEngine {
         QuotaEngine { defaults: default_limits(configured) }
     }
 
+    /// Checks a volume size (`field`, in GiB) against the project's `per_volume_gigabytes` limit.
+    pub async fn check_volume_size(
+        &self,
+        conn: &mut SqliteConnection,
+        project: &str,
+        field: &str,
+        size_gb: u64,
+    ) -> Result<()> {
+        let lim = limit(conn, &self.defaults, project, "per_volume_gigabytes").await?;
+        if lim >= 0 && size_gb > lim as u64 {
+            return Err(Error::ResourceExhausted(format!(
+                "{field}: {size_gb} GiB is over project {project}'s per_volume_gigabytes limit of {lim}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Checks the limits and counts the resources as in use (they exist from this transaction on).
     pub async fn consume(&self, conn: &mut SqliteConnection, project: &str, deltas: &[Delta]) -> Result<()> {
         check(conn, &self.defaults, project, deltas).await?;

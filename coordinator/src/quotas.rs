@@ -11,9 +11,16 @@ use sqlx::{Row, SqliteConnection, SqlitePool};
 use std::collections::BTreeMap;
 use tonic::{Request, Response, Status};
 
-/// Resources every project has, with Cinder's default limits.
-pub const BASE_RESOURCES: [(&str, i64); 5] =
-    [("volumes", 10), ("gigabytes", 1000), ("snapshots", 10), ("backups", 10), ("backup_gigabytes", 1000)];
+/// Resources every project has, with Cinder's default limits. `per_volume_gigabytes` bounds the size of any one
+/// volume; it is checked, never counted.
+pub const BASE_RESOURCES: [(&str, i64); 6] = [
+    ("volumes", 10),
+    ("gigabytes", 1000),
+    ("snapshots", 10),
+    ("backups", 10),
+    ("backup_gigabytes", 1000),
+    ("per_volume_gigabytes", -1),
+];
 
 /// Per-type resource prefixes.
 pub const PER_TYPE_PREFIXES: [&str; 3] = ["volumes_", "gigabytes_", "snapshots_"];

@@ -28,7 +28,42 @@ fn check_specs(specs: &HashMap<String, String>) -> Result<()> {
         validate::spec_key("extra_specs", k)?;
         validate::spec_value("extra_specs", k, v)?;
     }
-    front_end_qos(specs).map(drop)
+    check_together(specs)
+}
+
+/// The checks that concern several specs at once, run on a type's whole set.
+fn check_together(specs: &HashMap<String, String>) -> Result<()> {
+    front_end_qos(specs)?;
+    size_bounds(specs).map(drop)
+}
+
+/// The sizes a type allows (`provisioning:min_vol_size`, `provisioning:max_vol_size`, GiB, as Cinder), checked.
+pub fn size_bounds(specs: &HashMap<String, String>) -> Result<(u64, u64)> {
+    let bound = |key: &str, default: u64| match specs.get(key) {
+        None => Ok(default),
+        Some(v) => match v.trim().parse::<u64>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err(Error::invalid("extra_specs", format!("{key}: {v:?} is not a whole number of GiB from 1"))),
+        },
+    };
+    let (min, max) = (bound("provisioning:min_vol_size", 1)?, bound("provisioning:max_vol_size", u64::MAX)?);
+    if min > max {
+        return Err(Error::invalid(
+            "extra_specs",
+            format!("provisioning:min_vol_size {min} is above provisioning:max_vol_size {max}"),
+        ));
+    }
+    Ok((min, max))
+}
+
+/// Checks that type `t` allows a volume of `size_gb` GiB (the request's `field`).
+pub fn check_size(t: &VolumeType, field: &'static str, size_gb: u64) -> Result<()> {
+    let (min, max) = size_bounds(&t.extra_specs)?;
+    if size_gb < min || size_gb > max {
+        let range = if max == u64::MAX { format!("at least {min}") } else { format!("{min} to {max}") };
+        return Err(Error::invalid(field, format!("{size_gb} GiB: volume type {} allows {range} GiB", t.name)));
+    }
+    Ok(())
 }
 
 /// The front-end QoS limits of type `type_id`, as a compute agent takes them (`iotune`).
@@ -172,8 +207,8 @@ impl VolumeTypes {
         let id = resolve(&mut tx, &req.id_or_name).await?;
         upsert_specs(&mut tx, &id, &req.extra_specs).await?;
         let updated = load(&mut tx, &id).await?;
-        // The limits must hold together with those the type already had (the transaction is dropped if not).
-        front_end_qos(&updated.extra_specs)?;
+        // The specs must hold together with those the type already had (the transaction is dropped if not).
+        check_together(&updated.extra_specs)?;
         tx.commit().await?;
         Ok(updated)
     }

@@ -287,6 +287,76 @@ async fn quotas_bound_creates_and_usage_equals_what_exists() {
 
 /// An extend the backend has no room for fails before anything is allocated: the volume keeps its size and
 /// data, its quota is given back, and asking again with a size that fits puts it right.
+/// Sizes are bounded, as in Cinder, by the volume type (`provisioning:min_vol_size` / `max_vol_size`) and by the
+/// project's `per_volume_gigabytes` quota, on create, extend and retype; refusals name the field and change
+/// nothing.
+#[tokio::test]
+async fn volume_sizes_are_bounded_by_the_type_and_by_the_project() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, _dir) = fleet.file_backend("file1", "");
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    wait_backend(&fleet, "storage1@file1").await;
+    let mut types = VolumeTypeServiceClient::new(fleet.admin());
+    let bounds = [("provisioning:min_vol_size", "2"), ("provisioning:max_vol_size", "4")];
+    let sized = CreateVolumeTypeRequest {
+        name: "sized".into(),
+        extra_specs: bounds.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    };
+    types.create_volume_type(sized).await.unwrap();
+    for (key, value) in [("provisioning:min_vol_size", "5"), ("provisioning:max_vol_size", "big")] {
+        let req = SetExtraSpecsRequest { id_or_name: "sized".into(), extra_specs: [(key.into(), value.into())].into() };
+        let err = types.set_extra_specs(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{key}={value}: {err:?}");
+        assert!(err.message().contains("extra_specs"), "{err:?}");
+    }
+
+    let client = VolumeServiceClient::new(fleet.member("alice", "p1"));
+    let small = client
+        .clone()
+        .create_volume(CreateVolumeRequest { size_gb: 1, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_volume(&client, &small.id, "available").await;
+    let create = |size_gb: u64, volume_type: &str| {
+        let mut c = client.clone();
+        let req = CreateVolumeRequest { size_gb, volume_type: volume_type.into(), ..Default::default() };
+        async move { c.create_volume(req).await }
+    };
+    for size in [1, 5] {
+        let err = create(size, "sized").await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{size} GiB: {err:?}");
+        assert!(err.message().contains("size_gb") && err.message().contains("allows 2 to 4 GiB"), "{err:?}");
+    }
+    let v = create(2, "sized").await.unwrap().into_inner();
+    wait_volume(&client, &v.id, "available").await;
+    let extend = |id: &str, new_size_gb: u64| {
+        let mut c = client.clone();
+        let req = ExtendVolumeRequest { id: id.into(), new_size_gb };
+        async move { c.extend_volume(req).await }
+    };
+    let err = extend(&v.id, 5).await.unwrap_err();
+    assert!(err.code() == Code::InvalidArgument && err.message().contains("new_size_gb"), "{err:?}");
+    let retype = RetypeVolumeRequest { id: small.id.clone(), volume_type: "sized".into() };
+    let err = client.clone().retype_volume(retype).await.unwrap_err();
+    assert!(err.code() == Code::InvalidArgument && err.message().contains("allows 2 to 4"), "{err:?}");
+
+    let limit = SetQuotaRequest { project: "p1".into(), limits: [("per_volume_gigabytes".to_string(), 3)].into() };
+    let quota = QuotaServiceClient::new(fleet.admin()).set_quota(limit).await.unwrap().into_inner();
+    assert!(quota.items.iter().any(|i| i.resource == "per_volume_gigabytes" && i.limit == 3), "{quota:?}");
+    let before = db_state(&fleet, "p1").await;
+    let err = extend(&v.id, 4).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("per_volume_gigabytes"), "{err:?}");
+    let err = create(4, "").await.unwrap_err();
+    assert!(err.code() == Code::ResourceExhausted && err.message().contains("size_gb"), "{err:?}");
+    assert_eq!(db_state(&fleet, "p1").await, before, "refusals changed nothing");
+    extend(&v.id, 3).await.unwrap();
+    assert_eq!(wait_volume(&client, &v.id, "available").await.size_gb, 3);
+}
+
 #[tokio::test]
 async fn a_failed_extend_leaves_the_volume_as_it_was_and_can_be_tried_again() {
     let mut fleet = Fleet::new();

@@ -180,6 +180,8 @@ impl Volumes {
                 format!("{:?} is not a zone with storage", req.availability_zone),
             ));
         }
+        volume_types::check_size(&vtype, "size_gb", size_gb)?;
+        self.ctx.quota.check_volume_size(&mut tx, &project, "size_gb", size_gb).await?;
         self.ctx.quota.consume(&mut tx, &project, &quota::volume_deltas(&vtype.name, size_gb as i64)).await?;
         let id = uuid::Uuid::new_v4().to_string();
         let now = now_ms();
@@ -289,6 +291,12 @@ impl Volumes {
         if req.new_size_gb > MAX_SIZE_GB {
             return Err(Error::invalid("new_size_gb", format!("must be at most {MAX_SIZE_GB} GiB")));
         }
+        volume_types::check_size(
+            &volume_types::load(&mut tx, &v.volume_type_id).await?,
+            "new_size_gb",
+            req.new_size_gb,
+        )?;
+        self.ctx.quota.check_volume_size(&mut tx, &v.project, "new_size_gb", req.new_size_gb).await?;
         // A failed extend leaves the volume as it was (the agent refused it): asking again is how it is retried.
         // An attached volume grows under its guests, which are told (Cinder's extend of in-use volumes).
         let from = ["available", "in-use", "error_extending"];

@@ -39,6 +39,7 @@ pub async fn retype(ctx: &Ctx, who: &Identity, req: RetypeVolumeRequest) -> Resu
         )));
     }
     let new_type = volume_types::load(&mut tx, &new_id).await?;
+    volume_types::check_size(&new_type, "volume_type", v.size_gb as u64)?;
     let pool = pools::current(ctx, &v.host, &v.backend).await?.ok_or_else(|| {
         Error::FailedPrecondition(format!(
             "pool {}@{} is down, so whether it satisfies type {} cannot be checked",
