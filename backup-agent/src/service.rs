@@ -425,7 +425,8 @@ impl Backups {
 
 /// Test-only fault injection. `EMBER_FAILPOINTS=backup.stage_chunk` aborts the agent (like SIGKILL) when it
 /// is about to stage its second new chunk (`backup.restore_chunk`: when a restore reads its second chunk);
-/// `backup.pause_stage_chunk` holds the first backup there instead (logging "failpoint pause"), so a test can
+/// `backup.pause_stage_chunk` holds the first backup there instead (`backup.pause_import`: the first Cinder
+/// import, before it reads anything), logging "failpoint pause", so a test can
 /// act while a backup is running: for five seconds, or, with `EMBER_FAILPOINT_RELEASE=<path>`, until that file
 /// exists (at most two minutes).
 fn failpoint(name: &str) {
@@ -624,6 +625,7 @@ impl BackupAgent for BackupService {
             ..Default::default()
         };
         let result = off_runtime(move || -> Result<Manifest, Status> {
+            failpoint("backup.import");
             let rebuilt = crate::cinder::rebuild(&dir, &cinder_id, &image);
             let stored = rebuilt.map_err(Status::failed_precondition).and_then(|(volume_id, _)| {
                 let described = Manifest { volume_id, ..owner };

@@ -122,10 +122,14 @@ impl OneSite {
     /// [`OneSite::start`] with the backup agent's first backup held mid-way (once it logs "failpoint pause",
     /// see [`wait_paused`]) until released.
     pub async fn start_held() -> (OneSite, Held) {
+        Self::start_held_at("backup.pause_stage_chunk").await
+    }
+
+    /// [`OneSite::start_held`] at another pause point of the backup agent (`backup.pause_import`, …).
+    pub async fn start_held_at(point: &str) -> (OneSite, Held) {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("release");
-        let env =
-            [("EMBER_FAILPOINTS", "backup.pause_stage_chunk"), ("EMBER_FAILPOINT_RELEASE", file.to_str().unwrap())];
+        let env = [("EMBER_FAILPOINTS", point), ("EMBER_FAILPOINT_RELEASE", file.to_str().unwrap())];
         let site = Self::start_with(&env).await;
         (site, Held { _dir: dir, file })
     }

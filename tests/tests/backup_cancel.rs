@@ -1,5 +1,6 @@
 //! Deleting a backup while it is being made (Cinder's `backup-delete --force`): it stops where it is, nothing of
-//! it is kept, its volume is usable again and its quota is released.
+//! it is kept, its volume is usable again and its quota is released. And a Cinder import whose caller goes away
+//! still ends.
 
 use ember_fleet_tests::backups::{OneSite, backup_usage, fill, wait_backup_settled, wait_paused};
 use ember_fleet_tests::volumes::{new_volume, wait_volume};
@@ -54,4 +55,44 @@ async fn a_backup_deleted_with_force_while_it_runs_stops_and_leaves_nothing() {
     let again = wait_backup_settled(&backups, &again.id).await;
     assert_eq!((again.status.as_str(), again.progress_data_bytes), ("available", 8 << 20), "{again:?}");
     assert_eq!(backup_usage(&fleet, "p1").await, (1, 1));
+}
+
+/// A Cinder import runs inside its caller's request. A caller that goes away mid-import (Ctrl-C on the CLI) does
+/// not leave the backup `creating` for ever: the import goes on and ends, counted in the quota.
+#[tokio::test]
+async fn a_cinder_import_whose_caller_goes_away_still_ends() {
+    let (OneSite { fleet, storage: _storage, backup1: agent, .. }, held) =
+        OneSite::start_held_at("backup.pause_import").await;
+    let example =
+        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/testdata/cinder-backup-example"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(example.join("manifest.json")).unwrap()).unwrap();
+    let dir = example.join("backups").canonicalize().unwrap();
+    let full = manifest["full"]["backup_id"].as_str().unwrap();
+    let mut cli = fleet
+        .cli_command(&["backup", "import-cinder", dir.to_str().unwrap(), full, "--project", "p1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_paused(&agent, "the import to be under way").await;
+    let id: String = sqlx::query_scalar("SELECT id FROM backups WHERE status = 'creating'")
+        .fetch_one(&fleet.db().await)
+        .await
+        .unwrap();
+    cli.kill().unwrap();
+    cli.wait().unwrap();
+    held.release();
+    let backups = BackupServiceClient::new(fleet.admin());
+    let imported = wait_for("the import to end", Duration::from_secs(60), || {
+        let mut c = backups.clone();
+        let id = id.clone();
+        async move {
+            let b = c.get_backup(GetBackupRequest { id }).await.ok()?.into_inner();
+            (b.status != "creating").then_some(b)
+        }
+    })
+    .await;
+    assert_eq!(imported.status, "available", "{imported:?}");
+    assert_eq!(backup_usage(&fleet, "p1").await, (1, imported.size_gb as i64));
 }

@@ -537,22 +537,37 @@ impl Backups {
         let op = operations::insert(&mut tx, "import_backup", "backup", &id, "importing", payload).await?;
         tx.commit().await?;
         // Run it now and answer with the outcome; a crash leaves the operation for the reconciler, which is
-        // kept off it meanwhile.
+        // kept off it meanwhile. It runs as a task of its own: a caller that goes away (its request dropped)
+        // must not take the import with it, or the operation would stay marked as running here, out of the
+        // reconciler's reach, and the backup `creating` until a restart.
         self.ctx.running_ops.lock().expect("op set").insert(op.clone());
-        let done = import_flow(
-            &self.ctx,
-            Op {
-                id: op.clone(),
-                kind: "import_backup".into(),
-                resource_id: id.clone(),
-                step: "importing".into(),
-                attempt: 0,
-                payload: serde_json::json!({ "directory": r.directory, "cinder_backup_id": r.cinder_backup_id }),
-            },
-        )
-        .await;
-        self.ctx.running_ops.lock().expect("op set").remove(&op);
-        done?;
+        let ctx = self.ctx.clone();
+        let flow = Op {
+            id: op.clone(),
+            kind: "import_backup".into(),
+            resource_id: id.clone(),
+            step: "importing".into(),
+            attempt: 0,
+            payload: serde_json::json!({ "directory": r.directory, "cinder_backup_id": r.cinder_backup_id }),
+        };
+        let op_id = op.clone();
+        let import = tokio::spawn(async move {
+            let done = import_flow(&ctx, flow).await;
+            ctx.running_ops.lock().expect("op set").remove(&op);
+            done
+        });
+        match import.await {
+            Ok(done) => {
+                done?;
+            }
+            Err(stopped) => {
+                // The task panicked: the operation is left to the reconciler.
+                self.ctx.running_ops.lock().expect("op set").remove(&op_id);
+                return Err(Error::FailedPrecondition(format!(
+                    "backup {id}: the import stopped ({stopped}); the coordinator resumes it in the background"
+                )));
+            }
+        }
         let mut conn = self.ctx.db.acquire().await?;
         Ok(find(&mut conn, &id).await?.ok_or_else(|| Error::not_found("backup", &id))?.row)
     }
