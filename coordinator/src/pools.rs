@@ -78,11 +78,27 @@ pub fn pools_of(host: &str, backend: &str, az: &str, report: &Value, provisioned
 
 /// Pools of every up, enabled storage backend.
 pub async fn candidates(ctx: &Ctx) -> Result<Vec<PoolState>> {
+    reported(ctx, None, true).await
+}
+
+/// The pool `host@backend` as its latest report describes it, if its service is up (enabled or not: a volume
+/// already there is not being placed).
+pub async fn current(ctx: &Ctx, host: &str, backend: &str) -> Result<Option<PoolState>> {
+    Ok(reported(ctx, Some((host, backend)), false).await?.into_iter().next())
+}
+
+/// The pools of the storage backends that are up (`only`: just that `(host, backend)`; `enabled_only`: not the
+/// disabled ones), from their latest reports, with provisioned capacity counted from the coordinator's records.
+async fn reported(ctx: &Ctx, only: Option<(&str, &str)>, enabled_only: bool) -> Result<Vec<PoolState>> {
     let rows = sqlx::query(
         "SELECT s.host, s.backend, s.availability_zone, s.report, s.last_heartbeat, \
          (SELECT COALESCE(SUM(v.size_gb), 0) FROM volumes v WHERE v.host = s.host AND v.backend = s.backend) \
-         FROM services s WHERE s.role = 'storage' AND s.backend != '' AND s.enabled = 1",
+         FROM services s WHERE s.role = 'storage' AND s.backend != '' AND (?1 = 0 OR s.enabled = 1) \
+         AND (?2 IS NULL OR (s.host = ?2 AND s.backend = ?3))",
     )
+    .bind(enabled_only)
+    .bind(only.map(|(host, _)| host))
+    .bind(only.map(|(_, backend)| backend))
     .fetch_all(&ctx.db)
     .await?;
     let now = now_ms();
@@ -95,23 +111,6 @@ pub async fn candidates(ctx: &Ctx) -> Result<Vec<PoolState>> {
         pools.extend(pools_of(r.get(0), r.get(1), r.get(2), &report, r.get::<i64, _>(5) as f64));
     }
     Ok(pools)
-}
-
-/// The pool `host@backend` as its latest report describes it, if its service is up (enabled or not: a volume
-/// already there is not being placed).
-pub async fn current(ctx: &Ctx, host: &str, backend: &str) -> Result<Option<PoolState>> {
-    let row = sqlx::query(
-        "SELECT s.availability_zone, s.report, s.last_heartbeat, \
-         (SELECT COALESCE(SUM(v.size_gb), 0) FROM volumes v WHERE v.host = s.host AND v.backend = s.backend) \
-         FROM services s WHERE s.role = 'storage' AND s.host = ? AND s.backend = ?",
-    )
-    .bind(host)
-    .bind(backend)
-    .fetch_optional(&ctx.db)
-    .await?;
-    let Some(r) = row.filter(|r| crate::fleet::is_up(r.get(2), now_ms(), ctx.service_down_ms)) else { return Ok(None) };
-    let report: Value = serde_json::from_str(r.get::<&str, _>(1))?;
-    Ok(pools_of(host, backend, r.get(0), &report, r.get::<i64, _>(3) as f64).into_iter().next())
 }
 
 /// Availability zones that have storage.

@@ -81,17 +81,8 @@ async fn find(conn: &mut SqliteConnection, id: &str) -> Result<Option<TransferRo
 /// The sizes of volume `volume_id`'s snapshots, all of which must be `available`: one being made, deleted or read
 /// by a backup would end against the project it started in.
 async fn settled_snapshot_sizes(conn: &mut SqliteConnection, volume_id: &str) -> Result<Vec<i64>> {
-    let rows: Vec<(String, String, i64)> =
-        sqlx::query_as("SELECT id, status, size_gb FROM snapshots WHERE volume_id = ? ORDER BY id")
-            .bind(volume_id)
-            .fetch_all(&mut *conn)
-            .await?;
-    if let Some((id, status, _)) = rows.iter().find(|(_, status, _)| status != "available") {
-        return Err(Error::FailedPrecondition(format!(
-            "snapshot {id} of volume {volume_id} is {status}; a transfer needs every snapshot available"
-        )));
-    }
-    Ok(rows.into_iter().map(|(_, _, size)| size).collect())
+    crate::snapshots::sizes_unless(conn, volume_id, |s| s != "available", "a transfer needs every snapshot available")
+        .await
 }
 
 /// Removes the offer of volume `volume_id`, if any (the volume is forgotten).

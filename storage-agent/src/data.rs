@@ -61,6 +61,15 @@ pub fn chunks_with_data(extents: &[(u64, u64)], chunk: u64) -> Vec<u64> {
     out
 }
 
+/// Where `file` can hold data: the `known` extents when the driver gave them (a thin LV's mapped blocks), else what
+/// `SEEK_DATA` finds.
+pub fn extents_or_seek(file: &File, known: Option<Vec<(u64, u64)>>) -> Result<Vec<(u64, u64)>> {
+    match known {
+        Some(known) => Ok(known),
+        None => sparse::data_extents(file).map_err(AgentError::io("finding data extents")),
+    }
+}
+
 /// Streams `path` chunk by chunk into `tx` (run on a blocking thread). The first message carries only the
 /// volume size. Holes are never read: those outside `extents` when the backend knows where the data is (thin
 /// LVs), otherwise those `SEEK_DATA` finds. All-zero chunks are not sent; chunks whose digest is in `known` go
@@ -74,10 +83,7 @@ pub fn stream_chunks(
 ) -> Result<()> {
     let file = File::open(&path).map_err(AgentError::io(format!("opening {}", path.display())))?;
     let size = sparse::byte_len(&file).map_err(AgentError::io("reading size"))?;
-    let extents = match extents {
-        Some(known) => known,
-        None => sparse::data_extents(&file).map_err(AgentError::io("finding data extents"))?,
-    };
+    let extents = extents_or_seek(&file, extents)?;
     if tx.blocking_send(Ok(VolumeChunk { volume_size: size, ..Default::default() })).is_err() {
         return Ok(());
     }

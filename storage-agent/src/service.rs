@@ -222,9 +222,8 @@ impl Storage {
                 std::fs::File::open(p).map_err(AgentError::io(format!("opening {}", p.display())))
             };
             let (volume, snapshot) = (open(&volume_path)?, open(&snapshot_path)?);
-            let extents = |f: &std::fs::File, map: &Option<crate::backend::DataMap>| match map {
-                Some(m) => Ok(m.extents.clone()),
-                None => crate::sparse::data_extents(f).map_err(AgentError::io("finding data extents")),
+            let extents = |f: &std::fs::File, map: &Option<crate::backend::DataMap>| {
+                data::extents_or_seek(f, map.as_ref().map(|m| m.extents.clone()))
             };
             let (volume_x, snapshot_x) = (extents(&volume, &volume_map)?, extents(&snapshot, &snapshot_map)?);
             let size = |f: &std::fs::File| crate::sparse::byte_len(f).map_err(AgentError::io("reading a size"));

@@ -116,6 +116,25 @@ pub async fn remove_record(
     ctx.quota.release(conn, project, &quota::snapshot_deltas(type_name, size_gb)).await
 }
 
+/// The sizes of volume `volume_id`'s snapshots, for an action that moves their quota with the volume's (a transfer,
+/// a retype): refused, naming the snapshot and what to do (`then`), if one is in a status `refused` names.
+pub async fn sizes_unless(
+    conn: &mut SqliteConnection,
+    volume_id: &str,
+    refused: impl Fn(&str) -> bool,
+    then: &str,
+) -> Result<Vec<i64>> {
+    let rows: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT id, status, size_gb FROM snapshots WHERE volume_id = ? ORDER BY id")
+            .bind(volume_id)
+            .fetch_all(&mut *conn)
+            .await?;
+    if let Some((id, status, _)) = rows.iter().find(|(_, status, _)| refused(status)) {
+        return Err(Error::FailedPrecondition(format!("snapshot {id} of volume {volume_id} is {status}; {then}")));
+    }
+    Ok(rows.into_iter().map(|(_, _, size)| size).collect())
+}
+
 /// Holds an available snapshot `backing-up` while a backup reads it, so that it cannot be deleted meanwhile.
 pub async fn begin_backup(conn: &mut SqliteConnection, s: &SnapshotRow) -> Result<()> {
     if !transition(conn, &s.id, &["available"], "backing-up", "").await? {

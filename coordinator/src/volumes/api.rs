@@ -180,8 +180,7 @@ impl Volumes {
                 format!("{:?} is not a zone with storage", req.availability_zone),
             ));
         }
-        volume_types::check_size(&vtype, "size_gb", size_gb)?;
-        self.ctx.quota.check_volume_size(&mut tx, &project, "size_gb", size_gb).await?;
+        check_new_size(&self.ctx, &mut tx, &project, &vtype, "size_gb", size_gb).await?;
         self.ctx.quota.consume(&mut tx, &project, &quota::volume_deltas(&vtype.name, size_gb as i64)).await?;
         let id = uuid::Uuid::new_v4().to_string();
         let now = now_ms();
@@ -291,12 +290,8 @@ impl Volumes {
         if req.new_size_gb > MAX_SIZE_GB {
             return Err(Error::invalid("new_size_gb", format!("must be at most {MAX_SIZE_GB} GiB")));
         }
-        volume_types::check_size(
-            &volume_types::load(&mut tx, &v.volume_type_id).await?,
-            "new_size_gb",
-            req.new_size_gb,
-        )?;
-        self.ctx.quota.check_volume_size(&mut tx, &v.project, "new_size_gb", req.new_size_gb).await?;
+        let vtype = volume_types::load(&mut tx, &v.volume_type_id).await?;
+        check_new_size(&self.ctx, &mut tx, &v.project, &vtype, "new_size_gb", req.new_size_gb).await?;
         // A failed extend leaves the volume as it was (the agent refused it): asking again is how it is retried.
         // An attached volume grows under its guests, which are told (Cinder's extend of in-use volumes).
         let from = ["available", "in-use", "error_extending"];
@@ -446,6 +441,20 @@ pub fn check_connector(c: &Connector) -> Result<()> {
     }
     validate::text("connector.host", &c.host, 255)?;
     validate::text("connector.ip", &c.ip, 64)
+}
+
+/// Checks a size a volume is to have (`field`, GiB) against its type's bounds and its project's
+/// `per_volume_gigabytes`.
+async fn check_new_size(
+    ctx: &Ctx,
+    conn: &mut SqliteConnection,
+    project: &str,
+    vtype: &VolumeType,
+    field: &'static str,
+    size_gb: u64,
+) -> Result<()> {
+    volume_types::check_size(vtype, field, size_gb)?;
+    ctx.quota.check_volume_size(conn, project, field, size_gb).await
 }
 
 /// A random string of `len` characters that cannot be misread (no 0/O, 1/l/I).

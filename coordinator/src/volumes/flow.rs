@@ -256,10 +256,8 @@ pub async fn extend(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
             Err(status) => {
                 // The agent refused, so the volume is as it was. An attached one stays usable (and detachable).
                 let reason = format!("extend failed on {}@{}: {}", v.host, v.backend, status.message());
-                let to = match crate::attachments::settled_status(&mut tx, &v.id).await? {
-                    "in-use" => "in-use",
-                    _ => "error_extending",
-                };
+                let attached = crate::attachments::settled_status(&mut tx, &v.id).await? == "in-use";
+                let to = if attached { "in-use" } else { "error_extending" };
                 store::transition(&mut tx, &v.id, &["extending"], to, &reason).await?;
                 ctx.quota.rollback(&mut tx, &v.project, &deltas).await?;
                 operations::finish(&mut tx, &op, Some(&reason)).await?;

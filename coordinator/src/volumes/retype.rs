@@ -77,18 +77,8 @@ pub async fn retype(ctx: &Ctx, who: &Identity, req: RetypeVolumeRequest) -> Resu
         )));
     }
     // A snapshot being made or deleted would count or release its quota under the type it began with.
-    let snapshots: Vec<(String, String, i64)> =
-        sqlx::query_as("SELECT id, status, size_gb FROM snapshots WHERE volume_id = ? ORDER BY id")
-            .bind(&v.id)
-            .fetch_all(&mut *tx)
-            .await?;
-    if let Some((id, status, _)) = snapshots.iter().find(|(_, s, _)| s == "creating" || s == "deleting") {
-        return Err(Error::FailedPrecondition(format!(
-            "snapshot {id} of volume {} is {status}; retype when it has ended",
-            v.id
-        )));
-    }
-    let sizes: Vec<i64> = snapshots.iter().map(|(_, _, size)| *size).collect();
+    let in_flight = |s: &str| s == "creating" || s == "deleting";
+    let sizes = crate::snapshots::sizes_unless(&mut tx, &v.id, in_flight, "retype when it has ended").await?;
     ctx.quota.consume(&mut tx, &v.project, &per_type_usage(&new_type.name, v.size_gb, &sizes)).await?;
     ctx.quota.release(&mut tx, &v.project, &per_type_usage(&v.volume_type_name, v.size_gb, &sizes)).await?;
     sqlx::query("UPDATE volumes SET volume_type_id = ?, multiattach = ?, updated_at = ? WHERE id = ?")
