@@ -61,8 +61,10 @@ async fn a_volume_reverts_to_its_snapshot_across_a_crash_and_after_a_failure() {
     fleet.start_coordinator_with(&[("EMBER_FAILPOINTS", "revert_volume.recorded")]);
     let volumes = VolumeServiceClient::new(fleet.member("alice", "p1"));
     let req = RevertVolumeRequest { id: v.id.clone(), snapshot_id: snap.id.clone() };
-    let reverting = volumes.clone().revert_volume(req.clone()).await.unwrap().into_inner();
-    assert_eq!(reverting.status, "reverting");
+    // Its answer can be lost: the process may abort before it is sent. The database says what was recorded.
+    if let Ok(reverting) = volumes.clone().revert_volume(req.clone()).await {
+        assert_eq!(reverting.into_inner().status, "reverting");
+    }
     let crashed = fleet.coordinator.as_mut().unwrap().wait_exit(Duration::from_secs(60));
     assert!(!crashed.success(), "the coordinator aborted at the failpoint");
     assert_eq!(statuses(&fleet, &v.id, &snap.id).await, ("reverting".into(), "restoring".into()));
