@@ -95,6 +95,15 @@ pub struct Tgt {
     pub control_port: u16,
 }
 
+/// How long a LUN refresh waits for the initiators' commands in flight to end, and how often it asks.
+const LUN_IDLE_WAIT: Duration = Duration::from_secs(15);
+const LUN_IDLE_POLL: Duration = Duration::from_millis(50);
+
+/// Whether tgtadm refused a LUN's removal because commands are still queued on it.
+fn lun_in_use(e: &CommandError) -> bool {
+    already(e, "logical unit is still active")
+}
+
 fn already(e: &CommandError, what: &str) -> bool {
     matches!(e, CommandError::Failed { stderr, .. } if stderr.contains(what))
 }
@@ -166,7 +175,23 @@ impl Tgt {
     pub async fn refresh_lun(&self, iqn: &str, backing: &Path) -> Result<()> {
         let Some(t) = self.targets().await?.into_iter().find(|t| t.iqn == iqn) else { return Ok(()) };
         let (tid, backing) = (t.tid.to_string(), backing.to_string_lossy());
-        self.tgtadm(&["--mode", "logicalunit", "--op", "delete", "--tid", &tid, "--lun", "1"]).await?;
+        let delete = ["--mode", "logicalunit", "--op", "delete", "--tid", &tid, "--lun", "1"];
+        // tgtd refuses to delete a LUN while a command of an initiator is in flight on it; those end within
+        // milliseconds, so the delete is asked again for a while before the extend is reported failed.
+        let mut waited = Duration::ZERO;
+        loop {
+            match self.tgtadm(&delete).await {
+                Err(e) if lun_in_use(&e) && waited < LUN_IDLE_WAIT => {
+                    tracing::debug!(%iqn, "LUN busy with initiator commands; asking again");
+                    tokio::time::sleep(LUN_IDLE_POLL).await;
+                    waited += LUN_IDLE_POLL;
+                }
+                done => {
+                    done?;
+                    break;
+                }
+            }
+        }
         self.add_lun(&tid, &backing).await
     }
 
@@ -205,6 +230,19 @@ mod tests {
         assert_eq!(targets[1].backing, ["/tmp/t2.img"]);
         assert!(targets[1].accounts.is_empty() && targets[1].acl.is_empty());
         assert!(parse_targets("").is_empty());
+    }
+
+    #[test]
+    fn a_lun_with_commands_in_flight_is_recognised_as_busy() {
+        let failed = |stderr: &str| CommandError::Failed {
+            program: "tgtadm".into(),
+            args: String::new(),
+            code: Some(22),
+            stderr: stderr.into(),
+            stdout: String::new(),
+        };
+        assert!(lun_in_use(&failed("tgtadm: this logical unit is still active\n")));
+        assert!(!lun_in_use(&failed("tgtadm: can't find the logical unit\n")));
     }
 
     #[test]

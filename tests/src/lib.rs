@@ -83,7 +83,12 @@ impl Daemon {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "process did not exit within {timeout:?}");
+            if Instant::now() >= deadline {
+                let log = self.log_text();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!("process did not exit within {timeout:?}; the end of its log:\n{}", tail.join("\n"));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -306,7 +306,9 @@ async fn an_attached_volume_grows_and_its_guest_sees_the_new_size() {
     fleet.start_coordinator_with(&[("EMBER_FAILPOINTS", "extend_volume.extended")]);
     let extend = ExtendVolumeRequest { id: v.id.clone(), new_size_gb: 2 };
     // Its answer can be lost: the process may abort before it is sent. What is recorded shows below.
-    let _ = VolumeServiceClient::new(fleet.admin()).extend_volume(extend).await;
+    if let Err(lost) = VolumeServiceClient::new(fleet.admin()).extend_volume(extend).await {
+        assert!(matches!(lost.code(), tonic::Code::Unavailable | tonic::Code::Unknown), "refused: {lost:?}");
+    }
     let crashed = fleet.coordinator.as_mut().unwrap().wait_exit(Duration::from_secs(60));
     assert!(!crashed.success(), "the coordinator aborted at the failpoint");
     assert!(!compute.log_text().contains("resized in the domain"), "no guest was told before the crash");

@@ -221,3 +221,44 @@ async fn data_survives_snapshot_clone_and_extend_over_iscsi_and_delete_leaves_no
     let q = QuotaServiceClient::new(channel).get_quota(GetQuotaRequest::default()).await.unwrap().into_inner();
     assert!(q.items.iter().all(|i| i.in_use == 0 && i.reserved == 0), "{q:?}");
 }
+
+/// An exported volume grows while initiators read it. tgtd re-makes the LUN so they see the new capacity, and
+/// refuses to while their commands are in flight ("this logical unit is still active"): the extend waits for
+/// a quiet moment instead of failing, as it did under a busy guest.
+#[tokio::test]
+async fn an_exported_volume_grows_while_initiators_read_it() {
+    let (fleet, _storage, dir) = fleet_with_storage().await;
+    let mut volumes = VolumeServiceClient::new(fleet.admin());
+    let create = CreateVolumeRequest { size_gb: 1, name: "busy".into(), ..Default::default() };
+    let v = volumes.create_volume(create).await.unwrap().into_inner();
+    wait_volume(&mut volumes, &v.id, "available").await;
+    let connect = InitializeConnectionRequest { volume_id: v.id.clone(), connector: connector("iqn.2026-11.test:h") };
+    let info = volumes.initialize_connection(connect).await.unwrap().into_inner();
+    let url = iscsi::url(&info, &info.auth_password);
+
+    // Three initiators, each with 32 reads in flight at all times, until the LUN they read is re-made.
+    let mut readers: Vec<std::process::Child> = (0..3)
+        .map(|_| {
+            std::process::Command::new("qemu-img")
+                .args(["bench", "-f", "raw", "-c", "100000000", "-d", "32", &url])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("qemu-img bench")
+        })
+        .collect();
+    wait_for("the three initiators to log in", WAIT, || async {
+        (fleet.tgt_show("storage1").matches("I_T nexus: ").count() == 3).then_some(())
+    })
+    .await;
+
+    volumes.extend_volume(ExtendVolumeRequest { id: v.id.clone(), new_size_gb: 2 }).await.unwrap();
+    let grown = wait_volume(&mut volumes, &v.id, "available").await;
+    for reader in &mut readers {
+        let _ = reader.kill();
+        let _ = reader.wait();
+    }
+    assert_eq!((grown.size_gb, grown.status_reason.as_str()), (2, ""), "{grown:?}");
+    assert_eq!(std::fs::metadata(dir.join(format!("volume-{}", v.id))).unwrap().len(), 2 << 30);
+    assert_eq!(iscsi::size(&url).unwrap(), 2 << 30, "the initiator sees the new capacity");
+}
