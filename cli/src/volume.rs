@@ -151,6 +151,18 @@ enum VolumeAction {
         #[arg(long)]
         wait: bool,
     },
+    /// Admin: move an available volume without snapshots to another pool; its data is copied from storage
+    /// node to storage node, and the old copy is wiped and removed.
+    Migrate {
+        /// Volume id.
+        id: String,
+        /// The destination pool, host@backend; without it the scheduler chooses one in the volume's zone.
+        #[arg(long, default_value = "")]
+        pool: String,
+        /// Wait until the volume is on its new pool.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Change a volume's type where it lies; its pool must already satisfy the new type.
     Retype {
         /// Volume id.
@@ -245,7 +257,7 @@ pub fn volume_json(v: &Volume) -> serde_json::Value {
         "status": v.status, "status_reason": v.status_reason, "volume_type": v.volume_type_name,
         "availability_zone": v.availability_zone, "host": v.host, "metadata": v.metadata, "bootable": v.bootable,
         "multiattach": v.multiattach, "source_snapshot_id": v.source_snapshot_id, "source_volume_id": v.source_volume_id,
-        "source_backup_id": v.source_backup_id,
+        "source_backup_id": v.source_backup_id, "migrating_to": v.migrating_to,
         "attachments": v.attachments.iter().map(|a| serde_json::json!({"id": a.id, "instance": a.instance, "host": a.host, "device": a.device})).collect::<Vec<_>>(),
         "created_at": output::time(&v.created_at), "updated_at": output::time(&v.updated_at),
     })
@@ -446,6 +458,25 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
         VolumeAction::Revert { id, snapshot, wait } => {
             let v = client.revert_volume(RevertVolumeRequest { id, snapshot_id: snapshot }).await?.into_inner();
             finish(&mut client, v, wait, json).await
+        }
+        VolumeAction::Migrate { id, pool, wait } => {
+            let v = client.migrate_volume(MigrateVolumeRequest { id, pool }).await?.into_inner();
+            let (from, to) = (v.host.clone(), v.migrating_to.clone());
+            if !wait {
+                println!("volume {} migrating from {from} to {to}", v.id);
+                return Ok(());
+            }
+            match wait_volume(&mut client, &v.id).await? {
+                Some(moved) if moved.host == to => {
+                    print_volumes(&[moved], json);
+                    Ok(())
+                }
+                Some(stayed) => Err(CliError::Other(format!(
+                    "volume {} stayed on {}: {}",
+                    stayed.id, stayed.host, stayed.status_reason
+                ))),
+                None => Err(CliError::Other(format!("volume {} was deleted", v.id))),
+            }
         }
         VolumeAction::Retype { id, volume_type } => {
             let v = client.retype_volume(RetypeVolumeRequest { id, volume_type }).await?.into_inner();

@@ -189,6 +189,7 @@ async fn run(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         "extend_volume" => crate::volumes::flow::extend(ctx, op).await,
         "unmanage_volume" => crate::volumes::manage::unmanage_flow(ctx, op).await,
         "revert_volume" => crate::volumes::revert::revert_flow(ctx, op).await,
+        "migrate_volume" => crate::volumes::migrate::migrate_flow(ctx, op).await,
         "create_snapshot" => crate::snapshots::create_flow(ctx, op).await,
         "delete_snapshot" => crate::snapshots::delete_flow(ctx, op).await,
         "create_backup" => crate::backups::create_flow(ctx, op).await,

@@ -88,11 +88,13 @@ pub async fn current(ctx: &Ctx, host: &str, backend: &str) -> Result<Option<Pool
 }
 
 /// The pools of the storage backends that are up (`only`: just that `(host, backend)`; `enabled_only`: not the
-/// disabled ones), from their latest reports, with provisioned capacity counted from the coordinator's records.
+/// disabled ones), from their latest reports, with provisioned capacity counted from the coordinator's records
+/// (a migrating volume counts on both its pools).
 async fn reported(ctx: &Ctx, only: Option<(&str, &str)>, enabled_only: bool) -> Result<Vec<PoolState>> {
     let rows = sqlx::query(
         "SELECT s.host, s.backend, s.availability_zone, s.report, s.last_heartbeat, \
-         (SELECT COALESCE(SUM(v.size_gb), 0) FROM volumes v WHERE v.host = s.host AND v.backend = s.backend) \
+         (SELECT COALESCE(SUM(v.size_gb), 0) FROM volumes v WHERE (v.host = s.host AND v.backend = s.backend) \
+          OR (v.migrate_host = s.host AND v.migrate_backend = s.backend)) \
          FROM services s WHERE s.role = 'storage' AND s.backend != '' AND (?1 = 0 OR s.enabled = 1) \
          AND (?2 IS NULL OR (s.host = ?2 AND s.backend = ?3))",
     )

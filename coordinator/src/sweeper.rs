@@ -158,13 +158,16 @@ pub async fn sweep(ctx: &Ctx) -> Result<usize> {
         };
         let held = held.into_inner();
         report_records_without_data(ctx, &host, &backend, &held, listed_at).await?;
-        let placed: HashSet<String> = sqlx::query_scalar("SELECT id FROM volumes WHERE host = ? AND backend = ?")
-            .bind(&host)
-            .bind(&backend)
-            .fetch_all(&ctx.db)
-            .await?
-            .into_iter()
-            .collect();
+        // A migrating volume is placed on the pool it moves to as well.
+        let placed: HashSet<String> = sqlx::query_scalar(
+            "SELECT id FROM volumes WHERE (host = ?1 AND backend = ?2) OR (migrate_host = ?1 AND migrate_backend = ?2)",
+        )
+        .bind(&host)
+        .bind(&backend)
+        .fetch_all(&ctx.db)
+        .await?
+        .into_iter()
+        .collect();
         let snapshots: HashSet<String> = sqlx::query_scalar(
             "SELECT s.id FROM snapshots s JOIN volumes v ON v.id = s.volume_id WHERE v.host = ? AND v.backend = ?",
         )

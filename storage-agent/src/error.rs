@@ -26,6 +26,10 @@ pub enum AgentError {
     /// An external command failed.
     #[error("{0}")]
     Command(#[from] CommandError),
+    /// Another storage agent (a migration's source) answered with an error, or could not be reached; its code
+    /// is passed on, so an unreachable source stays a reason to try again.
+    #[error("source storage agent: {}", .0.message())]
+    Peer(Status),
     /// A filesystem call failed.
     #[error("{context}: {source}")]
     Io {
@@ -61,6 +65,7 @@ impl From<AgentError> for Status {
             AgentError::NotFound(_) => Status::not_found(message),
             AgentError::FailedPrecondition(_) => Status::failed_precondition(message),
             AgentError::NoSpace(_) => Status::resource_exhausted(message),
+            AgentError::Peer(status) => Status::new(status.code(), message),
             AgentError::Command(_) | AgentError::Io { .. } => {
                 tracing::error!(%message, "storage operation failed");
                 Status::internal(message)

@@ -4,6 +4,7 @@
 
 mod backend;
 mod config;
+mod copy;
 mod data;
 mod error;
 mod exports;
@@ -28,8 +29,9 @@ use service::{Storage, StorageService};
 use std::sync::Arc;
 use tonic::service::RoutesBuilder;
 
-/// Callers of the storage agent's API: the coordinator (and, for data, backup agents).
-const CALLERS: &[Role] = &[Role::Coordinator, Role::BackupAgent];
+/// Callers of the storage agent's API: the coordinator (and, for data, backup agents, and the storage agents
+/// that copy a migrating volume from this one).
+const CALLERS: &[Role] = &[Role::Coordinator, Role::BackupAgent, Role::StorageAgent];
 
 #[derive(Debug, Parser)]
 #[command(name = "ember-storage-agent", version, about = "ember's storage node agent")]
@@ -66,6 +68,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         portal: file.tgt.portal.clone(),
         iqn_prefix: file.tgt.iqn_prefix.clone(),
         exports: tokio::sync::Mutex::new(exports),
+        peers: copy::Peers { tls: id.tls.clone(), timeout: id.peer_timeout },
     });
     let keeper = keeper::start(storage.clone(), file.tgt.clone()).await;
 

@@ -3,6 +3,7 @@
 
 use crate::backend::{Backend, Record};
 use crate::config::TargetKind;
+use crate::copy::{self, ChunkWriter, Peers};
 use crate::data;
 use crate::error::{AgentError, Result};
 use crate::exports::{ExportRecord, ExportStore};
@@ -34,6 +35,8 @@ pub struct Storage {
     pub iqn_prefix: String,
     /// Desired exports; the lock also serialises every tgtadm change.
     pub exports: Mutex<ExportStore>,
+    /// How other storage agents are reached (a migration's source).
+    pub peers: Peers,
 }
 
 impl Storage {
@@ -277,7 +280,7 @@ impl Storage {
     }
 }
 
-/// Backup agents may call only the data RPCs; everything else is the coordinator's.
+/// Backup agents (and other storage agents) may call only the data RPCs; everything else is the coordinator's.
 fn only_coordinator<T>(req: &Request<T>) -> Result<(), Status> {
     match ember_common::identity::caller(req)?.role {
         ember_common::identity::Role::Coordinator => Ok(()),
@@ -473,39 +476,11 @@ impl StorageAgent for StorageService {
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("volume_id: empty stream"))?;
         let id = checked_id("volume_id", &first.volume_id)?;
         let backend = self.0.backend(&first.backend)?;
-        let path = backend.path(Kind::Volume, &id);
-        // Opened off the async threads: on an NFS mount whose server has gone, an open blocks until the soft
-        // mount gives up.
-        let (file, size) = tokio::task::spawn_blocking(move || {
-            let file = ember_common::direct_io::DirectFile::open(&path, true)
-                .map_err(|_| AgentError::NotFound(format!("volume {id}")))?;
-            let size = crate::sparse::byte_len(file.file()).map_err(AgentError::io("reading size"))?;
-            Ok::<_, AgentError>((file, size))
-        })
-        .await
-        .map_err(|e| AgentError::Io { context: "opening the volume".into(), source: std::io::Error::other(e) })??;
-        if first.volume_size > size {
-            return Err(AgentError::FailedPrecondition(format!(
-                "volume {id} holds {size} bytes; {} needed",
-                first.volume_size
-            ))
-            .into());
-        }
-        // Which blocks of a thin LV are mapped, before anything is written: zero runs are cleared only there.
-        let mapped = backend.data_map(Kind::Volume, &id).await?;
-        // Receive and write overlap: a writer thread takes chunks from a small bounded queue while the next ones
-        // arrive, then flushes the file once at the end. The queue is awaited, never blocked on, so a slow disk
-        // holds up this stream only, not a runtime thread that other requests need.
-        let (queue, chunks) = tokio::sync::mpsc::channel::<VolumeChunk>(8);
-        let writer = tokio::task::spawn_blocking(move || {
-            let written = data::apply_chunks(&file, size, mapped.as_ref(), chunks)?;
-            file.sync_data().map_err(AgentError::io("syncing"))?;
-            Ok::<u64, AgentError>(written)
-        });
+        let writer = ChunkWriter::open(backend, id, first.volume_size).await?;
         let mut next = Some(first);
         let mut received: Result<(), Status> = Ok(());
         while let Some(chunk) = next {
-            if queue.send(chunk).await.is_err() {
+            if !writer.send(chunk).await {
                 break; // the writer stopped on an error; it is reported below
             }
             next = match stream.message().await {
@@ -516,10 +491,24 @@ impl StorageAgent for StorageService {
                 }
             };
         }
-        drop(queue);
-        let written = writer.await.map_err(|e| Status::internal(e.to_string()))??;
+        let written = writer.finish().await?;
         received?;
         tracing::info!(volume_id = %id, written, "volume data written");
+        Ok(Response::new(WriteVolumeResponse { bytes_written: written }))
+    }
+
+    async fn copy_volume_from(
+        &self,
+        req: Request<CopyVolumeFromRequest>,
+    ) -> Result<Response<WriteVolumeResponse>, Status> {
+        only_coordinator(&req)?;
+        let r = req.into_inner();
+        let span = tracing::info_span!("copy_volume_from", volume_id = %r.volume_id, source = %r.source_endpoint);
+        let backend = self.0.backend(&r.backend)?;
+        if failpoint::armed("storage.copy_volume_from") {
+            return Err(Status::internal("injected failure (EMBER_FAILPOINTS): copy_volume_from"));
+        }
+        let written = copy::copy_from(backend, &self.0.peers, r).instrument(span).await?;
         Ok(Response::new(WriteVolumeResponse { bytes_written: written }))
     }
 }

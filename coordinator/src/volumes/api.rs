@@ -522,6 +522,11 @@ impl VolumeService for Volumes {
         Ok(Response::new(super::retype::retype(&self.ctx, &who, req.into_inner()).await?))
     }
 
+    async fn migrate_volume(&self, req: Request<MigrateVolumeRequest>) -> Result<Response<Volume>, Status> {
+        let who = who(&req)?;
+        Ok(Response::new(super::migrate::migrate(&self.ctx, &who, req.into_inner()).await?))
+    }
+
     async fn extend_volume(&self, req: Request<ExtendVolumeRequest>) -> Result<Response<Volume>, Status> {
         let who = who(&req)?;
         Ok(Response::new(self.extend(&who, req.into_inner()).await?))

@@ -19,7 +19,7 @@ use ember_proto::v1::{ManageVolumeRequest, UnmanageVolumeRequest, Volume};
 use std::sync::Arc;
 
 /// `host@backend`, each part non-empty.
-fn parse_pool(pool: &str) -> Result<(&str, &str)> {
+pub(crate) fn parse_pool(pool: &str) -> Result<(&str, &str)> {
     match pool.split_once('@') {
         Some((host, backend)) if !host.is_empty() && !backend.is_empty() && !backend.contains('@') => {
             Ok((host, backend))
@@ -197,7 +197,12 @@ pub async fn unmanage_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
 }
 
 /// Whether storage pool `host`@`backend` is served: its agent's heartbeats are recent and report the backend.
-async fn pool_served(ctx: &Ctx, conn: &mut sqlx::SqliteConnection, host: &str, backend: &str) -> Result<bool> {
+pub(crate) async fn pool_served(
+    ctx: &Ctx,
+    conn: &mut sqlx::SqliteConnection,
+    host: &str,
+    backend: &str,
+) -> Result<bool> {
     let heartbeat: Option<i64> =
         sqlx::query_scalar("SELECT last_heartbeat FROM services WHERE role = 'storage' AND host = ? AND backend = ?")
             .bind(host)

@@ -54,11 +54,16 @@ pub struct VolumeRow {
     pub created_at: i64,
     /// Changed.
     pub updated_at: i64,
+    /// While migrating: the host of the pool it moves to; empty otherwise.
+    pub migrate_host: String,
+    /// While migrating: the backend of that pool.
+    pub migrate_backend: String,
 }
 
 const COLUMNS: &str = "v.id, v.project, v.name, v.description, v.size_gb, v.status, v.status_reason, v.volume_type_id, \
      t.name, v.availability_zone, v.host, v.backend, v.metadata, v.bootable, v.multiattach, v.source_snapshot_id, \
-     v.source_volume_id, v.chap_username, v.chap_password, v.created_at, v.updated_at, v.source_backup_id";
+     v.source_volume_id, v.chap_username, v.chap_password, v.created_at, v.updated_at, v.source_backup_id, \
+     v.migrate_host, v.migrate_backend";
 
 /// `SELECT … FROM volumes v JOIN volume_types t` with the columns [`from_row`] reads.
 pub fn select_sql(where_clause: &str) -> String {
@@ -90,6 +95,8 @@ pub fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<VolumeRow> {
         created_at: r.get(19),
         updated_at: r.get(20),
         source_backup_id: r.get(21),
+        migrate_host: r.get(22),
+        migrate_backend: r.get(23),
     })
 }
 
@@ -140,6 +147,11 @@ pub async fn to_proto(conn: &mut SqliteConnection, v: &VolumeRow) -> Result<Volu
         attachments,
         created_at: Some(timestamp(v.created_at)),
         updated_at: Some(timestamp(v.updated_at)),
+        migrating_to: if v.migrate_host.is_empty() {
+            String::new()
+        } else {
+            format!("{}@{}", v.migrate_host, v.migrate_backend)
+        },
     })
 }
 

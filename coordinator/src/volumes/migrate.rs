@@ -1,0 +1,258 @@
+//! Moving an available volume to another pool (Cinder's migrate, host-assisted in Cinder; here the destination's
+//! storage agent reads the source's directly, agent to agent, and holes stay holes).
+//!
+//! The call places the volume on a destination pool with the scheduler's filters, under the scheduling lock,
+//! and records it (`migrate_host`/`migrate_backend`, counted against that pool's capacity) with the volume
+//! `migrating`. The operation then runs, each step recorded before the next:
+//! `creating` (an empty volume of the same id on the destination) → `copying` (the destination fills it from the
+//! source) → the row moves to the new pool in one transaction → `cleaning` (the old copy is wiped and removed)
+//! → `available`. A failed create or copy removes the partial copy and leaves the volume `available` where it
+//! was, with the reason. Whatever copy an agent that cannot be reached keeps is an orphan, which the sweeper
+//! removes once that agent is back.
+
+use super::flow::transient;
+use super::store::{self, VolumeRow};
+use crate::context::Ctx;
+use crate::error::{Error, Result};
+use crate::operations::{self, Op, Outcome};
+use crate::scheduler::{self, Request};
+use crate::{failpoint, pools, validate, volume_types};
+use ember_common::identity::{Identity, Role};
+use ember_proto::agent::v1 as agent;
+use ember_proto::v1::{MigrateVolumeRequest, Volume};
+use std::sync::Arc;
+
+/// Starts migrating volume `req.id` to pool `req.pool`, or to the pool the scheduler picks.
+pub async fn migrate(ctx: &Arc<Ctx>, who: &Identity, req: MigrateVolumeRequest) -> Result<Volume> {
+    if who.role != Role::Admin {
+        return Err(Error::PermissionDenied("only admins may migrate a volume".into()));
+    }
+    validate::uuid("id", &req.id)?;
+    let wanted = req.pool.trim();
+    let named = if wanted.is_empty() { None } else { Some(super::manage::parse_pool(wanted)?) };
+    let _guard = ctx.schedule_lock.lock().await;
+    let pools = pools::candidates(ctx).await?;
+    let mut tx = crate::db::write(&ctx.db).await?;
+    let v = store::visible(&mut tx, who, &req.id).await?;
+    let current = format!("{}@{}", v.host, v.backend);
+    if named.is_some() && wanted == current {
+        return Err(Error::invalid("pool", format!("volume {} is already on {current}", v.id)));
+    }
+    if v.status != "available" {
+        return Err(Error::FailedPrecondition(format!(
+            "volume {} is {}; migrate needs available (detach an attached volume first)",
+            v.id, v.status
+        )));
+    }
+    refuse_if_held(&mut tx, &v).await?;
+    let vtype = volume_types::load(&mut tx, &v.volume_type_id).await?;
+    let request = Request {
+        size_gb: v.size_gb as u64,
+        // The scheduler keeps the volume in its zone; a pool named by the admin may be in another.
+        availability_zone: named.is_none().then(|| v.availability_zone.clone()),
+        extra_specs: vtype.extra_specs.into_iter().collect(),
+        tried: vec![current.clone()],
+        only: named.map(|_| wanted.to_string()),
+    };
+    let pool = match scheduler::choose(&request, &pools, ctx.capacity_weight_multiplier) {
+        Ok(pool) => pool,
+        Err(_) if named.is_some() && !pools.iter().any(|p| p.name() == wanted) => {
+            return Err(Error::invalid("pool", format!("{wanted} is not an up, enabled storage pool")));
+        }
+        Err(none) => {
+            return Err(Error::FailedPrecondition(format!("volume {} cannot move: {none}", v.id)));
+        }
+    };
+    store::transition(&mut tx, &v.id, &["available"], "migrating", "").await?;
+    sqlx::query("UPDATE volumes SET migrate_host = ?, migrate_backend = ? WHERE id = ?")
+        .bind(&pool.host)
+        .bind(&pool.backend)
+        .bind(&v.id)
+        .execute(&mut *tx)
+        .await?;
+    let payload = serde_json::json!({
+        "from_host": v.host, "from_backend": v.backend,
+        "to_host": pool.host, "to_backend": pool.backend, "to_zone": pool.availability_zone,
+    });
+    let op = operations::insert(&mut tx, "migrate_volume", "volume", &v.id, "creating", payload).await?;
+    let shown = store::find(&mut tx, &v.id).await?.ok_or_else(|| Error::not_found("volume", &v.id))?;
+    let shown = store::to_proto(&mut tx, &shown).await?;
+    tx.commit().await?;
+    tracing::info!(volume_id = %v.id, from = %current, to = %pool.name(), "volume migration started");
+    operations::spawn(ctx, op);
+    Ok(shown)
+}
+
+/// Refuses a volume whose data something else still relies on where it is: its snapshots (which live on its
+/// pool, as in Cinder) and a backup reading it.
+async fn refuse_if_held(conn: &mut sqlx::SqliteConnection, v: &VolumeRow) -> Result<()> {
+    let snapshots: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM snapshots WHERE volume_id = ?")
+        .bind(&v.id)
+        .fetch_one(&mut *conn)
+        .await?;
+    if snapshots > 0 {
+        return Err(Error::FailedPrecondition(format!(
+            "volume {} has {snapshots} snapshot(s), which cannot move with it; delete them first",
+            v.id
+        )));
+    }
+    let backing_up: Option<String> =
+        sqlx::query_scalar("SELECT id FROM backups WHERE volume_id = ? AND status = 'creating' LIMIT 1")
+            .bind(&v.id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if let Some(backup) = backing_up {
+        return Err(Error::FailedPrecondition(format!(
+            "volume {} is being backed up (backup {backup}); migrate it when the backup ends",
+            v.id
+        )));
+    }
+    Ok(())
+}
+
+/// Where a migration moves a volume from and to, as its operation recorded them.
+struct Route {
+    from_host: String,
+    from_backend: String,
+    to_host: String,
+    to_backend: String,
+    to_zone: String,
+}
+
+impl Route {
+    fn of(op: &Op) -> Route {
+        let field = |k: &str| op.payload[k].as_str().unwrap_or_default().to_string();
+        Route {
+            from_host: field("from_host"),
+            from_backend: field("from_backend"),
+            to_host: field("to_host"),
+            to_backend: field("to_backend"),
+            to_zone: field("to_zone"),
+        }
+    }
+
+    fn to(&self) -> String {
+        format!("{}@{}", self.to_host, self.to_backend)
+    }
+}
+
+/// The migration's worker: see the module documentation for its steps.
+pub async fn migrate_flow(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
+    let route = Route::of(&op);
+    loop {
+        let mut conn = ctx.db.acquire().await?;
+        let Some(v) = store::find(&mut conn, &op.resource_id).await? else {
+            operations::finish(&mut conn, &op, Some("volume no longer exists")).await?;
+            return Ok(Outcome::Finished);
+        };
+        drop(conn);
+        match op.step.as_str() {
+            "creating" => {
+                let mut dest = ctx.agents.storage(&route.to_host).await?;
+                let create = agent::CreateVolumeRequest {
+                    volume_id: v.id.clone(),
+                    backend: route.to_backend.clone(),
+                    size_gb: v.size_gb as u64,
+                    ..Default::default()
+                };
+                match dest.create_volume(create).await {
+                    Ok(_) => {
+                        let mut conn = ctx.db.acquire().await?;
+                        operations::advance(&mut conn, &mut op, "copying").await?;
+                    }
+                    Err(status) if transient(&status) && both_up(ctx, &route).await? => {
+                        return Ok(Outcome::Retry(format!("storage agent {}: {}", route.to_host, status.message())));
+                    }
+                    Err(status) => return give_up(ctx, &op, &v, &route, status.message()).await,
+                }
+            }
+            "copying" => {
+                let mut dest = ctx.agents.storage(&route.to_host).await?;
+                let copy = agent::CopyVolumeFromRequest {
+                    volume_id: v.id.clone(),
+                    backend: route.to_backend.clone(),
+                    source_endpoint: ctx.agents.endpoint(&route.from_host, "storage").await?,
+                    source_backend: route.from_backend.clone(),
+                };
+                match dest.copy_volume_from(copy).await {
+                    Ok(copied) => {
+                        failpoint::hit("migrate_volume.copied");
+                        let mut tx = crate::db::write(&ctx.db).await?;
+                        sqlx::query(
+                            "UPDATE volumes SET host = ?, backend = ?, availability_zone = ?, migrate_host = '', \
+                             migrate_backend = '' WHERE id = ?",
+                        )
+                        .bind(&route.to_host)
+                        .bind(&route.to_backend)
+                        .bind(&route.to_zone)
+                        .bind(&v.id)
+                        .execute(&mut *tx)
+                        .await?;
+                        operations::advance(&mut tx, &mut op, "cleaning").await?;
+                        tx.commit().await?;
+                        let written = copied.into_inner().bytes_written;
+                        tracing::info!(volume_id = %v.id, to = %route.to(), written, "volume moved to its new pool");
+                    }
+                    Err(status) if transient(&status) && both_up(ctx, &route).await? => {
+                        return Ok(Outcome::Retry(format!("storage agent {}: {}", route.to_host, status.message())));
+                    }
+                    Err(status) => return give_up(ctx, &op, &v, &route, status.message()).await,
+                }
+            }
+            "cleaning" => {
+                // The row already names the new pool, so the old copy is an orphan: should this fail, the sweeper
+                // removes it later.
+                let old = agent::DeleteVolumeRequest { volume_id: v.id.clone(), backend: route.from_backend.clone() };
+                let removed = match ctx.agents.storage(&route.from_host).await {
+                    Ok(mut source) => source.delete_volume(old).await.map_err(|s| s.message().to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(why) = removed {
+                    tracing::warn!(volume_id = %v.id, from = %route.from_host, %why, "old copy left to the sweeper");
+                }
+                let mut tx = crate::db::write(&ctx.db).await?;
+                store::transition(&mut tx, &v.id, &["migrating"], "available", "").await?;
+                operations::finish(&mut tx, &op, None).await?;
+                tx.commit().await?;
+                return Ok(Outcome::Finished);
+            }
+            other => {
+                let mut conn = ctx.db.acquire().await?;
+                operations::finish(&mut conn, &op, Some(&format!("unknown migrate step {other}"))).await?;
+                return Ok(Outcome::Finished);
+            }
+        }
+    }
+}
+
+/// Whether the agents of both pools are up, so that an error reaching one is worth waiting out; a migration
+/// does not wait for a node that is down.
+async fn both_up(ctx: &Ctx, route: &Route) -> Result<bool> {
+    let mut conn = ctx.db.acquire().await?;
+    Ok(super::manage::pool_served(ctx, &mut conn, &route.to_host, &route.to_backend).await?
+        && super::manage::pool_served(ctx, &mut conn, &route.from_host, &route.from_backend).await?)
+}
+
+/// Ends a migration that could not create or fill the copy: the partial copy is removed (or left to the
+/// sweeper when its agent does not answer), and the volume is `available` where it was, with the reason.
+async fn give_up(ctx: &Ctx, op: &Op, v: &VolumeRow, route: &Route, why: &str) -> Result<Outcome> {
+    let reason = format!("migration to {} failed: {why}", route.to());
+    let partial = agent::DeleteVolumeRequest { volume_id: v.id.clone(), backend: route.to_backend.clone() };
+    let removed = match ctx.agents.storage(&route.to_host).await {
+        Ok(mut dest) => dest.delete_volume(partial).await.map_err(|s| s.message().to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(left) = removed {
+        tracing::warn!(volume_id = %v.id, to = %route.to(), %left, "partial copy left to the sweeper");
+    }
+    let mut tx = crate::db::write(&ctx.db).await?;
+    sqlx::query("UPDATE volumes SET migrate_host = '', migrate_backend = '' WHERE id = ?")
+        .bind(&v.id)
+        .execute(&mut *tx)
+        .await?;
+    store::transition(&mut tx, &v.id, &["migrating"], "available", &reason).await?;
+    operations::finish(&mut tx, op, Some(&reason)).await?;
+    tx.commit().await?;
+    tracing::warn!(volume_id = %v.id, %reason, "volume migration failed");
+    Ok(Outcome::Finished)
+}

@@ -1,0 +1,203 @@
+//! Moving a volume to another pool (Cinder's migrate): the destination's storage agent copies the data from the
+//! source's over mTLS, the volume ends on the new pool reading exactly as before and as sparse, served there,
+//! and the old copy is gone. Refusals change nothing; a copy that fails leaves the volume where it was; a
+//! coordinator crash between the copy and its record resumes, and the copy made again clears what the
+//! destination held where the source has holes.
+
+use ember_fleet_tests::volumes::{files_in, new_snapshot, new_volume, usage, wait_backend, wait_volume};
+use ember_fleet_tests::{Daemon, Fleet, iscsi};
+use ember_proto::v1::fleet_service_client::FleetServiceClient;
+use ember_proto::v1::snapshot_service_client::SnapshotServiceClient;
+use ember_proto::v1::volume_service_client::VolumeServiceClient;
+use ember_proto::v1::*;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+use tonic::Code;
+
+const MIB: u64 = 1 << 20;
+
+/// A fleet with two storage agents, each with one file pool; the first takes the volumes made (the second is
+/// disabled while they are).
+struct TwoPools {
+    fleet: Fleet,
+    dir1: PathBuf,
+    dir2: PathBuf,
+    backend2: String,
+    storage2: Daemon,
+    _storage1: Daemon,
+}
+
+async fn two_pools(storage2_env: &[(&str, &str)]) -> TwoPools {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend1, dir1) = fleet.file_backend("file1", "");
+    let (backend2, dir2) = fleet.file_backend("file2", "");
+    let storage1 = fleet.start_agent("storage", "storage1", &backend1);
+    let storage2 = fleet.start_agent_with("storage", "storage2", &backend2, storage2_env);
+    wait_backend(&fleet, "storage1@file1").await;
+    wait_backend(&fleet, "storage2@file2").await;
+    TwoPools { fleet, dir1, dir2, backend2, storage2, _storage1: storage1 }
+}
+
+async fn set_enabled(fleet: &Fleet, name: &str, enabled: bool) {
+    let mut services = FleetServiceClient::new(fleet.admin());
+    if enabled {
+        services.enable_service(EnableServiceRequest { name: name.into() }).await.unwrap();
+    } else {
+        let req = DisableServiceRequest { name: name.into(), reason: "test".into() };
+        services.disable_service(req).await.unwrap();
+    }
+}
+
+/// A 1 GiB volume on storage1@file1 with data in a few places and holes between, and a sparse copy of its file
+/// to compare the migrated volume with.
+async fn volume_with_data(
+    pools: &TwoPools,
+    volumes: &VolumeServiceClient<tonic::transport::Channel>,
+) -> (Volume, PathBuf) {
+    set_enabled(&pools.fleet, "storage2@file2", false).await;
+    let v = new_volume(volumes, 1).await;
+    set_enabled(&pools.fleet, "storage2@file2", true).await;
+    assert_eq!(v.host, "storage1@file1");
+    let file = pools.dir1.join(format!("volume-{}", v.id));
+    let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    f.write_all_at(&iscsi::pattern(1, MIB as usize), 0).unwrap();
+    // Across a chunk boundary of the copy (4 MiB), and at the very end.
+    f.write_all_at(&iscsi::pattern(2, 3 * MIB as usize), 7 * MIB - 12345).unwrap();
+    f.write_all_at(b"last8byt", (1 << 30) - 8).unwrap();
+    f.sync_all().unwrap();
+    let reference = pools.fleet.dir.path().join("reference.img");
+    let copied = Command::new("cp").arg("--sparse=always").arg(&file).arg(&reference).status().unwrap();
+    assert!(copied.success());
+    (v, reference)
+}
+
+fn same_bytes(a: &Path, b: &Path) -> bool {
+    Command::new("cmp").arg("--silent").arg(a).arg(b).status().unwrap().success()
+}
+
+#[tokio::test]
+async fn a_volume_moves_to_another_pool_with_its_data_and_its_holes() {
+    let pools = two_pools(&[]).await;
+    let fleet = &pools.fleet;
+    let volumes = VolumeServiceClient::new(fleet.member("alice", "p1"));
+    let (v, reference) = volume_with_data(&pools, &volumes).await;
+    let admin = VolumeServiceClient::new(fleet.admin());
+
+    // Refused, naming why, and nothing changes.
+    let err = volumes.clone().migrate_volume(MigrateVolumeRequest { id: v.id.clone(), pool: String::new() }).await;
+    assert_eq!(err.unwrap_err().code(), Code::PermissionDenied);
+    for (pool, field) in [("storage1@file1", "already on"), ("storage9@file9", "not an up"), ("nohost", "host@backend")]
+    {
+        let req = MigrateVolumeRequest { id: v.id.clone(), pool: pool.into() };
+        let err = admin.clone().migrate_volume(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{pool}: {err:?}");
+        assert!(err.message().contains("pool") && err.message().contains(field), "{pool}: {err:?}");
+    }
+    let snapshots = SnapshotServiceClient::new(fleet.member("alice", "p1"));
+    let snap = new_snapshot(&snapshots, &v.id).await;
+    let err = admin.clone().migrate_volume(MigrateVolumeRequest { id: v.id.clone(), pool: String::new() }).await;
+    let err = err.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("snapshot"), "{err:?}");
+    snapshots.clone().delete_snapshot(DeleteSnapshotRequest { id: snap.id.clone() }).await.unwrap();
+    ember_fleet_tests::volumes::wait_snapshot_gone(&snapshots, &snap.id).await;
+    let still = wait_volume(&volumes, &v.id, "available").await;
+    assert_eq!((still.host.as_str(), still.migrating_to.as_str()), ("storage1@file1", ""));
+
+    // Without a pool named, the scheduler picks the only other one.
+    let (ok, out, err) = fleet.cli(&["volume", "migrate", &v.id, "--wait"]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("storage2@file2"), "{out}");
+    let moved = wait_volume(&volumes, &v.id, "available").await;
+    assert_eq!(
+        (moved.host.as_str(), moved.status_reason.as_str(), moved.migrating_to.as_str(), moved.size_gb),
+        ("storage2@file2", "", "", 1),
+        "{moved:?}"
+    );
+    let file = pools.dir2.join(format!("volume-{}", v.id));
+    assert!(same_bytes(&file, &reference), "the moved volume reads as before");
+    let allocated = std::fs::metadata(&file).unwrap().blocks() * 512;
+    assert!(allocated <= 16 * MIB, "the holes stayed holes: {allocated} bytes allocated");
+    assert!(files_in(&pools.dir1).is_empty(), "the old copy is gone: {:?}", files_in(&pools.dir1));
+    assert_eq!(usage(fleet, "p1", "gigabytes").await, 1, "the quota is as it was");
+
+    // It is served from its new pool.
+    let connect = InitializeConnectionRequest {
+        volume_id: v.id.clone(),
+        connector: Some(Connector {
+            host: "h".into(),
+            ip: "127.0.0.1".into(),
+            initiator: "iqn.2026-11.test:h".into(),
+            read_only: false,
+        }),
+    };
+    let info = volumes.clone().initialize_connection(connect).await.unwrap().into_inner();
+    assert!(fleet.tgt_show("storage2").contains(&info.target_iqn), "storage2 exports it");
+    let scratch = fleet.dir.path().join("scratch.img");
+    let first = iscsi::read(&iscsi::url(&info, &info.auth_password), 1, &scratch).unwrap();
+    assert_eq!(first, iscsi::pattern(1, MIB as usize), "read over iSCSI from the new pool");
+}
+
+#[tokio::test]
+async fn a_failed_copy_leaves_the_volume_where_it_was_and_a_crash_after_the_copy_resumes() {
+    let mut pools = two_pools(&[("EMBER_FAILPOINTS", "storage.copy_volume_from")]).await;
+    let volumes = VolumeServiceClient::new(pools.fleet.member("alice", "p1"));
+    let (v, reference) = volume_with_data(&pools, &volumes).await;
+    let admin = VolumeServiceClient::new(pools.fleet.admin());
+    let to2 = MigrateVolumeRequest { id: v.id.clone(), pool: "storage2@file2".into() };
+
+    // The destination fails the copy: its partial copy goes, and the volume stays, with the reason.
+    let started = admin.clone().migrate_volume(to2.clone()).await.unwrap().into_inner();
+    assert_eq!((started.status.as_str(), started.migrating_to.as_str()), ("migrating", "storage2@file2"));
+    let stayed = ember_fleet_tests::wait_for("the migration to end", Duration::from_secs(60), || async {
+        let v = admin.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.ok()?.into_inner();
+        (v.status == "available").then_some(v)
+    })
+    .await;
+    assert_eq!((stayed.host.as_str(), stayed.migrating_to.as_str()), ("storage1@file1", ""), "{stayed:?}");
+    assert!(stayed.status_reason.contains("migration to storage2@file2 failed"), "{stayed:?}");
+    assert!(stayed.status_reason.contains("injected failure"), "{stayed:?}");
+    assert!(files_in(&pools.dir2).is_empty(), "no partial copy is left");
+    assert!(same_bytes(&pools.dir1.join(format!("volume-{}", v.id)), &reference));
+
+    // Again with a working destination; the coordinator dies right after the copy, before recording it.
+    pools.storage2.kill();
+    pools.storage2 = pools.fleet.start_agent("storage", "storage2", &pools.backend2);
+    pools.storage2.wait_registered().await;
+    pools.fleet.start_coordinator_with(&[("EMBER_FAILPOINTS", "migrate_volume.copied")]);
+    let admin = VolumeServiceClient::new(pools.fleet.admin());
+    // Its answer can be lost: the process may abort before it is sent. The database says what was recorded.
+    if let Err(lost) = admin.clone().migrate_volume(to2).await {
+        assert!(matches!(lost.code(), Code::Unavailable | Code::Unknown), "refused: {lost:?}");
+    }
+    let crashed = pools.fleet.coordinator.as_mut().unwrap().wait_exit(Duration::from_secs(60));
+    assert!(!crashed.success(), "the coordinator aborted at the failpoint");
+    let db = pools.fleet.db().await;
+    let row: (String, String, String) = sqlx::query_as("SELECT status, host, migrate_host FROM volumes WHERE id = ?")
+        .bind(&v.id)
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    db.close().await;
+    assert_eq!(row, ("migrating".into(), "storage1".into(), "storage2".into()), "the copy is not yet recorded");
+    assert_eq!(files_in(&pools.dir2), [v.id.clone()].into(), "the copy is there");
+    // The copy is made again on resume, over whatever the destination holds: where the source has a hole, the
+    // copy must read as zeros too.
+    let copy = std::fs::OpenOptions::new().write(true).open(pools.dir2.join(format!("volume-{}", v.id))).unwrap();
+    copy.write_all_at(b"stale!!!", 512 * MIB).unwrap();
+
+    pools.fleet.start_coordinator();
+    let volumes = VolumeServiceClient::new(pools.fleet.member("alice", "p1"));
+    let moved = ember_fleet_tests::wait_for("the migration to resume", Duration::from_secs(60), || async {
+        let got = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.ok()?.into_inner();
+        (got.status == "available").then_some(got)
+    })
+    .await;
+    assert_eq!((moved.host.as_str(), moved.status_reason.as_str()), ("storage2@file2", ""), "{moved:?}");
+    assert!(same_bytes(&pools.dir2.join(format!("volume-{}", v.id)), &reference));
+    assert!(files_in(&pools.dir1).is_empty(), "the old copy is gone");
+    assert_eq!(usage(&pools.fleet, "p1", "gigabytes").await, 1);
+}
