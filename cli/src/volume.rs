@@ -163,12 +163,19 @@ enum VolumeAction {
         #[arg(long)]
         wait: bool,
     },
-    /// Change a volume's type where it lies; its pool must already satisfy the new type.
+    /// Change a volume's type: where it lies when its pool satisfies the new type, else (with
+    /// `--migration-policy on-demand`) by moving it to a pool that does.
     Retype {
         /// Volume id.
         id: String,
         /// The new type (name or id).
         volume_type: String,
+        /// `never`: only in place; `on-demand`: move a detached volume when its pool does not fit the type.
+        #[arg(long, default_value = "never", value_parser = ["never", "on-demand"])]
+        migration_policy: String,
+        /// Wait until a retype that moves the volume is done.
+        #[arg(long)]
+        wait: bool,
     },
     /// Grow a volume, attached or not (its guests are told of the new size).
     Extend {
@@ -478,10 +485,24 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                 None => Err(CliError::Other(format!("volume {} was deleted", v.id))),
             }
         }
-        VolumeAction::Retype { id, volume_type } => {
-            let v = client.retype_volume(RetypeVolumeRequest { id, volume_type }).await?.into_inner();
-            print_volumes(&[v], json);
-            Ok(())
+        VolumeAction::Retype { id, volume_type, migration_policy, wait } => {
+            let req = RetypeVolumeRequest { id, volume_type: volume_type.clone(), migration_policy };
+            let v = client.retype_volume(req).await?.into_inner();
+            if !wait || v.status != "retyping" {
+                print_volumes(&[v], json);
+                return Ok(());
+            }
+            match wait_volume(&mut client, &v.id).await? {
+                Some(done) if done.volume_type_name == volume_type || done.volume_type_id == volume_type => {
+                    print_volumes(&[done], json);
+                    Ok(())
+                }
+                Some(stayed) => Err(CliError::Other(format!(
+                    "volume {} kept type {} on {}: {}",
+                    stayed.id, stayed.volume_type_name, stayed.host, stayed.status_reason
+                ))),
+                None => Err(CliError::Other(format!("volume {} was deleted", v.id))),
+            }
         }
         VolumeAction::Extend { id, size, wait } => {
             let v = client.extend_volume(ExtendVolumeRequest { id, new_size_gb: size }).await?.into_inner();

@@ -22,10 +22,13 @@ pub async fn open(path: &Path) -> Result<SqlitePool, sqlx::Error> {
     Ok(pool)
 }
 
+/// A write transaction, as [`write`] begins it.
+pub type WriteTx = sqlx::Transaction<'static, sqlx::Sqlite>;
+
 /// Starts a write transaction. `BEGIN IMMEDIATE` takes SQLite's write lock up front, so two transactions
 /// that both read and then write queue behind each other (busy timeout) instead of one failing with
 /// "database is locked" when it tries to upgrade its read lock.
-pub async fn write(pool: &SqlitePool) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+pub async fn write(pool: &SqlitePool) -> Result<WriteTx, sqlx::Error> {
     pool.begin_with("BEGIN IMMEDIATE").await
 }
 

@@ -244,10 +244,14 @@ impl VolumeTypes {
                 t.name
             )));
         }
-        let in_use: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM volumes WHERE volume_type_id = ?")
-            .bind(&id)
-            .fetch_one(&mut *tx)
-            .await?;
+        // A volume being retyped by migration counts too: it takes this type when it arrives.
+        let in_use: i64 = sqlx::query_scalar(
+            "SELECT (SELECT COUNT(*) FROM volumes WHERE volume_type_id = ?1) + (SELECT COUNT(*) FROM operations \
+             WHERE state = 'running' AND kind = 'migrate_volume' AND json_extract(payload, '$.retype_to.id') = ?1)",
+        )
+        .bind(&id)
+        .fetch_one(&mut *tx)
+        .await?;
         if in_use > 0 {
             return Err(Error::FailedPrecondition(format!("volume type {} is in use by {in_use} volume(s)", t.name)));
         }

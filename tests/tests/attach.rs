@@ -416,7 +416,7 @@ async fn a_types_front_end_qos_limits_the_attached_disk() {
     assert_eq!(applied("total_iops_sec").as_deref(), Some("500"), "{tune}");
     assert_eq!(applied("read_bytes_sec").as_deref(), Some("10485760"), "{tune}");
 
-    let retype = RetypeVolumeRequest { id: v.id.clone(), volume_type: "__DEFAULT__".into() };
+    let retype = RetypeVolumeRequest { id: v.id.clone(), volume_type: "__DEFAULT__".into(), ..Default::default() };
     let err = volumes.clone().retype_volume(retype).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("front-end QoS"), "{err:?}");

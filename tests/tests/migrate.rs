@@ -1,4 +1,4 @@
-//! Moving a volume to another pool (Cinder's migrate): the destination's storage agent copies the data from the
+//! Moving a volume to another pool (Cinder's migrate, and its retype with migration policy `on-demand`): the destination's storage agent copies the data from the
 //! source's over mTLS, the volume ends on the new pool reading exactly as before and as sparse, served there,
 //! and the old copy is gone. Refusals change nothing; a copy that fails leaves the volume where it was; a
 //! coordinator crash between the copy and its record resumes, and the copy made again clears what the
@@ -7,8 +7,10 @@
 use ember_fleet_tests::volumes::{files_in, new_snapshot, new_volume, usage, wait_backend, wait_volume};
 use ember_fleet_tests::{Daemon, Fleet, iscsi};
 use ember_proto::v1::fleet_service_client::FleetServiceClient;
+use ember_proto::v1::quota_service_client::QuotaServiceClient;
 use ember_proto::v1::snapshot_service_client::SnapshotServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
+use ember_proto::v1::volume_type_service_client::VolumeTypeServiceClient;
 use ember_proto::v1::*;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -141,6 +143,72 @@ async fn a_volume_moves_to_another_pool_with_its_data_and_its_holes() {
     assert_eq!(first, iscsi::pattern(1, MIB as usize), "read over iSCSI from the new pool");
 }
 
+async fn new_type(fleet: &Fleet, name: &str, backend: &str) {
+    let req = CreateVolumeTypeRequest {
+        name: name.into(),
+        extra_specs: [("volume_backend_name".to_string(), backend.to_string())].into(),
+        ..Default::default()
+    };
+    VolumeTypeServiceClient::new(fleet.admin()).create_volume_type(req).await.unwrap();
+}
+
+fn on_demand(id: &str, volume_type: &str) -> RetypeVolumeRequest {
+    RetypeVolumeRequest { id: id.into(), volume_type: volume_type.into(), migration_policy: "on-demand".into() }
+}
+
+/// Cinder's retype with migration policy `on-demand`: a volume whose pool does not satisfy its new type moves to
+/// one that does and takes the type there, its per-type quota moving with it.
+#[tokio::test]
+async fn a_retype_moves_the_volume_to_a_pool_that_satisfies_the_new_type() {
+    let pools = two_pools(&[]).await;
+    let fleet = &pools.fleet;
+    let volumes = VolumeServiceClient::new(fleet.member("alice", "p1"));
+    let (v, reference) = volume_with_data(&pools, &volumes).await;
+    let old = v.volume_type_name.clone();
+    new_type(fleet, "on2", "file2").await;
+    new_type(fleet, "on9", "file9").await;
+
+    // Refused, naming why, and nothing changes: in place only; no pool fits; the new type's quota; a bad policy.
+    let in_place = RetypeVolumeRequest { migration_policy: String::new(), ..on_demand(&v.id, "on2") };
+    let err = volumes.clone().retype_volume(in_place).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("on-demand"), "{err:?}");
+    let err = volumes.clone().retype_volume(on_demand(&v.id, "on9")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("no other pool"), "{err:?}");
+    let limit = |n: i64| SetQuotaRequest { project: "p1".into(), limits: [("gigabytes_on2".to_string(), n)].into() };
+    QuotaServiceClient::new(fleet.admin()).set_quota(limit(0)).await.unwrap();
+    let err = volumes.clone().retype_volume(on_demand(&v.id, "on2")).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("gigabytes_on2"), "{err:?}");
+    let req = RetypeVolumeRequest { migration_policy: "sometimes".into(), ..on_demand(&v.id, "on2") };
+    let err = volumes.clone().retype_volume(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("migration_policy"), "{err:?}");
+    let same = wait_volume(&volumes, &v.id, "available").await;
+    assert_eq!((same.volume_type_name.as_str(), same.host.as_str()), (old.as_str(), "storage1@file1"));
+    assert_eq!(usage(fleet, "p1", "gigabytes_on2").await, 0);
+
+    QuotaServiceClient::new(fleet.admin()).set_quota(limit(-1)).await.unwrap();
+    let tls = fleet.issue(ember_common::identity::Role::Member, "alice", Some("p1"));
+    let args = ["volume", "retype", &v.id, "on2", "--migration-policy", "on-demand", "--wait"];
+    let (ok, out, err) = fleet.cli_as(&tls, &args);
+    assert!(ok, "{out}\n{err}");
+    let moved = wait_volume(&volumes, &v.id, "available").await;
+    assert_eq!(
+        (moved.volume_type_name.as_str(), moved.host.as_str(), moved.status_reason.as_str()),
+        ("on2", "storage2@file2", ""),
+        "{moved:?}"
+    );
+    assert!(same_bytes(&pools.dir2.join(format!("volume-{}", v.id)), &reference));
+    assert!(files_in(&pools.dir1).is_empty(), "the old copy is gone");
+    let typed = |t: String| async move {
+        (usage(fleet, "p1", &format!("volumes_{t}")).await, usage(fleet, "p1", &format!("gigabytes_{t}")).await)
+    };
+    assert_eq!((typed(old).await, typed("on2".into()).await), ((0, 0), (1, 1)), "the per-type quota moved");
+    assert_eq!(usage(fleet, "p1", "gigabytes").await, 1, "the total stays");
+}
+
 #[tokio::test]
 async fn a_failed_copy_leaves_the_volume_where_it_was_and_a_crash_after_the_copy_resumes() {
     let mut pools = two_pools(&[("EMBER_FAILPOINTS", "storage.copy_volume_from")]).await;
@@ -162,6 +230,23 @@ async fn a_failed_copy_leaves_the_volume_where_it_was_and_a_crash_after_the_copy
     assert!(stayed.status_reason.contains("injected failure"), "{stayed:?}");
     assert!(files_in(&pools.dir2).is_empty(), "no partial copy is left");
     assert!(same_bytes(&pools.dir1.join(format!("volume-{}", v.id)), &reference));
+
+    // So does a retype that would have moved it, which gives back the new type's quota it reserved.
+    new_type(&pools.fleet, "on2", "file2").await;
+    let started = volumes.clone().retype_volume(on_demand(&v.id, "on2")).await.unwrap().into_inner();
+    assert_eq!((started.status.as_str(), started.migrating_to.as_str()), ("retyping", "storage2@file2"));
+    let stayed = ember_fleet_tests::wait_for("the retype to end", Duration::from_secs(60), || async {
+        let v = admin.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.ok()?.into_inner();
+        (v.status == "available").then_some(v)
+    })
+    .await;
+    assert_eq!(
+        (stayed.volume_type_name.as_str(), stayed.host.as_str()),
+        (v.volume_type_name.as_str(), "storage1@file1")
+    );
+    assert!(stayed.status_reason.contains("retype by migration to storage2@file2 failed"), "{stayed:?}");
+    assert_eq!(usage(&pools.fleet, "p1", "gigabytes_on2").await, 0, "the reservation is given back");
+    assert!(files_in(&pools.dir2).is_empty(), "no partial copy is left");
 
     // Again with a working destination; the coordinator dies right after the copy, before recording it.
     pools.storage2.kill();

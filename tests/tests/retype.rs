@@ -1,6 +1,6 @@
 //! Changing a volume's type where it lies (Cinder's retype with migration policy `never`): allowed when the pool
 //! the volume is on satisfies the new type, refused naming what does not match otherwise, with the volume's and
-//! its snapshot's per-type quota usage following the type.
+//! its snapshot's per-type quota usage following the type. (A retype that moves the volume: migrate.rs.)
 
 use ember_fleet_tests::volumes::{new_snapshot, new_volume, usage, wait_backend, wait_gone, wait_snapshot_gone};
 use ember_fleet_tests::{Fleet, SERVICE_DOWN_SECONDS, wait_for};
@@ -49,7 +49,7 @@ async fn a_volume_takes_a_type_its_pool_satisfies_and_its_quota_follows() {
     assert_eq!(typed(&fleet, &old).await, [1, 1, 2]);
     let retype = |volume_type: &str| {
         let mut c = alice.clone();
-        let req = RetypeVolumeRequest { id: v.id.clone(), volume_type: volume_type.into() };
+        let req = RetypeVolumeRequest { id: v.id.clone(), volume_type: volume_type.into(), ..Default::default() };
         async move { c.retype_volume(req).await }
     };
 
@@ -57,6 +57,7 @@ async fn a_volume_takes_a_type_its_pool_satisfies_and_its_quota_follows() {
     let err = retype("elsewhere").await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("volume_backend_name=file1"), "{err:?}");
+    assert!(err.message().contains("on-demand"), "the refusal says what would move it: {err:?}");
     let err = retype("preallocated").await.unwrap_err();
     assert!(err.message().contains("thick provisioning"), "{err:?}");
     let err = retype(&old).await.unwrap_err();
@@ -97,7 +98,7 @@ async fn a_volume_takes_a_type_its_pool_satisfies_and_its_quota_follows() {
         list.ok()?.into_inner().services.iter().any(|s| s.name == "storage1@file1" && !s.up).then_some(())
     })
     .await;
-    let req = RetypeVolumeRequest { id: w.id.clone(), volume_type: "gold".into() };
+    let req = RetypeVolumeRequest { id: w.id.clone(), volume_type: "gold".into(), ..Default::default() };
     let err = alice.clone().retype_volume(req).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("is down"), "{err:?}");

@@ -339,7 +339,7 @@ async fn volume_sizes_are_bounded_by_the_type_and_by_the_project() {
     };
     let err = extend(&v.id, 5).await.unwrap_err();
     assert!(err.code() == Code::InvalidArgument && err.message().contains("new_size_gb"), "{err:?}");
-    let retype = RetypeVolumeRequest { id: small.id.clone(), volume_type: "sized".into() };
+    let retype = RetypeVolumeRequest { id: small.id.clone(), volume_type: "sized".into(), ..Default::default() };
     let err = client.clone().retype_volume(retype).await.unwrap_err();
     assert!(err.code() == Code::InvalidArgument && err.message().contains("allows 2 to 4"), "{err:?}");
 

@@ -15,11 +15,11 @@ use super::store::{self, VolumeRow};
 use crate::context::Ctx;
 use crate::error::{Error, Result};
 use crate::operations::{self, Op, Outcome};
-use crate::scheduler::{self, Request};
+use crate::scheduler::{self, PoolState, Request};
 use crate::{failpoint, pools, validate, volume_types};
 use ember_common::identity::{Identity, Role};
 use ember_proto::agent::v1 as agent;
-use ember_proto::v1::{MigrateVolumeRequest, Volume};
+use ember_proto::v1::{MigrateVolumeRequest, Volume, VolumeType};
 use std::sync::Arc;
 
 /// Starts migrating volume `req.id` to pool `req.pool`, or to the pool the scheduler picks.
@@ -38,13 +38,7 @@ pub async fn migrate(ctx: &Arc<Ctx>, who: &Identity, req: MigrateVolumeRequest) 
     if named.is_some() && wanted == current {
         return Err(Error::invalid("pool", format!("volume {} is already on {current}", v.id)));
     }
-    if v.status != "available" {
-        return Err(Error::FailedPrecondition(format!(
-            "volume {} is {}; migrate needs available (detach an attached volume first)",
-            v.id, v.status
-        )));
-    }
-    refuse_if_held(&mut tx, &v).await?;
+    check_movable(&mut tx, &v, "migrate").await?;
     let vtype = volume_types::load(&mut tx, &v.volume_type_id).await?;
     let request = Request {
         size_gb: v.size_gb as u64,
@@ -63,22 +57,78 @@ pub async fn migrate(ctx: &Arc<Ctx>, who: &Identity, req: MigrateVolumeRequest) 
             return Err(Error::FailedPrecondition(format!("volume {} cannot move: {none}", v.id)));
         }
     };
-    store::transition(&mut tx, &v.id, &["available"], "migrating", "").await?;
+    begin(ctx, tx, &v, pool, None).await
+}
+
+/// Starts retyping volume `v` by moving it (Cinder's retype with migration policy `on-demand`), its pool not
+/// satisfying `new_type`: the scheduler places it for the new type in its zone, and the new type's per-type
+/// quota is reserved until it arrives.
+pub(crate) async fn retype_elsewhere(
+    ctx: &Arc<Ctx>,
+    mut tx: crate::db::WriteTx,
+    v: &VolumeRow,
+    new_type: &VolumeType,
+    pools: &[PoolState],
+) -> Result<Volume> {
+    check_movable(&mut tx, v, "retype it elsewhere").await?;
+    let request = Request {
+        size_gb: v.size_gb as u64,
+        availability_zone: Some(v.availability_zone.clone()),
+        extra_specs: new_type.extra_specs.clone().into_iter().collect(),
+        tried: vec![format!("{}@{}", v.host, v.backend)],
+        only: None,
+    };
+    let pool = scheduler::choose(&request, pools, ctx.capacity_weight_multiplier).map_err(|none| {
+        Error::FailedPrecondition(format!(
+            "pool {}@{} does not satisfy type {}, and no other pool of zone {} can take the volume: {none}",
+            v.host, v.backend, new_type.name, v.availability_zone
+        ))
+    })?;
+    ctx.quota.reserve(&mut tx, &v.project, &super::retype::per_type_usage(&new_type.name, v.size_gb, &[])).await?;
+    begin(ctx, tx, v, pool, Some(new_type)).await
+}
+
+/// Refuses to move a volume that is not `available` (`what` the caller tried), or whose data something else
+/// still relies on where it is.
+async fn check_movable(conn: &mut sqlx::SqliteConnection, v: &VolumeRow, what: &str) -> Result<()> {
+    if v.status != "available" {
+        return Err(Error::FailedPrecondition(format!(
+            "volume {} is {}; to {what} it must be available (detach an attached volume first)",
+            v.id, v.status
+        )));
+    }
+    refuse_if_held(conn, v).await
+}
+
+/// Records in `tx`, and starts, the move of volume `v` to `pool`: the volume is `migrating` (`retyping` when it
+/// takes `new_type` on arrival), and the destination is on its row.
+async fn begin(
+    ctx: &Arc<Ctx>,
+    mut tx: crate::db::WriteTx,
+    v: &VolumeRow,
+    pool: &PoolState,
+    new_type: Option<&VolumeType>,
+) -> Result<Volume> {
+    let status = if new_type.is_some() { "retyping" } else { "migrating" };
+    store::transition(&mut tx, &v.id, &["available"], status, "").await?;
     sqlx::query("UPDATE volumes SET migrate_host = ?, migrate_backend = ? WHERE id = ?")
         .bind(&pool.host)
         .bind(&pool.backend)
         .bind(&v.id)
         .execute(&mut *tx)
         .await?;
-    let payload = serde_json::json!({
+    let mut payload = serde_json::json!({
         "from_host": v.host, "from_backend": v.backend,
         "to_host": pool.host, "to_backend": pool.backend, "to_zone": pool.availability_zone,
     });
+    if let Some(t) = new_type {
+        payload["retype_to"] = serde_json::json!({ "id": t.id, "name": t.name });
+    }
     let op = operations::insert(&mut tx, "migrate_volume", "volume", &v.id, "creating", payload).await?;
     let shown = store::find(&mut tx, &v.id).await?.ok_or_else(|| Error::not_found("volume", &v.id))?;
     let shown = store::to_proto(&mut tx, &shown).await?;
     tx.commit().await?;
-    tracing::info!(volume_id = %v.id, from = %current, to = %pool.name(), "volume migration started");
+    tracing::info!(volume_id = %v.id, to = %pool.name(), status, "volume migration started");
     operations::spawn(ctx, op);
     Ok(shown)
 }
@@ -117,6 +167,8 @@ struct Route {
     to_host: String,
     to_backend: String,
     to_zone: String,
+    /// The type (id, name) the volume takes on arrival, for a retype that moves it.
+    retype_to: Option<(String, String)>,
 }
 
 impl Route {
@@ -128,6 +180,17 @@ impl Route {
             to_host: field("to_host"),
             to_backend: field("to_backend"),
             to_zone: field("to_zone"),
+            retype_to: op.payload["retype_to"]["id"]
+                .as_str()
+                .map(|id| (id.to_string(), op.payload["retype_to"]["name"].as_str().unwrap_or_default().to_string())),
+        }
+    }
+
+    /// The per-type quota reserved for the type the volume takes on arrival, if any.
+    fn reserved(&self, v: &VolumeRow) -> Vec<crate::quota::Delta> {
+        match &self.retype_to {
+            Some((_, name)) => super::retype::per_type_usage(name, v.size_gb, &[]),
+            None => Vec::new(),
         }
     }
 
@@ -188,6 +251,9 @@ pub async fn migrate_flow(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
                         .bind(&v.id)
                         .execute(&mut *tx)
                         .await?;
+                        if let Some((type_id, type_name)) = &route.retype_to {
+                            arrive_as(ctx, &mut tx, &v, type_id, type_name, &route.reserved(&v)).await?;
+                        }
                         operations::advance(&mut tx, &mut op, "cleaning").await?;
                         tx.commit().await?;
                         let written = copied.into_inner().bytes_written;
@@ -211,7 +277,7 @@ pub async fn migrate_flow(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
                     tracing::warn!(volume_id = %v.id, from = %route.from_host, %why, "old copy left to the sweeper");
                 }
                 let mut tx = crate::db::write(&ctx.db).await?;
-                store::transition(&mut tx, &v.id, &["migrating"], "available", "").await?;
+                store::transition(&mut tx, &v.id, &["migrating", "retyping"], "available", "").await?;
                 operations::finish(&mut tx, &op, None).await?;
                 tx.commit().await?;
                 return Ok(Outcome::Finished);
@@ -236,7 +302,8 @@ async fn both_up(ctx: &Ctx, route: &Route) -> Result<bool> {
 /// Ends a migration that could not create or fill the copy: the partial copy is removed (or left to the
 /// sweeper when its agent does not answer), and the volume is `available` where it was, with the reason.
 async fn give_up(ctx: &Ctx, op: &Op, v: &VolumeRow, route: &Route, why: &str) -> Result<Outcome> {
-    let reason = format!("migration to {} failed: {why}", route.to());
+    let what = if route.retype_to.is_some() { "retype by migration" } else { "migration" };
+    let reason = format!("{what} to {} failed: {why}", route.to());
     let partial = agent::DeleteVolumeRequest { volume_id: v.id.clone(), backend: route.to_backend.clone() };
     let removed = match ctx.agents.storage(&route.to_host).await {
         Ok(mut dest) => dest.delete_volume(partial).await.map_err(|s| s.message().to_string()),
@@ -250,9 +317,34 @@ async fn give_up(ctx: &Ctx, op: &Op, v: &VolumeRow, route: &Route, why: &str) ->
         .bind(&v.id)
         .execute(&mut *tx)
         .await?;
-    store::transition(&mut tx, &v.id, &["migrating"], "available", &reason).await?;
+    ctx.quota.rollback(&mut tx, &v.project, &route.reserved(v)).await?;
+    store::transition(&mut tx, &v.id, &["migrating", "retyping"], "available", &reason).await?;
     operations::finish(&mut tx, op, Some(&reason)).await?;
     tx.commit().await?;
     tracing::warn!(volume_id = %v.id, %reason, "volume migration failed");
     Ok(Outcome::Finished)
+}
+
+/// A retyped volume arrives on its new pool: it takes the new type, whose reserved per-type quota is committed,
+/// and the old type's per-type usage is released (the totals stay).
+async fn arrive_as(
+    ctx: &Ctx,
+    tx: &mut sqlx::SqliteConnection,
+    v: &VolumeRow,
+    type_id: &str,
+    type_name: &str,
+    reserved: &[crate::quota::Delta],
+) -> Result<()> {
+    let new_type = volume_types::load(tx, type_id).await?;
+    let multiattach = super::api::type_allows_multiattach(&new_type.extra_specs);
+    sqlx::query("UPDATE volumes SET volume_type_id = ?, multiattach = ? WHERE id = ?")
+        .bind(type_id)
+        .bind(multiattach as i64)
+        .bind(&v.id)
+        .execute(&mut *tx)
+        .await?;
+    ctx.quota.commit(tx, &v.project, reserved).await?;
+    ctx.quota.release(tx, &v.project, &super::retype::per_type_usage(&v.volume_type_name, v.size_gb, &[])).await?;
+    tracing::info!(volume_id = %v.id, from = %v.volume_type_name, to = %type_name, "volume retyped on its new pool");
+    Ok(())
 }

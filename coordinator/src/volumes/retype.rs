@@ -1,6 +1,8 @@
-//! Retype in place (Cinder's retype with migration policy `never`): a volume takes another type when the pool it
-//! is on already satisfies that type. No agent is asked and no data moves, so it is one transaction: the checks,
-//! the per-type quota moving from the old type to the new, and the new type on the row.
+//! Retype (Cinder's retype). In place, with migration policy `never` (the default): a volume takes another type
+//! when the pool it is on already satisfies that type. No agent is asked and no data moves, so it is one
+//! transaction: the checks, the per-type quota moving from the old type to the new, and the new type on the row.
+//! With policy `on-demand`, a volume whose pool does not satisfy the new type moves to one that does, and takes
+//! the type on arrival (see [`super::migrate`]).
 
 use super::store;
 use crate::context::Ctx;
@@ -9,6 +11,7 @@ use crate::scheduler::{self, Request};
 use crate::{operations, pools, quota, validate, volume_types};
 use ember_common::identity::Identity;
 use ember_proto::v1::{RetypeVolumeRequest, Volume};
+use std::sync::Arc;
 
 /// The per-type part of the quota a volume and its snapshots count under type `type_name` (`volumes_<type>`,
 /// `gigabytes_<type>`, `snapshots_<type>`): what a retype moves. The totals stay as they are.
@@ -18,9 +21,19 @@ pub fn per_type_usage(type_name: &str, size_gb: i64, snapshot_sizes: &[i64]) -> 
     all.into_iter().filter(|d| d.resource.ends_with(&suffix)).collect()
 }
 
-/// Retypes volume `req.id` where it lies.
-pub async fn retype(ctx: &Ctx, who: &Identity, req: RetypeVolumeRequest) -> Result<Volume> {
+/// Retypes volume `req.id` where it lies or, when its policy allows and its pool does not satisfy the new type,
+/// starts moving it to a pool that does.
+pub async fn retype(ctx: &Arc<Ctx>, who: &Identity, req: RetypeVolumeRequest) -> Result<Volume> {
     validate::uuid("id", &req.id)?;
+    let on_demand = match req.migration_policy.as_str() {
+        "" | "never" => false,
+        "on-demand" => true,
+        other => return Err(Error::invalid("migration_policy", format!("{other:?} is not never or on-demand"))),
+    };
+    // A retype that may move the volume places it: the scheduling lock comes before the write transaction, in
+    // the order every placement takes them.
+    let _guard = if on_demand { Some(ctx.schedule_lock.lock().await) } else { None };
+    let candidates = if on_demand { pools::candidates(ctx).await? } else { Vec::new() };
     let mut tx = crate::db::write(&ctx.db).await?;
     let v = store::visible(&mut tx, who, &req.id).await?;
     let new_id = volume_types::resolve(&mut tx, &req.volume_type)
@@ -48,8 +61,11 @@ pub async fn retype(ctx: &Ctx, who: &Identity, req: RetypeVolumeRequest) -> Resu
     })?;
     let wanted = Request { extra_specs: new_type.extra_specs.clone().into_iter().collect(), ..Default::default() };
     if let Err(why) = scheduler::fits_in_place(&wanted, &pool) {
+        if on_demand {
+            return super::migrate::retype_elsewhere(ctx, tx, &v, &new_type, &candidates).await;
+        }
         return Err(Error::FailedPrecondition(format!(
-            "pool {} does not satisfy type {}: {why}; ember does not move volumes between pools",
+            "pool {} does not satisfy type {}: {why}; migration policy on-demand moves the volume to one that does",
             pool.name(),
             new_type.name
         )));
