@@ -109,6 +109,9 @@ enum VolumeAction {
         /// attachments without it (files left there stay).
         #[arg(long)]
         forget: bool,
+        /// Delete its snapshots with it.
+        #[arg(long, conflicts_with = "forget")]
+        cascade: bool,
         /// Wait until it is gone.
         #[arg(long)]
         wait: bool,
@@ -444,8 +447,8 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
             println!("volume {} {}; its data stays on {}", v.id, if wait { "unmanaged" } else { "unmanaging" }, v.host);
             Ok(())
         }
-        VolumeAction::Delete { id, forget, wait } => {
-            client.delete_volume(DeleteVolumeRequest { id: id.clone(), forget }).await?;
+        VolumeAction::Delete { id, forget, cascade, wait } => {
+            client.delete_volume(DeleteVolumeRequest { id: id.clone(), forget, cascade }).await?;
             if forget {
                 println!("volume {id} forgotten");
                 return Ok(());

@@ -359,7 +359,7 @@ pub async fn delete_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         }
     }
     if i.delete_on_terminate {
-        match crate::volumes::api::Volumes::new(ctx.clone()).delete(&system(), &i.boot_volume_id).await {
+        match crate::volumes::api::Volumes::new(ctx.clone()).delete(&system(), &i.boot_volume_id, false).await {
             Ok(()) => {}
             Err(Error::NotFound { .. }) => {}
             Err(e) => {

@@ -364,6 +364,9 @@ impl StorageAgent for StorageService {
         only_coordinator(&req)?;
         let r = req.into_inner();
         let snap = checked_id("snapshot_id", &r.snapshot_id)?;
+        if failpoint::armed("storage.delete_snapshot") {
+            return Err(Status::internal("injected failure (EMBER_FAILPOINTS): delete_snapshot"));
+        }
         self.0.backend(&r.backend)?.remove(Kind::Snapshot, &snap).await?;
         tracing::info!(snapshot_id = %snap, "snapshot deleted");
         Ok(Response::new(DeleteSnapshotResponse {}))

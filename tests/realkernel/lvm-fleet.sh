@@ -334,6 +334,26 @@ for spot in 0:pattern-a 20480:pattern-c 40960:pattern-b 30720:zeros; do
 done
 check "thin restore, discards=ignore: zeros were written over the old 4 MiB, which stay mapped" \
   test "$(mapped_bytes "$new")" = 16777216
+# Retypes that move the volume between the pools (migration policy on-demand): the storage agent copies from
+# itself, thick LV to thin LV and back, reading only where the data is and clearing everything else.
+mig=$(new_volume thick --size 1)
+put "$W/pattern-a" "/dev/ember-thick/volume-$mig" 0
+put "$W/pattern-b" "/dev/ember-thick/volume-$mig" 700
+timed migrate.thick_to_thin ember volume retype "$mig" thin --migration-policy on-demand --wait >/dev/null
+check "retype thick → thin: the volume moved into the thin pool" lvs "ember-thin/volume-$mig"
+check "retype thick → thin: ... and its thick LV is gone" sh -c "! lvs ember-thick/volume-$mig 2>/dev/null"
+for spot in 0:pattern-a 700:pattern-b 300:zeros; do
+  check "retype thick → thin: ${spot#*:} at ${spot%:*} MiB" holds "/dev/ember-thin/volume-$mig" "${spot%:*}" "$W/${spot#*:}"
+done
+check "retype thick → thin: the pool maps only the 8 MiB of data ($(mapped_bytes "$mig") bytes)" \
+  test "$(mapped_bytes "$mig")" = 8388608
+timed migrate.thin_to_thick ember volume retype "$mig" thick --migration-policy on-demand --wait >/dev/null
+check "retype thin → thick: the volume is a thick LV again" lvs "ember-thick/volume-$mig"
+check "retype thin → thick: ... and its thin LV is gone" sh -c "! lvs ember-thin/volume-$mig 2>/dev/null"
+for spot in 0:pattern-a 700:pattern-b 300:zeros 1020:zeros; do
+  check "retype thin → thick: ${spot#*:} at ${spot%:*} MiB" holds "/dev/ember-thick/volume-$mig" "${spot%:*}" "$W/${spot#*:}"
+done
+ember volume delete "$mig" --wait >/dev/null
 fields=lv_name,lv_size,lv_attr,pool_lv,origin,data_percent,lv_tags,thin_id
 lvs --reportformat json --units b --nosuffix -a -o "$fields" ember-thin >"$OUT/lvs-thin-ids.json" 2>&1
 ember backup delete "$inc" --wait >/dev/null

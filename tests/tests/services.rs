@@ -209,7 +209,7 @@ async fn a_dead_service_that_holds_nothing_is_removed_from_the_list() {
     assert!(err.message().contains("1 volume(s)") && err.message().contains("--forget"), "{err:?}");
     assert!(find(&services(&fleet).await, "storage1@file1").is_some(), "a refusal changes nothing");
 
-    let forget = DeleteVolumeRequest { id: v.id.clone(), forget: true };
+    let forget = DeleteVolumeRequest { id: v.id.clone(), forget: true, ..Default::default() };
     volumes.clone().delete_volume(forget).await.unwrap();
     let (ok, out, err) = fleet.cli(&["service", "delete", "storage1@file1"]);
     assert!(ok && out.contains("storage1@file1 (ember-storage) removed"), "{out}\n{err}");

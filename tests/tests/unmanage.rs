@@ -123,7 +123,7 @@ async fn a_volume_on_a_storage_node_lost_for_good_is_forgotten_and_its_files_are
     let file = dir.join(format!("volume-{}", v.id));
     std::fs::OpenOptions::new().write(true).open(&file).unwrap().write_all_at(b"precious", 4096).unwrap();
     let snap = new_snapshot(&alice_snaps, &v.id).await;
-    let forget = DeleteVolumeRequest { id: v.id.clone(), forget: true };
+    let forget = DeleteVolumeRequest { id: v.id.clone(), forget: true, ..Default::default() };
     let admin = VolumeServiceClient::new(fleet.admin());
     let err = admin.clone().delete_volume(forget.clone()).await.unwrap_err();
     assert!(err.code() == Code::FailedPrecondition && err.message().contains("which is up"), "{err:?}");

@@ -1,8 +1,11 @@
 //! Snapshots: `ember.v1.SnapshotService` and the durable create/delete flows. A snapshot lives on its
 //! volume's backend; volumes made from it are placed there too. Adopting one the coordinator has no record
-//! of is [`manage`].
+//! of is [`manage`]; deleting them with their volume, [`cascade`].
 
+pub mod cascade;
 pub mod manage;
+
+pub use cascade::{Cascade, delete_all_of, start_cascade};
 
 use crate::auth::{can_see, who};
 use crate::clock::{now_ms, timestamp};
@@ -112,7 +115,11 @@ pub async fn remove_record(
     type_name: &str,
     size_gb: i64,
 ) -> Result<()> {
-    sqlx::query("DELETE FROM snapshots WHERE id = ?").bind(id).execute(&mut *conn).await?;
+    // Only the call that removed the row gives its quota back, however many race to remove it.
+    let removed = sqlx::query("DELETE FROM snapshots WHERE id = ?").bind(id).execute(&mut *conn).await?;
+    if removed.rows_affected() == 0 {
+        return Ok(());
+    }
     ctx.quota.release(conn, project, &quota::snapshot_deltas(type_name, size_gb)).await
 }
 

@@ -313,7 +313,7 @@ impl Volumes {
         Ok(shown)
     }
 
-    pub(crate) async fn delete(&self, who: &Identity, id: &str) -> Result<()> {
+    pub(crate) async fn delete(&self, who: &Identity, id: &str, cascade: bool) -> Result<()> {
         validate::uuid("id", id)?;
         let mut tx = crate::db::write(&self.ctx.db).await?;
         let Some(v) = store::find(&mut tx, id).await? else {
@@ -325,13 +325,15 @@ impl Volumes {
         if v.status == "deleting" {
             return Ok(());
         }
-        let snapshots: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM snapshots WHERE volume_id = ?")
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?;
-        if snapshots > 0 {
+        let snapshots: Vec<(String, String)> =
+            sqlx::query_as("SELECT id, status FROM snapshots WHERE volume_id = ? ORDER BY created_at")
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?;
+        if !snapshots.is_empty() && !cascade {
             return Err(Error::FailedPrecondition(format!(
-                "volume {id} has {snapshots} snapshot(s); delete them first"
+                "volume {id} has {} snapshot(s); delete them first, or delete with cascade",
+                snapshots.len()
             )));
         }
         let attachments: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM attachments WHERE volume_id = ?")
@@ -360,7 +362,9 @@ impl Volumes {
                 DELETABLE.join(", ")
             )));
         }
-        let op = operations::insert(&mut tx, "delete_volume", "volume", id, "deleting", serde_json::json!({})).await?;
+        crate::snapshots::start_cascade(&mut tx, id, &snapshots).await?;
+        let payload = serde_json::json!({ "cascade": cascade });
+        let op = operations::insert(&mut tx, "delete_volume", "volume", id, "deleting", payload).await?;
         tx.commit().await?;
         failpoint::hit("delete_volume.accepted");
         operations::spawn(&self.ctx, op);
@@ -555,7 +559,7 @@ impl VolumeService for Volumes {
         if req.get_ref().forget {
             super::manage::forget(&self.ctx, &who, &req.get_ref().id).await?;
         } else {
-            self.delete(&who, &req.get_ref().id).await?;
+            self.delete(&who, &req.get_ref().id, req.get_ref().cascade).await?;
         }
         Ok(Response::new(DeleteVolumeResponse {}))
     }

@@ -7,6 +7,7 @@ use crate::context::Ctx;
 use crate::error::Result;
 use crate::operations::{self, Op, Outcome};
 use crate::scheduler::{self, Request};
+use crate::snapshots::Cascade;
 use crate::{failpoint, pools, quota, volume_types};
 use ember_proto::agent::v1 as agent;
 use std::sync::Arc;
@@ -183,7 +184,7 @@ pub(super) async fn forget(ctx: &Ctx, tx: &mut sqlx::SqliteConnection, v: &store
     Ok(())
 }
 
-/// Delete: agent wipe and remove (idempotent) → row and quota gone.
+/// Delete: (with cascade, each snapshot removed) → agent wipe and remove (idempotent) → row and quota gone.
 pub async fn delete(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     let mut conn = ctx.db.acquire().await?;
     let Some(v) = store::find(&mut conn, &op.resource_id).await? else {
@@ -191,6 +192,19 @@ pub async fn delete(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         return Ok(Outcome::Finished);
     };
     drop(conn);
+    // A cascade delete removes the volume's snapshots first (an LVM origin cannot go before them).
+    if let Some(failed) = crate::snapshots::delete_all_of(ctx, &v).await? {
+        return match failed {
+            Cascade::Retry(why) => Ok(Outcome::Retry(why)),
+            Cascade::Failed(reason) => {
+                let mut tx = crate::db::write(&ctx.db).await?;
+                store::transition(&mut tx, &v.id, &["deleting"], "error_deleting", &reason).await?;
+                operations::finish(&mut tx, &op, Some(&reason)).await?;
+                tx.commit().await?;
+                Ok(Outcome::Finished)
+            }
+        };
+    }
     if !v.host.is_empty() {
         let mut client = ctx.agents.storage(&v.host).await?;
         if let Err(status) = client

@@ -211,7 +211,11 @@ pub async fn migrate_flow(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
         drop(conn);
         match op.step.as_str() {
             "creating" => {
-                let mut dest = ctx.agents.storage(&route.to_host).await?;
+                // An agent no longer registered (its service removed) will not come back under that name.
+                let mut dest = match ctx.agents.storage(&route.to_host).await {
+                    Ok(dest) => dest,
+                    Err(e) => return give_up(ctx, &op, &v, &route, &e.to_string()).await,
+                };
                 let create = agent::CreateVolumeRequest {
                     volume_id: v.id.clone(),
                     backend: route.to_backend.clone(),
@@ -230,11 +234,16 @@ pub async fn migrate_flow(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
                 }
             }
             "copying" => {
-                let mut dest = ctx.agents.storage(&route.to_host).await?;
+                let agents =
+                    (ctx.agents.storage(&route.to_host).await, ctx.agents.endpoint(&route.from_host, "storage").await);
+                let (mut dest, source_endpoint) = match agents {
+                    (Ok(dest), Ok(source)) => (dest, source),
+                    (Err(e), _) | (_, Err(e)) => return give_up(ctx, &op, &v, &route, &e.to_string()).await,
+                };
                 let copy = agent::CopyVolumeFromRequest {
                     volume_id: v.id.clone(),
                     backend: route.to_backend.clone(),
-                    source_endpoint: ctx.agents.endpoint(&route.from_host, "storage").await?,
+                    source_endpoint,
                     source_backend: route.from_backend.clone(),
                 };
                 match dest.copy_volume_from(copy).await {
