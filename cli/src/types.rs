@@ -28,6 +28,9 @@ enum TypeAction {
         /// Make it the default type.
         #[arg(long)]
         default: bool,
+        /// Make it private: only admins and the projects granted access (`ember type access add`) use it.
+        #[arg(long, conflicts_with = "default")]
+        private: bool,
     },
     /// List volume types.
     List,
@@ -49,6 +52,12 @@ enum TypeAction {
         /// Make it the default type.
         #[arg(long)]
         default: bool,
+        /// Make it public.
+        #[arg(long, conflicts_with = "private")]
+        public: bool,
+        /// Make it private.
+        #[arg(long)]
+        private: bool,
     },
     /// Set extra specs `key=value`.
     Set {
@@ -68,6 +77,34 @@ enum TypeAction {
     },
     /// Delete a type (refused while volumes use it).
     Delete {
+        /// Id or name.
+        type_: String,
+    },
+    /// Which projects may use a private type.
+    Access {
+        #[command(subcommand)]
+        action: AccessAction,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum AccessAction {
+    /// Let a project use a private type.
+    Add {
+        /// Id or name.
+        type_: String,
+        /// The project.
+        project: String,
+    },
+    /// Take a project's use of a private type away (its volumes of the type stay).
+    Remove {
+        /// Id or name.
+        type_: String,
+        /// The project.
+        project: String,
+    },
+    /// The projects that may use a private type.
+    List {
         /// Id or name.
         type_: String,
     },
@@ -93,7 +130,7 @@ fn specs_text(t: &VolumeType) -> String {
 
 fn to_json(t: &VolumeType) -> serde_json::Value {
     serde_json::json!({
-        "id": t.id, "name": t.name, "description": t.description, "is_default": t.is_default,
+        "id": t.id, "name": t.name, "description": t.description, "is_default": t.is_default, "is_public": t.is_public,
         "extra_specs": t.extra_specs, "created_at": output::time(&t.created_at),
     })
 }
@@ -111,23 +148,25 @@ fn print(types: &[VolumeType], json: bool) {
                 t.name.clone(),
                 t.description.clone(),
                 if t.is_default { "yes" } else { "" }.into(),
+                if t.is_public { "yes" } else { "no" }.into(),
                 specs_text(t),
             ]
         })
         .collect();
-    output::table(&["ID", "Name", "Description", "Default", "Extra Specs"], &rows);
+    output::table(&["ID", "Name", "Description", "Default", "Public", "Extra Specs"], &rows);
 }
 
 /// Runs `ember type …`.
 pub async fn run(cmd: TypeCmd, conn: &ConnectArgs, json: bool) -> Result<(), CliError> {
     let mut client = VolumeTypeServiceClient::new(conn.channel()?);
     let shown = match cmd.action {
-        TypeAction::Create { name, description, specs, default } => client
+        TypeAction::Create { name, description, specs, default, private } => client
             .create_volume_type(CreateVolumeTypeRequest {
                 name,
                 description,
                 extra_specs: parse_pairs(&specs)?,
                 make_default: default,
+                private,
             })
             .await?
             .into_inner(),
@@ -139,10 +178,34 @@ pub async fn run(cmd: TypeCmd, conn: &ConnectArgs, json: bool) -> Result<(), Cli
         TypeAction::Show { type_ } => {
             client.get_volume_type(GetVolumeTypeRequest { id_or_name: type_ }).await?.into_inner()
         }
-        TypeAction::Update { type_, name, description, default } => client
-            .update_volume_type(UpdateVolumeTypeRequest { id_or_name: type_, name, description, make_default: default })
-            .await?
-            .into_inner(),
+        TypeAction::Update { type_, name, description, default, public, private } => {
+            let is_public = (public || private).then_some(public);
+            let req =
+                UpdateVolumeTypeRequest { id_or_name: type_, name, description, make_default: default, is_public };
+            client.update_volume_type(req).await?.into_inner()
+        }
+        TypeAction::Access { action } => {
+            let access = match action {
+                AccessAction::Add { type_, project } => {
+                    client.add_type_access(TypeAccessRequest { id_or_name: type_, project }).await?
+                }
+                AccessAction::Remove { type_, project } => {
+                    client.remove_type_access(TypeAccessRequest { id_or_name: type_, project }).await?
+                }
+                AccessAction::List { type_ } => {
+                    client.list_type_access(ListTypeAccessRequest { id_or_name: type_ }).await?
+                }
+            }
+            .into_inner();
+            if json {
+                output::json(
+                    &serde_json::json!({ "volume_type_id": access.volume_type_id, "projects": access.projects }),
+                );
+            } else {
+                output::table(&["Project"], &access.projects.iter().map(|p| vec![p.clone()]).collect::<Vec<_>>());
+            }
+            return Ok(());
+        }
         TypeAction::Set { type_, specs } => client
             .set_extra_specs(SetExtraSpecsRequest { id_or_name: type_, extra_specs: parse_pairs(&specs)? })
             .await?

@@ -26,6 +26,7 @@ mod snapshots;
 mod status;
 mod sweeper;
 mod transfers;
+mod type_access;
 mod validate;
 mod volume_types;
 mod volumes;

@@ -1,10 +1,13 @@
-//! Volume types and their extra specs (Cinder's `type-*` and `extra-specs` commands). Anyone may read;
-//! admins write. Every write validates first, then changes the database in one transaction.
+//! Volume types and their extra specs (Cinder's `type-*` and `extra-specs` commands). Anyone may read a public
+//! type, and the projects granted a private one read that ([`crate::type_access`]); admins write. Every write
+//! validates first, then changes the database in one transaction.
 
-use crate::auth::require_admin;
+use crate::auth::{require_admin, who};
 use crate::clock::{now_ms, timestamp};
 use crate::error::{Error, Result};
+use crate::type_access;
 use crate::validate;
+use ember_common::identity::{Identity, Role};
 use ember_proto::v1::volume_type_service_server::VolumeTypeService;
 use ember_proto::v1::*;
 use sqlx::{Row, SqliteConnection, SqlitePool};
@@ -90,11 +93,12 @@ pub async fn resolve(conn: &mut SqliteConnection, id_or_name: &str) -> Result<St
 
 /// Reads a whole type.
 pub async fn load(conn: &mut SqliteConnection, id: &str) -> Result<VolumeType> {
-    let row = sqlx::query("SELECT id, name, description, is_default, created_at FROM volume_types WHERE id = ?")
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| Error::not_found("volume type", id))?;
+    let row =
+        sqlx::query("SELECT id, name, description, is_default, created_at, is_public FROM volume_types WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?
+            .ok_or_else(|| Error::not_found("volume type", id))?;
     let specs = sqlx::query("SELECT key, value FROM volume_type_extra_specs WHERE type_id = ?")
         .bind(id)
         .fetch_all(&mut *conn)
@@ -109,6 +113,7 @@ pub async fn load(conn: &mut SqliteConnection, id: &str) -> Result<VolumeType> {
         is_default: row.get::<i64, _>(3) != 0,
         created_at: Some(timestamp(row.get(4))),
         extra_specs: specs,
+        is_public: row.get::<i64, _>(5) != 0,
     })
 }
 
@@ -146,18 +151,25 @@ impl VolumeTypes {
         validate::required_name("name", &req.name)?;
         validate::text("description", &req.description, 255)?;
         check_specs(&req.extra_specs)?;
+        if req.private && req.make_default {
+            return Err(Error::invalid("private", "the default type must be public"));
+        }
         let mut tx = crate::db::write(&self.db).await?;
         if name_taken(&mut tx, &req.name, "").await? {
             return Err(Error::AlreadyExists(format!("name: a volume type named {:?} already exists", req.name)));
         }
         let id = uuid::Uuid::new_v4().to_string();
-        sqlx::query("INSERT INTO volume_types (id, name, description, is_default, created_at) VALUES (?, ?, ?, 0, ?)")
-            .bind(&id)
-            .bind(&req.name)
-            .bind(&req.description)
-            .bind(now_ms())
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO volume_types (id, name, description, is_default, created_at, is_public) \
+             VALUES (?, ?, ?, 0, ?, ?)",
+        )
+        .bind(&id)
+        .bind(&req.name)
+        .bind(&req.description)
+        .bind(now_ms())
+        .bind(!req.private)
+        .execute(&mut *tx)
+        .await?;
         upsert_specs(&mut tx, &id, &req.extra_specs).await?;
         if req.make_default {
             make_default(&mut tx, &id).await?;
@@ -190,10 +202,25 @@ impl VolumeTypes {
                 .execute(&mut *tx)
                 .await?;
         }
+        if let Some(public) = req.is_public {
+            sqlx::query("UPDATE volume_types SET is_public = ? WHERE id = ?")
+                .bind(public)
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+        }
         if req.make_default {
             make_default(&mut tx, &id).await?;
         }
         let updated = load(&mut tx, &id).await?;
+        // Every project must be able to use the type a create that names none gets (the transaction is dropped
+        // if not).
+        if updated.is_default && !updated.is_public {
+            return Err(Error::invalid(
+                "is_public",
+                format!("{} is the default type, which must be public", updated.name),
+            ));
+        }
         tx.commit().await?;
         Ok(updated)
     }
@@ -261,10 +288,16 @@ impl VolumeTypes {
         Ok(())
     }
 
-    async fn list(&self) -> Result<Vec<VolumeType>> {
+    async fn list(&self, who: &Identity) -> Result<Vec<VolumeType>> {
         let mut conn = self.db.acquire().await?;
-        let ids: Vec<String> =
-            sqlx::query_scalar("SELECT id FROM volume_types ORDER BY name").fetch_all(&mut *conn).await?;
+        let ids: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT id FROM volume_types t WHERE {} ORDER BY name",
+            type_access::VISIBLE_SQL
+        )))
+        .bind(who.role == Role::Admin)
+        .bind(who.project.as_deref().unwrap_or_default())
+        .fetch_all(&mut *conn)
+        .await?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             out.push(load(&mut conn, &id).await?);
@@ -281,16 +314,18 @@ impl VolumeTypeService for VolumeTypes {
     }
 
     async fn get_volume_type(&self, req: Request<GetVolumeTypeRequest>) -> Result<Response<VolumeType>, Status> {
+        let who = who(&req)?;
         let mut conn = self.db.acquire().await.map_err(Error::from)?;
-        let id = resolve(&mut conn, &req.get_ref().id_or_name).await?;
+        let id = type_access::resolve_for(&mut conn, &who, &req.get_ref().id_or_name).await?;
         Ok(Response::new(load(&mut conn, &id).await?))
     }
 
     async fn list_volume_types(
         &self,
-        _req: Request<ListVolumeTypesRequest>,
+        req: Request<ListVolumeTypesRequest>,
     ) -> Result<Response<ListVolumeTypesResponse>, Status> {
-        Ok(Response::new(ListVolumeTypesResponse { volume_types: self.list().await? }))
+        let who = who(&req)?;
+        Ok(Response::new(ListVolumeTypesResponse { volume_types: self.list(&who).await? }))
     }
 
     async fn update_volume_type(&self, req: Request<UpdateVolumeTypeRequest>) -> Result<Response<VolumeType>, Status> {
@@ -315,5 +350,28 @@ impl VolumeTypeService for VolumeTypes {
         require_admin(&req, "change volume types")?;
         self.delete(req.into_inner()).await?;
         Ok(Response::new(DeleteVolumeTypeResponse {}))
+    }
+
+    async fn add_type_access(&self, req: Request<TypeAccessRequest>) -> Result<Response<TypeAccessResponse>, Status> {
+        require_admin(&req, "change volume types")?;
+        Ok(Response::new(type_access::change(&self.db, req.into_inner(), true).await?))
+    }
+
+    async fn remove_type_access(
+        &self,
+        req: Request<TypeAccessRequest>,
+    ) -> Result<Response<TypeAccessResponse>, Status> {
+        require_admin(&req, "change volume types")?;
+        Ok(Response::new(type_access::change(&self.db, req.into_inner(), false).await?))
+    }
+
+    async fn list_type_access(
+        &self,
+        req: Request<ListTypeAccessRequest>,
+    ) -> Result<Response<TypeAccessResponse>, Status> {
+        require_admin(&req, "see who may use a volume type")?;
+        let mut conn = self.db.acquire().await.map_err(Error::from)?;
+        let id = resolve(&mut conn, &req.get_ref().id_or_name).await?;
+        Ok(Response::new(type_access::granted(&mut conn, &id).await?))
     }
 }

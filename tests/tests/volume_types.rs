@@ -2,6 +2,7 @@
 //! named and the database untouched.
 
 use ember_fleet_tests::Fleet;
+use ember_proto::v1::volume_service_client::VolumeServiceClient;
 use ember_proto::v1::volume_type_service_client::VolumeTypeServiceClient;
 use ember_proto::v1::*;
 use sqlx::Row;
@@ -228,4 +229,93 @@ async fn bad_input_is_refused_naming_the_field_and_changes_nothing() {
     let q = quotas.get_quota(GetQuotaRequest { project: "p1".into() }).await.unwrap().into_inner();
     assert!(q.items.iter().any(|i| i.resource == "gigabytes_gold"), "per-type quotas exist for each type");
     assert_eq!(q.items.iter().find(|i| i.resource == "volumes").unwrap().limit, 10, "unchanged");
+}
+
+/// A private type (Cinder's is_public=False and type access): only admins and the projects granted it see and
+/// use it; to other projects it does not exist. Taking a grant away leaves the project's volumes as they are.
+#[tokio::test]
+async fn a_private_type_is_seen_and_used_only_by_the_projects_granted_it() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, _dir) = fleet.file_backend("file1", "");
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    ember_fleet_tests::volumes::wait_backend(&fleet, "storage1@file1").await;
+    let (ok, out, err) = fleet.cli(&["--json", "type", "create", "secret", "--private"]);
+    assert!(ok, "{err}");
+    let created: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(created[0]["is_public"], false);
+    let (ok, out, err) = fleet.cli(&["--json", "type", "access", "add", "secret", "p1"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"p1\""), "{out}");
+
+    let types_of = |project: &'static str| {
+        let channel = fleet.member(project, project);
+        async move {
+            let list = VolumeTypeServiceClient::new(channel).list_volume_types(ListVolumeTypesRequest {}).await;
+            list.unwrap().into_inner().volume_types.into_iter().map(|t| t.name).collect::<Vec<_>>()
+        }
+    };
+    let create = |project: &'static str| {
+        let channel = fleet.member(project, project);
+        async move {
+            let req = CreateVolumeRequest { size_gb: 1, volume_type: "secret".into(), ..Default::default() };
+            VolumeServiceClient::new(channel).create_volume(req).await
+        }
+    };
+    assert_eq!(types_of("p1").await, ["__DEFAULT__", "secret"]);
+    assert_eq!(types_of("p2").await, ["__DEFAULT__"], "p2 does not see it");
+    let err = VolumeTypeServiceClient::new(fleet.member("p2", "p2"))
+        .get_volume_type(GetVolumeTypeRequest { id_or_name: "secret".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let err = create("p2").await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(err.message().contains("volume_type"), "{err:?}");
+    let mine = create("p1").await.unwrap().into_inner();
+    let mine = ember_fleet_tests::volumes::wait_volume(
+        &VolumeServiceClient::new(fleet.member("p1", "p1")),
+        &mine.id,
+        "available",
+    )
+    .await;
+    assert_eq!(mine.volume_type_name, "secret");
+
+    // Refused, naming why: a member granting access; a grant on a public type; the default made private.
+    let err = VolumeTypeServiceClient::new(fleet.member("p1", "p1"))
+        .add_type_access(TypeAccessRequest { id_or_name: "secret".into(), project: "p1".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let admin = VolumeTypeServiceClient::new(fleet.admin());
+    let err = admin
+        .clone()
+        .add_type_access(TypeAccessRequest { id_or_name: "__DEFAULT__".into(), project: "p2".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let private_default =
+        UpdateVolumeTypeRequest { id_or_name: "__DEFAULT__".into(), is_public: Some(false), ..Default::default() };
+    let err = admin.clone().update_volume_type(private_default).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("is_public"), "{err:?}");
+    assert_eq!(types_of("p2").await, ["__DEFAULT__"], "nothing changed");
+
+    // A grant taken away: p1 no longer sees or uses the type, and keeps its volume of it.
+    let (ok, out, err) = fleet.cli(&["--json", "type", "access", "remove", "secret", "p1"]);
+    assert!(ok, "{err}");
+    let left: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(left["projects"], serde_json::json!([]), "{out}");
+    assert_eq!(types_of("p1").await, ["__DEFAULT__"]);
+    assert_eq!(create("p1").await.unwrap_err().code(), Code::NotFound);
+    let kept = VolumeServiceClient::new(fleet.member("p1", "p1"))
+        .get_volume(GetVolumeRequest { id: mine.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((kept.volume_type_name.as_str(), kept.status.as_str()), ("secret", "available"));
+    // Made public, everyone uses it.
+    let (ok, _, err) = fleet.cli(&["type", "update", "secret", "--public"]);
+    assert!(ok, "{err}");
+    assert_eq!(types_of("p2").await, ["__DEFAULT__", "secret"]);
 }

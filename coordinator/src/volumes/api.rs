@@ -162,7 +162,7 @@ impl Volumes {
             let v = store::find(&mut tx, &id).await?.ok_or_else(|| Error::not_found("volume", &id))?;
             return store::to_proto(&mut tx, &v).await;
         }
-        let type_id = type_id_for(&mut tx, &req.volume_type).await?;
+        let type_id = type_id_for(&mut tx, who, &req.volume_type).await?;
         let vtype = volume_types::load(&mut tx, &type_id).await?;
         let source = resolve_source(&self.ctx, &mut tx, who, &req).await?;
         let size_gb = match (&source, req.size_gb) {
@@ -638,15 +638,15 @@ impl VolumeService for Volumes {
     }
 }
 
-/// The id of volume type `name` (a name or an id; empty: the default type).
-pub(crate) async fn type_id_for(conn: &mut SqliteConnection, name: &str) -> Result<String> {
+/// The id of volume type `name` (a name or an id; empty: the default type, which is public) as `who` may use it.
+pub(crate) async fn type_id_for(conn: &mut SqliteConnection, who: &Identity, name: &str) -> Result<String> {
     if name.is_empty() {
         return sqlx::query_scalar("SELECT id FROM volume_types WHERE is_default = 1")
             .fetch_optional(&mut *conn)
             .await?
             .ok_or_else(|| Error::FailedPrecondition("no default volume type; name one in volume_type".into()));
     }
-    volume_types::resolve(conn, name).await.map_err(|e| match e {
+    crate::type_access::resolve_for(conn, who, name).await.map_err(|e| match e {
         Error::NotFound { id, .. } => Error::NotFound { kind: "volume_type", id },
         other => other,
     })

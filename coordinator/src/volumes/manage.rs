@@ -89,7 +89,7 @@ pub async fn manage(ctx: &Ctx, who: &Identity, req: ManageVolumeRequest) -> Resu
     if store::find(&mut tx, &req.id).await?.is_some() {
         return Err(Error::AlreadyExists(format!("volume {} is already known", req.id)));
     }
-    let type_id = type_id_for(&mut tx, &req.volume_type).await?;
+    let type_id = type_id_for(&mut tx, who, &req.volume_type).await?;
     let vtype = volume_types::load(&mut tx, &type_id).await?;
     ctx.quota.consume(&mut tx, &project, &quota::volume_deltas(&vtype.name, size_gb as i64)).await?;
     let now = now_ms();

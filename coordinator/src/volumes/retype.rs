@@ -36,7 +36,7 @@ pub async fn retype(ctx: &Arc<Ctx>, who: &Identity, req: RetypeVolumeRequest) ->
     let candidates = if on_demand { pools::candidates(ctx).await? } else { Vec::new() };
     let mut tx = crate::db::write(&ctx.db).await?;
     let v = store::visible(&mut tx, who, &req.id).await?;
-    let new_id = volume_types::resolve(&mut tx, &req.volume_type)
+    let new_id = crate::type_access::resolve_for(&mut tx, who, &req.volume_type)
         .await
         .map_err(|_| Error::invalid("volume_type", format!("no volume type {:?}", req.volume_type)))?;
     if new_id == v.volume_type_id {
