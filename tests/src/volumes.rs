@@ -78,7 +78,15 @@ pub async fn wait_settled(client: &VolumeServiceClient<Channel>, id: &str) -> Vo
             let v = c.get_volume(GetVolumeRequest { id }).await.ok()?.into_inner();
             (!matches!(
                 v.status.as_str(),
-                "creating" | "deleting" | "extending" | "attaching" | "detaching" | "restoring-backup" | "backing-up"
+                "creating"
+                    | "deleting"
+                    | "extending"
+                    | "attaching"
+                    | "detaching"
+                    | "restoring-backup"
+                    | "backing-up"
+                    | "migrating"
+                    | "retyping"
             ))
             .then_some(v)
         }

@@ -220,11 +220,7 @@ async fn a_failed_copy_leaves_the_volume_where_it_was_and_a_crash_after_the_copy
     // The destination fails the copy: its partial copy goes, and the volume stays, with the reason.
     let started = admin.clone().migrate_volume(to2.clone()).await.unwrap().into_inner();
     assert_eq!((started.status.as_str(), started.migrating_to.as_str()), ("migrating", "storage2@file2"));
-    let stayed = ember_fleet_tests::wait_for("the migration to end", Duration::from_secs(60), || async {
-        let v = admin.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.ok()?.into_inner();
-        (v.status == "available").then_some(v)
-    })
-    .await;
+    let stayed = wait_volume(&admin, &v.id, "available").await;
     assert_eq!((stayed.host.as_str(), stayed.migrating_to.as_str()), ("storage1@file1", ""), "{stayed:?}");
     assert!(stayed.status_reason.contains("migration to storage2@file2 failed"), "{stayed:?}");
     assert!(stayed.status_reason.contains("injected failure"), "{stayed:?}");
@@ -235,11 +231,7 @@ async fn a_failed_copy_leaves_the_volume_where_it_was_and_a_crash_after_the_copy
     new_type(&pools.fleet, "on2", "file2").await;
     let started = volumes.clone().retype_volume(on_demand(&v.id, "on2")).await.unwrap().into_inner();
     assert_eq!((started.status.as_str(), started.migrating_to.as_str()), ("retyping", "storage2@file2"));
-    let stayed = ember_fleet_tests::wait_for("the retype to end", Duration::from_secs(60), || async {
-        let v = admin.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.ok()?.into_inner();
-        (v.status == "available").then_some(v)
-    })
-    .await;
+    let stayed = wait_volume(&admin, &v.id, "available").await;
     assert_eq!(
         (stayed.volume_type_name.as_str(), stayed.host.as_str()),
         (v.volume_type_name.as_str(), "storage1@file1")
@@ -276,11 +268,7 @@ async fn a_failed_copy_leaves_the_volume_where_it_was_and_a_crash_after_the_copy
 
     pools.fleet.start_coordinator();
     let volumes = VolumeServiceClient::new(pools.fleet.member("alice", "p1"));
-    let moved = ember_fleet_tests::wait_for("the migration to resume", Duration::from_secs(60), || async {
-        let got = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.ok()?.into_inner();
-        (got.status == "available").then_some(got)
-    })
-    .await;
+    let moved = wait_volume(&volumes, &v.id, "available").await;
     assert_eq!((moved.host.as_str(), moved.status_reason.as_str()), ("storage2@file2", ""), "{moved:?}");
     assert!(same_bytes(&pools.dir2.join(format!("volume-{}", v.id)), &reference));
     assert!(files_in(&pools.dir1).is_empty(), "the old copy is gone");

@@ -32,14 +32,7 @@ pub async fn start_cascade(conn: &mut SqliteConnection, volume_id: &str, snapsho
                 CASCADABLE.join(", ")
             )));
         }
-        let building: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM volumes WHERE source_snapshot_id = ? AND status = 'creating'")
-                .bind(id)
-                .fetch_one(&mut *conn)
-                .await?;
-        if building > 0 {
-            return Err(Error::FailedPrecondition(format!("snapshot {id} is the source of a volume being created")));
-        }
+        super::refuse_if_building_from(conn, id).await?;
         super::transition(conn, id, &CASCADABLE, "deleting", "").await?;
     }
     Ok(())

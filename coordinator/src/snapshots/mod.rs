@@ -105,6 +105,19 @@ pub(crate) async fn transition(
     crate::status::transition(conn, crate::status::Table::Snapshots, id, from, to, reason).await
 }
 
+/// Refuses to delete snapshot `id` while a volume is being created from it.
+pub(crate) async fn refuse_if_building_from(conn: &mut SqliteConnection, id: &str) -> Result<()> {
+    let building: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM volumes WHERE source_snapshot_id = ? AND status = 'creating'")
+            .bind(id)
+            .fetch_one(&mut *conn)
+            .await?;
+    if building > 0 {
+        return Err(Error::FailedPrecondition(format!("snapshot {id} is the source of a volume being created")));
+    }
+    Ok(())
+}
+
 /// Removes snapshot `id`'s row and gives back the quota it counted against `project` (its volume is of type
 /// `type_name`): when it is deleted, let go of, or forgotten with its volume.
 pub async fn remove_record(
@@ -259,14 +272,7 @@ impl Snapshots {
         if s.status == "deleting" {
             return Ok(());
         }
-        let building: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM volumes WHERE source_snapshot_id = ? AND status = 'creating'")
-                .bind(id)
-                .fetch_one(&mut *tx)
-                .await?;
-        if building > 0 {
-            return Err(Error::FailedPrecondition(format!("snapshot {id} is the source of a volume being created")));
-        }
+        refuse_if_building_from(&mut tx, id).await?;
         if !transition(&mut tx, id, &["available", "error", "error_deleting"], "deleting", "").await? {
             return Err(Error::FailedPrecondition(format!(
                 "snapshot {id} is {}; delete needs available, error or error_deleting",
