@@ -76,7 +76,11 @@ impl Storage {
     /// targets had to be re-created.
     pub async fn ensure_exports(&self) -> Result<usize> {
         let store = self.exports.lock().await;
-        let mut present: Vec<String> = self.tgt.targets().await?.into_iter().map(|t| t.iqn).collect();
+        // A tgt target counts only whole: a LUN refresh that an agent stopped inside can leave it offline, or
+        // without its LUN.
+        let tgt_targets = self.tgt.targets().await?.into_iter();
+        let mut present: Vec<String> =
+            tgt_targets.filter(|t| t.ready && !t.backing.is_empty()).map(|t| t.iqn).collect();
         present.extend(self.lio.targets());
         let mut recreated = 0;
         for (volume, rec) in &store.exports {

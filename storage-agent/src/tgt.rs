@@ -24,6 +24,8 @@ pub struct TargetInfo {
     pub acl: Vec<String>,
     /// Connected initiator sessions (I_T nexus count).
     pub sessions: usize,
+    /// Whether the target serves commands (`State: ready`); a LUN refresh takes it `offline` for a moment.
+    pub ready: bool,
 }
 
 /// Parses `tgtadm --lld iscsi --mode target --op show`.
@@ -67,6 +69,8 @@ pub fn parse_targets(text: &str) -> Vec<TargetInfo> {
                     && path != "None"
                 {
                     target.backing.push(path.to_string());
+                } else if let Some(state) = trimmed.strip_prefix("State: ") {
+                    target.ready = state == "ready";
                 }
             }
             _ => {}
@@ -95,7 +99,7 @@ pub struct Tgt {
     pub control_port: u16,
 }
 
-/// How long a LUN refresh waits for the initiators' commands in flight to end, and how often it asks.
+/// How long a LUN refresh waits for the commands in flight to drain (its target offline), and how often it asks.
 const LUN_IDLE_WAIT: Duration = Duration::from_secs(15);
 const LUN_IDLE_POLL: Duration = Duration::from_millis(50);
 
@@ -140,7 +144,7 @@ impl Tgt {
                 let tid = targets.iter().map(|t| t.tid).max().unwrap_or(0) + 1;
                 let tid_s = tid.to_string();
                 self.tgtadm(&["--mode", "target", "--op", "new", "--tid", &tid_s, "--targetname", spec.iqn]).await?;
-                TargetInfo { tid, iqn: spec.iqn.to_string(), ..Default::default() }
+                TargetInfo { tid, iqn: spec.iqn.to_string(), ready: true, ..Default::default() }
             }
         };
         let tid = target.tid.to_string();
@@ -160,6 +164,17 @@ impl Tgt {
         if target.acl.is_empty() {
             self.tgtadm(&["--mode", "target", "--op", "bind", "--tid", &tid, "--initiator-address", "ALL"]).await?;
         }
+        // Left offline by an agent that stopped inside a LUN refresh.
+        if !target.ready {
+            self.set_state(&tid, "ready").await?;
+        }
+        Ok(())
+    }
+
+    /// Sets target `tid`'s state: `offline` answers initiators' new commands busy (they retry them), `ready`
+    /// serves them again.
+    async fn set_state(&self, tid: &str, state: &str) -> Result<()> {
+        self.tgtadm(&["--mode", "target", "--op", "update", "--tid", tid, "--name", "state", "--value", state]).await?;
         Ok(())
     }
 
@@ -172,17 +187,32 @@ impl Tgt {
 
     /// Re-reads the backing file's size (after an extend) by re-creating LUN 1; initiators then see the new
     /// capacity. A target that is not there is left alone.
+    ///
+    /// tgtd refuses to remove a LUN while initiator commands are queued on it, which a busy guest keeps it from
+    /// ever being. So the target is taken offline first: new commands are answered busy and retried by the
+    /// initiators, those in flight drain, and the LUN goes. The target is made ready again whatever happens;
+    /// should the agent stop in between, its keeper does that (see [`Tgt::ensure`]).
     pub async fn refresh_lun(&self, iqn: &str, backing: &Path) -> Result<()> {
         let Some(t) = self.targets().await?.into_iter().find(|t| t.iqn == iqn) else { return Ok(()) };
         let (tid, backing) = (t.tid.to_string(), backing.to_string_lossy());
-        let delete = ["--mode", "logicalunit", "--op", "delete", "--tid", &tid, "--lun", "1"];
-        // tgtd refuses to delete a LUN while a command of an initiator is in flight on it; those end within
-        // milliseconds, so the delete is asked again for a while before the extend is reported failed.
+        self.set_state(&tid, "offline").await?;
+        if ember_common::failpoint::armed("storage.abort_in_lun_refresh") {
+            tracing::error!("failpoint storage.abort_in_lun_refresh: aborting");
+            std::process::abort();
+        }
+        let remade = self.remake_lun(&tid, &backing).await;
+        let ready = self.set_state(&tid, "ready").await;
+        remade.and(ready)
+    }
+
+    /// Removes LUN 1 of target `tid`, once the commands in flight on it have drained, and adds it again.
+    async fn remake_lun(&self, tid: &str, backing: &str) -> Result<()> {
+        let delete = ["--mode", "logicalunit", "--op", "delete", "--tid", tid, "--lun", "1"];
         let mut waited = Duration::ZERO;
         loop {
             match self.tgtadm(&delete).await {
                 Err(e) if lun_in_use(&e) && waited < LUN_IDLE_WAIT => {
-                    tracing::debug!(%iqn, "LUN busy with initiator commands; asking again");
+                    tracing::debug!(tid, "LUN busy with initiator commands; asking again");
                     tokio::time::sleep(LUN_IDLE_POLL).await;
                     waited += LUN_IDLE_POLL;
                 }
@@ -192,7 +222,7 @@ impl Tgt {
                 }
             }
         }
-        self.add_lun(&tid, &backing).await
+        self.add_lun(tid, backing).await
     }
 
     /// Removes the target (ending its sessions) and its account. Removing what is gone succeeds.
@@ -226,6 +256,7 @@ mod tests {
         assert_eq!(targets[0].accounts, ["u1"]);
         assert_eq!(targets[0].acl, ["ALL"]);
         assert_eq!(targets[0].sessions, 0);
+        assert!(targets[0].ready);
         assert_eq!(targets[1].tid, 3);
         assert_eq!(targets[1].backing, ["/tmp/t2.img"]);
         assert!(targets[1].accounts.is_empty() && targets[1].acl.is_empty());
@@ -250,5 +281,7 @@ mod tests {
         let text = "Target 2: iqn.x\n    System information:\n        Driver: iscsi\n    I_T nexus information:\n        I_T nexus: 1\n            Initiator: iqn.a alias: none\n            Connection: 0\n                IP Address: 127.0.0.1\n    LUN information:\n        LUN: 1\n            Backing store path: /v\n    Account information:\n    ACL information:\n        ALL\n";
         let t = &parse_targets(text)[0];
         assert_eq!((t.tid, t.sessions, t.backing.len(), t.acl.len()), (2, 1, 1, 1));
+        let offline = text.replace("Driver: iscsi\n", "Driver: iscsi\n        State: offline\n");
+        assert!(!parse_targets(&offline)[0].ready, "a target a LUN refresh left offline");
     }
 }

@@ -222,9 +222,22 @@ async fn data_survives_snapshot_clone_and_extend_over_iscsi_and_delete_leaves_no
     assert!(q.items.iter().all(|i| i.in_use == 0 && i.reserved == 0), "{q:?}");
 }
 
+/// Initiator processes killed when dropped, so a failing test leaves none running.
+struct Readers(Vec<std::process::Child>);
+
+impl Drop for Readers {
+    fn drop(&mut self) {
+        for reader in &mut self.0 {
+            let _ = reader.kill();
+            let _ = reader.wait();
+        }
+    }
+}
+
 /// An exported volume grows while initiators read it. tgtd re-makes the LUN so they see the new capacity, and
-/// refuses to while their commands are in flight ("this logical unit is still active"): the extend waits for
-/// a quiet moment instead of failing, as it did under a busy guest.
+/// refuses to while their commands are in flight ("this logical unit is still active"), which busy initiators
+/// keep it from ever being: the agent takes the target offline (new commands are answered busy and retried) so
+/// the LUN drains.
 #[tokio::test]
 async fn an_exported_volume_grows_while_initiators_read_it() {
     let (fleet, _storage, dir) = fleet_with_storage().await;
@@ -236,17 +249,19 @@ async fn an_exported_volume_grows_while_initiators_read_it() {
     let info = volumes.initialize_connection(connect).await.unwrap().into_inner();
     let url = iscsi::url(&info, &info.auth_password);
 
-    // Three initiators, each with 32 reads in flight at all times, until the LUN they read is re-made.
-    let mut readers: Vec<std::process::Child> = (0..3)
-        .map(|_| {
-            std::process::Command::new("qemu-img")
-                .args(["bench", "-f", "raw", "-c", "100000000", "-d", "32", &url])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("qemu-img bench")
-        })
-        .collect();
+    // Three initiators, each with 32 reads in flight at all times.
+    let readers = Readers(
+        (0..3)
+            .map(|_| {
+                std::process::Command::new("qemu-img")
+                    .args(["bench", "-f", "raw", "-c", "100000000", "-d", "32", &url])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("qemu-img bench")
+            })
+            .collect(),
+    );
     wait_for("the three initiators to log in", WAIT, || async {
         (fleet.tgt_show("storage1").matches("I_T nexus: ").count() == 3).then_some(())
     })
@@ -254,11 +269,49 @@ async fn an_exported_volume_grows_while_initiators_read_it() {
 
     volumes.extend_volume(ExtendVolumeRequest { id: v.id.clone(), new_size_gb: 2 }).await.unwrap();
     let grown = wait_volume(&mut volumes, &v.id, "available").await;
-    for reader in &mut readers {
-        let _ = reader.kill();
-        let _ = reader.wait();
-    }
+    drop(readers);
     assert_eq!((grown.size_gb, grown.status_reason.as_str()), (2, ""), "{grown:?}");
     assert_eq!(std::fs::metadata(dir.join(format!("volume-{}", v.id))).unwrap().len(), 2 << 30);
     assert_eq!(iscsi::size(&url).unwrap(), 2 << 30, "the initiator sees the new capacity");
+    assert!(fleet.tgt_show("storage1").contains("State: ready"), "the target serves again");
+}
+
+/// A storage agent that stops while its target is offline for a LUN refresh: tgtd (which outlives it) keeps the
+/// target offline, and the agent's next start makes it whole and ready again; the coordinator's extend, retried,
+/// then finishes.
+#[tokio::test]
+async fn a_lun_refresh_cut_short_by_a_crash_leaves_no_target_offline() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, _dir) = fleet.file_backend("file1", "");
+    let crash = [("EMBER_FAILPOINTS", "storage.abort_in_lun_refresh")];
+    let mut storage = fleet.start_agent_with("storage", "storage1", &backend, &crash);
+    storage.wait_registered().await;
+    let mut volumes = VolumeServiceClient::new(fleet.admin());
+    let create = CreateVolumeRequest { size_gb: 1, ..Default::default() };
+    let v = volumes.create_volume(create).await.unwrap().into_inner();
+    wait_volume(&mut volumes, &v.id, "available").await;
+    let connect = InitializeConnectionRequest { volume_id: v.id.clone(), connector: connector("iqn.2026-11.test:h") };
+    let info = volumes.initialize_connection(connect).await.unwrap().into_inner();
+
+    volumes.extend_volume(ExtendVolumeRequest { id: v.id.clone(), new_size_gb: 2 }).await.unwrap();
+    assert!(!storage.wait_exit(WAIT).success(), "the agent aborted inside the refresh");
+    let shown = fleet.tgt_show("storage1");
+    assert!(shown.contains(&info.target_iqn) && shown.contains("State: offline"), "{shown}");
+
+    // The coordinator, which would retry the extend (and so the refresh), is away while the agent starts again:
+    // the agent itself repairs the target.
+    fleet.coordinator.as_mut().unwrap().kill();
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    wait_for("the agent to make its target ready again", WAIT, || async {
+        let shown = fleet.tgt_show("storage1");
+        (shown.contains("State: ready") && !shown.contains("State: offline")).then_some(())
+    })
+    .await;
+    fleet.start_coordinator();
+    let mut volumes = VolumeServiceClient::new(fleet.admin());
+    let grown = wait_volume(&mut volumes, &v.id, "available").await;
+    assert_eq!((grown.size_gb, grown.status_reason.as_str()), (2, ""), "{grown:?}");
+    let url = iscsi::url(&info, &info.auth_password);
+    assert_eq!(iscsi::size(&url).unwrap(), 2 << 30, "served again, at the new size");
 }
