@@ -28,7 +28,8 @@ struct TwoPools {
     dir2: PathBuf,
     backend2: String,
     storage2: Daemon,
-    _storage1: Daemon,
+    backend1: String,
+    storage1: Daemon,
 }
 
 async fn two_pools(storage2_env: &[(&str, &str)]) -> TwoPools {
@@ -40,7 +41,7 @@ async fn two_pools(storage2_env: &[(&str, &str)]) -> TwoPools {
     let storage2 = fleet.start_agent_with("storage", "storage2", &backend2, storage2_env);
     wait_backend(&fleet, "storage1@file1").await;
     wait_backend(&fleet, "storage2@file2").await;
-    TwoPools { fleet, dir1, dir2, backend2, storage2, _storage1: storage1 }
+    TwoPools { fleet, dir1, dir2, backend1, backend2, storage2, storage1 }
 }
 
 async fn set_enabled(fleet: &Fleet, name: &str, enabled: bool) {
@@ -82,11 +83,33 @@ fn same_bytes(a: &Path, b: &Path) -> bool {
 
 #[tokio::test]
 async fn a_volume_moves_to_another_pool_with_its_data_and_its_holes() {
-    let pools = two_pools(&[]).await;
-    let fleet = &pools.fleet;
-    let volumes = VolumeServiceClient::new(fleet.member("alice", "p1"));
+    let mut pools = two_pools(&[]).await;
+    let volumes = VolumeServiceClient::new(pools.fleet.member("alice", "p1"));
     let (v, reference) = volume_with_data(&pools, &volumes).await;
-    let admin = VolumeServiceClient::new(fleet.admin());
+
+    // Not while a clone of it is being made where it lies (the agent is held inside that create).
+    pools.storage1.kill();
+    let freeze = [("EMBER_FAILPOINTS", "storage.freeze_in_create_volume")];
+    pools.storage1 = pools.fleet.start_agent_with("storage", "storage1", &pools.backend1, &freeze);
+    pools.storage1.wait_registered().await;
+    let clone = CreateVolumeRequest { source_volume_id: v.id.clone(), ..Default::default() };
+    let clone = volumes.clone().create_volume(clone).await.unwrap().into_inner();
+    let frozen = &pools.storage1;
+    ember_fleet_tests::wait_for("the agent to freeze in the clone", Duration::from_secs(60), || async {
+        frozen.is_stopped().then_some(())
+    })
+    .await;
+    let admin = VolumeServiceClient::new(pools.fleet.admin());
+    let err = admin.clone().migrate_volume(MigrateVolumeRequest { id: v.id.clone(), pool: String::new() }).await;
+    let err = err.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("source of a volume being created"), "{err:?}");
+    pools.storage1.signal("CONT");
+    wait_volume(&volumes, &clone.id, "available").await;
+    let delete = DeleteVolumeRequest { id: clone.id.clone(), ..Default::default() };
+    volumes.clone().delete_volume(delete).await.unwrap();
+    ember_fleet_tests::volumes::wait_gone(&volumes, &clone.id).await;
+    let fleet = &pools.fleet;
 
     // Refused, naming why, and nothing changes.
     let err = volumes.clone().migrate_volume(MigrateVolumeRequest { id: v.id.clone(), pool: String::new() }).await;

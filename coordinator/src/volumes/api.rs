@@ -345,12 +345,7 @@ impl Volumes {
         }
         // A forced backup of an in-use volume reads a temporary snapshot of it and leaves the volume in-use, so
         // a detach does not wait for it; the delete does, as the snapshot lives and dies with its volume.
-        let backing_up: Option<String> =
-            sqlx::query_scalar("SELECT id FROM backups WHERE volume_id = ? AND status = 'creating' LIMIT 1")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if let Some(backup) = backing_up {
+        if let Some(backup) = store::backup_in_progress(&mut tx, id).await? {
             return Err(Error::FailedPrecondition(format!(
                 "volume {id} is being backed up (backup {backup}); delete it when the backup ends"
             )));

@@ -134,24 +134,28 @@ async fn begin(
 }
 
 /// Refuses a volume whose data something else still relies on where it is: its snapshots (which live on its
-/// pool, as in Cinder) and a backup reading it.
+/// pool, as in Cinder), a clone being made of it there, and a backup reading it.
 async fn refuse_if_held(conn: &mut sqlx::SqliteConnection, v: &VolumeRow) -> Result<()> {
-    let snapshots: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM snapshots WHERE volume_id = ?")
-        .bind(&v.id)
-        .fetch_one(&mut *conn)
-        .await?;
+    let (snapshots, clones): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM snapshots WHERE volume_id = ?1), \
+                (SELECT COUNT(*) FROM volumes WHERE source_volume_id = ?1 AND status = 'creating')",
+    )
+    .bind(&v.id)
+    .fetch_one(&mut *conn)
+    .await?;
+    if clones > 0 {
+        return Err(Error::FailedPrecondition(format!(
+            "volume {} is the source of a volume being created; migrate it when that one is available",
+            v.id
+        )));
+    }
     if snapshots > 0 {
         return Err(Error::FailedPrecondition(format!(
             "volume {} has {snapshots} snapshot(s), which cannot move with it; delete them first",
             v.id
         )));
     }
-    let backing_up: Option<String> =
-        sqlx::query_scalar("SELECT id FROM backups WHERE volume_id = ? AND status = 'creating' LIMIT 1")
-            .bind(&v.id)
-            .fetch_optional(&mut *conn)
-            .await?;
-    if let Some(backup) = backing_up {
+    if let Some(backup) = store::backup_in_progress(conn, &v.id).await? {
         return Err(Error::FailedPrecondition(format!(
             "volume {} is being backed up (backup {backup}); migrate it when the backup ends",
             v.id

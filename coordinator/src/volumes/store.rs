@@ -155,6 +155,15 @@ pub async fn to_proto(conn: &mut SqliteConnection, v: &VolumeRow) -> Result<Volu
     })
 }
 
+/// The backup still being made of volume `id`, if any: it reads the volume where it lies (or a temporary
+/// snapshot of it there).
+pub async fn backup_in_progress(conn: &mut SqliteConnection, id: &str) -> Result<Option<String>> {
+    Ok(sqlx::query_scalar("SELECT id FROM backups WHERE volume_id = ? AND status = 'creating' LIMIT 1")
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?)
+}
+
 /// Compare-and-swap on a volume's status (see [`crate::status`]).
 pub async fn transition(conn: &mut SqliteConnection, id: &str, from: &[&str], to: &str, reason: &str) -> Result<bool> {
     crate::status::transition(conn, crate::status::Table::Volumes, id, from, to, reason).await
