@@ -36,6 +36,8 @@ enum Command {
     Certs(certs::CertsCmd),
     /// List, disable and enable services (admin).
     Service(service::ServiceCmd),
+    /// Availability zones volumes can be created in.
+    Zone(service::ZoneCmd),
     /// Manage volume types and their extra specs.
     Type(types::TypeCmd),
     /// Show and set project quotas.
@@ -64,6 +66,7 @@ async fn main() {
         Command::Certs(c) => certs::run(c, cli.json),
         Command::Service(c) => service::run(c, &cli.conn, cli.json).await,
         Command::Type(c) => types::run(c, &cli.conn, cli.json).await,
+        Command::Zone(c) => service::run_zones(c, &cli.conn, cli.json).await,
         Command::Quota(c) => quota::run(c, &cli.conn, cli.json).await,
         Command::Volume(c) => volume::run(c, &cli.conn, cli.json).await,
         Command::Snapshot(c) => snapshot::run(c, &cli.conn, cli.json).await,

@@ -1,4 +1,4 @@
-//! `ember service`: the fleet's services, like `cinder service-list`.
+//! `ember service`: the fleet's services, like `cinder service-list`; and `ember zone`, its availability zones.
 
 use crate::connect::{CliError, ConnectArgs};
 use crate::output;
@@ -41,6 +41,38 @@ enum ServiceAction {
         #[arg(long, value_parser = ["storage", "compute", "backup"])]
         role: Option<String>,
     },
+}
+
+/// `ember zone …`
+#[derive(Debug, clap::Args)]
+pub struct ZoneCmd {
+    #[command(subcommand)]
+    action: ZoneAction,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ZoneAction {
+    /// List the availability zones volumes can be created in.
+    List,
+}
+
+/// Runs `ember zone …`.
+pub async fn run_zones(cmd: ZoneCmd, conn: &ConnectArgs, json: bool) -> Result<(), CliError> {
+    let ZoneAction::List = cmd.action;
+    let zones = FleetServiceClient::new(conn.channel()?)
+        .list_availability_zones(ListAvailabilityZonesRequest {})
+        .await?
+        .into_inner()
+        .zones;
+    if json {
+        let list = zones.iter().map(|z| serde_json::json!({"name": z.name, "available": z.available})).collect();
+        output::json(&serde_json::Value::Array(list));
+    } else {
+        let state = |z: &AvailabilityZone| if z.available { "available" } else { "unavailable" }.to_string();
+        let rows: Vec<Vec<String>> = zones.iter().map(|z| vec![z.name.clone(), state(z)]).collect();
+        output::table(&["Name", "Status"], &rows);
+    }
+    Ok(())
 }
 
 fn role_name(role: i32) -> &'static str {

@@ -288,7 +288,7 @@ fn print_volumes(volumes: &[Volume], json: bool) {
                 v.status.clone(),
                 v.size_gb.to_string(),
                 v.volume_type_name.clone(),
-                v.host.clone(),
+                if v.migrating_to.is_empty() { v.host.clone() } else { format!("{} → {}", v.host, v.migrating_to) },
                 attached.join(","),
                 v.status_reason.clone(),
             ]

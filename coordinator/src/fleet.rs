@@ -1,5 +1,5 @@
 //! `FleetService`: the service list with up/down state, and disabling/enabling services (admin only, as
-//! Cinder's os-services API).
+//! Cinder's os-services API); and the availability zones, which anyone may list.
 
 use crate::auth::require_admin;
 use crate::clock::{now_ms, timestamp};
@@ -186,6 +186,15 @@ impl Fleet {
     }
 }
 
+/// The zones of storage pools as `(zone, up and enabled)` per pool, folded into one entry per zone, by name.
+fn zones_of(pools: impl IntoIterator<Item = (String, bool)>) -> Vec<AvailabilityZone> {
+    let mut zones: std::collections::BTreeMap<String, bool> = std::collections::BTreeMap::new();
+    for (name, usable) in pools {
+        *zones.entry(name).or_default() |= usable;
+    }
+    zones.into_iter().map(|(name, available)| AvailabilityZone { name, available }).collect()
+}
+
 fn role_of_number(role: i32) -> ServiceRole {
     ServiceRole::try_from(role).unwrap_or(ServiceRole::Unspecified)
 }
@@ -195,6 +204,21 @@ impl FleetService for Fleet {
     async fn list_services(&self, req: Request<ListServicesRequest>) -> Result<Response<ListServicesResponse>, Status> {
         require_admin(&req, "list services")?;
         Ok(Response::new(ListServicesResponse { services: self.list(req.get_ref()).await? }))
+    }
+
+    async fn list_availability_zones(
+        &self,
+        _req: Request<ListAvailabilityZonesRequest>,
+    ) -> Result<Response<ListAvailabilityZonesResponse>, Status> {
+        let rows: Vec<(String, bool, i64)> = sqlx::query_as(
+            "SELECT availability_zone, enabled, last_heartbeat FROM services WHERE role = 'storage' AND backend != ''",
+        )
+        .fetch_all(&self.db)
+        .await
+        .map_err(Error::from)?;
+        let now = now_ms();
+        let pools = rows.into_iter().map(|(zone, enabled, hb)| (zone, enabled && is_up(hb, now, self.service_down_ms)));
+        Ok(Response::new(ListAvailabilityZonesResponse { zones: zones_of(pools) }))
     }
 
     async fn disable_service(&self, req: Request<DisableServiceRequest>) -> Result<Response<Service>, Status> {

@@ -225,3 +225,38 @@ async fn a_dead_service_that_holds_nothing_is_removed_from_the_list() {
     })
     .await;
 }
+
+/// Anyone lists the availability zones volumes can be created in (Cinder's availability-zone-list): the zones of
+/// the storage pools, available while one of their pools is up and enabled.
+#[tokio::test]
+async fn members_list_the_availability_zones_and_which_can_take_volumes() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (b1, _d1) = fleet.file_backend("file1", "availability_zone = \"az1\"");
+    let (b2, _d2) = fleet.file_backend("file2", "availability_zone = \"az2\"");
+    let _s1 = fleet.start_agent("storage", "storage1", &b1);
+    let _s2 = fleet.start_agent("storage", "storage2", &b2);
+    ember_fleet_tests::volumes::wait_backend(&fleet, "storage1@file1").await;
+    ember_fleet_tests::volumes::wait_backend(&fleet, "storage2@file2").await;
+    let zones = |fleet: &Fleet| {
+        let channel = fleet.member("alice", "p1");
+        async move {
+            let list = FleetServiceClient::new(channel).list_availability_zones(ListAvailabilityZonesRequest {}).await;
+            list.unwrap().into_inner().zones.into_iter().map(|z| (z.name, z.available)).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(zones(&fleet).await, [("az1".to_string(), true), ("az2".to_string(), true)]);
+
+    let disable = DisableServiceRequest { name: "storage2@file2".into(), reason: "maintenance".into() };
+    FleetServiceClient::new(fleet.admin()).disable_service(disable).await.unwrap();
+    assert_eq!(zones(&fleet).await, [("az1".to_string(), true), ("az2".to_string(), false)]);
+    let tls = fleet.issue(ember_common::identity::Role::Member, "alice", Some("p1"));
+    let (ok, out, err) = fleet.cli_as(&tls, &["zone", "list"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("az1") && out.contains("available") && out.contains("unavailable"), "{out}");
+    // A volume asked for in the zone that cannot take one now fails to be placed, naming why.
+    let req = CreateVolumeRequest { size_gb: 1, availability_zone: "az2".into(), ..Default::default() };
+    let v = VolumeServiceClient::new(fleet.member("alice", "p1")).create_volume(req).await.unwrap().into_inner();
+    let failed = ember_fleet_tests::volumes::wait_settled(&VolumeServiceClient::new(fleet.admin()), &v.id).await;
+    assert_eq!(failed.status, "error", "{failed:?}");
+}
