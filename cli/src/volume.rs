@@ -94,6 +94,9 @@ enum VolumeAction {
         /// Mark bootable (`true`) or not (`false`).
         #[arg(long)]
         bootable: Option<bool>,
+        /// Make every attachment and export read-only (`true`) or not (`false`); only while available.
+        #[arg(long)]
+        read_only: Option<bool>,
         /// Metadata `key=value` to set (repeatable).
         #[arg(long = "property")]
         properties: Vec<String>,
@@ -267,7 +270,7 @@ pub fn volume_json(v: &Volume) -> serde_json::Value {
         "status": v.status, "status_reason": v.status_reason, "volume_type": v.volume_type_name,
         "availability_zone": v.availability_zone, "host": v.host, "metadata": v.metadata, "bootable": v.bootable,
         "multiattach": v.multiattach, "source_snapshot_id": v.source_snapshot_id, "source_volume_id": v.source_volume_id,
-        "source_backup_id": v.source_backup_id, "migrating_to": v.migrating_to,
+        "source_backup_id": v.source_backup_id, "migrating_to": v.migrating_to, "read_only": v.read_only,
         "attachments": v.attachments.iter().map(|a| serde_json::json!({"id": a.id, "instance": a.instance, "host": a.host, "device": a.device})).collect::<Vec<_>>(),
         "created_at": output::time(&v.created_at), "updated_at": output::time(&v.updated_at),
     })
@@ -420,6 +423,7 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
             id,
             renaming: output::Renaming { name, description },
             bootable,
+            read_only,
             properties,
             unset_properties,
         } => {
@@ -428,6 +432,7 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                 name,
                 description,
                 bootable,
+                read_only,
                 set_metadata: crate::types::parse_pairs(&properties)?,
                 unset_metadata: unset_properties,
             };

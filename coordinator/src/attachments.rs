@@ -155,7 +155,8 @@ impl Attachments {
         .bind(&v.id)
         .bind(&req.instance)
         .bind(&req.host)
-        .bind(if req.read_only { "ro" } else { "rw" })
+        // A read-only volume is attached read-only whatever the request asks (Cinder's v3 attachments do so too).
+        .bind(if req.read_only || v.read_only { "ro" } else { "rw" })
         .bind(connector["connector"].to_string())
         .bind(now)
         .bind(now)

@@ -103,6 +103,12 @@ impl Instances {
                     v.id, v.status
                 )));
             }
+            if v.read_only {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {} is read-only; an instance cannot boot from it",
+                    v.id
+                )));
+            }
             (v.id, v.project)
         } else {
             drop(conn);

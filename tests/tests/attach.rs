@@ -448,3 +448,40 @@ async fn assert_released_from_storage(fleet: &Fleet, volume_id: &str) {
     assert!(!fleet.tgt_show("storage1").contains(&format!("volume-{volume_id}")), "a target was left behind");
     assert_eq!(attachment_rows(fleet, volume_id).await, 0, "an attachment record was left behind");
 }
+
+/// A read-only volume (Cinder's readonly flag) reaches its guest read-only whatever the attach asks; the flag
+/// changes only while the volume is available, and no instance boots from such a volume.
+#[tokio::test]
+async fn a_read_only_volume_is_attached_read_only() {
+    let ComputeFleet { fleet, dir: _, storage: _storage, compute: _compute } = ComputeFleet::start("").await;
+    let domain = Domain::boot("ember-ro").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let attachments = AttachmentServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    let (ok, out, err) = fleet.cli(&["--json", "volume", "update", &v.id, "--read-only", "true"]);
+    assert!(ok, "{err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown[0]["read_only"], true, "{out}");
+
+    let boot = CreateInstanceRequest { name: "vm-ro".into(), boot_volume_id: v.id.clone(), ..Default::default() };
+    let err = ember_proto::v1::instance_service_client::InstanceServiceClient::new(fleet.admin())
+        .create_instance(boot)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("read-only"), "{err:?}");
+
+    let a = attachments.clone().attach(attach_request(&v.id, &domain.name)).await.unwrap().into_inner();
+    assert_eq!(a.mode, "ro", "the attach asked for rw: {a:?}");
+    wait_volume(&volumes, &v.id, "in-use").await;
+    let xml = domain.xml(false);
+    let disk = xml.split("</disk>").find(|d| d.contains(&format!("<serial>{}</serial>", v.id))).expect("the disk");
+    assert!(disk.contains("<readonly/>"), "{disk}");
+
+    let writable = UpdateVolumeRequest { id: v.id.clone(), read_only: Some(false), ..Default::default() };
+    let err = volumes.clone().update_volume(writable).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("read-only"), "{err:?}");
+    let still = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
+    assert!(still.read_only, "nothing changed");
+}

@@ -257,6 +257,12 @@ impl Volumes {
         check_metadata("set_metadata", &req.set_metadata)?;
         let mut tx = crate::db::write(&self.ctx.db).await?;
         let mut v = store::visible(&mut tx, who, &req.id).await?;
+        if req.read_only.is_some_and(|ro| ro != v.read_only) && v.status != "available" {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {} is {}; its read-only flag changes only while it is available",
+                v.id, v.status
+            )));
+        }
         v.metadata.extend(req.set_metadata.clone());
         for k in &req.unset_metadata {
             v.metadata.remove(k);
@@ -265,11 +271,13 @@ impl Volumes {
             return Err(Error::invalid("set_metadata", "at most 64 entries"));
         }
         sqlx::query(
-            "UPDATE volumes SET name = ?, description = ?, bootable = ?, metadata = ?, updated_at = ? WHERE id = ?",
+            "UPDATE volumes SET name = ?, description = ?, bootable = ?, read_only = ?, metadata = ?, updated_at = ? \
+             WHERE id = ?",
         )
         .bind(req.name.as_ref().unwrap_or(&v.name))
         .bind(req.description.as_ref().unwrap_or(&v.description))
         .bind(req.bootable.unwrap_or(v.bootable) as i64)
+        .bind(req.read_only.unwrap_or(v.read_only) as i64)
         .bind(serde_json::to_string(&v.metadata)?)
         .bind(now_ms())
         .bind(&v.id)
@@ -374,6 +382,8 @@ impl Volumes {
         if !matches!(v.status.as_str(), "available" | "in-use" | "attaching") {
             return Err(Error::FailedPrecondition(format!("volume {} is {}; it cannot be exported", v.id, v.status)));
         }
+        // A read-only volume is exported read-only whatever the connector asks.
+        let read_only = connector.read_only || v.read_only;
         let (user, password) = ensure_chap(&mut tx, &v).await?;
         tx.commit().await?;
         let mut client = self.ctx.agents.storage(&v.host).await?;
@@ -384,7 +394,7 @@ impl Volumes {
                 initiator: connector.initiator.clone(),
                 chap_username: user.clone(),
                 chap_password: password.clone(),
-                read_only: connector.read_only,
+                read_only,
             })
             .await
             .map_err(|s| Error::FailedPrecondition(format!("exporting on {}: {}", v.host, s.message())))?
@@ -399,7 +409,7 @@ impl Volumes {
             auth_username: user,
             auth_password: password,
             volume_id: v.id,
-            access_mode: if connector.read_only { "ro" } else { "rw" }.into(),
+            access_mode: if read_only { "ro" } else { "rw" }.into(),
             export: export.export,
             path: export.path,
             mount_options: export.mount_options,
