@@ -38,6 +38,8 @@ enum Command {
     Service(service::ServiceCmd),
     /// Availability zones volumes can be created in.
     Zone(service::ZoneCmd),
+    /// Storage pools as the scheduler sees them (admin).
+    Pool(service::PoolCmd),
     /// Manage volume types and their extra specs.
     Type(types::TypeCmd),
     /// Show and set project quotas.
@@ -67,6 +69,7 @@ async fn main() {
         Command::Service(c) => service::run(c, &cli.conn, cli.json).await,
         Command::Type(c) => types::run(c, &cli.conn, cli.json).await,
         Command::Zone(c) => service::run_zones(c, &cli.conn, cli.json).await,
+        Command::Pool(c) => service::run_pools(c, &cli.conn, cli.json).await,
         Command::Quota(c) => quota::run(c, &cli.conn, cli.json).await,
         Command::Volume(c) => volume::run(c, &cli.conn, cli.json).await,
         Command::Snapshot(c) => snapshot::run(c, &cli.conn, cli.json).await,

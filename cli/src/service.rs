@@ -1,4 +1,5 @@
-//! `ember service`: the fleet's services, like `cinder service-list`; and `ember zone`, its availability zones.
+//! `ember service`: the fleet's services, like `cinder service-list`; `ember zone`, its availability zones; and
+//! `ember pool`, its storage pools as the scheduler sees them, like `cinder get-pools --detail`.
 
 use crate::connect::{CliError, ConnectArgs};
 use crate::output;
@@ -72,6 +73,59 @@ pub async fn run_zones(cmd: ZoneCmd, conn: &ConnectArgs, json: bool) -> Result<(
         let rows: Vec<Vec<String>> = zones.iter().map(|z| vec![z.name.clone(), state(z)]).collect();
         output::table(&["Name", "Status"], &rows);
     }
+    Ok(())
+}
+
+/// `ember pool …`
+#[derive(Debug, clap::Args)]
+pub struct PoolCmd {
+    #[command(subcommand)]
+    action: PoolAction,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum PoolAction {
+    /// Admin: list the pools the scheduler places volumes on, with their capacity figures.
+    List,
+}
+
+fn pool_json(p: &Pool) -> serde_json::Value {
+    serde_json::json!({
+        "name": p.name, "availability_zone": p.availability_zone, "total_capacity_gb": p.total_capacity_gb,
+        "free_capacity_gb": p.free_capacity_gb, "provisioned_gb": p.provisioned_gb, "virtual_free_gb": p.virtual_free_gb,
+        "thin": p.thin, "thick": p.thick, "reserved_percentage": p.reserved_percentage,
+        "max_over_subscription_ratio": p.max_over_subscription_ratio, "capabilities": p.capabilities,
+    })
+}
+
+/// Runs `ember pool …`.
+pub async fn run_pools(cmd: PoolCmd, conn: &ConnectArgs, json: bool) -> Result<(), CliError> {
+    let PoolAction::List = cmd.action;
+    let pools = FleetServiceClient::new(conn.channel()?).list_pools(ListPoolsRequest {}).await?.into_inner().pools;
+    if json {
+        output::json(&serde_json::Value::Array(pools.iter().map(pool_json).collect()));
+        return Ok(());
+    }
+    let kinds =
+        |p: &Pool| [(p.thin, "thin"), (p.thick, "thick")].iter().filter(|k| k.0).map(|k| k.1).collect::<Vec<_>>();
+    let rows: Vec<Vec<String>> = pools
+        .iter()
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                p.availability_zone.clone(),
+                p.total_capacity_gb.clone(),
+                p.free_capacity_gb.clone(),
+                format!("{}", p.provisioned_gb),
+                p.virtual_free_gb.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into()),
+                kinds(p).join(","),
+            ]
+        })
+        .collect();
+    output::table(
+        &["Pool", "Zone", "Total GiB", "Free GiB", "Provisioned GiB", "Virtual Free GiB", "Provisioning"],
+        &rows,
+    );
     Ok(())
 }
 

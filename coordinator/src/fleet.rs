@@ -3,23 +3,26 @@
 
 use crate::auth::require_admin;
 use crate::clock::{now_ms, timestamp};
+use crate::context::Ctx;
 use crate::error::{Error, Result};
 use crate::validate;
 use ember_proto::v1::fleet_service_server::FleetService;
 use ember_proto::v1::*;
 use sqlx::{Row, SqlitePool};
+use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 /// The gRPC service.
 pub struct Fleet {
+    ctx: Arc<Ctx>,
     db: SqlitePool,
     service_down_ms: i64,
 }
 
 impl Fleet {
-    /// Lists services in `db`; a service silent for longer than `service_down_seconds` is down.
-    pub fn new(db: SqlitePool, service_down_seconds: u32) -> Self {
-        Fleet { db, service_down_ms: i64::from(service_down_seconds) * 1000 }
+    /// Lists the services of `ctx`'s database; a service silent for longer than its `service_down_ms` is down.
+    pub fn new(ctx: Arc<Ctx>) -> Self {
+        Fleet { db: ctx.db.clone(), service_down_ms: ctx.service_down_ms, ctx }
     }
 }
 
@@ -219,6 +222,14 @@ impl FleetService for Fleet {
         let now = now_ms();
         let pools = rows.into_iter().map(|(zone, enabled, hb)| (zone, enabled && is_up(hb, now, self.service_down_ms)));
         Ok(Response::new(ListAvailabilityZonesResponse { zones: zones_of(pools) }))
+    }
+
+    async fn list_pools(&self, req: Request<ListPoolsRequest>) -> Result<Response<ListPoolsResponse>, Status> {
+        require_admin(&req, "list pools")?;
+        let mut pools: Vec<Pool> =
+            crate::pools::candidates(&self.ctx).await?.iter().map(crate::pools::to_proto).collect();
+        pools.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Response::new(ListPoolsResponse { pools }))
     }
 
     async fn disable_service(&self, req: Request<DisableServiceRequest>) -> Result<Response<Service>, Status> {

@@ -169,10 +169,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             volume_types::VolumeTypes::new(db.clone()),
             public.clone(),
         ))
-        .add_service(FleetServiceServer::with_interceptor(
-            fleet::Fleet::new(db.clone(), cfg.service_down_seconds),
-            public.clone(),
-        ))
+        .add_service(FleetServiceServer::with_interceptor(fleet::Fleet::new(ctx.clone()), public.clone()))
         .add_service(QuotaServiceServer::with_interceptor(
             quotas::Quotas::new(db.clone(), &cfg.default_quotas),
             public.clone(),

@@ -121,3 +121,30 @@ pub async fn zones(ctx: &Ctx) -> Result<Vec<String>> {
         .fetch_all(&ctx.db)
         .await?)
 }
+
+/// Shows a capacity as the agent reported it.
+fn capacity_text(c: Capacity) -> String {
+    match c {
+        Capacity::Gb(gb) => format!("{gb}"),
+        Capacity::Infinite => "infinite".into(),
+        Capacity::Unknown => "unknown".into(),
+    }
+}
+
+/// The API view of a pool, with the virtual free capacity the scheduler computes for its default provisioning.
+pub fn to_proto(p: &PoolState) -> ember_proto::v1::Pool {
+    let default = crate::scheduler::Request::default();
+    ember_proto::v1::Pool {
+        name: p.name(),
+        availability_zone: p.availability_zone.clone(),
+        total_capacity_gb: capacity_text(p.total),
+        free_capacity_gb: capacity_text(p.free),
+        provisioned_gb: p.provisioned_gb,
+        virtual_free_gb: crate::scheduler::virtual_free_gb(&default, p),
+        thin: p.thin,
+        thick: p.thick,
+        reserved_percentage: p.reserved_percentage,
+        max_over_subscription_ratio: p.max_over_subscription_ratio,
+        capabilities: p.capabilities.clone().into_iter().collect(),
+    }
+}

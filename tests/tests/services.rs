@@ -260,3 +260,34 @@ async fn members_list_the_availability_zones_and_which_can_take_volumes() {
     let failed = ember_fleet_tests::volumes::wait_settled(&VolumeServiceClient::new(fleet.admin()), &v.id).await;
     assert_eq!(failed.status, "error", "{failed:?}");
 }
+
+/// Admins see the pools as the scheduler does (Cinder's get-pools --detail): capacity as reported, what the
+/// coordinator has placed there, and the capabilities types are matched against; a disabled pool is not one.
+#[tokio::test]
+async fn admins_list_the_pools_the_scheduler_places_volumes_on() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, _dir) = fleet.file_backend("file1", "");
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    ember_fleet_tests::volumes::wait_backend(&fleet, "storage1@file1").await;
+    let volumes = VolumeServiceClient::new(fleet.member("alice", "p1"));
+    ember_fleet_tests::volumes::new_volume(&volumes, 2).await;
+    let list = || async {
+        FleetServiceClient::new(fleet.admin()).list_pools(ListPoolsRequest {}).await.unwrap().into_inner().pools
+    };
+    let pools = list().await;
+    assert_eq!(pools.len(), 1, "{pools:?}");
+    let p = &pools[0];
+    assert_eq!((p.name.as_str(), p.availability_zone.as_str(), p.provisioned_gb), ("storage1@file1", "nova", 2.0));
+    assert!(p.total_capacity_gb.parse::<f64>().is_ok_and(|gb| gb > 0.0), "{p:?}");
+    assert!(p.thin && p.virtual_free_gb.is_some(), "{p:?}");
+    assert_eq!(p.capabilities.get("volume_backend_name").map(String::as_str), Some("file1"), "{p:?}");
+
+    let err = FleetServiceClient::new(fleet.member("alice", "p1")).list_pools(ListPoolsRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let (ok, out, err) = fleet.cli(&["pool", "list"]);
+    assert!(ok && out.contains("storage1@file1") && out.contains("Provisioned GiB"), "{out}\n{err}");
+    let disable = DisableServiceRequest { name: "storage1@file1".into(), reason: "drain".into() };
+    FleetServiceClient::new(fleet.admin()).disable_service(disable).await.unwrap();
+    assert!(list().await.is_empty(), "a disabled pool takes no volumes");
+}
