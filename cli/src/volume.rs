@@ -79,6 +79,9 @@ enum VolumeAction {
         /// Admin: only this project.
         #[arg(long, default_value = "")]
         project: String,
+        /// Admin: only volumes on this pool, host@backend.
+        #[arg(long, default_value = "")]
+        pool: String,
     },
     /// Show one volume.
     Show {
@@ -399,7 +402,7 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
             let v = client.create_volume(req).await?.into_inner();
             finish(&mut client, v, wait, json).await
         }
-        VolumeAction::List { status, name, project } => {
+        VolumeAction::List { status, name, project, pool } => {
             let all = output::all_pages(|page| {
                 let mut c = client.clone();
                 let req = ListVolumesRequest {
@@ -407,6 +410,7 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                     name: name.clone(),
                     project: project.clone(),
                     page: Some(page),
+                    pool: pool.clone(),
                 };
                 async move { c.list_volumes(req).await.map(|r| r.into_inner()).map(|r| (r.volumes, r.page)) }
             })

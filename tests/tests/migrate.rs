@@ -149,6 +149,19 @@ async fn a_volume_moves_to_another_pool_with_its_data_and_its_holes() {
     assert!(files_in(&pools.dir1).is_empty(), "the old copy is gone: {:?}", files_in(&pools.dir1));
     assert_eq!(usage(fleet, "p1", "gigabytes").await, 1, "the quota is as it was");
 
+    // Listed by pool, as an admin drains one.
+    let on = |pool: &str| ListVolumesRequest { pool: pool.into(), ..Default::default() };
+    let listed = |r: ListVolumesResponse| r.volumes.into_iter().map(|v| v.id).collect::<Vec<_>>();
+    let on_new = listed(admin.clone().list_volumes(on("storage2@file2")).await.unwrap().into_inner());
+    assert_eq!(on_new, std::slice::from_ref(&v.id));
+    assert!(listed(admin.clone().list_volumes(on("storage1@file1")).await.unwrap().into_inner()).is_empty());
+    let err = volumes.clone().list_volumes(on("storage2@file2")).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = admin.clone().list_volumes(on("storage2")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let (ok, out, err) = fleet.cli(&["volume", "list", "--pool", "storage2@file2"]);
+    assert!(ok && out.contains(&v.id), "{out}\n{err}");
+
     // It is served from its new pool.
     let connect = InitializeConnectionRequest {
         volume_id: v.id.clone(),

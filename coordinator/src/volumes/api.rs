@@ -224,10 +224,18 @@ impl Volumes {
             Role::Admin => req.project.clone(),
             _ => who.project.clone().unwrap_or_default(),
         };
+        let (host, backend) = match req.pool.as_str() {
+            "" => ("", ""),
+            _ if who.role != Role::Admin => {
+                return Err(Error::PermissionDenied("pool: only admins may list volumes by pool".into()));
+            }
+            pool => super::manage::parse_pool(pool)?,
+        };
         let page = crate::paging::Page::of(req.page.as_ref())?;
         let mut conn = self.ctx.db.acquire().await?;
         let rows = sqlx::query(sqlx::AssertSqlSafe(store::select_sql(
             "WHERE (?1 = '' OR v.project = ?1) AND (?2 = '' OR v.status = ?2) AND (?3 = '' OR v.name = ?3) \
+             AND (?7 = '' OR (v.host = ?7 AND v.backend = ?8)) \
              AND (v.created_at, v.id) > (?4, ?5) ORDER BY v.created_at, v.id LIMIT ?6",
         )))
         .bind(&project)
@@ -236,6 +244,8 @@ impl Volumes {
         .bind(page.after_ts)
         .bind(&page.after_id)
         .bind(page.limit())
+        .bind(host)
+        .bind(backend)
         .fetch_all(&mut *conn)
         .await?;
         let mut rows: Vec<VolumeRow> = rows.iter().map(store::from_row).collect::<Result<_>>()?;
