@@ -8,21 +8,19 @@ use crate::error::{Error, Result};
 use crate::validate;
 use ember_proto::v1::fleet_service_server::FleetService;
 use ember_proto::v1::*;
-use sqlx::{Row, SqlitePool};
+use sqlx::Row;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 /// The gRPC service.
 pub struct Fleet {
     ctx: Arc<Ctx>,
-    db: SqlitePool,
-    service_down_ms: i64,
 }
 
 impl Fleet {
     /// Lists the services of `ctx`'s database; a service silent for longer than its `service_down_ms` is down.
     pub fn new(ctx: Arc<Ctx>) -> Self {
-        Fleet { db: ctx.db.clone(), service_down_ms: ctx.service_down_ms, ctx }
+        Fleet { ctx }
     }
 }
 
@@ -68,7 +66,7 @@ impl Fleet {
         )
         .bind(role_column(role))
         .bind(&req.host)
-        .fetch_all(&self.db)
+        .fetch_all(&self.ctx.db)
         .await?;
         Ok(rows
             .into_iter()
@@ -84,7 +82,7 @@ impl Fleet {
                     availability_zone: r.get(3),
                     enabled: r.get::<i64, _>(4) != 0,
                     disabled_reason: r.get(5),
-                    up: is_up(last, now, self.service_down_ms),
+                    up: is_up(last, now, self.ctx.service_down_ms),
                     last_heartbeat: Some(timestamp(last)),
                     instance_id: r.get(7),
                     endpoint: r.get(8),
@@ -107,7 +105,7 @@ impl Fleet {
         .bind(if enabled { "" } else { reason })
         .bind(host)
         .bind(backend)
-        .execute(&self.db)
+        .execute(&self.ctx.db)
         .await?
         .rows_affected();
         if changed == 0 {
@@ -170,7 +168,7 @@ impl Fleet {
             )));
         }
         let role = role_column(role_of_number(first.role)).unwrap_or_default();
-        let mut tx = crate::db::write(&self.db).await?;
+        let mut tx = crate::db::write(&self.ctx.db).await?;
         let held = holdings(&mut tx, role, host, backend).await?;
         if !held.is_empty() {
             return Err(Error::FailedPrecondition(format!("service {} still holds {held}", req.name)));
@@ -216,11 +214,12 @@ impl FleetService for Fleet {
         let rows: Vec<(String, bool, i64)> = sqlx::query_as(
             "SELECT availability_zone, enabled, last_heartbeat FROM services WHERE role = 'storage' AND backend != ''",
         )
-        .fetch_all(&self.db)
+        .fetch_all(&self.ctx.db)
         .await
         .map_err(Error::from)?;
         let now = now_ms();
-        let pools = rows.into_iter().map(|(zone, enabled, hb)| (zone, enabled && is_up(hb, now, self.service_down_ms)));
+        let pools =
+            rows.into_iter().map(|(zone, enabled, hb)| (zone, enabled && is_up(hb, now, self.ctx.service_down_ms)));
         Ok(Response::new(ListAvailabilityZonesResponse { zones: zones_of(pools) }))
     }
 

@@ -128,13 +128,7 @@ pub async fn unmanage(ctx: &Arc<Ctx>, who: &Identity, req: UnmanageVolumeRequest
     validate::uuid("id", &req.id)?;
     let mut tx = crate::db::write(&ctx.db).await?;
     let v = store::find(&mut tx, &req.id).await?.ok_or_else(|| Error::not_found("volume", &req.id))?;
-    let (snapshots, sources): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT COUNT(*) FROM snapshots WHERE volume_id = ?1), \
-                (SELECT COUNT(*) FROM volumes WHERE source_volume_id = ?1 AND status = 'creating')",
-    )
-    .bind(&v.id)
-    .fetch_one(&mut *tx)
-    .await?;
+    let (snapshots, sources) = store::snapshots_and_clones(&mut tx, &v.id).await?;
     if snapshots > 0 {
         return Err(Error::FailedPrecondition(format!(
             "volume {} has {snapshots} snapshot(s); unmanage or delete them first",

@@ -136,13 +136,7 @@ async fn begin(
 /// Refuses a volume whose data something else still relies on where it is: its snapshots (which live on its
 /// pool, as in Cinder), a clone being made of it there, and a backup reading it.
 async fn refuse_if_held(conn: &mut sqlx::SqliteConnection, v: &VolumeRow) -> Result<()> {
-    let (snapshots, clones): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT COUNT(*) FROM snapshots WHERE volume_id = ?1), \
-                (SELECT COUNT(*) FROM volumes WHERE source_volume_id = ?1 AND status = 'creating')",
-    )
-    .bind(&v.id)
-    .fetch_one(&mut *conn)
-    .await?;
+    let (snapshots, clones) = store::snapshots_and_clones(conn, &v.id).await?;
     if clones > 0 {
         return Err(Error::FailedPrecondition(format!(
             "volume {} is the source of a volume being created; migrate it when that one is available",

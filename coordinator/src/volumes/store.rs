@@ -159,6 +159,17 @@ pub async fn to_proto(conn: &mut SqliteConnection, v: &VolumeRow) -> Result<Volu
     })
 }
 
+/// What still needs volume `id` where it lies: (its snapshots, the volumes being created from it as clones).
+pub async fn snapshots_and_clones(conn: &mut SqliteConnection, id: &str) -> Result<(i64, i64)> {
+    Ok(sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM snapshots WHERE volume_id = ?1), \
+                (SELECT COUNT(*) FROM volumes WHERE source_volume_id = ?1 AND status = 'creating')",
+    )
+    .bind(id)
+    .fetch_one(&mut *conn)
+    .await?)
+}
+
 /// The backup still being made of volume `id`, if any: it reads the volume where it lies (or a temporary
 /// snapshot of it there).
 pub async fn backup_in_progress(conn: &mut SqliteConnection, id: &str) -> Result<Option<String>> {
