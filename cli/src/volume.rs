@@ -160,8 +160,9 @@ enum VolumeAction {
         #[arg(long)]
         wait: bool,
     },
-    /// Admin: move an available volume without snapshots to another pool; its data is copied from storage
-    /// node to storage node, and the old copy is wiped and removed.
+    /// Admin: move a volume without snapshots to another pool; its data is copied from storage node to storage
+    /// node, and the old copy is wiped and removed. An attached volume moves to another storage host while its
+    /// guest runs (the compute host mirrors the disk and switches to the new copy).
     Migrate {
         /// Volume id.
         id: String,

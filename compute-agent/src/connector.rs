@@ -56,6 +56,11 @@ fn failed_with(e: &ComputeError, codes: &[i32]) -> bool {
 }
 
 impl Connectors {
+    /// True when `iscsi` connections go through the kernel initiator (sessions the host holds), not QEMU's own.
+    pub fn kernel_initiator(&self) -> bool {
+        self.iscsi_mode == IscsiMode::Kernel
+    }
+
     /// Writes `bytes` to a private file in the state dir, runs `f` with its path, and removes it.
     async fn with_private_file<T>(
         &self,

@@ -25,6 +25,20 @@ pub enum DiskSource {
     File(String),
 }
 
+impl DiskSource {
+    /// What the source points at, in the form [`disks`] reads back from a domain's XML, so the two compare.
+    pub fn identity(&self) -> String {
+        match self {
+            DiskSource::IscsiNetwork { portal, iqn, lun, .. } => {
+                let (host, port) = portal.rsplit_once(':').unwrap_or((portal, "3260"));
+                format!("iscsi://{host}:{port}/{iqn}/{lun}")
+            }
+            DiskSource::Block(dev) => format!("block:{dev}"),
+            DiskSource::File(path) => format!("file:{path}"),
+        }
+    }
+}
+
 /// A disk to attach.
 #[derive(Debug, Clone)]
 pub struct DiskSpec {
@@ -116,6 +130,26 @@ pub struct DomainDisk {
     pub target: String,
     /// `<serial>`, when set.
     pub serial: String,
+    /// What its `<source>` points at, as [`DiskSource::identity`] writes it (empty for a disk without one).
+    pub source: String,
+}
+
+/// The identity of a `<disk>` element's source (see [`DiskSource::identity`]).
+fn source_identity(disk: roxmltree::Node) -> String {
+    let Some(source) = disk.children().find(|c| c.has_tag_name("source")) else { return String::new() };
+    match disk.attribute("type") {
+        Some("network") => {
+            let host = source.children().find(|c| c.has_tag_name("host"));
+            let name = host.and_then(|h| h.attribute("name")).unwrap_or_default();
+            let port = host.and_then(|h| h.attribute("port")).unwrap_or("3260");
+            format!("{}://{name}:{port}/{}", source.attribute("protocol").unwrap_or_default(), {
+                source.attribute("name").unwrap_or_default()
+            })
+        }
+        Some("block") => format!("block:{}", source.attribute("dev").unwrap_or_default()),
+        Some("file") => format!("file:{}", source.attribute("file").unwrap_or_default()),
+        _ => String::new(),
+    }
 }
 
 /// The disks in a domain's XML (live or persistent).
@@ -126,7 +160,7 @@ pub fn disks(domain_xml: &str) -> Result<Vec<DomainDisk>, String> {
         let child = |name: &str| disk.children().find(|c| c.has_tag_name(name));
         let target = child("target").and_then(|t| t.attribute("dev")).unwrap_or_default().to_string();
         let serial = child("serial").and_then(|s| s.text()).unwrap_or_default().trim().to_string();
-        out.push(DomainDisk { target, serial });
+        out.push(DomainDisk { target, serial, source: source_identity(disk) });
     }
     Ok(out)
 }
@@ -164,8 +198,12 @@ mod tests {
         assert_eq!(
             d,
             [
-                DomainDisk { target: "vda".into(), serial: "11111111-1111-1111-1111-111111111111".into() },
-                DomainDisk { target: "vdb".into(), serial: String::new() },
+                DomainDisk {
+                    target: "vda".into(),
+                    serial: "11111111-1111-1111-1111-111111111111".into(),
+                    source: "iscsi://:3260/iqn.x/1".into()
+                },
+                DomainDisk { target: "vdb".into(), serial: String::new(), source: "file:/x".into() },
             ]
         );
         let used: Vec<String> = d.into_iter().map(|d| d.target).collect();
@@ -173,6 +211,16 @@ mod tests {
         let all: Vec<String> = (0..26).map(|i| format!("vd{}", (b'a' + i) as char)).collect();
         assert_eq!(next_free_target(&all), "vdaa");
         assert!(disks("<domain").is_err());
+    }
+
+    #[test]
+    fn reads_the_source_libvirt_shows_after_a_block_copy() {
+        // Captured from libvirt 9.0 after `virsh blockcopy --xml … --pivot` moved a file disk onto an iSCSI LUN.
+        let live = include_str!("../testdata/virsh-dumpxml-after-blockcopy.xml");
+        let d = disks(live).unwrap();
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].serial, "probe-serial");
+        assert_eq!(d[0].source, "iscsi://127.0.0.1:13260/iqn.2010-10.org.ember:volume-dst/1");
     }
 
     #[test]
@@ -205,7 +253,15 @@ mod tests {
         let source = doc.descendants().find(|n| n.has_tag_name("source")).unwrap();
         assert_eq!(source.attribute("name"), Some("iqn.2010-10.org.ember:volume-1/1"));
         let wrapped = format!("<domain><devices>{xml}</devices></domain>");
-        assert_eq!(disks(&wrapped).unwrap()[0].serial, "22222222-2222-2222-2222-222222222222");
+        let read_back = &disks(&wrapped).unwrap()[0];
+        assert_eq!(read_back.serial, "22222222-2222-2222-2222-222222222222");
+        assert_eq!(read_back.source, spec.source.identity(), "what is written reads back as the same source");
+        assert_eq!(read_back.source, "iscsi://127.0.0.1:3260/iqn.2010-10.org.ember:volume-1/1");
+        for source in [DiskSource::Block("/dev/sdb".into()), DiskSource::File("/mnt/x/volume-2".into())] {
+            let xml = disk_xml(&DiskSpec { source: source.clone(), ..spec.clone() });
+            let wrapped = format!("<domain><devices>{xml}</devices></domain>");
+            assert_eq!(disks(&wrapped).unwrap()[0].source, source.identity());
+        }
         let secret = secret_xml("22222222-2222-2222-2222-222222222222", "ember-volume-2");
         assert!(roxmltree::Document::parse(&secret).is_ok());
     }

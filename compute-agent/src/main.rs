@@ -7,6 +7,7 @@ mod error;
 mod instances;
 mod libvirtd;
 mod service;
+mod swap;
 mod virsh;
 
 use clap::Parser;

@@ -4,7 +4,7 @@
 //! Attach: connect → add the disk (next free `vdX`, serial = volume id) live and persistent → confirm it in the
 //! live XML. Detach: remove the disk → confirm it left the live XML (a guest that does not answer the unplug
 //! within the deadline is an error, never a silent success) → disconnect. Both are idempotent, so the
-//! coordinator may repeat them after any crash.
+//! coordinator may repeat them after any crash. Swapping an attached volume onto another copy is in `swap.rs`.
 
 use crate::connector::Connectors;
 use crate::domain_xml::{DiskSpec, disk_xml, next_free_target};
@@ -190,6 +190,12 @@ impl ComputeAgent for ComputeService {
         let span = tracing::info_span!("extend_volume", volume_id = %r.volume_id);
         let capacity_bytes = self.0.extend(r).instrument(span).await?;
         Ok(Response::new(ExtendAttachedVolumeResponse { capacity_bytes }))
+    }
+
+    async fn swap_volume(&self, req: Request<SwapVolumeRequest>) -> Result<Response<SwapVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let span = tracing::info_span!("swap_volume", volume_id = %r.volume_id, instance = %r.instance);
+        Ok(Response::new(self.0.swap(r).instrument(span).await?))
     }
 
     async fn start_instance(

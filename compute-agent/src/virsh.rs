@@ -49,6 +49,23 @@ pub fn parse_capacity(text: &str) -> Option<u64> {
     text.lines().find_map(|l| l.strip_prefix("Capacity:")).and_then(|v| v.trim().parse().ok())
 }
 
+/// Progress of a disk's block job, from `virsh blockjob --info --raw`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockJob {
+    /// Bytes done.
+    pub cur: u64,
+    /// Bytes to do (grows while the guest writes during a copy).
+    pub end: u64,
+}
+
+/// Parses `virsh blockjob DOMAIN DISK --info --raw`: ` key=value` lines, or an empty line when the disk has no job.
+pub fn parse_block_job(text: &str) -> Option<BlockJob> {
+    let value = |key: &str| {
+        text.lines().find_map(|l| l.trim().strip_prefix(key)?.strip_prefix('=')?.trim().parse::<u64>().ok())
+    };
+    Some(BlockJob { cur: value("cur")?, end: value("end")? })
+}
+
 impl Virsh {
     async fn run(&self, args: &[&str]) -> Result<String> {
         let mut argv = vec!["-c", &self.uri];
@@ -119,6 +136,29 @@ impl Virsh {
         })
     }
 
+    /// Starts copying disk `target` of a running domain onto the `<source>` of the disk element in `xml_file`,
+    /// which must exist and be as large (QEMU's drive-mirror; libvirt records the new source in the persistent
+    /// definition at the pivot). The job lives as long as the domain, not across libvirtd restarts.
+    pub async fn blockcopy(&self, uuid: &str, target: &str, xml_file: &Path) -> Result<()> {
+        let xml = xml_file.to_string_lossy();
+        self.run(&["blockcopy", uuid, target, "--xml", &xml, "--reuse-external", "--transient-job"]).await.map(drop)
+    }
+
+    /// The block job running on disk `target`, if any.
+    pub async fn block_job(&self, uuid: &str, target: &str) -> Result<Option<BlockJob>> {
+        Ok(parse_block_job(&self.run(&["blockjob", uuid, target, "--info", "--raw"]).await?))
+    }
+
+    /// Switches disk `target` to its copy's destination, once the copy job is ready (mirroring).
+    pub async fn pivot(&self, uuid: &str, target: &str) -> Result<()> {
+        self.run(&["blockjob", uuid, target, "--pivot"]).await.map(drop)
+    }
+
+    /// Cancels the block job on disk `target`; the disk stays on its source.
+    pub async fn abort_block_job(&self, uuid: &str, target: &str) -> Result<()> {
+        self.run(&["blockjob", uuid, target, "--abort"]).await.map(drop)
+    }
+
     /// Defines a domain from an XML file.
     pub async fn define(&self, xml_file: &Path) -> Result<()> {
         self.run(&["define", &xml_file.to_string_lossy()]).await.map(drop)
@@ -170,6 +210,13 @@ mod tests {
         let list = super::parse_domain_list(text);
         assert_eq!(list.len(), 2);
         assert_eq!(list[1], ("7c0d1e9a-0000-4000-8000-000000000002".into(), "vm-two".into()));
+    }
+
+    #[test]
+    fn parses_block_job_progress() {
+        let text = include_str!("../testdata/virsh-blockjob-info-raw.txt");
+        assert_eq!(super::parse_block_job(text), Some(super::BlockJob { cur: 22020096, end: 67108864 }));
+        assert_eq!(super::parse_block_job("\n"), None, "a disk without a job");
     }
 
     #[test]

@@ -191,9 +191,17 @@ impl Attachments {
             return Ok(());
         }
         let volume_id: String = a.get(1);
-        if volumes::find(&mut tx, &volume_id).await?.is_some_and(|v| v.status == "extending") {
+        let volume_status = volumes::find(&mut tx, &volume_id).await?.map(|v| v.status).unwrap_or_default();
+        if volume_status == "extending" {
             return Err(Error::FailedPrecondition(format!(
                 "volume {volume_id} is extending; detach it once the extend has ended"
+            )));
+        }
+        // A migration swaps the guest's disk; a forced detach (a compute host gone for good) makes it give up.
+        if matches!(volume_status.as_str(), "migrating" | "retyping") && !force {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {volume_id} is {volume_status}; detach it once that has ended (an admin may force the detach \
+                 of a compute host that is gone)"
             )));
         }
         let moved = sqlx::query(
@@ -301,7 +309,11 @@ pub(crate) async fn load(ctx: &Ctx, id: &str) -> Result<Option<(sqlx::sqlite::Sq
 
 /// The connection facts of an attachment, as stored (without the CHAP secret).
 pub(crate) fn stored_connection(a: &sqlx::sqlite::SqliteRow) -> agent::Connection {
-    let c: serde_json::Value = serde_json::from_str(a.get::<&str, _>(11)).unwrap_or_default();
+    connection_from_json(&serde_json::from_str(a.get::<&str, _>(11)).unwrap_or_default())
+}
+
+/// Connection facts as stored (without the CHAP secret).
+pub(crate) fn connection_from_json(c: &serde_json::Value) -> agent::Connection {
     let text = |k: &str| c[k].as_str().unwrap_or_default().to_string();
     agent::Connection {
         driver_volume_type: text("driver_volume_type"),
@@ -365,27 +377,28 @@ async fn fail_attach(ctx: &Arc<Ctx>, op: &Op, v: &volumes::VolumeRow, reason: &s
     Ok(Outcome::Finished)
 }
 
-/// Exports the volume to the attachment's initiator and records the connection facts on the attachment (before
-/// any compute agent is called, so an undo after a crash knows what to disconnect). `Err(status)` is the
-/// storage agent's refusal.
-pub(crate) async fn export_attachment(
+/// Exports volume `v`'s copy on `host`/`backend` to `initiator`, with the volume's CHAP credentials. Returns the
+/// connection (with the CHAP secret, for a compute agent) and its facts to store (without it). `Err(status)` is
+/// the storage agent's refusal.
+pub(crate) async fn export_copy(
     ctx: &Arc<Ctx>,
-    attachment_id: &str,
     v: &volumes::VolumeRow,
+    host: &str,
+    backend: &str,
     initiator: &str,
     read_only: bool,
-) -> Result<Result<agent::Connection, Status>> {
+) -> Result<Result<(agent::Connection, serde_json::Value), Status>> {
     let (user, password) = {
         let mut tx = crate::db::write(&ctx.db).await?;
         let creds = crate::volumes::api::ensure_chap(&mut tx, v).await?;
         tx.commit().await?;
         creds
     };
-    let mut storage = ctx.agents.storage(&v.host).await?;
+    let mut storage = ctx.agents.storage(host).await?;
     let export = match storage
         .export_volume(agent::ExportVolumeRequest {
             volume_id: v.id.clone(),
-            backend: v.backend.clone(),
+            backend: backend.to_string(),
             initiator: initiator.to_string(),
             chap_username: user.clone(),
             chap_password: password.clone(),
@@ -401,24 +414,42 @@ pub(crate) async fn export_attachment(
         "target_iqn": export.target_iqn, "target_lun": export.target_lun, "auth_username": user,
         "export": export.export, "path": export.path, "mount_options": export.mount_options, "read_only": read_only,
     });
+    let mut connection = connection_from_json(&stored);
+    connection.auth_password = password;
+    Ok(Ok((connection, stored)))
+}
+
+/// Exports the volume to the attachment's initiator and records the connection facts on the attachment (before
+/// any compute agent is called, so an undo after a crash knows what to disconnect). `Err(status)` is the
+/// storage agent's refusal.
+pub(crate) async fn export_attachment(
+    ctx: &Arc<Ctx>,
+    attachment_id: &str,
+    v: &volumes::VolumeRow,
+    initiator: &str,
+    read_only: bool,
+) -> Result<Result<agent::Connection, Status>> {
+    let (connection, stored) = match export_copy(ctx, v, &v.host, &v.backend, initiator, read_only).await? {
+        Ok(exported) => exported,
+        Err(status) => return Ok(Err(status)),
+    };
+    record_connection(&mut *ctx.db.acquire().await?, attachment_id, &stored).await?;
+    Ok(Ok(connection))
+}
+
+/// Records the connection facts (without the CHAP secret) an attachment reaches its volume by.
+pub(crate) async fn record_connection(
+    conn: &mut SqliteConnection,
+    attachment_id: &str,
+    stored: &serde_json::Value,
+) -> Result<()> {
     sqlx::query("UPDATE attachments SET connection = ?, updated_at = ? WHERE id = ?")
         .bind(stored.to_string())
         .bind(now_ms())
         .bind(attachment_id)
-        .execute(&ctx.db)
+        .execute(&mut *conn)
         .await?;
-    Ok(Ok(agent::Connection {
-        driver_volume_type: export.driver_volume_type,
-        target_portal: export.target_portal,
-        target_iqn: export.target_iqn,
-        target_lun: export.target_lun,
-        auth_username: user,
-        auth_password: password,
-        export: export.export,
-        path: export.path,
-        mount_options: export.mount_options,
-        read_only,
-    }))
+    Ok(())
 }
 
 /// Attach flow: export to the compute host's initiator → the compute agent connects and adds the disk →

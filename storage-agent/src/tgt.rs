@@ -196,10 +196,7 @@ impl Tgt {
         let Some(t) = self.targets().await?.into_iter().find(|t| t.iqn == iqn) else { return Ok(()) };
         let (tid, backing) = (t.tid.to_string(), backing.to_string_lossy());
         self.set_state(&tid, "offline").await?;
-        if ember_common::failpoint::armed("storage.abort_in_lun_refresh") {
-            tracing::error!("failpoint storage.abort_in_lun_refresh: aborting");
-            std::process::abort();
-        }
+        ember_common::failpoint::abort_if_armed("storage.abort_in_lun_refresh");
         let remade = self.remake_lun(&tid, &backing).await;
         let ready = self.set_state(&tid, "ready").await;
         remade.and(ready)

@@ -1,4 +1,4 @@
-//! Moving an available volume to another pool (Cinder's migrate, host-assisted in Cinder; here the destination's
+//! Moving a volume to another pool (Cinder's migrate, host-assisted in Cinder; here the destination's
 //! storage agent reads the source's directly, agent to agent, and holes stay holes).
 //!
 //! The call places the volume on a destination pool with the scheduler's filters, under the scheduling lock,
@@ -9,9 +9,12 @@
 //! → `available`. A failed create or copy removes the partial copy and leaves the volume `available` where it
 //! was, with the reason. Whatever copy an agent that cannot be reached keeps is an orphan, which the sweeper
 //! removes once that agent is back.
+//!
+//! An attached (`in-use`) volume moves too, its guest running: see `swap.rs` for its steps in place of `copying`.
 
 use super::flow::transient;
 use super::store::{self, VolumeRow};
+use super::swap::{self, AttachedLeg};
 use crate::context::Ctx;
 use crate::error::{Error, Result};
 use crate::operations::{self, Op, Outcome};
@@ -38,7 +41,15 @@ pub async fn migrate(ctx: &Arc<Ctx>, who: &Identity, req: MigrateVolumeRequest) 
     if named.is_some() && wanted == current {
         return Err(Error::invalid("pool", format!("volume {} is already on {current}", v.id)));
     }
-    check_movable(&mut tx, &v, "migrate").await?;
+    let leg = check_movable(&mut tx, &v, "migrate").await?;
+    let pools = match (&leg, named) {
+        (None, _) => pools,
+        (Some(_), Some((host, _))) => {
+            swap::check_destination(&v, host)?;
+            pools
+        }
+        (Some(_), None) => pools.into_iter().filter(|p| p.host != v.host).collect(),
+    };
     let vtype = volume_types::load(&mut tx, &v.volume_type_id).await?;
     let request = Request {
         size_gb: v.size_gb as u64,
@@ -57,7 +68,7 @@ pub async fn migrate(ctx: &Arc<Ctx>, who: &Identity, req: MigrateVolumeRequest) 
             return Err(Error::FailedPrecondition(format!("volume {} cannot move: {none}", v.id)));
         }
     };
-    begin(ctx, tx, &v, pool, None).await
+    begin(ctx, tx, &v, pool, None, leg).await
 }
 
 /// Starts retyping volume `v` by moving it (Cinder's retype with migration policy `on-demand`), its pool not
@@ -70,7 +81,8 @@ pub(crate) async fn retype_elsewhere(
     new_type: &VolumeType,
     pools: &[PoolState],
 ) -> Result<Volume> {
-    check_movable(&mut tx, v, "retype it elsewhere").await?;
+    let leg = check_movable(&mut tx, v, "retype it elsewhere").await?;
+    let pools: Vec<PoolState> = pools.iter().filter(|p| leg.is_none() || p.host != v.host).cloned().collect();
     let request = Request {
         size_gb: v.size_gb as u64,
         availability_zone: Some(v.availability_zone.clone()),
@@ -78,39 +90,43 @@ pub(crate) async fn retype_elsewhere(
         tried: vec![format!("{}@{}", v.host, v.backend)],
         only: None,
     };
-    let pool = scheduler::choose(&request, pools, ctx.capacity_weight_multiplier).map_err(|none| {
+    let pool = scheduler::choose(&request, &pools, ctx.capacity_weight_multiplier).map_err(|none| {
         Error::FailedPrecondition(format!(
             "pool {}@{} does not satisfy type {}, and no other pool of zone {} can take the volume: {none}",
             v.host, v.backend, new_type.name, v.availability_zone
         ))
     })?;
     ctx.quota.reserve(&mut tx, &v.project, &super::retype::per_type_usage(&new_type.name, v.size_gb, &[])).await?;
-    begin(ctx, tx, v, pool, Some(new_type)).await
+    begin(ctx, tx, v, pool, Some(new_type), leg).await
 }
 
-/// Refuses to move a volume that is not `available` (`what` the caller tried), or whose data something else
-/// still relies on where it is.
-async fn check_movable(conn: &mut sqlx::SqliteConnection, v: &VolumeRow, what: &str) -> Result<()> {
-    if v.status != "available" {
+/// Refuses to move a volume that is neither `available` nor `in-use` (`what` the caller tried), or whose data
+/// something else still relies on where it is. Returns the attachment an `in-use` volume moves with.
+async fn check_movable(conn: &mut sqlx::SqliteConnection, v: &VolumeRow, what: &str) -> Result<Option<AttachedLeg>> {
+    if v.status != "available" && v.status != "in-use" {
         return Err(Error::FailedPrecondition(format!(
-            "volume {} is {}; to {what} it must be available (detach an attached volume first)",
+            "volume {} is {}; to {what} it must be available or in-use",
             v.id, v.status
         )));
     }
-    refuse_if_held(conn, v).await
+    refuse_if_held(conn, v).await?;
+    swap::attached_leg(conn, v).await
 }
 
-/// Records in `tx`, and starts, the move of volume `v` to `pool`: the volume is `migrating` (`retyping` when it
-/// takes `new_type` on arrival), and the destination is on its row.
+/// Records in `tx`, and starts, the move of volume `v` (with its attachment `leg`, if in use) to `pool`: the
+/// volume is `migrating` (`retyping` when it takes `new_type` on arrival), and the destination is on its row.
 async fn begin(
     ctx: &Arc<Ctx>,
     mut tx: crate::db::WriteTx,
     v: &VolumeRow,
     pool: &PoolState,
     new_type: Option<&VolumeType>,
+    leg: Option<AttachedLeg>,
 ) -> Result<Volume> {
     let status = if new_type.is_some() { "retyping" } else { "migrating" };
-    store::transition(&mut tx, &v.id, &["available"], status, "").await?;
+    if !store::transition(&mut tx, &v.id, &[v.status.as_str()], status, "").await? {
+        return Err(Error::FailedPrecondition(format!("volume {} changed meanwhile; try again", v.id)));
+    }
     sqlx::query("UPDATE volumes SET migrate_host = ?, migrate_backend = ? WHERE id = ?")
         .bind(&pool.host)
         .bind(&pool.backend)
@@ -124,11 +140,14 @@ async fn begin(
     if let Some(t) = new_type {
         payload["retype_to"] = serde_json::json!({ "id": t.id, "name": t.name });
     }
+    if let Some(leg) = &leg {
+        payload["attachment"] = leg.to_json();
+    }
     let op = operations::insert(&mut tx, "migrate_volume", "volume", &v.id, "creating", payload).await?;
     let shown = store::find(&mut tx, &v.id).await?.ok_or_else(|| Error::not_found("volume", &v.id))?;
     let shown = store::to_proto(&mut tx, &shown).await?;
     tx.commit().await?;
-    tracing::info!(volume_id = %v.id, to = %pool.name(), status, "volume migration started");
+    tracing::info!(volume_id = %v.id, to = %pool.name(), status, attached = leg.is_some(), "volume migration started");
     operations::spawn(ctx, op);
     Ok(shown)
 }
@@ -167,6 +186,8 @@ struct Route {
     to_zone: String,
     /// The type (id, name) the volume takes on arrival, for a retype that moves it.
     retype_to: Option<(String, String)>,
+    /// The attachment of a volume that moves while in use.
+    attached: Option<AttachedLeg>,
 }
 
 impl Route {
@@ -181,6 +202,7 @@ impl Route {
             retype_to: op.payload["retype_to"]["id"]
                 .as_str()
                 .map(|id| (id.to_string(), op.payload["retype_to"]["name"].as_str().unwrap_or_default().to_string())),
+            attached: AttachedLeg::of(op),
         }
     }
 
@@ -223,7 +245,8 @@ pub async fn migrate_flow(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
                 match dest.create_volume(create).await {
                     Ok(_) => {
                         let mut conn = ctx.db.acquire().await?;
-                        operations::advance(&mut conn, &mut op, "copying").await?;
+                        let next = if route.attached.is_some() { "exporting" } else { "copying" };
+                        operations::advance(&mut conn, &mut op, next).await?;
                     }
                     Err(status) if transient(&status) && both_up(ctx, &route).await? => {
                         return Ok(Outcome::Retry(format!("storage agent {}: {}", route.to_host, status.message())));
@@ -247,22 +270,7 @@ pub async fn migrate_flow(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
                 match dest.copy_volume_from(copy).await {
                     Ok(copied) => {
                         failpoint::hit("migrate_volume.copied");
-                        let mut tx = crate::db::write(&ctx.db).await?;
-                        sqlx::query(
-                            "UPDATE volumes SET host = ?, backend = ?, availability_zone = ?, migrate_host = '', \
-                             migrate_backend = '' WHERE id = ?",
-                        )
-                        .bind(&route.to_host)
-                        .bind(&route.to_backend)
-                        .bind(&route.to_zone)
-                        .bind(&v.id)
-                        .execute(&mut *tx)
-                        .await?;
-                        if let Some((type_id, type_name)) = &route.retype_to {
-                            arrive_as(ctx, &mut tx, &v, type_id, type_name, &route.reserved(&v)).await?;
-                        }
-                        operations::advance(&mut tx, &mut op, "cleaning").await?;
-                        tx.commit().await?;
+                        arrive(ctx, &mut op, &v, &route, None).await?;
                         let written = copied.into_inner().bytes_written;
                         tracing::info!(volume_id = %v.id, to = %route.to(), written, "volume moved to its new pool");
                     }
@@ -272,9 +280,35 @@ pub async fn migrate_flow(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
                     Err(status) => return give_up(ctx, &op, &v, &route, status.message()).await,
                 }
             }
+            "exporting" | "swapping" => {
+                let Some(leg) = route.attached.clone() else {
+                    return give_up(ctx, &op, &v, &route, "an attached step without an attachment").await;
+                };
+                let step = if op.step == "exporting" {
+                    swap::export_new_copy(ctx, &mut op, &v, &leg, &route.to_host, &route.to_backend).await?
+                } else {
+                    match swap::swap_domain(ctx, &op, &v, &leg).await? {
+                        Ok(connection) => {
+                            failpoint::hit("migrate_volume.swapped");
+                            arrive(ctx, &mut op, &v, &route, Some((&leg.attachment_id, &connection))).await?;
+                            tracing::info!(volume_id = %v.id, to = %route.to(), "attached volume moved to its new pool");
+                            swap::Step::Next
+                        }
+                        Err(step) => step,
+                    }
+                };
+                match step {
+                    swap::Step::Next => {}
+                    swap::Step::Retry(why) => return Ok(Outcome::Retry(why)),
+                    swap::Step::GiveUp(why) => return give_up(ctx, &op, &v, &route, &why).await,
+                }
+            }
             "cleaning" => {
                 // The row already names the new pool, so the old copy is an orphan: should this fail, the sweeper
-                // removes it later.
+                // removes it later. The old export goes first: the guest has let go of it.
+                if let Some(leg) = &route.attached {
+                    swap::unexport(ctx, &v, leg, &route.from_host, &route.from_backend).await;
+                }
                 let old = agent::DeleteVolumeRequest { volume_id: v.id.clone(), backend: route.from_backend.clone() };
                 let removed = match ctx.agents.storage(&route.from_host).await {
                     Ok(mut source) => source.delete_volume(old).await.map_err(|s| s.message().to_string()),
@@ -284,7 +318,8 @@ pub async fn migrate_flow(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
                     tracing::warn!(volume_id = %v.id, from = %route.from_host, %why, "old copy left to the sweeper");
                 }
                 let mut tx = crate::db::write(&ctx.db).await?;
-                store::transition(&mut tx, &v.id, &["migrating", "retyping"], "available", "").await?;
+                let settled = crate::attachments::settled_status(&mut tx, &v.id).await?;
+                store::transition(&mut tx, &v.id, &["migrating", "retyping"], settled, "").await?;
                 operations::finish(&mut tx, &op, None).await?;
                 tx.commit().await?;
                 return Ok(Outcome::Finished);
@@ -306,8 +341,41 @@ async fn both_up(ctx: &Ctx, route: &Route) -> Result<bool> {
         && super::manage::pool_served(ctx, &mut conn, &route.from_host, &route.from_backend).await?)
 }
 
-/// Ends a migration that could not create or fill the copy: the partial copy is removed (or left to the
-/// sweeper when its agent does not answer), and the volume is `available` where it was, with the reason.
+/// The volume has arrived on its new pool: in one transaction its row names that pool (and, for a retype, the
+/// new type), an attached volume's attachment records its new `connection`, and the operation moves on to
+/// `cleaning`.
+async fn arrive(
+    ctx: &Ctx,
+    op: &mut Op,
+    v: &VolumeRow,
+    route: &Route,
+    connection: Option<(&str, &serde_json::Value)>,
+) -> Result<()> {
+    let mut tx = crate::db::write(&ctx.db).await?;
+    sqlx::query(
+        "UPDATE volumes SET host = ?, backend = ?, availability_zone = ?, migrate_host = '', migrate_backend = '' \
+         WHERE id = ?",
+    )
+    .bind(&route.to_host)
+    .bind(&route.to_backend)
+    .bind(&route.to_zone)
+    .bind(&v.id)
+    .execute(&mut *tx)
+    .await?;
+    if let Some((type_id, type_name)) = &route.retype_to {
+        arrive_as(ctx, &mut tx, v, type_id, type_name, &route.reserved(v)).await?;
+    }
+    if let Some((attachment_id, connection)) = connection {
+        crate::attachments::record_connection(&mut tx, attachment_id, connection).await?;
+    }
+    operations::advance(&mut tx, op, "cleaning").await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Ends a migration that could not create or fill the copy (or swap an attached volume onto it): the partial
+/// copy is removed with its export (or left to the sweeper when its agent does not answer), and the volume is
+/// `available` (or `in-use`) where it was, with the reason.
 async fn give_up(ctx: &Ctx, op: &Op, v: &VolumeRow, route: &Route, why: &str) -> Result<Outcome> {
     let what = if route.retype_to.is_some() { "retype by migration" } else { "migration" };
     let reason = format!("{what} to {} failed: {why}", route.to());
@@ -325,7 +393,8 @@ async fn give_up(ctx: &Ctx, op: &Op, v: &VolumeRow, route: &Route, why: &str) ->
         .execute(&mut *tx)
         .await?;
     ctx.quota.rollback(&mut tx, &v.project, &route.reserved(v)).await?;
-    store::transition(&mut tx, &v.id, &["migrating", "retyping"], "available", &reason).await?;
+    let settled = crate::attachments::settled_status(&mut tx, &v.id).await?;
+    store::transition(&mut tx, &v.id, &["migrating", "retyping"], settled, &reason).await?;
     operations::finish(&mut tx, op, Some(&reason)).await?;
     tx.commit().await?;
     tracing::warn!(volume_id = %v.id, %reason, "volume migration failed");

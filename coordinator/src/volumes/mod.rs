@@ -11,3 +11,4 @@ pub mod migrate;
 pub mod retype;
 pub mod revert;
 pub mod store;
+pub mod swap;

@@ -53,6 +53,17 @@ pub async fn retype(ctx: &Arc<Ctx>, who: &Identity, req: RetypeVolumeRequest) ->
     }
     let new_type = volume_types::load(&mut tx, &new_id).await?;
     volume_types::check_size(&new_type, "volume_type", v.size_gb as u64)?;
+    if v.status == "in-use" {
+        // Cinder's rule too: a guest's disk keeps the limits it was attached with, wherever the volume goes.
+        let old_type = volume_types::load(&mut tx, &v.volume_type_id).await?;
+        if volume_types::front_end_qos(&old_type.extra_specs)? != volume_types::front_end_qos(&new_type.extra_specs)? {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {} is attached, and types {} and {} set different front-end QoS (qos:), which its guest's \
+                 disk keeps until it is detached; detach it first",
+                v.id, old_type.name, new_type.name
+            )));
+        }
+    }
     let pool = pools::current(ctx, &v.host, &v.backend).await?.ok_or_else(|| {
         Error::FailedPrecondition(format!(
             "pool {}@{} is down, so whether it satisfies type {} cannot be checked",
@@ -69,17 +80,6 @@ pub async fn retype(ctx: &Arc<Ctx>, who: &Identity, req: RetypeVolumeRequest) ->
             pool.name(),
             new_type.name
         )));
-    }
-    if v.status == "in-use" {
-        // Cinder's rule too: a guest's disk keeps the limits it was attached with.
-        let old_type = volume_types::load(&mut tx, &v.volume_type_id).await?;
-        if volume_types::front_end_qos(&old_type.extra_specs)? != volume_types::front_end_qos(&new_type.extra_specs)? {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {} is attached, and types {} and {} set different front-end QoS (qos:), which its guest's \
-                 disk keeps until it is detached; detach it first",
-                v.id, old_type.name, new_type.name
-            )));
-        }
     }
     let multiattach = super::api::type_allows_multiattach(&new_type.extra_specs);
     let attachments: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM attachments WHERE volume_id = ?")
