@@ -64,6 +64,12 @@ enum VolumeAction {
         /// Client-chosen key making the create safe to repeat.
         #[arg(long, default_value = "")]
         idempotency_key: String,
+        /// Put it on the storage host of this volume (repeatable; Cinder's `--hint same_host=`).
+        #[arg(long = "same-host", value_name = "VOLUME_ID")]
+        same_host: Vec<String>,
+        /// Keep it off the storage host of this volume (repeatable; Cinder's `--hint different_host=`).
+        #[arg(long = "different-host", value_name = "VOLUME_ID")]
+        different_host: Vec<String>,
         /// Wait until the volume is available (or failed), showing progress.
         #[arg(long)]
         wait: bool,
@@ -383,8 +389,12 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
             backup,
             image,
             idempotency_key,
+            same_host,
+            different_host,
             wait,
         } => {
+            let hinted = !same_host.is_empty() || !different_host.is_empty();
+            let scheduler_hints = hinted.then_some(SchedulerHints { same_host, different_host });
             let req = CreateVolumeRequest {
                 size_gb: size,
                 name,
@@ -398,6 +408,7 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                 backup_id: backup,
                 image,
                 idempotency_key,
+                scheduler_hints,
                 ..Default::default()
             };
             let v = client.create_volume(req).await?.into_inner();

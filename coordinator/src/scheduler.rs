@@ -62,6 +62,10 @@ pub struct Request {
     pub tried: Vec<String>,
     /// When set, only this `host@backend` may take the volume (a copy of a local snapshot or volume).
     pub only: Option<String>,
+    /// Storage hosts the volume must be on (each of them: two different hosts cannot both hold it).
+    pub same_host: Vec<String>,
+    /// Storage hosts the volume must not be on.
+    pub different_host: Vec<String>,
 }
 
 impl Request {
@@ -107,6 +111,22 @@ pub fn placement_filter(req: &Request, pool: &PoolState) -> Result<(), String> {
         Some(only) if *only != name => Err(format!("the source lives on {only}")),
         _ => Ok(()),
     }
+}
+
+/// SameHostFilter (Cinder's SameBackendFilter, by storage host): on the host of every volume named.
+pub fn same_host_filter(req: &Request, pool: &PoolState) -> Result<(), String> {
+    match req.same_host.iter().find(|h| **h != pool.host) {
+        Some(other) => Err(format!("scheduler hint same_host asks for storage host {other}")),
+        None => Ok(()),
+    }
+}
+
+/// DifferentHostFilter (Cinder's DifferentBackendFilter, by storage host): off the host of every volume named.
+pub fn different_host_filter(req: &Request, pool: &PoolState) -> Result<(), String> {
+    if req.different_host.contains(&pool.host) {
+        return Err(format!("scheduler hint different_host keeps the volume off storage host {}", pool.host));
+    }
+    Ok(())
 }
 
 /// The virtual free capacity used by the capacity filter and weigher: `None` for infinite/unknown.
@@ -231,6 +251,8 @@ pub type Filter = fn(&Request, &PoolState) -> Result<(), String>;
 pub const FILTERS: &[(&str, Filter)] = &[
     ("AvailabilityZoneFilter", az_filter),
     ("IgnoreAttemptedHostsFilter", placement_filter),
+    ("SameHostFilter", same_host_filter),
+    ("DifferentHostFilter", different_host_filter),
     ("CapacityFilter", capacity_filter),
     ("CapabilitiesFilter", capabilities_filter),
 ];

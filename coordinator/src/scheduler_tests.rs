@@ -219,3 +219,22 @@ fn no_valid_backend_lists_every_pool() {
     assert!(text.contains("node@elsewhere: AvailabilityZoneFilter"), "{text}");
     assert!(choose(&r, &[], 1.0).unwrap_err().to_string().contains("no storage backend is up"));
 }
+
+#[test]
+fn scheduler_hints_compare_storage_hosts() {
+    let mut other = pool("b1");
+    other.host = "node2".into();
+    let (here, there) = (pool("b1"), other);
+    let apart = Request { different_host: vec!["node".into()], ..req(1) };
+    assert!(different_host_filter(&apart, &here).unwrap_err().contains("off storage host node"));
+    assert!(different_host_filter(&apart, &there).is_ok());
+    let together = Request { same_host: vec!["node2".into()], ..req(1) };
+    assert!(same_host_filter(&together, &here).unwrap_err().contains("asks for storage host node2"));
+    assert!(same_host_filter(&together, &there).is_ok());
+    let torn = Request { same_host: vec!["node".into(), "node2".into()], ..req(1) };
+    assert!(same_host_filter(&torn, &here).is_err() && same_host_filter(&torn, &there).is_err());
+    assert_eq!(choose(&apart, &[here.clone(), there.clone()], 1.0).unwrap().host, "node2");
+    let both = [here, there];
+    let err = choose(&Request { different_host: vec!["node".into(), "node2".into()], ..req(1) }, &both, 1.0);
+    assert!(err.unwrap_err().to_string().contains("node@b1: DifferentHostFilter"));
+}

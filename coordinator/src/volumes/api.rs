@@ -68,7 +68,8 @@ fn request_digest(req: &CreateVolumeRequest) -> String {
         req.snapshot_id,
         req.source_volume_id,
         req.backup_id,
-        req.image
+        req.image,
+        req.scheduler_hints.as_ref().map(|h| (&h.same_host, &h.different_host))
     ]))
 }
 
@@ -165,6 +166,7 @@ impl Volumes {
         let type_id = type_id_for(&mut tx, who, &req.volume_type).await?;
         let vtype = volume_types::load(&mut tx, &type_id).await?;
         let source = resolve_source(&self.ctx, &mut tx, who, &req).await?;
+        let hints = super::affinity::accept(&mut tx, who, req.scheduler_hints.as_ref()).await?;
         let size_gb = match (&source, req.size_gb) {
             (Some(s), 0) => s.size_gb,
             (Some(s), n) if n < s.size_gb => {
@@ -208,7 +210,8 @@ impl Volumes {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        let payload = serde_json::json!({ "tried": [], "only": source.and_then(|s| s.only), "image": req.image });
+        let only = source.and_then(|s| s.only);
+        let payload = serde_json::json!({ "tried": [], "only": only, "image": req.image, "hints": hints });
         let op = operations::insert(&mut tx, "create_volume", "volume", &id, "accepted", payload).await?;
         let v = store::find(&mut tx, &id).await?.ok_or_else(|| Error::not_found("volume", &id))?;
         let shown = store::to_proto(&mut tx, &v).await?;

@@ -37,11 +37,17 @@ pub async fn create(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
         drop(conn);
         match op.step.as_str() {
             "accepted" => {
-                let vtype = {
-                    let mut conn = ctx.db.acquire().await?;
-                    volume_types::load(&mut conn, &v.volume_type_id).await?
-                };
+                // Under the scheduling lock, so that a hinted volume placed just before counts where it went.
                 let _guard = ctx.schedule_lock.lock().await;
+                let (vtype, same_host, different_host) = {
+                    let mut conn = ctx.db.acquire().await?;
+                    let hints = &op.payload["hints"];
+                    (
+                        volume_types::load(&mut conn, &v.volume_type_id).await?,
+                        super::affinity::hosts(&mut conn, hints, "same_host").await?,
+                        super::affinity::hosts(&mut conn, hints, "different_host").await?,
+                    )
+                };
                 let pools = pools::candidates(ctx).await?;
                 let request = Request {
                     size_gb: v.size_gb as u64,
@@ -49,6 +55,8 @@ pub async fn create(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
                     extra_specs: vtype.extra_specs.into_iter().collect(),
                     tried: tried(&op),
                     only: op.payload["only"].as_str().map(String::from),
+                    same_host,
+                    different_host,
                 };
                 let mut tx = crate::db::write(&ctx.db).await?;
                 match scheduler::choose(&request, &pools, ctx.capacity_weight_multiplier) {

@@ -58,6 +58,7 @@ pub async fn migrate(ctx: &Arc<Ctx>, who: &Identity, req: MigrateVolumeRequest) 
         extra_specs: vtype.extra_specs.into_iter().collect(),
         tried: vec![current.clone()],
         only: named.map(|_| wanted.to_string()),
+        ..Default::default()
     };
     let pool = match scheduler::choose(&request, &pools, ctx.capacity_weight_multiplier) {
         Ok(pool) => pool,
@@ -88,7 +89,7 @@ pub(crate) async fn retype_elsewhere(
         availability_zone: Some(v.availability_zone.clone()),
         extra_specs: new_type.extra_specs.clone().into_iter().collect(),
         tried: vec![format!("{}@{}", v.host, v.backend)],
-        only: None,
+        ..Default::default()
     };
     let pool = scheduler::choose(&request, &pools, ctx.capacity_weight_multiplier).map_err(|none| {
         Error::FailedPrecondition(format!(

@@ -3,6 +3,7 @@
 //! ([`manageable`]), moving it to another pool ([`migrate`]), changing its type where it lies ([`retype`]),
 //! reverting it to a snapshot ([`revert`]), and the persisted rows ([`store`]).
 
+pub mod affinity;
 pub mod api;
 pub mod flow;
 pub mod manage;
