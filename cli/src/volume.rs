@@ -280,7 +280,7 @@ pub fn volume_json(v: &Volume) -> serde_json::Value {
         "status": v.status, "status_reason": v.status_reason, "volume_type": v.volume_type_name,
         "availability_zone": v.availability_zone, "host": v.host, "metadata": v.metadata, "bootable": v.bootable,
         "multiattach": v.multiattach, "source_snapshot_id": v.source_snapshot_id, "source_volume_id": v.source_volume_id,
-        "source_backup_id": v.source_backup_id, "migrating_to": v.migrating_to, "read_only": v.read_only,
+        "source_backup_id": v.source_backup_id, "migrating_to": v.migrating_to, "migration_progress": v.migration_progress, "read_only": v.read_only,
         "attachments": v.attachments.iter().map(|a| serde_json::json!({"id": a.id, "instance": a.instance, "host": a.host, "device": a.device})).collect::<Vec<_>>(),
         "created_at": output::time(&v.created_at), "updated_at": output::time(&v.updated_at),
     })
@@ -301,7 +301,11 @@ fn print_volumes(volumes: &[Volume], json: bool) {
                 v.status.clone(),
                 v.size_gb.to_string(),
                 v.volume_type_name.clone(),
-                if v.migrating_to.is_empty() { v.host.clone() } else { format!("{} → {}", v.host, v.migrating_to) },
+                if v.migrating_to.is_empty() {
+                    v.host.clone()
+                } else {
+                    format!("{} → {} ({}%)", v.host, v.migrating_to, v.migration_progress)
+                },
                 attached.join(","),
                 v.status_reason.clone(),
             ]
@@ -340,7 +344,8 @@ pub async fn wait_volume(client: &mut VolumeServiceClient<Channel>, id: &str) ->
     let mut stream = client.watch_volume(GetVolumeRequest { id: id.into() }).await?.into_inner();
     let started = std::time::Instant::now();
     while let Some(v) = stream.message().await? {
-        eprint!("\r{} {:<12} {:>5.1}s", v.id, v.status, started.elapsed().as_secs_f64());
+        let progress = if v.migrating_to.is_empty() { String::new() } else { format!(" {:>3}%", v.migration_progress) };
+        eprint!("\r{} {:<12} {:>5.1}s{progress}", v.id, v.status, started.elapsed().as_secs_f64());
         let _ = std::io::stderr().flush();
     }
     eprintln!();

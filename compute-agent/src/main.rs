@@ -39,6 +39,10 @@ struct ComputeConfig {
     iscsi_mode: Option<connector::IscsiMode>,
     /// Seconds a guest may take to release a detached disk (default 30).
     detach_timeout_secs: Option<u64>,
+    /// The most MiB per second QEMU's mirror copies when an attached volume moves to another pool, so that a
+    /// migration does not starve the guests' own I/O; 0 (the default) for no limit.
+    #[serde(default)]
+    swap_bandwidth_mib: u64,
     /// How instances boot (`[boot] kernel/initrd/cmdline` for direct kernel boot; BIOS otherwise).
     #[serde(default)]
     boot: instances::BootConfig,
@@ -189,6 +193,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         connectors: connector::Connectors { virsh: virsh.clone(), iscsi_mode, initiator, state_dir },
         virsh,
         detach_timeout: std::time::Duration::from_secs(file.detach_timeout_secs.unwrap_or(30)),
+        swap_bandwidth_mib: file.swap_bandwidth_mib,
         lock: Default::default(),
         boot: file.boot.clone(),
     };

@@ -24,6 +24,8 @@ pub struct Compute {
     pub connectors: Connectors,
     /// How long a guest may take to release a detached disk.
     pub detach_timeout: Duration,
+    /// The most MiB/s a swap's mirror copies; 0 for no limit.
+    pub swap_bandwidth_mib: u64,
     /// Serialises disk changes, so two attaches never pick the same device name.
     pub lock: tokio::sync::Mutex<()>,
     /// How instances boot.
@@ -192,10 +194,24 @@ impl ComputeAgent for ComputeService {
         Ok(Response::new(ExtendAttachedVolumeResponse { capacity_bytes }))
     }
 
-    async fn swap_volume(&self, req: Request<SwapVolumeRequest>) -> Result<Response<SwapVolumeResponse>, Status> {
+    type SwapVolumeStream = tokio_stream::wrappers::ReceiverStream<Result<SwapVolumeProgress, Status>>;
+
+    async fn swap_volume(&self, req: Request<SwapVolumeRequest>) -> Result<Response<Self::SwapVolumeStream>, Status> {
         let r = req.into_inner();
         let span = tracing::info_span!("swap_volume", volume_id = %r.volume_id, instance = %r.instance);
-        Ok(Response::new(self.0.swap(r).instrument(span).await?))
+        // The swap runs on its own task and reports on the stream; a dropped stream (the coordinator gone) does
+        // not stop it, and the coordinator's repeat finds it where it is.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let compute = self.0.clone();
+        tokio::spawn(
+            async move {
+                let report = |p: SwapVolumeProgress| drop(tx.try_send(Ok(p)));
+                let last = compute.swap(r, report).await.map_err(Status::from);
+                let _ = tx.send(last).await;
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
     async fn start_instance(

@@ -11,7 +11,7 @@
 use crate::domain_xml::{DiskSource, DiskSpec, DomainDisk, disk_xml};
 use crate::error::{ComputeError, Result, checked_id};
 use crate::service::Compute;
-use ember_proto::agent::v1::{SwapVolumeRequest, SwapVolumeResponse};
+use ember_proto::agent::v1::{SwapVolumeProgress, SwapVolumeRequest};
 use std::time::{Duration, Instant};
 
 /// How long a copy may go without progress before it is cancelled.
@@ -20,6 +20,8 @@ const STALL_LIMIT: Duration = Duration::from_secs(120);
 const PIVOT_LIMIT: Duration = Duration::from_secs(60);
 /// How often the copy's progress is read.
 const POLL: Duration = Duration::from_millis(200);
+/// How often the copy's progress is reported.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
 
 impl Compute {
     /// The live disk of `volume_id` in domain `uuid`.
@@ -29,8 +31,13 @@ impl Compute {
         })
     }
 
-    /// See the module documentation.
-    pub(crate) async fn swap(&self, r: SwapVolumeRequest) -> Result<SwapVolumeResponse> {
+    /// See the module documentation. `progress` hears about once a second how far the copy is; the result is
+    /// the last report, `done`.
+    pub(crate) async fn swap(
+        &self,
+        r: SwapVolumeRequest,
+        progress: impl Fn(SwapVolumeProgress),
+    ) -> Result<SwapVolumeProgress> {
         checked_id("volume_id", &r.volume_id)?;
         let (old, new) = (r.old_connection.unwrap_or_default(), r.new_connection.unwrap_or_default());
         let uuid = self.virsh.resolve(&r.instance).await?;
@@ -48,7 +55,7 @@ impl Compute {
                 };
                 let xml_file = self.connectors.state_dir.join(format!("swap-{}.xml", r.volume_id));
                 std::fs::write(&xml_file, disk_xml(&dest)).map_err(ComputeError::io("writing the disk XML"))?;
-                let started = self.virsh.blockcopy(&uuid, &disk.target, &xml_file).await;
+                let started = self.virsh.blockcopy(&uuid, &disk.target, &xml_file, self.swap_bandwidth_mib).await;
                 let _ = std::fs::remove_file(&xml_file);
                 if let Err(e) = started {
                     self.let_go(&r.volume_id, &old, &new, &new).await;
@@ -66,7 +73,7 @@ impl Compute {
             let mirrored = if ember_common::failpoint::armed("compute.refuse_swap") {
                 Err(ComputeError::FailedPrecondition("failpoint compute.refuse_swap".into()))
             } else {
-                self.mirror_and_pivot(&uuid, &disk.target, &source).await
+                self.mirror_and_pivot(&uuid, &disk.target, &source, &progress).await
             };
             match mirrored {
                 Ok(copied) => bytes_copied = copied,
@@ -87,13 +94,24 @@ impl Compute {
         }
         self.let_go(&r.volume_id, &old, &new, &old).await;
         tracing::info!(instance = %r.instance, device = %disk.target, bytes_copied, "volume swapped");
-        Ok(SwapVolumeResponse { device: disk.target, bytes_copied })
+        Ok(SwapVolumeProgress {
+            copied_bytes: bytes_copied,
+            total_bytes: bytes_copied,
+            done: true,
+            device: disk.target,
+        })
     }
 
     /// Waits until the copy job on `target` has caught up, then pivots the domain onto `source` and confirms it
     /// in the live XML. Returns the bytes the job copied.
-    async fn mirror_and_pivot(&self, uuid: &str, target: &str, source: &DiskSource) -> Result<u64> {
-        let (mut last, mut progressed) = (0, Instant::now());
+    async fn mirror_and_pivot(
+        &self,
+        uuid: &str,
+        target: &str,
+        source: &DiskSource,
+        progress: &impl Fn(SwapVolumeProgress),
+    ) -> Result<u64> {
+        let (mut last, mut progressed, mut reported) = (0, Instant::now(), Instant::now());
         let job = loop {
             let Some(job) = self.virsh.block_job(uuid, target).await? else {
                 return Err(ComputeError::FailedPrecondition(format!(
@@ -102,6 +120,10 @@ impl Compute {
             };
             if job.end > 0 && job.cur == job.end {
                 break job;
+            }
+            if reported.elapsed() >= REPORT_EVERY {
+                reported = Instant::now();
+                progress(SwapVolumeProgress { copied_bytes: job.cur, total_bytes: job.end, ..Default::default() });
             }
             if job.cur != last {
                 (last, progressed) = (job.cur, Instant::now());

@@ -138,10 +138,15 @@ impl Virsh {
 
     /// Starts copying disk `target` of a running domain onto the `<source>` of the disk element in `xml_file`,
     /// which must exist and be as large (QEMU's drive-mirror; libvirt records the new source in the persistent
-    /// definition at the pivot). The job lives as long as the domain, not across libvirtd restarts.
-    pub async fn blockcopy(&self, uuid: &str, target: &str, xml_file: &Path) -> Result<()> {
-        let xml = xml_file.to_string_lossy();
-        self.run(&["blockcopy", uuid, target, "--xml", &xml, "--reuse-external", "--transient-job"]).await.map(drop)
+    /// definition at the pivot), at most `bandwidth_mib` MiB/s (0: no limit). The job lives as long as the
+    /// domain, not across libvirtd restarts.
+    pub async fn blockcopy(&self, uuid: &str, target: &str, xml_file: &Path, bandwidth_mib: u64) -> Result<()> {
+        let (xml, bandwidth) = (xml_file.to_string_lossy(), bandwidth_mib.to_string());
+        let mut args = vec!["blockcopy", uuid, target, "--xml", &xml, "--reuse-external", "--transient-job"];
+        if bandwidth_mib > 0 {
+            args.extend(["--bandwidth", &bandwidth]);
+        }
+        self.run(&args).await.map(drop)
     }
 
     /// The block job running on disk `target`, if any.

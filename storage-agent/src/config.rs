@@ -23,6 +23,10 @@ pub struct StorageConfig {
     /// The node's backends.
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
+    /// The most MiB per second a migration's copy may write on this node (Cinder's `volume_copy_bps_limit`), so
+    /// that moving volumes does not starve the guests using the others; 0 (the default) for no limit.
+    #[serde(default)]
+    pub copy_bandwidth_mib: u64,
 }
 
 /// How to reach (or run) tgtd.

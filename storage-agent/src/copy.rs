@@ -7,22 +7,35 @@ use crate::error::{AgentError, Result};
 use crate::file_backend::{Kind, checked_id};
 use ember_common::tls::TlsFiles;
 use ember_proto::agent::v1::storage_agent_client::StorageAgentClient;
-use ember_proto::agent::v1::{CopyVolumeFromRequest, ReadVolumeRequest, VolumeChunk};
-use std::time::Duration;
+use ember_proto::agent::v1::{CopyVolumeFromRequest, CopyVolumeProgress, ReadVolumeRequest, VolumeChunk};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// Chunk size of a migration's read: large enough to keep the stream busy, small enough to bound memory.
 const COPY_CHUNK_BYTES: u32 = 4 << 20;
 
+/// How often a copy reports its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
 /// How this agent reaches other storage agents (a migration's source): its own certificate, and how long a
-/// silent peer is given.
+/// silent peer is given; and how fast it may copy from them.
 #[derive(Clone)]
 pub struct Peers {
     /// This agent's TLS material.
     pub tls: TlsFiles,
     /// See [`TlsFiles::channel_with`].
     pub timeout: Duration,
+    /// The most data bytes per second a copy writes here (`copy_bandwidth_mib`); 0 for no limit.
+    pub bandwidth: u64,
+}
+
+/// How long a copy that has written `bytes` since `started` waits to stay within `bandwidth` bytes per second.
+fn throttle_delay(bytes: u64, bandwidth: u64, elapsed: Duration) -> Duration {
+    if bandwidth == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_secs_f64(bytes as f64 / bandwidth as f64).saturating_sub(elapsed)
 }
 
 /// A volume open for writing chunks: a writer thread applies them from a small bounded queue while the next
@@ -80,9 +93,14 @@ fn zeros(from: u64, to: u64) -> Option<VolumeChunk> {
     (to > from).then(|| VolumeChunk { offset: from, zero_length: to - from, ..Default::default() })
 }
 
-/// Fills volume `req.volume_id` of `backend` from the volume of that id on the storage agent `req.source_endpoint`.
-/// Returns the data bytes written.
-pub async fn copy_from(backend: &Backend, peers: &Peers, req: CopyVolumeFromRequest) -> Result<u64> {
+/// Fills volume `req.volume_id` of `backend` from the volume of that id on the storage agent `req.source_endpoint`,
+/// telling `progress` about once a second how far it is. Returns the data bytes written.
+pub async fn copy_from(
+    backend: &Backend,
+    peers: &Peers,
+    req: CopyVolumeFromRequest,
+    progress: impl Fn(CopyVolumeProgress),
+) -> Result<u64> {
     let id = checked_id("volume_id", &req.volume_id)?;
     if !req.source_endpoint.starts_with("https://") {
         return Err(AgentError::InvalidArgument {
@@ -110,6 +128,7 @@ pub async fn copy_from(backend: &Backend, peers: &Peers, req: CopyVolumeFromRequ
     // the destination's earlier contents (a thick LV's old blocks, a repeated copy) never show through.
     let mut end = 0;
     let mut received = Ok(());
+    let (started, mut reported, mut sent_bytes) = (Instant::now(), Instant::now(), 0u64);
     loop {
         let chunk = match stream.message().await {
             Ok(Some(chunk)) => chunk,
@@ -136,6 +155,13 @@ pub async fn copy_from(backend: &Backend, peers: &Peers, req: CopyVolumeFromRequ
             break; // the writer stopped on an error; finish reports it
         }
         end = offset + len;
+        sent_bytes += len;
+        tokio::time::sleep(throttle_delay(sent_bytes, peers.bandwidth, started.elapsed())).await;
+        if reported.elapsed() >= PROGRESS_EVERY {
+            reported = Instant::now();
+            let size_bytes = writer.size;
+            progress(CopyVolumeProgress { position_bytes: end, size_bytes, bytes_written: sent_bytes, done: false });
+        }
     }
     if received.is_ok()
         && let Some(tail) = zeros(end, writer.size)
@@ -150,7 +176,16 @@ pub async fn copy_from(backend: &Backend, peers: &Peers, req: CopyVolumeFromRequ
 
 #[cfg(test)]
 mod tests {
-    use super::zeros;
+    use super::{throttle_delay, zeros};
+    use std::time::Duration;
+
+    #[test]
+    fn a_copy_waits_only_when_ahead_of_its_bandwidth() {
+        let mib = 1 << 20;
+        assert_eq!(throttle_delay(64 * mib, 0, Duration::ZERO), Duration::ZERO, "no limit");
+        assert_eq!(throttle_delay(32 * mib, 16 * mib, Duration::from_millis(500)), Duration::from_millis(1500));
+        assert_eq!(throttle_delay(32 * mib, 16 * mib, Duration::from_secs(3)), Duration::ZERO, "behind: no wait");
+    }
 
     #[test]
     fn only_a_real_gap_becomes_a_zero_chunk() {

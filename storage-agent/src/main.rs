@@ -68,7 +68,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         portal: file.tgt.portal.clone(),
         iqn_prefix: file.tgt.iqn_prefix.clone(),
         exports: tokio::sync::Mutex::new(exports),
-        peers: copy::Peers { tls: id.tls.clone(), timeout: id.peer_timeout },
+        peers: copy::Peers {
+            tls: id.tls.clone(),
+            timeout: id.peer_timeout,
+            bandwidth: file.copy_bandwidth_mib.saturating_mul(1 << 20),
+        },
     });
     let keeper = keeper::start(storage.clone(), file.tgt.clone()).await;
 

@@ -504,18 +504,38 @@ impl StorageAgent for StorageService {
         Ok(Response::new(WriteVolumeResponse { bytes_written: written }))
     }
 
+    type CopyVolumeFromStream = tokio_stream::wrappers::ReceiverStream<Result<CopyVolumeProgress, Status>>;
+
     async fn copy_volume_from(
         &self,
         req: Request<CopyVolumeFromRequest>,
-    ) -> Result<Response<WriteVolumeResponse>, Status> {
+    ) -> Result<Response<Self::CopyVolumeFromStream>, Status> {
         only_coordinator(&req)?;
         let r = req.into_inner();
         let span = tracing::info_span!("copy_volume_from", volume_id = %r.volume_id, source = %r.source_endpoint);
-        let backend = self.0.backend(&r.backend)?;
+        self.0.backend(&r.backend)?;
         if failpoint::armed("storage.copy_volume_from") {
             return Err(Status::internal("injected failure (EMBER_FAILPOINTS): copy_volume_from"));
         }
-        let written = copy::copy_from(backend, &self.0.peers, r).instrument(span).await?;
-        Ok(Response::new(WriteVolumeResponse { bytes_written: written }))
+        // The copy runs on its own task and reports on the stream; a dropped stream (the coordinator gone) does
+        // not stop it, and a repeated copy redoes it whole.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let storage = self.0.clone();
+        tokio::spawn(
+            async move {
+                let backend = match storage.backend(&r.backend) {
+                    Ok(b) => b,
+                    Err(e) => return drop(tx.send(Err(e.into())).await),
+                };
+                let report = |p: CopyVolumeProgress| drop(tx.try_send(Ok(p)));
+                let last = match copy::copy_from(backend, &storage.peers, r, report).await {
+                    Ok(written) => Ok(CopyVolumeProgress { bytes_written: written, done: true, ..Default::default() }),
+                    Err(e) => Err(e.into()),
+                };
+                let _ = tx.send(last).await;
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 }

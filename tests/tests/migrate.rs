@@ -310,3 +310,46 @@ async fn a_failed_copy_leaves_the_volume_where_it_was_and_a_crash_after_the_copy
     assert!(files_in(&pools.dir1).is_empty(), "the old copy is gone");
     assert_eq!(usage(&pools.fleet, "p1", "gigabytes").await, 1);
 }
+
+/// The destination's `copy_bandwidth_mib` (Cinder's volume_copy_bps_limit) holds a copy of 48 MiB of data to
+/// 16 MiB/s, so it takes seconds; meanwhile the volume shows how far its copy has got, and the CLI lists it.
+#[tokio::test]
+async fn a_throttled_copy_shows_its_progress() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend1, dir1) = fleet.file_backend("file1", "");
+    let (backend2, dir2) = fleet.file_backend("file2", "");
+    let _storage1 = fleet.start_agent("storage", "storage1", &backend1);
+    let _storage2 = fleet.start_agent("storage", "storage2", &format!("copy_bandwidth_mib = 16\n{backend2}"));
+    wait_backend(&fleet, "storage1@file1").await;
+    wait_backend(&fleet, "storage2@file2").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    set_enabled(&fleet, "storage2@file2", false).await;
+    let v = new_volume(&volumes, 1).await;
+    set_enabled(&fleet, "storage2@file2", true).await;
+    let data = iscsi::pattern(7, 48 * MIB as usize);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir1.join(format!("volume-{}", v.id)))
+        .unwrap()
+        .write_all_at(&data, 0)
+        .unwrap();
+
+    let req = MigrateVolumeRequest { id: v.id.clone(), pool: "storage2@file2".into() };
+    volumes.clone().migrate_volume(req).await.unwrap();
+    let midway = ember_fleet_tests::wait_for("the copy to report progress", Duration::from_secs(60), || async {
+        let now = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.ok()?.into_inner();
+        assert_eq!(now.status, "migrating", "the copy ended before any progress was seen: {now:?}");
+        (now.migration_progress > 0).then_some(now)
+    })
+    .await;
+    assert!(midway.migration_progress < 100, "{midway:?}");
+    let (ok, out, _) = fleet.cli(&["volume", "show", &v.id]);
+    assert!(ok && out.contains("storage1@file1 → storage2@file2 ("), "{out}");
+
+    let moved = wait_volume(&volumes, &v.id, "available").await;
+    assert_eq!((moved.host.as_str(), moved.migration_progress, moved.migrating_to.as_str()), ("storage2@file2", 0, ""));
+    let mut copied = vec![0u8; data.len()];
+    std::fs::File::open(dir2.join(format!("volume-{}", v.id))).unwrap().read_exact_at(&mut copied, 0).unwrap();
+    assert!(copied == data, "the data arrived");
+}

@@ -22,8 +22,10 @@ use crate::scheduler::{self, PoolState, Request};
 use crate::{failpoint, pools, validate, volume_types};
 use ember_common::identity::{Identity, Role};
 use ember_proto::agent::v1 as agent;
+use ember_proto::agent::v1::storage_agent_client::StorageAgentClient;
 use ember_proto::v1::{MigrateVolumeRequest, Volume, VolumeType};
 use std::sync::Arc;
+use tonic::transport::Channel;
 
 /// Starts migrating volume `req.id` to pool `req.pool`, or to the pool the scheduler picks.
 pub async fn migrate(ctx: &Arc<Ctx>, who: &Identity, req: MigrateVolumeRequest) -> Result<Volume> {
@@ -268,11 +270,10 @@ pub async fn migrate_flow(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
                     source_endpoint,
                     source_backend: route.from_backend.clone(),
                 };
-                match dest.copy_volume_from(copy).await {
-                    Ok(copied) => {
+                match copy_with_progress(ctx, &mut dest, copy).await {
+                    Ok(written) => {
                         failpoint::hit("migrate_volume.copied");
                         arrive(ctx, &mut op, &v, &route, None).await?;
-                        let written = copied.into_inner().bytes_written;
                         tracing::info!(volume_id = %v.id, to = %route.to(), written, "volume moved to its new pool");
                     }
                     Err(status) if transient(&status) && both_up(ctx, &route).await? => {
@@ -334,6 +335,39 @@ pub async fn migrate_flow(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
     }
 }
 
+/// Has the destination agent fill the volume from the source's, recording its progress as it reports it.
+/// Returns the data bytes written; a stream that ends before the copy is done is UNAVAILABLE, worth a retry.
+async fn copy_with_progress(
+    ctx: &Ctx,
+    dest: &mut StorageAgentClient<Channel>,
+    copy: agent::CopyVolumeFromRequest,
+) -> std::result::Result<u64, tonic::Status> {
+    let id = copy.volume_id.clone();
+    let mut stream = dest.copy_volume_from(copy).await?.into_inner();
+    while let Some(p) = stream.message().await? {
+        if p.done {
+            return Ok(p.bytes_written);
+        }
+        if let Err(e) = record_progress(ctx, &id, p.position_bytes, p.size_bytes).await {
+            tracing::warn!(volume_id = %id, %e, "recording the copy's progress");
+        }
+    }
+    Err(tonic::Status::unavailable("the copy's stream ended before the copy was done"))
+}
+
+/// Records that a migration's copy of volume `id` has done `done` of `total` bytes, for GetVolume and the
+/// watchers of the volume to show.
+pub(crate) async fn record_progress(ctx: &Ctx, id: &str, done: u64, total: u64) -> Result<()> {
+    let percent = if total == 0 { 0 } else { (done.min(total) as u128 * 100 / total as u128) as i64 };
+    sqlx::query("UPDATE volumes SET migrate_progress = ? WHERE id = ? AND migrate_host != ''")
+        .bind(percent)
+        .bind(id)
+        .execute(&ctx.db)
+        .await?;
+    ctx.changed(id);
+    Ok(())
+}
+
 /// Whether the agents of both pools are up, so that an error reaching one is worth waiting out; a migration
 /// does not wait for a node that is down.
 async fn both_up(ctx: &Ctx, route: &Route) -> Result<bool> {
@@ -354,8 +388,8 @@ async fn arrive(
 ) -> Result<()> {
     let mut tx = crate::db::write(&ctx.db).await?;
     sqlx::query(
-        "UPDATE volumes SET host = ?, backend = ?, availability_zone = ?, migrate_host = '', migrate_backend = '' \
-         WHERE id = ?",
+        "UPDATE volumes SET host = ?, backend = ?, availability_zone = ?, migrate_host = '', migrate_backend = '', \
+         migrate_progress = 0 WHERE id = ?",
     )
     .bind(&route.to_host)
     .bind(&route.to_backend)
@@ -389,7 +423,7 @@ async fn give_up(ctx: &Ctx, op: &Op, v: &VolumeRow, route: &Route, why: &str) ->
         tracing::warn!(volume_id = %v.id, to = %route.to(), %left, "partial copy left to the sweeper");
     }
     let mut tx = crate::db::write(&ctx.db).await?;
-    sqlx::query("UPDATE volumes SET migrate_host = '', migrate_backend = '' WHERE id = ?")
+    sqlx::query("UPDATE volumes SET migrate_host = '', migrate_backend = '', migrate_progress = 0 WHERE id = ?")
         .bind(&v.id)
         .execute(&mut *tx)
         .await?;

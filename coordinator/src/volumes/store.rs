@@ -60,12 +60,14 @@ pub struct VolumeRow {
     pub migrate_backend: String,
     /// Attachments and exports are read-only.
     pub read_only: bool,
+    /// While migrating: percent of the copy done.
+    pub migrate_progress: i64,
 }
 
 const COLUMNS: &str = "v.id, v.project, v.name, v.description, v.size_gb, v.status, v.status_reason, v.volume_type_id, \
      t.name, v.availability_zone, v.host, v.backend, v.metadata, v.bootable, v.multiattach, v.source_snapshot_id, \
      v.source_volume_id, v.chap_username, v.chap_password, v.created_at, v.updated_at, v.source_backup_id, \
-     v.migrate_host, v.migrate_backend, v.read_only";
+     v.migrate_host, v.migrate_backend, v.read_only, v.migrate_progress";
 
 /// `SELECT … FROM volumes v JOIN volume_types t` with the columns [`from_row`] reads.
 pub fn select_sql(where_clause: &str) -> String {
@@ -100,6 +102,7 @@ pub fn from_row(r: &sqlx::sqlite::SqliteRow) -> Result<VolumeRow> {
         migrate_host: r.get(22),
         migrate_backend: r.get(23),
         read_only: r.get::<i64, _>(24) != 0,
+        migrate_progress: r.get(25),
     })
 }
 
@@ -156,6 +159,7 @@ pub async fn to_proto(conn: &mut SqliteConnection, v: &VolumeRow) -> Result<Volu
             format!("{}@{}", v.migrate_host, v.migrate_backend)
         },
         read_only: v.read_only,
+        migration_progress: v.migrate_progress.clamp(0, 100) as u32,
     })
 }
 

@@ -19,8 +19,10 @@ use crate::context::Ctx;
 use crate::error::{Error, Result};
 use crate::operations::Op;
 use ember_proto::agent::v1 as agent;
+use ember_proto::agent::v1::compute_agent_client::ComputeAgentClient;
 use sqlx::Row;
 use std::sync::Arc;
+use tonic::transport::Channel;
 
 /// The one attachment of a volume being migrated while in use, as recorded in the operation.
 #[derive(Debug, Clone)]
@@ -172,14 +174,13 @@ pub(crate) async fn swap_domain(
         new_connection: Some(with_secret(attachments::connection_from_json(&stored_new))),
     };
     let swapped = match ctx.agents.compute(&leg.compute_host).await {
-        Ok(mut compute) => compute.swap_volume(request).await,
+        Ok(mut compute) => swap_with_progress(ctx, &mut compute, request).await,
         Err(e) => return Ok(Err(Step::Retry(e.to_string()))),
     };
     match swapped {
-        Ok(r) => {
-            let r = r.into_inner();
-            tracing::info!(volume_id = %v.id, instance = %leg.instance, device = %r.device, bytes = r.bytes_copied,
-                "the guest's disk now reads from the new copy");
+        Ok(done) => {
+            tracing::info!(volume_id = %v.id, instance = %leg.instance, device = %done.device,
+                bytes = done.copied_bytes, "the guest's disk now reads from the new copy");
             Ok(Ok(stored_new))
         }
         Err(status) if compute_transient(&status) => {
@@ -187,6 +188,27 @@ pub(crate) async fn swap_domain(
         }
         Err(status) => Ok(Err(Step::GiveUp(format!("swap on {}: {}", leg.compute_host, status.message())))),
     }
+}
+
+/// Has the compute agent swap the disk, recording the mirror's progress as it reports it. Returns the last
+/// message; a stream that ends before the swap is done is UNAVAILABLE, worth a retry (the agent's repeat finds
+/// the mirror where it is).
+async fn swap_with_progress(
+    ctx: &Ctx,
+    compute: &mut ComputeAgentClient<Channel>,
+    request: agent::SwapVolumeRequest,
+) -> std::result::Result<agent::SwapVolumeProgress, tonic::Status> {
+    let id = request.volume_id.clone();
+    let mut stream = compute.swap_volume(request).await?.into_inner();
+    while let Some(p) = stream.message().await? {
+        if p.done {
+            return Ok(p);
+        }
+        if let Err(e) = super::migrate::record_progress(ctx, &id, p.copied_bytes, p.total_bytes).await {
+            tracing::warn!(volume_id = %id, %e, "recording the mirror's progress");
+        }
+    }
+    Err(tonic::Status::unavailable("the swap's stream ended before the swap was done"))
 }
 
 /// Removes the export of the copy on `host`/`backend` to the attachment's initiator; a refusal is logged (the
