@@ -281,6 +281,7 @@ pub fn volume_json(v: &Volume) -> serde_json::Value {
         "availability_zone": v.availability_zone, "host": v.host, "metadata": v.metadata, "bootable": v.bootable,
         "multiattach": v.multiattach, "source_snapshot_id": v.source_snapshot_id, "source_volume_id": v.source_volume_id,
         "source_backup_id": v.source_backup_id, "migrating_to": v.migrating_to, "migration_progress": v.migration_progress, "read_only": v.read_only,
+        "encrypted": v.encrypted,
         "attachments": v.attachments.iter().map(|a| serde_json::json!({"id": a.id, "instance": a.instance, "host": a.host, "device": a.device})).collect::<Vec<_>>(),
         "created_at": output::time(&v.created_at), "updated_at": output::time(&v.updated_at),
     })

@@ -5,7 +5,7 @@
 //!
 //! Connect and disconnect are idempotent: repeating either, or running one after a crash, finishes the work.
 
-use crate::domain_xml::{DiskSource, secret_xml};
+use crate::domain_xml::{DiskSource, luks_secret_xml, secret_xml};
 use crate::error::{ComputeError, Result};
 use crate::virsh::Virsh;
 use ember_common::runner::{self, CommandError};
@@ -84,8 +84,25 @@ impl Connectors {
         out
     }
 
+    /// Files an encrypted volume's passphrase as a libvirt secret (QEMU reads it when it opens the disk).
+    async fn define_luks_secret(&self, volume_id: &str, c: &Connection) -> Result<()> {
+        crate::error::checked_id("connection.luks_secret_uuid", &c.luks_secret_uuid)?;
+        let xml = luks_secret_xml(&c.luks_secret_uuid, volume_id);
+        self.with_private_file(&format!("luks-{volume_id}.xml"), xml.as_bytes(), async |p| {
+            self.virsh.define_secret(p).await
+        })
+        .await?;
+        self.with_private_file(&format!("luks-{volume_id}.value"), c.luks_passphrase.as_bytes(), async |p| {
+            self.virsh.set_secret_value(&c.luks_secret_uuid, p).await
+        })
+        .await
+    }
+
     /// Makes the volume reachable and says how QEMU should open it.
     pub async fn connect(&self, volume_id: &str, c: &Connection) -> Result<DiskSource> {
+        if !c.luks_secret_uuid.is_empty() {
+            self.define_luks_secret(volume_id, c).await?;
+        }
         match c.driver_volume_type.as_str() {
             "iscsi" if self.iscsi_mode == IscsiMode::Qemu => {
                 let usage = secret_usage(volume_id);
@@ -118,6 +135,9 @@ impl Connectors {
 
     /// Undoes [`Connectors::connect`]; what is already undone is fine.
     pub async fn disconnect(&self, volume_id: &str, c: &Connection) -> Result<()> {
+        if crate::error::checked_id("connection.luks_secret_uuid", &c.luks_secret_uuid).is_ok() {
+            self.virsh.undefine_secret(&c.luks_secret_uuid).await?;
+        }
         match c.driver_volume_type.as_str() {
             "iscsi" => {
                 // Both kinds are cleaned, so a change of iscsi_mode between attach and detach leaks nothing.

@@ -52,6 +52,8 @@ pub struct DiskSpec {
     pub read_only: bool,
     /// Front-end QoS limits by `<iotune>` element name (checked against `ember_common::qos::LIMITS`).
     pub iotune: std::collections::BTreeMap<String, u64>,
+    /// For an encrypted (LUKS) volume: the UUID of the libvirt secret holding its passphrase; empty for plain.
+    pub luks_secret: String,
 }
 
 /// Escapes text for an XML attribute or element.
@@ -98,6 +100,15 @@ pub fn disk_xml(d: &DiskSpec) -> String {
         DiskSource::File(path) => ("file", format!("<source file='{}'/>", escape(path))),
     };
     let readonly = if d.read_only { "\n  <readonly/>" } else { "" };
+    // QEMU opens the LUKS container itself; the guest sees the decrypted payload.
+    let encryption = if d.luks_secret.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "\n  <encryption format='luks'><secret type='passphrase' uuid='{}'/></encryption>",
+            escape(&d.luks_secret)
+        )
+    };
     // Element names come from the fixed list only: a name is not text that escaping could make safe.
     let limits: String = d
         .iotune
@@ -108,9 +119,19 @@ pub fn disk_xml(d: &DiskSpec) -> String {
     let iotune = if limits.is_empty() { String::new() } else { format!("\n  <iotune>{limits}\n  </iotune>") };
     format!(
         "<disk type='{kind}' device='disk'>\n  <driver name='qemu' type='raw' cache='none' discard='unmap'/>\n  \
-         {source}\n  <target dev='{}' bus='virtio'/>\n  <serial>{}</serial>{readonly}{iotune}\n</disk>\n",
+         {source}\n  <target dev='{}' bus='virtio'/>\n  <serial>{}</serial>{readonly}{iotune}{encryption}\n</disk>\n",
         escape(&d.target),
         escape(&d.serial)
+    )
+}
+
+/// A private, persistent passphrase secret for a LUKS volume, its usage the volume's name (`ember-luks-<id>`);
+/// its value is set separately, never in XML.
+pub fn luks_secret_xml(uuid: &str, volume_id: &str) -> String {
+    format!(
+        "<secret ephemeral='no' private='yes'>\n  <uuid>{}</uuid>\n  <usage type='volume'><volume>ember-luks-{}</volume></usage>\n</secret>\n",
+        escape(uuid),
+        escape(volume_id)
     )
 }
 
@@ -238,6 +259,7 @@ mod tests {
             serial: "22222222-2222-2222-2222-222222222222".into(),
             read_only: true,
             iotune: [("total_iops_sec".to_string(), 500), ("<bad/>".to_string(), 1)].into(),
+            luks_secret: "33333333-3333-4333-8333-333333333333".into(),
         };
         let xml = disk_xml(&spec);
         let doc = roxmltree::Document::parse(&xml).unwrap();
@@ -264,5 +286,13 @@ mod tests {
         }
         let secret = secret_xml("22222222-2222-2222-2222-222222222222", "ember-volume-2");
         assert!(roxmltree::Document::parse(&secret).is_ok());
+        let encryption = doc.descendants().find(|n| n.has_tag_name("encryption")).unwrap();
+        assert_eq!(encryption.attribute("format"), Some("luks"));
+        let passphrase = encryption.children().find(|n| n.has_tag_name("secret")).unwrap();
+        assert_eq!(passphrase.attribute("uuid"), Some("33333333-3333-4333-8333-333333333333"));
+        let luks = luks_secret_xml("33333333-3333-4333-8333-333333333333", "22222222-2222-2222-2222-222222222222");
+        let luks = roxmltree::Document::parse(&luks).unwrap();
+        let usage = luks.descendants().find(|n| n.has_tag_name("usage")).unwrap();
+        assert_eq!(usage.attribute("type"), Some("volume"));
     }
 }

@@ -81,6 +81,7 @@ impl Compute {
                 serial: r.boot_volume_id.clone(),
                 read_only: false,
                 iotune: checked_iotune(r.iotune.clone())?,
+                luks_secret: conn.luks_secret_uuid.clone(),
             });
             let dir = self.instance_dir(&r.instance_id);
             std::fs::create_dir_all(&dir).map_err(ComputeError::io(format!("creating {}", dir.display())))?;

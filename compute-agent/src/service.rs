@@ -73,6 +73,7 @@ impl Compute {
             serial: r.volume_id.clone(),
             read_only: conn.read_only,
             iotune: checked_iotune(r.iotune)?,
+            luks_secret: conn.luks_secret_uuid.clone(),
         };
         let xml_file = self.connectors.state_dir.join(format!("disk-{}.xml", r.volume_id));
         std::fs::write(&xml_file, disk_xml(&spec)).map_err(ComputeError::io("writing the disk XML"))?;

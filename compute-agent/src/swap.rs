@@ -52,6 +52,7 @@ impl Compute {
                     serial: r.volume_id.clone(),
                     read_only: new.read_only,
                     iotune: Default::default(),
+                    luks_secret: new.luks_secret_uuid.clone(),
                 };
                 let xml_file = self.connectors.state_dir.join(format!("swap-{}.xml", r.volume_id));
                 std::fs::write(&xml_file, disk_xml(&dest)).map_err(ComputeError::io("writing the disk XML"))?;

@@ -326,6 +326,8 @@ pub(crate) fn connection_from_json(c: &serde_json::Value) -> agent::Connection {
         path: text("path"),
         mount_options: text("mount_options"),
         read_only: c["read_only"].as_bool().unwrap_or(false),
+        luks_passphrase: String::new(),
+        luks_secret_uuid: text("luks_secret_uuid"),
     }
 }
 
@@ -409,13 +411,16 @@ pub(crate) async fn export_copy(
         Ok(r) => r.into_inner(),
         Err(status) => return Ok(Err(status)),
     };
+    let key = crate::encryption::load(&mut *ctx.db.acquire().await?, &ctx.master_key, &v.id).await?;
     let stored = serde_json::json!({
         "driver_volume_type": export.driver_volume_type, "target_portal": export.target_portal,
         "target_iqn": export.target_iqn, "target_lun": export.target_lun, "auth_username": user,
         "export": export.export, "path": export.path, "mount_options": export.mount_options, "read_only": read_only,
+        "luks_secret_uuid": key.as_ref().map(|k| k.secret_uuid.clone()).unwrap_or_default(),
     });
     let mut connection = connection_from_json(&stored);
     connection.auth_password = password;
+    connection.luks_passphrase = key.map(|k| k.passphrase).unwrap_or_default();
     Ok(Ok((connection, stored)))
 }
 

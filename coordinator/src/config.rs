@@ -31,6 +31,9 @@ pub struct CoordinatorConfig {
     pub peer_timeout_seconds: u32,
     /// Default quota limits per project; -1 is unlimited. Missing resources use the built-in defaults.
     pub default_quotas: BTreeMap<String, i64>,
+    /// The master key sealing encrypted volumes' keys (32 bytes, created 0600 if missing). Default: `master.key`
+    /// beside the database. Without it, encrypted volumes cannot be opened: back it up with the database.
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for CoordinatorConfig {
@@ -46,6 +49,7 @@ impl Default for CoordinatorConfig {
             reconcile_interval_seconds: 10,
             peer_timeout_seconds: 20,
             default_quotas: BTreeMap::new(),
+            key_file: None,
         }
     }
 }

@@ -26,6 +26,8 @@ pub struct Ctx {
     pub running_ops: Mutex<HashSet<String>>,
     /// Ids of resources whose state an operation just committed; watchers wake on them.
     pub changes: tokio::sync::broadcast::Sender<String>,
+    /// Seals the keys of encrypted volumes.
+    pub master_key: crate::encryption::MasterKey,
 }
 
 impl Ctx {

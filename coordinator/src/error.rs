@@ -39,6 +39,9 @@ pub enum Error {
     /// A stored document could not be decoded.
     #[error("stored data: {0}")]
     Json(#[from] serde_json::Error),
+    /// A volume key could not be made or opened.
+    #[error("volume keys: {0}")]
+    Keys(String),
 }
 
 /// Shorthand for a handler result.
@@ -71,6 +74,10 @@ impl From<Error> for Status {
                 Status::internal(message)
             }
             Error::Json(_) => Status::internal(message),
+            Error::Keys(_) => {
+                tracing::error!(%message, "volume key error");
+                Status::internal(message)
+            }
         }
     }
 }

@@ -9,6 +9,7 @@ mod clock;
 mod config;
 mod context;
 mod db;
+mod encryption;
 mod error;
 mod failpoint;
 mod fleet;
@@ -144,6 +145,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let db = db::open(&cfg.database).await?;
     let peer_timeout = std::time::Duration::from_secs(cfg.peer_timeout_seconds.into());
     tracing::info!(database = %cfg.database.display(), "database open and migrated");
+    let key_file = cfg.key_file.clone().unwrap_or_else(|| cfg.database.with_file_name("master.key"));
+    let master_key = encryption::MasterKey::load_or_create(&key_file)?;
 
     let ctx = std::sync::Arc::new(context::Ctx {
         db: db.clone(),
@@ -155,6 +158,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         service_down_ms: i64::from(cfg.service_down_seconds) * 1000,
         running_ops: Default::default(),
         changes: tokio::sync::broadcast::channel(1024).0,
+        master_key,
     });
     let reconciler = tokio::spawn(operations::reconcile_forever(
         ctx.clone(),

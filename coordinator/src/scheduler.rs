@@ -191,7 +191,8 @@ pub fn provisioning_filter(req: &Request, pool: &PoolState) -> Result<(), String
 pub fn fits_in_place(req: &Request, pool: &PoolState) -> Result<(), String> {
     az_filter(req, pool)?;
     provisioning_filter(req, pool)?;
-    capabilities_filter(req, pool)
+    capabilities_filter(req, pool)?;
+    encryption_filter(req, pool)
 }
 
 fn parse_bool(s: &str) -> bool {
@@ -244,6 +245,18 @@ pub fn capabilities_filter(req: &Request, pool: &PoolState) -> Result<(), String
     Ok(())
 }
 
+/// EncryptionFilter: a type with `encryption:provider` needs a pool whose agent formats LUKS volumes (it reports
+/// the capability `luks_encryption`).
+pub fn encryption_filter(req: &Request, pool: &PoolState) -> Result<(), String> {
+    if !req.extra_specs.contains_key("encryption:provider") {
+        return Ok(());
+    }
+    match pool.capabilities.get("luks_encryption") {
+        Some(v) if spec_matches(v, "<is> True") => Ok(()),
+        _ => Err("the type is encrypted, and this pool does not make LUKS volumes".into()),
+    }
+}
+
 /// A filter: passes a pool for a request, or says why not.
 pub type Filter = fn(&Request, &PoolState) -> Result<(), String>;
 
@@ -255,6 +268,7 @@ pub const FILTERS: &[(&str, Filter)] = &[
     ("DifferentHostFilter", different_host_filter),
     ("CapacityFilter", capacity_filter),
     ("CapabilitiesFilter", capabilities_filter),
+    ("EncryptionFilter", encryption_filter),
 ];
 
 /// Min–max normalises raw weights to [0, 1]; all equal → all 0.

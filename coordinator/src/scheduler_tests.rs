@@ -238,3 +238,17 @@ fn scheduler_hints_compare_storage_hosts() {
     let err = choose(&Request { different_host: vec!["node".into(), "node2".into()], ..req(1) }, &both, 1.0);
     assert!(err.unwrap_err().to_string().contains("node@b1: DifferentHostFilter"));
 }
+
+#[test]
+fn an_encrypted_type_needs_a_pool_that_makes_luks_volumes() {
+    let mut file = pool("file");
+    file.capabilities.insert("luks_encryption".into(), "True".into());
+    let lvm = pool("lvm");
+    let plain = req(1);
+    let mut encrypted = req(1);
+    encrypted.extra_specs.insert("encryption:provider".into(), "luks".into());
+    assert!(encryption_filter(&plain, &lvm).is_ok());
+    assert!(encryption_filter(&encrypted, &lvm).unwrap_err().contains("LUKS"));
+    assert!(encryption_filter(&encrypted, &file).is_ok());
+    assert_eq!(choose(&encrypted, &[lvm, file], 1.0).unwrap().backend, "file");
+}

@@ -27,17 +27,42 @@ impl VolumeTypes {
 }
 
 fn check_specs(specs: &HashMap<String, String>) -> Result<()> {
+    check_each(specs)?;
+    check_together(specs)
+}
+
+/// The checks of each spec on its own.
+fn check_each(specs: &HashMap<String, String>) -> Result<()> {
     for (k, v) in specs {
         validate::spec_key("extra_specs", k)?;
         validate::spec_value("extra_specs", k, v)?;
     }
-    check_together(specs)
+    Ok(())
 }
 
 /// The checks that concern several specs at once, run on a type's whole set.
 fn check_together(specs: &HashMap<String, String>) -> Result<()> {
     front_end_qos(specs)?;
+    crate::encryption::spec(specs).map_err(|message| Error::invalid("extra_specs", message))?;
     size_bounds(specs).map(drop)
+}
+
+/// Refuses to change how type `id` encrypts (its `encryption:` specs, `keys` being set or unset) while volumes of
+/// it exist: their data is already encrypted, or not, the way the type said when they were made.
+async fn refuse_encryption_change(conn: &mut SqliteConnection, id: &str, keys: &[&String]) -> Result<()> {
+    if !keys.iter().any(|k| k.starts_with(crate::encryption::SCOPE)) {
+        return Ok(());
+    }
+    let used: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM volumes WHERE volume_type_id = ?")
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await?;
+    if used > 0 {
+        return Err(Error::FailedPrecondition(format!(
+            "type {id} has {used} volume(s); its encryption settings change only while it has none"
+        )));
+    }
+    Ok(())
 }
 
 /// The sizes a type allows (`provisioning:min_vol_size`, `provisioning:max_vol_size`, GiB, as Cinder), checked.
@@ -229,9 +254,11 @@ impl VolumeTypes {
         if req.extra_specs.is_empty() {
             return Err(Error::invalid("extra_specs", "must name at least one key"));
         }
-        check_specs(&req.extra_specs)?;
+        // Specs that concern one another are checked on the whole set below, once these are in.
+        check_each(&req.extra_specs)?;
         let mut tx = crate::db::write(&self.db).await?;
         let id = resolve(&mut tx, &req.id_or_name).await?;
+        refuse_encryption_change(&mut tx, &id, &req.extra_specs.keys().collect::<Vec<_>>()).await?;
         upsert_specs(&mut tx, &id, &req.extra_specs).await?;
         let updated = load(&mut tx, &id).await?;
         // The specs must hold together with those the type already had (the transaction is dropped if not).
@@ -249,6 +276,7 @@ impl VolumeTypes {
         }
         let mut tx = crate::db::write(&self.db).await?;
         let id = resolve(&mut tx, &req.id_or_name).await?;
+        refuse_encryption_change(&mut tx, &id, &req.keys.iter().collect::<Vec<_>>()).await?;
         for k in &req.keys {
             sqlx::query("DELETE FROM volume_type_extra_specs WHERE type_id = ? AND key = ?")
                 .bind(&id)
@@ -257,6 +285,8 @@ impl VolumeTypes {
                 .await?;
         }
         let updated = load(&mut tx, &id).await?;
+        // What is left must still hold together (unsetting `encryption:provider` alone leaves a cipher orphaned).
+        check_together(&updated.extra_specs)?;
         tx.commit().await?;
         Ok(updated)
     }

@@ -293,7 +293,8 @@ impl FileBackend {
             }
         }
         let space = Capacity { total, free, provisioned, allocated };
-        crate::backend::pool_report(&self.cfg, self.cfg.thin, space, &[])
+        // QEMU's LUKS formats a file backend's volumes (`luks.rs`).
+        crate::backend::pool_report(&self.cfg, self.cfg.thin, space, &[("luks_encryption", "True")])
     }
 }
 

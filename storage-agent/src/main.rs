@@ -12,6 +12,7 @@ mod file_backend;
 mod image;
 mod keeper;
 mod lio;
+mod luks;
 mod lvm;
 mod revert;
 mod service;
@@ -68,6 +69,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         portal: file.tgt.portal.clone(),
         iqn_prefix: file.tgt.iqn_prefix.clone(),
         exports: tokio::sync::Mutex::new(exports),
+        state_dir: state_dir.clone(),
         peers: copy::Peers {
             tls: id.tls.clone(),
             timeout: id.peer_timeout,

@@ -37,6 +37,8 @@ pub struct Storage {
     pub exports: Mutex<ExportStore>,
     /// How other storage agents are reached (a migration's source).
     pub peers: Peers,
+    /// The agent's own directory (exports; short-lived key files, never on a pool).
+    pub state_dir: std::path::PathBuf,
 }
 
 impl Storage {
@@ -279,6 +281,18 @@ impl Storage {
         } else {
             backend.create_blank(&id, req.size_gb).await?
         };
+        if let Some(luks) = &req.luks {
+            if !matches!(backend, Backend::File(_))
+                || !req.source_snapshot_id.is_empty()
+                || !req.source_volume_id.is_empty()
+            {
+                return Err(AgentError::FailedPrecondition(
+                    "LUKS formatting is offered for blank volumes of file backends".into(),
+                ));
+            }
+            crate::luks::format(&backend.path(Kind::Volume, &id), size, luks, &self.state_dir).await?;
+            tracing::info!(volume_id = %id, cipher = %luks.cipher_alg, "volume formatted as LUKS");
+        }
         tracing::info!(volume_id = %id, backend = %req.backend, size, "volume created");
         Ok(VolumeResult { volume_id: req.volume_id, size_bytes: size, ..Default::default() })
     }

@@ -279,6 +279,7 @@ pub async fn describe_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
 /// admin while a delete that still reached the agent was on its way.
 pub async fn remove_record(ctx: &Ctx, conn: &mut SqliteConnection, b: &BackupRow) -> Result<()> {
     let deleted = sqlx::query("DELETE FROM backups WHERE id = ?").bind(&b.id).execute(&mut *conn).await?;
+    crate::encryption::delete_key(conn, &b.id).await?;
     if deleted.rows_affected() == 1 {
         ctx.quota.release(conn, &b.project, &deltas(b.size_gb)).await?;
     }

@@ -314,6 +314,8 @@ impl Backups {
         .bind(now)
         .execute(&mut *tx)
         .await?;
+        // The backup holds the volume's ciphertext as it is now, so it keeps the volume's key as it is now.
+        crate::encryption::copy_key(&mut tx, &self.ctx.master_key, &v.id, &id).await?;
         let payload = serde_json::json!({ "temp_snapshot": temp_snapshot });
         let op = operations::insert(&mut tx, "create_backup", "backup", &id, "running", payload).await?;
         let b = find(&mut tx, &id).await?.ok_or_else(|| Error::not_found("backup", &id))?;
@@ -470,6 +472,7 @@ impl Backups {
         let mut tx = crate::db::write(&self.ctx.db).await?;
         let b = visible(&mut tx, who, &req.backup_id).await?;
         let v = volumes::visible(&mut tx, who, &req.volume_id).await?;
+        crate::encryption::key_for_restore(&mut tx, &self.ctx.master_key, &b.id, &v.id).await?;
         if v.size_gb < b.size_gb {
             return Err(Error::invalid(
                 "volume_id",

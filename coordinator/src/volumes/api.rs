@@ -6,7 +6,7 @@ use crate::auth::{owner_project, who};
 use crate::clock::now_ms;
 use crate::context::Ctx;
 use crate::error::{Error, Result};
-use crate::{failpoint, idempotency, operations, quota, validate, volume_types};
+use crate::{encryption, failpoint, idempotency, operations, quota, validate, volume_types};
 use ember_common::identity::{Identity, Role};
 use ember_proto::agent::v1 as agent;
 use ember_proto::v1::volume_service_server::VolumeService;
@@ -73,6 +73,35 @@ fn request_digest(req: &CreateVolumeRequest) -> String {
     ]))
 }
 
+/// Gives new volume `id` its key: a fresh one for a blank volume of an encrypted type, its source's for a copy
+/// of encrypted data. Refuses a copy of encrypted data into a plain type (it would read as noise), and plain
+/// data into an encrypted type (it would not open).
+async fn key_new_volume(
+    ctx: &Ctx,
+    conn: &mut SqliteConnection,
+    vtype: &VolumeType,
+    source: Option<&Source>,
+    id: &str,
+) -> Result<()> {
+    let encrypted = encryption::spec(&vtype.extra_specs).map_err(|e| Error::invalid("volume_type", e))?.is_some();
+    match (encrypted, source, source.and_then(|s| s.key_from.as_deref())) {
+        (false, _, None) => Ok(()),
+        (true, None, _) => encryption::create_key(conn, &ctx.master_key, id).await.map(drop),
+        (true, Some(_), Some(from)) => encryption::copy_key(conn, &ctx.master_key, from, id).await.map(drop),
+        (false, _, Some(from)) => Err(Error::invalid(
+            "volume_type",
+            format!(
+                "{from} holds encrypted data; a volume made from it needs an encrypted type too, not {}",
+                vtype.name
+            ),
+        )),
+        (true, Some(_), None) => Err(Error::invalid(
+            "volume_type",
+            format!("type {} is encrypted: its volumes are made blank or from an encrypted volume", vtype.name),
+        )),
+    }
+}
+
 /// The type's extra spec `multiattach` says `<is> True`.
 pub fn type_allows_multiattach(specs: &HashMap<String, String>) -> bool {
     specs.get("multiattach").map(|v| crate::scheduler::spec_matches("True", v)).unwrap_or(false)
@@ -81,6 +110,8 @@ pub fn type_allows_multiattach(specs: &HashMap<String, String>) -> bool {
 struct Source {
     size_gb: u64,
     only: Option<String>,
+    /// The volume whose data the new one copies, when that data is encrypted: the new volume takes its key.
+    key_from: Option<String>,
 }
 
 async fn resolve_source(
@@ -105,7 +136,8 @@ async fn resolve_source(
         let b = crate::backups::visible(conn, who, &req.backup_id).await?;
         // The backup stays `restoring` (and so undeletable) until the volume is built.
         crate::backups::begin_restore(ctx, conn, &b).await?;
-        return Ok(Some(Source { size_gb: b.size_gb as u64, only: None }));
+        let key_from = encryption::has_key(conn, &b.id).await?.then(|| b.id.clone());
+        return Ok(Some(Source { size_gb: b.size_gb as u64, only: None, key_from }));
     }
     if !req.image.is_empty() {
         ember_common::image_source::check(&req.image).map_err(|e| Error::invalid("image", e))?;
@@ -124,7 +156,9 @@ async fn resolve_source(
         }
         let vol =
             store::find(conn, &snap.volume_id).await?.ok_or_else(|| Error::not_found("volume", &snap.volume_id))?;
-        return Ok(Some(Source { size_gb: snap.size_gb as u64, only: Some(format!("{}@{}", vol.host, vol.backend)) }));
+        let key_from = encryption::has_key(conn, &vol.id).await?.then(|| vol.id.clone());
+        let only = Some(format!("{}@{}", vol.host, vol.backend));
+        return Ok(Some(Source { size_gb: snap.size_gb as u64, only, key_from }));
     }
     if !req.source_volume_id.is_empty() {
         crate::validate::uuid("source_volume_id", &req.source_volume_id)?;
@@ -135,7 +169,9 @@ async fn resolve_source(
                 src.id, src.status
             )));
         }
-        return Ok(Some(Source { size_gb: src.size_gb as u64, only: Some(format!("{}@{}", src.host, src.backend)) }));
+        let key_from = encryption::has_key(conn, &src.id).await?.then(|| src.id.clone());
+        let only = Some(format!("{}@{}", src.host, src.backend));
+        return Ok(Some(Source { size_gb: src.size_gb as u64, only, key_from }));
     }
     Ok(None)
 }
@@ -167,6 +203,12 @@ impl Volumes {
         let vtype = volume_types::load(&mut tx, &type_id).await?;
         let source = resolve_source(&self.ctx, &mut tx, who, &req).await?;
         let hints = super::affinity::accept(&mut tx, who, req.scheduler_hints.as_ref()).await?;
+        if !req.image.is_empty() && encryption::spec(&vtype.extra_specs).is_ok_and(|s| s.is_some()) {
+            return Err(Error::invalid(
+                "image",
+                format!("type {} is encrypted; images fill plain volumes", vtype.name),
+            ));
+        }
         let size_gb = match (&source, req.size_gb) {
             (Some(s), 0) => s.size_gb,
             (Some(s), n) if n < s.size_gb => {
@@ -185,6 +227,7 @@ impl Volumes {
         check_new_size(&self.ctx, &mut tx, &project, &vtype, "size_gb", size_gb).await?;
         self.ctx.quota.consume(&mut tx, &project, &quota::volume_deltas(&vtype.name, size_gb as i64)).await?;
         let id = uuid::Uuid::new_v4().to_string();
+        key_new_volume(&self.ctx, &mut tx, &vtype, source.as_ref(), &id).await?;
         let now = now_ms();
         sqlx::query(
             "INSERT INTO volumes (id, project, name, description, size_gb, status, volume_type_id, availability_zone, \
@@ -313,6 +356,10 @@ impl Volumes {
         }
         let vtype = volume_types::load(&mut tx, &v.volume_type_id).await?;
         check_new_size(&self.ctx, &mut tx, &v.project, &vtype, "new_size_gb", req.new_size_gb).await?;
+        if v.status == "in-use" {
+            let why = "QEMU would have to grow the LUKS payload under the guest; detach it, extend, attach again";
+            encryption::refuse_if_encrypted(&mut tx, &v.id, "extended while attached", why).await?;
+        }
         // A failed extend leaves the volume as it was (the agent refused it): asking again is how it is retried.
         // An attached volume grows under its guests, which are told (Cinder's extend of in-use volumes).
         let from = ["available", "in-use", "error_extending"];
@@ -395,6 +442,8 @@ impl Volumes {
         if !matches!(v.status.as_str(), "available" | "in-use" | "attaching") {
             return Err(Error::FailedPrecondition(format!("volume {} is {}; it cannot be exported", v.id, v.status)));
         }
+        let why = "its key goes only to ember's compute agents; attach it to an instance instead";
+        encryption::refuse_if_encrypted(&mut tx, &v.id, "exported to another initiator", why).await?;
         // A read-only volume is exported read-only whatever the connector asks.
         let read_only = connector.read_only || v.read_only;
         let (user, password) = ensure_chap(&mut tx, &v).await?;

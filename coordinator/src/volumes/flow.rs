@@ -96,6 +96,7 @@ pub async fn create(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
                 }
             }
             "scheduled" => {
+                let luks = luks_format(ctx, &v).await?;
                 let mut client = ctx.agents.storage(&v.host).await?;
                 let call = client
                     .create_volume(agent::CreateVolumeRequest {
@@ -106,6 +107,7 @@ pub async fn create(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
                         source_volume_id: v.source_volume_id.clone(),
                         provisioning: String::new(),
                         image: op.payload["image"].as_str().unwrap_or_default().to_string(),
+                        luks,
                     })
                     .await;
                 match call {
@@ -184,9 +186,24 @@ pub async fn create(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
     }
 }
 
+/// How the agent formats a new blank volume of an encrypted type (with the key `create` made for it); `None`
+/// for a plain volume, and for a copy, whose data (LUKS header included) comes from its source.
+async fn luks_format(ctx: &Ctx, v: &store::VolumeRow) -> Result<Option<agent::LuksFormat>> {
+    if !v.source_snapshot_id.is_empty() || !v.source_volume_id.is_empty() || !v.source_backup_id.is_empty() {
+        return Ok(None);
+    }
+    let mut conn = ctx.db.acquire().await?;
+    let Some(key) = crate::encryption::load(&mut conn, &ctx.master_key, &v.id).await? else { return Ok(None) };
+    let vtype = volume_types::load(&mut conn, &v.volume_type_id).await?;
+    let spec = crate::encryption::spec(&vtype.extra_specs).map_err(crate::error::Error::Keys)?;
+    let cipher_alg = spec.map(|s| s.qemu_cipher_alg()).unwrap_or("aes-128").to_string();
+    Ok(Some(agent::LuksFormat { passphrase: key.passphrase, cipher_alg }))
+}
+
 /// Removes a volume's row and gives its quota back; `done` says why, for the log ("deleted", "unmanaged").
 pub(super) async fn forget(ctx: &Ctx, tx: &mut sqlx::SqliteConnection, v: &store::VolumeRow, done: &str) -> Result<()> {
     sqlx::query("DELETE FROM volumes WHERE id = ?").bind(&v.id).execute(&mut *tx).await?;
+    crate::encryption::delete_key(tx, &v.id).await?;
     ctx.quota.release(tx, &v.project, &quota::volume_deltas(&v.volume_type_name, v.size_gb)).await?;
     tracing::info!(volume_id = %v.id, "volume {done}");
     Ok(())

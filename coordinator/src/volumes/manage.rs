@@ -91,6 +91,12 @@ pub async fn manage(ctx: &Ctx, who: &Identity, req: ManageVolumeRequest) -> Resu
     }
     let type_id = type_id_for(&mut tx, who, &req.volume_type).await?;
     let vtype = volume_types::load(&mut tx, &type_id).await?;
+    if crate::encryption::spec(&vtype.extra_specs).is_ok_and(|s| s.is_some()) {
+        return Err(Error::invalid(
+            "volume_type",
+            format!("type {} is encrypted, and ember has no key for data it did not make", vtype.name),
+        ));
+    }
     ctx.quota.consume(&mut tx, &project, &quota::volume_deltas(&vtype.name, size_gb as i64)).await?;
     let now = now_ms();
     sqlx::query(
@@ -128,6 +134,8 @@ pub async fn unmanage(ctx: &Arc<Ctx>, who: &Identity, req: UnmanageVolumeRequest
     validate::uuid("id", &req.id)?;
     let mut tx = crate::db::write(&ctx.db).await?;
     let v = store::find(&mut tx, &req.id).await?.ok_or_else(|| Error::not_found("volume", &req.id))?;
+    let why = "its key stays with ember, and its data would be unreadable without it";
+    crate::encryption::refuse_if_encrypted(&mut tx, &v.id, "unmanaged", why).await?;
     let (snapshots, sources) = store::snapshots_and_clones(&mut tx, &v.id).await?;
     if snapshots > 0 {
         return Err(Error::FailedPrecondition(format!(

@@ -52,6 +52,17 @@ pub async fn retype(ctx: &Arc<Ctx>, who: &Identity, req: RetypeVolumeRequest) ->
         )));
     }
     let new_type = volume_types::load(&mut tx, &new_id).await?;
+    let old_type = volume_types::load(&mut tx, &v.volume_type_id).await?;
+    let encrypted = |t: &ember_proto::v1::VolumeType| crate::encryption::spec(&t.extra_specs).ok().flatten();
+    if encrypted(&old_type).is_some() != encrypted(&new_type).is_some() {
+        return Err(Error::invalid(
+            "volume_type",
+            format!(
+                "types {} and {} differ in encryption; a volume's data is not re-encrypted",
+                old_type.name, new_type.name
+            ),
+        ));
+    }
     volume_types::check_size(&new_type, "volume_type", v.size_gb as u64)?;
     if v.status == "in-use" {
         // Cinder's rule too: a guest's disk keeps the limits it was attached with, wherever the volume goes.

@@ -132,6 +132,7 @@ pub async fn to_proto(conn: &mut SqliteConnection, v: &VolumeRow) -> Result<Volu
             .into_iter()
             .map(|r| VolumeAttachment { id: r.get(0), instance: r.get(1), host: r.get(2), device: r.get(3) })
             .collect();
+    let encrypted = crate::encryption::has_key(conn, &v.id).await?;
     Ok(Volume {
         id: v.id.clone(),
         project: v.project.clone(),
@@ -160,6 +161,7 @@ pub async fn to_proto(conn: &mut SqliteConnection, v: &VolumeRow) -> Result<Volu
         },
         read_only: v.read_only,
         migration_progress: v.migrate_progress.clamp(0, 100) as u32,
+        encrypted,
     })
 }
 

@@ -161,9 +161,12 @@ pub(crate) async fn swap_domain(
         tx.commit().await?;
         creds
     };
+    let key = crate::encryption::load(&mut *ctx.db.acquire().await?, &ctx.master_key, &v.id).await?;
+    let passphrase = key.map(|k| k.passphrase).unwrap_or_default();
     let with_secret = |mut c: agent::Connection| {
         c.auth_username = user.clone();
         c.auth_password = password.clone();
+        c.luks_passphrase = passphrase.clone();
         c
     };
     let stored_new = op.payload["new_connection"].clone();
