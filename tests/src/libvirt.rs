@@ -42,6 +42,18 @@ pub fn root_image() -> PathBuf {
     instance_image().0.with_file_name("root.raw")
 }
 
+/// The root filesystem image converted to qcow2 at `dest` (what an image volume is made from): returns `dest`.
+pub fn qcow2_root_image(dest: PathBuf) -> PathBuf {
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(root_image())
+        .arg(&dest)
+        .output()
+        .expect("qemu-img");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    dest
+}
+
 /// Compute-agent config making instances boot the test kernel with the volume as root.
 pub fn boot_config() -> String {
     let (kernel, initrd) = instance_image();

@@ -3,7 +3,7 @@
 //! initiator, a second volume hot-attached and detached while it runs, and the instance deleted with its boot
 //! volume — leaving no domain, secret, target or record. Booting from a snapshot makes the volume first.
 
-use ember_fleet_tests::libvirt::{ComputeFleet, attach_request, boot_config, domain_exists, root_image, secrets};
+use ember_fleet_tests::libvirt::{ComputeFleet, attach_request, boot_config, domain_exists, qcow2_root_image, secrets};
 use ember_fleet_tests::volumes::{new_volume, wait_gone, wait_volume};
 use ember_fleet_tests::wait_for;
 use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
@@ -38,14 +38,7 @@ async fn wait_console(client: &InstanceServiceClient<Channel>, id: &str, marker:
 #[tokio::test]
 async fn an_instance_boots_from_a_volume_made_from_an_image_and_takes_a_hot_attached_volume() {
     let ComputeFleet { fleet, dir, storage: _storage, compute: _compute } = ComputeFleet::start(&boot_config()).await;
-    let image = fleet.subdir("images").join("root.qcow2");
-    let out = std::process::Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "qcow2"])
-        .arg(root_image())
-        .arg(&image)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let image = qcow2_root_image(fleet.subdir("images").join("root.qcow2"));
 
     // The boot volume's type sets front-end QoS, which the instance's boot disk gets.
     let capped = CreateVolumeTypeRequest {

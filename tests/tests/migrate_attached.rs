@@ -4,7 +4,7 @@
 //! data on the new pool, the domain's live and persistent XML naming the new portal, the old copy and target
 //! gone, and the guest seeing a later extend that only the new pool's agent performs.
 
-use ember_fleet_tests::libvirt::{Domain, attach_request, boot_config, domain_exists, root_image, virsh};
+use ember_fleet_tests::libvirt::{Domain, attach_request, boot_config, domain_exists, qcow2_root_image, virsh};
 use ember_fleet_tests::volumes::{db_state, new_volume, usage, wait_backend, wait_settled, wait_volume};
 use ember_fleet_tests::{Daemon, Fleet, wait_for};
 use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
@@ -242,14 +242,7 @@ async fn a_forced_detach_ends_an_attached_retype_whose_compute_host_is_gone() {
 #[tokio::test]
 async fn a_running_instance_s_boot_volume_moves_to_another_storage_host() {
     let hosts = two_hosts(&boot_config(), &[]).await;
-    let image = hosts.fleet.subdir("images").join("root.qcow2");
-    let out = std::process::Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "qcow2"])
-        .arg(root_image())
-        .arg(&image)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let image = qcow2_root_image(hosts.fleet.subdir("images").join("root.qcow2"));
     let mut services = FleetServiceClient::new(hosts.fleet.admin());
     let disable = DisableServiceRequest { name: "storage2@file2".into(), reason: "test".into() };
     services.disable_service(disable).await.unwrap();
