@@ -107,11 +107,14 @@ impl Compute {
                 r.volume_id, r.instance
             )));
         };
-        if self.virsh.block_capacity(&uuid, &disk.target).await? == r.new_size_bytes {
-            return Ok(r.new_size_bytes);
+        // QEMU's LUKS layer hides its header from the guest: the disk grows to the new size less the header, and
+        // QEMU grows what lies under it to exactly the new size.
+        let guest_bytes = r.new_size_bytes.saturating_sub(conn.luks_header_bytes);
+        if self.virsh.block_capacity(&uuid, &disk.target).await? == guest_bytes {
+            return Ok(guest_bytes);
         }
         self.connectors.rescan(&conn, r.new_size_bytes).await?;
-        self.virsh.blockresize(&uuid, &disk.target, r.new_size_bytes).await?;
+        self.virsh.blockresize(&uuid, &disk.target, guest_bytes).await?;
         let capacity = self.virsh.block_capacity(&uuid, &disk.target).await?;
         tracing::info!(instance = %r.instance, device = %disk.target, capacity, "volume resized in the domain");
         Ok(capacity)

@@ -78,10 +78,13 @@ pub(crate) async fn tell_guests_of_new_size(ctx: &Arc<Ctx>, volume_id: &str, byt
     let mut untold = Vec::new();
     for a in attached {
         let (instance, host): (String, String) = (a.get(2), a.get(3));
+        let connection = stored_connection(&a);
+        // What the guest sees: an encrypted volume's LUKS header is not part of its disk.
+        let visible = bytes.saturating_sub(connection.luks_header_bytes);
         let request = agent::ExtendAttachedVolumeRequest {
             volume_id: volume_id.to_string(),
             instance: instance.clone(),
-            connection: Some(stored_connection(&a)),
+            connection: Some(connection),
             new_size_bytes: bytes,
         };
         let told = match ctx.agents.compute(&host).await {
@@ -89,11 +92,13 @@ pub(crate) async fn tell_guests_of_new_size(ctx: &Arc<Ctx>, volume_id: &str, byt
             Err(e) => Err(e.to_string()),
         };
         match told {
-            Ok(r) if r.get_ref().capacity_bytes >= bytes => {
+            Ok(r) if r.get_ref().capacity_bytes >= visible => {
                 tracing::info!(volume_id, %instance, %host, "the guest sees the new size");
             }
-            Ok(r) => untold
-                .push(format!("instance {instance} on {host} sees {} bytes, not {bytes}", r.get_ref().capacity_bytes)),
+            Ok(r) => untold.push(format!(
+                "instance {instance} on {host} sees {} bytes, not {visible}",
+                r.get_ref().capacity_bytes
+            )),
             Err(why) => untold.push(format!("instance {instance} on {host} was not told of the new size: {why}")),
         }
     }
@@ -328,6 +333,7 @@ pub(crate) fn connection_from_json(c: &serde_json::Value) -> agent::Connection {
         read_only: c["read_only"].as_bool().unwrap_or(false),
         luks_passphrase: String::new(),
         luks_secret_uuid: text("luks_secret_uuid"),
+        luks_header_bytes: c["luks_header_bytes"].as_u64().unwrap_or(0),
     }
 }
 
@@ -417,6 +423,7 @@ pub(crate) async fn export_copy(
         "target_iqn": export.target_iqn, "target_lun": export.target_lun, "auth_username": user,
         "export": export.export, "path": export.path, "mount_options": export.mount_options, "read_only": read_only,
         "luks_secret_uuid": key.as_ref().map(|k| k.secret_uuid.clone()).unwrap_or_default(),
+        "luks_header_bytes": key.as_ref().map(|k| k.header_bytes).unwrap_or_default(),
     });
     let mut connection = connection_from_json(&stored);
     connection.auth_password = password;

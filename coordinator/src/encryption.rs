@@ -68,6 +68,13 @@ impl Spec {
     pub fn qemu_cipher_alg(&self) -> &'static str {
         if self.key_size == 512 { "aes-256" } else { "aes-128" }
     }
+
+    /// Bytes of the LUKS1 header QEMU writes for this key size: 4 KiB, then 8 key slots of 4000 anti-forensic
+    /// stripes of the key, each 4 KiB-aligned (checked against qemu-img's output in `storage-agent/src/luks.rs`).
+    pub fn header_bytes(&self) -> u64 {
+        let key_bytes = u64::from(self.key_size / 8);
+        4096 + 8 * (key_bytes * 4000).div_ceil(4096) * 4096
+    }
 }
 
 /// The master key that wraps every volume's passphrase.
@@ -136,50 +143,67 @@ impl MasterKey {
     }
 }
 
-/// A volume's (or backup's) key as stored: the libvirt secret UUID compute hosts file the passphrase under, and
-/// the passphrase.
+/// A volume's (or backup's) key as stored: the libvirt secret UUID compute hosts file the passphrase under, the
+/// passphrase, and the size of the LUKS header it goes with.
 #[derive(Debug, Clone)]
 pub struct VolumeKey {
     /// UUID of the passphrase's libvirt secret.
     pub secret_uuid: String,
     /// The passphrase.
     pub passphrase: String,
+    /// Bytes of the LUKS header before the payload (fixed for the life of the data: a copy keeps its source's).
+    pub header_bytes: u64,
 }
 
-/// Records a new random key for `owner` (a volume id), in `conn`'s transaction.
-pub async fn create_key(conn: &mut sqlx::SqliteConnection, master: &MasterKey, owner: &str) -> Result<VolumeKey> {
-    let key = VolumeKey { secret_uuid: uuid::Uuid::new_v4().to_string(), passphrase: master.new_passphrase()? };
+/// Records a new random key for `owner` (a volume id, to be formatted as `spec` says), in `conn`'s transaction.
+pub async fn create_key(
+    conn: &mut sqlx::SqliteConnection,
+    master: &MasterKey,
+    owner: &str,
+    spec: &Spec,
+) -> Result<VolumeKey> {
+    let key = VolumeKey {
+        secret_uuid: uuid::Uuid::new_v4().to_string(),
+        passphrase: master.new_passphrase()?,
+        header_bytes: spec.header_bytes(),
+    };
     store(conn, master, owner, &key).await?;
     Ok(key)
 }
 
 async fn store(conn: &mut sqlx::SqliteConnection, master: &MasterKey, owner: &str, key: &VolumeKey) -> Result<()> {
-    sqlx::query("INSERT OR REPLACE INTO volume_keys (owner_id, secret_uuid, wrapped, created_at) VALUES (?, ?, ?, ?)")
-        .bind(owner)
-        .bind(&key.secret_uuid)
-        .bind(master.wrap(owner, &key.passphrase)?)
-        .bind(crate::clock::now_ms())
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query(
+        "INSERT OR REPLACE INTO volume_keys (owner_id, secret_uuid, wrapped, header_bytes, created_at) \
+         VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(owner)
+    .bind(&key.secret_uuid)
+    .bind(master.wrap(owner, &key.passphrase)?)
+    .bind(key.header_bytes as i64)
+    .bind(crate::clock::now_ms())
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
 /// The key of `owner`, if it has one.
 pub async fn load(conn: &mut sqlx::SqliteConnection, master: &MasterKey, owner: &str) -> Result<Option<VolumeKey>> {
-    let row: Option<(String, Vec<u8>)> =
-        sqlx::query_as("SELECT secret_uuid, wrapped FROM volume_keys WHERE owner_id = ?")
+    let row: Option<(String, Vec<u8>, i64)> =
+        sqlx::query_as("SELECT secret_uuid, wrapped, header_bytes FROM volume_keys WHERE owner_id = ?")
             .bind(owner)
             .fetch_optional(&mut *conn)
             .await?;
-    row.map(|(secret_uuid, wrapped)| Ok(VolumeKey { secret_uuid, passphrase: master.unwrap(owner, &wrapped)? }))
-        .transpose()
+    row.map(|(secret_uuid, wrapped, header)| {
+        Ok(VolumeKey { secret_uuid, passphrase: master.unwrap(owner, &wrapped)?, header_bytes: header as u64 })
+    })
+    .transpose()
 }
 
 /// Gives `to` the same passphrase as `from` (a clone, a restore), under a secret UUID of its own. False when
 /// `from` has no key.
 pub async fn copy_key(conn: &mut sqlx::SqliteConnection, master: &MasterKey, from: &str, to: &str) -> Result<bool> {
     let Some(key) = load(conn, master, from).await? else { return Ok(false) };
-    let copy = VolumeKey { secret_uuid: uuid::Uuid::new_v4().to_string(), passphrase: key.passphrase };
+    let copy = VolumeKey { secret_uuid: uuid::Uuid::new_v4().to_string(), ..key };
     store(conn, master, to, &copy).await?;
     Ok(true)
 }
@@ -242,8 +266,11 @@ mod tests {
         assert_eq!(spec(&specs(&[("volume_backend_name", "x")])), Ok(None));
         let luks = spec(&specs(&[("encryption:provider", "luks")])).unwrap().unwrap();
         assert_eq!((luks.cipher.as_str(), luks.key_size, luks.qemu_cipher_alg()), ("aes-xts-plain64", 256, "aes-128"));
+        assert_eq!(luks.header_bytes(), 4096 + 8 * 131072);
         let big = spec(&specs(&[("encryption:provider", "luks"), ("encryption:key_size", "512")])).unwrap().unwrap();
         assert_eq!(big.qemu_cipher_alg(), "aes-256");
+        // qemu-img 7.2 wrote 1075810304 bytes for a 1 GiB payload with aes-256-xts.
+        assert_eq!(big.header_bytes(), 1075810304 - (1 << 30));
         for bad in [
             vec![("encryption:provider", "plain")],
             vec![("encryption:cipher", "aes-xts-plain64")],

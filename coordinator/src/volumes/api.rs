@@ -83,19 +83,19 @@ async fn key_new_volume(
     source: Option<&Source>,
     id: &str,
 ) -> Result<()> {
-    let encrypted = encryption::spec(&vtype.extra_specs).map_err(|e| Error::invalid("volume_type", e))?.is_some();
-    match (encrypted, source, source.and_then(|s| s.key_from.as_deref())) {
-        (false, _, None) => Ok(()),
-        (true, None, _) => encryption::create_key(conn, &ctx.master_key, id).await.map(drop),
-        (true, Some(_), Some(from)) => encryption::copy_key(conn, &ctx.master_key, from, id).await.map(drop),
-        (false, _, Some(from)) => Err(Error::invalid(
+    let spec = encryption::spec(&vtype.extra_specs).map_err(|e| Error::invalid("volume_type", e))?;
+    match (spec, source, source.and_then(|s| s.key_from.as_deref())) {
+        (None, _, None) => Ok(()),
+        (Some(spec), None, _) => encryption::create_key(conn, &ctx.master_key, id, &spec).await.map(drop),
+        (Some(_), Some(_), Some(from)) => encryption::copy_key(conn, &ctx.master_key, from, id).await.map(drop),
+        (None, _, Some(from)) => Err(Error::invalid(
             "volume_type",
             format!(
                 "{from} holds encrypted data; a volume made from it needs an encrypted type too, not {}",
                 vtype.name
             ),
         )),
-        (true, Some(_), None) => Err(Error::invalid(
+        (Some(_), Some(_), None) => Err(Error::invalid(
             "volume_type",
             format!("type {} is encrypted: its volumes are made blank or from an encrypted volume", vtype.name),
         )),
@@ -356,10 +356,6 @@ impl Volumes {
         }
         let vtype = volume_types::load(&mut tx, &v.volume_type_id).await?;
         check_new_size(&self.ctx, &mut tx, &v.project, &vtype, "new_size_gb", req.new_size_gb).await?;
-        if v.status == "in-use" {
-            let why = "QEMU would have to grow the LUKS payload under the guest; detach it, extend, attach again";
-            encryption::refuse_if_encrypted(&mut tx, &v.id, "extended while attached", why).await?;
-        }
         // A failed extend leaves the volume as it was (the agent refused it): asking again is how it is retried.
         // An attached volume grows under its guests, which are told (Cinder's extend of in-use volumes).
         let from = ["available", "in-use", "error_extending"];
