@@ -10,6 +10,7 @@ pub mod failpoint;
 pub mod identity;
 pub mod image_source;
 pub mod logging;
+pub mod luks;
 pub mod nfs;
 pub mod qos;
 pub mod runner;

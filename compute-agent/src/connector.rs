@@ -84,18 +84,22 @@ impl Connectors {
         out
     }
 
+    /// Defines the libvirt secret `xml` describes and gives secret `uuid` its `value`, each through a private file
+    /// named after `stem` (never on the command line).
+    async fn define_secret(&self, stem: &str, xml: &str, uuid: &str, value: &str) -> Result<()> {
+        self.with_private_file(&format!("{stem}.xml"), xml.as_bytes(), async |p| self.virsh.define_secret(p).await)
+            .await?;
+        self.with_private_file(&format!("{stem}.value"), value.as_bytes(), async |p| {
+            self.virsh.set_secret_value(uuid, p).await
+        })
+        .await
+    }
+
     /// Files an encrypted volume's passphrase as a libvirt secret (QEMU reads it when it opens the disk).
     async fn define_luks_secret(&self, volume_id: &str, c: &Connection) -> Result<()> {
         crate::error::checked_id("connection.luks_secret_uuid", &c.luks_secret_uuid)?;
         let xml = luks_secret_xml(&c.luks_secret_uuid, volume_id);
-        self.with_private_file(&format!("luks-{volume_id}.xml"), xml.as_bytes(), async |p| {
-            self.virsh.define_secret(p).await
-        })
-        .await?;
-        self.with_private_file(&format!("luks-{volume_id}.value"), c.luks_passphrase.as_bytes(), async |p| {
-            self.virsh.set_secret_value(&c.luks_secret_uuid, p).await
-        })
-        .await
+        self.define_secret(&format!("luks-{volume_id}"), &xml, &c.luks_secret_uuid, &c.luks_passphrase).await
     }
 
     /// Makes the volume reachable and says how QEMU should open it.
@@ -107,14 +111,7 @@ impl Connectors {
             "iscsi" if self.iscsi_mode == IscsiMode::Qemu => {
                 let usage = secret_usage(volume_id);
                 let xml = secret_xml(volume_id, &usage);
-                self.with_private_file(&format!("secret-{volume_id}.xml"), xml.as_bytes(), async |p| {
-                    self.virsh.define_secret(p).await
-                })
-                .await?;
-                self.with_private_file(&format!("secret-{volume_id}.value"), c.auth_password.as_bytes(), async |p| {
-                    self.virsh.set_secret_value(volume_id, p).await
-                })
-                .await?;
+                self.define_secret(&format!("secret-{volume_id}"), &xml, volume_id, &c.auth_password).await?;
                 Ok(DiskSource::IscsiNetwork {
                     portal: c.target_portal.clone(),
                     iqn: c.target_iqn.clone(),

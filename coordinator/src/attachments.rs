@@ -385,6 +385,19 @@ async fn fail_attach(ctx: &Arc<Ctx>, op: &Op, v: &volumes::VolumeRow, reason: &s
     Ok(Outcome::Finished)
 }
 
+/// What reaching volume `v` takes: its CHAP user and secret (made now if it has none) and, when it is encrypted,
+/// its key.
+pub(crate) async fn volume_secrets(
+    ctx: &Ctx,
+    v: &volumes::VolumeRow,
+) -> Result<(String, String, Option<crate::encryption::VolumeKey>)> {
+    let mut tx = crate::db::write(&ctx.db).await?;
+    let (user, password) = crate::volumes::api::ensure_chap(&mut tx, v).await?;
+    tx.commit().await?;
+    let key = crate::encryption::load(&mut *ctx.db.acquire().await?, &ctx.master_key, &v.id).await?;
+    Ok((user, password, key))
+}
+
 /// Exports volume `v`'s copy on `host`/`backend` to `initiator`, with the volume's CHAP credentials. Returns the
 /// connection (with the CHAP secret, for a compute agent) and its facts to store (without it). `Err(status)` is
 /// the storage agent's refusal.
@@ -396,12 +409,7 @@ pub(crate) async fn export_copy(
     initiator: &str,
     read_only: bool,
 ) -> Result<Result<(agent::Connection, serde_json::Value), Status>> {
-    let (user, password) = {
-        let mut tx = crate::db::write(&ctx.db).await?;
-        let creds = crate::volumes::api::ensure_chap(&mut tx, v).await?;
-        tx.commit().await?;
-        creds
-    };
+    let (user, password, key) = volume_secrets(ctx, v).await?;
     let mut storage = ctx.agents.storage(host).await?;
     let export = match storage
         .export_volume(agent::ExportVolumeRequest {
@@ -417,7 +425,6 @@ pub(crate) async fn export_copy(
         Ok(r) => r.into_inner(),
         Err(status) => return Ok(Err(status)),
     };
-    let key = crate::encryption::load(&mut *ctx.db.acquire().await?, &ctx.master_key, &v.id).await?;
     let stored = serde_json::json!({
         "driver_volume_type": export.driver_volume_type, "target_portal": export.target_portal,
         "target_iqn": export.target_iqn, "target_lun": export.target_lun, "auth_username": user,

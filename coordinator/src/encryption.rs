@@ -69,11 +69,9 @@ impl Spec {
         if self.key_size == 512 { "aes-256" } else { "aes-128" }
     }
 
-    /// Bytes of the LUKS1 header QEMU writes for this key size: 4 KiB, then 8 key slots of 4000 anti-forensic
-    /// stripes of the key, each 4 KiB-aligned (checked against qemu-img's output in `storage-agent/src/luks.rs`).
+    /// Bytes of the LUKS1 header QEMU writes for this key size.
     pub fn header_bytes(&self) -> u64 {
-        let key_bytes = u64::from(self.key_size / 8);
-        4096 + 8 * (key_bytes * 4000).div_ceil(4096) * 4096
+        ember_common::luks::header_bytes(u64::from(self.key_size / 8))
     }
 }
 

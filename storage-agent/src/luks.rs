@@ -1,6 +1,6 @@
 //! Formatting a new volume as a LUKS container for an encrypted volume type, with `qemu-img create -f luks` (QEMU's
 //! own LUKS, which compute hosts open in QEMU with the same key; nothing here ever decrypts). The container
-//! fills the volume exactly: its header takes the first [`header_bytes`] and guests see the rest.
+//! fills the volume exactly: its header takes the first `ember_common::luks::header_bytes` and guests see the rest.
 //!
 //! The key reaches qemu-img through a private file in the agent's state directory (never a pool, never argv),
 //! removed as soon as qemu-img has run. PBKDF2 is tuned to 100 ms rather than LUKS's usual 2 s: the passphrase
@@ -27,13 +27,6 @@ const FORMAT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How many times qemu-img is run when its PBKDF2 benchmark cannot time itself (see the module documentation).
 const FORMAT_ATTEMPTS: usize = 8;
 
-/// Bytes of a QEMU LUKS1 header for a key of `key_bytes`: 4 KiB of header, then 8 key slots of 4000 anti-forensic
-/// stripes of the key each, every slot 4 KiB-aligned; the payload starts right after.
-pub fn header_bytes(key_bytes: u64) -> u64 {
-    let slot = (key_bytes * 4000).div_ceil(4096) * 4096;
-    4096 + 8 * slot
-}
-
 /// The key length (bytes) of an XTS `cipher_alg`: two AES keys.
 fn key_bytes(cipher_alg: &str) -> Result<u64> {
     match cipher_alg {
@@ -56,7 +49,7 @@ pub fn is_formatted(path: &Path) -> Result<bool> {
 /// Makes the `size` bytes at `path` a LUKS container keyed by `luks.passphrase`. A volume already formatted (a
 /// repeated create) is left as it is: formatting again would lose its data.
 pub async fn format(path: &Path, size: u64, luks: &LuksFormat, state_dir: &Path) -> Result<()> {
-    let header = header_bytes(key_bytes(&luks.cipher_alg)?);
+    let header = ember_common::luks::header_bytes(key_bytes(&luks.cipher_alg)?);
     if luks.passphrase.len() < 32 {
         return Err(AgentError::InvalidArgument { field: "luks.passphrase", message: "too short".into() });
     }
@@ -106,13 +99,6 @@ pub async fn format(path: &Path, size: u64, luks: &LuksFormat, state_dir: &Path)
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn header_sizes_match_what_qemu_img_writes() {
-        // qemu-img 7.2 `create -f luks` of a 1 GiB payload with aes-256-xts made a file of 1075810304 bytes.
-        assert_eq!(header_bytes(64), 1075810304 - (1 << 30));
-        assert_eq!(header_bytes(32), 4096 + 8 * 131072);
-    }
 
     #[tokio::test]
     async fn formats_a_volume_file_to_its_exact_size_once() {

@@ -343,21 +343,36 @@ async fn copy_with_progress(
     copy: agent::CopyVolumeFromRequest,
 ) -> std::result::Result<u64, tonic::Status> {
     let id = copy.volume_id.clone();
-    let mut stream = dest.copy_volume_from(copy).await?.into_inner();
-    while let Some(p) = stream.message().await? {
-        if p.done {
-            return Ok(p.bytes_written);
+    let stream = dest.copy_volume_from(copy).await?.into_inner();
+    let last = follow_progress(ctx, &id, stream, "copy", |p| (p.done, p.position_bytes, p.size_bytes)).await?;
+    Ok(last.bytes_written)
+}
+
+/// Follows an agent's progress stream for the migration of volume `id` (`what` it does): each report's
+/// (done, of total) bytes is recorded on the row until the message that says the work is `done`, which is
+/// returned. A stream that ends before is UNAVAILABLE, worth a retry: the agent's repeat resumes or redoes it.
+pub(crate) async fn follow_progress<M>(
+    ctx: &Ctx,
+    id: &str,
+    mut stream: tonic::Streaming<M>,
+    what: &str,
+    read: impl Fn(&M) -> (bool, u64, u64),
+) -> std::result::Result<M, tonic::Status> {
+    while let Some(message) = stream.message().await? {
+        let (finished, done, total) = read(&message);
+        if finished {
+            return Ok(message);
         }
-        if let Err(e) = record_progress(ctx, &id, p.position_bytes, p.size_bytes).await {
-            tracing::warn!(volume_id = %id, %e, "recording the copy's progress");
+        if let Err(e) = record_progress(ctx, id, done, total).await {
+            tracing::warn!(volume_id = %id, %e, "recording the {what}'s progress");
         }
     }
-    Err(tonic::Status::unavailable("the copy's stream ended before the copy was done"))
+    Err(tonic::Status::unavailable(format!("the {what}'s stream ended before the {what} was done")))
 }
 
 /// Records that a migration's copy of volume `id` has done `done` of `total` bytes, for GetVolume and the
 /// watchers of the volume to show.
-pub(crate) async fn record_progress(ctx: &Ctx, id: &str, done: u64, total: u64) -> Result<()> {
+async fn record_progress(ctx: &Ctx, id: &str, done: u64, total: u64) -> Result<()> {
     let percent = if total == 0 { 0 } else { (done.min(total) as u128 * 100 / total as u128) as i64 };
     sqlx::query("UPDATE volumes SET migrate_progress = ? WHERE id = ? AND migrate_host != ''")
         .bind(percent)

@@ -155,13 +155,7 @@ pub(crate) async fn swap_domain(
     if a.get::<&str, _>(4) != "attached" {
         return Ok(Err(Step::GiveUp(format!("its attachment is {} (a forced detach)", a.get::<&str, _>(4)))));
     }
-    let (user, password) = {
-        let mut tx = crate::db::write(&ctx.db).await?;
-        let creds = crate::volumes::api::ensure_chap(&mut tx, v).await?;
-        tx.commit().await?;
-        creds
-    };
-    let key = crate::encryption::load(&mut *ctx.db.acquire().await?, &ctx.master_key, &v.id).await?;
+    let (user, password, key) = attachments::volume_secrets(ctx, v).await?;
     let passphrase = key.map(|k| k.passphrase).unwrap_or_default();
     let with_secret = |mut c: agent::Connection| {
         c.auth_username = user.clone();
@@ -202,16 +196,8 @@ async fn swap_with_progress(
     request: agent::SwapVolumeRequest,
 ) -> std::result::Result<agent::SwapVolumeProgress, tonic::Status> {
     let id = request.volume_id.clone();
-    let mut stream = compute.swap_volume(request).await?.into_inner();
-    while let Some(p) = stream.message().await? {
-        if p.done {
-            return Ok(p);
-        }
-        if let Err(e) = super::migrate::record_progress(ctx, &id, p.copied_bytes, p.total_bytes).await {
-            tracing::warn!(volume_id = %id, %e, "recording the mirror's progress");
-        }
-    }
-    Err(tonic::Status::unavailable("the swap's stream ended before the swap was done"))
+    let stream = compute.swap_volume(request).await?.into_inner();
+    super::migrate::follow_progress(ctx, &id, stream, "swap", |p| (p.done, p.copied_bytes, p.total_bytes)).await
 }
 
 /// Removes the export of the copy on `host`/`backend` to the attachment's initiator; a refusal is logged (the
