@@ -192,29 +192,48 @@ impl Connectors {
     /// Makes this host see a volume's new size before QEMU is asked to grow the disk: the kernel initiator's
     /// SCSI device re-reads its capacity (a session rescan, then the device's own rescan, as os-brick does).
     /// QEMU's own initiator re-reads the capacity itself when resized, and a file has grown already.
+    ///
+    /// A tgt target closes its initiators' connections when it re-makes the grown LUN, so the session may be
+    /// logging in again (and its first command answered with a unit attention) when this runs: the rescan is
+    /// repeated until the device shows the size, for up to [`DEVICE_WAIT`].
     pub async fn rescan(&self, c: &Connection, new_size: u64) -> Result<()> {
         if c.driver_volume_type != "iscsi" || self.iscsi_mode != IscsiMode::Kernel {
             return Ok(());
         }
         let (t, p) = (c.target_iqn.as_str(), c.target_portal.as_str());
         let device = by_path(p, t, c.target_lun);
+        let deadline = tokio::time::Instant::now() + DEVICE_WAIT;
+        loop {
+            let size = self.rescan_device(t, p, &device).await;
+            match size {
+                Ok((_, size)) if size >= new_size => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Ok((dev, size)) if tokio::time::Instant::now() >= deadline => {
+                    return Err(ComputeError::FailedPrecondition(format!(
+                        "{dev} is {size} bytes after a rescan, not {new_size}: the target has not grown"
+                    )));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    }
+
+    /// One rescan of the session and of `device`'s SCSI device; returns the device and the size it shows.
+    async fn rescan_device(&self, t: &str, p: &str, device: &Path) -> Result<(String, u64)> {
         self.iscsiadm(&["-m", "node", "-T", t, "-p", p, "--rescan"]).await?;
         let real =
-            std::fs::canonicalize(&device).map_err(ComputeError::io(format!("resolving {}", device.display())))?;
+            std::fs::canonicalize(device).map_err(ComputeError::io(format!("resolving {}", device.display())))?;
         let name = real.file_name().unwrap_or_default();
         let rescan = PathBuf::from("/sys/block").join(name).join("device/rescan");
         if rescan.exists() {
-            std::fs::write(&rescan, "1").map_err(ComputeError::io(format!("writing {}", rescan.display())))?;
+            tokio::fs::write(&rescan, "1").await.map_err(ComputeError::io(format!("writing {}", rescan.display())))?;
         }
         let dev = real.to_string_lossy().into_owned();
         let out = runner::run("blockdev", &["--getsize64", &dev], ISCSIADM_TIMEOUT).await?.stdout;
-        match out.trim().parse::<u64>() {
-            Ok(size) if size >= new_size => Ok(()),
-            _ => Err(ComputeError::FailedPrecondition(format!(
-                "{dev} is {} bytes after a rescan, not {new_size}: the target has not grown",
-                out.trim()
-            ))),
-        }
+        let size = out.trim().parse::<u64>().map_err(|_| {
+            ComputeError::FailedPrecondition(format!("blockdev printed {:?} for {dev}, not a size", out.trim()))
+        })?;
+        Ok((dev, size))
     }
 
     /// Kernel initiator: flush and delete our SCSI device, then log out and delete the node unless another

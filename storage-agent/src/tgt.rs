@@ -22,10 +22,19 @@ pub struct TargetInfo {
     pub accounts: Vec<String>,
     /// Initiator addresses or names allowed.
     pub acl: Vec<String>,
-    /// Connected initiator sessions (I_T nexus count).
-    pub sessions: usize,
+    /// The initiators' connections, by session (I_T nexus).
+    pub connections: Vec<IscsiConnection>,
     /// Whether the target serves commands (`State: ready`); a LUN refresh takes it `offline` for a moment.
     pub ready: bool,
+}
+
+/// One initiator connection to a target: the session (I_T nexus) and the connection's id within it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IscsiConnection {
+    /// The session's id (tgt's I_T nexus id).
+    pub session: u64,
+    /// The connection's id within its session.
+    pub connection: u32,
 }
 
 /// Parses `tgtadm --lld iscsi --mode target --op show`.
@@ -39,6 +48,7 @@ pub fn parse_targets(text: &str) -> Vec<TargetInfo> {
     }
     let mut targets: Vec<TargetInfo> = Vec::new();
     let mut section = Section::Other;
+    let mut session = None;
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("Target ")
             && let Some((tid, iqn)) = rest.split_once(": ")
@@ -61,7 +71,15 @@ pub fn parse_targets(text: &str) -> Vec<TargetInfo> {
             continue;
         }
         match section {
-            Section::Nexus if trimmed.starts_with("I_T nexus:") => target.sessions += 1,
+            Section::Nexus => {
+                if let Some(id) = trimmed.strip_prefix("I_T nexus: ") {
+                    session = id.trim().parse().ok();
+                } else if let Some(id) = trimmed.strip_prefix("Connection: ")
+                    && let (Some(session), Ok(connection)) = (session, id.trim().parse())
+                {
+                    target.connections.push(IscsiConnection { session, connection });
+                }
+            }
             Section::Accounts if indent == 8 && !trimmed.is_empty() => target.accounts.push(trimmed.to_string()),
             Section::Acl if indent == 8 && !trimmed.is_empty() => target.acl.push(trimmed.to_string()),
             Section::Other => {
@@ -166,13 +184,13 @@ impl Tgt {
         }
         // Left offline by an agent that stopped inside a LUN refresh.
         if !target.ready {
-            self.set_state(&tid, "ready").await?;
+            self.resume(&tid).await?;
         }
         Ok(())
     }
 
-    /// Sets target `tid`'s state: `offline` answers initiators' new commands busy (they retry them), `ready`
-    /// serves them again.
+    /// Sets target `tid`'s state: `offline` refuses logins and leaves new commands unanswered (see
+    /// [`Tgt::resume`]), `ready` serves again.
     async fn set_state(&self, tid: &str, state: &str) -> Result<()> {
         self.tgtadm(&["--mode", "target", "--op", "update", "--tid", tid, "--name", "state", "--value", state]).await?;
         Ok(())
@@ -189,17 +207,47 @@ impl Tgt {
     /// capacity. A target that is not there is left alone.
     ///
     /// tgtd refuses to remove a LUN while initiator commands are queued on it, which a busy guest keeps it from
-    /// ever being. So the target is taken offline first: new commands are answered busy and retried by the
-    /// initiators, those in flight drain, and the LUN goes. The target is made ready again whatever happens;
-    /// should the agent stop in between, its keeper does that (see [`Tgt::ensure`]).
+    /// ever being. So the target is taken offline first: tgtd stops executing new commands, those in flight
+    /// drain, and the LUN goes. The target is then resumed whatever happened; should the agent stop in between,
+    /// its keeper does that (see [`Tgt::ensure`]).
     pub async fn refresh_lun(&self, iqn: &str, backing: &Path) -> Result<()> {
         let Some(t) = self.targets().await?.into_iter().find(|t| t.iqn == iqn) else { return Ok(()) };
         let (tid, backing) = (t.tid.to_string(), backing.to_string_lossy());
         self.set_state(&tid, "offline").await?;
         ember_common::failpoint::abort_if_armed("storage.abort_in_lun_refresh");
         let remade = self.remake_lun(&tid, &backing).await;
-        let ready = self.set_state(&tid, "ready").await;
-        remade.and(ready)
+        let resumed = self.resume(&tid).await;
+        remade.and(resumed)
+    }
+
+    /// Serves target `tid` again after it was offline.
+    ///
+    /// tgtd never answers a command that reaches an offline target: it drops it, and QEMU's initiator (which
+    /// sets no command timeout) would wait for it forever, hanging the guest's I/O and anything that drains it,
+    /// such as a block resize. An initiator re-sends its outstanding commands when it logs in again, so the
+    /// target's connections are closed first, while logins are still refused; the initiators retry, and log in
+    /// once the target is ready. Closing before the state change keeps this crash-safe: a target found offline
+    /// is resumed again whole.
+    async fn resume(&self, tid: &str) -> Result<()> {
+        let closed = self.close_connections(tid).await;
+        let ready = self.set_state(tid, "ready").await;
+        closed.and(ready)
+    }
+
+    /// Closes every initiator connection to target `tid`; one that went meanwhile counts as closed.
+    async fn close_connections(&self, tid: &str) -> Result<()> {
+        let Some(target) = self.targets().await?.into_iter().find(|t| t.tid.to_string() == tid) else {
+            return Ok(());
+        };
+        for c in &target.connections {
+            let (sid, cid) = (c.session.to_string(), c.connection.to_string());
+            match self.tgtadm(&["--mode", "conn", "--op", "delete", "--tid", tid, "--sid", &sid, "--cid", &cid]).await {
+                Ok(_) => tracing::info!(tid, sid, cid, "initiator connection closed to resume the target"),
+                Err(e) if already(&e, "can't find") => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 
     /// Removes LUN 1 of target `tid`, once the commands in flight on it have drained, and adds it again.
@@ -252,7 +300,7 @@ mod tests {
         assert_eq!(targets[0].backing, ["/tmp/t1.img"]);
         assert_eq!(targets[0].accounts, ["u1"]);
         assert_eq!(targets[0].acl, ["ALL"]);
-        assert_eq!(targets[0].sessions, 0);
+        assert!(targets[0].connections.is_empty());
         assert!(targets[0].ready);
         assert_eq!(targets[1].tid, 3);
         assert_eq!(targets[1].backing, ["/tmp/t2.img"]);
@@ -274,11 +322,14 @@ mod tests {
     }
 
     #[test]
-    fn counts_sessions() {
-        let text = "Target 2: iqn.x\n    System information:\n        Driver: iscsi\n    I_T nexus information:\n        I_T nexus: 1\n            Initiator: iqn.a alias: none\n            Connection: 0\n                IP Address: 127.0.0.1\n    LUN information:\n        LUN: 1\n            Backing store path: /v\n    Account information:\n    ACL information:\n        ALL\n";
+    fn lists_the_connections_of_captured_sessions() {
+        // Two qemu-img readers logged in to one target.
+        let text = include_str!("../testdata/tgtadm-show-target-sessions.txt");
         let t = &parse_targets(text)[0];
-        assert_eq!((t.tid, t.sessions, t.backing.len(), t.acl.len()), (2, 1, 1, 1));
-        let offline = text.replace("Driver: iscsi\n", "Driver: iscsi\n        State: offline\n");
+        let expected = [IscsiConnection { session: 6, connection: 0 }, IscsiConnection { session: 7, connection: 0 }];
+        assert_eq!((t.tid, t.connections.as_slice(), t.backing.len(), t.acl.len()), (1, &expected[..], 1, 1));
+        assert!(t.ready);
+        let offline = text.replace("State: ready", "State: offline");
         assert!(!parse_targets(&offline)[0].ready, "a target a LUN refresh left offline");
     }
 }

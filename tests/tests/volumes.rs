@@ -236,11 +236,13 @@ impl Drop for Readers {
 
 /// An exported volume grows while initiators read it. tgtd re-makes the LUN so they see the new capacity, and
 /// refuses to while their commands are in flight ("this logical unit is still active"), which busy initiators
-/// keep it from ever being: the agent takes the target offline (new commands are answered busy and retried) so
-/// the LUN drains.
+/// keep it from ever being: the agent takes the target offline so the LUN drains. tgtd drops the commands that
+/// reach an offline target unanswered, so the agent then closes the initiators' connections: they log in again
+/// and re-send them. Every reader finishes every read (QEMU's initiator has no command timeout: a dropped read
+/// would hang its reader for good).
 #[tokio::test]
 async fn an_exported_volume_grows_while_initiators_read_it() {
-    let (fleet, _storage, dir) = fleet_with_storage().await;
+    let (fleet, storage, dir) = fleet_with_storage().await;
     let mut volumes = VolumeServiceClient::new(fleet.admin());
     let create = CreateVolumeRequest { size_gb: 1, name: "busy".into(), ..Default::default() };
     let v = volumes.create_volume(create).await.unwrap().into_inner();
@@ -249,12 +251,12 @@ async fn an_exported_volume_grows_while_initiators_read_it() {
     let info = volumes.initialize_connection(connect).await.unwrap().into_inner();
     let url = iscsi::url(&info, &info.auth_password);
 
-    // Three initiators, each with 32 reads in flight at all times.
-    let readers = Readers(
+    // Three initiators, each with 32 reads in flight at all times, for some seconds.
+    let mut readers = Readers(
         (0..3)
             .map(|_| {
                 std::process::Command::new("qemu-img")
-                    .args(["bench", "-f", "raw", "-c", "100000000", "-d", "32", &url])
+                    .args(["bench", "-f", "raw", "-c", "100000", "-d", "32", &url])
                     .stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::null())
                     .spawn()
@@ -269,7 +271,12 @@ async fn an_exported_volume_grows_while_initiators_read_it() {
 
     volumes.extend_volume(ExtendVolumeRequest { id: v.id.clone(), new_size_gb: 2 }).await.unwrap();
     let grown = wait_volume(&mut volumes, &v.id, "available").await;
-    drop(readers);
+    assert!(storage.log_text().contains("initiator connection closed"), "the refresh closed their connections");
+    for (i, reader) in readers.0.iter_mut().enumerate() {
+        let status =
+            wait_for("a reader to finish its reads", WAIT, || std::future::ready(reader.try_wait().unwrap())).await;
+        assert!(status.success(), "reader {i} failed a read: {status}");
+    }
     assert_eq!((grown.size_gb, grown.status_reason.as_str()), (2, ""), "{grown:?}");
     assert_eq!(std::fs::metadata(dir.join(format!("volume-{}", v.id))).unwrap().len(), 2 << 30);
     assert_eq!(iscsi::size(&url).unwrap(), 2 << 30, "the initiator sees the new capacity");
