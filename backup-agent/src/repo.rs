@@ -90,6 +90,41 @@ pub struct Manifest {
     /// When the data was current, RFC 3339 (absent: `started_at`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub data_timestamp: String,
+    /// An encrypted volume's LUKS key, sealed by the coordinator (absent for plain data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<ManifestKey>,
+}
+
+/// A backup's sealed LUKS key as the manifest records it; this agent cannot open it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ManifestKey {
+    /// The coordinator's sealed passphrase (nonce, ciphertext, tag), hex.
+    pub wrapped: String,
+    /// UUID of the libvirt secret compute hosts file the passphrase under.
+    pub secret_uuid: String,
+    /// Bytes of the LUKS header before the payload.
+    pub header_bytes: u64,
+}
+
+impl ManifestKey {
+    /// The key a CreateBackup request carries, as recorded.
+    pub fn from_proto(k: &ember_proto::agent::v1::WrappedKey) -> ManifestKey {
+        ManifestKey {
+            wrapped: hex::encode(&k.wrapped),
+            secret_uuid: k.secret_uuid.clone(),
+            header_bytes: k.header_bytes,
+        }
+    }
+
+    /// The recorded key as ListStoredBackups returns it; `None` when the record is not hex.
+    pub fn to_proto(&self) -> Option<ember_proto::agent::v1::WrappedKey> {
+        let wrapped = hex::decode(&self.wrapped).ok()?;
+        Some(ember_proto::agent::v1::WrappedKey {
+            wrapped,
+            secret_uuid: self.secret_uuid.clone(),
+            header_bytes: self.header_bytes,
+        })
+    }
 }
 
 /// A backup's index: chunk position → digest, for the positions that are not all zero.
@@ -492,6 +527,7 @@ mod tests {
             new_bytes: 0,
             index_sha256: String::new(),
             project: "p1".into(),
+            key: Some(ManifestKey { wrapped: "00ff".into(), secret_uuid: "u".into(), header_bytes: 2 << 20 }),
             ..Default::default()
         };
         repo.commit_backup(&mut m, &index).unwrap();

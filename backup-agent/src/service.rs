@@ -313,6 +313,7 @@ impl Backups {
             description: req.description.clone(),
             snapshot_id: req.snapshot_id.clone(),
             data_timestamp: req.data_timestamp.clone(),
+            key: req.key.as_ref().map(crate::repo::ManifestKey::from_proto),
         };
         let manifest = off_runtime(move || repo.commit_backup(&mut manifest, &index).map(|()| manifest))
             .await?
@@ -489,6 +490,7 @@ fn stored_backup(m: Manifest) -> StoredBackup {
         logical_bytes: m.logical_bytes,
         snapshot_id: m.snapshot_id,
         data_timestamp: m.data_timestamp,
+        key: m.key.as_ref().and_then(crate::repo::ManifestKey::to_proto),
     }
 }
 

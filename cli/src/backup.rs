@@ -483,6 +483,7 @@ pub async fn run(cmd: BackupCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                     "moved": r.moved.iter().map(to_json).collect::<Vec<_>>(),
                     "already_known": r.already_known,
                     "skipped": r.skipped,
+                    "locked": r.locked,
                 }));
             } else {
                 let listed: Vec<Backup> = r.imported.iter().chain(&r.moved).cloned().collect();
@@ -496,6 +497,9 @@ pub async fn run(cmd: BackupCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                 );
                 for why in &r.skipped {
                     println!("  skipped {why}");
+                }
+                for id in &r.locked {
+                    println!("  {id}: its key does not open with this coordinator's master key; restores wait for it");
                 }
             }
         }

@@ -10,6 +10,7 @@
 //! with the database.
 
 use crate::error::{Error, Result};
+use ember_proto::agent::v1::WrappedKey;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use std::collections::HashMap;
@@ -170,13 +171,20 @@ pub async fn create_key(
 }
 
 async fn store(conn: &mut sqlx::SqliteConnection, master: &MasterKey, owner: &str, key: &VolumeKey) -> Result<()> {
+    let wrapped = master.wrap(owner, &key.passphrase)?;
+    let sealed = WrappedKey { wrapped, secret_uuid: key.secret_uuid.clone(), header_bytes: key.header_bytes };
+    store_sealed(conn, owner, &sealed).await
+}
+
+/// Records `owner`'s key as sealed, replacing any it had.
+async fn store_sealed(conn: &mut sqlx::SqliteConnection, owner: &str, key: &WrappedKey) -> Result<()> {
     sqlx::query(
         "INSERT OR REPLACE INTO volume_keys (owner_id, secret_uuid, wrapped, header_bytes, created_at) \
          VALUES (?, ?, ?, ?, ?)",
     )
     .bind(owner)
     .bind(&key.secret_uuid)
-    .bind(master.wrap(owner, &key.passphrase)?)
+    .bind(&key.wrapped)
     .bind(key.header_bytes as i64)
     .bind(crate::clock::now_ms())
     .execute(&mut *conn)
@@ -186,21 +194,52 @@ async fn store(conn: &mut sqlx::SqliteConnection, master: &MasterKey, owner: &st
 
 /// The key of `owner`, if it has one.
 pub async fn load(conn: &mut sqlx::SqliteConnection, master: &MasterKey, owner: &str) -> Result<Option<VolumeKey>> {
+    sealed(conn, owner)
+        .await?
+        .map(|k| {
+            let passphrase = master.unwrap(owner, &k.wrapped)?;
+            Ok(VolumeKey { secret_uuid: k.secret_uuid, passphrase, header_bytes: k.header_bytes })
+        })
+        .transpose()
+}
+
+/// The key of `owner` as stored, still sealed for it: what a backup's manifest records, so that the key can be
+/// adopted with the backup (see [`adopt_sealed`]).
+pub async fn sealed(conn: &mut sqlx::SqliteConnection, owner: &str) -> Result<Option<WrappedKey>> {
     let row: Option<(String, Vec<u8>, i64)> =
         sqlx::query_as("SELECT secret_uuid, wrapped, header_bytes FROM volume_keys WHERE owner_id = ?")
             .bind(owner)
             .fetch_optional(&mut *conn)
             .await?;
-    row.map(|(secret_uuid, wrapped, header)| {
-        Ok(VolumeKey { secret_uuid, passphrase: master.unwrap(owner, &wrapped)?, header_bytes: header as u64 })
-    })
-    .transpose()
+    Ok(row.map(|(secret_uuid, wrapped, header)| WrappedKey { wrapped, secret_uuid, header_bytes: header as u64 }))
+}
+
+/// Records, as it is, the sealed key a repository's manifest carries for backup `owner`, and says whether it
+/// opens with this coordinator's master key. One that does not is recorded all the same: the backup then counts
+/// as encrypted, and its restores are refused, naming the key, rather than making a plain volume of
+/// ciphertext.
+pub async fn adopt_sealed(
+    conn: &mut sqlx::SqliteConnection,
+    master: &MasterKey,
+    owner: &str,
+    key: &WrappedKey,
+) -> Result<bool> {
+    store_sealed(conn, owner, key).await?;
+    Ok(master.unwrap(owner, &key.wrapped).is_ok())
 }
 
 /// Gives `to` the same passphrase as `from` (a clone, a restore), under a secret UUID of its own. False when
-/// `from` has no key.
+/// `from` has no key. A key sealed under another master key (a backup adopted from a repository) refuses the
+/// copy, naming `from`.
 pub async fn copy_key(conn: &mut sqlx::SqliteConnection, master: &MasterKey, from: &str, to: &str) -> Result<bool> {
-    let Some(key) = load(conn, master, from).await? else { return Ok(false) };
+    let key = load(conn, master, from).await.map_err(|e| match e {
+        Error::Keys(_) => Error::FailedPrecondition(format!(
+            "the key of {from} does not open with this coordinator's master key (key_file): it was sealed under \
+             another; use it where that master key is, or put that key file here"
+        )),
+        other => other,
+    })?;
+    let Some(key) = key else { return Ok(false) };
     let copy = VolumeKey { secret_uuid: uuid::Uuid::new_v4().to_string(), ..key };
     store(conn, master, to, &copy).await?;
     Ok(true)

@@ -109,6 +109,12 @@ async fn adopt(
         .bind(now_ms())
         .execute(&mut *tx)
         .await?;
+        if let Some(key) = &s.key
+            && !crate::encryption::adopt_sealed(&mut tx, &ctx.master_key, &s.backup_id, key).await?
+        {
+            tracing::warn!(backup_id = %s.backup_id, "the backup's key does not open with this master key");
+            out.locked.push(s.backup_id.clone());
+        }
         imported.push(s.backup_id);
     }
     for id in &imported {

@@ -1,7 +1,8 @@
 //! Encrypted volumes (Cinder's LUKS encryption types, front end): a real guest writes through QEMU's LUKS layer
 //! while the storage node's file holds only ciphertext, and sees its disk grow when the volume is extended; a
-//! clone opens with its copied key and grows with its volume; a backup keeps the key and restores to a volume the guest opens; the key is a libvirt secret only
-//! while attached; what cannot be done safely is refused, naming why.
+//! clone opens with its copied key and grows with its volume; a backup keeps the key and restores to a volume
+//! the guest opens, also after a database loss (the manifest records the key, sealed); the key is a libvirt
+//! secret only while attached; what cannot be done safely is refused, naming why.
 
 use ember_fleet_tests::backups::{repository_toml, wait_backup_settled};
 use ember_fleet_tests::libvirt::{ComputeFleet, Domain, attach_request, secrets};
@@ -178,4 +179,93 @@ async fn an_encrypted_volume_holds_only_ciphertext_while_its_guest_reads_and_wri
     let master = fleet.database().with_file_name("master.key");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&master).unwrap().permissions().mode() & 0o777, 0o600, "{}", master.display());
+}
+
+/// Creates the encrypted volume type `secret` (LUKS, default key size).
+async fn secret_type(fleet: &Fleet) {
+    let secret = CreateVolumeTypeRequest {
+        name: "secret".into(),
+        extra_specs: [("encryption:provider".to_string(), "luks".to_string())].into(),
+        ..Default::default()
+    };
+    VolumeTypeServiceClient::new(fleet.admin()).create_volume_type(secret).await.unwrap();
+}
+
+/// The coordinator's database is lost: it stops, its files go, and it starts on an empty one (with whatever
+/// master key file is beside it); the agents register again.
+async fn lose_the_database(fleet: &mut Fleet) {
+    fleet.coordinator.as_mut().unwrap().kill();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", fleet.database().display()));
+    }
+    fleet.start_coordinator();
+    for service in ["storage1@file1", "compute1", "backup1"] {
+        ember_fleet_tests::volumes::wait_backend(fleet, service).await;
+    }
+    secret_type(fleet).await;
+}
+
+/// An encrypted volume's backup comes back from its repository after a database loss with its key: the manifest
+/// records the key sealed under the master key, and a coordinator holding that master key adopts it, so the
+/// restore opens in a guest. Under another master key the backup is adopted locked: its restores are refused,
+/// naming the key, rather than making a volume of ciphertext nothing can open.
+#[tokio::test]
+async fn an_encrypted_backup_adopted_after_a_database_loss_keeps_its_key() {
+    let ComputeFleet { mut fleet, dir, storage: _storage, compute: _compute } = ComputeFleet::start("").await;
+    let domain = Domain::boot("ember-luks-adopt").await;
+    let _backup_agent = fleet.start_agent("backup", "backup1", &repository_toml(&fleet.subdir("repo1")));
+    ember_fleet_tests::volumes::wait_backend(&fleet, "backup1").await;
+    secret_type(&fleet).await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let v =
+        create(&volumes, CreateVolumeRequest { size_gb: 1, volume_type: "secret".into(), ..Default::default() }).await;
+    let backups = BackupServiceClient::new(fleet.admin());
+    let b = CreateBackupRequest { volume_id: v.id.clone(), ..Default::default() };
+    let b = backups.clone().create_backup(b).await.unwrap().into_inner();
+    assert_eq!(wait_backup_settled(&backups, &b.id).await.status, "available");
+    let manifest = fleet.subdir("repo1").join("backups").join(&b.id).join("manifest.json");
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(manifest).unwrap()).unwrap();
+    let sealed = manifest["key"]["wrapped"].as_str().unwrap_or_default();
+    assert!(sealed.len() > 64 && manifest["key"]["header_bytes"] == HEADER, "{manifest}");
+    let import = |fleet: &Fleet| {
+        let (ok, out, err) = fleet.cli(&["--json", "backup", "import-repository", "backup1@repo1"]);
+        assert!(ok, "{out}\n{err}");
+        let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(r["imported"][0]["id"].as_str(), Some(b.id.as_str()), "{r}");
+        r["locked"].as_array().unwrap().iter().map(|id| id.as_str().unwrap().to_string()).collect::<Vec<_>>()
+    };
+    let restore = RestoreBackupRequest { backup_id: b.id.clone(), volume_type: "secret".into(), ..Default::default() };
+
+    // Under another master key (the one that sealed the key is kept aside).
+    let master = fleet.database().with_file_name("master.key");
+    let kept = master.with_extension("kept");
+    std::fs::rename(&master, &kept).unwrap();
+    lose_the_database(&mut fleet).await;
+    assert_eq!(import(&fleet), vec![b.id.clone()], "adopted, locked");
+    let backups = BackupServiceClient::new(fleet.admin());
+    let locked = backups.clone().restore_backup(restore.clone()).await.unwrap_err();
+    assert_eq!(locked.code(), Code::FailedPrecondition, "{locked:?}");
+    assert!(locked.message().contains(&b.id) && locked.message().contains("master key"), "{locked:?}");
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let none = volumes.clone().list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().volumes;
+    assert!(none.is_empty(), "a refused restore makes no volume: {none:?}");
+
+    // With the master key that sealed it: the key comes back with the backup, and the guest opens the restore.
+    std::fs::rename(&kept, &master).unwrap();
+    lose_the_database(&mut fleet).await;
+    assert!(import(&fleet).is_empty(), "the key opens");
+    let backups = BackupServiceClient::new(fleet.admin());
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let restored = backups.clone().restore_backup(restore).await.unwrap().into_inner().volume_id;
+    let restored = wait_volume(&volumes, &restored, "available").await;
+    assert!(restored.encrypted);
+    let (original, copy) = (dir.join(format!("volume-{}", v.id)), dir.join(format!("volume-{}", restored.id)));
+    let same = std::process::Command::new("cmp").arg("-s").arg(&original).arg(&copy).status().unwrap();
+    assert!(same.success(), "the same ciphertext, byte for byte");
+    let attachments = AttachmentServiceClient::new(fleet.admin());
+    attachments.clone().attach(attach_request(&restored.id, &domain.name)).await.unwrap();
+    wait_volume(&volumes, &restored.id, "in-use").await;
+    let serial20 = &restored.id[..20];
+    domain.wait_console(&format!("DISK-SIZE serial={serial20} sectors={}", ((1 << 30) - HEADER) / 512), WAIT).await;
+    domain.wait_console(&format!("DISK-WRITTEN serial={serial20}"), WAIT).await;
 }

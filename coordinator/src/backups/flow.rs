@@ -132,6 +132,8 @@ pub async fn create_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     }
     crate::failpoint::hit("create_backup.calling");
     let mut client = ctx.agents.backup(&b.host).await?;
+    // An encrypted volume's backup records its key, sealed, so that the backup can be adopted with it.
+    let key = crate::encryption::sealed(&mut *ctx.db.acquire().await?, &b.id).await?;
     let request = agent::CreateBackupRequest {
         backup_id: b.id.clone(),
         repository: b.repository.clone(),
@@ -143,6 +145,7 @@ pub async fn create_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         description: b.row.description.clone(),
         snapshot_id: b.row.snapshot_id.clone(),
         data_timestamp: b.row.data_timestamp.map(|t| t.to_string()).unwrap_or_default(),
+        key,
     };
     let call = with_progress(ctx, client.clone(), &b.id, "creating", client.create_backup(request)).await;
     match call {
