@@ -204,17 +204,17 @@ impl Connectors {
         let device = by_path(p, t, c.target_lun);
         let deadline = tokio::time::Instant::now() + DEVICE_WAIT;
         loop {
-            let size = self.rescan_device(t, p, &device).await;
-            match size {
+            let not_yet = match self.rescan_device(t, p, &device).await {
                 Ok((_, size)) if size >= new_size => return Ok(()),
-                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
-                Ok((dev, size)) if tokio::time::Instant::now() >= deadline => {
-                    return Err(ComputeError::FailedPrecondition(format!(
-                        "{dev} is {size} bytes after a rescan, not {new_size}: the target has not grown"
-                    )));
-                }
-                _ => tokio::time::sleep(Duration::from_millis(250)).await,
+                Ok((dev, size)) => ComputeError::FailedPrecondition(format!(
+                    "{dev} is {size} bytes after a rescan, not {new_size}: the target has not grown"
+                )),
+                Err(e) => e,
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(not_yet);
             }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 
