@@ -135,6 +135,20 @@ impl DirectFile {
         Ok(buf.as_slice())
     }
 
+    /// Reads exactly `len` bytes at `offset` into `buf` and returns them: with `O_DIRECT` when the offset and
+    /// length are aligned (so that what the kernel wrote beneath the page cache is what is read), else through
+    /// the page cache.
+    pub fn read_exact_at<'a>(&self, offset: u64, len: usize, buf: &'a mut AlignedBuf) -> io::Result<&'a [u8]> {
+        let into = buf.prepare(len);
+        match &self.direct {
+            Some(direct) if offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN) => {
+                direct.read_exact_at(into, offset)?
+            }
+            _ => self.buffered.read_exact_at(into, offset)?,
+        }
+        Ok(buf.as_slice())
+    }
+
     /// Writes `buf` as the whole content of this (new) file: the aligned part directly, the tail through the
     /// page cache.
     pub fn write_all_from(&self, buf: &AlignedBuf) -> io::Result<()> {
@@ -212,5 +226,9 @@ mod tests {
         DirectFile::create_new(&whole).unwrap().write_all_from(&content).unwrap();
         assert_eq!(std::fs::read(&whole).unwrap(), data);
         assert!(DirectFile::create_new(&whole).is_err(), "create_new refuses an existing file");
+        let h = DirectFile::open(&whole, false).unwrap();
+        assert_eq!(h.read_exact_at(ALIGN as u64, ALIGN, &mut buf).unwrap(), &data[ALIGN..2 * ALIGN], "aligned");
+        assert_eq!(h.read_exact_at(5, 100, &mut buf).unwrap(), &data[5..105], "unaligned");
+        assert!(h.read_exact_at(3 * ALIGN as u64, ALIGN, &mut buf).is_err(), "past the end");
     }
 }

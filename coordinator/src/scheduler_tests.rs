@@ -241,14 +241,14 @@ fn scheduler_hints_compare_storage_hosts() {
 
 #[test]
 fn an_encrypted_type_needs_a_pool_that_makes_luks_volumes() {
-    let mut file = pool("file");
-    file.capabilities.insert("luks_encryption".into(), "True".into());
-    let lvm = pool("lvm");
+    let mut luks = pool("luks");
+    luks.capabilities.insert("luks_encryption".into(), "True".into());
+    let other = pool("other"); // a pool that does not say it makes LUKS volumes
     let plain = req(1);
     let mut encrypted = req(1);
     encrypted.extra_specs.insert("encryption:provider".into(), "luks".into());
-    assert!(encryption_filter(&plain, &lvm).is_ok());
-    assert!(encryption_filter(&encrypted, &lvm).unwrap_err().contains("LUKS"));
-    assert!(encryption_filter(&encrypted, &file).is_ok());
-    assert_eq!(choose(&encrypted, &[lvm, file], 1.0).unwrap().backend, "file");
+    assert!(encryption_filter(&plain, &other).is_ok());
+    assert!(encryption_filter(&encrypted, &other).unwrap_err().contains("LUKS"));
+    assert!(encryption_filter(&encrypted, &luks).is_ok());
+    assert_eq!(choose(&encrypted, &[other, luks], 1.0).unwrap().backend, "luks");
 }

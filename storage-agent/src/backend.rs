@@ -82,6 +82,15 @@ impl Backend {
         }
     }
 
+    /// Where a volume may differ from its snapshot `snapshot`, when the driver records it (a thick LV's
+    /// snapshot store, `cow_store.rs`); `None`: anywhere.
+    pub async fn differing(&self, snapshot: &uuid::Uuid) -> Result<Option<Vec<(u64, u64)>>> {
+        match self {
+            Backend::File(_) => Ok(None),
+            Backend::Lvm(b) => b.differing(snapshot).await,
+        }
+    }
+
     /// True when the volume or snapshot exists.
     pub async fn exists(&self, kind: Kind, id: &uuid::Uuid) -> Result<bool> {
         match self {

@@ -1,6 +1,7 @@
 //! Formatting a new volume as a LUKS container for an encrypted volume type, with `qemu-img create -f luks` (QEMU's
 //! own LUKS, which compute hosts open in QEMU with the same key; nothing here ever decrypts). The container
 //! fills the volume exactly: its header takes the first `ember_common::luks::header_bytes` and guests see the rest.
+//! The volume is a file (file backends) or a block device (an LV): qemu-img formats either in place.
 //!
 //! The key reaches qemu-img through a private file in the agent's state directory (never a pool, never argv),
 //! removed as soon as qemu-img has run. PBKDF2 is tuned to 100 ms rather than LUKS's usual 2 s: the passphrase
@@ -14,7 +15,7 @@
 use crate::error::{AgentError, Result};
 use ember_common::runner;
 use ember_proto::agent::v1::LuksFormat;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
@@ -44,6 +45,12 @@ pub fn is_formatted(path: &Path) -> Result<bool> {
     let mut head = [0u8; 6];
     let mut file = std::fs::File::open(path).map_err(AgentError::io(format!("opening {}", path.display())))?;
     Ok(file.read_exact(&mut head).is_ok() && &head == MAGIC)
+}
+
+/// The size of the file or block device at `path` (a block device's metadata says 0 bytes; its end does not).
+fn size_of(path: &Path) -> Result<u64> {
+    let mut file = std::fs::File::open(path).map_err(AgentError::io(format!("opening {}", path.display())))?;
+    file.seek(SeekFrom::End(0)).map_err(AgentError::io("reading the formatted size"))
 }
 
 /// Makes the `size` bytes at `path` a LUKS container keyed by `luks.passphrase`. A volume already formatted (a
@@ -86,7 +93,7 @@ pub async fn format(path: &Path, size: u64, luks: &LuksFormat, state_dir: &Path)
     }
     let _ = std::fs::remove_file(&key_file);
     made?;
-    let now = std::fs::metadata(path).map_err(AgentError::io("reading the formatted size"))?.len();
+    let now = size_of(path)?;
     if now != size || !is_formatted(path)? {
         return Err(AgentError::FailedPrecondition(format!(
             "the LUKS container of {} takes {now} bytes, not the volume's {size}",
@@ -119,5 +126,65 @@ mod tests {
         assert_eq!(std::fs::read(&volume).unwrap()[..4096], header[..]);
         let bad = LuksFormat { cipher_alg: "des".into(), ..luks };
         assert!(format(&dir.path().join("x"), size, &bad, dir.path()).await.is_err());
+    }
+
+    /// A loop device, detached when dropped.
+    struct LoopDevice(String);
+
+    impl LoopDevice {
+        fn attach(file: &Path) -> LoopDevice {
+            let out = std::process::Command::new("losetup").args(["-f", "--show"]).arg(file).output().unwrap();
+            assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+            LoopDevice(String::from_utf8(out.stdout).unwrap().trim().to_string())
+        }
+    }
+
+    impl Drop for LoopDevice {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+
+    /// Runs qemu-io on the LUKS container at `device`, opened with `passphrase`, and returns what it printed.
+    fn qemu_io(dir: &Path, device: &str, passphrase: &str, commands: &[&str]) -> String {
+        let key = dir.join("qemu-io.key");
+        std::fs::write(&key, passphrase).unwrap();
+        let mut cmd = std::process::Command::new("qemu-io");
+        cmd.args(["--object", &format!("secret,id=sec0,file={}", key.display()), "--image-opts"]);
+        cmd.arg(format!("driver=luks,key-secret=sec0,file.filename={device}"));
+        for c in commands {
+            cmd.args(["-c", c]);
+        }
+        let out = cmd.output().unwrap();
+        let printed = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "qemu-io: {printed}");
+        printed
+    }
+
+    /// An LV is a block device: its metadata gives no size, and qemu-img must format it in place.
+    #[tokio::test]
+    async fn formats_a_block_device_in_place_and_its_key_opens_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let backing = dir.path().join("disk");
+        let size = 64u64 << 20;
+        std::fs::File::create(&backing).unwrap().set_len(size).unwrap();
+        let device = LoopDevice::attach(&backing);
+        let luks = LuksFormat { passphrase: "ef".repeat(32), cipher_alg: "aes-256".into() };
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        format(Path::new(&device.0), size, &luks, &state).await.unwrap();
+        assert!(is_formatted(Path::new(&device.0)).unwrap());
+        assert_eq!(std::fs::metadata(&backing).unwrap().len(), size, "the device was not grown or shrunk");
+        assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0, "the key file is gone");
+        // The payload fills the rest of the device, and data written through the key reads back through it.
+        let header = ember_common::luks::header_bytes(64);
+        let printed = qemu_io(dir.path(), &device.0, &luks.passphrase, &["write -P 0x5a 0 1M", "length"]);
+        let payload_mib = format!("{:.3} MiB", (size - header) as f64 / f64::from(1 << 20));
+        assert!(printed.contains(&payload_mib), "payload of {payload_mib}: {printed}");
+        qemu_io(dir.path(), &device.0, &luks.passphrase, &["read -P 0x5a 0 1M"]);
+        // What reached the device is ciphertext.
+        let raw = std::fs::read(&backing).unwrap();
+        let payload = &raw[header as usize..header as usize + (1 << 20)];
+        assert!(payload.iter().filter(|&&b| b == 0x5a).count() < 16384, "the payload is not the plaintext");
     }
 }

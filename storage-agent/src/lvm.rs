@@ -289,6 +289,32 @@ impl LvmBackend {
         }
     }
 
+    /// Where a thick volume may differ from its snapshot `snapshot`: the origin chunks its copy-on-write store
+    /// names (`cow_store.rs`). `None` for a thin snapshot (which has no such store), or a store this agent cannot
+    /// read: the revert then compares everything, which is slower and as correct.
+    pub async fn differing(&self, snapshot: &uuid::Uuid) -> Result<Option<Vec<(u64, u64)>>> {
+        if self.thin_pool.is_some() {
+            return Ok(None);
+        }
+        let store = PathBuf::from(format!("/dev/mapper/{}-cow", dm_name(&self.vg, &lv_name(Kind::Snapshot, snapshot))));
+        let read = tokio::task::spawn_blocking(move || {
+            let device = ember_common::direct_io::DirectFile::open(&store, false)?;
+            let mut buf = ember_common::direct_io::AlignedBuf::default();
+            crate::cow_store::differing_ranges(|offset, len| {
+                device.read_exact_at(offset, len, &mut buf).map(<[u8]>::to_vec)
+            })
+        })
+        .await
+        .map_err(|e| AgentError::Io { context: "reading a snapshot store".into(), source: std::io::Error::other(e) })?;
+        match read {
+            Ok(ranges) => Ok(Some(ranges)),
+            Err(e) => {
+                tracing::warn!(snapshot_id = %snapshot, error = %e, "the snapshot's store is unreadable; comparing it whole");
+                Ok(None)
+            }
+        }
+    }
+
     /// True when the LV exists.
     pub async fn exists(&self, kind: Kind, id: &uuid::Uuid) -> Result<bool> {
         Ok(self.find(&lv_name(kind, id)).await?.is_some())
@@ -506,7 +532,9 @@ impl LvmBackend {
         let allocated = lvs.iter().filter(|lv| lv.tags.iter().any(|t| t == OWNER_TAG)).map(|lv| lv.size).sum::<u64>();
         let space = Capacity { total, free, provisioned, allocated };
         let lvm_type = if self.is_thin() { "thin" } else { "thick" };
-        let pool = crate::backend::pool_report(&self.cfg, self.is_thin(), space, &[("lvm_type", lvm_type)]);
+        // QEMU's LUKS formats an LV in place as it does a file (`luks.rs`).
+        let extra = [("lvm_type", lvm_type), ("luks_encryption", "True")];
+        let pool = crate::backend::pool_report(&self.cfg, self.is_thin(), space, &extra);
         *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = pool;
         Ok(())
     }

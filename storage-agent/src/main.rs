@@ -5,6 +5,7 @@
 mod backend;
 mod config;
 mod copy;
+mod cow_store;
 mod data;
 mod error;
 mod exports;

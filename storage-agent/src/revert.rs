@@ -25,19 +25,46 @@ pub struct Side<'a> {
     pub extents: &'a [(u64, u64)],
 }
 
-/// The chunk indices where either side may hold data, in order, each once.
-fn positions(volume: &[(u64, u64)], snapshot: &[(u64, u64)]) -> Vec<u64> {
-    let mut all = chunks_with_data(volume, CHUNK);
-    all.extend(chunks_with_data(snapshot, CHUNK));
+/// What a revert did, in bytes.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reverted {
+    /// Read from both sides and compared.
+    pub compared: u64,
+    /// Rewritten or cleared, because they differed.
+    pub changed: u64,
+}
+
+/// The chunk indices where either side may hold data, in order, each once; of those, only the ones that meet
+/// `may_differ` when the driver knows where the two sides can differ.
+fn positions(volume: &Side, snapshot: &Side, may_differ: Option<&[(u64, u64)]>) -> Vec<u64> {
+    let mut all = chunks_with_data(volume.extents, CHUNK);
+    all.extend(chunks_with_data(snapshot.extents, CHUNK));
     all.sort_unstable();
     all.dedup();
+    if let Some(ranges) = may_differ {
+        // Past the snapshot's end the volume must read as zeros, whatever the driver recorded.
+        let mut ranges = ranges.to_vec();
+        if volume.size > snapshot.size {
+            ranges.push((snapshot.size, volume.size));
+        }
+        let wanted: std::collections::BTreeSet<u64> =
+            ranges.iter().filter(|(a, b)| a < b).flat_map(|&(a, b)| a / CHUNK..=(b - 1) / CHUNK).collect();
+        all.retain(|i| wanted.contains(i));
+    }
     all
 }
 
 /// Makes `target` (the volume, open for writing) hold `snapshot`'s data, with zeros past the snapshot's end.
 /// `volume` describes the same file as read before any write; `mapped`: a thin LV's mapped blocks, where
-/// clearing gives blocks back. Returns the bytes rewritten or cleared.
-pub fn revert(target: &DirectFile, volume: &Side, snapshot: &Side, mapped: Option<&DataMap>) -> Result<u64> {
+/// clearing gives blocks back; `may_differ`: the byte ranges outside which the two sides are known to be the
+/// same (a thick LV's snapshot store), `None` when they may differ anywhere.
+pub fn revert(
+    target: &DirectFile,
+    volume: &Side,
+    snapshot: &Side,
+    mapped: Option<&DataMap>,
+    may_differ: Option<&[(u64, u64)]>,
+) -> Result<Reverted> {
     if snapshot.size > volume.size {
         return Err(AgentError::FailedPrecondition(format!(
             "the snapshot ({} bytes) is larger than the volume ({} bytes)",
@@ -46,8 +73,8 @@ pub fn revert(target: &DirectFile, volume: &Side, snapshot: &Side, mapped: Optio
     }
     let (mut want, mut have, mut scratch) =
         (vec![0u8; CHUNK as usize], vec![0u8; CHUNK as usize], AlignedBuf::default());
-    let mut changed = 0;
-    for index in positions(volume.extents, snapshot.extents) {
+    let mut done = Reverted::default();
+    for index in positions(volume, snapshot, may_differ) {
         let offset = index * CHUNK;
         if offset >= volume.size {
             break;
@@ -59,6 +86,7 @@ pub fn revert(target: &DirectFile, volume: &Side, snapshot: &Side, mapped: Optio
         read_chunk(snapshot.file, snapshot.extents, offset, &mut want[..from_snapshot])
             .map_err(AgentError::io("reading the snapshot"))?;
         read_chunk(volume.file, volume.extents, offset, have).map_err(AgentError::io("reading the volume"))?;
+        done.compared += len as u64;
         if want == have {
             continue;
         }
@@ -68,10 +96,10 @@ pub fn revert(target: &DirectFile, volume: &Side, snapshot: &Side, mapped: Optio
         } else {
             target.write_at(want, offset, &mut scratch).map_err(AgentError::io("writing the volume"))?;
         }
-        changed += len as u64;
+        done.changed += len as u64;
     }
     target.sync_data().map_err(AgentError::io("syncing the volume"))?;
-    Ok(changed)
+    Ok(done)
 }
 
 #[cfg(test)]
@@ -101,8 +129,8 @@ mod tests {
         let (snap_x, vol_x) =
             (crate::sparse::data_extents(&snap_r).unwrap(), crate::sparse::data_extents(&vol_r).unwrap());
         let target = DirectFile::open(&vol_path, true).unwrap();
-        let changed = revert(&target, &side(&vol_r, &vol_x), &side(&snap_r, &snap_x), None).unwrap();
-        assert_eq!(changed, 3 << 20, "chunks 0, 1 and 5; chunk 2 was already the snapshot's");
+        let done = revert(&target, &side(&vol_r, &vol_x), &side(&snap_r, &snap_x), None, None).unwrap();
+        assert_eq!(done.changed, 3 << 20, "chunks 0, 1 and 5; chunk 2 was already the snapshot's");
         let mut got = vec![0u8; 6 << 20];
         File::open(&vol_path).unwrap().read_exact_at(&mut got, 0).unwrap();
         let mut want = vec![0u8; 6 << 20];
@@ -111,9 +139,30 @@ mod tests {
         assert!(got == want, "the volume reads as the snapshot, zeros past its end");
         let vol_r = File::open(&vol_path).unwrap();
         let vol_x = crate::sparse::data_extents(&vol_r).unwrap();
-        let again = revert(&target, &side(&vol_r, &vol_x), &side(&snap_r, &snap_x), None).unwrap();
-        assert_eq!(again, 0, "a repeat finds nothing to do");
+        let again = revert(&target, &side(&vol_r, &vol_x), &side(&snap_r, &snap_x), None, None).unwrap();
+        assert_eq!(again.changed, 0, "a repeat finds nothing to do");
         assert_eq!(File::open(&vol_path).unwrap().metadata().unwrap().len(), 6 << 20, "the size stays");
+    }
+
+    /// A thick LV reads as data everywhere; its snapshot store says where it changed.
+    #[test]
+    fn only_the_chunks_the_store_names_are_compared_and_the_tail_always_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let (vol_path, snap_path) = (dir.path().join("volume"), dir.path().join("snapshot"));
+        std::fs::write(&snap_path, vec![3u8; 4 << 20]).unwrap();
+        let mut vol = vec![3u8; 5 << 20]; // extended by a chunk since
+        vol[(2 << 20) + 10] = 4; // changed since, where the store says
+        vol[(5 << 20) - 1] = 6; // past the snapshot's end
+        std::fs::write(&vol_path, &vol).unwrap();
+        let (snap_r, vol_r) = (File::open(&snap_path).unwrap(), File::open(&vol_path).unwrap());
+        let (whole_vol, whole_snap) = ([(0, 5u64 << 20)], [(0, 4u64 << 20)]);
+        let target = DirectFile::open(&vol_path, true).unwrap();
+        let store = [((2 << 20) + 8192, (2 << 20) + 12288)]; // one 4 KiB chunk of the store
+        let done = revert(&target, &side(&vol_r, &whole_vol), &side(&snap_r, &whole_snap), None, Some(&store)).unwrap();
+        assert_eq!(done, Reverted { compared: 2 << 20, changed: 2 << 20 }, "chunk 2 and the tail, chunk 4");
+        let mut want = vec![3u8; 4 << 20];
+        want.resize(5 << 20, 0);
+        assert!(std::fs::read(&vol_path).unwrap() == want, "the volume reads as the snapshot, zeros past its end");
     }
 
     #[test]
@@ -124,7 +173,7 @@ mod tests {
         File::create(&vol_path).unwrap().set_len(1 << 20).unwrap();
         let (snap_r, vol_r) = (File::open(&snap_path).unwrap(), File::open(&vol_path).unwrap());
         let target = DirectFile::open(&vol_path, true).unwrap();
-        let err = revert(&target, &side(&vol_r, &[]), &side(&snap_r, &[]), None).unwrap_err();
+        let err = revert(&target, &side(&vol_r, &[]), &side(&snap_r, &[]), None, None).unwrap_err();
         assert!(matches!(err, AgentError::FailedPrecondition(_)), "{err:?}");
     }
 }

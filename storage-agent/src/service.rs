@@ -225,8 +225,9 @@ impl Storage {
         // Read before anything is written: where each side can hold data (a thin LV's mapped blocks).
         let volume_map = backend.data_map(Kind::Volume, &id).await?;
         let snapshot_map = backend.data_map(Kind::Snapshot, &snap).await?;
+        let may_differ = backend.differing(&snap).await?;
         let (volume_path, snapshot_path) = (backend.path(Kind::Volume, &id), backend.path(Kind::Snapshot, &snap));
-        let changed = tokio::task::spawn_blocking(move || {
+        let done = tokio::task::spawn_blocking(move || {
             let open = |p: &std::path::Path| {
                 std::fs::File::open(p).map_err(AgentError::io(format!("opening {}", p.display())))
             };
@@ -240,11 +241,12 @@ impl Storage {
             let snapshot_side = crate::revert::Side { file: &snapshot, size: size(&snapshot)?, extents: &snapshot_x };
             let target = ember_common::direct_io::DirectFile::open(&volume_path, true)
                 .map_err(AgentError::io(format!("opening {}", volume_path.display())))?;
-            crate::revert::revert(&target, &volume_side, &snapshot_side, volume_map.as_ref())
+            crate::revert::revert(&target, &volume_side, &snapshot_side, volume_map.as_ref(), may_differ.as_deref())
         })
         .await
         .map_err(|e| AgentError::Io { context: "reverting".into(), source: std::io::Error::other(e) })??;
-        tracing::info!(volume_id = %id, snapshot_id = %snap, changed, "volume reverted to its snapshot");
+        let (compared, changed) = (done.compared, done.changed);
+        tracing::info!(volume_id = %id, snapshot_id = %snap, compared, changed, "volume reverted to its snapshot");
         Ok(changed)
     }
 
@@ -282,13 +284,9 @@ impl Storage {
             backend.create_blank(&id, req.size_gb).await?
         };
         if let Some(luks) = &req.luks {
-            if !matches!(backend, Backend::File(_))
-                || !req.source_snapshot_id.is_empty()
-                || !req.source_volume_id.is_empty()
-            {
-                return Err(AgentError::FailedPrecondition(
-                    "LUKS formatting is offered for blank volumes of file backends".into(),
-                ));
+            // A copy brings its source's container along (header and key slots included).
+            if !req.source_snapshot_id.is_empty() || !req.source_volume_id.is_empty() {
+                return Err(AgentError::FailedPrecondition("LUKS formatting is offered for blank volumes".into()));
             }
             crate::luks::format(&backend.path(Kind::Volume, &id), size, luks, &self.state_dir).await?;
             tracing::info!(volume_id = %id, cipher = %luks.cipher_alg, "volume formatted as LUKS");

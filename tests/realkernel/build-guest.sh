@@ -14,9 +14,9 @@ started=$SECONDS
 say() { echo "[guest build ${SECONDS}s] $*" >&2; }
 
 # What the tests use in the guest: LVM (thick and thin), tgt, the kernel initiator with udev's by-path links,
-# the kernel NFS server and client, and mkfs for the NFS export.
+# the kernel NFS server and client, mkfs for the NFS export, and qemu-img to format encrypted (LUKS) LVs.
 PACKAGES=(busybox-static kmod bash coreutils util-linux mount e2fsprogs lvm2 thin-provisioning-tools tgt
-          open-iscsi udev nfs-kernel-server nfs-common rpcbind)
+          open-iscsi udev nfs-kernel-server nfs-common rpcbind qemu-utils)
 # Kernel modules (kmod adds their dependencies): disks, device-mapper, the SCSI initiator, LIO, NFS.
 MODULES=(virtio_pci virtio_blk virtio_rng dm-mod dm-snapshot dm-thin-pool dm-zero dm-bufio scsi_mod sd_mod
          iscsi_tcp configfs target_core_mod target_core_iblock iscsi_target_mod loop ext4 nfsv3 nfsv4 nfsd)
