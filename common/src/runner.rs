@@ -79,12 +79,33 @@ pub async fn run_with_input(
     timeout: Duration,
     input: Option<&[u8]>,
 ) -> Result<CommandOutput, CommandError> {
+    run_child(program, args, timeout, input, None).await
+}
+
+/// Like [`run`], with the child's standard output going to `stdout` (a file) rather than into memory: for
+/// output that can run to hundreds of MB. The result's `stdout` is then empty.
+pub async fn run_to_file(
+    program: &str,
+    args: &[&str],
+    timeout: Duration,
+    stdout: std::fs::File,
+) -> Result<CommandOutput, CommandError> {
+    run_child(program, args, timeout, None, Some(stdout)).await
+}
+
+async fn run_child(
+    program: &str,
+    args: &[&str],
+    timeout: Duration,
+    input: Option<&[u8]>,
+    stdout: Option<std::fs::File>,
+) -> Result<CommandOutput, CommandError> {
     let started = Instant::now();
     let mut cmd = Command::new(program);
     cmd.args(args)
         .env("LC_ALL", "C")
         .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
+        .stdout(stdout.map_or_else(Stdio::piped, Stdio::from))
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     let mut child = cmd.spawn().map_err(|source| match source.kind() {
@@ -147,5 +168,14 @@ mod tests {
             Err(CommandError::NotFound { .. })
         ));
         assert!(matches!(run("sleep", &["5"], Duration::from_millis(100)).await, Err(CommandError::TimedOut { .. })));
+    }
+
+    #[tokio::test]
+    async fn output_can_go_to_a_file() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let script = ["-c", "echo to-file; echo kept >&2"];
+        let out = run_to_file("sh", &script, Duration::from_secs(5), file.reopen().unwrap()).await.unwrap();
+        assert_eq!((out.stdout.as_str(), out.stderr.trim()), ("", "kept"));
+        assert_eq!(std::fs::read_to_string(file.path()).unwrap(), "to-file\n");
     }
 }

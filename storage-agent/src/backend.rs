@@ -82,12 +82,12 @@ impl Backend {
         }
     }
 
-    /// Where a volume may differ from its snapshot `snapshot`, when the driver records it (a thick LV's
-    /// snapshot store, `cow_store.rs`); `None`: anywhere.
-    pub async fn differing(&self, snapshot: &uuid::Uuid) -> Result<Option<Vec<(u64, u64)>>> {
+    /// Where volume `volume` may differ from its snapshot `snapshot`, when the driver records it (LVM: the
+    /// blocks a thin LV and its snapshot do not share, a thick snapshot's copy-on-write store); `None`: anywhere.
+    pub async fn differing(&self, volume: &uuid::Uuid, snapshot: &uuid::Uuid) -> Result<Option<Vec<(u64, u64)>>> {
         match self {
             Backend::File(_) => Ok(None),
-            Backend::Lvm(b) => b.differing(snapshot).await,
+            Backend::Lvm(b) => b.differing(volume, snapshot).await,
         }
     }
 

@@ -289,15 +289,37 @@ impl LvmBackend {
         }
     }
 
-    /// Where a thick volume may differ from its snapshot `snapshot`: the origin chunks its copy-on-write store
-    /// names (`cow_store.rs`). `None` for a thin snapshot (which has no such store), or a store this agent cannot
-    /// read: the revert then compares everything, which is slower and as correct.
-    pub async fn differing(&self, snapshot: &uuid::Uuid) -> Result<Option<Vec<(u64, u64)>>> {
-        if self.thin_pool.is_some() {
-            return Ok(None);
+    /// Where volume `volume` may differ from its snapshot `snapshot`, read from what LVM keeps: for a thin pool,
+    /// the blocks the two do not share (`thin_delta`, `thin_map.rs`); for a thick one, the origin chunks the
+    /// snapshot's copy-on-write store names (`cow_store.rs`). `None` when that cannot be read: the revert then
+    /// compares everything, which is slower and as correct.
+    pub async fn differing(&self, volume: &uuid::Uuid, snapshot: &uuid::Uuid) -> Result<Option<Vec<(u64, u64)>>> {
+        let read = match &self.thin_pool {
+            Some(pool) => self.thin_delta(pool, volume, snapshot).await,
+            None => self.cow_store(snapshot).await,
+        };
+        match read {
+            Ok(ranges) => Ok(Some(ranges)),
+            Err(e) => {
+                tracing::warn!(volume_id = %volume, snapshot_id = %snapshot, error = %e,
+                    "where the volume changed since its snapshot is unknown; comparing them whole");
+                Ok(None)
+            }
         }
+    }
+
+    async fn thin_delta(&self, pool: &ThinPool, volume: &uuid::Uuid, snapshot: &uuid::Uuid) -> Result<Vec<(u64, u64)>> {
+        let mut ids = Vec::new();
+        for name in [lv_name(Kind::Volume, volume), lv_name(Kind::Snapshot, snapshot)] {
+            let lv = self.find(&name).await?.ok_or_else(|| AgentError::NotFound(format!("LV {name}")))?;
+            ids.push(lv.thin_id.ok_or_else(|| AgentError::FailedPrecondition(format!("LV {name} is not thin")))?);
+        }
+        pool.differing(ids[0], ids[1]).await
+    }
+
+    async fn cow_store(&self, snapshot: &uuid::Uuid) -> Result<Vec<(u64, u64)>> {
         let store = PathBuf::from(format!("/dev/mapper/{}-cow", dm_name(&self.vg, &lv_name(Kind::Snapshot, snapshot))));
-        let read = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let device = ember_common::direct_io::DirectFile::open(&store, false)?;
             let mut buf = ember_common::direct_io::AlignedBuf::default();
             crate::cow_store::differing_ranges(|offset, len| {
@@ -305,14 +327,8 @@ impl LvmBackend {
             })
         })
         .await
-        .map_err(|e| AgentError::Io { context: "reading a snapshot store".into(), source: std::io::Error::other(e) })?;
-        match read {
-            Ok(ranges) => Ok(Some(ranges)),
-            Err(e) => {
-                tracing::warn!(snapshot_id = %snapshot, error = %e, "the snapshot's store is unreadable; comparing it whole");
-                Ok(None)
-            }
-        }
+        .map_err(|e| AgentError::Io { context: "reading a snapshot store".into(), source: std::io::Error::other(e) })?
+        .map_err(AgentError::io("reading the snapshot's copy-on-write store"))
     }
 
     /// True when the LV exists.

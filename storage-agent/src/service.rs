@@ -225,7 +225,7 @@ impl Storage {
         // Read before anything is written: where each side can hold data (a thin LV's mapped blocks).
         let volume_map = backend.data_map(Kind::Volume, &id).await?;
         let snapshot_map = backend.data_map(Kind::Snapshot, &snap).await?;
-        let may_differ = backend.differing(&snap).await?;
+        let may_differ = backend.differing(&id, &snap).await?;
         let (volume_path, snapshot_path) = (backend.path(Kind::Volume, &id), backend.path(Kind::Snapshot, &snap));
         let done = tokio::task::spawn_blocking(move || {
             let open = |p: &std::path::Path| {
