@@ -1,5 +1,5 @@
 //! Reverting a volume to one of its snapshots, in place, the same way for files and LVs: chunk by chunk, the
-//! snapshot's data is compared with the volume's and only the chunks that differ are written, or cleared where
+//! snapshot's data is compared with the volume's and only the pages that differ are written, or cleared where
 //! the snapshot reads as zeros (a hole punched in a file, the blocks given back to a thin pool). Writing only
 //! what differs is what keeps a thin volume's blocks shared with its snapshots: rewriting identical data would
 //! break that sharing and provision every block again (Cinder's generic revert copies it all). Nothing is read
@@ -25,12 +25,34 @@ pub struct Side<'a> {
     pub extents: &'a [(u64, u64)],
 }
 
+/// The unit rewritten within a chunk that differs: what the page cache, `O_DIRECT` and a thick snapshot's
+/// copy-on-write store (4 KiB chunks by default) work in.
+const PAGE: usize = 4096;
+
+/// The runs `(start, end)` of `want` that differ from `have` (same length), in whole pages, adjacent ones
+/// joined. Rewriting only those leaves the rest alone: a thin LV's blocks stay shared with its snapshot, and a
+/// thick snapshot's store copies nothing more.
+fn differing_runs(want: &[u8], have: &[u8]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (page, (w, h)) in want.chunks(PAGE).zip(have.chunks(PAGE)).enumerate() {
+        if w == h {
+            continue;
+        }
+        let (start, end) = (page * PAGE, page * PAGE + w.len());
+        match runs.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => runs.push((start, end)),
+        }
+    }
+    runs
+}
+
 /// What a revert did, in bytes.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Reverted {
     /// Read from both sides and compared.
     pub compared: u64,
-    /// Rewritten or cleared, because they differed.
+    /// Rewritten or cleared, because they differed (whole pages).
     pub changed: u64,
 }
 
@@ -90,13 +112,16 @@ pub fn revert(
         if want == have {
             continue;
         }
-        if is_zero(want) {
-            let clear = VolumeChunk { offset, zero_length: len as u64, ..Default::default() };
-            apply_chunk(target, volume.size, mapped, &clear, &mut scratch)?;
-        } else {
-            target.write_at(want, offset, &mut scratch).map_err(AgentError::io("writing the volume"))?;
+        for (start, end) in differing_runs(want, have) {
+            let (part, at) = (&want[start..end], offset + start as u64);
+            if is_zero(part) {
+                let clear = VolumeChunk { offset: at, zero_length: part.len() as u64, ..Default::default() };
+                apply_chunk(target, volume.size, mapped, &clear, &mut scratch)?;
+            } else {
+                target.write_at(part, at, &mut scratch).map_err(AgentError::io("writing the volume"))?;
+            }
+            done.changed += part.len() as u64;
         }
-        done.changed += len as u64;
     }
     target.sync_data().map_err(AgentError::io("syncing the volume"))?;
     Ok(done)
@@ -130,7 +155,7 @@ mod tests {
             (crate::sparse::data_extents(&snap_r).unwrap(), crate::sparse::data_extents(&vol_r).unwrap());
         let target = DirectFile::open(&vol_path, true).unwrap();
         let done = revert(&target, &side(&vol_r, &vol_x), &side(&snap_r, &snap_x), None, None).unwrap();
-        assert_eq!(done.changed, 3 << 20, "chunks 0, 1 and 5; chunk 2 was already the snapshot's");
+        assert_eq!(done.changed, 3 * 4096, "a page of chunks 0, 1 and 5 each; chunk 2 was already the snapshot's");
         let mut got = vec![0u8; 6 << 20];
         File::open(&vol_path).unwrap().read_exact_at(&mut got, 0).unwrap();
         let mut want = vec![0u8; 6 << 20];
@@ -159,10 +184,23 @@ mod tests {
         let target = DirectFile::open(&vol_path, true).unwrap();
         let store = [((2 << 20) + 8192, (2 << 20) + 12288)]; // one 4 KiB chunk of the store
         let done = revert(&target, &side(&vol_r, &whole_vol), &side(&snap_r, &whole_snap), None, Some(&store)).unwrap();
-        assert_eq!(done, Reverted { compared: 2 << 20, changed: 2 << 20 }, "chunk 2 and the tail, chunk 4");
+        let changed = 4096 + (1 << 20); // the page of chunk 2; all of the tail, which must read as zeros
+        assert_eq!(done, Reverted { compared: 2 << 20, changed });
         let mut want = vec![3u8; 4 << 20];
         want.resize(5 << 20, 0);
         assert!(std::fs::read(&vol_path).unwrap() == want, "the volume reads as the snapshot, zeros past its end");
+    }
+
+    #[test]
+    fn only_the_pages_that_differ_are_rewritten() {
+        let have = vec![1u8; 6 * PAGE + 100];
+        let mut want = have.clone();
+        want[10] = 2; // page 0
+        want[2 * PAGE] = 2; // pages 2 and 3: one run
+        want[4 * PAGE - 1] = 2;
+        want[6 * PAGE + 99] = 2; // the short last page
+        assert_eq!(differing_runs(&want, &have), vec![(0, PAGE), (2 * PAGE, 4 * PAGE), (6 * PAGE, 6 * PAGE + 100)]);
+        assert!(differing_runs(&have, &have).is_empty());
     }
 
     #[test]
