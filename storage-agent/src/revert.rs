@@ -3,7 +3,8 @@
 //! the snapshot reads as zeros (a hole punched in a file, the blocks given back to a thin pool). Writing only
 //! what differs is what keeps a thin volume's blocks shared with its snapshots: rewriting identical data would
 //! break that sharing and provision every block again (Cinder's generic revert copies it all). Nothing is read
-//! where neither side holds data. Repeating a revert that was cut short finishes it.
+//! where neither side holds data, nor, on LVM, where LVM records that the two are the same. Repeating a revert
+//! that was cut short finishes it.
 
 use crate::backend::DataMap;
 use crate::data::{apply_chunk, chunks_with_data, is_zero, read_chunk};
@@ -79,7 +80,8 @@ fn positions(volume: &Side, snapshot: &Side, may_differ: Option<&[(u64, u64)]>) 
 /// Makes `target` (the volume, open for writing) hold `snapshot`'s data, with zeros past the snapshot's end.
 /// `volume` describes the same file as read before any write; `mapped`: a thin LV's mapped blocks, where
 /// clearing gives blocks back; `may_differ`: the byte ranges outside which the two sides are known to be the
-/// same (a thick LV's snapshot store), `None` when they may differ anywhere.
+/// same (what LVM records: the blocks a thin LV and its snapshot do not share, the chunks a thick snapshot's
+/// store holds), `None` when they may differ anywhere.
 pub fn revert(
     target: &DirectFile,
     volume: &Side,
