@@ -80,13 +80,9 @@ pub fn area_chunk(area: u64, chunk_bytes: u64) -> u64 {
 pub fn ranges(mut chunks: Vec<u64>, chunk_bytes: u64) -> Vec<(u64, u64)> {
     chunks.sort_unstable();
     chunks.dedup();
-    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut out = Vec::new();
     for c in chunks {
-        let (start, end) = (c * chunk_bytes, (c + 1) * chunk_bytes);
-        match out.last_mut() {
-            Some(last) if last.1 == start => last.1 = end,
-            _ => out.push((start, end)),
-        }
+        crate::ranges::push_joined(&mut out, c * chunk_bytes, (c + 1) * chunk_bytes);
     }
     out
 }

@@ -15,6 +15,7 @@ mod keeper;
 mod lio;
 mod luks;
 mod lvm;
+mod ranges;
 mod revert;
 mod service;
 mod sparse;

@@ -34,15 +34,10 @@ const PAGE: usize = 4096;
 /// joined. Rewriting only those leaves the rest alone: a thin LV's blocks stay shared with its snapshot, and a
 /// thick snapshot's store copies nothing more.
 fn differing_runs(want: &[u8], have: &[u8]) -> Vec<(usize, usize)> {
-    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut runs = Vec::new();
     for (page, (w, h)) in want.chunks(PAGE).zip(have.chunks(PAGE)).enumerate() {
-        if w == h {
-            continue;
-        }
-        let (start, end) = (page * PAGE, page * PAGE + w.len());
-        match runs.last_mut() {
-            Some(last) if last.1 == start => last.1 = end,
-            _ => runs.push((start, end)),
+        if w != h {
+            crate::ranges::push_joined(&mut runs, page * PAGE, page * PAGE + w.len());
         }
     }
     runs

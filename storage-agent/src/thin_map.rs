@@ -21,6 +21,7 @@
 use crate::backend::DataMap;
 use crate::error::{AgentError, Result};
 use crate::lvm::dm_name;
+use crate::ranges;
 use ember_common::runner::{self, CommandError};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -76,24 +77,13 @@ pub fn data_map(dump: impl std::io::BufRead, dev_id: u32, size: u64) -> Result<D
             continue;
         }
         // Joined as they come: thin_dump lists them in order, so a large device's list stays short.
-        match extents.last_mut() {
-            Some(last) if last.1 == start => last.1 = end,
-            _ => extents.push((start, end)),
-        }
+        ranges::push_joined(&mut extents, start, end);
     }
     let (Some(block), true) = (block, found) else {
         return Err(bad(format!("thin device {dev_id} is not in the pool's metadata")));
     };
     // thin_dump walks the mappings in order; should a version not, ranges that touch are still joined.
-    extents.sort_unstable();
-    extents.dedup_by(|next, kept| {
-        if next.0 > kept.1 {
-            return false;
-        }
-        kept.1 = kept.1.max(next.1);
-        true
-    });
-    Ok(DataMap { extents, block })
+    Ok(DataMap { extents: ranges::normalize(extents), block })
 }
 
 /// The byte ranges `(start, end)` where the two thin devices `thin_delta` compared may differ (mapped to
@@ -107,7 +97,7 @@ pub fn delta_ranges(delta: impl std::io::BufRead) -> Result<Vec<(u64, u64)>> {
     let number = |line: &str, name: &str| -> Result<u64> {
         attribute(line, name).and_then(|v| v.parse().ok()).ok_or_else(|| bad(format!("no number {name} in {line:?}")))
     };
-    let (mut block, mut ranges) = (None, Vec::<(u64, u64)>::new());
+    let (mut block, mut differing) = (None, Vec::new());
     for line in delta.lines() {
         let line = line.map_err(AgentError::io("reading thin_delta output"))?;
         let element = line.trim_start();
@@ -126,16 +116,12 @@ pub fn delta_ranges(delta: impl std::io::BufRead) -> Result<Vec<(u64, u64)>> {
         }
         let block = block.ok_or_else(|| bad("a range before the superblock".into()))?;
         let (begin, length) = (number(element, "begin")?, number(element, "length")?);
-        let (start, end) = (begin * block, (begin + length) * block);
-        match ranges.last_mut() {
-            Some(last) if last.1 >= start => last.1 = last.1.max(end),
-            _ => ranges.push((start, end)),
-        }
+        ranges::push_joined(&mut differing, begin * block, (begin + length) * block);
     }
     if block.is_none() {
         return Err(bad("no superblock".into()));
     }
-    Ok(ranges)
+    Ok(ranges::normalize(differing))
 }
 
 /// True when the pool refused a metadata snapshot because one is already reserved.
