@@ -655,6 +655,10 @@ impl BackupAgent for BackupService {
                     Ok((m, _)) if m.backup_id != id => {
                         out.unreadable.push(format!("{id}: its manifest names backup {:?}", m.backup_id))
                     }
+                    // Adopted without its key, an encrypted backup would restore as ciphertext nothing opens.
+                    Ok((m, _)) if m.key.as_ref().is_some_and(|k| k.to_proto().is_none()) => {
+                        out.unreadable.push(format!("{id}: its manifest's sealed key is damaged (not hex)"))
+                    }
                     Ok((m, _)) => out.backups.push(stored_backup(m)),
                     Err(e) => out.unreadable.push(format!("{id}: {e}")),
                 }

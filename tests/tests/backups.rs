@@ -495,6 +495,15 @@ async fn a_coordinator_that_lost_its_database_adopts_the_repositorys_backups() {
     for file in ["index", "manifest.json"] {
         std::fs::copy(e.repo.join("backups").join(&full.id).join(file), copy.join(file)).unwrap();
     }
+    // An encrypted backup's directory whose sealed key is damaged: adopted, it would restore as ciphertext
+    // that nothing opens, so it is named rather than adopted as plain data.
+    let keyless = e.repo.join("backups").join("2c2c2c2c-1b1b-4c2c-8d3d-4e4e4e4e4e4e");
+    std::fs::create_dir_all(&keyless).unwrap();
+    std::fs::copy(e.repo.join("backups").join(&full.id).join("index"), keyless.join("index")).unwrap();
+    let mut damaged_key = manifest.clone();
+    damaged_key["backup_id"] = "2c2c2c2c-1b1b-4c2c-8d3d-4e4e4e4e4e4e".into();
+    damaged_key["key"] = serde_json::json!({"wrapped": "not hex", "secret_uuid": "u", "header_bytes": 1052672});
+    std::fs::write(keyless.join("manifest.json"), serde_json::to_vec(&damaged_key).unwrap()).unwrap();
 
     // The database is lost: a new, empty one under a restarted coordinator. The agents register again.
     for suffix in ["", "-wal", "-shm"] {
@@ -529,8 +538,8 @@ async fn a_coordinator_that_lost_its_database_adopts_the_repositorys_backups() {
     assert_eq!(ask("backup1@no-such-repo").await.unwrap_err().code(), Code::NotFound);
     assert!(admin.clone().list_backups(ListBackupsRequest::default()).await.unwrap().into_inner().backups.is_empty());
 
-    // Through the CLI: both backups come back, to their project, parent first; the damaged manifest and the
-    // copied directory are named.
+    // Through the CLI: both backups come back, to their project, parent first; the damaged manifest, the
+    // copied directory and the damaged key are named.
     let (ok, out, err) = e.fleet.cli(&["--json", "backup", "import-repository", "backup1@repo1"]);
     assert!(ok, "{err}");
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -539,7 +548,9 @@ async fn a_coordinator_that_lost_its_database_adopts_the_repositorys_backups() {
     assert_eq!(ids, [full.id.as_str(), incr.id.as_str()], "{r}");
     assert_eq!(r["already_known"].as_u64(), Some(0), "{r}");
     let skipped: Vec<&str> = r["skipped"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
-    assert_eq!(skipped.len(), 2, "{r}");
+    assert_eq!(skipped.len(), 3, "{r}");
+    let keyless = "2c2c2c2c-1b1b-4c2c-8d3d-4e4e4e4e4e4e: its manifest's sealed key is damaged (not hex)";
+    assert!(skipped.contains(&keyless), "the damaged key: {r}");
     assert!(skipped.iter().any(|x| x.starts_with("0a0a0a0a-")), "the damaged manifest: {r}");
     let named = format!("1b1b1b1b-1b1b-4c2c-8d3d-4e4e4e4e4e4e: its manifest names backup \"{}\"", full.id);
     assert!(skipped.contains(&named.as_str()), "the copied directory: {r}");
