@@ -406,6 +406,9 @@ impl Backups {
             if let Some((off, len)) = zero_run {
                 let _ = tx.send(VolumeChunk { offset: off, zero_length: len, ..Default::default() }).await;
             }
+            // Only now, after every chunk checked out: the storage agent keeps the volume marked incomplete
+            // until a stream ends with this.
+            let _ = tx.send(VolumeChunk { last: true, ..Default::default() }).await;
             Ok::<(), String>(())
         });
         let started = std::time::Instant::now();

@@ -26,7 +26,8 @@ pub struct Record {
     /// The id of the volume a snapshot was taken of, when the driver keeps that (an LV's origin); a snapshot
     /// file is a plain copy and keeps none.
     pub origin_volume: Option<String>,
-    /// True when a copy into it never finished (a thick LV still tagged incomplete): its data is partial.
+    /// True when a copy, restore or migration copy into it never finished (an LV still tagged incomplete, a file
+    /// still marked): its data is partial.
     pub incomplete: bool,
     /// True when ember did not make it: an LV without ember's owner tag, which the agent never lists (so the
     /// coordinator could not look after it) and does not take over.
@@ -105,10 +106,30 @@ impl Backend {
     /// What the driver records about a volume or snapshot; `None` when it holds none of that id.
     pub async fn record(&self, kind: Kind, id: &uuid::Uuid) -> Result<Option<Record>> {
         match self {
-            // A file with the final name is always complete (copies are renamed into place), and is no more
-            // than its data.
-            Backend::File(_) => Ok(self.exists(kind, id).await?.then(Record::default)),
+            // A file with the final name is complete unless a restore or a migration's copy into it left its
+            // mark (copies are renamed into place), and is no more than its data.
+            Backend::File(b) => {
+                let (path, id) = (b.path(kind, id), *id);
+                on_blocking_thread(b, move |b| {
+                    let incomplete = kind == Kind::Volume && b.is_incomplete(&id);
+                    Ok(path.exists().then_some(Record { incomplete, ..Record::default() }))
+                })
+                .await
+            }
             Backend::Lvm(b) => b.record(kind, id).await,
+        }
+    }
+
+    /// Marks volume `id` as being written by a restore or a migration's copy (`incomplete`), durably, before the
+    /// first write, or clears the mark once every byte is written and flushed. A mark left by a write cut short
+    /// makes `manage` refuse the volume: its data is partial.
+    pub async fn mark_incomplete(&self, id: &uuid::Uuid, incomplete: bool) -> Result<()> {
+        match self {
+            Backend::File(b) => {
+                let id = *id;
+                on_blocking_thread(b, move |b| b.mark_incomplete(&id, incomplete)).await
+            }
+            Backend::Lvm(b) => b.mark_incomplete(id, incomplete).await,
         }
     }
 

@@ -41,15 +41,21 @@ fn throttle_delay(bytes: u64, bandwidth: u64, elapsed: Duration) -> Duration {
 /// A volume open for writing chunks: a writer thread applies them from a small bounded queue while the next
 /// ones arrive, then flushes the file once at the end. The queue is awaited, never blocked on, so a slow disk
 /// holds up its stream only, not a runtime thread that other requests need.
+///
+/// The volume is marked incomplete before the first write, and the mark is cleared only by
+/// [`ChunkWriter::finish`] of a write its caller vouches is whole, after the flush: a restore or a copy cut
+/// short at any point leaves the mark, and `manage` refuses the partial data.
 pub struct ChunkWriter {
     queue: mpsc::Sender<VolumeChunk>,
     writer: JoinHandle<Result<u64>>,
+    id: uuid::Uuid,
     /// The volume's size in bytes.
     pub size: u64,
 }
 
 impl ChunkWriter {
-    /// Opens volume `id` of `backend`, refusing it when it holds fewer than `needed` bytes.
+    /// Opens volume `id` of `backend`, refusing it when it holds fewer than `needed` bytes, and marks it
+    /// incomplete.
     pub async fn open(backend: &Backend, id: uuid::Uuid, needed: u64) -> Result<ChunkWriter> {
         let path = backend.path(Kind::Volume, &id);
         // Opened off the async threads: on an NFS mount whose server has gone, an open blocks until the soft
@@ -67,13 +73,14 @@ impl ChunkWriter {
         }
         // Which blocks of a thin LV are mapped, before anything is written: zero runs are cleared only there.
         let mapped = backend.data_map(Kind::Volume, &id).await?;
+        backend.mark_incomplete(&id, true).await?;
         let (queue, chunks) = mpsc::channel::<VolumeChunk>(8);
         let writer = tokio::task::spawn_blocking(move || {
             let written = data::apply_chunks(&file, size, mapped.as_ref(), chunks)?;
             file.sync_data().map_err(AgentError::io("syncing"))?;
             Ok::<u64, AgentError>(written)
         });
-        Ok(ChunkWriter { queue, writer, size })
+        Ok(ChunkWriter { queue, writer, id, size })
     }
 
     /// Queues `chunk`; false when the writer has stopped (on an error, which [`ChunkWriter::finish`] returns).
@@ -81,10 +88,21 @@ impl ChunkWriter {
         self.queue.send(chunk).await.is_ok()
     }
 
-    /// Waits for every queued chunk to be written and flushed; returns the data bytes written.
-    pub async fn finish(self) -> Result<u64> {
+    /// Waits for every queued chunk to be written and flushed; returns the data bytes written. Clears the
+    /// incomplete mark on `backend` (the one it was opened on) when the caller received the `whole` stream and
+    /// everything was written.
+    pub async fn finish(self, backend: &Backend, whole: bool) -> Result<u64> {
         drop(self.queue);
-        self.writer.await.map_err(|e| AgentError::Io { context: "writing".into(), source: std::io::Error::other(e) })?
+        let written = self
+            .writer
+            .await
+            .map_err(|e| AgentError::Io { context: "writing".into(), source: std::io::Error::other(e) })??;
+        if whole {
+            backend.mark_incomplete(&self.id, false).await?;
+        } else {
+            tracing::warn!(volume_id = %self.id, written, "write stream cut short; the volume stays marked incomplete");
+        }
+        Ok(written)
     }
 }
 
@@ -168,7 +186,8 @@ pub async fn copy_from(
     {
         writer.send(tail).await;
     }
-    let written = writer.finish().await?;
+    // The source ended its stream itself: the copy is whole.
+    let written = writer.finish(backend, received.is_ok()).await?;
     received?;
     tracing::info!(volume_id = %id, written, source = %req.source_endpoint, "volume copied from its source");
     Ok(written)

@@ -17,6 +17,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 const GIB: u64 = 1 << 30;
+/// Name prefix of the mark an unfinished write leaves beside its volume (`.incomplete-volume-<id>`).
+const INCOMPLETE_PREFIX: &str = ".incomplete-";
 
 /// Which kind of file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,18 +76,53 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 impl FileBackend {
-    /// Opens a backend, removing temporary files a crash left behind.
+    /// Opens a backend, removing temporary files a crash left behind, and the marks of unfinished writes whose
+    /// volume is gone (a crash between removing a volume and its mark).
     pub fn open(cfg: BackendConfig) -> Result<FileBackend> {
         let backend = FileBackend { cfg };
         let entries = std::fs::read_dir(&backend.cfg.directory)
             .map_err(AgentError::io(format!("reading {}", backend.cfg.directory.display())))?;
         for entry in entries.flatten() {
-            if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".tmp-") {
                 tracing::warn!(path = %entry.path().display(), "removing a temporary file left by a crash");
+                let _ = std::fs::remove_file(entry.path());
+            } else if let Some(volume) = name.strip_prefix(INCOMPLETE_PREFIX)
+                && !backend.cfg.directory.join(volume).exists()
+            {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
         Ok(backend)
+    }
+
+    /// The file whose presence says volume `id` is being written by a restore or a migration's copy, or was
+    /// and that write never finished: its data is partial.
+    fn incomplete_mark(&self, id: &uuid::Uuid) -> PathBuf {
+        self.cfg.directory.join(format!("{INCOMPLETE_PREFIX}{}{id}", Kind::Volume.prefix()))
+    }
+
+    /// Marks volume `id` as being written (`incomplete`), durably, or removes the mark once the write is whole.
+    pub fn mark_incomplete(&self, id: &uuid::Uuid, incomplete: bool) -> Result<()> {
+        let mark = self.incomplete_mark(id);
+        if incomplete {
+            File::create(&mark)
+                .and_then(|f| f.sync_all())
+                .map_err(AgentError::io(format!("creating {}", mark.display())))?;
+        } else {
+            match std::fs::remove_file(&mark) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(AgentError::io(format!("removing {}", mark.display()))(e));
+                }
+                _ => {}
+            }
+        }
+        sync_dir(&self.cfg.directory)
+    }
+
+    /// Whether volume `id` carries the mark of an unfinished write.
+    pub fn is_incomplete(&self, id: &uuid::Uuid) -> bool {
+        self.incomplete_mark(id).exists()
     }
 
     /// Path of a volume or snapshot file.
@@ -253,6 +290,10 @@ impl FileBackend {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(AgentError::io(format!("removing {}", path.display()))(e)),
         }
+        if kind == Kind::Volume {
+            // After the volume: a crash between the two leaves a mark without a volume, which `open` removes.
+            let _ = std::fs::remove_file(self.incomplete_mark(id));
+        }
         sync_dir(&self.cfg.directory)
     }
 
@@ -322,6 +363,32 @@ mod tests {
             target: Default::default(),
         })
         .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_mark_of_an_unfinished_write_is_kept_listed_apart_and_goes_with_its_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = backend(dir.path(), true);
+        let (id, gone) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        b.create_blank(&id, 1).unwrap();
+        assert!(!b.is_incomplete(&id));
+        b.mark_incomplete(&id, true).unwrap();
+        b.mark_incomplete(&id, true).unwrap();
+        assert!(b.is_incomplete(&id), "marked, and marking again is a no-op");
+        assert_eq!(b.list().unwrap(), (vec![id.to_string()], vec![]), "the mark is not a volume");
+        b.mark_incomplete(&id, false).unwrap();
+        b.mark_incomplete(&id, false).unwrap();
+        assert!(!b.is_incomplete(&id), "cleared, and clearing again is a no-op");
+
+        b.mark_incomplete(&id, true).unwrap();
+        b.remove(Kind::Volume, &id).await.unwrap();
+        assert!(!b.is_incomplete(&id), "removing the volume removes its mark");
+        // A crash between removing a volume and its mark: the next start removes the mark, not another's.
+        b.create_blank(&id, 1).unwrap();
+        b.mark_incomplete(&id, true).unwrap();
+        std::fs::write(dir.path().join(format!("{INCOMPLETE_PREFIX}volume-{gone}")), b"").unwrap();
+        let b = backend(dir.path(), true);
+        assert!(b.is_incomplete(&id) && !b.is_incomplete(&gone));
     }
 
     #[tokio::test]

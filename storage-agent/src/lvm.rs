@@ -3,7 +3,8 @@
 //!
 //! Every LV the agent makes carries the `ember` tag, so the agent rebuilds what it owns from the node itself.
 //! A thick copy in progress carries `ember-incomplete` as well, so a create repeated after a crash redoes the
-//! copy rather than trusting a half-copied LV. Every LVM command runs with a deadline: a hung `lvs` fails one
+//! copy rather than trusting a half-copied LV; so does an LV a restore or a migration is writing, so that
+//! `manage` refuses one cut short. Every LVM command runs with a deadline: a hung `lvs` fails one
 //! call, it never hangs the agent.
 
 use crate::backend::{Capacity, DataMap, Record};
@@ -22,7 +23,7 @@ const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
 /// The tag on every LV the agent owns.
 pub const OWNER_TAG: &str = "ember";
-/// The tag on a thick LV whose data copy has not finished.
+/// The tag on an LV whose data copy, restore or migration copy has not finished.
 pub const INCOMPLETE_TAG: &str = "ember-incomplete";
 
 /// One logical volume, as `lvs` reports it.
@@ -339,6 +340,17 @@ impl LvmBackend {
     /// What LVM records about a volume or snapshot; `None` when there is no such LV.
     pub async fn record(&self, kind: Kind, id: &uuid::Uuid) -> Result<Option<Record>> {
         Ok(self.find(&lv_name(kind, id)).await?.as_ref().map(record_of))
+    }
+
+    /// Tags volume `id` as being written (`incomplete`) or untags it; a no-op when the tags already say so.
+    pub async fn mark_incomplete(&self, id: &uuid::Uuid, incomplete: bool) -> Result<()> {
+        let name = lv_name(Kind::Volume, id);
+        let lv = self.find(&name).await?.ok_or_else(|| AgentError::NotFound(format!("volume {id}")))?;
+        if lv.tags.iter().any(|t| t == INCOMPLETE_TAG) == incomplete {
+            return Ok(());
+        }
+        let op = if incomplete { "--addtag" } else { "--deltag" };
+        self.lvm("lvchange", &["-q", op, INCOMPLETE_TAG, &self.target(&name)]).await.map(drop)
     }
 
     /// Creates a blank volume. Repeating it is a no-op; a different size is refused.

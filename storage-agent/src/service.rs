@@ -410,7 +410,7 @@ impl StorageAgent for StorageService {
         let (size_bytes, record) = self.0.inspect(&r.backend, Kind::Volume, &id).await?;
         if record.incomplete {
             return Err(AgentError::FailedPrecondition(format!(
-                "volume {id} on backend {} is a copy that never finished; its data is partial",
+                "volume {id} on backend {} is a copy or restore that never finished; its data is partial",
                 r.backend
             ))
             .into());
@@ -497,8 +497,13 @@ impl StorageAgent for StorageService {
         let backend = self.0.backend(&first.backend)?;
         let writer = ChunkWriter::open(backend, id, first.volume_size).await?;
         let mut next = Some(first);
-        let mut received: Result<(), Status> = Ok(());
+        let (mut received, mut whole): (Result<(), Status>, bool) = (Ok(()), false);
         while let Some(chunk) = next {
+            if whole {
+                received = Err(Status::invalid_argument("last: a message followed the one marked last"));
+                break;
+            }
+            whole = chunk.last;
             if !writer.send(chunk).await {
                 break; // the writer stopped on an error; it is reported below
             }
@@ -510,7 +515,7 @@ impl StorageAgent for StorageService {
                 }
             };
         }
-        let written = writer.finish().await?;
+        let written = writer.finish(backend, whole && received.is_ok()).await?;
         received?;
         tracing::info!(volume_id = %id, written, "volume data written");
         Ok(Response::new(WriteVolumeResponse { bytes_written: written }))

@@ -295,6 +295,19 @@ put "$W/pattern-a" "/dev/ember-thick/volume-$target" 300
 timed thick.restore ember backup restore "$bk" --volume "$target" --wait >/dev/null
 check "thick restore onto an existing LV: bit-identical, old data overwritten" \
   cmp "/dev/ember-thick/volume-$vol" "/dev/ember-thick/volume-$target"
+check "thick restore onto an existing LV: a whole restore leaves no incomplete tag" \
+  absent lv_has_tag "ember-thick/volume-$target" ember-incomplete
+# A restore cut short: one stored chunk damaged, so the backup agent stops its stream there. The storage agent
+# tagged the LV before its first write and keeps the tag, so manage would refuse the partial data. The chunk is
+# put back afterwards: later backups of the same patterns reuse it.
+chunk=$(find "$W/repository/chunks" -type f | head -1)
+cp "$chunk" "$W/chunk.orig"
+printf 'X' | dd of="$chunk" bs=1 seek=100 conv=notrunc status=none
+ember backup restore "$bk" --volume "$target" --wait >/dev/null 2>"$W/refused"
+check "thick restore from a damaged chunk: fails naming it" grep -q "$(basename "$chunk")" "$W/refused"
+check "thick restore from a damaged chunk: the target LV stays tagged incomplete" \
+  lv_has_tag "ember-thick/volume-$target" ember-incomplete
+cp "$W/chunk.orig" "$chunk"
 ember backup delete "$bk" --wait >/dev/null
 for v in "$vol" "$target"; do ember volume delete "$v" --wait >/dev/null; done
 
@@ -346,6 +359,8 @@ check "thin restore onto an existing LV: the pool maps only the 12 MiB restored;
   test "$(mapped_bytes "$target")" = 12582912
 new=$(timed thin.restore_new ember --json backup restore "$inc" --wait | json_field volume_id)
 check "thin restore to a new volume: scheduled into the thin pool" lvs "ember-thin/volume-$new"
+check "thin restore to a new volume: a whole restore leaves no incomplete tag" \
+  absent lv_has_tag "ember-thin/volume-$new" ember-incomplete
 for spot in 0:pattern-a 20480:pattern-c 40960:pattern-b; do
   check "thin restore to a new volume: ${spot#*:} at ${spot%:*} MiB" \
     holds "/dev/ember-thin/volume-$new" "${spot%:*}" "$W/${spot#*:}"

@@ -574,6 +574,62 @@ async fn a_coordinator_that_lost_its_database_adopts_the_repositorys_backups() {
     assert_eq!((again.imported.len(), again.already_known), (0, 2), "{again:?}");
 }
 
+/// The storage agent marks a volume before a restore's first write and clears the mark only once a whole stream
+/// is flushed. A restore the backup agent stops (a damaged chunk) ends its stream as a whole one would, without
+/// the final message: after a database loss, manage adopts the whole restore's volume and refuses the partial
+/// one, and manageable says why.
+#[tokio::test]
+async fn after_a_database_loss_manage_refuses_the_volume_of_a_restore_cut_short() {
+    let mut e = env().await;
+    let v = e.volume(1).await;
+    e.write(&v, 0, 5, 3 << 20);
+    let b = e.backup(&v, false).await;
+    assert_eq!(b.status, "available", "{b:?}");
+    let mark = |dir: &Path, id: &str| dir.join(format!(".incomplete-volume-{id}"));
+    let whole = e.restore_new(&b.id).await;
+    assert_eq!(whole.status, "available", "{whole:?}");
+    assert!(!mark(&e.dir, &whole.id).exists(), "a whole restore leaves no mark");
+    let victim = first_chunk(&e.repo.join("chunks"));
+    let bytes = std::fs::read(&victim).unwrap();
+    let mut damaged = bytes.clone();
+    *damaged.last_mut().unwrap() ^= 0x40;
+    std::fs::write(&victim, damaged).unwrap();
+    let partial = e.restore_new(&b.id).await;
+    assert_eq!(partial.status, "error", "{partial:?}");
+    assert!(mark(&e.dir, &partial.id).exists(), "the cut-short restore's volume keeps its mark");
+    std::fs::write(&victim, bytes).unwrap();
+
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", e.fleet.database().display()));
+    }
+    e.fleet.start_coordinator();
+    wait_backend(&e.fleet, "storage1@file1").await;
+    let admin = VolumeServiceClient::new(e.fleet.admin());
+    let listed = admin
+        .clone()
+        .list_manageable(ListManageableRequest { pool: "storage1@file1".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .volumes;
+    let entry = |id: &str| listed.iter().find(|m| m.id == id).unwrap_or_else(|| panic!("{id} in {listed:?}"));
+    assert!(entry(&whole.id).safe_to_manage, "{listed:?}");
+    let p = entry(&partial.id);
+    assert!(!p.safe_to_manage && p.reason_not_safe.contains("never finished"), "{p:?}");
+    let manage = |id: &str| ManageVolumeRequest {
+        pool: "storage1@file1".into(),
+        id: id.into(),
+        project: "p1".into(),
+        ..Default::default()
+    };
+    let err = admin.clone().manage_volume(manage(&partial.id)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("never finished"), "{}", err.message());
+    let adopted = admin.clone().manage_volume(manage(&whole.id)).await.unwrap().into_inner();
+    assert_eq!(adopted.status, "available", "{adopted:?}");
+    assert_eq!(sha256(&e.file(&whole.id)), sha256(&e.file(&v)), "the adopted volume holds the whole restore");
+}
+
 /// The ids a paged list returns, two at a time, checking each page's size and token; and that a malformed
 /// token is refused naming it.
 async fn two_at_a_time<F, Fut>(what: &str, mut list: F) -> Vec<String>

@@ -307,6 +307,7 @@ async fn a_failed_copy_leaves_the_volume_where_it_was_and_a_crash_after_the_copy
     let moved = wait_volume(&volumes, &v.id, "available").await;
     assert_eq!((moved.host.as_str(), moved.status_reason.as_str()), ("storage2@file2", ""), "{moved:?}");
     assert!(same_bytes(&pools.dir2.join(format!("volume-{}", v.id)), &reference));
+    assert!(!pools.dir2.join(format!(".incomplete-volume-{}", v.id)).exists(), "a whole copy is not marked partial");
     assert!(files_in(&pools.dir1).is_empty(), "the old copy is gone");
     assert_eq!(usage(&pools.fleet, "p1", "gigabytes").await, 1);
 }
