@@ -430,7 +430,8 @@ impl Backups {
 /// Test-only fault injection. `EMBER_FAILPOINTS=backup.stage_chunk` aborts the agent (like SIGKILL) when it
 /// is about to stage its second new chunk (`backup.restore_chunk`: when a restore reads its second chunk);
 /// `backup.pause_stage_chunk` holds the first backup there instead (`backup.pause_import`: the first Cinder
-/// import, before it reads anything), logging "failpoint pause", so a test can
+/// import, before it reads anything; `backup.pause_import_commit`: its chunks published, its index not yet
+/// written), logging "failpoint pause", so a test can
 /// act while a backup is running: for five seconds, or, with `EMBER_FAILPOINT_RELEASE=<path>`, until that file
 /// exists (at most two minutes).
 fn failpoint(name: &str) {
@@ -534,6 +535,7 @@ fn store_image(repo: &Repository, image: &std::path::Path, described: Manifest) 
         sizes.insert(digest, stored);
     }
     repo.publish(&staged)?;
+    failpoint("backup.import_commit");
     let mut manifest = Manifest {
         format: crate::repo::FORMAT,
         completed_at: now_rfc3339(),
@@ -620,6 +622,17 @@ impl BackupAgent for BackupService {
         if let Ok((m, _)) = load_backup(&repo, &r.backup_id).await? {
             return Ok(Response::new(response_of(&m)));
         }
+        // Listed as running from its start, as a backup is: the chunks it stages and reuses are referenced by no
+        // index until it commits, and garbage collection keeps them only back to the oldest running start.
+        let started_here = repository_clock(&repo).await?;
+        {
+            let mut running = self.0.running.lock().expect("running");
+            if running.contains_key(&r.backup_id) {
+                return Err(Status::unavailable(format!("backup {} is already running here", r.backup_id)));
+            }
+            running.insert(r.backup_id.clone(), (repo.root.clone(), started_here));
+        }
+        let _running = Running(&self.0, r.backup_id.clone());
         let image = repo.root.join("tmp").join(format!("import-{}.img", r.backup_id));
         let (dir, cinder_id) = (PathBuf::from(&r.directory), r.cinder_backup_id.clone());
         let owner = Manifest {

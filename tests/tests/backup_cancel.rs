@@ -1,6 +1,6 @@
 //! Deleting a backup while it is being made (Cinder's `backup-delete --force`): it stops where it is, nothing of
-//! it is kept, its volume is usable again and its quota is released. And a Cinder import whose caller goes away
-//! still ends.
+//! it is kept, its volume is usable again and its quota is released. And Cinder imports while they run: one
+//! whose caller goes away still ends, and garbage collection meanwhile keeps the chunks it has not yet referenced.
 
 use ember_fleet_tests::backups::{OneSite, backup_usage, fill, wait_backup_settled, wait_paused};
 use ember_fleet_tests::volumes::{new_volume, wait_volume};
@@ -95,4 +95,61 @@ async fn a_cinder_import_whose_caller_goes_away_still_ends() {
     .await;
     assert_eq!(imported.status, "available", "{imported:?}");
     assert_eq!(backup_usage(&fleet, "p1").await, (1, imported.size_gb as i64));
+}
+
+/// An import publishes its chunks before it writes the index that references them, as a backup does. Garbage
+/// collection in between must keep them: the import counts as running from its start, so chunks written since
+/// are newer than the collection's cutoff.
+#[tokio::test]
+async fn garbage_collection_during_a_cinder_import_keeps_the_chunks_it_has_not_yet_referenced() {
+    let (OneSite { fleet, repo, storage: _storage, backup1: agent, .. }, held) =
+        OneSite::start_held_at("backup.pause_import_commit").await;
+    let example =
+        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/testdata/cinder-backup-example"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(example.join("manifest.json")).unwrap()).unwrap();
+    let dir = example.join("backups").canonicalize().unwrap();
+    let full = manifest["full"]["backup_id"].as_str().unwrap();
+    let cli = fleet
+        .cli_command(&["--json", "backup", "import-cinder", dir.to_str().unwrap(), full, "--project", "p1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_paused(&agent, "the import's chunks to be published").await;
+    let published = chunk_files(&repo.join("chunks"));
+    assert!(published > 0, "the import published its chunks before pausing");
+
+    let gc = BackupServiceClient::new(fleet.admin())
+        .collect_garbage(CollectGarbageRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(gc.chunks_removed, 0, "the running import's chunks are kept: {gc:?}");
+    assert_eq!(chunk_files(&repo.join("chunks")), published);
+    held.release();
+    let out = cli.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let imported: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(imported[0]["status"], "available", "{imported}");
+    let report = BackupServiceClient::new(fleet.admin())
+        .verify_backup(VerifyBackupRequest { id: imported[0]["id"].as_str().unwrap().into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(report.missing_chunks.is_empty() && report.corrupt_chunks.is_empty(), "{report:?}");
+    assert_eq!(report.chunks_checked as usize, published, "{report:?}");
+}
+
+/// How many chunk files lie under `dir` (its fan-out directories).
+fn chunk_files(dir: &std::path::Path) -> usize {
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        if entry.file_type().unwrap().is_dir() {
+            n += chunk_files(&entry.path());
+        } else {
+            n += 1;
+        }
+    }
+    n
 }
