@@ -57,9 +57,13 @@ fn decompress(alg: &str, body: Vec<u8>) -> Result<Vec<u8>, String> {
     }
 }
 
+/// What [`rebuild`] answers when `stop` said to stop.
+pub const STOPPED: &str = "stopped";
+
 /// Rebuilds the volume of Cinder backup `id` under `root` into `image` (created sparse), checks it against
-/// the backup's sha256 file, and returns (volume id, volume size).
-pub fn rebuild(root: &Path, id: &str, image: &Path) -> Result<(String, u64), String> {
+/// the backup's sha256 file, and returns (volume id, volume size). Asks `stop` before each object and each
+/// block it checks, and ends with [`STOPPED`] when it says so.
+pub fn rebuild(root: &Path, id: &str, image: &Path, stop: &dyn Fn() -> bool) -> Result<(String, u64), String> {
     if !root.is_absolute() || root.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
         return Err(format!("directory {:?} must be an absolute path without '..'", root.display()));
     }
@@ -92,6 +96,9 @@ pub fn rebuild(root: &Path, id: &str, image: &Path) -> Result<(String, u64), Str
         for obj in found.meta["objects"].as_array().into_iter().flatten() {
             let (name, info) =
                 obj.as_object().and_then(|o| o.iter().next()).ok_or("metadata: malformed object entry")?;
+            if stop() {
+                return Err(STOPPED.into());
+            }
             if name.contains('/') || !name.starts_with(&found.prefix) {
                 return Err(format!("metadata names an unexpected object {name:?}"));
             }
@@ -113,6 +120,9 @@ pub fn rebuild(root: &Path, id: &str, image: &Path) -> Result<(String, u64), Str
     }
     let mut buf = vec![0u8; block as usize];
     for (i, want) in digests.iter().enumerate() {
+        if stop() {
+            return Err(STOPPED.into());
+        }
         out.read_exact_at(&mut buf, i as u64 * block).map_err(|e| e.to_string())?;
         if hex::encode(Sha256::digest(&buf)) != *want {
             return Err(format!("block {i} (offset {}) does not match Cinder's sha256 file", i as u64 * block));
@@ -128,8 +138,9 @@ mod tests {
     fn refuses_relative_and_bad_ids() {
         let img = std::env::temp_dir().join("ember-cinder-test.img");
         assert!(
-            super::rebuild(std::path::Path::new("relative"), "11111111-2222-4333-8444-555555555555", &img).is_err()
+            super::rebuild(std::path::Path::new("relative"), "11111111-2222-4333-8444-555555555555", &img, &|| false)
+                .is_err()
         );
-        assert!(super::rebuild(std::path::Path::new("/tmp"), "../etc", &img).unwrap_err().contains("UUID"));
+        assert!(super::rebuild(std::path::Path::new("/tmp"), "../etc", &img, &|| false).unwrap_err().contains("UUID"));
     }
 }

@@ -499,18 +499,45 @@ fn stored_backup(m: Manifest) -> StoredBackup {
 }
 
 /// Cuts a volume image into the repository's chunks and commits it as the backup `described` names (its id,
-/// volume, start time and owner; the rest is filled in here). Blocking.
-fn store_image(repo: &Repository, image: &std::path::Path, described: Manifest) -> std::io::Result<Manifest> {
+/// volume, start time and owner; the rest is filled in here). Stops, removing what it staged and publishing
+/// nothing, when `stop` says so. Blocking.
+fn store_image(
+    repo: &Repository,
+    image: &std::path::Path,
+    described: Manifest,
+    stop: &dyn Fn() -> bool,
+) -> std::io::Result<Manifest> {
+    let mut staged = Vec::new();
+    let stored = stage_image(repo, image, described, stop, &mut staged);
+    if stored.is_err() {
+        for (path, _) in &staged {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    stored
+}
+
+/// [`store_image`]'s work; `staged` collects the chunks it stages and has not yet published.
+fn stage_image(
+    repo: &Repository,
+    image: &std::path::Path,
+    described: Manifest,
+    stop: &dyn Fn() -> bool,
+    staged: &mut Vec<(PathBuf, [u8; 32])>,
+) -> std::io::Result<Manifest> {
     use sha2::Digest;
     use std::os::unix::fs::FileExt;
+    let stopped = || std::io::Error::other(crate::cinder::STOPPED);
     let file = std::fs::File::open(image)?;
     let size = file.metadata()?.len();
     let cs = u64::from(repo.chunk_size);
     let mut index = Index { chunk_size: repo.chunk_size, volume_size: size, entries: BTreeMap::new() };
     let (mut logical, mut new_bytes) = (0u64, 0u64);
     let mut sizes: HashMap<[u8; 32], u64> = HashMap::new();
-    let mut staged = Vec::new();
     for pos in 0..size.div_ceil(cs) {
+        if stop() {
+            return Err(stopped());
+        }
         let len = cs.min(size - pos * cs) as usize;
         let mut buf = vec![0u8; len];
         file.read_exact_at(&mut buf, pos * cs)?;
@@ -534,8 +561,15 @@ fn store_image(repo: &Repository, image: &std::path::Path, described: Manifest) 
         };
         sizes.insert(digest, stored);
     }
-    repo.publish(&staged)?;
+    if stop() {
+        return Err(stopped());
+    }
+    repo.publish(staged)?;
+    staged.clear();
     failpoint("backup.import_commit");
+    if stop() {
+        return Err(stopped());
+    }
     let mut manifest = Manifest {
         format: crate::repo::FORMAT,
         completed_at: now_rfc3339(),
@@ -642,17 +676,27 @@ impl BackupAgent for BackupService {
             name: r.name.clone(),
             ..Default::default()
         };
+        // A delete (with force) asks it to stop; it checks between objects, blocks and chunks, and publishes
+        // nothing once asked.
+        let (backups, id) = (self.0.clone(), r.backup_id.clone());
         let result = off_runtime(move || -> Result<Manifest, Status> {
+            let stop = || backups.stops.asked(&id);
             failpoint("backup.import");
-            let rebuilt = crate::cinder::rebuild(&dir, &cinder_id, &image);
+            let rebuilt = crate::cinder::rebuild(&dir, &cinder_id, &image, &stop);
             let stored = rebuilt.map_err(Status::failed_precondition).and_then(|(volume_id, _)| {
                 let described = Manifest { volume_id, ..owner };
-                store_image(&repo, &image, described).map_err(io_status("storing the import"))
+                store_image(&repo, &image, described, &stop).map_err(io_status("storing the import"))
             });
             let _ = std::fs::remove_file(&image);
-            stored
+            match stored {
+                Err(_) if stop() => {
+                    Err(Status::cancelled("stopped: the backup was deleted while it was being imported"))
+                }
+                other => other,
+            }
         })
-        .await??;
+        .await?
+        .inspect_err(|e| tracing::warn!(backup_id = %r.backup_id, error = %e.message(), "Cinder import failed"))?;
         tracing::info!(backup_id = %r.backup_id, cinder_backup_id = %r.cinder_backup_id, chunks = result.chunks, "Cinder backup imported");
         Ok(Response::new(response_of(&result)))
     }

@@ -97,6 +97,56 @@ async fn a_cinder_import_whose_caller_goes_away_still_ends() {
     assert_eq!(backup_usage(&fleet, "p1").await, (1, imported.size_gb as i64));
 }
 
+/// A Cinder import is stopped like a backup (Cinder has no such import, but an operator who started the wrong
+/// one, or a huge one, must not wait for it): a forced delete stops it between blocks, nothing of it is
+/// published or left staged, and its caller is told. Without force the delete is refused.
+#[tokio::test]
+async fn a_cinder_import_deleted_with_force_stops_and_leaves_nothing() {
+    let (OneSite { fleet, repo, storage: _storage, backup1: agent, .. }, held) =
+        OneSite::start_held_at("backup.pause_import").await;
+    let example =
+        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/testdata/cinder-backup-example"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(example.join("manifest.json")).unwrap()).unwrap();
+    let dir = example.join("backups").canonicalize().unwrap();
+    let full = manifest["full"]["backup_id"].as_str().unwrap();
+    let cli = fleet
+        .cli_command(&["backup", "import-cinder", dir.to_str().unwrap(), full, "--project", "p1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_paused(&agent, "the import to be under way").await;
+    let id: String = sqlx::query_scalar("SELECT id FROM backups WHERE status = 'creating'")
+        .fetch_one(&fleet.db().await)
+        .await
+        .unwrap();
+    let backups = BackupServiceClient::new(fleet.admin());
+    let err =
+        backups.clone().delete_backup(DeleteBackupRequest { id: id.clone(), ..Default::default() }).await.unwrap_err();
+    assert!(err.code() == Code::FailedPrecondition && err.message().contains("pass force"), "{err:?}");
+
+    let (ok, out, err) = fleet.cli(&["backup", "delete", &id, "--force"]);
+    assert!(ok, "{out}\n{err}");
+    held.release();
+    let out = cli.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("the import was stopped"), "{said}");
+    wait_for("the import's backup to be gone", Duration::from_secs(60), || {
+        let mut c = backups.clone();
+        let id = id.clone();
+        async move {
+            matches!(c.get_backup(GetBackupRequest { id }).await, Err(s) if s.code() == Code::NotFound).then_some(())
+        }
+    })
+    .await;
+    assert!(agent.log_text().contains("stopped: the backup was deleted while it was being imported"));
+    assert!(!repo.join("backups").join(&id).exists(), "nothing of it is published");
+    let staged: Vec<_> = std::fs::read_dir(repo.join("tmp")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(staged.is_empty(), "neither its image nor staged chunks are left: {staged:?}");
+    assert_eq!(backup_usage(&fleet, "p1").await, (0, 0), "its quota is released");
+}
+
 /// An import publishes its chunks before it writes the index that references them, as a backup does. Garbage
 /// collection in between must keep them: the import counts as running from its start, so chunks written since
 /// are newer than the collection's cutoff.

@@ -19,6 +19,11 @@ pub async fn import_flow(ctx: &Ctx, op: Op) -> Result<Outcome> {
         operations::finish(&mut conn, &op, Some("backup no longer exists")).await?;
         return Ok(Outcome::Finished);
     };
+    if b.status != "creating" {
+        // Deleted (with force) while it was imported: the delete stops the agent's import and removes its files.
+        operations::finish(&mut conn, &op, Some(&format!("backup is {}", b.status))).await?;
+        return Ok(Outcome::Finished);
+    }
     drop(conn);
     let mut client = ctx.agents.backup(&b.host).await?;
     let call = client
@@ -32,6 +37,15 @@ pub async fn import_flow(ctx: &Ctx, op: Op) -> Result<Outcome> {
         })
         .await;
     let mut tx = crate::db::write(&ctx.db).await?;
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM backups WHERE id = ?").bind(&b.id).fetch_optional(&mut *tx).await?;
+    if status.as_deref() != Some("creating") {
+        // Deleted meanwhile: its delete owns the row, and releases the quota taken at the start; this import's
+        // size is never counted.
+        operations::finish(&mut tx, &op, Some("the backup was deleted while it was imported")).await?;
+        tx.commit().await?;
+        return Ok(Outcome::Finished);
+    }
     match call {
         Ok(resp) => {
             let r = resp.into_inner();

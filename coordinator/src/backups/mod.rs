@@ -388,13 +388,7 @@ impl Backups {
         // `error_deleting` may be retried, as for volumes and snapshots: the repository's trouble (an I/O
         // error, a dead NFS server) is usually gone by the time the user asks again. A backup being made is
         // deleted only when asked with force: the agent stops it before it removes its files, and the create
-        // flow, finding it deleting, releases what it held.
-        if force && b.status == "creating" && b.volume_id.is_empty() {
-            // An import from Cinder reads another system's files and cannot be stopped half-way.
-            return Err(Error::FailedPrecondition(format!(
-                "backup {id} is an import from Cinder still running; delete it when it has ended"
-            )));
-        }
+        // flow, finding it deleting, releases what it held. A Cinder import stops the same way.
         let from: &[&str] = if force {
             &["available", "error", "error_deleting", "creating"]
         } else {
@@ -572,7 +566,10 @@ impl Backups {
             }
         }
         let mut conn = self.ctx.db.acquire().await?;
-        Ok(find(&mut conn, &id).await?.ok_or_else(|| Error::not_found("backup", &id))?.row)
+        match find(&mut conn, &id).await? {
+            Some(b) if b.status != "deleting" => Ok(b.row),
+            _ => Err(Error::FailedPrecondition(format!("backup {id}: the import was stopped, its backup deleted"))),
+        }
     }
 }
 /// What a new backup reads.
