@@ -63,18 +63,7 @@ async fn a_backup_deleted_with_force_while_it_runs_stops_and_leaves_nothing() {
 async fn a_cinder_import_whose_caller_goes_away_still_ends() {
     let (OneSite { fleet, storage: _storage, backup1: agent, .. }, held) =
         OneSite::start_held_at("backup.pause_import").await;
-    let example =
-        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/testdata/cinder-backup-example"));
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(example.join("manifest.json")).unwrap()).unwrap();
-    let dir = example.join("backups").canonicalize().unwrap();
-    let full = manifest["full"]["backup_id"].as_str().unwrap();
-    let mut cli = fleet
-        .cli_command(&["backup", "import-cinder", dir.to_str().unwrap(), full, "--project", "p1"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut cli = import_cinder_full(&fleet, &[], std::process::Stdio::null);
     wait_paused(&agent, "the import to be under way").await;
     let id: String = sqlx::query_scalar("SELECT id FROM backups WHERE status = 'creating'")
         .fetch_one(&fleet.db().await)
@@ -104,18 +93,7 @@ async fn a_cinder_import_whose_caller_goes_away_still_ends() {
 async fn a_cinder_import_deleted_with_force_stops_and_leaves_nothing() {
     let (OneSite { fleet, repo, storage: _storage, backup1: agent, .. }, held) =
         OneSite::start_held_at("backup.pause_import").await;
-    let example =
-        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/testdata/cinder-backup-example"));
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(example.join("manifest.json")).unwrap()).unwrap();
-    let dir = example.join("backups").canonicalize().unwrap();
-    let full = manifest["full"]["backup_id"].as_str().unwrap();
-    let cli = fleet
-        .cli_command(&["backup", "import-cinder", dir.to_str().unwrap(), full, "--project", "p1"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let cli = import_cinder_full(&fleet, &[], std::process::Stdio::piped);
     wait_paused(&agent, "the import to be under way").await;
     let id: String = sqlx::query_scalar("SELECT id FROM backups WHERE status = 'creating'")
         .fetch_one(&fleet.db().await)
@@ -154,18 +132,7 @@ async fn a_cinder_import_deleted_with_force_stops_and_leaves_nothing() {
 async fn garbage_collection_during_a_cinder_import_keeps_the_chunks_it_has_not_yet_referenced() {
     let (OneSite { fleet, repo, storage: _storage, backup1: agent, .. }, held) =
         OneSite::start_held_at("backup.pause_import_commit").await;
-    let example =
-        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/testdata/cinder-backup-example"));
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(example.join("manifest.json")).unwrap()).unwrap();
-    let dir = example.join("backups").canonicalize().unwrap();
-    let full = manifest["full"]["backup_id"].as_str().unwrap();
-    let cli = fleet
-        .cli_command(&["--json", "backup", "import-cinder", dir.to_str().unwrap(), full, "--project", "p1"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let cli = import_cinder_full(&fleet, &["--json"], std::process::Stdio::piped);
     wait_paused(&agent, "the import's chunks to be published").await;
     let published = chunk_files(&repo.join("chunks"));
     assert!(published > 0, "the import published its chunks before pausing");
@@ -202,4 +169,22 @@ fn chunk_files(dir: &std::path::Path) -> usize {
         }
     }
     n
+}
+
+/// Starts `ember [global] backup import-cinder` of the full backup in ../shared/testdata/cinder-backup-example
+/// into project p1, its output going to `output`.
+fn import_cinder_full(
+    fleet: &ember_fleet_tests::Fleet,
+    global: &[&str],
+    output: fn() -> std::process::Stdio,
+) -> std::process::Child {
+    let example =
+        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/testdata/cinder-backup-example"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(example.join("manifest.json")).unwrap()).unwrap();
+    let dir = example.join("backups").canonicalize().unwrap();
+    let full = manifest["full"]["backup_id"].as_str().unwrap();
+    let mut args = global.to_vec();
+    args.extend(["backup", "import-cinder", dir.to_str().unwrap(), full, "--project", "p1"]);
+    fleet.cli_command(&args).stdout(output()).stderr(output()).spawn().unwrap()
 }
