@@ -75,7 +75,7 @@ enum BackupAction {
         /// backup node); files left there stay, and import-repository can adopt them again.
         #[arg(long, conflicts_with = "wait")]
         forget: bool,
-        /// Also a backup still being made: it stops, and nothing of it is kept.
+        /// Also a backup still being made, or a Cinder import still running: it stops, and nothing of it is kept.
         #[arg(long, conflicts_with = "forget")]
         force: bool,
     },
