@@ -6,6 +6,7 @@
 //! <repo>/chunks/<d0d1>/<d2d3>/<sha256>  chunks (see chunk.rs), fan-out by the digest's first two bytes
 //! <repo>/backups/<id>/index             which chunk sits at which position
 //! <repo>/backups/<id>/manifest.json     ids, parent, times, sizes, format, the index's sha256
+//! <repo>/deleted/<id>                   empty: backup <id> was deleted, and must not be made again
 //! <repo>/tmp/                           files being written; removed at start
 //! <repo>/lock                           locked by the one agent using the repository; says which agent
 //! ```
@@ -30,6 +31,9 @@ pub const FORMAT: u32 = 1;
 /// Default chunk size: 1 MiB (see docs/backup-format.md for the measurement behind it).
 pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
 const INDEX_MAGIC: &[u8; 8] = b"EMBIDX01";
+/// How long garbage collection keeps a deleted backup's tombstone: far longer than a call to make that backup
+/// can still be on its way.
+const TOMBSTONE_KEEP: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 thread_local! {
     /// Each worker thread's buffer for a chunk file, reused from one chunk to the next.
@@ -247,7 +251,7 @@ impl Repository {
     pub fn open(root: &Path, chunk_size: u32, holder: &str) -> io::Result<Repository> {
         fs::create_dir_all(root)?;
         let lock = lock_exclusively(&root.join("lock"), holder)?;
-        for d in ["chunks", "backups", "tmp"] {
+        for d in ["chunks", "backups", "deleted", "tmp"] {
             fs::create_dir_all(root.join(d))?;
         }
         let cfg_path = root.join("ember-repository.json");
@@ -379,8 +383,13 @@ impl Repository {
         Ok((manifest, Index::decode(&bytes)?))
     }
 
-    /// Removes a backup's manifest and index; its chunks go at the next garbage collection.
+    /// Removes a backup's manifest and index; its chunks go at the next garbage collection. A tombstone is
+    /// left first ([`Repository::was_deleted`]), so that a call to make the backup that was still on its way
+    /// while it was deleted cannot publish it afterwards.
     pub fn delete_backup(&self, id: &str) -> io::Result<()> {
+        let deleted = self.root.join("deleted");
+        File::create(deleted.join(id))?.sync_all()?;
+        File::open(&deleted)?.sync_all()?;
         let dir = self.backup_dir(id);
         match fs::remove_file(dir.join("manifest.json")) {
             Ok(()) => {}
@@ -393,6 +402,11 @@ impl Repository {
             Err(e) => return Err(e),
         }
         File::open(self.root.join("backups"))?.sync_all()
+    }
+
+    /// Whether backup `id` was deleted here (within [`TOMBSTONE_KEEP`]): it must not be made again.
+    pub fn was_deleted(&self, id: &str) -> bool {
+        self.root.join("deleted").join(id).exists()
     }
 
     /// Rewrites complete backup `id`'s name and description in its manifest, atomically. NotFound when the
@@ -423,8 +437,14 @@ impl Repository {
     /// modification time is older than `cutoff`. Backups running during the collection are safe because every
     /// chunk they write is new (newer than the cutoff) and every existing chunk they reuse is touched
     /// ([`Repository::touch_chunk`]); the caller passes a cutoff no later than the start of the oldest backup
-    /// still running, both read from [`Repository::clock`]. Returns (chunks removed, bytes freed).
+    /// still running, both read from [`Repository::clock`]. Tombstones older than [`TOMBSTONE_KEEP`] before
+    /// the cutoff go too. Returns (chunks removed, bytes freed).
     pub fn collect_garbage(&self, cutoff: std::time::SystemTime) -> io::Result<(u64, u64)> {
+        for t in fs::read_dir(self.root.join("deleted"))?.flatten() {
+            if t.metadata()?.modified()? + TOMBSTONE_KEEP < cutoff {
+                fs::remove_file(t.path())?;
+            }
+        }
         let mut marked = std::collections::HashSet::new();
         for id in self.backups()? {
             let (_, index) = self.load_backup(&id)?;
@@ -535,7 +555,10 @@ mod tests {
         // Referenced chunks survive GC; after the backup is deleted, an old enough chunk goes.
         let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
         assert_eq!(repo.collect_garbage(later).unwrap().0, 0);
+        assert!(!repo.was_deleted("b1"));
         repo.delete_backup("b1").unwrap();
+        assert!(repo.was_deleted("b1") && !repo.was_deleted("b2"), "a deleted backup leaves a tombstone");
+        assert!(repo.backups().unwrap().is_empty() && repo.load_backup("b1").is_err());
         assert_eq!(
             repo.collect_garbage(std::time::SystemTime::UNIX_EPOCH).unwrap().0,
             0,
@@ -543,6 +566,9 @@ mod tests {
         );
         assert_eq!(repo.collect_garbage(later).unwrap().0, 1);
         assert!(repo.read_chunk(&digest).unwrap_err().contains("missing"));
+        assert!(repo.was_deleted("b1"), "a young tombstone outlives a collection");
+        repo.collect_garbage(later + TOMBSTONE_KEEP).unwrap();
+        assert!(!repo.was_deleted("b1"), "an old one goes");
     }
 
     #[test]

@@ -171,6 +171,35 @@ impl Backups {
         Ok(StorageAgentClient::new(channel).max_decoding_message_size(128 << 20))
     }
 
+    /// Lists backup `id` as running in `repo` from now, by the repository's clock, until the guard drops. The
+    /// chunks a running backup (or Cinder import) stages and reuses are referenced by no index until it
+    /// commits, and garbage collection keeps them only back to the oldest running start; a delete of it waits
+    /// for it to end. Refuses a backup being deleted or deleted already: its call was on its way while the
+    /// delete ran, and would otherwise publish a backup nobody knows.
+    async fn start_running(&self, repo: &Arc<Repository>, id: &str) -> Result<Running<'_>, Status> {
+        off_runtime(|| failpoint("backup.create_arrived")).await?;
+        let started_here = repository_clock(repo).await?;
+        {
+            let mut running = self.running.lock().expect("running");
+            if running.contains_key(id) {
+                return Err(Status::unavailable(format!("backup {id} is already running here")));
+            }
+            running.insert(id.to_string(), (repo.root.clone(), started_here));
+        }
+        let running = Running(self, id.to_string());
+        // Checked once listed: a delete that begins from now on waits for this backup, which sees its stop.
+        if self.stops.asked(id) {
+            return Err(Status::cancelled("stopped: the backup is being deleted"));
+        }
+        let r = repo.clone();
+        let id_owned = id.to_string();
+        if off_runtime(move || r.was_deleted(&id_owned)).await? {
+            tracing::warn!(backup_id = %id, "refused: the backup was deleted before this call to make it arrived");
+            return Err(Status::cancelled("stopped: the backup was deleted"));
+        }
+        Ok(running)
+    }
+
     async fn backup(&self, req: CreateBackupRequest) -> Result<CreateBackupResponse, Status> {
         check_id("backup_id", &req.backup_id)?;
         let repo = self.repo(&req.repository)?;
@@ -180,18 +209,7 @@ impl Backups {
             return Ok(response_of(&m)); // already complete: a repeated call after a crash
         }
         let started = SystemTime::now();
-        let started_here = repository_clock(&repo).await?;
-        {
-            let mut running = self.running.lock().expect("running");
-            if running.contains_key(&req.backup_id) {
-                return Err(Status::unavailable(format!("backup {} is already running here", req.backup_id)));
-            }
-            running.insert(req.backup_id.clone(), (repo.root.clone(), started_here));
-        }
-        let _running = Running(self, req.backup_id.clone());
-        if self.stops.asked(&req.backup_id) {
-            return Err(Status::cancelled("stopped: the backup is being deleted"));
-        }
+        let _running = self.start_running(&repo, &req.backup_id).await?;
 
         let parent = if req.parent_id.is_empty() {
             None
@@ -656,17 +674,8 @@ impl BackupAgent for BackupService {
         if let Ok((m, _)) = load_backup(&repo, &r.backup_id).await? {
             return Ok(Response::new(response_of(&m)));
         }
-        // Listed as running from its start, as a backup is: the chunks it stages and reuses are referenced by no
-        // index until it commits, and garbage collection keeps them only back to the oldest running start.
-        let started_here = repository_clock(&repo).await?;
-        {
-            let mut running = self.0.running.lock().expect("running");
-            if running.contains_key(&r.backup_id) {
-                return Err(Status::unavailable(format!("backup {} is already running here", r.backup_id)));
-            }
-            running.insert(r.backup_id.clone(), (repo.root.clone(), started_here));
-        }
-        let _running = Running(&self.0, r.backup_id.clone());
+        // Listed as running from its start, as a backup is (see `start_running`).
+        let _running = self.0.start_running(&repo, &r.backup_id).await?;
         let image = repo.root.join("tmp").join(format!("import-{}.img", r.backup_id));
         let (dir, cinder_id) = (PathBuf::from(&r.directory), r.cinder_backup_id.clone());
         let owner = Manifest {

@@ -29,7 +29,7 @@ impl Stops {
     }
 
     /// Forgets the stop of backup `id`, once its delete is done. Until then a backup of that id that starts
-    /// here (a call that was on its way) stops at once.
+    /// here (a call that was on its way) stops at once; after, the repository's tombstone refuses it.
     pub fn forget(&self, id: &str) {
         self.asked.lock().expect("stops").remove(id);
     }

@@ -57,6 +57,42 @@ async fn a_backup_deleted_with_force_while_it_runs_stops_and_leaves_nothing() {
     assert_eq!(backup_usage(&fleet, "p1").await, (1, 1));
 }
 
+/// The coordinator's call to make a backup can still be on its way (its temporary snapshot being made, a slow
+/// network) while a forced delete of that backup runs to its end. Arriving after, it must not make the backup:
+/// the repository would hold one that no coordinator knows, and whose chunks no collection removes.
+#[tokio::test]
+async fn a_backup_call_that_arrives_after_its_forced_delete_makes_nothing() {
+    let (OneSite { fleet, dir, repo, storage: _storage, backup1: agent, .. }, held) =
+        OneSite::start_held_at("backup.pause_create_arrived").await;
+    let volumes = VolumeServiceClient::new(fleet.member("alice", "p1"));
+    let backups = BackupServiceClient::new(fleet.member("alice", "p1"));
+    let v = new_volume(&volumes, 1).await;
+    fill(&dir.join(format!("volume-{}", v.id)), 0, 43, 4 << 20);
+    let req = CreateBackupRequest { volume_id: v.id.clone(), ..Default::default() };
+    let b = backups.clone().create_backup(req).await.unwrap().into_inner();
+    wait_paused(&agent, "the call to make the backup to reach the agent").await;
+
+    let (ok, out, err) = fleet.cli(&["backup", "delete", &b.id, "--force"]);
+    assert!(ok, "{out}\n{err}");
+    wait_for("the backup to be gone", Duration::from_secs(60), || {
+        let mut c = backups.clone();
+        let id = b.id.clone();
+        async move {
+            matches!(c.get_backup(GetBackupRequest { id }).await, Err(s) if s.code() == Code::NotFound).then_some(())
+        }
+    })
+    .await;
+    held.release();
+    let v = wait_volume(&volumes, &v.id, "available").await;
+    assert!(v.status_reason.is_empty(), "{v:?}");
+    let published: Vec<_> = std::fs::read_dir(repo.join("backups")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(published.is_empty(), "nothing of it is published: {published:?}");
+    assert_eq!(std::fs::read_dir(repo.join("chunks")).unwrap().count(), 0, "no chunk of it is stored");
+    assert!(repo.join("deleted").join(&b.id).exists(), "its tombstone is what refused it");
+    assert!(agent.log_text().contains("the backup was deleted before this call to make it arrived"));
+    assert_eq!(backup_usage(&fleet, "p1").await, (0, 0), "its quota is released");
+}
+
 /// A Cinder import runs inside its caller's request. A caller that goes away mid-import (Ctrl-C on the CLI) does
 /// not leave the backup `creating` for ever: the import goes on and ends, counted in the quota.
 #[tokio::test]
