@@ -47,6 +47,13 @@ pub struct Lv {
     pub thin_id: Option<u32>,
 }
 
+impl Lv {
+    /// Whether the LV carries the tag of a copy or restore that has not finished.
+    fn is_incomplete(&self) -> bool {
+        self.tags.iter().any(|t| t == INCOMPLETE_TAG)
+    }
+}
+
 /// A volume group's size and free space in bytes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Vg {
@@ -197,7 +204,7 @@ fn record_of(lv: &Lv) -> Record {
     let snapshot = lv.name.starts_with("_snapshot-");
     Record {
         origin_volume: lv.origin.strip_prefix("volume-").filter(|_| snapshot).map(str::to_string),
-        incomplete: lv.tags.iter().any(|t| t == INCOMPLETE_TAG),
+        incomplete: lv.is_incomplete(),
         foreign: !lv.tags.iter().any(|t| t == OWNER_TAG),
     }
 }
@@ -346,11 +353,16 @@ impl LvmBackend {
     pub async fn mark_incomplete(&self, id: &uuid::Uuid, incomplete: bool) -> Result<()> {
         let name = lv_name(Kind::Volume, id);
         let lv = self.find(&name).await?.ok_or_else(|| AgentError::NotFound(format!("volume {id}")))?;
-        if lv.tags.iter().any(|t| t == INCOMPLETE_TAG) == incomplete {
+        if lv.is_incomplete() == incomplete {
             return Ok(());
         }
+        self.tag_incomplete(&name, incomplete).await
+    }
+
+    /// Adds or removes LV `name`'s `ember-incomplete` tag.
+    async fn tag_incomplete(&self, name: &str, incomplete: bool) -> Result<()> {
         let op = if incomplete { "--addtag" } else { "--deltag" };
-        self.lvm("lvchange", &["-q", op, INCOMPLETE_TAG, &self.target(&name)]).await.map(drop)
+        self.lvm("lvchange", &["-q", op, INCOMPLETE_TAG, &self.target(name)]).await.map(drop)
     }
 
     /// Creates a blank volume. Repeating it is a no-op; a different size is refused.
@@ -392,7 +404,7 @@ impl LvmBackend {
         let facts = image::inspect(source, bytes).await?;
         let name = lv_name(Kind::Volume, id);
         let existing = self.find(&name).await?;
-        if existing.as_ref().is_some_and(|lv| !lv.tags.iter().any(|t| t == INCOMPLETE_TAG)) {
+        if existing.as_ref().is_some_and(|lv| !lv.is_incomplete()) {
             return Ok((bytes, facts));
         }
         if existing.is_none() {
@@ -400,7 +412,7 @@ impl LvmBackend {
         }
         let device = PathBuf::from(format!("/dev/{}", self.target(&name)));
         image::convert(source, &facts, &device, true, self.is_thin()).await?;
-        self.lvm("lvchange", &["-q", "--deltag", INCOMPLETE_TAG, &self.target(&name)]).await?;
+        self.tag_incomplete(&name, false).await?;
         self.refresh().await?;
         Ok((bytes, facts))
     }
@@ -446,13 +458,13 @@ impl LvmBackend {
                 .await?;
             }
         } else {
-            let complete = existing.as_ref().is_some_and(|lv| !lv.tags.iter().any(|t| t == INCOMPLETE_TAG));
+            let complete = existing.as_ref().is_some_and(|lv| !lv.is_incomplete());
             if !complete {
                 if existing.is_none() {
                     self.lvcreate(&name, bytes, &[OWNER_TAG, INCOMPLETE_TAG]).await?;
                 }
                 self.copy(&source_target, &target, source_lv.size).await?;
-                self.lvm("lvchange", &["-q", "--deltag", INCOMPLETE_TAG, &target]).await?;
+                self.tag_incomplete(&name, false).await?;
             }
             self.grow(&name, bytes).await?;
         }
