@@ -540,7 +540,7 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
         }
         VolumeAction::Attach { id, instance, host, read_only, wait } => {
             let mut attachments = AttachmentServiceClient::new(channel);
-            let a = attachments
+            let mut a = attachments
                 .attach(AttachRequest { volume_id: id.clone(), instance, host, read_only })
                 .await?
                 .into_inner();
@@ -552,6 +552,8 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                         v.id, v.status, v.status_reason
                     )));
                 }
+                // As it is now: attached, with the device the guest sees.
+                a = attachments.get_attachment(GetAttachmentRequest { id: a.id }).await?.into_inner();
             }
             print_attachments(&[a], json);
             Ok(())
@@ -576,7 +578,18 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
             };
             attachments.detach(DetachRequest { attachment_id: attachment_id.clone(), force }).await?;
             if wait {
-                wait_volume(&mut client, &volume_id).await?;
+                let v = wait_volume(&mut client, &volume_id).await?;
+                // A guest that keeps the disk ends the detach with the attachment still there, and the reason.
+                match attachments.get_attachment(GetAttachmentRequest { id: attachment_id.clone() }).await {
+                    Err(s) if s.code() == tonic::Code::NotFound => {}
+                    Err(s) => return Err(s.into()),
+                    Ok(_) => {
+                        let (status, reason) = v.map(|v| (v.status, v.status_reason)).unwrap_or_default();
+                        return Err(CliError::Other(format!(
+                            "detach did not complete: volume {volume_id} is {status}: {reason}"
+                        )));
+                    }
+                }
             }
             println!("attachment {attachment_id} {}", if wait { "detached" } else { "detaching" });
             Ok(())

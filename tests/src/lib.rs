@@ -428,6 +428,15 @@ impl Fleet {
         self.cli_as(&self.tls("admin-admin"), args)
     }
 
+    /// [`Fleet::cli`] for a command that takes a while (it waits for a guest, say): it runs off the test's
+    /// runtime, which meanwhile answers the coordinator's pings on the test's own channels. Blocked for longer
+    /// than the peer timeout, the runtime would let the coordinator close them.
+    pub async fn cli_off_runtime(&self, args: &[&str]) -> (bool, String, String) {
+        let mut cmd = self.cli_command(args);
+        let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().expect("running ember");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    }
+
     /// Runs the `ember` CLI with the given identity.
     pub fn cli_as(&self, tls: &TlsFiles, args: &[&str]) -> (bool, String, String) {
         let out = self.cli_command_as(tls, args).output().expect("running ember");

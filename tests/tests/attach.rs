@@ -165,12 +165,11 @@ async fn a_detach_the_guest_never_acknowledges_fails_clearly_and_a_retry_finishe
     domain.wait_console(&format!("DISK-WRITTEN serial={}", &v.id[..20]), WAIT).await;
 
     domain.suspend();
-    attachments.detach(DetachRequest { attachment_id: a.id.clone(), ..Default::default() }).await.unwrap();
-    let refused = wait_for("the detach to fail", WAIT, || async {
-        let v = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.ok()?.into_inner();
-        (v.status == "in-use" && v.status_reason.contains("did not release")).then_some(v)
-    })
-    .await;
+    // Through the CLI, which waits and then says the detach did not complete, and why.
+    let (ok, out, err) = fleet.cli_off_runtime(&["volume", "detach", &v.id, "--wait"]).await;
+    assert!(!ok && err.contains("detach did not complete") && err.contains("did not release"), "{out}\n{err}");
+    let refused = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(refused.status, "in-use", "{refused:?}");
     assert_eq!(refused.attachments.len(), 1, "still attached: {refused:?}");
     assert!(domain.xml(false).contains(&format!("<serial>{}</serial>", v.id)), "the guest still has the disk");
     assert!(fleet.tgt_show("storage1").contains(&format!("volume-{}", v.id)), "so the export stays");
@@ -193,8 +192,18 @@ async fn a_detach_waiting_for_a_dead_compute_host_is_forced_by_an_admin() {
     let volumes = VolumeServiceClient::new(fleet.admin());
     let attachments = AttachmentServiceClient::new(fleet.admin());
     let v = new_volume(&volumes, 1).await;
-    let a = attachments.clone().attach(attach_request(&v.id, &domain.name)).await.unwrap().into_inner();
-    wait_volume(&volumes, &v.id, "in-use").await;
+    // Through the CLI: with --wait it shows the attachment as it ended, with the guest's device.
+    let (ok, out, err) =
+        fleet.cli(&["--json", "volume", "attach", &v.id, "--instance", &domain.name, "--host", "compute1", "--wait"]);
+    assert!(ok, "{out}\n{err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((shown[0]["status"].as_str(), shown[0]["device"].as_str()), (Some("attached"), Some("vda")), "{out}");
+    let id = shown[0]["id"].as_str().unwrap().to_string();
+    let a = attachments.clone().get_attachment(GetAttachmentRequest { id }).await.unwrap().into_inner();
+    assert_eq!(
+        volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner().status,
+        "in-use"
+    );
     assert!(fleet.tgt_show("storage1").contains(&format!("volume-{}", v.id)), "exported while attached");
 
     compute.kill();
