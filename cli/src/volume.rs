@@ -358,13 +358,27 @@ pub async fn wait_volume(client: &mut VolumeServiceClient<Channel>, id: &str) ->
     }
 }
 
+/// Prints volume `v`, after waiting for its operation to end when asked; fails when it ended in an error state.
 async fn finish(client: &mut VolumeServiceClient<Channel>, v: Volume, wait: bool, json: bool) -> Result<(), CliError> {
+    finish_when(client, v, wait, json, |_| true).await
+}
+
+/// [`finish`], failing also when the volume, once settled, is not as `done` expects: an operation that fails
+/// can leave the volume usable as it was (an attached volume that could not grow stays `in-use`), with the
+/// reason.
+async fn finish_when(
+    client: &mut VolumeServiceClient<Channel>,
+    v: Volume,
+    wait: bool,
+    json: bool,
+    done: impl Fn(&Volume) -> bool,
+) -> Result<(), CliError> {
     if !wait {
         print_volumes(&[v], json);
         return Ok(());
     }
     match wait_volume(client, &v.id).await? {
-        Some(v) if v.status.starts_with("error") => {
+        Some(v) if v.status.starts_with("error") || !done(&v) => {
             print_volumes(std::slice::from_ref(&v), json);
             Err(CliError::Other(format!("volume {} is {}: {}", v.id, v.status, v.status_reason)))
         }
@@ -536,7 +550,7 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
         }
         VolumeAction::Extend { id, size, wait } => {
             let v = client.extend_volume(ExtendVolumeRequest { id, new_size_gb: size }).await?.into_inner();
-            finish(&mut client, v, wait, json).await
+            finish_when(&mut client, v, wait, json, |v| v.size_gb == size).await
         }
         VolumeAction::Attach { id, instance, host, read_only, wait } => {
             let mut attachments = AttachmentServiceClient::new(channel);

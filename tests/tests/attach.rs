@@ -11,6 +11,7 @@ use ember_proto::v1::volume_service_client::VolumeServiceClient;
 use ember_proto::v1::volume_type_service_client::VolumeTypeServiceClient;
 use ember_proto::v1::*;
 use std::io::Read;
+use std::process::Command;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -332,6 +333,18 @@ async fn an_attached_volume_grows_and_its_guest_sees_the_new_size() {
     domain.wait_console(&format!("DISK-SIZE serial={serial20} sectors=4194304"), WAIT).await;
     let (_, _, gigabytes_in_use) = db_state(&fleet, "admin").await;
     assert_eq!(gigabytes_in_use, 2);
+
+    // A file the storage agent cannot grow (immutable): the extend fails, the volume stays attached and as it
+    // was, with the reason, and `extend --wait` says so.
+    let file = dir.join(format!("volume-{}", v.id));
+    let chattr = |flag: &str| assert!(Command::new("chattr").arg(flag).arg(&file).status().unwrap().success());
+    chattr("+i");
+    let (ok, out, err) = fleet.cli_off_runtime(&["volume", "extend", &v.id, "3", "--wait"]).await;
+    chattr("-i");
+    assert!(!ok && err.contains("extend failed"), "{out}\n{err}");
+    let kept = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
+    assert_eq!((kept.status.as_str(), kept.size_gb), ("in-use", 2), "{kept:?}");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 2 << 30);
 
     compute.kill();
     let (ok, out, err) = fleet.cli(&["volume", "extend", &v.id, "3", "--wait"]);
