@@ -66,6 +66,10 @@ enum SnapshotAction {
         /// Description.
         #[arg(long, default_value = "")]
         description: String,
+        /// Take over an LV ember did not make but that is named as ember names snapshots, `_snapshot-<id>` (a
+        /// Cinder LVM snapshot); ember tags it as its own.
+        #[arg(long)]
+        foreign: bool,
     },
     /// Admin: forget an available snapshot, leaving its data on the backend (`manage` takes it back).
     Unmanage {
@@ -161,8 +165,8 @@ pub async fn run(cmd: SnapshotCmd, conn: &ConnectArgs, json: bool) -> Result<(),
             let req = UpdateSnapshotRequest { id, name, description };
             print(&[client.update_snapshot(req).await?.into_inner()], json);
         }
-        SnapshotAction::Manage { volume, id, name, description } => {
-            let req = ManageSnapshotRequest { volume_id: volume, id, name, description };
+        SnapshotAction::Manage { volume, id, name, description, foreign } => {
+            let req = ManageSnapshotRequest { volume_id: volume, id, name, description, foreign };
             print(&[client.manage_snapshot(req).await?.into_inner()], json);
         }
         SnapshotAction::Unmanage { id } => {

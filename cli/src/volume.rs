@@ -140,6 +140,10 @@ enum VolumeAction {
         project: String,
         #[command(flatten)]
         naming: Naming,
+        /// Take over an LV ember did not make but that is named as ember names volumes, `volume-<id>` (a Cinder
+        /// LVM volume, which keeps its id); ember tags it as its own.
+        #[arg(long)]
+        foreign: bool,
     },
     /// Admin: list what a pool holds that the coordinator has no record of (what `manage` could adopt), with
     /// sizes and, for snapshots, the volume each was taken of where the backend records it.
@@ -318,7 +322,7 @@ fn print_volumes(volumes: &[Volume], json: bool) {
 fn print_manageable(list: &ListManageableResponse, json: bool) {
     let as_json = |m: &Manageable| {
         serde_json::json!({"id": m.id, "size_gb": m.size_gb, "safe_to_manage": m.safe_to_manage,
-            "reason_not_safe": m.reason_not_safe, "volume_id": m.volume_id})
+            "reason_not_safe": m.reason_not_safe, "volume_id": m.volume_id, "foreign": m.foreign})
     };
     if json {
         let volumes: Vec<_> = list.volumes.iter().map(as_json).collect();
@@ -500,8 +504,8 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
             println!("volume {id} {}", if wait { "deleted" } else { "deleting" });
             Ok(())
         }
-        VolumeAction::Manage { pool, id, project, naming: Naming { name, description, volume_type } } => {
-            let req = ManageVolumeRequest { pool, id, project, name, description, volume_type };
+        VolumeAction::Manage { pool, id, project, naming: Naming { name, description, volume_type }, foreign } => {
+            let req = ManageVolumeRequest { pool, id, project, name, description, volume_type, foreign };
             let v = client.manage_volume(req).await?.into_inner();
             print_volumes(&[v], json);
             Ok(())

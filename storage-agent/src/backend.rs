@@ -204,6 +204,23 @@ impl Backend {
         }
     }
 
+    /// Ids of the volumes and snapshots named as ember names them that ember did not make (LVs without its
+    /// owner tag); a file backend has none: its files carry no owner.
+    pub async fn list_foreign(&self) -> Result<(Vec<String>, Vec<String>)> {
+        match self {
+            Backend::File(_) => Ok((Vec::new(), Vec::new())),
+            Backend::Lvm(b) => b.list_foreign().await,
+        }
+    }
+
+    /// Makes volume or snapshot `kind`/`id`, which another system made, ember's (an admin adopts it).
+    pub async fn adopt_foreign(&self, kind: Kind, id: &uuid::Uuid) -> Result<()> {
+        match self {
+            Backend::File(_) => Ok(()),
+            Backend::Lvm(b) => b.adopt_foreign(kind, id).await,
+        }
+    }
+
     /// Capacity and capabilities for the scheduler.
     pub fn pool(&self) -> Pool {
         match self {

@@ -27,7 +27,7 @@ pub const OWNER_TAG: &str = "ember";
 pub const INCOMPLETE_TAG: &str = "ember-incomplete";
 
 /// One logical volume, as `lvs` reports it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Lv {
     /// LV name.
     pub name: String,
@@ -207,6 +207,23 @@ fn record_of(lv: &Lv) -> Record {
         incomplete: lv.is_incomplete(),
         foreign: !lv.tags.iter().any(|t| t == OWNER_TAG),
     }
+}
+
+/// The ids of the volume and snapshot LVs in `lvs` that carry ember's owner tag (`owned`), or of those named
+/// the same way that do not (ids that are not UUIDs left out: those LVs are no volume of anyone's).
+fn ids_of(lvs: &[Lv], owned: bool) -> (Vec<String>, Vec<String>) {
+    let (mut volumes, mut snapshots) = (Vec::new(), Vec::new());
+    for lv in lvs.iter().filter(|lv| lv.tags.iter().any(|t| t == OWNER_TAG) == owned) {
+        let is_uuid = |id: &str| owned || ember_common::identity::canonical_uuid(id).is_some();
+        if let Some(id) = lv.name.strip_prefix("volume-").filter(|id| is_uuid(id)) {
+            volumes.push(id.to_string());
+        } else if let Some(id) = lv.name.strip_prefix("_snapshot-").filter(|id| is_uuid(id)) {
+            snapshots.push(id.to_string());
+        }
+    }
+    volumes.sort();
+    snapshots.sort();
+    (volumes, snapshots)
 }
 
 /// One LVM backend.
@@ -547,20 +564,26 @@ impl LvmBackend {
 
     /// Ids of the volumes and snapshots the agent owns here.
     pub async fn list(&self) -> Result<(Vec<String>, Vec<String>)> {
-        let (mut volumes, mut snapshots) = (Vec::new(), Vec::new());
-        for lv in self.lvs().await? {
-            if !lv.tags.iter().any(|t| t == OWNER_TAG) {
-                continue;
-            }
-            if let Some(id) = lv.name.strip_prefix("volume-") {
-                volumes.push(id.to_string());
-            } else if let Some(id) = lv.name.strip_prefix("_snapshot-") {
-                snapshots.push(id.to_string());
-            }
+        Ok(ids_of(&self.lvs().await?, true))
+    }
+
+    /// Ids of the LVs named as ember names volumes and snapshots that lack its owner tag: another system made
+    /// them (Cinder's LVM driver names its LVs the same way).
+    pub async fn list_foreign(&self) -> Result<(Vec<String>, Vec<String>)> {
+        Ok(ids_of(&self.lvs().await?, false))
+    }
+
+    /// Tags volume or snapshot `kind`/`id` as ember's: an admin adopts an LV another system made. A no-op for
+    /// one that is ember's already.
+    pub async fn adopt_foreign(&self, kind: Kind, id: &uuid::Uuid) -> Result<()> {
+        let name = lv_name(kind, id);
+        let lv = self.find(&name).await?.ok_or_else(|| AgentError::NotFound(format!("{} {id}", kind.noun())))?;
+        if lv.tags.iter().any(|t| t == OWNER_TAG) {
+            return Ok(());
         }
-        volumes.sort();
-        snapshots.sort();
-        Ok((volumes, snapshots))
+        self.lvm("lvchange", &["-q", "--addtag", OWNER_TAG, &self.target(&name)]).await?;
+        tracing::warn!(%id, lv = %name, "an LV ember did not make is ember's now");
+        self.refresh().await
     }
 
     /// Re-reads capacity from `vgs` and `lvs`.
@@ -624,6 +647,27 @@ mod tests {
         assert_eq!(record_of(&owned("volume-1111", &[OWNER_TAG])), Record::default());
         assert!(record_of(&owned("volume-1111", &[OWNER_TAG, INCOMPLETE_TAG])).incomplete);
         assert!(record_of(&owned("volume-1111", &["ember-volume"])).foreign);
+    }
+
+    #[test]
+    fn lists_ember_s_lvs_apart_from_those_another_system_named_the_same_way() {
+        let lv = |name: &str, tags: &[&str]| Lv {
+            name: name.into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            ..Lv::default()
+        };
+        let (a, b) = ("0e40aaaa-0000-4000-8000-000000000001", "7eafbbbb-0000-4000-8000-000000000002");
+        let lvs = [
+            lv(&format!("volume-{a}"), &[OWNER_TAG]),
+            lv(&format!("_snapshot-{a}"), &[OWNER_TAG]),
+            lv(&format!("volume-{b}"), &[]),                // Cinder's
+            lv(&format!("_snapshot-{b}"), &["cinder-ish"]), // Cinder's
+            lv("volume-not-a-uuid", &[]),                   // nobody's volume
+            lv("root", &[]),
+            lv("ember-thin-pool", &[]),
+        ];
+        assert_eq!(ids_of(&lvs, true), (vec![a.to_string()], vec![a.to_string()]));
+        assert_eq!(ids_of(&lvs, false), (vec![b.to_string()], vec![b.to_string()]));
     }
 
     #[test]

@@ -47,16 +47,17 @@ impl Storage {
     }
 
     /// The size of a volume or snapshot `backend` holds and what its driver records about it, for adopting it;
-    /// NOT_FOUND when it holds none of that id.
-    async fn inspect(&self, backend: &str, kind: Kind, id: &uuid::Uuid) -> Result<(u64, Record)> {
+    /// NOT_FOUND when it holds none of that id. One ember did not make is refused unless `allow_foreign`.
+    async fn inspect(&self, backend: &str, kind: Kind, id: &uuid::Uuid, allow_foreign: bool) -> Result<(u64, Record)> {
         let b = self.backend(backend)?;
         let record = b
             .record(kind, id)
             .await?
             .ok_or_else(|| AgentError::NotFound(format!("{} {id} on backend {backend}", kind.noun())))?;
-        if record.foreign {
+        if record.foreign && !allow_foreign {
             return Err(AgentError::FailedPrecondition(format!(
-                "{} {id} on backend {backend} was not made by ember (its LV lacks the `ember` tag)",
+                "{} {id} on backend {backend} was not made by ember (its LV lacks the `ember` tag); manage it with \
+                 foreign (--foreign) to adopt it",
                 kind.noun()
             )));
         }
@@ -407,7 +408,7 @@ impl StorageAgent for StorageService {
         only_coordinator(&req)?;
         let r = req.into_inner();
         let id = checked_id("volume_id", &r.volume_id)?;
-        let (size_bytes, record) = self.0.inspect(&r.backend, Kind::Volume, &id).await?;
+        let (size_bytes, record) = self.0.inspect(&r.backend, Kind::Volume, &id, r.allow_foreign).await?;
         if record.incomplete {
             return Err(AgentError::FailedPrecondition(format!(
                 "volume {id} on backend {} is a copy or restore that never finished; its data is partial",
@@ -422,9 +423,18 @@ impl StorageAgent for StorageService {
         only_coordinator(&req)?;
         let r = req.into_inner();
         let id = checked_id("snapshot_id", &r.snapshot_id)?;
-        let (size_bytes, record) = self.0.inspect(&r.backend, Kind::Snapshot, &id).await?;
+        let (size_bytes, record) = self.0.inspect(&r.backend, Kind::Snapshot, &id, r.allow_foreign).await?;
         let volume_id = record.origin_volume.unwrap_or_default();
         Ok(Response::new(SnapshotResult { snapshot_id: r.snapshot_id, size_bytes, volume_id }))
+    }
+
+    async fn adopt_foreign(&self, req: Request<AdoptForeignRequest>) -> Result<Response<AdoptForeignResponse>, Status> {
+        only_coordinator(&req)?;
+        let r = req.into_inner();
+        let id = checked_id("id", &r.id)?;
+        let kind = if r.snapshot { Kind::Snapshot } else { Kind::Volume };
+        self.0.backend(&r.backend)?.adopt_foreign(kind, &id).await?;
+        Ok(Response::new(AdoptForeignResponse {}))
     }
 
     async fn list_resources(
@@ -439,6 +449,9 @@ impl StorageAgent for StorageService {
                 let (v, s) = backend.list().await?;
                 out.volume_ids.extend(v);
                 out.snapshot_ids.extend(s);
+                let (v, s) = backend.list_foreign().await?;
+                out.foreign_volume_ids.extend(v);
+                out.foreign_snapshot_ids.extend(s);
             }
         }
         Ok(Response::new(out))

@@ -213,12 +213,43 @@ for kind in thick thin; do
     ember volume manage storage1@thick "$partial" >/dev/null 2>"$W/refused"
     check "thick: adopting a volume whose copy never finished is refused" grep -q "never finished" "$W/refused"
     lvremove -q -y "$vg/volume-$partial" >/dev/null
-    # An LV that only looks like ember's (no owner tag): the agent never lists it, so it is not taken over.
-    lvcreate -q -y -L 1g -n "volume-$partial" "$vg" >/dev/null
-    ember volume manage storage1@thick "$partial" >/dev/null 2>"$W/refused"
-    check "thick: adopting an LV ember did not make is refused" grep -q "not made by ember" "$W/refused"
-    lvremove -q -y "$vg/volume-$partial" >/dev/null
   fi
+  # A volume and its snapshot as Cinder's LVM driver leaves them in a VG (named as ember names them, without
+  # ember's tag). Not taken over unasked; an operator moving from Cinder takes them with --foreign, ids kept.
+  cv=$(cat /proc/sys/kernel/random/uuid)
+  cs=$(cat /proc/sys/kernel/random/uuid)
+  case $kind in
+    thick) lvcreate -q -y -L 1g -n "volume-$cv" "$vg" ;;
+    thin) lvcreate -q -y -T "$vg/ember-thin-pool" -V 1g -n "volume-$cv" ;;
+  esac >/dev/null
+  dd if="$W/pattern-b" of="/dev/$vg/volume-$cv" bs=1M oflag=direct conv=fsync status=none
+  case $kind in
+    thick) lvcreate -q -y -s -L 1g -n "_snapshot-$cs" "$vg/volume-$cv" ;;
+    thin) lvcreate -q -y -s -kn -n "_snapshot-$cs" "$vg/volume-$cv" ;;
+  esac >/dev/null
+  dd if="$W/pattern-c" of="/dev/$vg/volume-$cv" bs=1M oflag=direct conv=fsync status=none
+  ember --json volume manageable "storage1@$kind" >"$W/manageable.json"
+  listed_foreign() { grep -B2 -A6 "\"id\": \"$1\"" "$W/manageable.json" >"$W/entry" && grep -q '"foreign": true' "$W/entry" &&
+    grep -q '"safe_to_manage": false' "$W/entry" && grep -q -- '--foreign' "$W/entry"; }
+  check "$kind: manageable lists Cinder's volume as foreign, to take with --foreign" listed_foreign "$cv"
+  check "$kind: ... and its snapshot" listed_foreign "$cs"
+  ember volume manage "storage1@$kind" "$cv" >/dev/null 2>"$W/refused"
+  check "$kind: managing Cinder's LV unasked is refused, naming --foreign" grep -q "not made by ember.*--foreign" "$W/refused"
+  check "$kind: ... and leaves it untagged" absent lv_has_tag "$vg/volume-$cv" ember
+  check "$kind: with --foreign it is adopted under its own id" \
+    test "$(ember --json volume manage "storage1@$kind" "$cv" --foreign | json_field status)" = available
+  check "$kind: ... its LV now carries ember's tag" lv_has_tag "$vg/volume-$cv" ember
+  check "$kind: its snapshot is adopted with --foreign too" \
+    test "$(ember --json snapshot manage "$cv" "$cs" --foreign | json_field status)" = available
+  check "$kind: ... and tagged" lv_has_tag "$vg/_snapshot-$cs" ember
+  from_cinder=$(new_volume "$kind" --snapshot "$cs")
+  check "$kind: a volume made from the adopted snapshot holds the snapshot's data" \
+    same_head "$W/pattern-b" "/dev/$vg/volume-$from_cinder" 4194304
+  check "$kind: ... and the adopted volume keeps its own" same_head "$W/pattern-c" "/dev/$vg/volume-$cv" 4194304
+  ember volume delete "$from_cinder" --wait >/dev/null
+  ember snapshot delete "$cs" --wait >/dev/null
+  ember volume delete "$cv" --wait >/dev/null
+  check "$kind: deleting them through ember removed Cinder's LVs" absent sh -c "lvs --noheadings -o lv_name $vg | grep -e $cv -e $cs"
 
   # A marker in the clone, then where it sits on the disk (a linear LV: "0 <len> linear <dev> <start>").
   marker="EMBER-WIPE-MARKER-$kind-$RANDOM$RANDOM"

@@ -69,14 +69,21 @@ async fn an_unmanaged_volume_keeps_its_data_and_moves_to_another_project_when_ma
     assert_eq!(&read_at(&file, 4096), b"precious");
     assert_eq!(&read_at(&snap_file, 4096), b"precious");
 
-    // Managed again, into project p2: p2's now, p1 no longer sees it.
-    let req = ManageVolumeRequest {
-        pool: "storage1@file1".into(),
-        id: v.id.clone(),
-        project: "p2".into(),
-        ..Default::default()
-    };
-    admin.clone().manage_volume(req).await.unwrap();
+    // Managed again, into project p2: p2's now, p1 no longer sees it. Through the CLI, with --foreign (taking
+    // what ember did not make; a file has no owner, so here it changes nothing): first refused by p2's quota,
+    // which leaves no record, then adopted.
+    let (ok, out, err) = fleet.cli(&["quota", "set", "p2", "volumes=0"]);
+    assert!(ok, "{out}\n{err}");
+    let manage = ["volume", "manage", "storage1@file1", &v.id, "--project", "p2", "--foreign"];
+    let (ok, out, err) = fleet.cli(&manage);
+    assert!(!ok && err.contains("quota exceeded for volumes"), "{out}\n{err}");
+    let err = admin.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "a refused manage records nothing");
+    assert_eq!(usage(&fleet, "p2", "volumes").await, 0);
+    let (ok, out, err) = fleet.cli(&["quota", "set", "p2", "volumes=10"]);
+    assert!(ok, "{out}\n{err}");
+    let (ok, out, err) = fleet.cli(&manage);
+    assert!(ok && out.contains("available"), "{out}\n{err}");
     let req = ManageSnapshotRequest { volume_id: v.id.clone(), id: snap.id.clone(), ..Default::default() };
     let adopted = admin_snaps.clone().manage_snapshot(req).await.unwrap().into_inner();
     assert_eq!(adopted.project, "p2");

@@ -44,7 +44,9 @@ fn check_held(held: &agent::SnapshotResult, volume_id: &str, volume_gb: i64) -> 
 }
 
 /// Adopts snapshot `req.id` of volume `req.volume_id`: the volume's backend must hold it, and no snapshot of
-/// that id may be known.
+/// that id may be known. With `req.foreign`, an LV another system made is taken too, as a volume is
+/// ([`crate::volumes::manage::manage`]): the checks run first in a transaction rolled back, then the agent tags
+/// the LV, then the transaction runs again and commits.
 pub async fn manage(ctx: &Ctx, who: &Identity, req: ManageSnapshotRequest) -> Result<Snapshot> {
     if who.role != Role::Admin {
         return Err(Error::PermissionDenied("only admins may manage a snapshot".into()));
@@ -60,16 +62,37 @@ pub async fn manage(ctx: &Ctx, who: &Identity, req: ManageSnapshotRequest) -> Re
     }
     drop(conn);
     let pool = format!("{}@{}", v.host, v.backend);
-    let held = ctx
-        .agents
-        .storage(&v.host)
-        .await?
-        .inspect_snapshot(agent::InspectSnapshotRequest { snapshot_id: req.id.clone(), backend: v.backend.clone() })
+    let mut storage = ctx.agents.storage(&v.host).await?;
+    let inspect = agent::InspectSnapshotRequest {
+        snapshot_id: req.id.clone(),
+        backend: v.backend.clone(),
+        allow_foreign: req.foreign,
+    };
+    let held = storage
+        .inspect_snapshot(inspect)
         .await
         .map_err(|s| refused_by_agent("snapshot", &req.id, &pool, &s))?
         .into_inner();
     let size_gb = check_held(&held, &v.id, v.size_gb)?;
+    if req.foreign {
+        record_managed(ctx, &req, &v, size_gb).await?.0.rollback().await?; // the checks alone
+        let adopt = agent::AdoptForeignRequest { id: req.id.clone(), backend: v.backend.clone(), snapshot: true };
+        storage.adopt_foreign(adopt).await.map_err(|s| refused_by_agent("snapshot", &req.id, &pool, &s))?;
+    }
+    let (tx, s) = record_managed(ctx, &req, &v, size_gb).await?;
+    tx.commit().await?;
+    tracing::warn!(snapshot_id = %req.id, volume_id = %v.id, %pool, project = %v.project, size_gb, foreign = req.foreign, "snapshot managed (adopted)");
+    Ok(to_proto(&s))
+}
 
+/// Records adopted snapshot `req.id` of volume `v` in a write transaction, checked and counted against the
+/// volume's project's quotas, and returns the transaction, not yet committed, with the snapshot's row.
+async fn record_managed(
+    ctx: &Ctx,
+    req: &ManageSnapshotRequest,
+    v: &volumes::VolumeRow,
+    size_gb: i64,
+) -> Result<(crate::db::WriteTx, SnapshotRow)> {
     let mut tx = crate::db::write(&ctx.db).await?;
     // Asked again under the write lock: a second manage of it, or a delete of the volume, may have run since.
     if find(&mut tx, &req.id).await?.is_some() {
@@ -105,9 +128,7 @@ pub async fn manage(ctx: &Ctx, who: &Identity, req: ManageSnapshotRequest) -> Re
     .await?;
     operations::record_done(&mut tx, "manage_snapshot", "snapshot", &req.id).await?;
     let s: SnapshotRow = find(&mut tx, &req.id).await?.ok_or_else(|| Error::not_found("snapshot", &req.id))?;
-    tx.commit().await?;
-    tracing::warn!(snapshot_id = %req.id, volume_id = %v.id, %pool, project = %v.project, size_gb, "snapshot managed (adopted)");
-    Ok(to_proto(&s))
+    Ok((tx, s))
 }
 
 /// Forgets snapshot `req.id`, which must be `available` and the source of no volume being made, and leaves its

@@ -54,6 +54,10 @@ pub(crate) fn refused_by_agent(kind: &'static str, id: &str, pool: &str, status:
 }
 
 /// Adopts volume `req.id` of pool `req.pool`: the agent must hold it, and no volume of that id may be known.
+/// With `req.foreign`, an LV another system made (Cinder's, named the same way) is taken too: every check is
+/// made first, in a transaction rolled back, so a refused manage changes nothing; then the agent tags the LV as
+/// ember's, and the same transaction runs again and commits. (Should that second one fail, or the coordinator
+/// stop in between, the LV is ember's and unknown: `manageable` lists it, and manage takes it.)
 pub async fn manage(ctx: &Ctx, who: &Identity, req: ManageVolumeRequest) -> Result<Volume> {
     if who.role != Role::Admin {
         return Err(Error::PermissionDenied("only admins may manage a volume".into()));
@@ -69,11 +73,14 @@ pub async fn manage(ctx: &Ctx, who: &Identity, req: ManageVolumeRequest) -> Resu
         return Err(Error::AlreadyExists(format!("volume {} is already known", req.id)));
     }
     drop(conn);
-    let held = ctx
-        .agents
-        .storage(host)
-        .await?
-        .inspect_volume(agent::InspectVolumeRequest { volume_id: req.id.clone(), backend: backend.to_string() })
+    let mut storage = ctx.agents.storage(host).await?;
+    let inspect = agent::InspectVolumeRequest {
+        volume_id: req.id.clone(),
+        backend: backend.to_string(),
+        allow_foreign: req.foreign,
+    };
+    let held = storage
+        .inspect_volume(inspect)
         .await
         .map_err(|s| refused_by_agent("volume", &req.id, &req.pool, &s))?
         .into_inner();
@@ -83,7 +90,34 @@ pub async fn manage(ctx: &Ctx, who: &Identity, req: ManageVolumeRequest) -> Resu
             req.id, held.size_bytes
         ))
     })?;
+    let adopted = Adopted { project, size_gb, availability_zone: pool.availability_zone };
+    if req.foreign {
+        record_managed(ctx, who, &req, &adopted).await?.0.rollback().await?; // the checks alone
+        let adopt = agent::AdoptForeignRequest { id: req.id.clone(), backend: backend.to_string(), snapshot: false };
+        storage.adopt_foreign(adopt).await.map_err(|s| refused_by_agent("volume", &req.id, &req.pool, &s))?;
+    }
+    let (tx, shown) = record_managed(ctx, who, &req, &adopted).await?;
+    tx.commit().await?;
+    tracing::warn!(volume_id = %req.id, pool = %req.pool, project = %adopted.project, size_gb, foreign = req.foreign, "volume managed (adopted)");
+    Ok(shown)
+}
 
+/// What manage learnt of the volume it adopts.
+struct Adopted {
+    project: String,
+    size_gb: u64,
+    availability_zone: String,
+}
+
+/// Records adopted volume `req.id` in a write transaction, checked and counted against its project's quotas,
+/// and returns the transaction, not yet committed, with the volume as it will be shown.
+async fn record_managed(
+    ctx: &Ctx,
+    who: &Identity,
+    req: &ManageVolumeRequest,
+    adopted: &Adopted,
+) -> Result<(crate::db::WriteTx, Volume)> {
+    let (host, backend) = parse_pool(&req.pool)?;
     let mut tx = crate::db::write(&ctx.db).await?;
     // Asked again under the write lock: two manages of one volume race here, and one of them loses.
     if store::find(&mut tx, &req.id).await?.is_some() {
@@ -97,19 +131,20 @@ pub async fn manage(ctx: &Ctx, who: &Identity, req: ManageVolumeRequest) -> Resu
             format!("type {} is encrypted, and ember has no key for data it did not make", vtype.name),
         ));
     }
-    ctx.quota.consume(&mut tx, &project, &quota::volume_deltas(&vtype.name, size_gb as i64)).await?;
+    let size_gb = adopted.size_gb as i64;
+    ctx.quota.consume(&mut tx, &adopted.project, &quota::volume_deltas(&vtype.name, size_gb)).await?;
     let now = now_ms();
     sqlx::query(
         "INSERT INTO volumes (id, project, name, description, size_gb, status, volume_type_id, availability_zone, \
          host, backend, multiattach, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'available', ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(&req.id)
-    .bind(&project)
+    .bind(&adopted.project)
     .bind(&req.name)
     .bind(&req.description)
-    .bind(size_gb as i64)
+    .bind(size_gb)
     .bind(&type_id)
-    .bind(&pool.availability_zone)
+    .bind(&adopted.availability_zone)
     .bind(host)
     .bind(backend)
     .bind(super::api::type_allows_multiattach(&vtype.extra_specs) as i64)
@@ -120,9 +155,7 @@ pub async fn manage(ctx: &Ctx, who: &Identity, req: ManageVolumeRequest) -> Resu
     operations::record_done(&mut tx, "manage_volume", "volume", &req.id).await?;
     let v = store::find(&mut tx, &req.id).await?.ok_or_else(|| Error::not_found("volume", &req.id))?;
     let shown = store::to_proto(&mut tx, &v).await?;
-    tx.commit().await?;
-    tracing::warn!(volume_id = %req.id, pool = %req.pool, %project, size_gb, "volume managed (adopted)");
-    Ok(shown)
+    Ok((tx, shown))
 }
 
 /// Starts letting go of volume `req.id`: it must be `available`, with no snapshots and nothing being made from

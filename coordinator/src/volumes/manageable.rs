@@ -15,7 +15,8 @@ use std::collections::HashSet;
 const MOST: usize = 1000;
 
 /// One entry from what the agent said of it: its size, or why it cannot be adopted. `None` when it has gone.
-fn entry(id: &str, inspected: std::result::Result<(u64, String), tonic::Status>) -> Option<Manageable> {
+/// `foreign`: ember did not make it, and manage takes it only when asked to take such.
+fn entry(id: &str, foreign: bool, inspected: std::result::Result<(u64, String), tonic::Status>) -> Option<Manageable> {
     let (size_bytes, volume_id) = match inspected {
         Ok(facts) => facts,
         Err(s) if s.code() == tonic::Code::NotFound => return None,
@@ -23,14 +24,21 @@ fn entry(id: &str, inspected: std::result::Result<(u64, String), tonic::Status>)
             return Some(Manageable {
                 id: id.to_string(),
                 reason_not_safe: s.message().to_string(),
+                foreign,
                 ..Default::default()
             });
         }
     };
     let size_gb = whole_gib(size_bytes).unwrap_or(0);
-    let reason_not_safe =
-        if size_gb == 0 { format!("holds {size_bytes} bytes, not a whole number of GiB") } else { String::new() };
-    Some(Manageable { id: id.to_string(), size_gb, safe_to_manage: size_gb > 0, reason_not_safe, volume_id })
+    let reason_not_safe = if size_gb == 0 {
+        format!("holds {size_bytes} bytes, not a whole number of GiB")
+    } else if foreign {
+        "ember did not make it (an LV without the `ember` tag); manage with foreign (--foreign) takes it over".into()
+    } else {
+        String::new()
+    };
+    let safe_to_manage = reason_not_safe.is_empty();
+    Some(Manageable { id: id.to_string(), size_gb, safe_to_manage, reason_not_safe, volume_id, foreign })
 }
 
 /// Lists what pool `req.pool` holds that no volume or snapshot record names.
@@ -54,16 +62,26 @@ pub async fn list(ctx: &Ctx, who: &Identity, req: ListManageableRequest) -> Resu
         .chain(crate::sweeper::temporary_snapshots(ctx).await?)
         .collect();
     let mut out = ListManageableResponse::default();
-    for id in held.volume_ids.iter().filter(|id| !known.contains(*id)).take(MOST) {
-        let request = agent::InspectVolumeRequest { volume_id: id.clone(), backend: backend.to_string() };
+    // Ember's own first, then those another system made under ember's naming (Cinder's LVs, say).
+    let volumes =
+        held.volume_ids.iter().map(|id| (id, false)).chain(held.foreign_volume_ids.iter().map(|id| (id, true)));
+    for (id, foreign) in volumes.filter(|(id, _)| !known.contains(*id)).take(MOST) {
+        let request =
+            agent::InspectVolumeRequest { volume_id: id.clone(), backend: backend.to_string(), allow_foreign: foreign };
         let inspected = client.inspect_volume(request).await.map(|r| (r.get_ref().size_bytes, String::new()));
-        out.volumes.extend(entry(id, inspected));
+        out.volumes.extend(entry(id, foreign, inspected));
     }
-    for id in held.snapshot_ids.iter().filter(|id| !known.contains(*id)).take(MOST) {
-        let request = agent::InspectSnapshotRequest { snapshot_id: id.clone(), backend: backend.to_string() };
+    let snapshots =
+        held.snapshot_ids.iter().map(|id| (id, false)).chain(held.foreign_snapshot_ids.iter().map(|id| (id, true)));
+    for (id, foreign) in snapshots.filter(|(id, _)| !known.contains(*id)).take(MOST) {
+        let request = agent::InspectSnapshotRequest {
+            snapshot_id: id.clone(),
+            backend: backend.to_string(),
+            allow_foreign: foreign,
+        };
         let inspected =
             client.inspect_snapshot(request).await.map(|r| (r.get_ref().size_bytes, r.into_inner().volume_id));
-        out.snapshots.extend(entry(id, inspected));
+        out.snapshots.extend(entry(id, foreign, inspected));
     }
     Ok(out)
 }
@@ -74,14 +92,17 @@ mod tests {
 
     #[test]
     fn entries_say_whether_and_why_not() {
-        let whole = entry("v", Ok((2 << 30, String::new()))).unwrap();
+        let whole = entry("v", false, Ok((2 << 30, String::new()))).unwrap();
         assert_eq!((whole.size_gb, whole.safe_to_manage, whole.reason_not_safe.as_str()), (2, true, ""));
-        let odd = entry("v", Ok(((1 << 30) + 512, String::new()))).unwrap();
+        let odd = entry("v", false, Ok(((1 << 30) + 512, String::new()))).unwrap();
         assert!(!odd.safe_to_manage && odd.reason_not_safe.contains("not a whole number"), "{odd:?}");
-        let partial = entry("v", Err(tonic::Status::failed_precondition("a copy that never finished"))).unwrap();
+        let partial = entry("v", false, Err(tonic::Status::failed_precondition("a copy that never finished"))).unwrap();
         assert!(!partial.safe_to_manage && partial.reason_not_safe.contains("never finished"), "{partial:?}");
-        assert!(entry("v", Err(tonic::Status::not_found("gone"))).is_none());
-        let snap = entry("s", Ok((1 << 30, "origin".into()))).unwrap();
+        assert!(entry("v", false, Err(tonic::Status::not_found("gone"))).is_none());
+        let snap = entry("s", false, Ok((1 << 30, "origin".into()))).unwrap();
         assert_eq!(snap.volume_id, "origin");
+        let cinders = entry("v", true, Ok((1 << 30, String::new()))).unwrap();
+        assert!(cinders.foreign && !cinders.safe_to_manage, "{cinders:?}");
+        assert!(cinders.reason_not_safe.contains("--foreign"), "{cinders:?}");
     }
 }
