@@ -209,6 +209,11 @@ fn record_of(lv: &Lv) -> Record {
     }
 }
 
+/// How an LV of thin pool `pool` (empty: none) is described: thick, or thin in that pool.
+fn lv_kind(pool: &str) -> String {
+    if pool.is_empty() { "thick".into() } else { format!("thin, in pool {pool}") }
+}
+
 /// The ids of the volume and snapshot LVs in `lvs` that carry ember's owner tag (`owned`), or of those named
 /// the same way that do not (ids that are not UUIDs left out: those LVs are no volume of anyone's).
 fn ids_of(lvs: &[Lv], owned: bool) -> (Vec<String>, Vec<String>) {
@@ -308,7 +313,8 @@ impl LvmBackend {
         let Some(pool) = &self.thin_pool else { return Ok(None) };
         let name = lv_name(kind, id);
         let lv = self.find(&name).await?.ok_or_else(|| AgentError::NotFound(format!("LV {name}")))?;
-        match lv.thin_id {
+        // A thin id means something only in its own pool's metadata.
+        match lv.thin_id.filter(|_| lv.pool == pool.name()) {
             Some(dev_id) => pool.data_map(dev_id, lv.size).await.map(Some),
             None => Ok(None),
         }
@@ -337,7 +343,8 @@ impl LvmBackend {
         let mut ids = Vec::new();
         for name in [lv_name(Kind::Volume, volume), lv_name(Kind::Snapshot, snapshot)] {
             let lv = self.find(&name).await?.ok_or_else(|| AgentError::NotFound(format!("LV {name}")))?;
-            ids.push(lv.thin_id.ok_or_else(|| AgentError::FailedPrecondition(format!("LV {name} is not thin")))?);
+            let in_pool = lv.thin_id.filter(|_| lv.pool == pool.name());
+            ids.push(in_pool.ok_or_else(|| AgentError::FailedPrecondition(format!("LV {name} is not in the pool")))?);
         }
         pool.differing(ids[0], ids[1]).await
     }
@@ -580,6 +587,15 @@ impl LvmBackend {
         let lv = self.find(&name).await?.ok_or_else(|| AgentError::NotFound(format!("{} {id}", kind.noun())))?;
         if lv.tags.iter().any(|t| t == OWNER_TAG) {
             return Ok(());
+        }
+        // Ember reads a thin LV's blocks from its pool's metadata, and makes its snapshots and clones there: an LV
+        // of another pool (or a thin one on a thick backend, or the reverse) is not one it can look after.
+        let pool = self.thin_pool.as_ref().map(|p| p.name()).unwrap_or_default();
+        if lv.pool != pool {
+            let (has, wants) = (lv_kind(&lv.pool), lv_kind(pool));
+            return Err(AgentError::FailedPrecondition(format!(
+                "LV {name} is {has}, and this backend's volumes are {wants}; ember cannot look after it here"
+            )));
         }
         self.lvm("lvchange", &["-q", "--addtag", OWNER_TAG, &self.target(&name)]).await?;
         tracing::warn!(%id, lv = %name, "an LV ember did not make is ember's now");

@@ -250,6 +250,16 @@ for kind in thick thin; do
   ember snapshot delete "$cs" --wait >/dev/null
   ember volume delete "$cv" --wait >/dev/null
   check "$kind: deleting them through ember removed Cinder's LVs" absent sh -c "lvs --noheadings -o lv_name $vg | grep -e $cv -e $cs"
+  if [ $kind = thin ]; then
+    # A thin LV of another pool: ember reads a thin LV's blocks from its own pool's metadata, so it refuses it.
+    lvcreate -q -y -T "$vg/other-pool" -L 64m >/dev/null
+    lvcreate -q -y -T "$vg/other-pool" -V 1g -n "volume-$cv" >/dev/null 2>&1
+    ember volume manage storage1@thin "$cv" --foreign >/dev/null 2>"$W/refused"
+    check "thin: taking over an LV of another thin pool is refused, naming it" grep -q "in pool other-pool" "$W/refused"
+    check "thin: ... and records nothing" absent ember volume show "$cv"
+    check "thin: ... nor tags the LV" absent lv_has_tag "$vg/volume-$cv" ember
+    lvremove -q -y "$vg/volume-$cv" "$vg/other-pool" >/dev/null
+  fi
 
   # A marker in the clone, then where it sits on the disk (a linear LV: "0 <len> linear <dev> <start>").
   marker="EMBER-WIPE-MARKER-$kind-$RANDOM$RANDOM"
