@@ -297,16 +297,18 @@ impl FileBackend {
         sync_dir(&self.cfg.directory)
     }
 
-    /// Ids of the volumes and snapshots present.
+    /// Ids of the volumes and snapshots present. Files whose name only starts like a volume's (another system's
+    /// in a shared directory, such as Cinder's `volume-<id>.info` beside its NFS volumes) are none.
     pub fn list(&self) -> Result<(Vec<String>, Vec<String>)> {
         let (mut volumes, mut snapshots) = (Vec::new(), Vec::new());
         let entries = std::fs::read_dir(&self.cfg.directory)
             .map_err(AgentError::io(format!("reading {}", self.cfg.directory.display())))?;
+        let is_id = |id: &&str| ember_common::identity::canonical_uuid(id).is_some();
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name.strip_prefix("volume-") {
+            if let Some(id) = name.strip_prefix("volume-").filter(is_id) {
                 volumes.push(id.to_string());
-            } else if let Some(id) = name.strip_prefix("snapshot-") {
+            } else if let Some(id) = name.strip_prefix("snapshot-").filter(is_id) {
                 snapshots.push(id.to_string());
             }
         }
@@ -432,6 +434,15 @@ mod tests {
         assert_eq!((volumes.len(), snapshots.len()), (2, 1));
         let pool = b.pool();
         assert_eq!(pool.provisioned_capacity_gb, 7.0);
+        // What Cinder's NFS driver keeps beside a volume with a snapshot: none of it is a volume or snapshot.
+        let cinders = [format!("volume-{id}.info"), format!("volume-{id}.{snap}"), "snapshot-x".to_string()];
+        for name in &cinders {
+            std::fs::write(dir.path().join(name), b"{}").unwrap();
+        }
+        assert_eq!(b.list().unwrap(), (volumes, snapshots), "names that only look like ember's are not listed");
+        for name in &cinders {
+            std::fs::remove_file(dir.path().join(name)).unwrap();
+        }
 
         b.remove(Kind::Volume, &id).await.unwrap();
         b.remove(Kind::Volume, &id).await.unwrap();
