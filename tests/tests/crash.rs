@@ -125,7 +125,7 @@ async fn a_coordinator_started_on_an_empty_database_destroys_no_volume_it_finds_
     let (ok, out, err) = fleet.cli(&["--json", "volume", "manageable", "storage1@file1"]);
     assert!(ok, "{out}\n{err}");
     let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let expect = |id: &str| serde_json::json!([{"id": id, "size_gb": 1, "safe_to_manage": true, "reason_not_safe": "", "volume_id": ""}]);
+    let expect = |id: &str| serde_json::json!([{"id": id, "size_gb": 1, "safe_to_manage": true, "reason_not_safe": "", "volume_id": "", "foreign": false}]);
     assert_eq!((&listed["volumes"], &listed["snapshots"]), (&expect(&v.id), &expect(&snap.id)), "{listed}");
     let err = VolumeServiceClient::new(fleet.member("alice", "p1"))
         .list_manageable(ListManageableRequest { pool: "storage1@file1".into() })
