@@ -48,6 +48,11 @@ pub struct Lv {
 }
 
 impl Lv {
+    /// Whether ember made (or adopted) the LV: it carries the owner tag.
+    fn is_owned(&self) -> bool {
+        self.tags.iter().any(|t| t == OWNER_TAG)
+    }
+
     /// Whether the LV carries the tag of a copy or restore that has not finished.
     fn is_incomplete(&self) -> bool {
         self.tags.iter().any(|t| t == INCOMPLETE_TAG)
@@ -151,7 +156,7 @@ pub fn capacity(vg: Vg, lvs: &[Lv], thin_pool: Option<&str>) -> (u64, u64, u64) 
             (pool.size, free, provisioned)
         }
         None => {
-            let provisioned = lvs.iter().filter(|lv| lv.tags.iter().any(|t| t == OWNER_TAG)).map(|lv| lv.size).sum();
+            let provisioned = lvs.iter().filter(|lv| lv.is_owned()).map(|lv| lv.size).sum();
             (vg.size, vg.free, provisioned)
         }
     }
@@ -205,7 +210,7 @@ fn record_of(lv: &Lv) -> Record {
     Record {
         origin_volume: lv.origin.strip_prefix("volume-").filter(|_| snapshot).map(str::to_string),
         incomplete: lv.is_incomplete(),
-        foreign: !lv.tags.iter().any(|t| t == OWNER_TAG),
+        foreign: !lv.is_owned(),
     }
 }
 
@@ -218,7 +223,7 @@ fn lv_kind(pool: &str) -> String {
 /// the same way that do not (ids that are not UUIDs left out: those LVs are no volume of anyone's).
 fn ids_of(lvs: &[Lv], owned: bool) -> (Vec<String>, Vec<String>) {
     let (mut volumes, mut snapshots) = (Vec::new(), Vec::new());
-    for lv in lvs.iter().filter(|lv| lv.tags.iter().any(|t| t == OWNER_TAG) == owned) {
+    for lv in lvs.iter().filter(|lv| lv.is_owned() == owned) {
         let is_uuid = |id: &str| owned || ember_common::identity::canonical_uuid(id).is_some();
         if let Some(id) = lv.name.strip_prefix("volume-").filter(|id| is_uuid(id)) {
             volumes.push(id.to_string());
@@ -585,7 +590,7 @@ impl LvmBackend {
     pub async fn adopt_foreign(&self, kind: Kind, id: &uuid::Uuid) -> Result<()> {
         let name = lv_name(kind, id);
         let lv = self.find(&name).await?.ok_or_else(|| AgentError::NotFound(format!("{} {id}", kind.noun())))?;
-        if lv.tags.iter().any(|t| t == OWNER_TAG) {
+        if lv.is_owned() {
             return Ok(());
         }
         // Ember reads a thin LV's blocks from its pool's metadata, and makes its snapshots and clones there: an LV
@@ -608,7 +613,7 @@ impl LvmBackend {
         let vg = parse_vg(&self.lvm("vgs", &args).await?)?;
         let lvs = self.lvs().await?;
         let (total, free, provisioned) = capacity(vg, &lvs, self.thin_pool.as_ref().map(|p| p.name()));
-        let allocated = lvs.iter().filter(|lv| lv.tags.iter().any(|t| t == OWNER_TAG)).map(|lv| lv.size).sum::<u64>();
+        let allocated = lvs.iter().filter(|lv| lv.is_owned()).map(|lv| lv.size).sum::<u64>();
         let space = Capacity { total, free, provisioned, allocated };
         let lvm_type = if self.is_thin() { "thin" } else { "thick" };
         // QEMU's LUKS formats an LV in place as it does a file (`luks.rs`).
