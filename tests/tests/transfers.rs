@@ -4,15 +4,19 @@
 //! withdrawn offer change nothing.
 
 use ember_common::identity::Role;
-use ember_fleet_tests::Fleet;
+use ember_fleet_tests::backups::{OneSite, backup_usage, fill, wait_backup_settled};
 use ember_fleet_tests::volumes::{new_snapshot, new_volume, read_at, usage, wait_backend};
+use ember_fleet_tests::{Fleet, wait_for};
+use ember_proto::v1::backup_service_client::BackupServiceClient;
 use ember_proto::v1::quota_service_client::QuotaServiceClient;
 use ember_proto::v1::snapshot_service_client::SnapshotServiceClient;
 use ember_proto::v1::transfer_service_client::TransferServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
 use ember_proto::v1::*;
 use std::os::unix::fs::FileExt;
+use std::time::Duration;
 use tonic::Code;
+use tonic::transport::Channel;
 
 /// The value of `key` in `ember transfer create`'s output (`transfer_id …`, `auth_key …`).
 fn field(out: &str, key: &str) -> String {
@@ -154,4 +158,56 @@ async fn an_offer_outlives_a_coordinator_restart_and_a_withdrawn_one_frees_the_v
     assert_eq!((v.project.as_str(), v.status.as_str()), ("p2", "available"));
     assert_eq!(usage(&fleet, "p1", "volumes").await, 1, "the withdrawn one stayed");
     assert_eq!(usage(&fleet, "p2", "volumes").await, 1);
+}
+
+/// A transferred volume's backups stay with the project that made them (as in Cinder), so the new owner's
+/// first incremental has no parent of its own and is refused; once it makes a full one, its incrementals
+/// build on that, and the old owner's chain is never tied to theirs: the old owner can still delete its full.
+#[tokio::test]
+async fn after_a_transfer_incrementals_build_only_on_the_new_projects_backups() {
+    let site = OneSite::start().await;
+    let fleet = &site.fleet;
+    let alice = VolumeServiceClient::new(fleet.member("alice", "p1"));
+    let alice_backups = BackupServiceClient::new(fleet.member("alice", "p1"));
+    let v = new_volume(&alice, 1).await;
+    fill(&site.dir.join(format!("volume-{}", v.id)), 0, 7, 1 << 20);
+    let make = |client: &BackupServiceClient<Channel>, incremental: bool| {
+        let mut c = client.clone();
+        let req = CreateBackupRequest { volume_id: v.id.clone(), incremental, ..Default::default() };
+        async move { c.create_backup(req).await.map(|r| r.into_inner()) }
+    };
+    let alices_full = make(&alice_backups, false).await.unwrap();
+    assert_eq!(wait_backup_settled(&alice_backups, &alices_full.id).await.status, "available");
+
+    let transfers = TransferServiceClient::new(fleet.member("alice", "p1"));
+    let req = CreateTransferRequest { volume_id: v.id.clone(), name: String::new() };
+    let offer = transfers.clone().create_transfer(req).await.unwrap().into_inner();
+    let accept = AcceptTransferRequest { id: offer.id, auth_key: offer.auth_key, ..Default::default() };
+    TransferServiceClient::new(fleet.member("bob", "p2")).accept_transfer(accept).await.unwrap();
+
+    let bob_backups = BackupServiceClient::new(fleet.member("bob", "p2"));
+    let err = make(&bob_backups, true).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "alice's backup is no parent for bob's: {err:?}");
+    assert!(err.message().contains("in project p2"), "{err:?}");
+    assert_eq!(backup_usage(fleet, "p2").await, (0, 0), "a refusal takes no quota");
+    let listed = bob_backups.clone().list_backups(ListBackupsRequest::default()).await.unwrap().into_inner();
+    assert!(listed.backups.is_empty(), "nothing was recorded: {listed:?}");
+
+    let bobs_full = make(&bob_backups, false).await.unwrap();
+    assert_eq!(bobs_full.parent_id, "");
+    assert_eq!(wait_backup_settled(&bob_backups, &bobs_full.id).await.status, "available");
+    let bobs_incremental = make(&bob_backups, true).await.unwrap();
+    assert_eq!(bobs_incremental.parent_id, bobs_full.id, "bob's incremental builds on bob's full");
+    assert_eq!(wait_backup_settled(&bob_backups, &bobs_incremental.id).await.status, "available");
+
+    let delete = DeleteBackupRequest { id: alices_full.id.clone(), ..Default::default() };
+    alice_backups.clone().delete_backup(delete).await.expect("no other project's backup depends on alice's");
+    wait_for("alice's full backup gone", Duration::from_secs(60), || {
+        let mut c = alice_backups.clone();
+        let id = alices_full.id.clone();
+        async move { (c.get_backup(GetBackupRequest { id }).await.err()?.code() == Code::NotFound).then_some(()) }
+    })
+    .await;
+    assert_eq!(backup_usage(fleet, "p1").await, (0, 0));
+    assert_eq!(backup_usage(fleet, "p2").await, (2, 2));
 }

@@ -246,19 +246,24 @@ impl Backups {
             _ => (v.size_gb, now),
         };
         let (parent_id, host, repository, zone) = if req.incremental {
+            // Only the volume's own project's backups: a volume handed over by a transfer leaves its backups
+            // with the old project, and an incremental built on one of them would tie the two projects' backups
+            // together (the old owner could not delete theirs, the new one could not see their parent).
             let parent: Option<(String, String, String)> = sqlx::query_as(
-                "SELECT id, host, repository FROM backups WHERE volume_id = ? AND status = 'available' \
+                "SELECT id, host, repository FROM backups WHERE volume_id = ? AND project = ? AND status = 'available' \
                  AND data_timestamp <= ? ORDER BY data_timestamp DESC, created_at DESC LIMIT 1",
             )
             .bind(&v.id)
+            .bind(&v.project)
             .bind(data_timestamp)
             .fetch_optional(&mut *tx)
             .await?;
             let parent = parent.ok_or_else(|| {
                 Error::FailedPrecondition(format!(
-                    "volume {} has no available backup {}to build an incremental on; make a full one first",
+                    "volume {} has no available backup {}in project {} to build an incremental on; make a full one first",
                     v.id,
-                    if matches!(source, Source::Snapshot(_)) { "older than the snapshot " } else { "" }
+                    if matches!(source, Source::Snapshot(_)) { "older than the snapshot " } else { "" },
+                    v.project
                 ))
             })?;
             // An incremental is made where its parent is.
