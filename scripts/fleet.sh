@@ -33,7 +33,8 @@ if [ ! -f "$certs/ca.pem" ]; then
   "$bin/ember" certs issue --dir "$certs" --role member --name demo --project demo >/dev/null
 fi
 
-tls() { printf '[tls]\nca = "%s"\ncert = "%s/%s.pem"\nkey = "%s/%s.key"\n' "$certs/ca.pem" "$certs" "$1" "$certs" "$1"; }
+# crl: `ember certs revoke --dir $certs CERT.pem` writes it; each daemon follows it within seconds.
+tls() { printf '[tls]\nca = "%s"\ncert = "%s/%s.pem"\nkey = "%s/%s.key"\ncrl = "%s"\n' "$certs/ca.pem" "$certs" "$1" "$certs" "$1" "$certs/crl.pem"; }
 coordinator_url=https://127.0.0.1:$port
 { printf 'listen = "127.0.0.1:%s"\ndatabase = "%s"\n' "$port" "$state/ember.db"; tls coordinator; } >"$state/coordinator.toml"
 agent() { printf 'name = "%s"\nlisten = "127.0.0.1:%s"\ncoordinator = "%s"\n' "$1" "$2" "$coordinator_url"; }

@@ -1,7 +1,7 @@
 //! `ember certs`: the fleet CA and per-role certificates.
 
 use crate::connect::CliError;
-use ember_common::certs::{IssueRequest, init_ca, issue};
+use ember_common::certs::{IssueRequest, init_ca, issue, revoke};
 use ember_common::identity::{Identity, Role};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -51,11 +51,24 @@ enum CertsAction {
         #[arg(long, default_value_t = 365)]
         days: i64,
     },
+    /// Revoke certificates: add them to the CA's revocation list (crl.pem in --dir). Every daemon whose
+    /// `[tls] crl` names a copy of it refuses their calls within seconds of the copy changing.
+    Revoke {
+        /// Directory holding the CA.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Certificate files (PEM) to revoke.
+        certs: Vec<PathBuf>,
+        /// Serial number (hex) of a certificate whose file is lost (repeatable).
+        #[arg(long)]
+        serial: Vec<String>,
+    },
 }
 
 /// Runs `ember certs …`.
 pub fn run(cmd: CertsCmd, json: bool) -> Result<(), CliError> {
     let (cert, key) = match cmd.action {
+        CertsAction::Revoke { dir, certs, serial } => return run_revoke(&dir, &certs, &serial, json),
         CertsAction::Init { dir, common_name } => init_ca(&dir, &common_name).map_err(|e| e.to_string())?,
         CertsAction::Issue { dir, role, name, project, dns, ip, out, days } => {
             let req = IssueRequest { identity: Identity { role, name: name.clone(), project }, dns, ips: ip, days };
@@ -67,5 +80,40 @@ pub fn run(cmd: CertsCmd, json: bool) -> Result<(), CliError> {
     } else {
         println!("certificate: {}\nkey:         {}", cert.display(), key.display());
     }
+    Ok(())
+}
+
+fn run_revoke(dir: &std::path::Path, certs: &[PathBuf], serials: &[String], json: bool) -> Result<(), CliError> {
+    if certs.is_empty() && serials.is_empty() {
+        return Err(CliError::Other("name the certificates to revoke (files, or --serial)".into()));
+    }
+    let done = revoke(dir, certs, serials).map_err(|e| e.to_string())?;
+    let who = |r: &ember_common::certs::Revoked| match &r.identity {
+        Some(i) => format!(
+            "{} {}{}",
+            i.role,
+            i.name,
+            i.project.as_ref().map(|p| format!(" (project {p})")).unwrap_or_default()
+        ),
+        None => String::new(),
+    };
+    if json {
+        let revoked: Vec<_> = done
+            .revoked
+            .iter()
+            .map(|r| serde_json::json!({ "serial": r.serial, "holder": who(r), "already_revoked": r.already }))
+            .collect();
+        crate::output::json(&serde_json::json!({ "crl": done.crl, "revoked": revoked, "total": done.total }));
+        return Ok(());
+    }
+    for r in &done.revoked {
+        let state = if r.already { "already revoked" } else { "revoked" };
+        println!("{state:<16} {}  {}", r.serial, who(r));
+    }
+    println!(
+        "{} now revokes {} certificate(s): copy it to the `crl` path of every daemon's [tls] section",
+        done.crl.display(),
+        done.total
+    );
     Ok(())
 }

@@ -86,6 +86,8 @@ impl ConnectArgs {
             ca: self.ca.clone().or(file.ca).ok_or_else(|| missing("CA certificate", "ca", "EMBER_CA"))?,
             cert: self.cert.clone().or(file.cert).ok_or_else(|| missing("certificate", "cert", "EMBER_CERT"))?,
             key: self.key.clone().or(file.key).ok_or_else(|| missing("key", "key", "EMBER_KEY"))?,
+            // Revocation is the servers' check; a client trusts only the fleet CA.
+            crl: None,
         };
         tls.channel(&coordinator).map_err(|e| CliError::Other(e.to_string()))
     }

@@ -53,15 +53,9 @@ pub struct AgentArgs {
     /// Seconds a silent peer is given before its connection is dropped.
     #[arg(long, env = "EMBER_PEER_TIMEOUT")]
     pub peer_timeout: Option<u64>,
-    /// Fleet CA certificate.
-    #[arg(long)]
-    pub ca: Option<PathBuf>,
-    /// This agent's certificate.
-    #[arg(long)]
-    pub cert: Option<PathBuf>,
-    /// This agent's key.
-    #[arg(long)]
-    pub key: Option<PathBuf>,
+    /// TLS material.
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// Log one JSON object per line instead of text.
     #[arg(long)]
     pub log_json: bool,
@@ -89,15 +83,10 @@ pub struct AgentIdentity {
 impl AgentArgs {
     /// Applies the flags over the file's settings.
     pub fn resolve(&self, file: AgentSettings) -> Result<AgentIdentity, ConfigError> {
-        let tls = match (&self.ca, &self.cert, &self.key, file.tls) {
-            (Some(ca), Some(cert), Some(key), _) => TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() },
-            (_, _, _, Some(t)) => TlsFiles {
-                ca: self.ca.clone().unwrap_or(t.ca),
-                cert: self.cert.clone().unwrap_or(t.cert),
-                key: self.key.clone().unwrap_or(t.key),
-            },
-            _ => return Err(ConfigError::Missing("tls (--ca, --cert and --key) is required".into())),
-        };
+        let tls = self
+            .tls
+            .over(file.tls)
+            .ok_or_else(|| ConfigError::Missing("tls (--ca, --cert and --key) is required".into()))?;
         Ok(AgentIdentity {
             name: required(self.name.clone().or(file.name), "name")?,
             listen: self.listen.clone().or(file.listen).unwrap_or_else(|| "127.0.0.1:0".into()),

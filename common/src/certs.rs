@@ -36,6 +36,8 @@ pub enum CertError {
 pub const CA_CERT: &str = "ca.pem";
 /// The CA's private key file.
 pub const CA_KEY: &str = "ca.key";
+/// The CA's certificate revocation list, written by [`revoke`].
+pub const CRL: &str = "crl.pem";
 
 fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), CertError> {
     use std::io::Write;
@@ -141,6 +143,114 @@ pub fn issue(
     write_file(&cert_path, &cert.pem(), false)?;
     write_file(&key_path, &key.serialize_pem(), true)?;
     Ok((cert_path, key_path))
+}
+
+/// One certificate a [`revoke`] named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    /// Its serial number, in hex.
+    pub serial: String,
+    /// Who it was issued to, when the certificate itself was given.
+    pub identity: Option<Identity>,
+    /// Whether the list already held it.
+    pub already: bool,
+}
+
+/// What a [`revoke`] did.
+#[derive(Debug, Clone)]
+pub struct Revocation {
+    /// The list written.
+    pub crl: PathBuf,
+    /// The certificates named, in order.
+    pub revoked: Vec<Revoked>,
+    /// How many certificates the list now revokes.
+    pub total: usize,
+}
+
+/// Adds certificates to the CA's revocation list (`<ca_dir>/crl.pem`, created on first use): each of
+/// `certs` (PEM files, which must be this CA's) and each of `serials` (hex, colons allowed, for a certificate
+/// whose file is lost). The list is signed by the CA, numbered one past the last, and replaces the old one
+/// atomically; what it already held stays. Daemons whose `[tls] crl` names a copy of it refuse those
+/// certificates within seconds of the copy changing (see [`crate::revocation`]).
+pub fn revoke(ca_dir: &Path, certs: &[PathBuf], serials: &[String]) -> Result<Revocation, CertError> {
+    use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
+    use x509_parser::prelude::{CertificateRevocationList, FromDer, X509Certificate};
+    let invalid = |path: &Path, why: String| CertError::Invalid(format!("{}: {why}", path.display()));
+    let ca_pem = read_file(&ca_dir.join(CA_CERT))?;
+    let ca_der = crate::revocation::pem_block(ca_pem.as_bytes(), "CERTIFICATE")
+        .map_err(|e| invalid(&ca_dir.join(CA_CERT), e))?;
+    let (_, ca) = X509Certificate::from_der(&ca_der).map_err(|e| invalid(&ca_dir.join(CA_CERT), e.to_string()))?;
+
+    // What the list holds now, checked as a daemon checks it.
+    let crl_path = ca_dir.join(CRL);
+    let (mut entries, mut number) = (Vec::<(Vec<u8>, OffsetDateTime)>::new(), 0u64);
+    if crl_path.exists() {
+        let pem = read_file(&crl_path)?;
+        crate::revocation::parse(ca_pem.as_bytes(), pem.as_bytes()).map_err(|e| invalid(&crl_path, e))?;
+        let der = crate::revocation::pem_block(pem.as_bytes(), "X509 CRL").map_err(|e| invalid(&crl_path, e))?;
+        let (_, crl) = CertificateRevocationList::from_der(&der).map_err(|e| invalid(&crl_path, e.to_string()))?;
+        number = crl.crl_number().and_then(|n| u64::try_from(n).ok()).unwrap_or(0);
+        for r in crl.iter_revoked_certificates() {
+            entries.push((r.serial().to_bytes_be(), r.revocation_date.to_datetime()));
+        }
+    }
+
+    let now = OffsetDateTime::now_utc();
+    let mut revoked = Vec::new();
+    let mut add = |serial: Vec<u8>, identity: Option<Identity>| {
+        let already = entries.iter().any(|(s, _)| *s == serial);
+        if !already {
+            entries.push((serial.clone(), now));
+        }
+        let serial = crate::revocation::serial_hex(&serial);
+        revoked.push(Revoked { serial, identity, already });
+    };
+    for path in certs {
+        let pem = read_file(path)?;
+        let der = crate::revocation::pem_block(pem.as_bytes(), "CERTIFICATE").map_err(|e| invalid(path, e))?;
+        let (_, cert) = X509Certificate::from_der(&der).map_err(|e| invalid(path, e.to_string()))?;
+        if cert.issuer() != ca.subject() || cert.verify_signature(Some(ca.public_key())).is_err() {
+            return Err(invalid(path, "not issued by this CA".into()));
+        }
+        add(cert.tbs_certificate.serial.to_bytes_be(), Identity::from_der(&der).ok());
+    }
+    for hex in serials {
+        let digits: String = hex.chars().filter(|c| *c != ':').collect();
+        let bytes = (0..digits.len())
+            .step_by(2)
+            .map(|i| digits.get(i..i + 2).and_then(|d| u8::from_str_radix(d, 16).ok()))
+            .collect::<Option<Vec<u8>>>()
+            .filter(|b| !b.is_empty() && digits.len().is_multiple_of(2))
+            .ok_or_else(|| CertError::Invalid(format!("serial {hex:?} is not hex")))?;
+        let first = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len() - 1);
+        add(bytes[first..].to_vec(), None);
+    }
+
+    let ca_key = KeyPair::from_pem(&read_file(&ca_dir.join(CA_KEY))?)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+    let params = CertificateRevocationListParams {
+        this_update: now,
+        // Daemons do not enforce it (see crate::revocation); a date far ahead keeps other readers content.
+        next_update: now + Duration::days(3650),
+        crl_number: SerialNumber::from(number + 1),
+        issuing_distribution_point: None,
+        revoked_certs: entries
+            .iter()
+            .map(|(serial, at)| RevokedCertParams {
+                serial_number: SerialNumber::from_slice(serial),
+                revocation_time: *at,
+                reason_code: None,
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let pem = params.signed_by(&issuer)?.pem()?;
+    let tmp = ca_dir.join(format!("{CRL}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    write_file(&tmp, &pem, false)?;
+    std::fs::rename(&tmp, &crl_path).map_err(|source| CertError::Io { path: crl_path.clone(), source })?;
+    Ok(Revocation { crl: crl_path, revoked, total: entries.len() })
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //!
 //! Certificates carry URI SANs `urn:ember:role:<role>`, `urn:ember:name:<name>` and, for members,
 //! `urn:ember:project:<project>`. The TLS layer has already verified the chain against the fleet CA; these
-//! functions read the verified leaf and decide whether its role may call a service.
+//! functions read the verified leaf, refuse it if the fleet's revocation list names it
+//! ([`crate::revocation`]), and decide whether its role may call a service.
 
 use std::fmt;
 use std::str::FromStr;
@@ -128,7 +129,18 @@ impl Identity {
         let leaf = certs
             .first()
             .ok_or_else(|| Status::unauthenticated("a client certificate from the fleet CA is required"))?;
-        Identity::from_der(leaf.as_ref()).map_err(Status::unauthenticated)
+        let identity = Identity::from_der(leaf.as_ref()).map_err(Status::unauthenticated)?;
+        let (_, cert) = X509Certificate::from_der(leaf.as_ref())
+            .map_err(|e| Status::unauthenticated(format!("unreadable certificate: {e}")))?;
+        if crate::revocation::current().contains(&cert) {
+            return Err(Status::unauthenticated(format!(
+                "the certificate of {} {} (serial {}) is revoked",
+                identity.role,
+                identity.name,
+                crate::revocation::serial_hex(&cert.tbs_certificate.serial.to_bytes_be())
+            )));
+        }
+        Ok(identity)
     }
 }
 

@@ -13,6 +13,7 @@ pub mod logging;
 pub mod luks;
 pub mod nfs;
 pub mod qos;
+pub mod revocation;
 pub mod runner;
 pub mod server;
 pub mod stub;

@@ -26,6 +26,9 @@ pub enum ServeError {
     /// The server stopped with an error.
     #[error("server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The certificate revocation list cannot be trusted.
+    #[error("{0}")]
+    Crl(#[from] crate::revocation::CrlError),
     /// Reflection could not load the descriptors.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -60,7 +63,8 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 /// resolves; in-flight calls finish first. `health_names` are the fully qualified service names reported
 /// SERVING. A client that stays silent for `peer_timeout` (it answers neither the TLS handshake nor an HTTP/2
 /// ping) has its connection closed, which cancels its calls: a stream from a frozen peer does not hold a
-/// volume, or a request thread, forever.
+/// volume, or a request thread, forever. Calls from a certificate that `tls.crl` revokes are refused, and the
+/// list is followed as it changes ([`crate::revocation::watch`]).
 pub async fn serve(
     listener: TcpListener,
     tls: &TlsFiles,
@@ -83,6 +87,8 @@ pub async fn serve(
     }
     services.add_service(reflection_v1).add_service(reflection_v1alpha).add_service(health_service);
     let routes: Routes = services.routes();
+    // Before the first call can arrive: a revoked certificate is refused from the start.
+    crate::revocation::watch(tls)?;
     let (ping_every, ping_patience) = crate::tls::ping_schedule(peer_timeout);
     Server::builder()
         .http2_keepalive_interval(Some(ping_every))

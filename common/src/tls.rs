@@ -14,6 +14,10 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// This party's private key (PEM).
     pub key: PathBuf,
+    /// The fleet CA's certificate revocation list (PEM, from `ember certs revoke`), for a daemon: calls
+    /// from the certificates it lists are refused. It need not exist until something is revoked.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
 }
 
 /// Why TLS set-up failed.
@@ -30,6 +34,39 @@ pub enum TlsError {
     /// tonic refused the configuration or the endpoint.
     #[error("{0}")]
     Transport(#[from] tonic::transport::Error),
+}
+
+/// The TLS flags every daemon accepts; each overrides the config file's `[tls]` entry of the same name.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// Fleet CA certificate.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// This daemon's certificate.
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// This daemon's key.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// The fleet CA's certificate revocation list (`ember certs revoke`); it may not exist yet.
+    #[arg(long)]
+    pub crl: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The flags over the config file's `[tls]` section: `None` when neither gives all of ca, cert and key.
+    pub fn over(&self, file: Option<TlsFiles>) -> Option<TlsFiles> {
+        let (ca, cert, key, crl) = match file {
+            Some(t) => (Some(t.ca), Some(t.cert), Some(t.key), t.crl),
+            None => (None, None, None, None),
+        };
+        Some(TlsFiles {
+            ca: self.ca.clone().or(ca)?,
+            cert: self.cert.clone().or(cert)?,
+            key: self.key.clone().or(key)?,
+            crl: self.crl.clone().or(crl),
+        })
+    }
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>, TlsError> {

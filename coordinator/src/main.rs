@@ -66,15 +66,9 @@ struct Args {
     /// SQLite database file.
     #[arg(long)]
     database: Option<PathBuf>,
-    /// Fleet CA certificate.
-    #[arg(long)]
-    ca: Option<PathBuf>,
-    /// The coordinator's certificate.
-    #[arg(long)]
-    cert: Option<PathBuf>,
-    /// The coordinator's key.
-    #[arg(long)]
-    key: Option<PathBuf>,
+    /// TLS material.
+    #[command(flatten)]
+    tls: ember_common::tls::TlsArgs,
     /// Seconds between agent heartbeats.
     #[arg(long)]
     heartbeat_interval: Option<u32>,
@@ -112,18 +106,7 @@ fn settings(args: &Args) -> Result<CoordinatorConfig, Box<dyn std::error::Error>
     if let Some(p) = args.peer_timeout {
         cfg.peer_timeout_seconds = p;
     }
-    let tls = cfg.tls.take();
-    cfg.tls = match (&args.ca, &args.cert, &args.key, tls) {
-        (Some(ca), Some(cert), Some(key), _) => {
-            Some(ember_common::tls::TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() })
-        }
-        (_, _, _, Some(t)) => Some(ember_common::tls::TlsFiles {
-            ca: args.ca.clone().unwrap_or(t.ca),
-            cert: args.cert.clone().unwrap_or(t.cert),
-            key: args.key.clone().unwrap_or(t.key),
-        }),
-        _ => None,
-    };
+    cfg.tls = args.tls.over(cfg.tls.take());
     Ok(cfg)
 }
 

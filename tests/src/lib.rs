@@ -229,7 +229,14 @@ impl Fleet {
             ca: self.ca_dir().join("ca.pem"),
             cert: out.join(format!("{stem}.pem")),
             key: out.join(format!("{stem}.key")),
+            crl: Some(self.crl()),
         }
+    }
+
+    /// The fleet CA's revocation list, which every daemon of the fleet is configured to read
+    /// (`ember certs revoke --dir <ca_dir>` writes it; until then it does not exist).
+    pub fn crl(&self) -> PathBuf {
+        self.ca_dir().join(ember_common::certs::CRL)
     }
 
     /// Starts the coordinator with a SQLite file in the fleet directory.
@@ -255,6 +262,8 @@ impl Fleet {
             .arg(&tls.cert)
             .arg("--key")
             .arg(&tls.key)
+            .arg("--crl")
+            .arg(self.crl())
             .args(["--heartbeat-interval", &HEARTBEAT_SECONDS.to_string()])
             .args(["--service-down", &SERVICE_DOWN_SECONDS.to_string()]);
         let log = self.dir.path().join(format!("coordinator-{}.log", self.next_log()));
@@ -373,11 +382,12 @@ impl Fleet {
             (String::new(), String::new())
         };
         let text = format!(
-            "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ncoordinator = \"{}\"\n{head}{extra_toml}\n{tail}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            "name = \"{name}\"\nlisten = \"127.0.0.1:0\"\ncoordinator = \"{}\"\n{head}{extra_toml}\n{tail}\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncrl = \"{}\"\n",
             self.coordinator_url(),
             tls.ca.display(),
             tls.cert.display(),
-            tls.key.display()
+            tls.key.display(),
+            self.crl().display()
         );
         std::fs::write(&config, text).expect("agent config");
         let mut cmd = Command::new(bin(&format!("ember-{kind}-agent")));

@@ -9,6 +9,7 @@ use ember_proto::agent::v1::storage_agent_client::StorageAgentClient;
 use ember_proto::agent::v1::{AgentRole, ListResourcesRequest, RegisterRequest};
 use ember_proto::v1::fleet_service_client::FleetServiceClient;
 use ember_proto::v1::quota_service_client::QuotaServiceClient;
+use ember_proto::v1::volume_service_client::VolumeServiceClient;
 use ember_proto::v1::volume_type_service_client::VolumeTypeServiceClient;
 use ember_proto::v1::*;
 use std::time::Duration;
@@ -54,8 +55,12 @@ async fn connections_without_a_fleet_certificate_are_refused() {
         days: 1,
     };
     issue(&other, &req, &other, "admin").unwrap();
-    let impostor =
-        TlsFiles { ca: fleet.ca_dir().join("ca.pem"), cert: other.join("admin.pem"), key: other.join("admin.key") };
+    let impostor = TlsFiles {
+        ca: fleet.ca_dir().join("ca.pem"),
+        cert: other.join("admin.pem"),
+        key: other.join("admin.key"),
+        crl: None,
+    };
     let err = FleetServiceClient::new(fleet.channel(&impostor))
         .list_services(ListServicesRequest::default())
         .await
@@ -188,4 +193,95 @@ async fn members_see_and_touch_only_their_own_project() {
     assert!(!ok);
     assert!(err.starts_with("ember: PERMISSION_DENIED: project proj-b"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+/// `ember certs revoke`: within seconds the coordinator and the agents refuse every call from a revoked
+/// certificate, on connections opened before, and go on serving every other one. A list the fleet CA did not
+/// sign lifts nothing in a running daemon and stops one that is starting.
+#[tokio::test]
+async fn a_revoked_certificate_is_refused_by_the_coordinator_and_the_agents() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let dir = fleet.subdir("b");
+    let storage = fleet.start_agent(
+        "storage",
+        "storage1",
+        &format!("[[backends]]\nname = \"b1\"\ndriver = \"file\"\ndirectory = \"{}\"\n", dir.display()),
+    );
+    ember_fleet_tests::volumes::wait_backend(&fleet, "storage1@b1").await;
+    let alice_tls = fleet.issue(Role::Member, "alice", Some("p1"));
+    let alice = VolumeServiceClient::new(fleet.channel(&alice_tls));
+    let bob = VolumeServiceClient::new(fleet.member("bob", "p1"));
+    alice.clone().list_volumes(ListVolumesRequest::default()).await.expect("alice, before");
+    // A coordinator certificate of a host since retired still reaches the agents.
+    let retired = fleet.issue(Role::Coordinator, "old-coordinator", None);
+    let from_retired = StorageAgentClient::new(retired.channel(&storage.url()).unwrap());
+    from_retired.clone().list_resources(ListResourcesRequest::default()).await.expect("retired, before");
+
+    let ca_dir = fleet.ca_dir();
+    let args = ["certs", "revoke", "--dir", ca_dir.to_str().unwrap()];
+    let (ok, out, err) =
+        fleet.cli(&[&args[..], &[alice_tls.cert.to_str().unwrap(), retired.cert.to_str().unwrap()]].concat());
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("member alice (project p1)") && out.contains("coordinator old-coordinator"), "{out}");
+    assert!(out.contains("now revokes 2 certificate(s)"), "{out}");
+
+    let refused = |e: &tonic::Status| e.code() == Code::Unauthenticated && e.message().contains("is revoked");
+    let err = wait_for("the coordinator refuses alice", Duration::from_secs(30), || async {
+        alice.clone().list_volumes(ListVolumesRequest::default()).await.err().filter(refused)
+    })
+    .await;
+    assert!(err.message().contains("member alice"), "{err:?}");
+    let err = wait_for("the storage agent refuses the retired coordinator", Duration::from_secs(30), || async {
+        from_retired.clone().list_resources(ListResourcesRequest::default()).await.err().filter(refused)
+    })
+    .await;
+    assert!(err.message().contains("coordinator old-coordinator"), "{err:?}");
+    let err = VolumeServiceClient::new(fleet.channel(&alice_tls))
+        .create_volume(CreateVolumeRequest { size_gb: 1, ..Default::default() })
+        .await
+        .unwrap_err();
+    assert!(refused(&err), "a new connection is refused too: {err:?}");
+    let volumes = fleet.db().await;
+    let made: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM volumes").fetch_one(&volumes).await.unwrap();
+    assert_eq!(made, 0, "a refused call changes nothing");
+
+    // Everyone else is served: bob, the admin, and the fleet's coordinator at the agent.
+    bob.clone().list_volumes(ListVolumesRequest::default()).await.expect("bob");
+    FleetServiceClient::new(fleet.admin()).list_services(ListServicesRequest::default()).await.expect("admin");
+    StorageAgentClient::new(fleet.tls("coordinator-coordinator").channel(&storage.url()).unwrap())
+        .list_resources(ListResourcesRequest::default())
+        .await
+        .expect("the fleet's coordinator");
+
+    // A revoked agent can no longer heartbeat: the coordinator shows it down, and gives it no work.
+    let storage_cert = fleet.tls("storage-agent-storage1").cert;
+    let (ok, out, err) = fleet.cli(&[&args[..], &[storage_cert.to_str().unwrap()]].concat());
+    assert!(ok && out.contains("now revokes 3 certificate(s)"), "{out}\n{err}");
+    ember_fleet_tests::backups::wait_down(&fleet, "storage1@b1").await;
+    assert!(storage.log_text().contains("is revoked"), "the agent's log says why");
+
+    // A list from another CA: the running coordinator keeps the good one (alice stays refused), and an agent
+    // starting with it stops, saying why.
+    let other = fleet.subdir("other-ca");
+    init_ca(&other, "impostor CA").unwrap();
+    let req = IssueRequest {
+        identity: Identity { role: Role::Member, name: "x".into(), project: Some("p1".into()) },
+        dns: vec![],
+        ips: vec![],
+        days: 1,
+    };
+    let (x, _) = issue(&other, &req, &other, "x").unwrap();
+    let forged = ember_common::certs::revoke(&other, &[x], &[]).unwrap().crl;
+    std::fs::copy(&forged, fleet.crl()).unwrap();
+    let coordinator = fleet.coordinator.as_ref().unwrap();
+    wait_for("the coordinator refuses the forged list", Duration::from_secs(30), || async {
+        coordinator.log_text().contains("certificate revocation list refused").then_some(())
+    })
+    .await;
+    let err = alice.clone().list_volumes(ListVolumesRequest::default()).await.unwrap_err();
+    assert!(refused(&err), "the last good list stays in force: {err:?}");
+    let (status, log) = fleet.agent_refusing_to_start("backup", "backup1", "", Duration::from_secs(30));
+    assert!(!status.success());
+    assert!(log.contains("not by the fleet CA"), "{log}");
 }

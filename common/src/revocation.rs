@@ -1,0 +1,233 @@
+//! Revoked certificates: a certificate revocation list (CRL) signed by the fleet CA, written by
+//! `ember certs revoke` ([`crate::certs::revoke`]), that every daemon reads from the `crl` file of its `[tls]`
+//! section and reads again whenever that file changes. A call whose client certificate the list names is
+//! refused (`UNAUTHENTICATED`), by the coordinator and by every agent.
+//!
+//! Why per call and not in the TLS handshake: HTTP/2 connections last for hours, so a check made only when
+//! one is opened would let a revoked peer go on using the connection it already has. The handshake still
+//! verifies the chain; this only asks whether the verified leaf has been revoked since it was issued.
+//!
+//! A list that cannot be trusted (unreadable, not signed by the fleet CA) stops a daemon at start; once
+//! running, the daemon keeps the last good list and logs why the new one was refused, so a bad copy never
+//! lifts a revocation. The list's `nextUpdate` is not enforced: the fleet CA is offline, and a list that
+//! went stale must not lock every node out.
+
+use crate::tls::TlsFiles;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock, RwLock};
+use std::time::Duration;
+use x509_parser::prelude::{CertificateRevocationList, FromDer, X509Certificate};
+
+/// How often a daemon looks at its CRL file for a new list.
+pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
+
+/// The serial numbers one CRL revokes.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RevokedSerials {
+    /// Big-endian, without leading zero bytes.
+    serials: HashSet<Vec<u8>>,
+}
+
+impl RevokedSerials {
+    /// Whether `cert`'s serial number is listed.
+    pub fn contains(&self, cert: &X509Certificate<'_>) -> bool {
+        self.serials.contains(&cert.tbs_certificate.serial.to_bytes_be())
+    }
+
+    /// How many certificates are revoked.
+    pub fn len(&self) -> usize {
+        self.serials.len()
+    }
+
+    /// Whether nothing is revoked.
+    pub fn is_empty(&self) -> bool {
+        self.serials.is_empty()
+    }
+}
+
+/// A serial number as `ember certs revoke` prints it and takes it: lowercase hex without leading zeros.
+pub fn serial_hex(serial: &[u8]) -> String {
+    serial.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The DER body of the first PEM block in `pem` labelled `label`.
+pub fn pem_block(pem: &[u8], label: &str) -> Result<Vec<u8>, String> {
+    for block in x509_parser::pem::Pem::iter_from_buffer(pem) {
+        let block = block.map_err(|e| format!("not PEM: {e}"))?;
+        if block.label == label {
+            return Ok(block.contents);
+        }
+    }
+    Err(format!("no {label} in it"))
+}
+
+/// Reads a PEM CRL and checks that the CA in `ca_pem` issued and signed it.
+pub fn parse(ca_pem: &[u8], crl_pem: &[u8]) -> Result<RevokedSerials, String> {
+    let ca_der = pem_block(ca_pem, "CERTIFICATE").map_err(|e| format!("the CA certificate: {e}"))?;
+    let (_, ca) = X509Certificate::from_der(&ca_der).map_err(|e| format!("the CA certificate: {e}"))?;
+    let crl_der = pem_block(crl_pem, "X509 CRL")?;
+    let (_, crl) = CertificateRevocationList::from_der(&crl_der).map_err(|e| format!("unreadable CRL: {e}"))?;
+    if crl.issuer() != ca.subject() {
+        return Err(format!("issued by {}, not by the fleet CA {}", crl.issuer(), ca.subject()));
+    }
+    crl.verify_signature(ca.public_key()).map_err(|e| format!("not signed by the fleet CA: {e}"))?;
+    Ok(RevokedSerials { serials: crl.iter_revoked_certificates().map(|r| r.serial().to_bytes_be()).collect() })
+}
+
+/// The list this process enforces; empty until [`watch`] loads one.
+static CURRENT: LazyLock<RwLock<Arc<RevokedSerials>>> = LazyLock::new(Default::default);
+
+/// The list this process enforces now.
+pub fn current() -> Arc<RevokedSerials> {
+    CURRENT.read().expect("revocation list lock").clone()
+}
+
+fn install(list: RevokedSerials) {
+    *CURRENT.write().expect("revocation list lock") = Arc::new(list);
+}
+
+/// Why a CRL could not be put in force.
+#[derive(Debug, thiserror::Error)]
+#[error("crl {path}: {reason}")]
+pub struct CrlError {
+    /// The CRL file.
+    pub path: PathBuf,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// What the CRL file holds now: `None` when it does not exist.
+fn read(tls: &TlsFiles, crl: &Path) -> Result<Option<(Vec<u8>, RevokedSerials)>, CrlError> {
+    let err = |reason: String| CrlError { path: crl.to_path_buf(), reason };
+    let bytes = match std::fs::read(crl) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(err(e.to_string())),
+    };
+    let ca = std::fs::read(&tls.ca).map_err(|e| err(format!("reading the CA {}: {e}", tls.ca.display())))?;
+    let list = parse(&ca, &bytes).map_err(err)?;
+    Ok(Some((bytes, list)))
+}
+
+/// Puts the CRL named in `tls` (if any) in force for this process, and keeps it current: a task looks at
+/// the file every [`RELOAD_EVERY`] and installs each new list that the fleet CA signed. A file that does
+/// not exist yet revokes nothing (a fleet configures the path before it first revokes anything); one that
+/// exists but cannot be trusted is an error.
+pub fn watch(tls: &TlsFiles) -> Result<(), CrlError> {
+    let Some(crl) = tls.crl.clone() else { return Ok(()) };
+    let mut seen = match read(tls, &crl)? {
+        Some((bytes, list)) => {
+            tracing::info!(crl = %crl.display(), revoked = list.len(), "certificate revocation list in force");
+            install(list);
+            Some(bytes)
+        }
+        None => {
+            tracing::info!(crl = %crl.display(), "no certificate revocation list yet: nothing is revoked");
+            None
+        }
+    };
+    let tls = tls.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(RELOAD_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut refused: Option<String> = None;
+        loop {
+            tick.tick().await;
+            let path = crl.clone();
+            let outcome = match tokio::task::spawn_blocking({
+                let tls = tls.clone();
+                move || read(&tls, &path)
+            })
+            .await
+            {
+                Ok(outcome) => outcome,
+                Err(e) => Err(CrlError { path: crl.clone(), reason: e.to_string() }),
+            };
+            match outcome {
+                Ok(Some((bytes, list))) if seen.as_ref() != Some(&bytes) => {
+                    tracing::info!(crl = %crl.display(), revoked = list.len(), "new certificate revocation list in force");
+                    install(list);
+                    seen = Some(bytes);
+                    refused = None;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) if seen.is_some() && refused.is_none() => {
+                    let why = "the file is gone; the last list stays in force".to_string();
+                    tracing::warn!(crl = %crl.display(), "{why}");
+                    refused = Some(why);
+                }
+                Ok(None) => {}
+                Err(e) if refused.as_deref() != Some(e.reason.as_str()) => {
+                    tracing::error!(error = %e, "certificate revocation list refused; the last good one stays in force");
+                    refused = Some(e.reason);
+                }
+                Err(_) => {}
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::certs::{IssueRequest, init_ca, issue, revoke};
+    use crate::identity::{Identity, Role};
+
+    fn member(dir: &Path, name: &str) -> PathBuf {
+        let identity = Identity { role: Role::Member, name: name.into(), project: Some("p1".into()) };
+        let req = IssueRequest { identity, dns: vec![], ips: vec![], days: 1 };
+        issue(dir, &req, dir, name).unwrap().0
+    }
+
+    fn listed(list: &RevokedSerials, cert: &Path) -> bool {
+        let der = pem_block(&std::fs::read(cert).unwrap(), "CERTIFICATE").unwrap();
+        list.contains(&X509Certificate::from_der(&der).unwrap().1)
+    }
+
+    #[test]
+    fn a_revoked_certificate_is_listed_and_the_others_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path(), "test CA").unwrap();
+        let (alice, bob, carol) = (member(dir.path(), "alice"), member(dir.path(), "bob"), member(dir.path(), "carol"));
+        let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+
+        let first = revoke(dir.path(), std::slice::from_ref(&alice), &[]).unwrap();
+        assert_eq!((first.revoked.len(), first.total), (1, 1));
+        let list = parse(&ca, &std::fs::read(&first.crl).unwrap()).unwrap();
+        assert!(listed(&list, &alice) && !listed(&list, &bob) && !listed(&list, &carol));
+
+        // A second revocation keeps the first; revoking again what is revoked changes nothing.
+        let second = revoke(dir.path(), &[bob.clone(), alice.clone()], &[]).unwrap();
+        assert_eq!(second.total, 2);
+        assert_eq!(second.revoked.iter().map(|r| r.already).collect::<Vec<_>>(), [false, true]);
+        let list = parse(&ca, &std::fs::read(&second.crl).unwrap()).unwrap();
+        assert!(listed(&list, &alice) && listed(&list, &bob) && !listed(&list, &carol));
+        assert_eq!(list.len(), 2);
+    }
+
+    #[test]
+    fn a_list_from_another_ca_is_refused() {
+        let (ours, theirs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        init_ca(ours.path(), "ours").unwrap();
+        init_ca(theirs.path(), "theirs").unwrap();
+        let mallory = member(theirs.path(), "mallory");
+        let crl = revoke(theirs.path(), &[mallory], &[]).unwrap().crl;
+        let ca = std::fs::read(ours.path().join("ca.pem")).unwrap();
+        let err = parse(&ca, &std::fs::read(&crl).unwrap()).unwrap_err();
+        assert!(err.contains("not by the fleet CA"), "{err}");
+        assert!(parse(&ca, b"not a crl").is_err());
+    }
+
+    #[test]
+    fn a_certificate_of_another_ca_is_not_revoked_by_ours() {
+        let (ours, theirs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        init_ca(ours.path(), "ours").unwrap();
+        init_ca(theirs.path(), "theirs").unwrap();
+        let foreign = member(theirs.path(), "eve");
+        let err = revoke(ours.path(), &[foreign], &[]).unwrap_err().to_string();
+        assert!(err.contains("not issued by this CA"), "{err}");
+        assert!(!ours.path().join(crate::certs::CRL).exists(), "nothing was written");
+    }
+}
