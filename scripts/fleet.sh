@@ -38,7 +38,11 @@ tls() { printf '[tls]\nca = "%s"\ncert = "%s/%s.pem"\nkey = "%s/%s.key"\ncrl = "
 coordinator_url=https://127.0.0.1:$port
 { printf 'listen = "127.0.0.1:%s"\ndatabase = "%s"\n' "$port" "$state/ember.db"; tls coordinator; } >"$state/coordinator.toml"
 agent() { printf 'name = "%s"\nlisten = "127.0.0.1:%s"\ncoordinator = "%s"\n' "$1" "$2" "$coordinator_url"; }
+# Volumes may be filled from the files of these directories only (`--image PATH`): the project's test image,
+# and .ember-dev/images for your own.
+mkdir -p "$state/images"
 { agent storage1 $((port + 1)); printf 'state_dir = "%s"\n' "$state/storage-state"
+  printf 'image_dirs = ["%s", "%s"]\n' "$root/target/realkernel/instance" "$state/images"
   printf '\n[[backends]]\nname = "file1"\ndriver = "file"\ndirectory = "%s"\n\n' "$state/file-backend"
   printf '[tgt]\ncontrol_port = %s\nportal = "127.0.0.1:%s"\n\n' $(( (port + 5) % 30000 + 1000 )) $((port + 4)); tls storage1; } >"$state/storage.toml"
 # Instances boot the project's tiny test image directly when it was built (tests/realkernel/instance-image.sh);

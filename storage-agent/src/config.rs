@@ -27,6 +27,12 @@ pub struct StorageConfig {
     /// that moving volumes does not starve the guests using the others; 0 (the default) for no limit.
     #[serde(default)]
     pub copy_bandwidth_mib: u64,
+    /// Directories whose files volumes may be filled from (`image` on create, by path). A path is followed
+    /// through symlinks first and must end at a regular file inside one of them: without this, anyone who may
+    /// create a volume could copy any file or device of this node (a key, another volume's LV) into it. Empty
+    /// (the default): no local images.
+    #[serde(default)]
+    pub image_dirs: Vec<PathBuf>,
 }
 
 /// How to reach (or run) tgtd.

@@ -4,7 +4,7 @@
 
 use crate::error::{AgentError, Result};
 use ember_common::runner;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const INFO_TIMEOUT: Duration = Duration::from_secs(120);
@@ -27,6 +27,28 @@ pub fn check_source(source: &str) -> Result<()> {
     ember_common::image_source::check(source).map_err(invalid)
 }
 
+/// What qemu-img is given for `source`: a URL as it is (the coordinator lets only admins name one), or the
+/// real path of a local image, which must be a regular file inside one of `image_dirs` once every symlink is
+/// followed. The answer is the same for a file that does not exist and one outside the directories, so a
+/// caller cannot probe the node's files.
+pub fn resolve(source: &str, image_dirs: &[PathBuf]) -> Result<String> {
+    check_source(source)?;
+    if ember_common::image_source::is_url(source) {
+        return Ok(source.to_string());
+    }
+    if image_dirs.is_empty() {
+        return Err(invalid("this storage node serves no local images (its image_dirs is empty)"));
+    }
+    let outside = || invalid(format!("{source} is not an image file in this storage node's image directories"));
+    let real = std::fs::canonicalize(source).map_err(|_| outside())?;
+    let inside = image_dirs.iter().filter_map(|d| std::fs::canonicalize(d).ok()).any(|d| real.starts_with(d));
+    let regular = std::fs::metadata(&real).is_ok_and(|m| m.is_file());
+    match real.to_str() {
+        Some(path) if inside && regular => Ok(path.to_string()),
+        _ => Err(outside()),
+    }
+}
+
 /// Parses `qemu-img info --output=json` and applies the rules.
 pub fn parse_info(json: &str, volume_bytes: u64) -> Result<ImageFacts> {
     let info: serde_json::Value = serde_json::from_str(json).map_err(|e| invalid(format!("unreadable image: {e}")))?;
@@ -36,6 +58,12 @@ pub fn parse_info(json: &str, volume_bytes: u64) -> Result<ImageFacts> {
     }
     if let Some(backing) = info.get("backing-filename").and_then(|b| b.as_str()) {
         return Err(invalid(format!("the image has a backing file ({backing}); give a standalone image")));
+    }
+    // A qcow2 image may keep its data in another file, named in its header: qemu-img would read that file.
+    if let Some(data_file) = info["format-specific"]["data"].get("data-file") {
+        return Err(invalid(format!(
+            "the image keeps its data in an external file ({data_file}); give a standalone image"
+        )));
     }
     let virtual_size = info["virtual-size"].as_u64().ok_or_else(|| invalid("qemu-img reported no virtual size"))?;
     if virtual_size > volume_bytes {
@@ -77,6 +105,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn local_images_come_only_from_the_image_directories() {
+        let root = tempfile::tempdir().unwrap();
+        let (images, private) = (root.path().join("images"), root.path().join("private"));
+        std::fs::create_dir_all(images.join("sub")).unwrap();
+        std::fs::create_dir_all(&private).unwrap();
+        std::fs::write(images.join("sub/disk.raw"), b"x").unwrap();
+        std::fs::write(private.join("key"), b"secret").unwrap();
+        std::os::unix::fs::symlink(private.join("key"), images.join("link.raw")).unwrap();
+        let dirs = [images.clone()];
+        let real = |p: &Path| std::fs::canonicalize(p).unwrap().to_str().unwrap().to_string();
+
+        let disk = images.join("sub/disk.raw");
+        assert_eq!(resolve(disk.to_str().unwrap(), &dirs).unwrap(), real(&disk));
+        assert_eq!(resolve("https://example.org/a.qcow2", &dirs).unwrap(), "https://example.org/a.qcow2");
+        let refused = [
+            private.join("key"),        // outside
+            images.join("link.raw"),    // a symlink leading outside
+            images.join("sub"),         // not a file
+            images.join("missing.raw"), // answered as an outside file is
+            std::path::PathBuf::from("/dev/zero"),
+        ];
+        for path in refused {
+            let err = resolve(path.to_str().unwrap(), &dirs).unwrap_err().to_string();
+            assert!(err.contains("not an image file in this storage node's image directories"), "{path:?}: {err}");
+        }
+        let err = resolve(disk.to_str().unwrap(), &[]).unwrap_err().to_string();
+        assert!(err.contains("serves no local images"), "{err}");
+    }
+
+    #[test]
     fn info_rules() {
         let qcow2 = r#"{"virtual-size": 67108864, "filename": "a.qcow2", "format": "qcow2", "actual-size": 200704}"#;
         assert_eq!(parse_info(qcow2, 1 << 30).unwrap(), ImageFacts { format: "qcow2".into(), virtual_size: 67108864 });
@@ -84,6 +142,9 @@ mod tests {
         assert!(parse_info(backed, 1 << 30).unwrap_err().to_string().contains("backing file"));
         let vmdk = r#"{"virtual-size": 1, "format": "vmdk"}"#;
         assert!(parse_info(vmdk, 1 << 30).unwrap_err().to_string().contains("vmdk"));
+        let external = r#"{"virtual-size": 1, "format": "qcow2",
+            "format-specific": {"type": "qcow2", "data": {"compat": "1.1", "data-file": "/etc/shadow", "data-file-raw": true}}}"#;
+        assert!(parse_info(external, 1 << 30).unwrap_err().to_string().contains("external file"));
         let big = r#"{"virtual-size": 2147483648, "format": "raw"}"#;
         assert!(parse_info(big, 1 << 30).unwrap_err().to_string().contains("exceeds"));
     }

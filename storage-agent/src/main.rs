@@ -72,6 +72,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         iqn_prefix: file.tgt.iqn_prefix.clone(),
         exports: tokio::sync::Mutex::new(exports),
         state_dir: state_dir.clone(),
+        image_dirs: file.image_dirs.clone(),
         peers: copy::Peers {
             tls: id.tls.clone(),
             timeout: id.peer_timeout,

@@ -39,6 +39,8 @@ pub struct Storage {
     pub peers: Peers,
     /// The agent's own directory (exports; short-lived key files, never on a pool).
     pub state_dir: std::path::PathBuf,
+    /// Where local images may be read from (`image_dirs`).
+    pub image_dirs: Vec<std::path::PathBuf>,
 }
 
 impl Storage {
@@ -266,7 +268,8 @@ impl Storage {
             return Err(AgentError::InvalidArgument { field: "size_gb", message: "must be at least 1".into() });
         }
         if !req.image.is_empty() {
-            let (size, facts) = backend.create_from_image(&id, req.size_gb, &req.image).await?;
+            let source = crate::image::resolve(&req.image, &self.image_dirs)?;
+            let (size, facts) = backend.create_from_image(&id, req.size_gb, &source).await?;
             tracing::info!(volume_id = %id, backend = %req.backend, size, format = %facts.format, "volume created from an image");
             return Ok(VolumeResult {
                 volume_id: req.volume_id,

@@ -366,7 +366,12 @@ impl Fleet {
         let (head, tail) = if role == Role::StorageAgent {
             let (control, portal) = self.tgt_ports(name);
             (
-                format!("state_dir = \"{}\"\n", self.subdir(&format!("state-{name}")).display()),
+                // Images come from the fleet's `images` directory only (tests make theirs there).
+                format!(
+                    "state_dir = \"{}\"\nimage_dirs = [\"{}\"]\n",
+                    self.subdir(&format!("state-{name}")).display(),
+                    self.subdir("images").display()
+                ),
                 format!("[tgt]\ncontrol_port = {control}\nportal = \"127.0.0.1:{portal}\"\n"),
             )
         } else if role == Role::ComputeAgent {

@@ -91,3 +91,73 @@ async fn volumes_are_filled_from_raw_and_qcow2_images_and_bad_images_are_refused
     let err = create(raw.to_string_lossy().into(), 0).await.unwrap_err();
     assert!(err.message().starts_with("size_gb"), "{}", err.message());
 }
+
+/// Filling a volume from an image never becomes a way to read the storage node: a path must lead to a file in
+/// the node's `image_dirs` (symlinks followed), a qcow2 image must keep its data in itself, and only admins may
+/// have the node fetch a URL. A member uses the published images like anyone.
+#[tokio::test]
+async fn an_image_source_cannot_read_the_storage_nodes_other_files() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, dir) = fleet.file_backend("file1", "");
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    wait_backend(&fleet, "storage1@file1").await;
+    let images = fleet.subdir("images");
+    let private = fleet.subdir("private");
+    let secret = private.join("secret");
+    std::fs::write(&secret, b"THE-NODE-SECRET").unwrap();
+    let member = VolumeServiceClient::new(fleet.member("alice", "p1"));
+    let create = |image: String| {
+        let mut c = member.clone();
+        async move { c.create_volume(CreateVolumeRequest { size_gb: 1, image, ..Default::default() }).await }
+    };
+
+    // A published image works for a member.
+    let published = images.join("published.raw");
+    std::fs::write(&published, vec![0x42; 1 << 20]).unwrap();
+    let v = create(published.to_string_lossy().into()).await.unwrap().into_inner();
+    let v = wait_volume(&member, &v.id, "available").await;
+    assert!(head(&dir.join(format!("volume-{}", v.id)), 1 << 20).iter().all(|b| *b == 0x42));
+
+    // Refused on the node, each leaving an `error` volume with the reason and no data on the backend.
+    let link = images.join("link.raw");
+    std::os::unix::fs::symlink(&secret, &link).unwrap();
+    let external = images.join("external.qcow2");
+    let data_file = private.join("data");
+    let options = format!("data_file={},data_file_raw=on", data_file.display());
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", &options, &external.to_string_lossy(), "1M"]);
+    std::fs::write(&data_file, b"THE-NODE-SECRET").unwrap();
+    let outside = "not an image file in this storage node's image directories";
+    let before = files_in(&dir);
+    for (image, why) in [
+        (secret.clone(), outside),
+        (fleet.ca_dir().join("ca.key"), outside),
+        (link, outside),
+        (std::path::PathBuf::from("/dev/zero"), outside),
+        (images.join("no-such.raw"), outside),
+        (external, "external file"),
+    ] {
+        let bad = create(image.to_string_lossy().into()).await.unwrap().into_inner();
+        let bad = wait_settled(&member, &bad.id).await;
+        assert_eq!(bad.status, "error", "{image:?}: {bad:?}");
+        assert!(bad.status_reason.contains(why), "{image:?}: {}", bad.status_reason);
+    }
+    assert_eq!(files_in(&dir), before, "nothing was written for a refused image");
+
+    // A URL: refused to a member at once, recording nothing; an admin may (here, one that cannot be fetched).
+    let url = "http://127.0.0.1:9/disk.raw";
+    let err = create(url.into()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().starts_with("image: only admins"), "{}", err.message());
+    let listed = member.clone().list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().volumes;
+    assert_eq!(listed.len(), 7, "the published one and the six refused on the node: {listed:?}");
+    let admin = VolumeServiceClient::new(fleet.admin());
+    let v = admin
+        .clone()
+        .create_volume(CreateVolumeRequest { size_gb: 1, image: url.into(), ..Default::default() })
+        .await
+        .expect("an admin may name a URL")
+        .into_inner();
+    let v = wait_settled(&admin, &v.id).await;
+    assert_eq!(v.status, "error", "nothing listens there: {v:?}");
+}

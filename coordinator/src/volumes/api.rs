@@ -141,6 +141,15 @@ async fn resolve_source(
     }
     if !req.image.is_empty() {
         ember_common::image_source::check(&req.image).map_err(|e| Error::invalid("image", e))?;
+        // The storage node fetches a URL from inside the fleet's network, and the answer lands in the volume:
+        // a member could read whatever that node can reach (an internal service, a metadata endpoint).
+        if ember_common::image_source::is_url(&req.image) && who.role != ember_common::identity::Role::Admin {
+            return Err(Error::PermissionDenied(
+                "image: only admins may fill a volume from a URL; members name an image in the storage nodes' \
+                 image directories"
+                    .into(),
+            ));
+        }
         if req.size_gb == 0 {
             return Err(Error::invalid("size_gb", "a volume from an image needs a size (at least the image's)"));
         }
