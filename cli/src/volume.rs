@@ -211,11 +211,12 @@ enum VolumeAction {
     Attach {
         /// Volume id.
         id: String,
-        /// Instance (libvirt domain name or UUID).
+        /// Instance: an ember instance's id (members: of their project), or for an admin any libvirt domain
+        /// (name or UUID) of the host.
         #[arg(long)]
         instance: String,
-        /// Compute host.
-        #[arg(long)]
+        /// Compute host; defaults to the one an ember instance runs on.
+        #[arg(long, default_value = "")]
         host: String,
         /// Read-only.
         #[arg(long)]

@@ -110,19 +110,49 @@ pub struct Attachments {
     ctx: Arc<Ctx>,
 }
 
+/// The compute host an attach goes to, after checking who may attach to `instance` there. An admin may name
+/// any libvirt domain of a host (one ember did not create too); a member only an ember instance of their own
+/// project (by its id, or its domain name `ember-<id>`), as Nova lets a user attach only to their own servers:
+/// otherwise a member could put a disk into another project's guest. `host` may be left empty for an ember
+/// instance, which runs where it was placed.
+async fn target_host(conn: &mut SqliteConnection, who: &Identity, instance: &str, host: &str) -> Result<String> {
+    let ours: Option<(String, String)> =
+        sqlx::query_as("SELECT project, host FROM instances WHERE id = ?1 OR 'ember-' || id = ?1")
+            .bind(instance)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let ours = ours.filter(|(project, _)| can_see(who, project));
+    if who.role != Role::Admin && ours.is_none() {
+        // One answer whether it is another project's instance or no instance of ember's: nothing leaks.
+        return Err(Error::PermissionDenied(format!(
+            "instance {instance} is not one of your project's instances; members attach only to those (an admin \
+             may attach to any libvirt domain)"
+        )));
+    }
+    match (ours, host) {
+        (Some((_, runs_on)), "") => Ok(runs_on),
+        (Some((_, runs_on)), asked) if asked != runs_on => {
+            Err(Error::invalid("host", format!("instance {instance} runs on {runs_on}, not on {asked}")))
+        }
+        (_, "") => Err(Error::invalid("host", "required for a libvirt domain that ember did not create")),
+        (_, asked) => Ok(asked.to_string()),
+    }
+}
+
 impl Attachments {
     /// Serves attachments.
     pub fn new(ctx: Arc<Ctx>) -> Self {
         Attachments { ctx }
     }
 
-    async fn attach(&self, who: &Identity, req: AttachRequest) -> Result<Attachment> {
+    async fn attach(&self, who: &Identity, mut req: AttachRequest) -> Result<Attachment> {
         validate::uuid("volume_id", &req.volume_id)?;
         validate::required_name("instance", &req.instance)?;
-        if !valid_name(&req.host) {
+        if !req.host.is_empty() && !valid_name(&req.host) {
             return Err(Error::invalid("host", format!("{:?} is not a host name", req.host)));
         }
         let mut tx = crate::db::write(&self.ctx.db).await?;
+        req.host = target_host(&mut tx, who, &req.instance, &req.host).await?;
         let connector: Option<String> =
             sqlx::query_scalar("SELECT report FROM services WHERE host = ? AND role = 'compute'")
                 .bind(&req.host)

@@ -54,14 +54,15 @@ async fn an_instance_boots_from_a_volume_made_from_an_image_and_takes_a_hot_atta
         volume_type: "capped".into(),
         ..Default::default()
     };
-    let boot = volumes.clone().create_volume(image_volume).await.unwrap().into_inner();
+    // A member's instance, from a member's volume (the image is a published one, in the node's image_dirs).
+    let alice_volumes = VolumeServiceClient::new(fleet.member("alice", "p1"));
+    let boot = alice_volumes.clone().create_volume(image_volume).await.unwrap().into_inner();
     let boot = wait_volume(&volumes, &boot.id, "available").await;
     assert!(boot.bootable);
 
     let instances = InstanceServiceClient::new(fleet.admin());
     let started = Instant::now();
-    let vm = instances
-        .clone()
+    let vm = InstanceServiceClient::new(fleet.member("alice", "p1"))
         .create_instance(CreateInstanceRequest {
             name: "vm1".into(),
             boot_volume_id: boot.id.clone(),
@@ -87,10 +88,23 @@ async fn an_instance_boots_from_a_volume_made_from_an_image_and_takes_a_hot_atta
     let (_, xml, _) = ember_fleet_tests::libvirt::virsh(&["dumpxml", &vm.id]);
     assert!(xml.contains("<read_iops_sec>2000</read_iops_sec>"), "the boot disk has its type's QoS: {xml}");
 
-    // A second volume, hot-attached to the running instance by its id, written by the guest, detached.
-    let data = new_volume(&volumes, 1).await;
-    let mut attachments = AttachmentServiceClient::new(fleet.admin());
-    let a = attachments.attach(attach_request(&data.id, &vm.id)).await.unwrap().into_inner();
+    // Another project's member may not put a disk into alice's guest; the refusal changes nothing.
+    let bobs = new_volume(&VolumeServiceClient::new(fleet.member("bob", "p2")), 1).await;
+    let err = AttachmentServiceClient::new(fleet.member("bob", "p2"))
+        .attach(attach_request(&bobs.id, &vm.id))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("not one of your project's instances"), "{err:?}");
+    assert_eq!(wait_volume(&volumes, &bobs.id, "available").await.attachments.len(), 0);
+
+    // A second volume of alice's, hot-attached by her to her running instance by its id (the host is the
+    // instance's, so she need not name it), written by the guest, detached.
+    let data = new_volume(&alice_volumes, 1).await;
+    let mut attachments = AttachmentServiceClient::new(fleet.member("alice", "p1"));
+    let to_her_instance = AttachRequest { host: String::new(), ..attach_request(&data.id, &vm.id) };
+    let a = attachments.attach(to_her_instance).await.unwrap().into_inner();
+    assert_eq!(a.host, "compute1");
     let attached = wait_volume(&volumes, &data.id, "in-use").await;
     assert_eq!(attached.attachments[0].device, "vdb");
     wait_console(&instances, &vm.id, &format!("DISK-WRITTEN serial={}", &data.id[..20])).await;

@@ -188,18 +188,22 @@ async fn bad_requests_are_refused_naming_the_problem_and_change_nothing() {
     assert!(bob.list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().volumes.is_empty());
 
     // While attaching or attached: no delete (an attached volume may be extended: see attach.rs).
+    // A member attaches only to their project's instances; vm1 is a domain ember did not make: an admin's.
     let mut attachments = AttachmentServiceClient::new(fleet.member("alice", "p1"));
-    let a = attachments.attach(attach_request(&v.id, &vm1.name)).await.unwrap().into_inner();
+    let err = attachments.attach(attach_request(&v.id, &vm1.name)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let mut admin_attachments = AttachmentServiceClient::new(fleet.admin());
+    let a = admin_attachments.attach(attach_request(&v.id, &vm1.name)).await.unwrap().into_inner();
     let err = client.delete_volume(DeleteVolumeRequest { id: v.id.clone(), ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     let in_use = wait_volume(&client, &v.id, "in-use").await;
     assert_eq!(in_use.attachments.len(), 1);
     assert_eq!(in_use.attachments[0].instance, vm1.name);
-    let err = attachments.attach(attach_request(&v.id, &vm1.name)).await.unwrap_err();
+    let err = admin_attachments.attach(attach_request(&v.id, &vm1.name)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "twice to the same instance");
-    let err = attachments.attach(attach_request(&v.id, "vm2")).await.unwrap_err();
+    let err = admin_attachments.attach(attach_request(&v.id, "vm2")).await.unwrap_err();
     assert!(err.message().contains("multiattach"), "{}", err.message());
-    let err = attachments
+    let err = admin_attachments
         .attach(AttachRequest {
             volume_id: v.id.clone(),
             instance: "vm2".into(),
