@@ -1,7 +1,13 @@
 //! `ember.v1.TransferService`: a volume offered by one project and accepted into another, as Cinder's volume
-//! transfers. No agent is involved (the data stays where it is), so each call is one transaction: an offer moves
-//! the volume to `awaiting-transfer`, and an accept moves the volume, its snapshots and their quota usage between
-//! projects at once, or changes nothing. The key is kept only as a salted sha256.
+//! transfers. The data stays where it is, so each call is one transaction: an offer moves the volume to
+//! `awaiting-transfer`, and an accept moves the volume, its snapshots and their quota usage between projects at
+//! once, or changes nothing. The key is kept only as a salted sha256.
+//!
+//! One agent call comes first in an accept: the volume's storage agent closes every export the offering project
+//! made (`InitializeConnection`), and the accept then forgets the volume's CHAP credentials, so the next export
+//! gets new ones. Without it the old owner could go on reading and writing the volume with the target and
+//! secret it already had (Cinder keeps both). The close is idempotent; a crash after it leaves the offer as it
+//! was, and an accept that cannot reach the agent is refused.
 
 use crate::auth::{can_see, project_for, who};
 use crate::clock::{now_ms, timestamp};
@@ -158,15 +164,56 @@ impl Transfers {
         Ok(())
     }
 
+    /// Has the volume's storage agent remove every export of it (all initiators, the target, its CHAP account).
+    async fn close_exports(&self, v: &volumes::VolumeRow) -> Result<()> {
+        let request = ember_proto::agent::v1::UnexportVolumeRequest {
+            volume_id: v.id.clone(),
+            backend: v.backend.clone(),
+            initiator: String::new(),
+        };
+        self.ctx.agents.storage(&v.host).await?.unexport_volume(request).await.map_err(|s| {
+            Error::FailedPrecondition(format!(
+                "volume {}: its exports must be closed before it changes hands, and storage node {} could not do \
+                 it: {}",
+                v.id,
+                v.host,
+                s.message()
+            ))
+        })?;
+        tracing::info!(volume_id = %v.id, "exports closed for a transfer");
+        Ok(())
+    }
+
     async fn accept(&self, who: &Identity, req: AcceptTransferRequest) -> Result<Transfer> {
         validate::uuid("id", &req.id)?;
         if req.auth_key.is_empty() {
             return Err(Error::invalid("auth_key", "must not be empty"));
         }
         let receiver = project_for(who, &req.project)?;
+        // Every check first, in a transaction rolled back: a refusal (a wrong key, the receiver's quota) must
+        // not cost the owner their exports. Then the exports are closed, outside any transaction (an agent
+        // call), and the same checks run again in the transaction that moves the volume.
+        let (_, v, _) = self.move_volume(&mut *crate::db::write(&self.ctx.db).await?, &req, &receiver).await?;
+        self.close_exports(&v).await?;
         let mut tx = crate::db::write(&self.ctx.db).await?;
+        let (t, v, snapshots) = self.move_volume(&mut tx, &req, &receiver).await?;
+        operations::record_done(&mut tx, "transfer_volume", "volume", &v.id).await?;
+        tx.commit().await?;
+        self.ctx.changed(&v.id);
+        tracing::info!(transfer_id = %t.id, volume_id = %v.id, from = %t.project, to = %receiver, snapshots, "volume transferred");
+        Ok(Transfer { project: receiver, accepted_at: Some(timestamp(now_ms())), ..to_proto(&t) })
+    }
+
+    /// Checks an accept and moves the volume, its snapshots and their quota usage to `receiver` in `tx` (which
+    /// the caller commits or drops). Returns the transfer, the volume as it was, and its number of snapshots.
+    async fn move_volume(
+        &self,
+        tx: &mut SqliteConnection,
+        req: &AcceptTransferRequest,
+        receiver: &str,
+    ) -> Result<(TransferRow, volumes::VolumeRow, usize)> {
         // Anyone given the id and the key may accept: the offering project need not be visible to them.
-        let Some(t) = find(&mut tx, &req.id).await? else { return Err(Error::not_found("transfer", &req.id)) };
+        let Some(t) = find(tx, &req.id).await? else { return Err(Error::not_found("transfer", &req.id)) };
         if !key_matches(&t, &req.auth_key) {
             tracing::warn!(transfer_id = %t.id, project = %receiver, "transfer accept with a wrong key");
             return Err(Error::PermissionDenied(format!("auth_key: not the key of transfer {}", t.id)));
@@ -177,33 +224,30 @@ impl Transfers {
                 t.volume_id
             )));
         }
-        let v = volumes::find(&mut tx, &t.volume_id).await?.ok_or_else(|| Error::not_found("volume", &t.volume_id))?;
-        let snapshot_sizes = settled_snapshot_sizes(&mut tx, &v.id).await?;
+        let v = volumes::find(tx, &t.volume_id).await?.ok_or_else(|| Error::not_found("volume", &t.volume_id))?;
+        let snapshot_sizes = settled_snapshot_sizes(tx, &v.id).await?;
         let usage = quota::volume_with_snapshots(&v.volume_type_name, v.size_gb, &snapshot_sizes);
-        self.ctx.quota.consume(&mut tx, &receiver, &usage).await?;
-        self.ctx.quota.release(&mut tx, &t.project, &usage).await?;
+        self.ctx.quota.consume(tx, receiver, &usage).await?;
+        self.ctx.quota.release(tx, &t.project, &usage).await?;
         // Idempotency keys belong to the offering project's requests; kept, they could clash with the receiver's.
+        // The CHAP credentials go too (the old owner knew them): the next export makes new ones.
         sqlx::query(
             "UPDATE volumes SET project = ?, idempotency_key = NULL, status = 'available', status_reason = '', \
-             updated_at = ? WHERE id = ? AND status = 'awaiting-transfer'",
+             chap_username = '', chap_password = '', updated_at = ? WHERE id = ? AND status = 'awaiting-transfer'",
         )
-        .bind(&receiver)
+        .bind(receiver)
         .bind(now_ms())
         .bind(&v.id)
         .execute(&mut *tx)
         .await?;
         sqlx::query("UPDATE snapshots SET project = ?, idempotency_key = NULL, updated_at = ? WHERE volume_id = ?")
-            .bind(&receiver)
+            .bind(receiver)
             .bind(now_ms())
             .bind(&v.id)
             .execute(&mut *tx)
             .await?;
         sqlx::query("DELETE FROM transfers WHERE id = ?").bind(&t.id).execute(&mut *tx).await?;
-        operations::record_done(&mut tx, "transfer_volume", "volume", &v.id).await?;
-        tx.commit().await?;
-        self.ctx.changed(&v.id);
-        tracing::info!(transfer_id = %t.id, volume_id = %v.id, from = %t.project, to = %receiver, snapshots = snapshot_sizes.len(), "volume transferred");
-        Ok(Transfer { project: receiver, accepted_at: Some(timestamp(now_ms())), ..to_proto(&t) })
+        Ok((t, v, snapshot_sizes.len()))
     }
 }
 

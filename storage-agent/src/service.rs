@@ -165,6 +165,18 @@ impl Storage {
         }
         let iqn = self.iqn(&id);
         let mut store = self.exports.lock().await;
+        let stale = store
+            .exports
+            .get(&req.volume_id)
+            .filter(|r| r.backend != req.backend || r.username != req.chap_username || r.password != req.chap_password);
+        if let Some(stale) = stale.cloned() {
+            // The coordinator's credentials are the truth: they change when a volume changes hands, and whoever
+            // held the old ones must lose the target (its sessions go with it) rather than keep it.
+            self.remove_target(&id, &stale).await?;
+            store.exports.remove(&req.volume_id);
+            store.save()?;
+            tracing::warn!(volume_id = %id, "export with other CHAP credentials replaced");
+        }
         let rec = store.exports.entry(req.volume_id.clone()).or_insert_with(|| ExportRecord {
             backend: req.backend.clone(),
             iqn: iqn.clone(),

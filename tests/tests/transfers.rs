@@ -6,7 +6,7 @@
 use ember_common::identity::Role;
 use ember_fleet_tests::backups::{OneSite, backup_usage, fill, wait_backup_settled};
 use ember_fleet_tests::volumes::{new_snapshot, new_volume, read_at, usage, wait_backend};
-use ember_fleet_tests::{Fleet, wait_for};
+use ember_fleet_tests::{Fleet, iscsi, wait_for};
 use ember_proto::v1::backup_service_client::BackupServiceClient;
 use ember_proto::v1::quota_service_client::QuotaServiceClient;
 use ember_proto::v1::snapshot_service_client::SnapshotServiceClient;
@@ -210,4 +210,73 @@ async fn after_a_transfer_incrementals_build_only_on_the_new_projects_backups() 
     .await;
     assert_eq!(backup_usage(fleet, "p1").await, (0, 0));
     assert_eq!(backup_usage(fleet, "p2").await, (2, 2));
+}
+
+/// The old owner loses every way in: an export it made before the offer (target and CHAP secret) is closed at
+/// the accept, and the volume gets new CHAP credentials at its next export, so the old secret opens nothing.
+/// An accept the storage node cannot serve is refused and changes nothing.
+#[tokio::test]
+async fn the_offering_project_keeps_no_export_of_a_transferred_volume() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, dir) = fleet.file_backend("file1", "");
+    let mut storage = fleet.start_agent("storage", "storage1", &backend);
+    wait_backend(&fleet, "storage1@file1").await;
+    let alice = VolumeServiceClient::new(fleet.member("alice", "p1"));
+    let v = new_volume(&alice, 1).await;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join(format!("volume-{}", v.id)))
+        .unwrap()
+        .write_all_at(&iscsi::pattern(3, 1 << 20), 0)
+        .unwrap();
+    let export = |initiator: &str| InitializeConnectionRequest {
+        volume_id: v.id.clone(),
+        connector: Some(Connector {
+            host: "h".into(),
+            ip: "127.0.0.1".into(),
+            initiator: initiator.into(),
+            read_only: false,
+        }),
+    };
+    let alices = alice.clone().initialize_connection(export("iqn.2026-11.test:alice")).await.unwrap().into_inner();
+    let scratch = fleet.dir.path().join("scratch.img");
+    let before = iscsi::read(&iscsi::url(&alices, &alices.auth_password), 1, &scratch).unwrap();
+    assert_eq!(before, iscsi::pattern(3, 1 << 20), "alice reads her volume over her export");
+
+    let transfers = TransferServiceClient::new(fleet.member("alice", "p1"));
+    let req = CreateTransferRequest { volume_id: v.id.clone(), name: String::new() };
+    let offer = transfers.clone().create_transfer(req).await.unwrap().into_inner();
+    let accept = AcceptTransferRequest { id: offer.id.clone(), auth_key: offer.auth_key.clone(), ..Default::default() };
+    let bobs_transfers = TransferServiceClient::new(fleet.member("bob", "p2"));
+
+    // The storage node is down: the exports cannot be closed, so the volume does not change hands.
+    storage.terminate();
+    let err = bobs_transfers.clone().accept_transfer(accept.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("exports must be closed"), "{err:?}");
+    assert_eq!(counted(&fleet, "p1").await, [1, 0, 1]);
+    assert_eq!(counted(&fleet, "p2").await, [0, 0, 0]);
+    let still = alice.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(still.status, "awaiting-transfer");
+
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    wait_backend(&fleet, "storage1@file1").await;
+    bobs_transfers.clone().accept_transfer(accept).await.expect("accepted once the node serves");
+    assert!(!fleet.tgt_show("storage1").contains(&alices.target_iqn), "alice's target is gone");
+    let err = iscsi::read(&iscsi::url(&alices, &alices.auth_password), 1, &scratch).unwrap_err();
+    assert!(!err.is_empty());
+
+    // Bob's export has credentials of its own; alice's secret does not open it.
+    let bob = VolumeServiceClient::new(fleet.member("bob", "p2"));
+    let bobs = bob.clone().initialize_connection(export("iqn.2026-11.test:bob")).await.unwrap().into_inner();
+    assert_eq!(bobs.target_iqn, alices.target_iqn, "the same volume, the same target name");
+    assert_ne!((&bobs.auth_username, &bobs.auth_password), (&alices.auth_username, &alices.auth_password));
+    let shown = fleet.tgt_show("storage1");
+    assert!(shown.contains(&bobs.auth_username) && !shown.contains(&alices.auth_username), "{shown}");
+    let read = iscsi::read(&iscsi::url(&bobs, &bobs.auth_password), 1, &scratch).unwrap();
+    assert_eq!(read, iscsi::pattern(3, 1 << 20), "bob reads the data");
+    let old_secret = ConnectionInfo { auth_username: alices.auth_username.clone(), ..bobs.clone() };
+    let err = iscsi::read(&iscsi::url(&old_secret, &alices.auth_password), 1, &scratch).unwrap_err();
+    assert!(!err.is_empty(), "alice's secret no longer opens it");
 }
