@@ -249,6 +249,8 @@ async fn the_offering_project_keeps_no_export_of_a_transferred_volume() {
     let offer = transfers.clone().create_transfer(req).await.unwrap().into_inner();
     let accept = AcceptTransferRequest { id: offer.id.clone(), auth_key: offer.auth_key.clone(), ..Default::default() };
     let bobs_transfers = TransferServiceClient::new(fleet.member("bob", "p2"));
+    let mut watch = alice.clone().watch_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(watch.message().await.unwrap().unwrap().status, "awaiting-transfer");
 
     // The storage node is down: the exports cannot be closed, so the volume does not change hands.
     storage.terminate();
@@ -263,6 +265,8 @@ async fn the_offering_project_keeps_no_export_of_a_transferred_volume() {
     let _storage = fleet.start_agent("storage", "storage1", &backend);
     wait_backend(&fleet, "storage1@file1").await;
     bobs_transfers.clone().accept_transfer(accept).await.expect("accepted once the node serves");
+    let last = watch.message().await.unwrap();
+    assert!(last.is_none(), "alice's watch ends; it shows nothing of bob's volume: {last:?}");
     assert!(!fleet.tgt_show("storage1").contains(&alices.target_iqn), "alice's target is gone");
     let err = iscsi::read(&iscsi::url(&alices, &alices.auth_password), 1, &scratch).unwrap_err();
     assert!(!err.is_empty());

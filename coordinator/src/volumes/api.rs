@@ -651,6 +651,8 @@ impl VolumeService for Volumes {
             loop {
                 let current = match db.acquire().await {
                     Ok(mut conn) => match store::find(&mut conn, &id).await {
+                        // Transferred to another project since the watch began: it is gone for this caller.
+                        Ok(Some(v)) if !crate::auth::can_see(&who, &v.project) => None,
                         Ok(Some(v)) if v.updated_at != last => {
                             last = v.updated_at;
                             let done = FINAL_STATUSES.contains(&v.status.as_str());
