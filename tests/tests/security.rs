@@ -202,12 +202,7 @@ async fn members_see_and_touch_only_their_own_project() {
 async fn a_revoked_certificate_is_refused_by_the_coordinator_and_the_agents() {
     let mut fleet = Fleet::new();
     fleet.start_coordinator();
-    let dir = fleet.subdir("b");
-    let storage = fleet.start_agent(
-        "storage",
-        "storage1",
-        &format!("[[backends]]\nname = \"b1\"\ndriver = \"file\"\ndirectory = \"{}\"\n", dir.display()),
-    );
+    let storage = fleet.start_agent("storage", "storage1", &fleet.file_backend("b1", "").0);
     ember_fleet_tests::volumes::wait_backend(&fleet, "storage1@b1").await;
     let alice_tls = fleet.issue(Role::Member, "alice", Some("p1"));
     let alice = VolumeServiceClient::new(fleet.channel(&alice_tls));
