@@ -62,13 +62,16 @@ enum CertsAction {
         /// Serial number (hex) of a certificate whose file is lost (repeatable).
         #[arg(long)]
         serial: Vec<String>,
+        /// Every certificate this CA issued to NAME, whatever its role (repeatable).
+        #[arg(long)]
+        name: Vec<String>,
     },
 }
 
 /// Runs `ember certs …`.
 pub fn run(cmd: CertsCmd, json: bool) -> Result<(), CliError> {
     let (cert, key) = match cmd.action {
-        CertsAction::Revoke { dir, certs, serial } => return run_revoke(&dir, &certs, &serial, json),
+        CertsAction::Revoke { dir, certs, serial, name } => return run_revoke(&dir, &certs, &serial, &name, json),
         CertsAction::Init { dir, common_name } => init_ca(&dir, &common_name).map_err(|e| e.to_string())?,
         CertsAction::Issue { dir, role, name, project, dns, ip, out, days } => {
             let req = IssueRequest { identity: Identity { role, name: name.clone(), project }, dns, ips: ip, days };
@@ -83,11 +86,17 @@ pub fn run(cmd: CertsCmd, json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-fn run_revoke(dir: &std::path::Path, certs: &[PathBuf], serials: &[String], json: bool) -> Result<(), CliError> {
-    if certs.is_empty() && serials.is_empty() {
-        return Err(CliError::Other("name the certificates to revoke (files, or --serial)".into()));
+fn run_revoke(
+    dir: &std::path::Path,
+    certs: &[PathBuf],
+    serials: &[String],
+    names: &[String],
+    json: bool,
+) -> Result<(), CliError> {
+    if certs.is_empty() && serials.is_empty() && names.is_empty() {
+        return Err(CliError::Other("name the certificates to revoke (files, --serial or --name)".into()));
     }
-    let done = revoke(dir, certs, serials).map_err(|e| e.to_string())?;
+    let done = revoke(dir, certs, serials, names).map_err(|e| e.to_string())?;
     let who = |r: &ember_common::certs::Revoked| match &r.identity {
         Some(i) => format!(
             "{} {}{}",

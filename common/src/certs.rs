@@ -12,6 +12,7 @@ use rcgen::{
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use time::{Duration, OffsetDateTime};
+use x509_parser::prelude::{CertificateRevocationList, FromDer, X509Certificate};
 
 /// Why a certificate operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,9 @@ pub const CA_CERT: &str = "ca.pem";
 pub const CA_KEY: &str = "ca.key";
 /// The CA's certificate revocation list, written by [`revoke`].
 pub const CRL: &str = "crl.pem";
+/// The CA's record of what it issued: a copy of each certificate (never a key), `issued/<serial>.pem`, so that
+/// [`revoke`] can find a holder's certificates by name.
+pub const ISSUED: &str = "issued";
 
 fn write_file(path: &Path, contents: &str, private: bool) -> Result<(), CertError> {
     use std::io::Write;
@@ -138,6 +142,14 @@ pub fn issue(
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
 
+    // Recorded first: no certificate exists that the CA cannot find to revoke.
+    let issued = ca_dir.join(ISSUED);
+    std::fs::create_dir_all(&issued).map_err(|source| CertError::Io { path: issued.clone(), source })?;
+    let (_, parsed) = X509Certificate::from_der(cert.der())
+        .map_err(|e| CertError::Invalid(format!("reading the new certificate: {e}")))?;
+    let serial = crate::revocation::serial_hex(&parsed.tbs_certificate.serial.to_bytes_be());
+    write_file(&issued.join(format!("{serial}.pem")), &cert.pem(), false)?;
+
     std::fs::create_dir_all(out_dir).map_err(|source| CertError::Io { path: out_dir.to_path_buf(), source })?;
     let (cert_path, key_path) = (out_dir.join(format!("{file_stem}.pem")), out_dir.join(format!("{file_stem}.key")));
     write_file(&cert_path, &cert.pem(), false)?;
@@ -167,14 +179,36 @@ pub struct Revocation {
     pub total: usize,
 }
 
+/// The certificates the CA in `ca_dir` recorded as issued to `name` (any role), in file name order.
+fn issued_to(ca_dir: &Path, name: &str) -> Result<Vec<PathBuf>, CertError> {
+    let dir = ca_dir.join(ISSUED);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(CertError::Io { path: dir, source }),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|source| CertError::Io { path: dir.clone(), source })?.path();
+        let pem = read_file(&path)?;
+        let holder = crate::revocation::pem_block(pem.as_bytes(), "CERTIFICATE")
+            .ok()
+            .and_then(|der| Identity::from_der(&der).ok());
+        if holder.is_some_and(|i| i.name == name) {
+            found.push(path);
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
 /// Adds certificates to the CA's revocation list (`<ca_dir>/crl.pem`, created on first use): each of
-/// `certs` (PEM files, which must be this CA's) and each of `serials` (hex, colons allowed, for a certificate
-/// whose file is lost). The list is signed by the CA, numbered one past the last, and replaces the old one
+/// `certs` (PEM files, which must be this CA's), each of `serials` (hex, colons allowed, for a certificate
+/// whose file is lost), and every certificate the CA recorded as issued to one of `names`. The list is signed by the CA, numbered one past the last, and replaces the old one
 /// atomically; what it already held stays. Daemons whose `[tls] crl` names a copy of it refuse those
 /// certificates within seconds of the copy changing (see [`crate::revocation`]).
-pub fn revoke(ca_dir: &Path, certs: &[PathBuf], serials: &[String]) -> Result<Revocation, CertError> {
+pub fn revoke(ca_dir: &Path, certs: &[PathBuf], serials: &[String], names: &[String]) -> Result<Revocation, CertError> {
     use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
-    use x509_parser::prelude::{CertificateRevocationList, FromDer, X509Certificate};
     let invalid = |path: &Path, why: String| CertError::Invalid(format!("{}: {why}", path.display()));
     let ca_pem = read_file(&ca_dir.join(CA_CERT))?;
     let ca_der = crate::revocation::pem_block(ca_pem.as_bytes(), "CERTIFICATE")
@@ -205,7 +239,19 @@ pub fn revoke(ca_dir: &Path, certs: &[PathBuf], serials: &[String]) -> Result<Re
         let serial = crate::revocation::serial_hex(&serial);
         revoked.push(Revoked { serial, identity, already });
     };
-    for path in certs {
+    let mut certs = certs.to_vec();
+    for name in names {
+        let found = issued_to(ca_dir, name)?;
+        if found.is_empty() {
+            return Err(CertError::Invalid(format!(
+                "no certificate issued to {name:?} is recorded in {} (for one issued before the CA kept that \
+                 record, give its file or --serial)",
+                ca_dir.join(ISSUED).display()
+            )));
+        }
+        certs.extend(found);
+    }
+    for path in &certs {
         let pem = read_file(path)?;
         let der = crate::revocation::pem_block(pem.as_bytes(), "CERTIFICATE").map_err(|e| invalid(path, e))?;
         let (_, cert) = X509Certificate::from_der(&der).map_err(|e| invalid(path, e.to_string()))?;

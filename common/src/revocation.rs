@@ -193,13 +193,13 @@ mod tests {
         let (alice, bob, carol) = (member(dir.path(), "alice"), member(dir.path(), "bob"), member(dir.path(), "carol"));
         let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
 
-        let first = revoke(dir.path(), std::slice::from_ref(&alice), &[]).unwrap();
+        let first = revoke(dir.path(), std::slice::from_ref(&alice), &[], &[]).unwrap();
         assert_eq!((first.revoked.len(), first.total), (1, 1));
         let list = parse(&ca, &std::fs::read(&first.crl).unwrap()).unwrap();
         assert!(listed(&list, &alice) && !listed(&list, &bob) && !listed(&list, &carol));
 
         // A second revocation keeps the first; revoking again what is revoked changes nothing.
-        let second = revoke(dir.path(), &[bob.clone(), alice.clone()], &[]).unwrap();
+        let second = revoke(dir.path(), &[bob.clone(), alice.clone()], &[], &[]).unwrap();
         assert_eq!(second.total, 2);
         assert_eq!(second.revoked.iter().map(|r| r.already).collect::<Vec<_>>(), [false, true]);
         let list = parse(&ca, &std::fs::read(&second.crl).unwrap()).unwrap();
@@ -208,12 +208,31 @@ mod tests {
     }
 
     #[test]
+    fn every_certificate_issued_to_a_name_is_revoked_by_that_name() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path(), "test CA").unwrap();
+        let laptop = member(dir.path(), "alice");
+        let identity = Identity { role: Role::Admin, name: "alice".into(), project: None };
+        let req = IssueRequest { identity, dns: vec![], ips: vec![], days: 1 };
+        let (desktop, _) = issue(dir.path(), &req, &dir.path().join("desktop"), "alice").unwrap();
+        let bob = member(dir.path(), "bob");
+
+        let done = revoke(dir.path(), &[], &[], &["alice".into()]).unwrap();
+        assert_eq!(done.total, 2);
+        let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+        let list = parse(&ca, &std::fs::read(&done.crl).unwrap()).unwrap();
+        assert!(listed(&list, &laptop) && listed(&list, &desktop) && !listed(&list, &bob));
+        let err = revoke(dir.path(), &[], &[], &["carol".into()]).unwrap_err().to_string();
+        assert!(err.contains("no certificate issued to \"carol\""), "{err}");
+    }
+
+    #[test]
     fn a_list_from_another_ca_is_refused() {
         let (ours, theirs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         init_ca(ours.path(), "ours").unwrap();
         init_ca(theirs.path(), "theirs").unwrap();
         let mallory = member(theirs.path(), "mallory");
-        let crl = revoke(theirs.path(), &[mallory], &[]).unwrap().crl;
+        let crl = revoke(theirs.path(), &[mallory], &[], &[]).unwrap().crl;
         let ca = std::fs::read(ours.path().join("ca.pem")).unwrap();
         let err = parse(&ca, &std::fs::read(&crl).unwrap()).unwrap_err();
         assert!(err.contains("not by the fleet CA"), "{err}");
@@ -226,7 +245,7 @@ mod tests {
         init_ca(ours.path(), "ours").unwrap();
         init_ca(theirs.path(), "theirs").unwrap();
         let foreign = member(theirs.path(), "eve");
-        let err = revoke(ours.path(), &[foreign], &[]).unwrap_err().to_string();
+        let err = revoke(ours.path(), &[foreign], &[], &[]).unwrap_err().to_string();
         assert!(err.contains("not issued by this CA"), "{err}");
         assert!(!ours.path().join(crate::certs::CRL).exists(), "nothing was written");
     }

@@ -250,9 +250,12 @@ async fn a_revoked_certificate_is_refused_by_the_coordinator_and_the_agents() {
         .expect("the fleet's coordinator");
 
     // A revoked agent can no longer heartbeat: the coordinator shows it down, and gives it no work.
-    let storage_cert = fleet.tls("storage-agent-storage1").cert;
-    let (ok, out, err) = fleet.cli(&[&args[..], &[storage_cert.to_str().unwrap()]].concat());
-    assert!(ok && out.contains("now revokes 3 certificate(s)"), "{out}\n{err}");
+    // By name, as the CA recorded it: no certificate file needed.
+    let (ok, out, err) = fleet.cli(&[&args[..], &["--name", "storage1"]].concat());
+    assert!(
+        ok && out.contains("storage-agent storage1") && out.contains("now revokes 3 certificate(s)"),
+        "{out}\n{err}"
+    );
     ember_fleet_tests::backups::wait_down(&fleet, "storage1@b1").await;
     assert!(storage.log_text().contains("is revoked"), "the agent's log says why");
 
@@ -267,7 +270,7 @@ async fn a_revoked_certificate_is_refused_by_the_coordinator_and_the_agents() {
         days: 1,
     };
     let (x, _) = issue(&other, &req, &other, "x").unwrap();
-    let forged = ember_common::certs::revoke(&other, &[x], &[]).unwrap().crl;
+    let forged = ember_common::certs::revoke(&other, &[x], &[], &[]).unwrap().crl;
     std::fs::copy(&forged, fleet.crl()).unwrap();
     let coordinator = fleet.coordinator.as_ref().unwrap();
     wait_for("the coordinator refuses the forged list", Duration::from_secs(30), || async {
