@@ -28,3 +28,12 @@ pub fn install_crypto_provider() {
     // An error only means a provider is already installed, which is what we want.
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+
+/// Makes every file and directory this process creates from now on private to its user (umask 077). Volume and
+/// snapshot files, backup chunks and manifests, the database and an agent's export state hold tenants' data and
+/// secrets (CHAP passwords, wrapped keys), which no other local user of the node may read. Call first thing in
+/// `main` of the coordinator and of the storage and backup agents (not the compute agent: QEMU, running as
+/// another user, must read what it writes for a guest).
+pub fn private_files() {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+}

@@ -112,6 +112,7 @@ fn settings(args: &Args) -> Result<CoordinatorConfig, Box<dyn std::error::Error>
 
 #[tokio::main]
 async fn main() {
+    ember_common::private_files();
     ember_common::install_crypto_provider();
     let args = Args::parse();
     ember_common::logging::init(args.log_json);

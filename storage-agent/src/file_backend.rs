@@ -64,6 +64,26 @@ pub fn checked_id(field: &'static str, id: &str) -> Result<uuid::Uuid> {
         .ok_or_else(|| AgentError::InvalidArgument { field, message: format!("{id:?} is not a lowercase UUID") })
 }
 
+/// Takes the group's and others' access away from a volume or snapshot file made before the agent made its
+/// files private (an older version, or another program): other users of the node must not read volumes.
+/// Best effort: a file the agent may not change (another system's, on a share) is left as it is, with a warning.
+fn make_private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(mode) = std::fs::metadata(path).map(|m| m.permissions().mode()) else { return };
+    if mode & 0o077 != 0 {
+        match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o700)) {
+            Ok(()) => tracing::info!(path = %path.display(), "volume file made private to the agent's user"),
+            Err(e) => tracing::warn!(path = %path.display(), "volume file readable by other users: {e}"),
+        }
+    }
+}
+
+/// The id in a volume's or snapshot's file name (`volume-<uuid>`, `snapshot-<uuid>`); `None` for any other file.
+fn volume_or_snapshot_id(name: &str) -> Option<&str> {
+    let id = name.strip_prefix("volume-").or_else(|| name.strip_prefix("snapshot-"))?;
+    ember_common::identity::canonical_uuid(id).map(|_| id)
+}
+
 /// One file backend.
 #[derive(Debug, Clone)]
 pub struct FileBackend {
@@ -91,6 +111,8 @@ impl FileBackend {
                 && !backend.cfg.directory.join(volume).exists()
             {
                 let _ = std::fs::remove_file(entry.path());
+            } else if volume_or_snapshot_id(&name).is_some() {
+                make_private(&entry.path());
             }
         }
         Ok(backend)

@@ -45,6 +45,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() {
+    ember_common::private_files();
     let args = Args::parse();
     start_process(args.agent.log_json);
     ember_common::direct_io::keep_freed_memory();

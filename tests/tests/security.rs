@@ -283,3 +283,65 @@ async fn a_revoked_certificate_is_refused_by_the_coordinator_and_the_agents() {
     assert!(!status.success());
     assert!(log.contains("not by the fleet CA"), "{log}");
 }
+
+/// What the daemons keep of tenants' data and secrets is readable by their own user only: volume and snapshot
+/// files, the export state (CHAP secrets), backup chunks and manifests, the database. A volume file left
+/// readable by others (made by an older version) is made private when the storage agent starts.
+#[tokio::test]
+async fn the_daemons_files_are_private_to_their_user() {
+    use ember_fleet_tests::backups::{OneSite, fill, wait_backup_settled};
+    use ember_fleet_tests::volumes::{new_snapshot, new_volume, wait_backend};
+    use ember_proto::v1::backup_service_client::BackupServiceClient;
+    use ember_proto::v1::snapshot_service_client::SnapshotServiceClient;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    /// Every file under `dir` that a group or others may read, with its mode.
+    fn readable_by_others(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u32)> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let (path, meta) = (entry.path(), entry.metadata().unwrap());
+            if meta.is_dir() {
+                found.extend(readable_by_others(&path));
+            } else if meta.permissions().mode() & 0o077 != 0 {
+                found.push((path, meta.permissions().mode() & 0o777));
+            }
+        }
+        found
+    }
+
+    let mut site = OneSite::start().await;
+    let fleet = &site.fleet;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let old = new_volume(&volumes, 1).await;
+    let old_file = site.dir.join(format!("volume-{}", old.id));
+    std::fs::set_permissions(&old_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    let v = new_volume(&volumes, 1).await;
+    let file = site.dir.join(format!("volume-{}", v.id));
+    fill(&file, 0, 9, 1 << 20);
+    new_snapshot(&SnapshotServiceClient::new(fleet.admin()), &v.id).await;
+    let export = InitializeConnectionRequest {
+        volume_id: v.id.clone(),
+        connector: Some(Connector { initiator: "iqn.2026-11.test:h".into(), ..Default::default() }),
+    };
+    volumes.clone().initialize_connection(export).await.unwrap();
+    let backups = BackupServiceClient::new(fleet.admin());
+    let req = CreateBackupRequest { volume_id: v.id.clone(), ..Default::default() };
+    let b = backups.clone().create_backup(req).await.unwrap().into_inner();
+    assert_eq!(wait_backup_settled(&backups, &b.id).await.status, "available");
+
+    assert_eq!(mode(&file), 0o600);
+    let state = fleet.subdir("state-storage1");
+    assert_eq!(mode(&state.join("exports.json")), 0o600, "it holds CHAP secrets");
+    assert_eq!(mode(&fleet.database()), 0o600);
+    assert!(site.repo.join("chunks").exists());
+    assert_eq!(readable_by_others(&site.repo), [], "the backup repository");
+    assert_eq!(readable_by_others(&state), []);
+    assert_eq!(readable_by_others(&site.dir), [(old_file.clone(), 0o644)], "only the file made readable by hand");
+
+    site.storage.terminate();
+    site.storage = fleet.start_agent("storage", "storage1", &site.backend);
+    wait_backend(fleet, "storage1@file1").await;
+    assert_eq!(mode(&old_file), 0o600, "made private at the agent's start");
+    assert_eq!(readable_by_others(&site.dir), []);
+}
