@@ -47,6 +47,27 @@ pub enum CommandError {
     },
 }
 
+/// The arguments as logs and errors show them: a secret (the value after an argument naming a password, as
+/// `tgtadm --password S` or `iscsiadm -n node.session.auth.password -v S`) is replaced, so CHAP secrets reach
+/// neither the logs nor an error a user reads.
+pub fn shown_args(args: &[&str]) -> Vec<String> {
+    let names_secret = |a: &str| a.to_ascii_lowercase().contains("password");
+    args.iter()
+        .enumerate()
+        .map(|(i, a)| {
+            // A bare name (`--password`, a key) is followed by its value; `name=value` carries its own.
+            let after = |n: usize| i >= n && names_secret(args[i - n]) && !args[i - n].contains('=');
+            if after(1) || (i >= 1 && args[i - 1] == "-v" && after(2)) {
+                "<redacted>".to_string()
+            } else if let Some((key, _)) = a.split_once('=').filter(|(k, _)| names_secret(k)) {
+                format!("{key}=<redacted>")
+            } else {
+                a.to_string()
+            }
+        })
+        .collect()
+}
+
 /// What a successful run printed.
 #[derive(Debug, Clone)]
 pub struct CommandOutput {
@@ -101,6 +122,7 @@ async fn run_child(
     stdout: Option<std::fs::File>,
 ) -> Result<CommandOutput, CommandError> {
     let started = Instant::now();
+    let shown = shown_args(args);
     let mut cmd = Command::new(program);
     cmd.args(args)
         .env("LC_ALL", "C")
@@ -122,7 +144,7 @@ async fn run_child(
     let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(out) => out.map_err(|source| CommandError::Spawn { program: program.to_string(), source })?,
         Err(_) => {
-            tracing::warn!(program, ?args, ?timeout, "command timed out; killed");
+            tracing::warn!(program, args = ?shown, ?timeout, "command timed out; killed");
             return Err(CommandError::TimedOut { program: program.to_string(), timeout });
         }
     };
@@ -130,13 +152,13 @@ async fn run_child(
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     let elapsed_ms = started.elapsed().as_millis() as u64;
     if output.status.success() {
-        tracing::debug!(program, ?args, elapsed_ms, "command ok");
+        tracing::debug!(program, args = ?shown, elapsed_ms, "command ok");
         Ok(CommandOutput { stdout, stderr })
     } else {
-        tracing::info!(program, ?args, elapsed_ms, code = ?output.status.code(), stderr = stderr.trim(), "command failed");
+        tracing::info!(program, args = ?shown, elapsed_ms, code = ?output.status.code(), stderr = stderr.trim(), "command failed");
         Err(CommandError::Failed {
             program: program.to_string(),
-            args: args.join(" "),
+            args: shown.join(" "),
             code: output.status.code(),
             stderr: stderr.trim().to_string(),
             stdout: stdout.trim().to_string(),
@@ -147,6 +169,24 @@ async fn run_child(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_never_show() {
+        let tgt = ["--mode", "account", "--op", "new", "--user", "u1", "--password", "s3cret"];
+        assert_eq!(shown_args(&tgt).join(" "), "--mode account --op new --user u1 --password <redacted>");
+        let iscsi = ["-m", "node", "-o", "update", "-n", "node.session.auth.password", "-v", "s3cret"];
+        assert_eq!(shown_args(&iscsi)[7], "<redacted>");
+        let user = ["-n", "node.session.auth.username", "-v", "u1"];
+        assert_eq!(shown_args(&user)[3], "u1", "only secrets are hidden");
+        assert_eq!(shown_args(&["--password=s3cret", "x"]), ["--password=<redacted>", "x"]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_command_does_not_show_its_secret() {
+        let err = run("sh", &["-c", "exit 3", "--password", "s3cret"], Duration::from_secs(5)).await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("exited with Some(3)") && !text.contains("s3cret"), "{text}");
+    }
 
     #[test]
     fn data_deadlines_grow_with_the_bytes_moved() {
