@@ -1,7 +1,7 @@
 //! `ember certs`: the fleet CA and per-role certificates.
 
 use crate::connect::CliError;
-use ember_common::certs::{IssueRequest, init_ca, issue, revoke};
+use ember_common::certs::{IssueRequest, init_ca, issue, issued, revoke};
 use ember_common::identity::{Identity, Role};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -51,6 +51,13 @@ enum CertsAction {
         #[arg(long, default_value_t = 365)]
         days: i64,
     },
+    /// List the certificates the CA in --dir issued (as it recorded them), with their expiry and whether they
+    /// are revoked.
+    List {
+        /// Directory holding the CA.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+    },
     /// Revoke certificates: add them to the CA's revocation list (crl.pem in --dir). Every daemon whose
     /// `[tls] crl` names a copy of it refuses their calls within seconds of the copy changing.
     Revoke {
@@ -71,6 +78,7 @@ enum CertsAction {
 /// Runs `ember certs …`.
 pub fn run(cmd: CertsCmd, json: bool) -> Result<(), CliError> {
     let (cert, key) = match cmd.action {
+        CertsAction::List { dir } => return run_list(&dir, json),
         CertsAction::Revoke { dir, certs, serial, name } => return run_revoke(&dir, &certs, &serial, &name, json),
         CertsAction::Init { dir, common_name } => init_ca(&dir, &common_name).map_err(|e| e.to_string())?,
         CertsAction::Issue { dir, role, name, project, dns, ip, out, days } => {
@@ -124,5 +132,37 @@ fn run_revoke(
         done.crl.display(),
         done.total
     );
+    Ok(())
+}
+
+fn run_list(dir: &std::path::Path, json: bool) -> Result<(), CliError> {
+    let all = issued(dir).map_err(|e| e.to_string())?;
+    if json {
+        let list: Vec<_> = all
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "serial": c.serial, "role": c.identity.role.as_str(), "name": c.identity.name,
+                    "project": c.identity.project.clone().unwrap_or_default(), "expires": c.expires(), "state": c.state(),
+                })
+            })
+            .collect();
+        crate::output::json(&serde_json::Value::Array(list));
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|c| {
+            vec![
+                c.identity.name.clone(),
+                c.identity.role.to_string(),
+                c.identity.project.clone().unwrap_or_default(),
+                c.expires(),
+                c.state().to_string(),
+                c.serial.clone(),
+            ]
+        })
+        .collect();
+    crate::output::table(&["Name", "Role", "Project", "Expires", "State", "Serial"], &rows);
     Ok(())
 }

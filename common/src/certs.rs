@@ -179,33 +179,77 @@ pub struct Revocation {
     pub total: usize,
 }
 
-/// The certificates the CA in `ca_dir` recorded as issued to `name` (any role), in file name order.
-fn issued_to(ca_dir: &Path, name: &str) -> Result<Vec<PathBuf>, CertError> {
+/// A certificate the CA recorded as issued (`issued/<serial>.pem`).
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The recorded copy.
+    pub path: PathBuf,
+    /// Its serial number, in hex.
+    pub serial: String,
+    /// Who holds it.
+    pub identity: Identity,
+    /// When it expires.
+    pub not_after: OffsetDateTime,
+    /// Whether the CA's revocation list names it.
+    pub revoked: bool,
+}
+
+impl Issued {
+    /// `revoked`, `expired` or `valid`.
+    pub fn state(&self) -> &'static str {
+        match (self.revoked, self.not_after < OffsetDateTime::now_utc()) {
+            (true, _) => "revoked",
+            (false, true) => "expired",
+            (false, false) => "valid",
+        }
+    }
+
+    /// The expiry, RFC 3339.
+    pub fn expires(&self) -> String {
+        self.not_after.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    }
+}
+
+/// What the CA in `ca_dir` recorded as issued, by holder name, then expiry, then serial.
+pub fn issued(ca_dir: &Path) -> Result<Vec<Issued>, CertError> {
     let dir = ca_dir.join(ISSUED);
     let entries = match std::fs::read_dir(&dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(source) => return Err(CertError::Io { path: dir, source }),
     };
+    let crl_path = ca_dir.join(CRL);
+    let revoked = match crl_path.exists() {
+        true => {
+            crate::revocation::parse(read_file(&ca_dir.join(CA_CERT))?.as_bytes(), read_file(&crl_path)?.as_bytes())
+                .map_err(|e| CertError::Invalid(format!("{}: {e}", crl_path.display())))?
+        }
+        false => Default::default(),
+    };
     let mut found = Vec::new();
     for entry in entries {
         let path = entry.map_err(|source| CertError::Io { path: dir.clone(), source })?.path();
         let pem = read_file(&path)?;
-        let holder = crate::revocation::pem_block(pem.as_bytes(), "CERTIFICATE")
-            .ok()
-            .and_then(|der| Identity::from_der(&der).ok());
-        if holder.is_some_and(|i| i.name == name) {
-            found.push(path);
-        }
+        let Ok(der) = crate::revocation::pem_block(pem.as_bytes(), "CERTIFICATE") else { continue };
+        let (Ok((_, cert)), Ok(identity)) = (X509Certificate::from_der(&der), Identity::from_der(&der)) else {
+            continue;
+        };
+        found.push(Issued {
+            serial: crate::revocation::serial_hex(&cert.tbs_certificate.serial.to_bytes_be()),
+            identity,
+            not_after: cert.validity().not_after.to_datetime(),
+            revoked: revoked.contains(&cert),
+            path,
+        });
     }
-    found.sort();
+    found.sort_by(|a, b| (&a.identity.name, a.not_after, &a.serial).cmp(&(&b.identity.name, b.not_after, &b.serial)));
     Ok(found)
 }
 
 /// Adds certificates to the CA's revocation list (`<ca_dir>/crl.pem`, created on first use): each of
 /// `certs` (PEM files, which must be this CA's), each of `serials` (hex, colons allowed, for a certificate
-/// whose file is lost), and every certificate the CA recorded as issued to one of `names`. The list is signed by the CA, numbered one past the last, and replaces the old one
-/// atomically; what it already held stays. Daemons whose `[tls] crl` names a copy of it refuse those
+/// whose file is lost), and every certificate the CA recorded as issued to one of `names`. The list is signed
+/// by the CA, numbered one past the last, and replaces the old one atomically; what it already held stays. Daemons whose `[tls] crl` names a copy of it refuse those
 /// certificates within seconds of the copy changing (see [`crate::revocation`]).
 pub fn revoke(ca_dir: &Path, certs: &[PathBuf], serials: &[String], names: &[String]) -> Result<Revocation, CertError> {
     use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
@@ -240,8 +284,10 @@ pub fn revoke(ca_dir: &Path, certs: &[PathBuf], serials: &[String], names: &[Str
         revoked.push(Revoked { serial, identity, already });
     };
     let mut certs = certs.to_vec();
+    let recorded = if names.is_empty() { Vec::new() } else { issued(ca_dir)? };
     for name in names {
-        let found = issued_to(ca_dir, name)?;
+        let found: Vec<PathBuf> =
+            recorded.iter().filter(|i| &i.identity.name == name).map(|i| i.path.clone()).collect();
         if found.is_empty() {
             return Err(CertError::Invalid(format!(
                 "no certificate issued to {name:?} is recorded in {} (for one issued before the CA kept that \

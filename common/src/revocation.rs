@@ -222,6 +222,20 @@ mod tests {
         let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
         let list = parse(&ca, &std::fs::read(&done.crl).unwrap()).unwrap();
         assert!(listed(&list, &laptop) && listed(&list, &desktop) && !listed(&list, &bob));
+        let mut recorded: Vec<_> = crate::certs::issued(dir.path())
+            .unwrap()
+            .iter()
+            .map(|c| (c.identity.name.clone(), c.identity.role.as_str(), c.state()))
+            .collect();
+        recorded.sort();
+        assert_eq!(
+            recorded,
+            [
+                ("alice".to_string(), "admin", "revoked"),
+                ("alice".to_string(), "member", "revoked"),
+                ("bob".to_string(), "member", "valid")
+            ]
+        );
         let err = revoke(dir.path(), &[], &[], &["carol".into()]).unwrap_err().to_string();
         assert!(err.contains("no certificate issued to \"carol\""), "{err}");
     }

@@ -257,6 +257,13 @@ async fn a_revoked_certificate_is_refused_by_the_coordinator_and_the_agents() {
         "{out}\n{err}"
     );
     ember_fleet_tests::backups::wait_down(&fleet, "storage1@b1").await;
+    let (ok, out, err) = fleet.cli(&["--json", "certs", "list", "--dir", ca_dir.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let state = |name: &str| listed.iter().find(|c| c["name"] == name).map(|c| c["state"].clone());
+    assert_eq!(state("alice"), Some("revoked".into()));
+    assert_eq!(state("storage1"), Some("revoked".into()));
+    assert_eq!(state("bob"), Some("valid".into()));
     assert!(storage.log_text().contains("is revoked"), "the agent's log says why");
 
     // A list from another CA: the running coordinator keeps the good one (alice stays refused), and an agent
