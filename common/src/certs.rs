@@ -231,9 +231,8 @@ pub fn issued(ca_dir: &Path) -> Result<Vec<Issued>, CertError> {
         let path = entry.map_err(|source| CertError::Io { path: dir.clone(), source })?.path();
         let pem = read_file(&path)?;
         let Ok(der) = crate::revocation::pem_block(pem.as_bytes(), "CERTIFICATE") else { continue };
-        let (Ok((_, cert)), Ok(identity)) = (X509Certificate::from_der(&der), Identity::from_der(&der)) else {
-            continue;
-        };
+        let Ok((_, cert)) = X509Certificate::from_der(&der) else { continue };
+        let Ok(identity) = Identity::from_cert(&cert) else { continue };
         found.push(Issued {
             serial: crate::revocation::serial_hex(&cert.tbs_certificate.serial.to_bytes_be()),
             identity,
@@ -304,7 +303,7 @@ pub fn revoke(ca_dir: &Path, certs: &[PathBuf], serials: &[String], names: &[Str
         if cert.issuer() != ca.subject() || cert.verify_signature(Some(ca.public_key())).is_err() {
             return Err(invalid(path, "not issued by this CA".into()));
         }
-        add(cert.tbs_certificate.serial.to_bytes_be(), Identity::from_der(&der).ok());
+        add(cert.tbs_certificate.serial.to_bytes_be(), Identity::from_cert(&cert).ok());
     }
     for hex in serials {
         let digits: String = hex.chars().filter(|c| *c != ':').collect();

@@ -94,6 +94,11 @@ impl Identity {
     /// Reads the identity from a DER certificate's URI SANs.
     pub fn from_der(der: &[u8]) -> Result<Identity, String> {
         let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
+        Identity::from_cert(&cert)
+    }
+
+    /// Reads the identity from a parsed certificate's URI SANs.
+    pub fn from_cert(cert: &X509Certificate<'_>) -> Result<Identity, String> {
         let san = cert
             .subject_alternative_name()
             .map_err(|e| format!("bad subjectAltName: {e}"))?
@@ -129,9 +134,9 @@ impl Identity {
         let leaf = certs
             .first()
             .ok_or_else(|| Status::unauthenticated("a client certificate from the fleet CA is required"))?;
-        let identity = Identity::from_der(leaf.as_ref()).map_err(Status::unauthenticated)?;
         let (_, cert) = X509Certificate::from_der(leaf.as_ref())
             .map_err(|e| Status::unauthenticated(format!("unreadable certificate: {e}")))?;
+        let identity = Identity::from_cert(&cert).map_err(Status::unauthenticated)?;
         if crate::revocation::current().contains(&cert) {
             return Err(Status::unauthenticated(format!(
                 "the certificate of {} {} (serial {}) is revoked",
