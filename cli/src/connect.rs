@@ -1,5 +1,6 @@
 //! Finding the coordinator and our certificate, and turning gRPC statuses into one-line errors.
 
+use ember_common::access_log::{REQUEST_ID_HEADER, code_name};
 use ember_common::tls::TlsFiles;
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -36,25 +37,21 @@ struct FileConfig {
 /// A CLI failure, printed as one line.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    /// The coordinator answered with an error status.
-    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    /// The coordinator answered with an error status; the request id it gave the call ends the line, for
+    /// the operator to find the call in its log.
+    #[error("{}: {}{}", code_name(.0.code()), .0.message(), request_id(.0))]
     Status(#[from] tonic::Status),
     /// Anything else, already worded for the user.
     #[error("{0}")]
     Other(String),
 }
 
-fn code_name(code: tonic::Code) -> String {
-    // The canonical upper-case names people search for (NOT_FOUND, INVALID_ARGUMENT, ...).
-    let words = format!("{code:?}");
-    let mut out = String::new();
-    for (i, ch) in words.chars().enumerate() {
-        if ch.is_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(ch.to_ascii_uppercase());
+/// ` (request req-…)` when the coordinator named the call, else nothing.
+fn request_id(status: &tonic::Status) -> String {
+    match status.metadata().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()) {
+        Some(id) => format!(" (request {id})"),
+        None => String::new(),
     }
-    out
 }
 
 impl From<String> for CliError {
@@ -90,14 +87,5 @@ impl ConnectArgs {
             crl: None,
         };
         tls.channel(&coordinator).map_err(|e| CliError::Other(e.to_string()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn code_names() {
-        assert_eq!(super::code_name(tonic::Code::NotFound), "NOT_FOUND");
-        assert_eq!(super::code_name(tonic::Code::InvalidArgument), "INVALID_ARGUMENT");
     }
 }

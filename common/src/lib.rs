@@ -2,6 +2,7 @@
 //! the certificate authority, server bootstrap (reflection, health, graceful shutdown), logging, config
 //! loading, the one runner for external commands, and the agents' registration loop.
 
+pub mod access_log;
 pub mod agent;
 pub mod certs;
 pub mod config;

@@ -5,7 +5,12 @@
 pub fn init(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EMBER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    // Colours only on a terminal: escape codes in a log file get in the way of everyone who greps it.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if json {
         builder.json().with_current_span(true).init();
     } else {

@@ -1,5 +1,5 @@
-//! Serving a daemon's gRPC API: bind, mTLS, server reflection (v1 and v1alpha), `grpc.health.v1`, and a
-//! graceful stop on SIGTERM or SIGINT.
+//! Serving a daemon's gRPC API: bind, mTLS, server reflection (v1 and v1alpha), `grpc.health.v1`, the access
+//! log, and a graceful stop on SIGTERM or SIGINT.
 
 use crate::tls::{TlsError, TlsFiles};
 use std::net::SocketAddr;
@@ -97,6 +97,7 @@ pub async fn serve(
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(32 << 20))
         .tls_config(tls.server_config()?.timeout(peer_timeout))?
+        .layer(crate::access_log::AccessLogLayer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await?;

@@ -1,0 +1,250 @@
+//! The access log: one line for every gRPC call a daemon serves, saying who called what and how it ended, and a
+//! request id that ties the line, every log line written while the call ran, and the caller's error together.
+//!
+//! Why: the coordinator serves many projects, and "who deleted this volume, and when" must have an answer that
+//! does not depend on what each handler chose to log. The line is written by a layer in front of every service
+//! (public API, agent APIs, registration, reflection, health), so no call escapes it, refused ones included.
+//!
+//! - The request id (`req-<uuid>`) is new for each call. It goes back to the caller as the `x-request-id`
+//!   response header (gRPC metadata): `ember` prints it with every error, for the operator to search for.
+//! - The caller is read from the verified client certificate (name, role, project). Authorization stays with the
+//!   services' interceptors; this only reports.
+//! - The outcome is the gRPC status the caller received: read from the response headers when the call failed
+//!   before answering, else from the trailers that end the response stream. A stream the caller dropped is
+//!   logged as `CANCELLED`.
+//! - Routine calls that succeed (heartbeats, the sweeper's listings, progress polls, health checks and
+//!   reflection) are logged at `debug`, everything else at `info`.
+
+use http::{HeaderMap, HeaderValue};
+use http_body::{Body, Frame};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tower_layer::Layer;
+use tower_service::Service;
+use tracing::Instrument;
+
+/// The response header that carries a call's request id.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The canonical upper-case name of a gRPC status code (`NOT_FOUND`, `INVALID_ARGUMENT`, ...), as people
+/// search for it.
+pub fn code_name(code: tonic::Code) -> String {
+    let words = format!("{code:?}");
+    let mut out = String::new();
+    for (i, ch) in words.chars().enumerate() {
+        if ch.is_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(ch.to_ascii_uppercase());
+    }
+    out
+}
+
+/// Calls made every few seconds whatever people do: agents' heartbeats, the coordinator's look at what each
+/// storage node holds (the orphan sweeper) and its polls of a running backup's progress.
+const ROUTINE: &[&str] = &["/Heartbeat", "/ListResources", "/GetProgress"];
+
+/// Adds the access log to a server (`Server::builder().layer(AccessLogLayer)`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AccessLogLayer;
+
+impl<S> Layer<S> for AccessLogLayer {
+    type Service = AccessLog<S>;
+
+    fn layer(&self, inner: S) -> AccessLog<S> {
+        AccessLog { inner }
+    }
+}
+
+/// The service [`AccessLogLayer`] wraps around a server's routes.
+#[derive(Debug, Clone)]
+pub struct AccessLog<S> {
+    inner: S,
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for AccessLog<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    ResBody: Body + Unpin,
+{
+    type Response = http::Response<Watched<ResBody>>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        let call = Call::begin(&req);
+        let span =
+            tracing::info_span!("call", request_id = %call.request_id, method = %call.method, caller = %call.caller);
+        let answer = self.inner.call(req).instrument(span);
+        Box::pin(async move {
+            let mut response = answer.await?;
+            if let Ok(id) = HeaderValue::from_str(&call.request_id) {
+                response.headers_mut().insert(REQUEST_ID_HEADER, id);
+            }
+            // A call that failed before answering carries its status in the headers ("trailers-only").
+            let call = match Outcome::of(response.headers()) {
+                Some(outcome) => {
+                    call.end(outcome);
+                    None
+                }
+                None => Some(call),
+            };
+            Ok(response.map(|inner| Watched { inner, call }))
+        })
+    }
+}
+
+/// A response body that logs its call when the trailers with the final status pass, or when it is dropped.
+#[derive(Debug)]
+pub struct Watched<B> {
+    inner: B,
+    call: Option<Call>,
+}
+
+impl<B: Body + Unpin> Body for Watched<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let outcome = match &polled {
+            Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().and_then(Outcome::of),
+            Poll::Ready(Some(Err(_))) => Some(Outcome::broken("the response stream failed")),
+            Poll::Ready(None) => Some(Outcome::broken("the response ended without a status")),
+            Poll::Pending => None,
+        };
+        if let Some(outcome) = outcome
+            && let Some(call) = self.call.take()
+        {
+            call.end(outcome);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for Watched<B> {
+    fn drop(&mut self) {
+        if let Some(call) = self.call.take() {
+            call.end(Outcome { code: tonic::Code::Cancelled, message: "the caller went away".into() });
+        }
+    }
+}
+
+/// How a call ended.
+#[derive(Debug)]
+struct Outcome {
+    code: tonic::Code,
+    message: String,
+}
+
+impl Outcome {
+    /// The gRPC status in `headers` (response headers or trailers), if they carry one.
+    fn of(headers: &HeaderMap) -> Option<Outcome> {
+        let code = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
+        let message = headers
+            .get("grpc-message")
+            .map(|m| percent_encoding::percent_decode(m.as_bytes()).decode_utf8_lossy().into_owned())
+            .unwrap_or_default();
+        Some(Outcome { code: tonic::Code::from(code), message })
+    }
+
+    fn broken(why: &str) -> Outcome {
+        Outcome { code: tonic::Code::Unknown, message: why.into() }
+    }
+}
+
+/// One call being served.
+#[derive(Debug)]
+struct Call {
+    request_id: String,
+    method: String,
+    caller: String,
+    role: String,
+    project: String,
+    peer: String,
+    started: Instant,
+    /// Routine traffic (heartbeats, health, reflection), logged at debug.
+    routine: bool,
+}
+
+impl Call {
+    fn begin<B>(req: &http::Request<B>) -> Call {
+        let method = req.uri().path().trim_start_matches('/').to_string();
+        let tls = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
+        let peer = tls.and_then(|t| t.get_ref().remote_addr()).as_ref().map(SocketAddr::to_string).unwrap_or_default();
+        let identity = tls
+            .and_then(|t| t.peer_certs())
+            .and_then(|certs| certs.first().map(|leaf| crate::identity::Identity::from_der(leaf.as_ref())));
+        let (caller, role, project) = match identity {
+            Some(Ok(who)) => (who.name, who.role.to_string(), who.project.unwrap_or_default()),
+            Some(Err(_)) => ("?".into(), "unreadable certificate".into(), String::new()),
+            None => ("?".into(), "no certificate".into(), String::new()),
+        };
+        let routine = ROUTINE.iter().any(|r| method.ends_with(r))
+            || method.starts_with("grpc.health.")
+            || method.starts_with("grpc.reflection.");
+        Call {
+            request_id: format!("req-{}", uuid::Uuid::new_v4()),
+            method,
+            caller,
+            role,
+            project,
+            peer,
+            started: Instant::now(),
+            routine,
+        }
+    }
+
+    fn end(self, outcome: Outcome) {
+        let code = code_name(outcome.code);
+        let ms = self.started.elapsed().as_millis() as u64;
+        let Call { request_id, method, caller, role, project, peer, routine, .. } = self;
+        let error = outcome.message;
+        match outcome.code {
+            tonic::Code::Ok if routine => {
+                tracing::debug!(%request_id, %method, %caller, %role, %project, %peer, %code, ms, "call")
+            }
+            tonic::Code::Ok => tracing::info!(%request_id, %method, %caller, %role, %project, %peer, %code, ms, "call"),
+            _ => tracing::info!(%request_id, %method, %caller, %role, %project, %peer, %code, ms, %error, "call"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_names() {
+        assert_eq!(code_name(tonic::Code::NotFound), "NOT_FOUND");
+        assert_eq!(code_name(tonic::Code::InvalidArgument), "INVALID_ARGUMENT");
+        assert_eq!(code_name(tonic::Code::Ok), "OK");
+    }
+
+    #[test]
+    fn the_status_is_read_from_headers_or_trailers() {
+        let mut h = HeaderMap::new();
+        assert!(Outcome::of(&h).is_none());
+        h.insert("grpc-status", HeaderValue::from_static("5"));
+        h.insert("grpc-message", HeaderValue::from_static("volume%20x%20not%20found"));
+        let o = Outcome::of(&h).unwrap();
+        assert_eq!((o.code, o.message.as_str()), (tonic::Code::NotFound, "volume x not found"));
+    }
+}
