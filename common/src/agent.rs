@@ -228,6 +228,8 @@ where
     F: Fn(&str, &str) -> RegisterRequest + Send + Sync + 'static,
 {
     let shutdown = crate::server::shutdown_signal();
+    // Before the first call to the coordinator: a revoked certificate is refused from the start.
+    crate::revocation::watch(&id.tls)?;
     let (listener, addr) = crate::server::bind(&id.listen).await?;
     let endpoint = id.advertise.clone().unwrap_or_else(|| url_for(addr));
     let instance_id = new_instance_id();

@@ -87,6 +87,78 @@ fn install(list: RevokedSerials) {
     *CURRENT.write().expect("revocation list lock") = Arc::new(list);
 }
 
+/// The server-certificate check of a daemon calling another: the fleet CA's chain and the server's name, as
+/// rustls checks them, and then the list in force, so that a retired node's certificate, revoked, cannot pose
+/// as a storage node (which is sent volume data, CHAP secrets and LUKS passphrases) or as the coordinator.
+/// The list is consulted when a connection is made; connections made before a revocation run on (servers
+/// check every call, clients only choose whom to talk to).
+#[derive(Debug)]
+pub struct ServerVerifier {
+    chain: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl ServerVerifier {
+    /// A verifier trusting the CA certificates in `ca_pem`.
+    pub fn new(ca_pem: &[u8]) -> Result<ServerVerifier, String> {
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(ca_pem) {
+            roots.add(cert.map_err(|e| format!("the CA certificate: {e}"))?).map_err(|e| e.to_string())?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(ServerVerifier { chain })
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for ServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        let (_, cert) = X509Certificate::from_der(end_entity.as_ref())
+            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
+        if current().contains(&cert) {
+            tracing::warn!(
+                server = ?server_name,
+                serial = %serial_hex(&cert.tbs_certificate.serial.to_bytes_be()),
+                "refusing a server whose certificate is revoked"
+            );
+            return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
+}
+
 /// Why a CRL could not be put in force.
 #[derive(Debug, thiserror::Error)]
 #[error("crl {path}: {reason}")]
@@ -116,6 +188,12 @@ fn read(tls: &TlsFiles, crl: &Path) -> Result<Option<(Vec<u8>, RevokedSerials)>,
 /// exists but cannot be trusted is an error.
 pub fn watch(tls: &TlsFiles) -> Result<(), CrlError> {
     let Some(crl) = tls.crl.clone() else { return Ok(()) };
+    // Called before a daemon's first outgoing call and again when it starts serving: one watcher is enough.
+    static WATCHING: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut watching = WATCHING.lock().expect("revocation watcher lock");
+    if *watching {
+        return Ok(());
+    }
     let mut seen = match read(tls, &crl)? {
         Some((bytes, list)) => {
             tracing::info!(crl = %crl.display(), revoked = list.len(), "certificate revocation list in force");
@@ -127,6 +205,7 @@ pub fn watch(tls: &TlsFiles) -> Result<(), CrlError> {
             None
         }
     };
+    *watching = true;
     let tls = tls.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(RELOAD_EVERY);
@@ -238,6 +317,37 @@ mod tests {
         );
         let err = revoke(dir.path(), &[], &[], &["carol".into()]).unwrap_err().to_string();
         assert!(err.contains("no certificate issued to \"carol\""), "{err}");
+    }
+
+    #[test]
+    fn a_server_presenting_a_revoked_certificate_is_refused_by_its_callers() {
+        use rustls::client::danger::ServerCertVerifier;
+        use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path(), "test CA").unwrap();
+        let server = |name: &str| {
+            let identity = Identity { role: Role::StorageAgent, name: name.into(), project: None };
+            let req = IssueRequest { identity, dns: vec![], ips: vec!["127.0.0.1".parse().unwrap()], days: 1 };
+            let pem = issue(dir.path(), &req, dir.path(), name).unwrap().0;
+            CertificateDer::from(pem_block(&std::fs::read(pem).unwrap(), "CERTIFICATE").unwrap())
+        };
+        let (retired, current_node) = (server("retired"), server("storage1"));
+        let verifier = ServerVerifier::new(&std::fs::read(dir.path().join("ca.pem")).unwrap()).unwrap();
+        let host = ServerName::try_from("127.0.0.1").unwrap();
+        let check = |cert: &CertificateDer<'_>, host: &ServerName<'_>| {
+            verifier.verify_server_cert(cert, &[], host, &[], UnixTime::now())
+        };
+        assert!(check(&retired, &host).is_ok(), "not revoked yet");
+
+        let crl = revoke(dir.path(), &[dir.path().join("retired.pem")], &[], &[]).unwrap().crl;
+        let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+        install(parse(&ca, &std::fs::read(crl).unwrap()).unwrap());
+        let err = check(&retired, &host).unwrap_err();
+        assert_eq!(err, rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked));
+        assert!(check(&current_node, &host).is_ok(), "the others are still trusted");
+        // The chain and the name are still checked as rustls does.
+        let elsewhere = ServerName::try_from("10.0.0.1").unwrap();
+        assert!(check(&current_node, &elsewhere).is_err(), "a certificate for another address");
     }
 
     #[test]

@@ -15,7 +15,8 @@ pub struct TlsFiles {
     /// This party's private key (PEM).
     pub key: PathBuf,
     /// The fleet CA's certificate revocation list (PEM, from `ember certs revoke`), for a daemon: calls
-    /// from the certificates it lists are refused. It need not exist until something is revoked.
+    /// from the certificates it lists are refused, and so are servers presenting one when the daemon calls
+    /// them. It need not exist until something is revoked.
     #[serde(default)]
     pub crl: Option<PathBuf>,
 }
@@ -30,6 +31,14 @@ pub enum TlsError {
         path: PathBuf,
         /// The cause.
         source: std::io::Error,
+    },
+    /// The CA certificate is not one rustls can trust.
+    #[error("the CA certificate {path}: {reason}")]
+    Ca {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
     },
     /// tonic refused the configuration or the endpoint.
     #[error("{0}")]
@@ -81,11 +90,17 @@ impl TlsFiles {
             .client_ca_root(Certificate::from_pem(read(&self.ca)?)))
     }
 
-    /// A client config presenting our certificate and trusting only the fleet CA.
-    pub fn client_config(&self) -> Result<ClientTlsConfig, TlsError> {
-        Ok(ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(&self.ca)?))
-            .identity(TlsIdentity::from_pem(read(&self.cert)?, read(&self.key)?)))
+    /// A client config presenting our certificate; the server is checked by [`TlsFiles::server_verifier`].
+    fn client_config(&self) -> Result<ClientTlsConfig, TlsError> {
+        Ok(ClientTlsConfig::new().identity(TlsIdentity::from_pem(read(&self.cert)?, read(&self.key)?)))
+    }
+
+    /// The check of a server's certificate: signed by the fleet CA, naming the host called, and not revoked
+    /// by the list this process has in force (none for the CLI).
+    fn server_verifier(&self) -> Result<std::sync::Arc<crate::revocation::ServerVerifier>, TlsError> {
+        let verifier = crate::revocation::ServerVerifier::new(&read(&self.ca)?)
+            .map_err(|reason| TlsError::Ca { path: self.ca.clone(), reason })?;
+        Ok(std::sync::Arc::new(verifier))
     }
 
     /// A lazily connecting channel to `url` (e.g. `https://127.0.0.1:7000`) that gives up on a silent peer
@@ -102,7 +117,7 @@ impl TlsFiles {
     pub fn channel_with(&self, url: &str, peer_timeout: Duration) -> Result<Channel, TlsError> {
         let (ping_every, ping_patience) = ping_schedule(peer_timeout);
         let endpoint = Endpoint::from_shared(url.to_string())?
-            .tls_config(self.client_config()?.timeout(peer_timeout))?
+            .tls_config_with_verifier(self.client_config()?.timeout(peer_timeout), self.server_verifier()?)?
             .connect_timeout(peer_timeout.min(Duration::from_secs(5)))
             .http2_keep_alive_interval(ping_every)
             .keep_alive_timeout(ping_patience)

@@ -144,6 +144,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         changes: tokio::sync::broadcast::channel(1024).0,
         master_key,
     });
+    // Before the first call to an agent: a revoked certificate is refused from the start.
+    ember_common::revocation::watch(&tls)?;
     let reconciler = tokio::spawn(operations::reconcile_forever(
         ctx.clone(),
         std::time::Duration::from_secs(cfg.reconcile_interval_seconds.into()),

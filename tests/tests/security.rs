@@ -291,6 +291,35 @@ async fn a_revoked_certificate_is_refused_by_the_coordinator_and_the_agents() {
     assert!(log.contains("not by the fleet CA"), "{log}");
 }
 
+/// A daemon checks the list as a client too: an agent does not register with a coordinator whose certificate is
+/// revoked (a retired coordinator host, or one whose key was lost, cannot collect the fleet's agents), and says
+/// why in its log.
+#[tokio::test]
+async fn an_agent_refuses_a_coordinator_whose_certificate_is_revoked() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let ca_dir = fleet.ca_dir();
+    let (ok, out, err) = fleet.cli(&["certs", "revoke", "--dir", ca_dir.to_str().unwrap(), "--name", "coordinator"]);
+    assert!(ok && out.contains("coordinator coordinator"), "{out}\n{err}");
+
+    let storage = fleet.start_agent("storage", "storage1", &fleet.file_backend("b1", "").0);
+    wait_for("the agent to refuse the coordinator", Duration::from_secs(30), || async {
+        let log = storage.log_text();
+        (log.contains("refusing a server whose certificate is revoked") && log.contains("registration failed"))
+            .then_some(())
+    })
+    .await;
+    let services = FleetServiceClient::new(fleet.admin())
+        .list_services(ListServicesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .services;
+    assert!(services.iter().all(|s| s.host != "storage1"), "registered anyway: {services:?}");
+    let coordinator_log = fleet.coordinator.as_ref().unwrap().log_text();
+    assert!(!coordinator_log.contains("Registration/Register caller=storage1"), "{coordinator_log}");
+}
+
 /// What the daemons keep of tenants' data and secrets is readable by their own user only: volume and snapshot
 /// files, the export state (CHAP secrets), backup chunks and manifests, the database. A volume file left
 /// readable by others (made by an older version) is made private when the storage agent starts.
