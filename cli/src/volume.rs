@@ -288,6 +288,7 @@ pub fn volume_json(v: &Volume) -> serde_json::Value {
         "source_backup_id": v.source_backup_id, "migrating_to": v.migrating_to, "migration_progress": v.migration_progress, "read_only": v.read_only,
         "encrypted": v.encrypted,
         "attachments": v.attachments.iter().map(|a| serde_json::json!({"id": a.id, "instance": a.instance, "host": a.host, "device": a.device})).collect::<Vec<_>>(),
+        "exports": v.exports.iter().map(|e| serde_json::json!({"initiator": e.initiator, "read_only": e.read_only, "exported_by": e.exported_by, "created_at": output::time(&e.created_at)})).collect::<Vec<_>>(),
         "created_at": output::time(&v.created_at), "updated_at": output::time(&v.updated_at),
     })
 }
@@ -300,7 +301,13 @@ fn print_volumes(volumes: &[Volume], json: bool) {
     let rows: Vec<Vec<String>> = volumes
         .iter()
         .map(|v| {
-            let attached: Vec<String> = v.attachments.iter().map(|a| a.instance.clone()).collect();
+            // Initiators given the volume with `ember volume export` are users too.
+            let attached: Vec<String> = v
+                .attachments
+                .iter()
+                .map(|a| a.instance.clone())
+                .chain(v.exports.iter().map(|e| format!("{} (export)", e.initiator)))
+                .collect();
             vec![
                 v.id.clone(),
                 v.name.clone(),

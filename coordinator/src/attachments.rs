@@ -422,7 +422,7 @@ pub(crate) async fn volume_secrets(
     v: &volumes::VolumeRow,
 ) -> Result<(String, String, Option<crate::encryption::VolumeKey>)> {
     let mut tx = crate::db::write(&ctx.db).await?;
-    let (user, password) = crate::volumes::api::ensure_chap(&mut tx, v).await?;
+    let (user, password) = crate::volumes::exports::ensure_chap(&mut tx, v).await?;
     tx.commit().await?;
     let key = crate::encryption::load(&mut *ctx.db.acquire().await?, &ctx.master_key, &v.id).await?;
     Ok((user, password, key))

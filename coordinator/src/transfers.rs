@@ -120,13 +120,13 @@ impl Transfers {
                 v.id, v.status
             )));
         }
-        let key = crate::volumes::api::random_string(16);
+        let key = crate::volumes::exports::random_string(16);
         let t = TransferRow {
             id: uuid::Uuid::new_v4().to_string(),
             volume_id: v.id.clone(),
             name: req.name,
             project: v.project.clone(),
-            salt: crate::volumes::api::random_string(16),
+            salt: crate::volumes::exports::random_string(16),
             key_sha256: String::new(),
             created_at: now_ms(),
         };
@@ -246,6 +246,8 @@ impl Transfers {
             .bind(&v.id)
             .execute(&mut *tx)
             .await?;
+        // The storage agent closed them all before this transaction.
+        sqlx::query("DELETE FROM exports WHERE volume_id = ?").bind(&v.id).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM transfers WHERE id = ?").bind(&t.id).execute(&mut *tx).await?;
         Ok((t, v, snapshot_sizes.len()))
     }

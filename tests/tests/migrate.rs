@@ -354,3 +354,75 @@ async fn a_throttled_copy_shows_its_progress() {
     std::fs::File::open(dir2.join(format!("volume-{}", v.id))).unwrap().read_exact_at(&mut copied, 0).unwrap();
     assert!(copied == data, "the data arrived");
 }
+
+/// An initiator given a volume with `ember volume export` is shown on the volume, and keeps it from moving (the
+/// initiator would lose it) and from reverting (its data would change beneath the initiator) until it is
+/// unexported. An export the storage node could not make is not recorded, and a delete takes the records along.
+#[tokio::test]
+async fn an_exported_volume_shows_its_initiators_and_neither_moves_nor_reverts_until_unexported() {
+    let mut pools = two_pools(&[]).await;
+    let fleet = &pools.fleet;
+    let volumes = VolumeServiceClient::new(fleet.member("alice", "p1"));
+    let admin = VolumeServiceClient::new(fleet.admin());
+    let (v, _) = volume_with_data(&pools, &volumes).await;
+    let initiator = "iqn.2026-11.test:outside";
+    let connector = || Some(Connector { initiator: initiator.into(), ..Default::default() });
+    let export = InitializeConnectionRequest { volume_id: v.id.clone(), connector: connector() };
+    let info = volumes.clone().initialize_connection(export.clone()).await.unwrap().into_inner();
+    assert!(fleet.tgt_show("storage1").contains(&info.target_iqn), "storage1 exports it");
+    let shown = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
+    let exports: Vec<_> =
+        shown.exports.iter().map(|e| (e.initiator.as_str(), e.read_only, e.exported_by.as_str())).collect();
+    assert_eq!(exports, [(initiator, false, "alice")]);
+    let (ok, out, err) = fleet.cli(&["volume", "show", &v.id]);
+    assert!(ok && out.contains(&format!("{initiator} (export)")), "{out}\n{err}");
+
+    // Refused while exported, naming the initiator; nothing changes.
+    let snapshots = SnapshotServiceClient::new(fleet.member("alice", "p1"));
+    let snap = new_snapshot(&snapshots, &v.id).await;
+    let revert = RevertVolumeRequest { id: v.id.clone(), snapshot_id: snap.id.clone() };
+    let err = volumes.clone().revert_volume(revert).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains(initiator) && err.message().contains("unexport"), "{err:?}");
+    let snapshot = snapshots.clone().get_snapshot(GetSnapshotRequest { id: snap.id.clone() }).await.unwrap();
+    assert_eq!(snapshot.into_inner().status, "available");
+    snapshots.clone().delete_snapshot(DeleteSnapshotRequest { id: snap.id.clone() }).await.unwrap();
+    ember_fleet_tests::volumes::wait_snapshot_gone(&snapshots, &snap.id).await;
+    let migrate = MigrateVolumeRequest { id: v.id.clone(), pool: "storage2@file2".into() };
+    let err = admin.clone().migrate_volume(migrate.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains(initiator), "{err:?}");
+    let still = wait_volume(&volumes, &v.id, "available").await;
+    assert_eq!(still.host, "storage1@file1");
+    assert!(fleet.tgt_show("storage1").contains(&info.target_iqn), "the export is untouched");
+
+    // Unexported: the record goes with the target, and the volume moves.
+    let unexport = TerminateConnectionRequest { volume_id: v.id.clone(), connector: connector() };
+    volumes.clone().terminate_connection(unexport).await.unwrap();
+    let shown = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
+    assert!(shown.exports.is_empty(), "{shown:?}");
+    assert!(!fleet.tgt_show("storage1").contains(&info.target_iqn));
+    admin.clone().migrate_volume(migrate).await.unwrap();
+    let moved = wait_volume(&volumes, &v.id, "available").await;
+    assert_eq!(moved.host, "storage2@file2", "{moved:?}");
+
+    // An export its storage node could not make is not recorded.
+    pools.storage2.kill();
+    let err = volumes.clone().initialize_connection(export.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let shown = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
+    assert!(shown.exports.is_empty(), "{shown:?}");
+
+    // A delete removes the records with the volume.
+    pools.storage2 = pools.fleet.start_agent("storage", "storage2", &pools.backend2);
+    pools.storage2.wait_registered().await;
+    let fleet = &pools.fleet;
+    let info = volumes.clone().initialize_connection(export).await.unwrap().into_inner();
+    assert!(fleet.tgt_show("storage2").contains(&info.target_iqn));
+    volumes.clone().delete_volume(DeleteVolumeRequest { id: v.id.clone(), ..Default::default() }).await.unwrap();
+    ember_fleet_tests::volumes::wait_gone(&volumes, &v.id).await;
+    let db = fleet.db().await;
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM exports").fetch_one(&db).await.unwrap();
+    assert_eq!(left, 0);
+    assert!(!fleet.tgt_show("storage2").contains(&info.target_iqn));
+}

@@ -8,7 +8,6 @@ use crate::context::Ctx;
 use crate::error::{Error, Result};
 use crate::{encryption, failpoint, idempotency, operations, quota, validate, volume_types};
 use ember_common::identity::{Identity, Role};
-use ember_proto::agent::v1 as agent;
 use ember_proto::v1::volume_service_server::VolumeService;
 use ember_proto::v1::*;
 use sqlx::SqliteConnection;
@@ -438,85 +437,11 @@ impl Volumes {
         operations::spawn(&self.ctx, op);
         Ok(())
     }
-
-    async fn initialize(&self, who: &Identity, req: InitializeConnectionRequest) -> Result<ConnectionInfo> {
-        let connector = req.connector.ok_or_else(|| Error::invalid("connector", "is required"))?;
-        check_connector(&connector)?;
-        let mut tx = crate::db::write(&self.ctx.db).await?;
-        let v = store::visible(&mut tx, who, &req.volume_id).await?;
-        if !matches!(v.status.as_str(), "available" | "in-use" | "attaching") {
-            return Err(Error::FailedPrecondition(format!("volume {} is {}; it cannot be exported", v.id, v.status)));
-        }
-        let why = "its key goes only to ember's compute agents; attach it to an instance instead";
-        encryption::refuse_if_encrypted(&mut tx, &v.id, "exported to another initiator", why).await?;
-        // A read-only volume is exported read-only whatever the connector asks.
-        let read_only = connector.read_only || v.read_only;
-        let (user, password) = ensure_chap(&mut tx, &v).await?;
-        tx.commit().await?;
-        let mut client = self.ctx.agents.storage(&v.host).await?;
-        let export = client
-            .export_volume(agent::ExportVolumeRequest {
-                volume_id: v.id.clone(),
-                backend: v.backend.clone(),
-                initiator: connector.initiator.clone(),
-                chap_username: user.clone(),
-                chap_password: password.clone(),
-                read_only,
-            })
-            .await
-            .map_err(|s| Error::FailedPrecondition(format!("exporting on {}: {}", v.host, s.message())))?
-            .into_inner();
-        tracing::info!(volume_id = %v.id, initiator = %connector.initiator, "connection initialized");
-        Ok(ConnectionInfo {
-            driver_volume_type: export.driver_volume_type,
-            target_portal: export.target_portal,
-            target_iqn: export.target_iqn,
-            target_lun: export.target_lun,
-            auth_method: "CHAP".into(),
-            auth_username: user,
-            auth_password: password,
-            volume_id: v.id,
-            access_mode: if read_only { "ro" } else { "rw" }.into(),
-            export: export.export,
-            path: export.path,
-            mount_options: export.mount_options,
-        })
-    }
-
-    async fn terminate(&self, who: &Identity, req: TerminateConnectionRequest) -> Result<()> {
-        let connector = req.connector.ok_or_else(|| Error::invalid("connector", "is required"))?;
-        check_connector(&connector)?;
-        let mut conn = self.ctx.db.acquire().await?;
-        let v = store::visible(&mut conn, who, &req.volume_id).await?;
-        let mut client = self.ctx.agents.storage(&v.host).await?;
-        client
-            .unexport_volume(agent::UnexportVolumeRequest {
-                volume_id: v.id.clone(),
-                backend: v.backend.clone(),
-                initiator: connector.initiator,
-            })
-            .await
-            .map_err(|s| Error::FailedPrecondition(format!("unexporting on {}: {}", v.host, s.message())))?;
-        Ok(())
-    }
 }
 
 /// The quota deltas of growing a volume by `delta` GiB.
 pub fn extend_deltas(type_name: &str, delta: i64) -> Vec<quota::Delta> {
     quota::volume_deltas(type_name, delta).into_iter().filter(|d| d.resource.starts_with("gigabytes")).collect()
-}
-
-/// Checks a connector: an iSCSI initiator name is required (`iqn.`/`eui.`/`naa.`, at most 223 bytes).
-pub fn check_connector(c: &Connector) -> Result<()> {
-    let i = &c.initiator;
-    if i.len() > 223 || !(i.starts_with("iqn.") || i.starts_with("eui.") || i.starts_with("naa.")) {
-        return Err(Error::invalid("connector.initiator", format!("{i:?} is not an iSCSI initiator name")));
-    }
-    if i.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
-        return Err(Error::invalid("connector.initiator", "must not contain white space"));
-    }
-    validate::text("connector.host", &c.host, 255)?;
-    validate::text("connector.ip", &c.ip, 64)
 }
 
 /// Checks a size a volume is to have (`field`, GiB) against its type's bounds and its project's
@@ -531,33 +456,6 @@ async fn check_new_size(
 ) -> Result<()> {
     volume_types::check_size(vtype, field, size_gb)?;
     ctx.quota.check_volume_size(conn, project, field, size_gb).await
-}
-
-/// A random string of `len` characters that cannot be misread (no 0/O, 1/l/I).
-pub(crate) fn random_string(len: usize) -> String {
-    use rand::Rng;
-    const CHARS: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
-    let mut rng = rand::rng();
-    (0..len).map(|_| CHARS[rng.random_range(0..CHARS.len())] as char).collect()
-}
-
-/// The volume's CHAP credentials, made (20-character user, 16-character secret, as Cinder) on first export.
-pub async fn ensure_chap(conn: &mut SqliteConnection, v: &VolumeRow) -> Result<(String, String)> {
-    if !v.chap_username.is_empty() {
-        return Ok((v.chap_username.clone(), v.chap_password.clone()));
-    }
-    let (user, password) = (random_string(20), random_string(16));
-    sqlx::query("UPDATE volumes SET chap_username = ?, chap_password = ? WHERE id = ? AND chap_username = ''")
-        .bind(&user)
-        .bind(&password)
-        .bind(&v.id)
-        .execute(&mut *conn)
-        .await?;
-    let (u, p): (String, String) = sqlx::query_as("SELECT chap_username, chap_password FROM volumes WHERE id = ?")
-        .bind(&v.id)
-        .fetch_one(&mut *conn)
-        .await?;
-    Ok((u, p))
 }
 
 type VolumeStream = Pin<Box<dyn Stream<Item = Result<Volume, Status>> + Send>>;
@@ -699,7 +597,7 @@ impl VolumeService for Volumes {
         req: Request<InitializeConnectionRequest>,
     ) -> Result<Response<ConnectionInfo>, Status> {
         let who = who(&req)?;
-        Ok(Response::new(self.initialize(&who, req.into_inner()).await?))
+        Ok(Response::new(super::exports::initialize(&self.ctx, &who, req.into_inner()).await?))
     }
 
     async fn terminate_connection(
@@ -707,7 +605,7 @@ impl VolumeService for Volumes {
         req: Request<TerminateConnectionRequest>,
     ) -> Result<Response<TerminateConnectionResponse>, Status> {
         let who = who(&req)?;
-        self.terminate(&who, req.into_inner()).await?;
+        super::exports::terminate(&self.ctx, &who, req.into_inner()).await?;
         Ok(Response::new(TerminateConnectionResponse {}))
     }
 }

@@ -113,6 +113,7 @@ async fn check_movable(conn: &mut sqlx::SqliteConnection, v: &VolumeRow, what: &
         )));
     }
     refuse_if_held(conn, v).await?;
+    store::refuse_if_exported(conn, v, what).await?;
     swap::attached_leg(conn, v).await
 }
 

@@ -5,6 +5,7 @@
 
 pub mod affinity;
 pub mod api;
+pub mod exports;
 pub mod flow;
 pub mod manage;
 pub mod manageable;

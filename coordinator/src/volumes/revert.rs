@@ -29,6 +29,7 @@ pub async fn revert(ctx: &Arc<Ctx>, who: &Identity, req: RevertVolumeRequest) ->
             format!("snapshot {} is of volume {}, not {}", s.id, s.volume_id, v.id),
         ));
     }
+    store::refuse_if_exported(&mut tx, &v, "revert").await?;
     if !snapshots::transition(&mut tx, &s.id, &["available"], "restoring", "").await? {
         return Err(Error::FailedPrecondition(format!("snapshot {} is {}; a revert needs available", s.id, s.status)));
     }

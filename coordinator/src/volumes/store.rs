@@ -3,7 +3,7 @@
 use crate::clock::timestamp;
 use crate::error::{Error, Result};
 use ember_common::identity::{Identity, Role};
-use ember_proto::v1::{Volume, VolumeAttachment};
+use ember_proto::v1::{Volume, VolumeAttachment, VolumeExport};
 use sqlx::{Row, SqliteConnection};
 use std::collections::HashMap;
 
@@ -122,7 +122,26 @@ pub async fn visible(conn: &mut SqliteConnection, who: &Identity, id: &str) -> R
     }
 }
 
-/// The API view of a volume, with its attachments.
+/// Refuses to `what` (e.g. "migrate") volume `v` while it is exported with InitializeConnection: an initiator
+/// outside ember may be reading or writing it, and would lose it (a move) or see its data change beneath it (a
+/// revert).
+pub async fn refuse_if_exported(conn: &mut SqliteConnection, v: &VolumeRow, what: &str) -> Result<()> {
+    let initiators: Vec<String> =
+        sqlx::query_scalar("SELECT initiator FROM exports WHERE volume_id = ? ORDER BY created_at")
+            .bind(&v.id)
+            .fetch_all(&mut *conn)
+            .await?;
+    if initiators.is_empty() {
+        return Ok(());
+    }
+    Err(Error::FailedPrecondition(format!(
+        "volume {} is exported to {} (ember volume export); to {what} it, unexport it first",
+        v.id,
+        initiators.join(", ")
+    )))
+}
+
+/// The API view of a volume, with its attachments and exports.
 pub async fn to_proto(conn: &mut SqliteConnection, v: &VolumeRow) -> Result<Volume> {
     let attachments =
         sqlx::query("SELECT id, instance, host, device FROM attachments WHERE volume_id = ? ORDER BY created_at")
@@ -133,6 +152,20 @@ pub async fn to_proto(conn: &mut SqliteConnection, v: &VolumeRow) -> Result<Volu
             .map(|r| VolumeAttachment { id: r.get(0), instance: r.get(1), host: r.get(2), device: r.get(3) })
             .collect();
     let encrypted = crate::encryption::has_key(conn, &v.id).await?;
+    let exports = sqlx::query(
+        "SELECT initiator, read_only, exported_by, created_at FROM exports WHERE volume_id = ? ORDER BY created_at",
+    )
+    .bind(&v.id)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|r| VolumeExport {
+        initiator: r.get(0),
+        read_only: r.get::<i64, _>(1) != 0,
+        exported_by: r.get(2),
+        created_at: Some(timestamp(r.get(3))),
+    })
+    .collect();
     Ok(Volume {
         id: v.id.clone(),
         project: v.project.clone(),
@@ -162,6 +195,7 @@ pub async fn to_proto(conn: &mut SqliteConnection, v: &VolumeRow) -> Result<Volu
         read_only: v.read_only,
         migration_progress: v.migrate_progress.clamp(0, 100) as u32,
         encrypted,
+        exports,
     })
 }
 
