@@ -12,8 +12,8 @@ use crate::clock::{now_ms, timestamp};
 use crate::context::Ctx;
 use crate::error::{Error, Result};
 use crate::operations::{self, Op, Outcome};
-use crate::validate;
 use crate::volumes::{flow::transient, store as volumes};
+use crate::{quota, validate};
 use ember_common::identity::{Identity, Role};
 use ember_proto::agent::v1 as agent;
 use ember_proto::v1::instance_service_server::InstanceService;
@@ -95,6 +95,7 @@ impl Instances {
                 .await?
         };
         let host = host.ok_or_else(|| Error::not_found("compute host", &req.host))?;
+        let deltas = quota::instance_deltas(vcpus, memory_mb);
         let (boot_volume_id, project) = if req.boot_snapshot_id.is_empty() {
             let v = volumes::visible(&mut conn, who, &req.boot_volume_id).await?;
             if v.status != "available" {
@@ -111,7 +112,12 @@ impl Instances {
             }
             (v.id, v.project)
         } else {
+            // The instance's quota first, in a transaction rolled back: a refusal must not leave a boot volume.
+            let project = crate::snapshots::visible(&mut conn, who, &req.boot_snapshot_id).await?.project;
             drop(conn);
+            let mut probe = crate::db::write(&self.ctx.db).await?;
+            self.ctx.quota.consume(&mut probe, &project, &deltas).await?;
+            drop(probe);
             let create = CreateVolumeRequest {
                 name: format!("{}-boot", req.name),
                 snapshot_id: req.boot_snapshot_id.clone(),
@@ -125,6 +131,7 @@ impl Instances {
         let id = uuid::Uuid::new_v4().to_string();
         let now = now_ms();
         let mut tx = crate::db::write(&self.ctx.db).await?;
+        self.ctx.quota.consume(&mut tx, &project, &deltas).await?;
         sqlx::query(
             "INSERT INTO instances (id, project, name, host, status, boot_volume_id, vcpus, memory_mb, \
              delete_on_terminate, created_at, updated_at) VALUES (?, ?, ?, ?, 'building', ?, ?, ?, ?, ?, ?)",
@@ -374,7 +381,10 @@ pub async fn delete_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         }
     }
     let mut tx = crate::db::write(&ctx.db).await?;
-    sqlx::query("DELETE FROM instances WHERE id = ?").bind(&i.id).execute(&mut *tx).await?;
+    let removed = sqlx::query("DELETE FROM instances WHERE id = ?").bind(&i.id).execute(&mut *tx).await?;
+    if removed.rows_affected() == 1 {
+        ctx.quota.release(&mut tx, &i.project, &quota::instance_deltas(i.vcpus, i.memory_mb)).await?;
+    }
     operations::finish(&mut tx, &op, None).await?;
     tx.commit().await?;
     tracing::info!(instance_id = %i.id, "instance deleted");

@@ -36,6 +36,15 @@ pub fn snapshot_deltas(type_name: &str, size_gb: i64) -> Vec<Delta> {
     ]
 }
 
+/// The deltas of an instance with `vcpus` virtual CPUs and `memory_mb` MiB of memory.
+pub fn instance_deltas(vcpus: u32, memory_mb: u32) -> Vec<Delta> {
+    vec![
+        Delta { resource: "instances".into(), amount: 1 },
+        Delta { resource: "cores".into(), amount: vcpus.into() },
+        Delta { resource: "ram".into(), amount: memory_mb.into() },
+    ]
+}
+
 /// The deltas of a volume of type `type_name` and `size_gb` GiB together with its snapshots (their sizes), one
 /// per resource: what moves when the volume changes project or type.
 pub fn volume_with_snapshots(type_name: &str, size_gb: i64, snapshot_sizes: &[i64]) -> Vec<Delta> {

@@ -11,15 +11,18 @@ use sqlx::{Row, SqliteConnection, SqlitePool};
 use std::collections::BTreeMap;
 use tonic::{Request, Response, Status};
 
-/// Resources every project has, with Cinder's default limits. `per_volume_gigabytes` bounds the size of any one
-/// volume; it is checked, never counted.
-pub const BASE_RESOURCES: [(&str, i64); 6] = [
+/// Resources every project has, with Cinder's default limits (and Nova's for instances, their `cores` and their
+/// `ram` in MiB). `per_volume_gigabytes` bounds the size of any one volume; it is checked, never counted.
+pub const BASE_RESOURCES: [(&str, i64); 9] = [
     ("volumes", 10),
     ("gigabytes", 1000),
     ("snapshots", 10),
     ("backups", 10),
     ("backup_gigabytes", 1000),
     ("per_volume_gigabytes", -1),
+    ("instances", 10),
+    ("cores", 20),
+    ("ram", 51200),
 ];
 
 /// Per-type resource prefixes.

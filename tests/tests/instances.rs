@@ -162,3 +162,62 @@ async fn an_instance_boots_from_a_volume_made_from_an_image_and_takes_a_hot_atta
     wait_volume(&volumes, &made.id, "available").await;
     assert!(!domain_exists(&vm2.id), "the domain went; the boot volume stays (no delete on terminate)");
 }
+
+/// Instances count against their project's quota, as Nova's do: `instances`, `cores` and `ram` (MiB). A create
+/// over a limit is refused, naming it, and makes nothing (no boot volume from a snapshot either); a delete gives
+/// the quota back.
+#[tokio::test]
+async fn instances_count_against_their_projects_quota() {
+    use ember_fleet_tests::volumes::{new_snapshot, usage};
+    use ember_proto::v1::quota_service_client::QuotaServiceClient;
+    let ComputeFleet { fleet, dir: _dir, storage: _storage, compute: _compute } =
+        ComputeFleet::start(&boot_config()).await;
+    let limits = [("instances", 1), ("cores", 2), ("ram", 1024)].map(|(k, v)| (k.to_string(), v)).into();
+    QuotaServiceClient::new(fleet.admin()).set_quota(SetQuotaRequest { project: "p1".into(), limits }).await.unwrap();
+    let volumes = VolumeServiceClient::new(fleet.member("alice", "p1"));
+    let instances = InstanceServiceClient::new(fleet.member("alice", "p1"));
+    let boot = new_volume(&volumes, 1).await;
+    let snapshot = new_snapshot(&SnapshotServiceClient::new(fleet.member("alice", "p1")), &boot.id).await;
+    let request = |vcpus: u32, memory_mb: u32| CreateInstanceRequest {
+        name: "counted".into(),
+        boot_volume_id: boot.id.clone(),
+        vcpus,
+        memory_mb,
+        ..Default::default()
+    };
+    let used = || async {
+        (usage(&fleet, "p1", "instances").await, usage(&fleet, "p1", "cores").await, usage(&fleet, "p1", "ram").await)
+    };
+
+    for (req, over) in [(request(4, 256), "cores"), (request(1, 2048), "ram")] {
+        let err = instances.clone().create_instance(req).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+        assert!(err.message().contains(over), "{over}: {err:?}");
+    }
+    let listed = instances.clone().list_instances(ListInstancesRequest::default()).await.unwrap().into_inner();
+    assert!(listed.instances.is_empty(), "{listed:?}");
+    assert_eq!(used().await, (0, 0, 0));
+
+    let first = instances.clone().create_instance(request(2, 256)).await.unwrap().into_inner();
+    wait_instance(&instances, &first.id, "active").await;
+    assert_eq!(used().await, (1, 2, 256));
+    let volumes_before = usage(&fleet, "p1", "volumes").await;
+    let from_snapshot = CreateInstanceRequest {
+        name: "second".into(),
+        boot_snapshot_id: snapshot.id.clone(),
+        memory_mb: 64,
+        ..Default::default()
+    };
+    let err = instances.clone().create_instance(from_snapshot).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("instances"), "{err:?}");
+    assert_eq!(usage(&fleet, "p1", "volumes").await, volumes_before, "no boot volume was made");
+
+    instances.clone().delete_instance(DeleteInstanceRequest { id: first.id.clone() }).await.unwrap();
+    wait_for("the instance to go", WAIT, || async {
+        let got = instances.clone().get_instance(GetInstanceRequest { id: first.id.clone() }).await;
+        matches!(got, Err(s) if s.code() == tonic::Code::NotFound).then_some(())
+    })
+    .await;
+    assert_eq!(used().await, (0, 0, 0));
+}
