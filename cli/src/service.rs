@@ -98,6 +98,14 @@ fn pool_json(p: &Pool) -> serde_json::Value {
     })
 }
 
+/// A capacity as pools report it (GiB, or a word such as `infinite`), to two decimals for people.
+fn gib(reported: &str) -> String {
+    match reported.parse::<f64>() {
+        Ok(v) => format!("{v:.2}"),
+        Err(_) => reported.to_string(),
+    }
+}
+
 /// Runs `ember pool …`.
 pub async fn run_pools(cmd: PoolCmd, conn: &ConnectArgs, json: bool) -> Result<(), CliError> {
     let PoolAction::List = cmd.action;
@@ -114,8 +122,8 @@ pub async fn run_pools(cmd: PoolCmd, conn: &ConnectArgs, json: bool) -> Result<(
             vec![
                 p.name.clone(),
                 p.availability_zone.clone(),
-                p.total_capacity_gb.clone(),
-                p.free_capacity_gb.clone(),
+                gib(&p.total_capacity_gb),
+                gib(&p.free_capacity_gb),
                 format!("{}", p.provisioned_gb),
                 p.virtual_free_gb.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into()),
                 kinds(p).join(","),
@@ -204,4 +212,13 @@ pub async fn run(cmd: ServiceCmd, conn: &ConnectArgs, json: bool) -> Result<(), 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn capacities_are_shown_to_two_decimals() {
+        assert_eq!(super::gib("251.9722785949707"), "251.97");
+        assert_eq!(super::gib("infinite"), "infinite");
+    }
 }

@@ -287,6 +287,8 @@ async fn admins_list_the_pools_the_scheduler_places_volumes_on() {
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     let (ok, out, err) = fleet.cli(&["pool", "list"]);
     assert!(ok && out.contains("storage1@file1") && out.contains("Provisioned GiB"), "{out}\n{err}");
+    let total = format!("{:.2}", p.total_capacity_gb.parse::<f64>().unwrap());
+    assert!(out.contains(&format!(" {total} ")), "capacities to two decimals ({total}): {out}");
     let disable = DisableServiceRequest { name: "storage1@file1".into(), reason: "drain".into() };
     FleetServiceClient::new(fleet.admin()).disable_service(disable).await.unwrap();
     assert!(list().await.is_empty(), "a disabled pool takes no volumes");
