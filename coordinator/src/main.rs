@@ -58,13 +58,13 @@ const AGENTS: &[Role] = &[Role::StorageAgent, Role::ComputeAgent, Role::BackupAg
 #[command(name = "ember-coordinator", version, about = "ember's coordinator: fleet state and the public gRPC API")]
 struct Args {
     /// TOML config file.
-    #[arg(long, short = 'c', env = "EMBER_CONFIG")]
+    #[arg(long, short = 'c', env = "EMBER_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Listen address (port 0 picks one and prints `EMBER_LISTENING <addr>`).
     #[arg(long)]
     listen: Option<String>,
     /// SQLite database file.
-    #[arg(long)]
+    #[arg(long, global = true)]
     database: Option<PathBuf>,
     /// TLS material.
     #[command(flatten)]
@@ -84,6 +84,21 @@ struct Args {
     /// Log one JSON object per line instead of text.
     #[arg(long)]
     log_json: bool,
+    /// Instead of serving, do this and exit.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// What the coordinator binary does besides serving.
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Write a consistent copy of the database (the one `--database` or the config names) to FILE, also while a
+    /// coordinator is using it, and check the copy. Keep it with the master key file: without that, the keys of
+    /// encrypted volumes in it cannot be unwrapped.
+    BackupDb {
+        /// Where to write the copy; it must not exist yet.
+        file: PathBuf,
+    },
 }
 
 fn settings(args: &Args) -> Result<CoordinatorConfig, Box<dyn std::error::Error>> {
@@ -125,6 +140,20 @@ async fn main() {
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let cfg = settings(&args)?;
+    if let Some(Command::BackupDb { file }) = &args.command {
+        let copy = db::backup(&cfg.database, file).await?;
+        let key_file = cfg.key_file.clone().unwrap_or_else(|| cfg.database.with_file_name("master.key"));
+        println!(
+            "database {} copied to {}: {} volume(s), {} snapshot(s), {} backup(s); integrity ok",
+            cfg.database.display(),
+            file.display(),
+            copy.volumes,
+            copy.snapshots,
+            copy.backups
+        );
+        println!("keep it with the master key {}: encrypted volumes' keys need it", key_file.display());
+        return Ok(());
+    }
     let tls = cfg.tls.clone().ok_or("tls (--ca, --cert, --key or [tls] in the config) is required")?;
     let db = db::open(&cfg.database).await?;
     let peer_timeout = std::time::Duration::from_secs(cfg.peer_timeout_seconds.into());
