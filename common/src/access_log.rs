@@ -84,30 +84,31 @@ where
         let call = Call::begin(&req);
         let span =
             tracing::info_span!("call", request_id = %call.request_id, method = %call.method, caller = %call.caller);
+        let request_id = HeaderValue::from_str(&call.request_id).ok();
+        // Logged however the call ends, also when the caller goes away before the answer (the handler is then
+        // dropped where it stands, possibly after it changed something).
+        let mut pending = Pending(Some(call));
         let answer = self.inner.call(req).instrument(span);
         Box::pin(async move {
             let mut response = answer.await?;
-            if let Ok(id) = HeaderValue::from_str(&call.request_id) {
+            if let Some(id) = request_id {
                 response.headers_mut().insert(REQUEST_ID_HEADER, id);
             }
             // A call that failed before answering carries its status in the headers ("trailers-only").
-            let call = match Outcome::of(response.headers()) {
-                Some(outcome) => {
-                    call.end(outcome);
-                    None
-                }
-                None => Some(call),
-            };
-            Ok(response.map(|inner| Watched { inner, call }))
+            if let Some(outcome) = Outcome::of(response.headers()) {
+                pending.end(outcome);
+            }
+            Ok(response.map(|inner| Watched { inner, pending }))
         })
     }
 }
 
-/// A response body that logs its call when the trailers with the final status pass, or when it is dropped.
+/// A response body that logs its call when the trailers with the final status pass (or, through [`Pending`],
+/// when it is dropped first).
 #[derive(Debug)]
 pub struct Watched<B> {
     inner: B,
-    call: Option<Call>,
+    pending: Pending,
 }
 
 impl<B: Body + Unpin> Body for Watched<B> {
@@ -122,10 +123,8 @@ impl<B: Body + Unpin> Body for Watched<B> {
             Poll::Ready(None) => Some(Outcome::broken("the response ended without a status")),
             Poll::Pending => None,
         };
-        if let Some(outcome) = outcome
-            && let Some(call) = self.call.take()
-        {
-            call.end(outcome);
+        if let Some(outcome) = outcome {
+            self.pending.end(outcome);
         }
         polled
     }
@@ -139,11 +138,25 @@ impl<B: Body + Unpin> Body for Watched<B> {
     }
 }
 
-impl<B> Drop for Watched<B> {
-    fn drop(&mut self) {
-        if let Some(call) = self.call.take() {
-            call.end(Outcome { code: tonic::Code::Cancelled, message: "the caller went away".into() });
+/// A call not logged yet; dropped so, it is logged as `CANCELLED`.
+#[derive(Debug)]
+struct Pending(Option<Call>);
+
+impl Pending {
+    /// Logs the call with `outcome`, unless it was logged already.
+    fn end(&mut self, outcome: Outcome) {
+        if let Some(call) = self.0.take() {
+            call.end(outcome);
         }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.end(Outcome {
+            code: tonic::Code::Cancelled,
+            message: "the caller went away before the call ended".into(),
+        });
     }
 }
 

@@ -96,6 +96,27 @@ async fn every_call_is_logged_with_its_caller_its_outcome_and_a_request_id_the_c
         "{line}"
     );
 
+    // A caller that gives up before the answer (the storage node is frozen, so the export waits on it) is
+    // logged too, as CANCELLED.
+    storage.signal("STOP");
+    let export = InitializeConnectionRequest {
+        volume_id: volume.id.clone(),
+        connector: Some(Connector { initiator: "iqn.2026-11.test:impatient".into(), ..Default::default() }),
+    };
+    let gave_up = tokio::time::timeout(Duration::from_millis(500), alice.clone().initialize_connection(export)).await;
+    assert!(gave_up.is_err(), "the frozen node cannot have answered: {gave_up:?}");
+    let line = wait_for("the abandoned call in the log", Duration::from_secs(10), || {
+        let log = coordinator_log();
+        let line = log
+            .lines()
+            .find(|l| l.contains(" call ") && l.contains("VolumeService/InitializeConnection"))
+            .map(str::to_string);
+        std::future::ready(line)
+    })
+    .await;
+    assert!(line.contains("caller=alice") && line.contains("code=CANCELLED"), "{line}");
+    storage.signal("CONT");
+
     // Logs written to a file carry no terminal colour codes.
     assert!(!coordinator_log().contains('\u{1b}'));
 }
