@@ -117,6 +117,37 @@ async fn add(conn: &mut SqliteConnection, project: &str, resource: &str, in_use:
     Ok(())
 }
 
+/// Moves the per-type limits and usage of volume type `old` to its new name `new` (a rename), in the caller's
+/// transaction: the type's volumes and snapshots are then counted, and limited, under the name they will be
+/// released under. Rows left under `new` by a type of that name deleted earlier are dropped first.
+pub async fn rename_type(conn: &mut SqliteConnection, old: &str, new: &str) -> Result<()> {
+    forget_type(conn, new).await?;
+    for prefix in crate::quotas::PER_TYPE_PREFIXES {
+        for table in ["quota_limits", "quota_usages"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE {table} SET resource = ?1 WHERE resource = ?2")))
+                .bind(format!("{prefix}{new}"))
+                .bind(format!("{prefix}{old}"))
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Drops the per-type limits and usage of volume type `name` (deleted: it holds nothing), so that a type
+/// given the same name later starts from the defaults.
+pub async fn forget_type(conn: &mut SqliteConnection, name: &str) -> Result<()> {
+    for prefix in crate::quotas::PER_TYPE_PREFIXES {
+        for table in ["quota_limits", "quota_usages"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE resource = ?")))
+                .bind(format!("{prefix}{name}"))
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 /// The quota engine: limits with configured defaults.
 #[derive(Debug, Clone)]
 pub struct QuotaEngine {

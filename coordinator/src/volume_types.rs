@@ -218,7 +218,11 @@ impl VolumeTypes {
             if name_taken(&mut tx, name, &id).await? {
                 return Err(Error::AlreadyExists(format!("name: a volume type named {name:?} already exists")));
             }
+            let old = load(&mut tx, &id).await?.name;
             sqlx::query("UPDATE volume_types SET name = ? WHERE id = ?").bind(name).bind(&id).execute(&mut *tx).await?;
+            if old != *name {
+                crate::quota::rename_type(&mut tx, &old, name).await?;
+            }
         }
         if let Some(d) = &req.description {
             sqlx::query("UPDATE volume_types SET description = ? WHERE id = ?")
@@ -313,6 +317,7 @@ impl VolumeTypes {
             return Err(Error::FailedPrecondition(format!("volume type {} is in use by {in_use} volume(s)", t.name)));
         }
         sqlx::query("DELETE FROM volume_types WHERE id = ?").bind(&id).execute(&mut *tx).await?;
+        crate::quota::forget_type(&mut tx, &t.name).await?;
         tx.commit().await?;
         tracing::info!(volume_type_id = %id, "volume type deleted");
         Ok(())

@@ -319,3 +319,63 @@ async fn a_private_type_is_seen_and_used_only_by_the_projects_granted_it() {
     assert!(ok, "{err}");
     assert_eq!(types_of("p2").await, ["__DEFAULT__", "secret"]);
 }
+
+/// A type's per-type quota follows it when it is renamed (its limits still hold, its volumes are counted and
+/// given back under the new name), and goes when it is deleted (a later type of that name starts afresh).
+#[tokio::test]
+async fn per_type_quotas_follow_a_renamed_type_and_go_with_a_deleted_one() {
+    use ember_fleet_tests::volumes::{usage, wait_backend, wait_gone};
+    use ember_proto::v1::quota_service_client::QuotaServiceClient;
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, _dir) = fleet.file_backend("file1", "");
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    wait_backend(&fleet, "storage1@file1").await;
+    let mut types = VolumeTypeServiceClient::new(fleet.admin());
+    let mut quotas = QuotaServiceClient::new(fleet.admin());
+    types.create_volume_type(CreateVolumeTypeRequest { name: "gold".into(), ..Default::default() }).await.unwrap();
+    let limit =
+        |resource: &str, n: i64| SetQuotaRequest { project: "p1".into(), limits: [(resource.to_string(), n)].into() };
+    quotas.set_quota(limit("volumes_gold", 1)).await.unwrap();
+    let volumes = VolumeServiceClient::new(fleet.member("alice", "p1"));
+    let of_type = |t: &str| CreateVolumeRequest { size_gb: 1, volume_type: t.into(), ..Default::default() };
+    let first = volumes.clone().create_volume(of_type("gold")).await.unwrap().into_inner();
+    ember_fleet_tests::volumes::wait_volume(&volumes, &first.id, "available").await;
+
+    let rename =
+        UpdateVolumeTypeRequest { id_or_name: "gold".into(), name: Some("platinum".into()), ..Default::default() };
+    types.update_volume_type(rename).await.unwrap();
+    let shown = quotas.get_quota(GetQuotaRequest { project: "p1".into() }).await.unwrap().into_inner();
+    let item = shown.items.iter().find(|i| i.resource == "volumes_platinum").expect("volumes_platinum");
+    assert_eq!((item.limit, item.in_use), (1, 1), "{item:?}");
+    assert!(!shown.items.iter().any(|i| i.resource.ends_with("_gold")), "{shown:?}");
+    let err = volumes.clone().create_volume(of_type("platinum")).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "the limit still holds: {err:?}");
+    assert!(err.message().contains("volumes_platinum"), "{err:?}");
+
+    volumes.clone().delete_volume(DeleteVolumeRequest { id: first.id.clone(), ..Default::default() }).await.unwrap();
+    wait_gone(&volumes, &first.id).await;
+    assert_eq!(usage(&fleet, "p1", "volumes_platinum").await, 0, "given back under the new name");
+    assert_eq!(usage(&fleet, "p1", "gigabytes_platinum").await, 0);
+    let db = fleet.db().await;
+    let stale: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM quota_usages WHERE resource LIKE '%_gold'")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(stale, 0, "nothing is left under the old name");
+
+    // Deleted, and made again under the same name: the old limit does not come back.
+    types.delete_volume_type(DeleteVolumeTypeRequest { id_or_name: "platinum".into() }).await.unwrap();
+    let left: i64 = sqlx::query_scalar(
+        "SELECT (SELECT COUNT(*) FROM quota_limits WHERE resource LIKE '%_platinum') + \
+                (SELECT COUNT(*) FROM quota_usages WHERE resource LIKE '%_platinum')",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(left, 0);
+    types.create_volume_type(CreateVolumeTypeRequest { name: "platinum".into(), ..Default::default() }).await.unwrap();
+    let shown = quotas.get_quota(GetQuotaRequest { project: "p1".into() }).await.unwrap().into_inner();
+    let item = shown.items.iter().find(|i| i.resource == "volumes_platinum").expect("volumes_platinum");
+    assert_eq!(item.limit, -1, "{item:?}");
+}
