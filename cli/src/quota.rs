@@ -28,6 +28,16 @@ enum QuotaAction {
         #[arg(required = true)]
         limits: Vec<String>,
     },
+    /// Compare recorded usage with what exists (volumes, snapshots, backups, instances), every project or one;
+    /// `--fix` corrects the records. Admin.
+    Check {
+        /// Project (every project when none is named).
+        #[arg(default_value = "")]
+        project: String,
+        /// Set each differing record to what exists.
+        #[arg(long)]
+        fix: bool,
+    },
 }
 
 fn print(q: &Quota, json: bool) {
@@ -49,11 +59,40 @@ fn print(q: &Quota, json: bool) {
     output::table(&["Resource", "Limit", "In Use", "Reserved"], &rows);
 }
 
+fn print_check(r: &CheckQuotaUsageResponse, json: bool) {
+    let drifts = r.drifts.iter();
+    if json {
+        let drifts: Vec<_> = drifts
+            .map(|d| serde_json::json!({"project": d.project, "resource": d.resource, "recorded": d.recorded, "counted": d.counted}))
+            .collect();
+        output::json(&serde_json::json!({ "projects": r.projects, "drifts": drifts, "fixed": r.fixed }));
+        return;
+    }
+    if r.drifts.is_empty() {
+        println!("usage matches what exists ({} project(s) checked)", r.projects);
+        return;
+    }
+    let rows: Vec<Vec<String>> = drifts
+        .map(|d| vec![d.project.clone(), d.resource.clone(), d.recorded.to_string(), d.counted.to_string()])
+        .collect();
+    output::table(&["Project", "Resource", "Recorded", "Exists"], &rows);
+    if r.fixed {
+        println!("corrected: the records now say what exists");
+    } else {
+        println!("run again with --fix to correct the records");
+    }
+}
+
 /// Runs `ember quota …`.
 pub async fn run(cmd: QuotaCmd, conn: &ConnectArgs, json: bool) -> Result<(), CliError> {
     let mut client = QuotaServiceClient::new(conn.channel()?);
     let q = match cmd.action {
         QuotaAction::Show { project } => client.get_quota(GetQuotaRequest { project }).await?.into_inner(),
+        QuotaAction::Check { project, fix } => {
+            let r = client.check_quota_usage(CheckQuotaUsageRequest { project, fix }).await?.into_inner();
+            print_check(&r, json);
+            return Ok(());
+        }
         QuotaAction::Set { project, limits } => {
             let mut parsed = std::collections::HashMap::new();
             for (k, v) in crate::types::parse_pairs(&limits)? {

@@ -19,6 +19,7 @@ mod operations;
 mod paging;
 mod pools;
 mod quota;
+mod quota_check;
 mod quotas;
 mod registration;
 mod repository_import;

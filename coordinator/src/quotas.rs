@@ -143,6 +143,24 @@ impl QuotaService for Quotas {
         require_admin(&req, "set quotas")?;
         Ok(Response::new(self.set(req.into_inner()).await?))
     }
+
+    async fn check_quota_usage(
+        &self,
+        req: Request<CheckQuotaUsageRequest>,
+    ) -> Result<Response<CheckQuotaUsageResponse>, Status> {
+        require_admin(&req, "check quota usage")?;
+        let r = req.into_inner();
+        if !r.project.is_empty() {
+            validate::project("project", &r.project)?;
+        }
+        let mut tx = crate::db::write(&self.db).await.map_err(Error::from)?;
+        let (drifts, projects) = crate::quota_check::check(&mut tx, &r.project, r.fix).await?;
+        let fixed = r.fix && !drifts.is_empty();
+        if fixed {
+            tx.commit().await.map_err(Error::from)?;
+        }
+        Ok(Response::new(CheckQuotaUsageResponse { drifts, fixed, projects }))
+    }
 }
 
 #[cfg(test)]

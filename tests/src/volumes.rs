@@ -162,6 +162,15 @@ pub async fn db_state(fleet: &Fleet, project: &str) -> (Vec<(String, String, i64
     (rows, usage(fleet, project, "volumes").await, usage(fleet, project, "gigabytes").await)
 }
 
+/// Asserts that every project's recorded quota usage equals what exists (`CheckQuotaUsage`): the invariant
+/// every change keeps by counting in its own transaction.
+pub async fn assert_usage_exact(fleet: &Fleet) {
+    use ember_proto::v1::quota_service_client::QuotaServiceClient;
+    let check = CheckQuotaUsageRequest { project: String::new(), fix: false };
+    let r = QuotaServiceClient::new(fleet.admin()).check_quota_usage(check).await.unwrap().into_inner();
+    assert!(r.drifts.is_empty(), "recorded quota usage differs from what exists: {:?}", r.drifts);
+}
+
 /// Waits until the coordinator reports that it leaves the file of `id`, which it has no record of, alone: proof
 /// that a sweep passed over the file without removing it.
 pub async fn wait_left_alone(fleet: &Fleet, id: &str) {

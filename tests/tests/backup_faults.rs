@@ -75,6 +75,7 @@ async fn a_backup_agent_killed_mid_backup_ends_the_backup_in_error_and_leaves_no
     assert_eq!(done.status, "available", "{done:?}");
     let report = backups.clone().verify_backup(VerifyBackupRequest { id: b.id.clone() }).await.unwrap().into_inner();
     assert_eq!((report.chunks_checked, report.missing_chunks.len(), report.corrupt_chunks.len()), (8, 0, 0));
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
 #[tokio::test]
@@ -108,6 +109,7 @@ async fn a_second_backup_agent_on_the_same_repository_refuses_to_start_and_distu
     assert_eq!(done.status, "available", "{done:?}");
     let report = backups.clone().verify_backup(VerifyBackupRequest { id: b.id.clone() }).await.unwrap().into_inner();
     assert_eq!((report.chunks_checked, report.missing_chunks.len(), report.corrupt_chunks.len()), (2, 0, 0));
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
 #[tokio::test]
@@ -174,6 +176,7 @@ async fn garbage_collection_during_a_running_backup_loses_nothing() {
         report.missing_chunks.is_empty() && report.corrupt_chunks.is_empty() && report.chunks_checked == 7,
         "{report:?}"
     );
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
 #[tokio::test]
@@ -231,6 +234,7 @@ async fn an_in_use_volume_needs_force_and_is_read_through_a_temporary_snapshot()
     assert!(snapshots().is_empty(), "the temporary snapshot was removed: {:?}", snapshots());
     volumes.clone().delete_volume(DeleteVolumeRequest { id: v.id.clone(), ..Default::default() }).await.unwrap();
     wait_gone(&volumes, &v.id).await;
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
 /// The coordinator dies as it hands a backup to the agent, and again mid-way through a restore into a new
@@ -272,6 +276,7 @@ async fn backups_and_restores_converge_after_the_coordinator_crashes() {
     );
     let b = BackupServiceClient::new(fleet.admin()).get_backup(GetBackupRequest { id }).await.unwrap().into_inner();
     assert_eq!(b.status, "available", "the backup is released after the restore");
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
 /// The storage agent dies, or the repository disappears, while a backup runs: the backup ends in error with
@@ -318,6 +323,7 @@ async fn a_backup_fails_cleanly_when_its_source_or_repository_goes_away() {
     assert!(b.status_reason.contains("backup failed"), "{b:?}");
     let v = wait_volume(&volumes, &v.id, "available").await;
     assert!(v.status_reason.is_empty());
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
 /// A chunk the parent backup references is gone from the repository (lost, or collected after a delete): an
@@ -347,6 +353,7 @@ async fn an_incremental_whose_known_chunk_is_gone_fails_naming_it() {
     assert!(b.status_reason.contains(&name) && b.status_reason.contains("neither sent nor in the repository"), "{b:?}");
     assert!(!repo.join("backups").join(&b.id).exists(), "nothing is published that references the lost chunk");
     wait_volume(&volumes, &v.id, "available").await;
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
 /// Every file under `dir`, at any depth.
@@ -405,6 +412,7 @@ async fn a_backup_agent_killed_mid_restore_leaves_the_target_in_error() {
     volumes.clone().delete_volume(DeleteVolumeRequest { id: v.id.clone(), ..Default::default() }).await.unwrap();
     wait_gone(&volumes, &v.id).await;
     assert!(!file.exists(), "its file went with it");
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
 /// `--wait` draws a progress bar with MB/s for a backup and for restores onto an existing volume and into a new
@@ -470,6 +478,7 @@ async fn backups_and_restores_report_progress_and_the_cli_draws_it() {
     assert!(ok && err.contains(&format!("{id} deleting")), "{out}\n{err}");
     assert!(!err.contains("MB/s") && !err.contains('['), "{err}");
     assert!(backups.clone().get_backup(GetBackupRequest { id }).await.is_err(), "the backup is gone");
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
 /// Checks the rate on the last progress line the CLI drew in `stderr`: `data_bytes` over the time it shows, not
@@ -539,6 +548,7 @@ async fn a_storage_agent_killed_mid_restore_leaves_the_target_in_error() {
     .await;
     let restored = wait_volume(&volumes, &again.volume_id, "available").await;
     assert_eq!(std::fs::read(dir.join(format!("volume-{}", restored.id))).unwrap(), source, "whole and identical");
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
 /// While a backup agent is down, work that needs it is refused at once and holds nothing: an incremental on
@@ -590,6 +600,7 @@ async fn work_for_a_backup_agent_that_is_down_is_refused_and_holds_nothing() {
     wait_volume(&volumes, &target.id, "available").await;
     let restored = std::fs::read(dir.join(format!("volume-{}", target.id))).unwrap();
     assert_eq!(&restored[..2 << 20], &iscsi::pattern(21, 2 << 20)[..], "the restore ran once the agent was back");
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
 /// Garbage collection over every repository goes on past a backup agent that is down and lists it as
@@ -647,6 +658,7 @@ async fn garbage_collection_skips_a_backup_agent_that_is_down_and_names_it() {
         out.contains("on backup1@repo1") && out.contains("skipped backup2@repo2: its backup agent is down"),
         "{out}"
     );
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
 /// The coordinator dies as it hands a backup to the agent, and the backup agent dies too. The restarted
@@ -679,4 +691,5 @@ async fn a_backup_whose_agent_is_gone_when_it_resumes_ends_in_error_and_frees_th
     let _agent = fleet.start_agent("backup", "backup1", &repository_toml(&repo));
     let again = accepted(&backups, CreateBackupRequest { volume_id: v.id.clone(), ..Default::default() }).await;
     assert_eq!(wait_backup(&backups, &again.id).await.status, "available");
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }

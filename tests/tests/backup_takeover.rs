@@ -139,6 +139,7 @@ async fn a_repository_whose_agent_died_is_taken_over_by_another_agent_and_its_ba
     assert_eq!((again.moved.len(), again.already_known, again.skipped.len()), (0, 3, 0), "{again:?}");
     let hosts: Vec<String> = locations(&backups).await.into_iter().map(|(_, _, h)| h).collect();
     assert_eq!(hosts, ["backup2@repo1"; 3], "full, first incremental, the new incremental");
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
 /// Backup quota use of project `project`: (backups, backup_gigabytes).
@@ -226,4 +227,5 @@ async fn backups_whose_repository_is_lost_for_good_are_forgotten_by_an_admin_and
     assert_eq!(ids, [chain[0].as_str(), chain[1].as_str()], "{again:?}");
     assert!(again.imported.iter().all(|b| b.project == "p1" && b.status == "available"), "{again:?}");
     assert_eq!(backup_quota(&fleet, "p1").await, (2, 2));
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }

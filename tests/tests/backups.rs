@@ -152,6 +152,7 @@ async fn a_chain_of_incrementals_restores_bit_identically_and_moves_only_changes
     assert!(gc.chunks_removed >= 8, "{gc:?}");
     let left = walk(&e.repo.join("chunks"));
     assert_eq!(left, 0, "no chunk outlives every backup");
+    ember_fleet_tests::volumes::assert_usage_exact(&e.fleet).await;
 }
 
 fn walk(dir: &Path) -> usize {
@@ -283,6 +284,7 @@ async fn sparse_volumes_dedup_larger_targets_and_damaged_chunks() {
     let r = e.restore_new(&owner).await;
     assert_eq!(r.status, "error", "{r:?}");
     assert!(r.status_reason.contains(&name), "the restore names the chunk: {}", r.status_reason);
+    ember_fleet_tests::volumes::assert_usage_exact(&e.fleet).await;
 }
 
 fn first_chunk(dir: &Path) -> PathBuf {
@@ -336,6 +338,7 @@ async fn cinder_backups_import_and_restore_bit_identically() {
         e.fleet.cli(&["backup", "import-cinder", copy.join("backups").to_str().unwrap(), full, "--project", "p1"]);
     assert!(!ok, "a damaged backup must not import");
     assert!(err.contains("import failed"), "{err}");
+    ember_fleet_tests::volumes::assert_usage_exact(&e.fleet).await;
 }
 
 fn sha2_hex(data: &[u8]) -> String {
@@ -447,6 +450,7 @@ async fn a_restore_into_a_new_volume_takes_a_size_type_and_zone_and_refuses_a_sm
     assert_eq!(still.status, "available", "{still:?}");
     let source = e.volumes.clone().get_volume(GetVolumeRequest { id: v.clone() }).await.unwrap().into_inner();
     assert_eq!(source.status, "available", "{source:?}");
+    ember_fleet_tests::volumes::assert_usage_exact(&e.fleet).await;
 }
 
 #[tokio::test]
@@ -572,6 +576,7 @@ async fn a_coordinator_that_lost_its_database_adopts_the_repositorys_backups() {
     assert_eq!(sha256(&e.file(&restored.id)), source_sha);
     let again = ask("backup1@repo1").await.unwrap().into_inner();
     assert_eq!((again.imported.len(), again.already_known), (0, 2), "{again:?}");
+    ember_fleet_tests::volumes::assert_usage_exact(&e.fleet).await;
 }
 
 /// The storage agent marks a volume before a restore's first write and clears the mark only once a whole stream
@@ -628,6 +633,7 @@ async fn after_a_database_loss_manage_refuses_the_volume_of_a_restore_cut_short(
     let adopted = admin.clone().manage_volume(manage(&whole.id)).await.unwrap().into_inner();
     assert_eq!(adopted.status, "available", "{adopted:?}");
     assert_eq!(sha256(&e.file(&whole.id)), sha256(&e.file(&v)), "the adopted volume holds the whole restore");
+    ember_fleet_tests::volumes::assert_usage_exact(&e.fleet).await;
 }
 
 /// The ids a paged list returns, two at a time, checking each page's size and token; and that a malformed
@@ -696,6 +702,7 @@ async fn volumes_snapshots_and_backups_list_page_by_page() {
     assert!(ok, "{err}");
     let all: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
     assert_eq!(all.iter().map(|b| b["id"].as_str().unwrap()).collect::<Vec<_>>(), backups);
+    ember_fleet_tests::volumes::assert_usage_exact(&e.fleet).await;
 }
 
 /// A delete the repository fails (here the manifest's path is a directory, standing in for an I/O error or a
@@ -738,4 +745,5 @@ async fn a_backup_whose_delete_failed_can_be_deleted_again() {
     .await;
     assert!(!dir.exists(), "the backup's directory is removed");
     assert_eq!(backup_usage(&e.fleet, "p1").await, (0, 0), "its quota use is released");
+    ember_fleet_tests::volumes::assert_usage_exact(&e.fleet).await;
 }

@@ -67,6 +67,7 @@ async fn a_volume_is_deleted_with_its_snapshots_in_one_call() {
     let (ok, out, err) = fleet.cli_as(&tls, &["volume", "delete", &v.id, "--cascade", "--wait"]);
     assert!(ok, "{out}\n{err}");
     nothing_left(&fleet, &dir, &v).await;
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
 #[tokio::test]
@@ -105,4 +106,5 @@ async fn a_cascade_delete_resumes_after_a_crash_and_after_a_refused_snapshot() {
     fleet.start_coordinator();
     nothing_left(&fleet, &dir, &v).await;
     drop(storage);
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }

@@ -70,6 +70,7 @@ async fn create_and_delete_converge_after_a_crash_at_every_step() {
         assert_eq!(gigabytes, rows.iter().map(|r| r.2).sum::<i64>(), "{point}");
         assert!(!files_in(&dir).contains(id), "{point}: the file is gone");
     }
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
 #[tokio::test]
@@ -93,6 +94,7 @@ async fn the_sweeper_removes_only_files_this_coordinator_made_and_no_longer_plac
     wait_for("the orphan sweep", Duration::from_secs(30), || async { (!known.exists()).then_some(()) }).await;
     wait_left_alone(&fleet, stranger).await;
     assert_eq!(std::fs::read(dir.join(format!("volume-{stranger}"))).unwrap(), b"someone's data");
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
 #[tokio::test]
@@ -173,6 +175,7 @@ async fn a_coordinator_started_on_an_empty_database_destroys_no_volume_it_finds_
     member.clone().delete_volume(DeleteVolumeRequest { id: v.id.clone(), ..Default::default() }).await.unwrap();
     wait_gone(&member, &v.id).await;
     assert!(!file.exists(), "the adopted volume's file is removed by its delete");
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
 /// With its volume adopted, an admin adopts the snapshot the new database did not know (Cinder's
@@ -262,4 +265,5 @@ async fn a_record_whose_data_the_backend_no_longer_holds_is_reported_and_left_as
     assert_eq!(log.matches(&format!("volume {} is recorded", v.id)).count(), 1, "reported once:\n{log}");
     let after = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
     assert_eq!(after.status, "available", "the record is left for an operator to decide on");
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }

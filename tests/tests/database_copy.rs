@@ -84,4 +84,5 @@ async fn a_database_copy_taken_while_serving_brings_the_fleet_back_after_the_dat
     let err = volumes.clone().get_volume(GetVolumeRequest { id: later.id.clone() }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "made after the copy: {err:?}");
     assert_eq!(usage(&fleet, "p1", "volumes").await, held, "the quota counts what the copy holds");
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }

@@ -179,6 +179,7 @@ async fn an_encrypted_volume_holds_only_ciphertext_while_its_guest_reads_and_wri
     let master = fleet.database().with_file_name("master.key");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&master).unwrap().permissions().mode() & 0o777, 0o600, "{}", master.display());
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
 /// Creates the encrypted volume type `secret` (LUKS, default key size).
@@ -268,4 +269,5 @@ async fn an_encrypted_backup_adopted_after_a_database_loss_keeps_its_key() {
     let serial20 = &restored.id[..20];
     domain.wait_console(&format!("DISK-SIZE serial={serial20} sectors={}", ((1 << 30) - HEADER) / 512), WAIT).await;
     domain.wait_console(&format!("DISK-WRITTEN serial={serial20}"), WAIT).await;
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }

@@ -116,4 +116,5 @@ async fn a_snapshot_or_backup_create_repeated_with_its_key_makes_one() {
     let listed = backups.clone().list_backups(ListBackupsRequest::default()).await.unwrap().into_inner();
     assert_eq!(listed.backups.len(), 1, "{listed:?}");
     assert_eq!((in_use(&fleet, "backups").await, in_use(&fleet, "backup_gigabytes").await), (1, 1));
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }

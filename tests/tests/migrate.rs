@@ -177,6 +177,7 @@ async fn a_volume_moves_to_another_pool_with_its_data_and_its_holes() {
     let scratch = fleet.dir.path().join("scratch.img");
     let first = iscsi::read(&iscsi::url(&info, &info.auth_password), 1, &scratch).unwrap();
     assert_eq!(first, iscsi::pattern(1, MIB as usize), "read over iSCSI from the new pool");
+    ember_fleet_tests::volumes::assert_usage_exact(fleet).await;
 }
 
 async fn new_type(fleet: &Fleet, name: &str, backend: &str) {
@@ -243,6 +244,7 @@ async fn a_retype_moves_the_volume_to_a_pool_that_satisfies_the_new_type() {
     };
     assert_eq!((typed(old).await, typed("on2".into()).await), ((0, 0), (1, 1)), "the per-type quota moved");
     assert_eq!(usage(fleet, "p1", "gigabytes").await, 1, "the total stays");
+    ember_fleet_tests::volumes::assert_usage_exact(fleet).await;
 }
 
 #[tokio::test]
@@ -310,6 +312,7 @@ async fn a_failed_copy_leaves_the_volume_where_it_was_and_a_crash_after_the_copy
     assert!(!pools.dir2.join(format!(".incomplete-volume-{}", v.id)).exists(), "a whole copy is not marked partial");
     assert!(files_in(&pools.dir1).is_empty(), "the old copy is gone");
     assert_eq!(usage(&pools.fleet, "p1", "gigabytes").await, 1);
+    ember_fleet_tests::volumes::assert_usage_exact(&pools.fleet).await;
 }
 
 /// The destination's `copy_bandwidth_mib` (Cinder's volume_copy_bps_limit) holds a copy of 48 MiB of data to
@@ -353,6 +356,7 @@ async fn a_throttled_copy_shows_its_progress() {
     let mut copied = vec![0u8; data.len()];
     std::fs::File::open(dir2.join(format!("volume-{}", v.id))).unwrap().read_exact_at(&mut copied, 0).unwrap();
     assert!(copied == data, "the data arrived");
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
 /// An initiator given a volume with `ember volume export` is shown on the volume, and keeps it from moving (the
@@ -425,4 +429,5 @@ async fn an_exported_volume_shows_its_initiators_and_neither_moves_nor_reverts_u
     let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM exports").fetch_one(&db).await.unwrap();
     assert_eq!(left, 0);
     assert!(!fleet.tgt_show("storage2").contains(&info.target_iqn));
+    ember_fleet_tests::volumes::assert_usage_exact(fleet).await;
 }

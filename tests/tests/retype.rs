@@ -102,4 +102,5 @@ async fn a_volume_takes_a_type_its_pool_satisfies_and_its_quota_follows() {
     let err = alice.clone().retype_volume(req).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("is down"), "{err:?}");
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }

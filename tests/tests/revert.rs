@@ -102,4 +102,5 @@ async fn a_volume_reverts_to_its_snapshot_across_a_crash_and_after_a_failure() {
     assert_eq!((fixed.status.as_str(), fixed.status_reason.as_str()), ("available", ""));
     assert_eq!(&read_at(&file, 4096), b"before-1");
     assert_eq!(statuses(&fleet, &v.id, &snap.id).await, ("available".into(), "available".into()));
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }

@@ -115,6 +115,7 @@ async fn a_volume_and_its_snapshot_move_to_the_project_that_accepts_the_transfer
     bob.clone().delete_volume(DeleteVolumeRequest { id: v.id.clone(), ..Default::default() }).await.unwrap();
     ember_fleet_tests::volumes::wait_gone(&bob, &v.id).await;
     assert_eq!(counted(&fleet, "p2").await, [0, 0, 0]);
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
 #[tokio::test]
@@ -158,6 +159,7 @@ async fn an_offer_outlives_a_coordinator_restart_and_a_withdrawn_one_frees_the_v
     assert_eq!((v.project.as_str(), v.status.as_str()), ("p2", "available"));
     assert_eq!(usage(&fleet, "p1", "volumes").await, 1, "the withdrawn one stayed");
     assert_eq!(usage(&fleet, "p2", "volumes").await, 1);
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
 /// A transferred volume's backups stay with the project that made them (as in Cinder), so the new owner's
@@ -210,6 +212,7 @@ async fn after_a_transfer_incrementals_build_only_on_the_new_projects_backups() 
     .await;
     assert_eq!(backup_usage(fleet, "p1").await, (0, 0));
     assert_eq!(backup_usage(fleet, "p2").await, (2, 2));
+    ember_fleet_tests::volumes::assert_usage_exact(fleet).await;
 }
 
 /// The old owner loses every way in: an export it made before the offer (target and CHAP secret) is closed at
@@ -262,8 +265,9 @@ async fn the_offering_project_keeps_no_export_of_a_transferred_volume() {
     let still = alice.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
     assert_eq!(still.status, "awaiting-transfer");
 
-    let _storage = fleet.start_agent("storage", "storage1", &backend);
-    wait_backend(&fleet, "storage1@file1").await;
+    // Registered anew (with its new address): the service may still show `up` from before it stopped.
+    let storage = fleet.start_agent("storage", "storage1", &backend);
+    storage.wait_registered().await;
     bobs_transfers.clone().accept_transfer(accept).await.expect("accepted once the node serves");
     let last = watch.message().await.unwrap();
     assert!(last.is_none(), "alice's watch ends; it shows nothing of bob's volume: {last:?}");
@@ -283,4 +287,5 @@ async fn the_offering_project_keeps_no_export_of_a_transferred_volume() {
     let old_secret = ConnectionInfo { auth_username: alices.auth_username.clone(), ..bobs.clone() };
     let err = iscsi::read(&iscsi::url(&old_secret, &alices.auth_password), 1, &scratch).unwrap_err();
     assert!(!err.is_empty(), "alice's secret no longer opens it");
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }

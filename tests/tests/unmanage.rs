@@ -110,6 +110,7 @@ async fn an_unmanaged_volume_keeps_its_data_and_moves_to_another_project_when_ma
     bob.clone().delete_volume(DeleteVolumeRequest { id: v.id.clone(), ..Default::default() }).await.unwrap();
     wait_gone(&bob, &v.id).await;
     assert!(!file.exists() && !snap_file.exists(), "deleted in p2, the files go");
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
 /// A storage node lost for good: a delete of its snapshot waits for it for ever. An admin forgets the volume,
@@ -164,4 +165,5 @@ async fn a_volume_on_a_storage_node_lost_for_good_is_forgotten_and_its_files_are
     assert!(dir.join(format!("snapshot-{}", snap.id)).exists());
     let manage = ManageVolumeRequest { pool: "storage1@file1".into(), id: v.id.clone(), ..Default::default() };
     assert_eq!(admin.clone().manage_volume(manage).await.unwrap().into_inner().status, "available");
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
