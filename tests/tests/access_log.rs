@@ -119,4 +119,5 @@ async fn every_call_is_logged_with_its_caller_its_outcome_and_a_request_id_the_c
 
     // Logs written to a file carry no terminal colour codes.
     assert!(!coordinator_log().contains('\u{1b}'));
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }

@@ -220,4 +220,5 @@ async fn instances_count_against_their_projects_quota() {
     })
     .await;
     assert_eq!(used().await, (0, 0, 0));
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }

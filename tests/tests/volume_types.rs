@@ -378,4 +378,5 @@ async fn per_type_quotas_follow_a_renamed_type_and_go_with_a_deleted_one() {
     let shown = quotas.get_quota(GetQuotaRequest { project: "p1".into() }).await.unwrap().into_inner();
     let item = shown.items.iter().find(|i| i.resource == "volumes_platinum").expect("volumes_platinum");
     assert_eq!(item.limit, -1, "{item:?}");
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
