@@ -58,6 +58,8 @@ enum Command {
     Backup(backup::BackupCmd),
     /// Measure the fleet (volume create/delete latency and throughput).
     Bench(bench::BenchCmd),
+    /// Print the fleet's metrics in Prometheus' text format, e.g. for node_exporter's textfile collector (admin).
+    Metrics,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -78,6 +80,7 @@ async fn main() {
         Command::Attachment(c) => volume::run_attachments(c, &cli.conn, cli.json).await,
         Command::Backup(c) => backup::run(c, &cli.conn, cli.json).await,
         Command::Bench(c) => bench::run(c, &cli.conn, cli.json).await,
+        Command::Metrics => service::run_metrics(&cli.conn).await,
     };
     if let Err(e) = result {
         eprintln!("ember: {e}");

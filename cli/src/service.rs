@@ -98,6 +98,13 @@ fn pool_json(p: &Pool) -> serde_json::Value {
     })
 }
 
+/// Runs `ember metrics`: the exposition as the coordinator wrote it (it is already a machine format).
+pub async fn run_metrics(conn: &ConnectArgs) -> Result<(), CliError> {
+    let metrics = FleetServiceClient::new(conn.channel()?).get_metrics(GetMetricsRequest {}).await?.into_inner();
+    print!("{}", metrics.text);
+    Ok(())
+}
+
 /// A capacity as pools report it (GiB, or a word such as `infinite`), to two decimals for people.
 fn gib(reported: &str) -> String {
     match reported.parse::<f64>() {

@@ -228,6 +228,7 @@ impl Call {
     fn end(self, outcome: Outcome) {
         let code = code_name(outcome.code);
         let ms = self.started.elapsed().as_millis() as u64;
+        count(&self.method, &code, ms);
         let Call { request_id, method, caller, role, project, peer, routine, .. } = self;
         let error = outcome.message;
         match outcome.code {
@@ -238,6 +239,32 @@ impl Call {
             _ => tracing::info!(%request_id, %method, %caller, %role, %project, %peer, %code, ms, %error, "call"),
         }
     }
+}
+
+/// Calls served per `(method, code)`: how many, and their milliseconds summed.
+static CALLS: std::sync::Mutex<std::collections::BTreeMap<(String, String), (u64, u64)>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// The most `(method, code)` pairs counted apart; calls to methods beyond them (made-up method names, which any
+/// certificate holder can send) are counted as `other`, so the table stays small.
+const COUNTED_PAIRS: usize = 2000;
+
+fn count(method: &str, code: &str, ms: u64) {
+    let mut calls = CALLS.lock().expect("call counter lock");
+    let known = method.starts_with("ember.") || method.starts_with("grpc.");
+    let mut key = (method.to_string(), code.to_string());
+    if !known || (calls.len() >= COUNTED_PAIRS && !calls.contains_key(&key)) {
+        key = ("other".to_string(), code.to_string());
+    }
+    let entry = calls.entry(key).or_default();
+    entry.0 += 1;
+    entry.1 += ms;
+}
+
+/// The calls this process has served since it started, per method and code: `(method, code, calls, total ms)`.
+pub fn call_counts() -> Vec<(String, String, u64, u64)> {
+    let calls = CALLS.lock().expect("call counter lock");
+    calls.iter().map(|((m, c), (n, ms))| (m.clone(), c.clone(), *n, *ms)).collect()
 }
 
 #[cfg(test)]

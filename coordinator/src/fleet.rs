@@ -249,6 +249,11 @@ impl FleetService for Fleet {
         require_admin(&req, "remove services")?;
         Ok(Response::new(DeleteServiceResponse { removed: self.delete(req.get_ref()).await? }))
     }
+
+    async fn get_metrics(&self, req: Request<GetMetricsRequest>) -> Result<Response<Metrics>, Status> {
+        require_admin(&req, "read the fleet's metrics")?;
+        Ok(Response::new(Metrics { text: crate::metrics::render(&self.ctx).await? }))
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ mod failpoint;
 mod fleet;
 mod idempotency;
 mod instances;
+mod metrics;
 mod operations;
 mod paging;
 mod pools;

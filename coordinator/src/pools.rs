@@ -81,6 +81,11 @@ pub async fn candidates(ctx: &Ctx) -> Result<Vec<PoolState>> {
     reported(ctx, None, true).await
 }
 
+/// The pools of every storage backend that is up, enabled or not.
+pub async fn up(ctx: &Ctx) -> Result<Vec<PoolState>> {
+    reported(ctx, None, false).await
+}
+
 /// The pool `host@backend` as its latest report describes it, if its service is up (enabled or not: a volume
 /// already there is not being placed).
 pub async fn current(ctx: &Ctx, host: &str, backend: &str) -> Result<Option<PoolState>> {
