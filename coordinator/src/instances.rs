@@ -85,16 +85,28 @@ impl Instances {
         }
         let mut conn = self.ctx.db.acquire().await?;
         let host: Option<String> = if req.host.is_empty() {
-            sqlx::query_scalar("SELECT host FROM services WHERE role = 'compute' AND enabled = 1 ORDER BY host LIMIT 1")
-                .fetch_optional(&mut *conn)
-                .await?
+            // An up, enabled compute host, the one running the fewest instances: a host that stopped
+            // heartbeating would fail the boot, and one host would otherwise take every instance.
+            sqlx::query_scalar(
+                "SELECT s.host FROM services s WHERE s.role = 'compute' AND s.enabled = 1 AND s.last_heartbeat >= ? \
+                 ORDER BY (SELECT COUNT(*) FROM instances i WHERE i.host = s.host), s.host LIMIT 1",
+            )
+            .bind(now_ms() - self.ctx.service_down_ms)
+            .fetch_optional(&mut *conn)
+            .await?
         } else {
             sqlx::query_scalar("SELECT host FROM services WHERE role = 'compute' AND host = ?")
                 .bind(&req.host)
                 .fetch_optional(&mut *conn)
                 .await?
         };
-        let host = host.ok_or_else(|| Error::not_found("compute host", &req.host))?;
+        let host = match host {
+            Some(host) => host,
+            None if req.host.is_empty() => {
+                return Err(Error::FailedPrecondition("no compute host is up and enabled".into()));
+            }
+            None => return Err(Error::not_found("compute host", &req.host)),
+        };
         let deltas = quota::instance_deltas(vcpus, memory_mb);
         let (boot_volume_id, project) = if req.boot_snapshot_id.is_empty() {
             let v = volumes::visible(&mut conn, who, &req.boot_volume_id).await?;

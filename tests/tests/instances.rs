@@ -222,3 +222,69 @@ async fn instances_count_against_their_projects_quota() {
     assert_eq!(used().await, (0, 0, 0));
     ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
+
+/// An instance created without a host goes to the up, enabled compute host that runs the fewest instances: not
+/// to one that stopped heartbeating, and not every one to the same host.
+#[tokio::test]
+async fn an_instance_without_a_host_goes_to_the_least_busy_compute_host_that_is_up() {
+    use ember_fleet_tests::backups::wait_down;
+    use ember_fleet_tests::volumes::wait_backend;
+    use ember_proto::v1::fleet_service_client::FleetServiceClient;
+    let ComputeFleet { fleet, dir: _dir, storage: _storage, compute: _compute } =
+        ComputeFleet::start(&boot_config()).await;
+    let mut second = fleet.start_agent("compute", "compute2", &boot_config());
+    wait_backend(&fleet, "compute2").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let instances = InstanceServiceClient::new(fleet.admin());
+    let create = |volume: &str| CreateInstanceRequest {
+        name: "placed".into(),
+        boot_volume_id: volume.into(),
+        memory_mb: 64,
+        ..Default::default()
+    };
+    let mut made = vec![];
+    for _ in 0..2 {
+        let v = new_volume(&volumes, 1).await;
+        let i = instances.clone().create_instance(create(&v.id)).await.unwrap().into_inner();
+        wait_instance(&instances, &i.id, "active").await;
+        made.push(i);
+    }
+    let mut hosts: Vec<&str> = made.iter().map(|i| i.host.as_str()).collect();
+    hosts.sort();
+    assert_eq!(hosts, ["compute1", "compute2"], "one each");
+
+    // compute2 stops heartbeating: the next goes to compute1, busy as it is.
+    second.kill();
+    wait_down(&fleet, "compute2").await;
+    let v = new_volume(&volumes, 1).await;
+    let third = instances.clone().create_instance(create(&v.id)).await.unwrap().into_inner();
+    assert_eq!(third.host, "compute1");
+    wait_instance(&instances, &third.id, "active").await;
+    made.push(third);
+
+    // None up and enabled: refused, saying so, and nothing is made.
+    let disable = DisableServiceRequest { name: "compute1".into(), reason: "test".into() };
+    FleetServiceClient::new(fleet.admin()).disable_service(disable).await.unwrap();
+    let v = new_volume(&volumes, 1).await;
+    let err = instances.clone().create_instance(create(&v.id)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("no compute host is up and enabled"), "{err:?}");
+    let listed = instances.clone().list_instances(ListInstancesRequest::default()).await.unwrap().into_inner();
+    assert_eq!(listed.instances.len(), 3);
+
+    // compute2 back, every instance deleted: no guest is left running.
+    let second = fleet.start_agent("compute", "compute2", &boot_config());
+    second.wait_registered().await;
+    for i in &made {
+        instances.clone().delete_instance(DeleteInstanceRequest { id: i.id.clone() }).await.unwrap();
+    }
+    for i in &made {
+        wait_for("the instance to go", WAIT, || async {
+            let got = instances.clone().get_instance(GetInstanceRequest { id: i.id.clone() }).await;
+            matches!(got, Err(s) if s.code() == tonic::Code::NotFound).then_some(())
+        })
+        .await;
+        assert!(!domain_exists(&i.id), "instance {}'s domain is gone", i.id);
+    }
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
+}
