@@ -10,8 +10,9 @@
 //! - The caller is read from the verified client certificate (name, role, project). Authorization stays with the
 //!   services' interceptors; this only reports.
 //! - The outcome is the gRPC status the caller received: read from the response headers when the call failed
-//!   before answering, else from the trailers that end the response stream. A stream the caller dropped is
-//!   logged as `CANCELLED`.
+//!   before answering, else from the trailers that end the response stream. A call whose caller went away
+//!   before it ended (before the answer, or in the middle of a stream) is logged as `CANCELLED`.
+//! - Calls are also counted per method and code, with their time, for `ember metrics` ([`call_counts`]).
 //! - Routine calls that succeed (heartbeats, the sweeper's listings, progress polls, health checks and
 //!   reflection) are logged at `debug`, everything else at `info`.
 
