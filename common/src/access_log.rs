@@ -104,7 +104,7 @@ where
     }
 }
 
-/// A response body that logs its call when the trailers with the final status pass (or, through [`Pending`],
+/// A response body that logs its call when the trailers with the final status pass (or, through `Pending`,
 /// when it is dropped first).
 #[derive(Debug)]
 pub struct Watched<B> {
