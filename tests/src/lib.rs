@@ -84,10 +84,7 @@ impl Daemon {
                 return status;
             }
             if Instant::now() >= deadline {
-                let log = self.log_text();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                panic!("process did not exit within {timeout:?}; the end of its log:\n{}", tail.join("\n"));
+                panic!("process did not exit within {timeout:?}; the end of its log:\n{}", tail(&self.log_text(), 40));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -164,8 +161,41 @@ fn next_control_port() -> u16 {
     base + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// How many lines of each daemon's log a failing test prints.
+const LOG_TAIL_LINES: usize = 100;
+
+/// The last `lines` lines of `text`.
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl Fleet {
+    /// Prints the end of every daemon's log to stderr. A failing test calls it (from `drop`), because its
+    /// temporary directory, and the logs with it, go when the fleet does: without them a failure seen once in
+    /// CI cannot be explained.
+    fn print_log_tails(&self) {
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else { return };
+        let mut logs: Vec<(std::time::SystemTime, PathBuf)> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .map(|p| (p.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), p))
+            .collect();
+        logs.sort();
+        for (_, path) in logs {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            eprintln!("----- the end of {name} (the test failed) -----\n{}", tail(&text, LOG_TAIL_LINES));
+        }
+    }
+}
+
 impl Drop for Fleet {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_log_tails();
+        }
         // Agents killed outright leave their tgtd running (by design: exports survive); end them here. A
         // storage agent still running would start its tgtd again, so the agents go first (a test's locals may
         // outlive its fleet). The command-line check keeps a reused pid safe. tgtd ignores SIGTERM while it
