@@ -367,8 +367,9 @@ pub(crate) fn connection_from_json(c: &serde_json::Value) -> agent::Connection {
     }
 }
 
-/// Removes the initiator's access to the volume unless another attachment of the volume uses the same
-/// initiator. `Err(status)` is the storage agent's refusal.
+/// Removes the initiator's access to the volume unless another attachment of the volume, or an export made with
+/// InitializeConnection, uses the same initiator (the storage node knows initiators, not who asked for them).
+/// `Err(status)` is the storage agent's refusal.
 pub(crate) async fn unexport_unless_shared(
     ctx: &Arc<Ctx>,
     attachment_id: &str,
@@ -376,7 +377,9 @@ pub(crate) async fn unexport_unless_shared(
     initiator: &str,
 ) -> Result<Result<(), Status>> {
     let shared: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM attachments WHERE volume_id = ? AND id != ? AND json_extract(connector, '$.initiator') = ?",
+        "SELECT (SELECT COUNT(*) FROM attachments \
+                 WHERE volume_id = ?1 AND id != ?2 AND json_extract(connector, '$.initiator') = ?3) \
+              + (SELECT COUNT(*) FROM exports WHERE volume_id = ?1 AND initiator = ?3)",
     )
     .bind(&v.id)
     .bind(attachment_id)

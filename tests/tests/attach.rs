@@ -507,3 +507,47 @@ async fn a_read_only_volume_is_attached_read_only() {
     let still = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
     assert!(still.read_only, "nothing changed");
 }
+
+/// The compute host's initiator is also given the volume with InitializeConnection (an operator's `ember volume
+/// export` from that host): the storage node knows initiators, not who asked, so neither the unexport nor the
+/// detach may take away access the other still needs.
+#[tokio::test]
+async fn an_export_to_an_attached_hosts_initiator_and_the_attachment_keep_each_others_access() {
+    let ComputeFleet { fleet, dir: _dir, storage: _storage, compute: _compute } = ComputeFleet::start("").await;
+    let domain = Domain::boot("ember-shared-initiator").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let mut attachments = AttachmentServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    let iqn = format!("volume-{}", v.id);
+    let a = attachments.attach(attach_request(&v.id, &domain.name)).await.unwrap().into_inner();
+    wait_volume(&volumes, &v.id, "in-use").await;
+    domain.wait_console(&format!("DISK-WRITTEN serial={}", &v.id[..20]), WAIT).await;
+    let initiator: String =
+        sqlx::query_scalar("SELECT json_extract(connector, '$.initiator') FROM attachments WHERE id = ?")
+            .bind(&a.id)
+            .fetch_one(&fleet.db().await)
+            .await
+            .unwrap();
+    let connector = || Some(Connector { initiator: initiator.clone(), ..Default::default() });
+    let export = InitializeConnectionRequest { volume_id: v.id.clone(), connector: connector() };
+    let unexport = TerminateConnectionRequest { volume_id: v.id.clone(), connector: connector() };
+    let exports = |v: &Volume| v.exports.iter().map(|e| e.initiator.clone()).collect::<Vec<_>>();
+
+    // Unexported while attached: the record goes, the attachment's target stays.
+    volumes.clone().initialize_connection(export.clone()).await.unwrap();
+    volumes.clone().terminate_connection(unexport.clone()).await.unwrap();
+    let shown = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
+    assert_eq!((shown.status.as_str(), exports(&shown)), ("in-use", vec![]), "{shown:?}");
+    assert!(fleet.tgt_show("storage1").contains(&iqn), "the attached guest keeps its target");
+    assert!(domain.xml(false).contains(&v.id), "and its disk");
+
+    // Detached while exported: the attachment goes, the export's target stays until it is unexported.
+    volumes.clone().initialize_connection(export).await.unwrap();
+    attachments.detach(DetachRequest { attachment_id: a.id, ..Default::default() }).await.unwrap();
+    let detached = wait_volume(&volumes, &v.id, "available").await;
+    assert_eq!(exports(&detached), std::slice::from_ref(&initiator), "{detached:?}");
+    assert_eq!(attachment_rows(&fleet, &v.id).await, 0);
+    assert!(fleet.tgt_show("storage1").contains(&iqn), "the export keeps its target after the detach");
+    volumes.clone().terminate_connection(unexport).await.unwrap();
+    assert_released(&fleet, &v.id).await;
+}

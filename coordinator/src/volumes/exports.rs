@@ -82,17 +82,29 @@ pub async fn terminate(ctx: &Arc<Ctx>, who: &Identity, req: TerminateConnectionR
     check_connector(&connector)?;
     let mut conn = ctx.db.acquire().await?;
     let v = store::visible(&mut conn, who, &req.volume_id).await?;
-    let mut client = ctx.agents.storage(&v.host).await?;
-    client
-        .unexport_volume(agent::UnexportVolumeRequest {
-            volume_id: v.id.clone(),
-            backend: v.backend.clone(),
-            initiator: connector.initiator.clone(),
-        })
-        .await
-        .map_err(|s| Error::FailedPrecondition(format!("unexporting on {}: {}", v.host, s.message())))?;
+    // The storage node grants access per initiator: if a compute host reaches the volume for an attachment with
+    // this same initiator, taking it away would cut that guest off. Only the record goes then.
+    let attached: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM attachments WHERE volume_id = ? AND json_extract(connector, '$.initiator') = ?",
+    )
+    .bind(&v.id)
+    .bind(&connector.initiator)
+    .fetch_one(&mut *conn)
+    .await?;
+    drop(conn);
+    if attached == 0 {
+        let mut client = ctx.agents.storage(&v.host).await?;
+        client
+            .unexport_volume(agent::UnexportVolumeRequest {
+                volume_id: v.id.clone(),
+                backend: v.backend.clone(),
+                initiator: connector.initiator.clone(),
+            })
+            .await
+            .map_err(|s| Error::FailedPrecondition(format!("unexporting on {}: {}", v.host, s.message())))?;
+    }
     forget_export(ctx, &v.id, &connector.initiator).await?;
-    tracing::info!(volume_id = %v.id, initiator = %connector.initiator, "connection terminated");
+    tracing::info!(volume_id = %v.id, initiator = %connector.initiator, kept_for_attachment = attached > 0, "connection terminated");
     Ok(())
 }
 
