@@ -34,6 +34,9 @@ pub struct CoordinatorConfig {
     /// The master key sealing encrypted volumes' keys (32 bytes, created 0600 if missing). Default: `master.key`
     /// beside the database. Without it, encrypted volumes cannot be opened: back it up with the database.
     pub key_file: Option<PathBuf>,
+    /// Days a finished operation is kept, as the history the orphan sweeper reads, before it is purged; 0 keeps
+    /// them all. A file whose every operation was purged is no longer removed as an orphan, only reported.
+    pub operations_retention_days: u32,
 }
 
 impl Default for CoordinatorConfig {
@@ -50,6 +53,7 @@ impl Default for CoordinatorConfig {
             peer_timeout_seconds: 20,
             default_quotas: BTreeMap::new(),
             key_file: None,
+            operations_retention_days: 90,
         }
     }
 }

@@ -181,6 +181,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         ctx.clone(),
         std::time::Duration::from_secs(cfg.reconcile_interval_seconds.into()),
     ));
+    let retention = std::time::Duration::from_secs(u64::from(cfg.operations_retention_days) * 86_400);
+    let purger = tokio::spawn(operations::purge_forever(db.clone(), retention));
     let shutdown = server::shutdown_signal();
     let (listener, addr) = server::bind(&cfg.listen).await?;
     let public = require_roles(PUBLIC);
@@ -219,6 +221,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     )
     .await?;
     reconciler.abort();
+    purger.abort();
     db.close().await;
     tracing::info!("coordinator stopped");
     Ok(())

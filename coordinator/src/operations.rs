@@ -73,7 +73,7 @@ pub async fn advance(conn: &mut SqliteConnection, op: &mut Op, step: &str) -> Re
 }
 
 /// Records an operation that was done whole inside the caller's transaction, with no agent to call: kept, like
-/// every operation, as the history the orphan sweeper reads.
+/// every operation, as the history the orphan sweeper reads (until [`purge_finished`]).
 pub async fn record_done(
     conn: &mut SqliteConnection,
     kind: &str,
@@ -229,6 +229,56 @@ pub async fn reconcile_forever(ctx: Arc<Ctx>, every: Duration) {
                 }
             }
             Err(e) => tracing::error!("reconciler: {e}"),
+        }
+    }
+}
+
+/// How many finished operations one purge statement removes, so that the write lock is held briefly.
+const PURGE_BATCH: i64 = 1000;
+
+/// Removes the operations that finished before `cutoff_ms` (ms since the epoch); returns how many.
+///
+/// This is safe for the orphan sweeper, which removes a file only when the latest operation naming it is not an
+/// unmanage or forget. A resource runs one operation at a time, so each of its operations finished before the
+/// next one began: a purge that removes an unmanage removes every earlier operation of that resource too, and
+/// never leaves an older operation to claim a file that was let go. A file whose history is gone is left alone
+/// and reported, never removed.
+pub async fn purge_finished(db: &sqlx::SqlitePool, cutoff_ms: i64) -> Result<u64> {
+    let mut purged = 0;
+    loop {
+        let mut tx = crate::db::write(db).await?;
+        let removed = sqlx::query(
+            "DELETE FROM operations WHERE rowid IN \
+             (SELECT rowid FROM operations WHERE state != 'running' AND updated_at < ? LIMIT ?)",
+        )
+        .bind(cutoff_ms)
+        .bind(PURGE_BATCH)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        purged += removed;
+        if removed < PURGE_BATCH as u64 {
+            return Ok(purged);
+        }
+    }
+}
+
+/// Purges operations finished more than `retention` ago, now and then every hour; a zero retention keeps them.
+pub async fn purge_forever(db: sqlx::SqlitePool, retention: Duration) {
+    if retention.is_zero() {
+        return;
+    }
+    let mut ticker = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        ticker.tick().await;
+        let cutoff = now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        match purge_finished(&db, cutoff).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(purged = n, retention_days = retention.as_secs() / 86_400, "finished operations purged")
+            }
+            Err(e) => tracing::error!("purging finished operations: {e}"),
         }
     }
 }

@@ -5,8 +5,9 @@
 //!
 //! It removes only files this coordinator made and still owns. A file whose id no operation of its names is
 //! not its to remove: a database that was lost, replaced by an empty one or restored from an older copy knows
-//! nothing of the volumes made since, and those files are someone's data. Nor is one it let go of (unmanaged).
-//! Such files are left alone and reported once each, for an operator to look into.
+//! nothing of the volumes made since, and those files are someone's data. Nor is one it let go of (unmanaged),
+//! nor one whose operations were all purged (`operations::purge_finished`). Such files are left alone and
+//! reported once each, for an operator to look into.
 //!
 //! The other way round, a settled volume or snapshot the database places on a backend that does not hold it (a
 //! database restored from an older copy that still lists what was deleted since, or data removed by hand) is
