@@ -160,7 +160,7 @@ impl Backups {
         self.repos.get(name).cloned().ok_or_else(|| Status::not_found(format!("repository {name:?}")))
     }
 
-    fn storage(&self, source: &VolumeSource) -> Result<StorageAgentClient<tonic::transport::Channel>, Status> {
+    fn storage(&self, source: &VolumeSource) -> Result<StorageAgentClient<ember_common::access_log::Traced>, Status> {
         if !source.storage_endpoint.starts_with("https://") {
             return Err(Status::invalid_argument("source.storage_endpoint: must be an https:// URL"));
         }
@@ -168,7 +168,7 @@ impl Backups {
             .tls
             .channel_with(&source.storage_endpoint, self.peer_timeout)
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        Ok(StorageAgentClient::new(channel).max_decoding_message_size(128 << 20))
+        Ok(StorageAgentClient::new(ember_common::access_log::traced(channel)).max_decoding_message_size(128 << 20))
     }
 
     /// Lists backup `id` as running in `repo` from now, by the repository's clock, until the guard drops. The

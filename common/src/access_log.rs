@@ -13,6 +13,11 @@
 //!   before answering, else from the trailers that end the response stream. A call whose caller went away
 //!   before it ended (before the answer, or in the middle of a stream) is logged as `CANCELLED`.
 //! - Calls are also counted per method and code, with their time, for `ember metrics` ([`call_counts`]).
+//! - Daemons pass the request id on: a call the coordinator makes to an agent while it serves a call, or while
+//!   it runs the operation that call recorded (also after a restart: operations keep it), carries the id in an
+//!   `x-request-id` request header, and the agent serves it under that id ([`Traced`], [`with_request_id`]).
+//!   Only fleet daemons' ids are adopted; a person's or a program's header is ignored. So one id finds the
+//!   whole story of a request in every daemon's log.
 //! - Routine calls that succeed (heartbeats, the sweeper's listings, progress polls, health checks and
 //!   reflection) are logged at `debug`, everything else at `info`.
 
@@ -30,6 +35,52 @@ use tracing::Instrument;
 
 /// The response header that carries a call's request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+tokio::task_local! {
+    /// The request id of the call being served, or of the operation a worker runs for it.
+    static REQUEST_ID: String;
+}
+
+/// The request id of the call (or operation) the current task works for, if any.
+pub fn current_request_id() -> Option<String> {
+    REQUEST_ID.try_with(|id| id.clone()).ok().filter(|id| !id.is_empty())
+}
+
+/// Runs `work` on behalf of request `id`: calls it makes through [`Traced`] clients carry the id. Work spawned
+/// onto another task does not inherit it, so a spawner passes it on with this.
+pub async fn with_request_id<F: Future>(id: String, work: F) -> F::Output {
+    REQUEST_ID.scope(id, work).await
+}
+
+/// A client interceptor that sends the current request id (if any) with every call.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PassRequestId;
+
+impl tonic::service::Interceptor for PassRequestId {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = current_request_id().and_then(|id| id.parse().ok()) {
+            req.metadata_mut().insert(REQUEST_ID_HEADER, value);
+        }
+        Ok(req)
+    }
+}
+
+/// A channel whose calls carry the request id they are made for.
+pub type Traced = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, PassRequestId>;
+
+/// Wraps `channel` so that its calls carry the current request id.
+pub fn traced(channel: tonic::transport::Channel) -> Traced {
+    tonic::service::interceptor::InterceptedService::new(channel, PassRequestId)
+}
+
+/// The request id a fleet daemon sent with its call, when it is well formed (`req-` and at most 64 letters,
+/// digits and dashes): the id the call is then served under.
+fn passed_request_id(headers: &HeaderMap) -> Option<String> {
+    let id = headers.get(REQUEST_ID_HEADER)?.to_str().ok()?;
+    let well_formed =
+        id.starts_with("req-") && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    well_formed.then(|| id.to_string())
+}
 
 /// The canonical upper-case name of a gRPC status code (`NOT_FOUND`, `INVALID_ARGUMENT`, ...), as people
 /// search for it.
@@ -86,10 +137,11 @@ where
         let span =
             tracing::info_span!("call", request_id = %call.request_id, method = %call.method, caller = %call.caller);
         let request_id = HeaderValue::from_str(&call.request_id).ok();
+        let scope = call.request_id.clone();
         // Logged however the call ends, also when the caller goes away before the answer (the handler is then
         // dropped where it stands, possibly after it changed something).
         let mut pending = Pending(Some(call));
-        let answer = self.inner.call(req).instrument(span);
+        let answer = with_request_id(scope, self.inner.call(req).instrument(span));
         Box::pin(async move {
             let mut response = answer.await?;
             if let Some(id) = request_id {
@@ -206,16 +258,22 @@ impl Call {
         let identity = tls
             .and_then(|t| t.peer_certs())
             .and_then(|certs| certs.first().map(|leaf| crate::identity::Identity::from_der(leaf.as_ref())));
-        let (caller, role, project) = match identity {
-            Some(Ok(who)) => (who.name, who.role.to_string(), who.project.unwrap_or_default()),
-            Some(Err(_)) => ("?".into(), "unreadable certificate".into(), String::new()),
-            None => ("?".into(), "no certificate".into(), String::new()),
+        use crate::identity::Role;
+        let (caller, role, project, daemon) = match identity {
+            Some(Ok(who)) => {
+                let daemon = !matches!(who.role, Role::Admin | Role::Member);
+                (who.name, who.role.to_string(), who.project.unwrap_or_default(), daemon)
+            }
+            Some(Err(_)) => ("?".into(), "unreadable certificate".into(), String::new(), false),
+            None => ("?".into(), "no certificate".into(), String::new(), false),
         };
+        // A fleet daemon working for a request names it; anyone else's header is not trusted.
+        let passed = if daemon { passed_request_id(req.headers()) } else { None };
         let routine = ROUTINE.iter().any(|r| method.ends_with(r))
             || method.starts_with("grpc.health.")
             || method.starts_with("grpc.reflection.");
         Call {
-            request_id: format!("req-{}", uuid::Uuid::new_v4()),
+            request_id: passed.unwrap_or_else(|| format!("req-{}", uuid::Uuid::new_v4())),
             method,
             caller,
             role,
@@ -277,6 +335,31 @@ mod tests {
         assert_eq!(code_name(tonic::Code::NotFound), "NOT_FOUND");
         assert_eq!(code_name(tonic::Code::InvalidArgument), "INVALID_ARGUMENT");
         assert_eq!(code_name(tonic::Code::Ok), "OK");
+    }
+
+    #[test]
+    fn only_well_formed_request_ids_are_adopted() {
+        let with = |id: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(REQUEST_ID_HEADER, HeaderValue::from_static(id));
+            passed_request_id(&h)
+        };
+        assert_eq!(with("req-0b5e-77").as_deref(), Some("req-0b5e-77"));
+        assert_eq!(with("0b5e-77"), None, "no req- prefix");
+        assert_eq!(with("req-a b"), None, "a space");
+        assert_eq!(with("req-a\"b"), None, "a quote");
+        assert_eq!(with("req-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"), None, "65 characters");
+        assert_eq!(passed_request_id(&HeaderMap::new()), None);
+    }
+
+    #[tokio::test]
+    async fn the_request_id_is_passed_on_by_calls_made_for_it() {
+        use tonic::service::Interceptor;
+        let sent = |_: ()| PassRequestId.call(tonic::Request::new(())).unwrap();
+        assert!(sent(()).metadata().get(REQUEST_ID_HEADER).is_none(), "no request, no header");
+        let req = with_request_id("req-1".into(), async { sent(()) }).await;
+        assert_eq!(req.metadata().get(REQUEST_ID_HEADER).unwrap(), "req-1");
+        assert_eq!(with_request_id(String::new(), async { current_request_id() }).await, None);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Channels from the coordinator to its agents, one per endpoint and reused (a new TLS connection costs about
-//! a millisecond), and lookups of where a backend or host lives.
+//! a millisecond), and lookups of where a backend or host lives. Calls carry the request id they are made for.
 
 use crate::error::{Error, Result};
+use ember_common::access_log::{Traced, traced};
 use ember_common::tls::TlsFiles;
 use ember_proto::agent::v1::backup_agent_client::BackupAgentClient;
 use ember_proto::agent::v1::compute_agent_client::ComputeAgentClient;
@@ -52,19 +53,19 @@ impl Agents {
     }
 
     /// The compute agent of `host`.
-    pub async fn compute(&self, host: &str) -> Result<ComputeAgentClient<Channel>> {
+    pub async fn compute(&self, host: &str) -> Result<ComputeAgentClient<Traced>> {
         let endpoint = self.endpoint(host, "compute").await?;
-        Ok(ComputeAgentClient::new(self.channel(&endpoint)?))
+        Ok(ComputeAgentClient::new(traced(self.channel(&endpoint)?)))
     }
 
     /// The backup agent serving `host`.
-    pub async fn backup(&self, host: &str) -> Result<BackupAgentClient<Channel>> {
+    pub async fn backup(&self, host: &str) -> Result<BackupAgentClient<Traced>> {
         let endpoint = self.endpoint(host, "backup").await?;
-        Ok(BackupAgentClient::new(self.channel(&endpoint)?))
+        Ok(BackupAgentClient::new(traced(self.channel(&endpoint)?)))
     }
 
     /// The storage agent serving `host`.
-    pub async fn storage(&self, host: &str) -> Result<StorageAgentClient<Channel>> {
+    pub async fn storage(&self, host: &str) -> Result<StorageAgentClient<Traced>> {
         let endpoint: Option<String> =
             sqlx::query_scalar("SELECT endpoint FROM services WHERE host = ? AND role = 'storage' LIMIT 1")
                 .bind(host)
@@ -72,6 +73,6 @@ impl Agents {
                 .await?;
         let endpoint =
             endpoint.ok_or_else(|| Error::FailedPrecondition(format!("storage host {host} is not registered")))?;
-        Ok(StorageAgentClient::new(self.channel(&endpoint)?).max_decoding_message_size(64 << 20))
+        Ok(StorageAgentClient::new(traced(self.channel(&endpoint)?)).max_decoding_message_size(64 << 20))
     }
 }

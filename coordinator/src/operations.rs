@@ -9,6 +9,7 @@ use crate::error::Result;
 use sqlx::{Row, SqliteConnection};
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 /// One operation.
 #[derive(Debug, Clone)]
@@ -26,6 +27,8 @@ pub struct Op {
     pub attempt: i64,
     /// Step data (backends tried, target size, ...).
     pub payload: serde_json::Value,
+    /// The request that recorded it (empty if none did); agent calls made for it carry this id.
+    pub request_id: String,
 }
 
 /// Records a new operation; call inside the transaction that changes the resource.
@@ -39,9 +42,10 @@ pub async fn insert(
 ) -> Result<String> {
     let id = uuid::Uuid::new_v4().to_string();
     let now = now_ms();
+    let request_id = ember_common::access_log::current_request_id().unwrap_or_default();
     sqlx::query(
-        "INSERT INTO operations (id, kind, resource_type, resource_id, step, payload, created_at, updated_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO operations (id, kind, resource_type, resource_id, step, payload, created_at, updated_at, \
+         request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(&id)
     .bind(kind)
@@ -51,6 +55,7 @@ pub async fn insert(
     .bind(payload.to_string())
     .bind(now)
     .bind(now)
+    .bind(request_id)
     .execute(&mut *conn)
     .await?;
     tracing::info!(op_id = %id, kind, resource_id, step, "operation recorded");
@@ -100,7 +105,8 @@ pub async fn finish(conn: &mut SqliteConnection, op: &Op, failed: Option<&str>) 
 
 async fn load(ctx: &Ctx, id: &str) -> Result<Option<Op>> {
     let row = sqlx::query(
-        "SELECT id, kind, resource_id, step, attempt, payload FROM operations WHERE id = ? AND state = 'running'",
+        "SELECT id, kind, resource_id, step, attempt, payload, request_id FROM operations \
+         WHERE id = ? AND state = 'running'",
     )
     .bind(id)
     .fetch_optional(&ctx.db)
@@ -113,6 +119,7 @@ async fn load(ctx: &Ctx, id: &str) -> Result<Option<Op>> {
             step: r.get(3),
             attempt: r.get(4),
             payload: serde_json::from_str(r.get::<&str, _>(5))?,
+            request_id: r.get(6),
         }),
         None => None,
     })
@@ -139,7 +146,10 @@ pub fn spawn(ctx: &Arc<Ctx>, id: String) {
         let (result, resource) = match load(&ctx, &id).await {
             Ok(Some(op)) => {
                 let resource = op.resource_id.clone();
-                let result = run(&ctx, op).await;
+                // The worker runs on behalf of the request that recorded the operation, here or after a restart.
+                let span = tracing::info_span!("operation", request_id = %op.request_id, op_id = %op.id);
+                let work = run(&ctx, op.clone()).instrument(span);
+                let result = ember_common::access_log::with_request_id(op.request_id, work).await;
                 ctx.changed(&resource);
                 (result, Some(resource))
             }

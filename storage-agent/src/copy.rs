@@ -130,7 +130,8 @@ pub async fn copy_from(
         .tls
         .channel_with(&req.source_endpoint, peers.timeout)
         .map_err(|e| AgentError::Peer(tonic::Status::unavailable(format!("{}: {e}", req.source_endpoint))))?;
-    let mut source = StorageAgentClient::new(channel).max_decoding_message_size(2 * COPY_CHUNK_BYTES as usize);
+    let mut source = StorageAgentClient::new(ember_common::access_log::traced(channel))
+        .max_decoding_message_size(2 * COPY_CHUNK_BYTES as usize);
     let read = ReadVolumeRequest {
         id: req.volume_id.clone(),
         backend: req.source_backend.clone(),

@@ -26,6 +26,13 @@ async fn logged_call(log: impl Fn() -> String, id: &str) -> String {
     .await
 }
 
+/// The access-log line of the first `method` call in storage agent log `log`.
+fn agent_call(log: &str, method: &str) -> String {
+    let method = format!("method=ember.agent.v1.StorageAgent/{method} ");
+    let line = log.lines().find(|l| l.contains(" call ") && l.contains(&method));
+    line.unwrap_or_else(|| panic!("no {method} call in the storage agent's log:\n{log}")).to_string()
+}
+
 #[tokio::test]
 async fn every_call_is_logged_with_its_caller_its_outcome_and_a_request_id_the_caller_gets() {
     let mut fleet = Fleet::new();
@@ -85,16 +92,21 @@ async fn every_call_is_logged_with_its_caller_its_outcome_and_a_request_id_the_c
     let line = logged_call(coordinator_log, &shown).await;
     assert!(line.contains("caller=bob") && line.contains("code=NOT_FOUND"), "{line}");
 
-    // The storage agent logs the coordinator's calls the same way.
-    let agent_log = storage.log_text();
-    let line = agent_log
-        .lines()
-        .find(|l| l.contains(" call ") && l.contains("method=ember.agent.v1.StorageAgent/CreateVolume"))
-        .unwrap_or_else(|| panic!("no CreateVolume call in the storage agent's log:\n{agent_log}"));
+    // The storage agent logs the coordinator's calls the same way, under the id of the request they serve: the
+    // create's operation made the call after the create was answered.
+    let line = agent_call(&storage.log_text(), "CreateVolume");
     assert!(
         line.contains("caller=coordinator") && line.contains("role=coordinator") && line.contains("code=OK"),
         "{line}"
     );
+    assert!(line.contains(&format!("request_id={create_id} ")), "{line}");
+
+    // A member cannot choose the id its call is logged under.
+    let mut forged = tonic::Request::new(GetVolumeRequest { id: volume.id.clone() });
+    forged.metadata_mut().insert("x-request-id", "req-forged".parse().unwrap());
+    let answered = alice.get_volume(forged).await.unwrap();
+    assert_ne!(request_id(answered.metadata()), "req-forged");
+    assert!(!coordinator_log().contains("req-forged"));
 
     // A caller that gives up before the answer (the storage node is frozen, so the export waits on it) is
     // logged too, as CANCELLED.
@@ -120,4 +132,40 @@ async fn every_call_is_logged_with_its_caller_its_outcome_and_a_request_id_the_c
     // Logs written to a file carry no terminal colour codes.
     assert!(!coordinator_log().contains('\u{1b}'));
     ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
+}
+
+/// An operation keeps the id of the request that recorded it: after a crash, the restarted coordinator's calls
+/// for it still carry that id.
+#[tokio::test]
+async fn an_operation_resumed_after_a_crash_calls_agents_under_its_requests_id() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator_with(&[("EMBER_FAILPOINTS", "create_volume.scheduled")]);
+    let (backend, _dir) = fleet.file_backend("file1", "");
+    let storage = fleet.start_agent("storage", "storage1", &backend);
+    wait_backend(&fleet, "storage1@file1").await;
+    let created = VolumeServiceClient::new(fleet.admin())
+        .create_volume(CreateVolumeRequest { size_gb: 1, ..Default::default() })
+        .await
+        .unwrap();
+    let create_id = request_id(created.metadata());
+    let id = created.into_inner().id;
+    assert!(!fleet.coordinator.as_mut().unwrap().wait_exit(Duration::from_secs(30)).success());
+    let recorded: String = sqlx::query_scalar("SELECT request_id FROM operations WHERE resource_id = ?")
+        .bind(&id)
+        .fetch_one(&fleet.db().await)
+        .await
+        .unwrap();
+    assert_eq!(recorded, create_id);
+
+    fleet.start_coordinator();
+    wait_volume(&VolumeServiceClient::new(fleet.admin()), &id, "available").await;
+    let line = agent_call(&storage.log_text(), "CreateVolume");
+    assert!(line.contains(&format!("request_id={create_id} ")) && line.contains("code=OK"), "{line}");
+    let coordinator_log = fleet.coordinator.as_ref().unwrap().log_text();
+    assert!(
+        coordinator_log
+            .lines()
+            .any(|l| l.contains(&format!("request_id={create_id}")) && l.contains("operation finished")),
+        "the resumed worker logs under the request's id:\n{coordinator_log}"
+    );
 }

@@ -307,7 +307,7 @@ pub async fn remove_record(ctx: &Ctx, conn: &mut SqliteConnection, b: &BackupRow
 /// row (as long as the row is in `status`) every 200 ms, for GetBackup and the CLI's progress bar.
 async fn with_progress<T>(
     ctx: &Ctx,
-    mut watcher: agent::backup_agent_client::BackupAgentClient<tonic::transport::Channel>,
+    mut watcher: agent::backup_agent_client::BackupAgentClient<ember_common::access_log::Traced>,
     id: &str,
     status: &str,
     call: impl std::future::Future<Output = T>,

@@ -551,10 +551,12 @@ impl Backups {
             step: "importing".into(),
             attempt: 0,
             payload: serde_json::json!({ "directory": r.directory, "cinder_backup_id": r.cinder_backup_id }),
+            request_id: ember_common::access_log::current_request_id().unwrap_or_default(),
         };
         let op_id = op.clone();
         let import = tokio::spawn(async move {
-            let done = import_flow(&ctx, flow).await;
+            let request_id = flow.request_id.clone();
+            let done = ember_common::access_log::with_request_id(request_id, import_flow(&ctx, flow)).await;
             ctx.running_ops.lock().expect("op set").remove(&op);
             done
         });

@@ -25,7 +25,6 @@ use ember_proto::agent::v1 as agent;
 use ember_proto::agent::v1::storage_agent_client::StorageAgentClient;
 use ember_proto::v1::{MigrateVolumeRequest, Volume, VolumeType};
 use std::sync::Arc;
-use tonic::transport::Channel;
 
 /// Starts migrating volume `req.id` to pool `req.pool`, or to the pool the scheduler picks.
 pub async fn migrate(ctx: &Arc<Ctx>, who: &Identity, req: MigrateVolumeRequest) -> Result<Volume> {
@@ -340,7 +339,7 @@ pub async fn migrate_flow(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
 /// Returns the data bytes written; a stream that ends before the copy is done is UNAVAILABLE, worth a retry.
 async fn copy_with_progress(
     ctx: &Ctx,
-    dest: &mut StorageAgentClient<Channel>,
+    dest: &mut StorageAgentClient<ember_common::access_log::Traced>,
     copy: agent::CopyVolumeFromRequest,
 ) -> std::result::Result<u64, tonic::Status> {
     let id = copy.volume_id.clone();

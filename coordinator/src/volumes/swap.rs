@@ -22,7 +22,6 @@ use ember_proto::agent::v1 as agent;
 use ember_proto::agent::v1::compute_agent_client::ComputeAgentClient;
 use sqlx::Row;
 use std::sync::Arc;
-use tonic::transport::Channel;
 
 /// The one attachment of a volume being migrated while in use, as recorded in the operation.
 #[derive(Debug, Clone)]
@@ -192,7 +191,7 @@ pub(crate) async fn swap_domain(
 /// the mirror where it is).
 async fn swap_with_progress(
     ctx: &Ctx,
-    compute: &mut ComputeAgentClient<Channel>,
+    compute: &mut ComputeAgentClient<ember_common::access_log::Traced>,
     request: agent::SwapVolumeRequest,
 ) -> std::result::Result<agent::SwapVolumeProgress, tonic::Status> {
     let id = request.volume_id.clone();
