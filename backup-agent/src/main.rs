@@ -116,6 +116,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 }
             })
             .collect(),
+        compute_capacity: None,
     })
     .await
 }

@@ -21,6 +21,9 @@ enum ServiceAction {
         #[arg(long, default_value = "")]
         host: String,
     },
+    /// List compute hosts with their instances and the vCPUs and memory those take of what the host offers,
+    /// like `openstack hypervisor list --long`.
+    Hypervisors,
     /// Disable a service (`host` or `host@backend`): nothing new is scheduled on it.
     Disable {
         /// `host` or `host@backend`.
@@ -159,7 +162,39 @@ fn to_json(s: &Service) -> serde_json::Value {
         "status": if s.enabled { "enabled" } else { "disabled" }, "state": if s.up { "up" } else { "down" },
         "updated_at": output::time(&s.last_heartbeat), "disabled_reason": s.disabled_reason,
         "instance_id": s.instance_id, "endpoint": s.endpoint, "version": s.version,
+        "compute": s.compute.as_ref().map(|c| serde_json::json!({
+            "instances": c.instances, "vcpus": c.vcpus, "vcpus_used": c.vcpus_used,
+            "memory_mb": c.memory_mb, "memory_mb_used": c.memory_mb_used,
+        })),
     })
+}
+
+/// `used/total`, or just `used` when the host reports no total (it is then not limited).
+fn used_of(used: u64, total: u64) -> String {
+    if total == 0 { format!("{used} (no limit)") } else { format!("{used}/{total}") }
+}
+
+fn print_hypervisors(services: &[Service], json: bool) {
+    let compute: Vec<&Service> = services.iter().filter(|s| s.role == ServiceRole::Compute as i32).collect();
+    if json {
+        output::json(&serde_json::Value::Array(compute.iter().map(|s| to_json(s)).collect()));
+        return;
+    }
+    let rows: Vec<Vec<String>> = compute
+        .iter()
+        .map(|s| {
+            let c = s.compute.unwrap_or_default();
+            vec![
+                s.name.clone(),
+                if s.up { "up" } else { "down" }.into(),
+                if s.enabled { "enabled" } else { "disabled" }.into(),
+                c.instances.to_string(),
+                used_of(c.vcpus_used.into(), c.vcpus.into()),
+                used_of(c.memory_mb_used, c.memory_mb),
+            ]
+        })
+        .collect();
+    output::table(&["Host", "State", "Status", "Instances", "vCPUs Used", "Memory MiB Used"], &rows);
 }
 
 fn print(services: &[Service], json: bool) {
@@ -192,6 +227,10 @@ pub async fn run(cmd: ServiceCmd, conn: &ConnectArgs, json: bool) -> Result<(), 
             let resp = client.list_services(ListServicesRequest { role: 0, host }).await?.into_inner();
             print(&resp.services, json);
         }
+        ServiceAction::Hypervisors => {
+            let req = ListServicesRequest { role: ServiceRole::Compute as i32, host: String::new() };
+            print_hypervisors(&client.list_services(req).await?.into_inner().services, json);
+        }
         ServiceAction::Disable { name, reason } => {
             let s = client.disable_service(DisableServiceRequest { name, reason }).await?.into_inner();
             print(&[s], json);
@@ -223,6 +262,12 @@ pub async fn run(cmd: ServiceCmd, conn: &ConnectArgs, json: bool) -> Result<(), 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn use_is_shown_against_the_total_when_there_is_one() {
+        assert_eq!(super::used_of(3, 8), "3/8");
+        assert_eq!(super::used_of(3, 0), "3 (no limit)");
+    }
+
     #[test]
     fn capacities_are_shown_to_two_decimals() {
         assert_eq!(super::gib("251.9722785949707"), "251.97");

@@ -1,6 +1,7 @@
 //! `ember-compute-agent`: runs on a compute node, connects volumes and attaches them to libvirt guests.
 //! It registers its connector (host, IP, initiator IQN, connection types) with the coordinator.
 
+mod capacity;
 mod connector;
 mod domain_xml;
 mod error;
@@ -46,6 +47,9 @@ struct ComputeConfig {
     /// How instances boot (`[boot] kernel/initrd/cmdline` for direct kernel boot; BIOS otherwise).
     #[serde(default)]
     boot: instances::BootConfig,
+    /// What the host offers instances (`[capacity]`: host totals and Nova's ratios).
+    #[serde(default)]
+    capacity: capacity::CapacityConfig,
 }
 
 /// QEMU's iSCSI block driver, which the `qemu` mode needs.
@@ -166,6 +170,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             std::fs::read_to_string("/etc/iscsi/initiatorname.iscsi").ok().and_then(|t| parse_initiator_name(&t))
         })
         .unwrap_or_else(|| format!("iqn.2026-11.org.ember:{}", id.name));
+    let compute_capacity = capacity::of_host(&file.capacity)?;
+    tracing::info!(
+        vcpus = compute_capacity.vcpus,
+        memory_mb = compute_capacity.memory_mb,
+        "capacity offered to instances"
+    );
     let state_dir = file.state_dir.clone().unwrap_or_else(|| "/var/lib/ember/compute-agent".into());
     std::fs::create_dir_all(&state_dir)?;
     let virsh = virsh::Virsh {
@@ -215,6 +225,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             backends: vec![],
             connector: Some(connector.clone()),
             repositories: vec![],
+            compute_capacity: Some(compute_capacity),
         })
         .await;
     libvirt.stop().await;

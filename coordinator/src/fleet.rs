@@ -68,16 +68,26 @@ impl Fleet {
         .bind(&req.host)
         .fetch_all(&self.ctx.db)
         .await?;
+        let mut conn = self.ctx.db.acquire().await?;
+        let compute: std::collections::HashMap<String, ComputeHostUsage> =
+            crate::placement::compute_hosts(&mut conn, &req.host, self.ctx.service_down_ms)
+                .await?
+                .into_iter()
+                .map(|h| (h.host, h.usage))
+                .collect();
         Ok(rows
             .into_iter()
             .map(|r| {
                 let host: String = r.get(0);
+                let role = role_of(r.get::<&str, _>(1));
+                let usage = if role == ServiceRole::Compute { compute.get(&host).cloned() } else { None };
                 let backend: String = r.get(2);
                 let last: i64 = r.get(6);
                 Service {
                     name: if backend.is_empty() { host.clone() } else { format!("{host}@{backend}") },
                     host,
-                    role: role_of(r.get::<&str, _>(1)) as i32,
+                    compute: usage,
+                    role: role as i32,
                     backend,
                     availability_zone: r.get(3),
                     enabled: r.get::<i64, _>(4) != 0,

@@ -13,7 +13,7 @@ use crate::context::Ctx;
 use crate::error::{Error, Result};
 use crate::operations::{self, Op, Outcome};
 use crate::volumes::{flow::transient, store as volumes};
-use crate::{quota, validate};
+use crate::{placement, quota, validate};
 use ember_common::identity::{Identity, Role};
 use ember_proto::agent::v1 as agent;
 use ember_proto::v1::instance_service_server::InstanceService;
@@ -84,29 +84,9 @@ impl Instances {
             return Err(Error::invalid("boot_volume_id", "give exactly one of boot_volume_id and boot_snapshot_id"));
         }
         let mut conn = self.ctx.db.acquire().await?;
-        let host: Option<String> = if req.host.is_empty() {
-            // An up, enabled compute host, the one running the fewest instances: a host that stopped
-            // heartbeating would fail the boot, and one host would otherwise take every instance.
-            sqlx::query_scalar(
-                "SELECT s.host FROM services s WHERE s.role = 'compute' AND s.enabled = 1 AND s.last_heartbeat >= ? \
-                 ORDER BY (SELECT COUNT(*) FROM instances i WHERE i.host = s.host), s.host LIMIT 1",
-            )
-            .bind(now_ms() - self.ctx.service_down_ms)
-            .fetch_optional(&mut *conn)
-            .await?
-        } else {
-            sqlx::query_scalar("SELECT host FROM services WHERE role = 'compute' AND host = ?")
-                .bind(&req.host)
-                .fetch_optional(&mut *conn)
-                .await?
-        };
-        let host = match host {
-            Some(host) => host,
-            None if req.host.is_empty() => {
-                return Err(Error::FailedPrecondition("no compute host is up and enabled".into()));
-            }
-            None => return Err(Error::not_found("compute host", &req.host)),
-        };
+        // Checked now, so that a refusal leaves no boot volume; claimed below, in the transaction that records
+        // the instance.
+        placement::place(&mut conn, &req.host, vcpus, memory_mb.into(), self.ctx.service_down_ms).await?;
         let deltas = quota::instance_deltas(vcpus, memory_mb);
         let (boot_volume_id, project) = if req.boot_snapshot_id.is_empty() {
             let v = volumes::visible(&mut conn, who, &req.boot_volume_id).await?;
@@ -144,6 +124,7 @@ impl Instances {
         let now = now_ms();
         let mut tx = crate::db::write(&self.ctx.db).await?;
         self.ctx.quota.consume(&mut tx, &project, &deltas).await?;
+        let host = placement::place(&mut tx, &req.host, vcpus, memory_mb.into(), self.ctx.service_down_ms).await?;
         sqlx::query(
             "INSERT INTO instances (id, project, name, host, status, boot_volume_id, vcpus, memory_mb, \
              delete_on_terminate, created_at, updated_at) VALUES (?, ?, ?, ?, 'building', ?, ?, ?, ?, ?, ?)",

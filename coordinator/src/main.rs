@@ -18,6 +18,7 @@ mod instances;
 mod metrics;
 mod operations;
 mod paging;
+mod placement;
 mod pools;
 mod quota;
 mod quota_check;

@@ -76,7 +76,12 @@ fn rows_of(req: &RegisterRequest) -> Result<Vec<(String, String, serde_json::Val
     }
     let report = match &req.connector {
         Some(c) => {
-            serde_json::json!({ "connector": { "host": c.host, "ip": c.ip, "initiator": c.initiator, "connection_types": c.connection_types } })
+            let mut report = serde_json::json!({ "connector": { "host": c.host, "ip": c.ip, "initiator": c.initiator, "connection_types": c.connection_types } });
+            // Read back by instance placement (`instances::placement`).
+            if let Some(cap) = &req.compute_capacity {
+                report["capacity"] = serde_json::json!({ "vcpus": cap.vcpus, "memory_mb": cap.memory_mb });
+            }
+            report
         }
         None => repositories_report(&req.repositories),
     };

@@ -115,6 +115,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 .collect(),
             connector: None,
             repositories: vec![],
+            compute_capacity: None,
         })
         .await;
     // Stopping the keeper drops our tgtd, which ends it; an agent killed outright leaves tgtd running with its

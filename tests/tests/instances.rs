@@ -288,3 +288,101 @@ async fn an_instance_without_a_host_goes_to_the_least_busy_compute_host_that_is_
     }
     ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
+
+/// A compute host takes an instance only while it has room: the vCPUs and memory its agent offers (the host's
+/// totals under Nova's allocation ratios, less the memory kept for the host) less what its instances have.
+#[tokio::test]
+async fn instances_go_only_where_the_compute_host_has_room_for_them() {
+    use ember_fleet_tests::volumes::wait_backend;
+    // compute1 offers 2 vCPUs (ratio 1) and 1024 MiB (1536 less 512 reserved); compute2 offers 16 and 4096.
+    let small = "[capacity]\nvcpus = 2\ncpu_allocation_ratio = 1.0\nmemory_mb = 1536\nreserved_host_memory_mb = 512\n";
+    let ComputeFleet { fleet, dir: _dir, storage: _storage, compute: _compute } =
+        ComputeFleet::start(&format!("{small}{}", boot_config())).await;
+    let _second = fleet.start_agent(
+        "compute",
+        "compute2",
+        &format!("[capacity]\nvcpus = 4\nmemory_mb = 4608\n{}", boot_config()),
+    );
+    wait_backend(&fleet, "compute2").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let instances = InstanceServiceClient::new(fleet.admin());
+    let hypervisors = || {
+        let (ok, out, err) = fleet.cli(&["service", "hypervisors"]);
+        assert!(ok, "{out}\n{err}");
+        out
+    };
+    let row = |out: &str, host: &str| {
+        out.lines()
+            .find(|l| l.contains(host))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    let shown = hypervisors();
+    assert_eq!(row(&shown, "compute1"), "compute1 up enabled 0 0/2 0/1024", "{shown}");
+    assert_eq!(row(&shown, "compute2"), "compute2 up enabled 0 0/16 0/4096", "{shown}");
+
+    let create = |volume: &str, host: &str, vcpus: u32, memory_mb: u32| CreateInstanceRequest {
+        name: "sized".into(),
+        boot_volume_id: volume.into(),
+        host: host.into(),
+        vcpus,
+        memory_mb,
+        ..Default::default()
+    };
+    // Too big for the host named: refused naming the host and what it lacks, and nothing is made.
+    let v = new_volume(&volumes, 1).await;
+    let err = instances.clone().create_instance(create(&v.id, "compute1", 4, 64)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("compute host compute1 has no room: 2 of 2 vCPUs free, 4 needed"), "{err:?}");
+    let err = instances.clone().create_instance(create(&v.id, "compute1", 1, 2048)).await.unwrap_err();
+    assert!(err.message().contains("1024 of 1024 MiB of memory free, 2048 needed"), "{err:?}");
+    assert!(
+        instances
+            .clone()
+            .list_instances(ListInstancesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .instances
+            .is_empty()
+    );
+
+    // One instance on each host; compute1's fills it.
+    let mut made = vec![];
+    for (host, vcpus) in [("compute2", 1), ("compute1", 2)] {
+        let v = if made.is_empty() { v.clone() } else { new_volume(&volumes, 1).await };
+        let i = instances.clone().create_instance(create(&v.id, host, vcpus, 64)).await.unwrap().into_inner();
+        assert_eq!(i.host, host);
+        made.push(i);
+    }
+    let shown = hypervisors();
+    assert_eq!(row(&shown, "compute1"), "compute1 up enabled 1 2/2 64/1024", "{shown}");
+    // Unnamed, it would go to compute1 (as busy as compute2, and first by name), which has no room left.
+    let v = new_volume(&volumes, 1).await;
+    let third = instances.clone().create_instance(create(&v.id, "", 1, 64)).await.unwrap().into_inner();
+    assert_eq!(third.host, "compute2");
+    made.push(third);
+    // More than any host has left.
+    let v = new_volume(&volumes, 1).await;
+    let err = instances.clone().create_instance(create(&v.id, "", 1, 4000)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("no compute host has room for 1 vCPUs and 4000 MiB"), "{err:?}");
+    assert!(err.message().contains("compute2: 3968 of 4096 MiB of memory free"), "{err:?}");
+
+    // Deleted, they give their room back.
+    for i in &made {
+        wait_instance(&instances, &i.id, "active").await;
+        instances.clone().delete_instance(DeleteInstanceRequest { id: i.id.clone() }).await.unwrap();
+    }
+    for i in &made {
+        wait_for("the instance to go", WAIT, || async {
+            let got = instances.clone().get_instance(GetInstanceRequest { id: i.id.clone() }).await;
+            matches!(got, Err(s) if s.code() == tonic::Code::NotFound).then_some(())
+        })
+        .await;
+    }
+    let shown = hypervisors();
+    assert_eq!(row(&shown, "compute1"), "compute1 up enabled 0 0/2 0/1024", "{shown}");
+    assert_eq!(row(&shown, "compute2"), "compute2 up enabled 0 0/16 0/4096", "{shown}");
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
+}
