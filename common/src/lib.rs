@@ -15,6 +15,7 @@ pub mod luks;
 pub mod nfs;
 pub mod qos;
 pub mod revocation;
+pub mod revoked_calls;
 pub mod runner;
 pub mod server;
 pub mod stub;

@@ -4,7 +4,9 @@
 //! refused (`UNAUTHENTICATED`), by the coordinator and by every agent.
 //!
 //! Why per call and not in the TLS handshake: HTTP/2 connections last for hours, so a check made only when
-//! one is opened would let a revoked peer go on using the connection it already has. The handshake still
+//! one is opened would let a revoked peer go on using the connection it already has. Calls that are still
+//! running when a list revokes their caller (a stream of volume data, say) end then
+//! ([`crate::revoked_calls`]). The handshake still
 //! verifies the chain; this only asks whether the verified leaf has been revoked since it was issued.
 //!
 //! A list that cannot be trusted (unreadable, not signed by the fleet CA) stops a daemon at start; once
@@ -15,7 +17,7 @@
 use crate::tls::TlsFiles;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock, RwLock};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use x509_parser::prelude::{CertificateRevocationList, FromDer, X509Certificate};
 
@@ -32,7 +34,12 @@ pub struct RevokedSerials {
 impl RevokedSerials {
     /// Whether `cert`'s serial number is listed.
     pub fn contains(&self, cert: &X509Certificate<'_>) -> bool {
-        self.serials.contains(&cert.tbs_certificate.serial.to_bytes_be())
+        self.contains_serial(&cert.tbs_certificate.serial.to_bytes_be())
+    }
+
+    /// Whether `serial` (big-endian, without leading zero bytes) is listed.
+    pub fn contains_serial(&self, serial: &[u8]) -> bool {
+        self.serials.contains(serial)
     }
 
     /// How many certificates are revoked.
@@ -75,16 +82,23 @@ pub fn parse(ca_pem: &[u8], crl_pem: &[u8]) -> Result<RevokedSerials, String> {
     Ok(RevokedSerials { serials: crl.iter_revoked_certificates().map(|r| r.serial().to_bytes_be()).collect() })
 }
 
-/// The list this process enforces; empty until [`watch`] loads one.
-static CURRENT: LazyLock<RwLock<Arc<RevokedSerials>>> = LazyLock::new(Default::default);
+/// The list this process enforces; empty until [`watch`] loads one. A watch channel, so that calls already
+/// running can learn of a new list ([`subscribe`], [`crate::revoked_calls`]).
+static CURRENT: LazyLock<tokio::sync::watch::Sender<Arc<RevokedSerials>>> =
+    LazyLock::new(|| tokio::sync::watch::Sender::new(Arc::default()));
 
 /// The list this process enforces now.
 pub fn current() -> Arc<RevokedSerials> {
-    CURRENT.read().expect("revocation list lock").clone()
+    CURRENT.borrow().clone()
+}
+
+/// A receiver that sees every list put in force from now on.
+pub fn subscribe() -> tokio::sync::watch::Receiver<Arc<RevokedSerials>> {
+    CURRENT.subscribe()
 }
 
 fn install(list: RevokedSerials) {
-    *CURRENT.write().expect("revocation list lock") = Arc::new(list);
+    CURRENT.send_replace(Arc::new(list));
 }
 
 /// The server-certificate check of a daemon calling another: the fleet CA's chain and the server's name, as

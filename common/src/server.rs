@@ -64,7 +64,8 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 /// SERVING. A client that stays silent for `peer_timeout` (it answers neither the TLS handshake nor an HTTP/2
 /// ping) has its connection closed, which cancels its calls: a stream from a frozen peer does not hold a
 /// volume, or a request thread, forever. Calls from a certificate that `tls.crl` revokes are refused, and the
-/// list is followed as it changes ([`crate::revocation::watch`]).
+/// list is followed as it changes ([`crate::revocation::watch`]): calls still running when their caller is
+/// revoked end then ([`crate::revoked_calls`]).
 pub async fn serve(
     listener: TcpListener,
     tls: &TlsFiles,
@@ -98,6 +99,8 @@ pub async fn serve(
         .initial_connection_window_size(Some(32 << 20))
         .tls_config(tls.server_config()?.timeout(peer_timeout))?
         .layer(crate::access_log::AccessLogLayer)
+        // Inside the access log, which so records a call cut short by a revocation as UNAUTHENTICATED.
+        .layer(crate::revoked_calls::EndOnRevocationLayer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await?;

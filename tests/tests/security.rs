@@ -381,3 +381,102 @@ async fn the_daemons_files_are_private_to_their_user() {
     assert_eq!(mode(&old_file), 0o600, "made private at the agent's start");
     assert_eq!(readable_by_others(&site.dir), []);
 }
+
+/// A revocation also ends the calls its certificate still has running, which the check at each call's start
+/// cannot: a backup agent's ReadVolume of a tenant's volume (which would otherwise stream on to its end) and
+/// WriteVolume into one, and a member's WatchVolume, end with UNAUTHENTICATED; the written volume stays marked
+/// incomplete, and the access log records the calls so. Everyone else's calls run on.
+#[tokio::test]
+async fn a_revocation_ends_the_calls_its_certificate_has_running() {
+    use ember_proto::agent::v1::{ReadVolumeRequest, VolumeChunk};
+    use std::os::unix::fs::FileExt;
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, dir) = fleet.file_backend("b1", "");
+    let storage = fleet.start_agent("storage", "storage1", &backend);
+    ember_fleet_tests::volumes::wait_backend(&fleet, "storage1@b1").await;
+    let carol_tls = fleet.issue(Role::Member, "carol", Some("p1"));
+    let carol = VolumeServiceClient::new(fleet.channel(&carol_tls));
+    let read = ember_fleet_tests::volumes::new_volume(&carol, 1).await;
+    let written = ember_fleet_tests::volumes::new_volume(&carol, 1).await;
+    // 128 MiB of data: far more than the connection's windows and the agent's read-ahead hold.
+    const DATA: usize = 128 << 20;
+    let data: Vec<u8> = (0..DATA).map(|i| (i % 251) as u8 + 1).collect();
+    let file = std::fs::OpenOptions::new().write(true).open(dir.join(format!("volume-{}", read.id))).unwrap();
+    file.write_all_at(&data, 0).unwrap();
+
+    // A backup agent's certificate (its key leaked, say) reads one volume and writes another.
+    let leaked = fleet.issue(Role::BackupAgent, "backup9", None);
+    let agent = StorageAgentClient::new(leaked.channel(&storage.url()).unwrap());
+    let read_request =
+        ReadVolumeRequest { id: read.id.clone(), backend: "b1".into(), chunk_size: 1 << 20, ..Default::default() };
+    let mut reading = agent.clone().read_volume(read_request.clone()).await.unwrap().into_inner();
+    let mut received = reading.message().await.unwrap().expect("a first chunk").data.len();
+    let (chunks, rx) = tokio::sync::mpsc::channel(4);
+    let first =
+        VolumeChunk { volume_id: written.id.clone(), backend: "b1".into(), volume_size: 1 << 30, ..Default::default() };
+    chunks.send(first).await.unwrap();
+    chunks.send(VolumeChunk { data: vec![7u8; 1 << 20].into(), ..Default::default() }).await.unwrap();
+    let writing = tokio::spawn({
+        let agent = agent.clone();
+        async move { agent.clone().write_volume(tokio_stream::wrappers::ReceiverStream::new(rx)).await }
+    });
+    let incomplete = dir.join(format!(".incomplete-volume-{}", written.id));
+    wait_for("the write to begin", Duration::from_secs(30), || async { incomplete.exists().then_some(()) }).await;
+
+    let ca_dir = fleet.ca_dir();
+    let revoke = |cert: &std::path::Path| {
+        let (ok, out, err) = fleet.cli(&["certs", "revoke", "--dir", ca_dir.to_str().unwrap(), cert.to_str().unwrap()]);
+        assert!(ok && out.contains("now revokes"), "{out}\n{err}");
+    };
+    revoke(&leaked.cert);
+    let revoked = |e: &tonic::Status| e.code() == Code::Unauthenticated && e.message().contains("revoked");
+    wait_for("the storage agent to refuse the revoked backup agent", Duration::from_secs(30), || async {
+        agent.clone().read_volume(read_request.clone()).await.err().filter(revoked)
+    })
+    .await;
+    let bound = Duration::from_secs(30);
+    let during =
+        |e: &tonic::Status, who: &str| revoked(e) && e.message().contains(&format!("{who} was revoked during"));
+    let err = tokio::time::timeout(bound, writing).await.expect("the write ends").unwrap().unwrap_err();
+    assert!(during(&err, "backup-agent backup9"), "{err:?}");
+    assert!(incomplete.exists(), "the cut write leaves the volume marked incomplete");
+    let err = loop {
+        match tokio::time::timeout(bound, reading.message()).await.expect("the read ends") {
+            Ok(Some(chunk)) => received += chunk.data.len(),
+            Ok(None) => panic!("the revoked reader got the whole volume ({received} bytes)"),
+            Err(e) => break e,
+        }
+    };
+    assert!(during(&err, "backup-agent backup9"), "{err:?}");
+    assert!(received < DATA, "the read stopped short: {received} of {DATA} bytes");
+    drop(chunks);
+    let log = storage.log_text();
+    for method in ["ReadVolume", "WriteVolume"] {
+        assert!(
+            log.lines().any(|l| l.contains(method) && l.contains("backup9") && l.contains("code=UNAUTHENTICATED")),
+            "the access log records the cut {method}"
+        );
+    }
+
+    // A member's watch of a volume being deleted (which waits for its storage node, stopped here). Stopped off
+    // the runtime, which keeps this test's connections answering the agent while it shuts down.
+    drop((agent, reading));
+    let mut storage = storage;
+    tokio::task::spawn_blocking(move || storage.terminate()).await.unwrap();
+    carol.clone().delete_volume(DeleteVolumeRequest { id: read.id.clone(), ..Default::default() }).await.unwrap();
+    let mut carols_watch =
+        carol.clone().watch_volume(GetVolumeRequest { id: read.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(carols_watch.message().await.unwrap().unwrap().status, "deleting");
+    let admin = VolumeServiceClient::new(fleet.admin());
+    let mut admins_watch =
+        admin.clone().watch_volume(GetVolumeRequest { id: read.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(admins_watch.message().await.unwrap().unwrap().status, "deleting");
+    revoke(&carol_tls.cert);
+    let err = tokio::time::timeout(bound, carols_watch.message()).await.expect("the watch ends").unwrap_err();
+    assert!(during(&err, "member carol"), "{err:?}");
+    // The admin's watch runs on, to the volume's end.
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    let end = tokio::time::timeout(Duration::from_secs(60), admins_watch.message()).await.expect("the delete ends");
+    assert!(matches!(end, Ok(None)), "the admin's watch ends with the volume: {end:?}");
+}
