@@ -7,6 +7,7 @@ use crate::clock::now_ms;
 use crate::context::Ctx;
 use crate::error::Result;
 use crate::scheduler::Capacity;
+use ember_proto::v1::ComputeHostUsage;
 use std::fmt::Write;
 
 /// A label value with `\`, `"` and line breaks escaped, as the format requires.
@@ -87,6 +88,25 @@ pub async fn render(ctx: &Ctx) -> Result<String> {
     );
     let provisioned: Vec<_> = pools.iter().map(|p| (pool(p), p.provisioned_gb)).collect();
     family(&mut out, "ember_pool_provisioned_gb", "gauge", "GiB of volumes placed on a pool.", &provisioned);
+
+    let hosts = {
+        let mut conn = ctx.db.acquire().await?;
+        crate::placement::compute_hosts(&mut conn, "", ctx.service_down_ms).await?
+    };
+    type Gauge = (&'static str, &'static str, fn(&ComputeHostUsage) -> f64);
+    let compute: [Gauge; 5] = [
+        ("ember_compute_instances", "Instances placed on a compute host, in any status.", |u| u.instances.into()),
+        ("ember_compute_vcpus", "vCPUs a compute host offers (after its allocation ratio).", |u| u.vcpus.into()),
+        ("ember_compute_vcpus_used", "vCPUs of the instances placed on a compute host.", |u| u.vcpus_used.into()),
+        ("ember_compute_memory_mb", "MiB a compute host offers (after reserved memory and its ratio).", |u| {
+            u.memory_mb as f64
+        }),
+        ("ember_compute_memory_mb_used", "MiB of the instances placed on a compute host.", |u| u.memory_mb_used as f64),
+    ];
+    for (name, help, value) in compute {
+        let samples: Vec<_> = hosts.iter().map(|h| (vec![("host", h.host.clone())], value(&h.usage))).collect();
+        family(&mut out, name, "gauge", help, &samples);
+    }
 
     let calls = ember_common::access_log::call_counts();
     let counted: Vec<_> =

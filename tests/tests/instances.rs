@@ -27,6 +27,15 @@ async fn wait_instance(client: &InstanceServiceClient<Channel>, id: &str, status
     .await
 }
 
+/// Waits until instance `id` is gone (its GetInstance answers NOT_FOUND).
+async fn wait_instance_gone(client: &InstanceServiceClient<Channel>, id: &str) {
+    wait_for(&format!("instance {id} to go"), WAIT, || async {
+        let got = client.clone().get_instance(GetInstanceRequest { id: id.into() }).await;
+        matches!(got, Err(s) if s.code() == tonic::Code::NotFound).then_some(())
+    })
+    .await
+}
+
 async fn wait_console(client: &InstanceServiceClient<Channel>, id: &str, marker: &str) {
     wait_for(&format!("{marker:?} on instance {id}'s console"), WAIT, || async {
         let log = client.clone().get_console_log(GetInstanceRequest { id: id.into() }).await.ok()?.into_inner().text;
@@ -214,11 +223,7 @@ async fn instances_count_against_their_projects_quota() {
     assert_eq!(usage(&fleet, "p1", "volumes").await, volumes_before, "no boot volume was made");
 
     instances.clone().delete_instance(DeleteInstanceRequest { id: first.id.clone() }).await.unwrap();
-    wait_for("the instance to go", WAIT, || async {
-        let got = instances.clone().get_instance(GetInstanceRequest { id: first.id.clone() }).await;
-        matches!(got, Err(s) if s.code() == tonic::Code::NotFound).then_some(())
-    })
-    .await;
+    wait_instance_gone(&instances, &first.id).await;
     assert_eq!(used().await, (0, 0, 0));
     ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
@@ -279,11 +284,7 @@ async fn an_instance_without_a_host_goes_to_the_least_busy_compute_host_that_is_
         instances.clone().delete_instance(DeleteInstanceRequest { id: i.id.clone() }).await.unwrap();
     }
     for i in &made {
-        wait_for("the instance to go", WAIT, || async {
-            let got = instances.clone().get_instance(GetInstanceRequest { id: i.id.clone() }).await;
-            matches!(got, Err(s) if s.code() == tonic::Code::NotFound).then_some(())
-        })
-        .await;
+        wait_instance_gone(&instances, &i.id).await;
         assert!(!domain_exists(&i.id), "instance {}'s domain is gone", i.id);
     }
     ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
@@ -357,6 +358,18 @@ async fn instances_go_only_where_the_compute_host_has_room_for_them() {
     }
     let shown = hypervisors();
     assert_eq!(row(&shown, "compute1"), "compute1 up enabled 1 2/2 64/1024", "{shown}");
+    let (ok, metrics, err) = fleet.cli(&["metrics"]);
+    assert!(ok, "{err}");
+    for sample in [
+        "ember_compute_instances{host=\"compute1\"} 1",
+        "ember_compute_vcpus{host=\"compute1\"} 2",
+        "ember_compute_vcpus_used{host=\"compute1\"} 2",
+        "ember_compute_memory_mb{host=\"compute1\"} 1024",
+        "ember_compute_memory_mb_used{host=\"compute1\"} 64",
+        "ember_compute_vcpus{host=\"compute2\"} 16",
+    ] {
+        assert!(metrics.lines().any(|l| l == sample), "{sample} missing:\n{metrics}");
+    }
     // Unnamed, it would go to compute1 (as busy as compute2, and first by name), which has no room left.
     let v = new_volume(&volumes, 1).await;
     let third = instances.clone().create_instance(create(&v.id, "", 1, 64)).await.unwrap().into_inner();
@@ -375,11 +388,7 @@ async fn instances_go_only_where_the_compute_host_has_room_for_them() {
         instances.clone().delete_instance(DeleteInstanceRequest { id: i.id.clone() }).await.unwrap();
     }
     for i in &made {
-        wait_for("the instance to go", WAIT, || async {
-            let got = instances.clone().get_instance(GetInstanceRequest { id: i.id.clone() }).await;
-            matches!(got, Err(s) if s.code() == tonic::Code::NotFound).then_some(())
-        })
-        .await;
+        wait_instance_gone(&instances, &i.id).await;
     }
     let shown = hypervisors();
     assert_eq!(row(&shown, "compute1"), "compute1 up enabled 0 0/2 0/1024", "{shown}");
