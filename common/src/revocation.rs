@@ -104,8 +104,8 @@ fn install(list: RevokedSerials) {
 /// The server-certificate check of a daemon calling another: the fleet CA's chain and the server's name, as
 /// rustls checks them, and then the list in force, so that a retired node's certificate, revoked, cannot pose
 /// as a storage node (which is sent volume data, CHAP secrets and LUKS passphrases) or as the coordinator.
-/// The list is consulted when a connection is made; connections made before a revocation run on (servers
-/// check every call, clients only choose whom to talk to).
+/// The list is consulted when a connection is made (servers check every call, clients choose whom to talk
+/// to): a client that keeps connections makes new ones when the list changes, as the coordinator does.
 #[derive(Debug)]
 pub struct ServerVerifier {
     chain: Arc<rustls::client::WebPkiServerVerifier>,

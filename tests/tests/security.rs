@@ -480,3 +480,47 @@ async fn a_revocation_ends_the_calls_its_certificate_has_running() {
     let end = tokio::time::timeout(Duration::from_secs(60), admins_watch.message()).await.expect("the delete ends");
     assert!(matches!(end, Ok(None)), "the admin's watch ends with the volume: {end:?}");
 }
+
+/// The coordinator checks an agent's certificate against the list as a client too, and not only on its first
+/// connection: once the storage agent's certificate is revoked, an export (which sends the volume's CHAP
+/// secret) is refused although the coordinator already had a connection to that agent, and nothing reaches it.
+#[tokio::test]
+async fn the_coordinator_sends_nothing_to_an_agent_revoked_after_it_connected() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let storage = fleet.start_agent("storage", "storage1", &fleet.file_backend("b1", "").0);
+    ember_fleet_tests::volumes::wait_backend(&fleet, "storage1@b1").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let v = ember_fleet_tests::volumes::new_volume(&volumes, 1).await;
+    let export = |initiator: &str| InitializeConnectionRequest {
+        volume_id: v.id.clone(),
+        connector: Some(Connector { initiator: initiator.into(), ..Default::default() }),
+    };
+    let before = "iqn.2026-11.org.example:before";
+    volumes.clone().initialize_connection(export(before)).await.expect("exported before the revocation");
+    let exports_sent = || {
+        storage
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("access_log: call") && l.contains("StorageAgent/ExportVolume"))
+            .count()
+    };
+    assert_eq!(exports_sent(), 1);
+
+    let ca_dir = fleet.ca_dir();
+    let (ok, out, err) = fleet.cli(&["certs", "revoke", "--dir", ca_dir.to_str().unwrap(), "--name", "storage1"]);
+    assert!(ok && out.contains("storage-agent storage1"), "{out}\n{err}");
+    let coordinator = fleet.coordinator.as_ref().unwrap();
+    wait_for("the coordinator to put the new list in force", Duration::from_secs(30), || async {
+        coordinator.log_text().contains("new certificate revocation list in force").then_some(())
+    })
+    .await;
+    let err = volumes.clone().initialize_connection(export("iqn.2026-11.org.example:after")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("exporting on storage1"), "{err:?}");
+    assert!(coordinator.log_text().contains("refusing a server whose certificate is revoked"));
+    assert_eq!(exports_sent(), 1, "no export reached the revoked agent");
+    let shown = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
+    let initiators: Vec<&str> = shown.exports.iter().map(|e| e.initiator.as_str()).collect();
+    assert_eq!(initiators, [before], "the refused export is not recorded");
+}
