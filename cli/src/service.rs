@@ -162,6 +162,7 @@ fn to_json(s: &Service) -> serde_json::Value {
         "status": if s.enabled { "enabled" } else { "disabled" }, "state": if s.up { "up" } else { "down" },
         "updated_at": output::time(&s.last_heartbeat), "disabled_reason": s.disabled_reason,
         "instance_id": s.instance_id, "endpoint": s.endpoint, "version": s.version,
+        "certificate_expires_at": output::time(&s.certificate_expires_at),
         "compute": s.compute.as_ref().map(|c| serde_json::json!({
             "instances": c.instances, "vcpus": c.vcpus, "vcpus_used": c.vcpus_used,
             "memory_mb": c.memory_mb, "memory_mb_used": c.memory_mb_used,
@@ -197,6 +198,18 @@ fn print_hypervisors(services: &[Service], json: bool) {
     output::table(&["Host", "State", "Status", "Instances", "vCPUs Used", "Memory MiB Used"], &rows);
 }
 
+/// The day a certificate expires, and how soon when that is within a month.
+fn expires(at: &Option<prost_types::Timestamp>) -> String {
+    let Some(at) = at else { return String::new() };
+    let day = at.to_string().chars().take(10).collect::<String>();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    match (at.seconds - now).div_euclid(86_400) {
+        days if days < 0 => format!("{day} (EXPIRED)"),
+        days if days < 30 => format!("{day} (in {days} days)"),
+        _ => day,
+    }
+}
+
 fn print(services: &[Service], json: bool) {
     if json {
         output::json(&serde_json::Value::Array(services.iter().map(to_json).collect()));
@@ -212,11 +225,13 @@ fn print(services: &[Service], json: bool) {
                 if s.enabled { "enabled" } else { "disabled" }.into(),
                 if s.up { "up" } else { "down" }.into(),
                 output::time(&s.last_heartbeat),
+                expires(&s.certificate_expires_at),
                 s.disabled_reason.clone(),
             ]
         })
         .collect();
-    output::table(&["Binary", "Host", "Zone", "Status", "State", "Updated At", "Disabled Reason"], &rows);
+    let header = ["Binary", "Host", "Zone", "Status", "State", "Updated At", "Cert Expires", "Disabled Reason"];
+    output::table(&header, &rows);
 }
 
 /// Runs `ember service …`.

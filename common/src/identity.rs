@@ -183,6 +183,13 @@ pub fn require_roles(roles: &'static [Role]) -> impl Fn(Request<()>) -> Result<R
     }
 }
 
+/// When the certificate the caller of `req` presented expires, in seconds since the Unix epoch.
+pub fn peer_certificate_expiry<T>(req: &Request<T>) -> Option<i64> {
+    let certs = req.peer_certs()?;
+    let (_, cert) = X509Certificate::from_der(certs.first()?.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 /// The identity a [`require_roles`] interceptor stored on the request.
 pub fn caller<T>(req: &Request<T>) -> Result<&Identity, Status> {
     req.extensions()

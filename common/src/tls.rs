@@ -4,6 +4,7 @@ use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity as TlsIdentity, ServerTlsConfig};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// Where a daemon's or client's TLS material lives.
 #[derive(Debug, Clone, Deserialize)]
@@ -31,6 +32,14 @@ pub enum TlsError {
         path: PathBuf,
         /// The cause.
         source: std::io::Error,
+    },
+    /// This daemon's certificate cannot be read.
+    #[error("the certificate {path}: {reason}")]
+    Certificate {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
     },
     /// The CA certificate is not one rustls can trust.
     #[error("the CA certificate {path}: {reason}")]
@@ -101,6 +110,15 @@ impl TlsFiles {
         let verifier = crate::revocation::ServerVerifier::new(&read(&self.ca)?)
             .map_err(|reason| TlsError::Ca { path: self.ca.clone(), reason })?;
         Ok(std::sync::Arc::new(verifier))
+    }
+
+    /// When this daemon's own certificate expires, in seconds since the Unix epoch.
+    pub fn certificate_expiry(&self) -> Result<i64, TlsError> {
+        let pem = read(&self.cert)?;
+        let invalid = |reason: String| TlsError::Certificate { path: self.cert.clone(), reason };
+        let der = crate::revocation::pem_block(&pem, "CERTIFICATE").map_err(invalid)?;
+        let (_, cert) = X509Certificate::from_der(&der).map_err(|e| invalid(e.to_string()))?;
+        Ok(cert.validity().not_after.timestamp())
     }
 
     /// A lazily connecting channel to `url` (e.g. `https://127.0.0.1:7000`) that gives up on a silent peer

@@ -53,8 +53,9 @@ pub async fn render(ctx: &Ctx) -> Result<String> {
     let samples: Vec<_> = running.into_iter().map(|(kind, n)| (vec![("kind", kind)], n as f64)).collect();
     family(&mut out, "ember_operations_running", "gauge", "Operations under way, by kind.", &samples);
 
-    let services: Vec<(String, String, String, i64, i64)> = sqlx::query_as(
-        "SELECT role, host, backend, enabled, last_heartbeat FROM services ORDER BY role, host, backend",
+    let services: Vec<(String, String, String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT role, host, backend, enabled, last_heartbeat, certificate_expires_at FROM services \
+         ORDER BY role, host, backend",
     )
     .fetch_all(&ctx.db)
     .await?;
@@ -64,11 +65,34 @@ pub async fn render(ctx: &Ctx) -> Result<String> {
     };
     let up: Vec<_> = services
         .iter()
-        .map(|(r, h, b, _, last)| (label(r, h, b), crate::fleet::is_up(*last, now, ctx.service_down_ms) as i64 as f64))
+        .map(|(r, h, b, _, last, _)| {
+            (label(r, h, b), crate::fleet::is_up(*last, now, ctx.service_down_ms) as i64 as f64)
+        })
         .collect();
     family(&mut out, "ember_service_up", "gauge", "1 when the agent heartbeats in time, 0 when it is down.", &up);
-    let enabled: Vec<_> = services.iter().map(|(r, h, b, e, _)| (label(r, h, b), *e as f64)).collect();
+    let enabled: Vec<_> = services.iter().map(|(r, h, b, e, _, _)| (label(r, h, b), *e as f64)).collect();
     family(&mut out, "ember_service_enabled", "gauge", "1 when the service takes new work.", &enabled);
+    // Seconds since the epoch, as node_exporter's and blackbox_exporter's certificate expiries are, so that one
+    // alert rule (`… - time() < 86400 * 14`) covers them all.
+    let expiry: Vec<_> = services
+        .iter()
+        .filter(|s| s.5 != 0)
+        .map(|(r, h, b, _, _, expires_ms)| (label(r, h, b), (*expires_ms / 1000) as f64))
+        .collect();
+    family(
+        &mut out,
+        "ember_service_certificate_expiry_timestamp_seconds",
+        "gauge",
+        "When the certificate an agent registered with expires, seconds since the epoch.",
+        &expiry,
+    );
+    family(
+        &mut out,
+        "ember_coordinator_certificate_expiry_timestamp_seconds",
+        "gauge",
+        "When the coordinator's own certificate expires, seconds since the epoch.",
+        &[(vec![], ctx.certificate_expiry as f64)],
+    );
 
     let pools = crate::pools::up(ctx).await?;
     let gb = |c: &Capacity| match c {

@@ -3,7 +3,7 @@
 
 use crate::clock::now_ms;
 use crate::error::{Error, Result};
-use ember_common::identity::{Identity, Role, caller, valid_name};
+use ember_common::identity::{Identity, Role, caller, peer_certificate_expiry, valid_name};
 use ember_proto::agent::v1::registration_server::Registration;
 use ember_proto::agent::v1::*;
 use sqlx::SqlitePool;
@@ -123,8 +123,25 @@ pub fn backend_report(b: &Backend) -> serde_json::Value {
     })
 }
 
+/// An agent whose certificate expires within this many days is warned about at each registration.
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
+
+/// Logs a warning when a daemon's certificate (expiring at `expires_ms`; 0 when not known) expires within
+/// [`EXPIRY_WARNING_DAYS`]: when it does, the daemon can no longer reach the rest of the fleet, nor they it.
+pub fn warn_if_expiring(host: &str, role: &str, expires_ms: i64, now_ms: i64) {
+    let days_left = (expires_ms - now_ms).div_euclid(86_400_000);
+    if expires_ms != 0 && days_left < EXPIRY_WARNING_DAYS {
+        tracing::warn!(
+            %host,
+            role,
+            days_left,
+            "the certificate expires soon: issue a new one (ember certs issue) and restart the daemon with it"
+        );
+    }
+}
+
 impl Registrar {
-    async fn register(&self, id: &Identity, req: RegisterRequest) -> Result<()> {
+    async fn register(&self, id: &Identity, req: RegisterRequest, certificate_expiry: Option<i64>) -> Result<()> {
         let role = check_claim(id, &req.name, req.role)?;
         if !(req.endpoint.starts_with("https://") && req.endpoint.len() > 8) {
             return Err(Error::invalid("endpoint", "must be an https:// URL"));
@@ -137,6 +154,8 @@ impl Registrar {
         }
         let rows = rows_of(&req)?;
         let now = now_ms();
+        let expires_ms = certificate_expiry.map_or(0, |secs| secs.saturating_mul(1000));
+        warn_if_expiring(&req.name, role, expires_ms, now);
         let mut tx = crate::db::write(&self.db).await?;
         // Backends the agent no longer reports go; the rest keep their enabled/disabled state.
         let keep: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
@@ -156,10 +175,12 @@ impl Registrar {
         for (backend, az, report) in rows {
             sqlx::query(
                 "INSERT INTO services (host, role, backend, availability_zone, endpoint, instance_id, version, \
-                 api_version, report, created_at, last_heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 api_version, report, created_at, last_heartbeat, certificate_expires_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
                  ON CONFLICT (host, role, backend) DO UPDATE SET availability_zone = excluded.availability_zone, \
                  endpoint = excluded.endpoint, instance_id = excluded.instance_id, version = excluded.version, \
-                 api_version = excluded.api_version, report = excluded.report, last_heartbeat = excluded.last_heartbeat",
+                 api_version = excluded.api_version, report = excluded.report, last_heartbeat = excluded.last_heartbeat, \
+                 certificate_expires_at = excluded.certificate_expires_at",
             )
             .bind(&req.name)
             .bind(role)
@@ -172,6 +193,7 @@ impl Registrar {
             .bind(report.to_string())
             .bind(now)
             .bind(now)
+            .bind(expires_ms)
             .execute(&mut *tx)
             .await?;
         }
@@ -223,7 +245,8 @@ impl Registrar {
 impl Registration for Registrar {
     async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         let id = caller(&req)?.clone();
-        self.register(&id, req.into_inner()).await?;
+        let expiry = peer_certificate_expiry(&req);
+        self.register(&id, req.into_inner(), expiry).await?;
         Ok(Response::new(RegisterResponse { heartbeat_interval_seconds: self.heartbeat_interval_seconds }))
     }
 

@@ -293,3 +293,45 @@ async fn admins_list_the_pools_the_scheduler_places_volumes_on() {
     FleetServiceClient::new(fleet.admin()).disable_service(disable).await.unwrap();
     assert!(list().await.is_empty(), "a disabled pool takes no volumes");
 }
+
+/// Certificates expire, and then a daemon can reach no one: the service list, the CLI and the metrics show when
+/// each agent's certificate (the one it registered with) and the coordinator's expire, and the coordinator
+/// warns about one that expires within 30 days (the test fleet's certificates last 2).
+#[tokio::test]
+async fn the_fleet_shows_when_each_certificate_expires_and_warns_before() {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, _dir) = fleet.file_backend("b1", "");
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    ember_fleet_tests::volumes::wait_backend(&fleet, "storage1@b1").await;
+    let not_after = |stem: &str| {
+        let pem = std::fs::read(fleet.tls(stem).cert).unwrap();
+        let der = ember_common::revocation::pem_block(&pem, "CERTIFICATE").unwrap();
+        X509Certificate::from_der(&der).unwrap().1.validity().not_after.timestamp()
+    };
+    let (agent_expiry, coordinator_expiry) =
+        (not_after("storage-agent-storage1"), not_after("coordinator-coordinator"));
+
+    let listed = services(&fleet).await;
+    let storage = find(&listed, "storage1@b1").expect("listed");
+    assert_eq!(storage.certificate_expires_at.map(|t| t.seconds), Some(agent_expiry), "{storage:?}");
+    let (ok, out, err) = fleet.cli(&["service", "list"]);
+    assert!(ok, "{err}");
+    let row = out.lines().find(|l| l.contains("storage1@b1")).unwrap_or_default();
+    assert!(row.contains(" (in ") && row.contains(" days)"), "expiring within the month: {out}");
+    let (ok, metrics, err) = fleet.cli(&["metrics"]);
+    assert!(ok, "{err}");
+    for sample in [
+        format!(
+            "ember_service_certificate_expiry_timestamp_seconds{{role=\"storage\",host=\"storage1\",backend=\"b1\"}} \
+             {agent_expiry}"
+        ),
+        format!("ember_coordinator_certificate_expiry_timestamp_seconds {coordinator_expiry}"),
+    ] {
+        assert!(metrics.lines().any(|l| l == sample), "{sample} missing:\n{metrics}");
+    }
+    let log = fleet.coordinator.as_ref().unwrap().log_text();
+    let warned = |who: &str| log.lines().any(|l| l.contains("the certificate expires soon") && l.contains(who));
+    assert!(warned("host=storage1") && warned("host=this coordinator"), "{log}");
+}
