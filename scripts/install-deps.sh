@@ -11,9 +11,10 @@ apt_install() {
   apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-# tgt: the iSCSI target; libiscsi-bin: a userspace initiator (iscsi-ls).
+# tgt: the iSCSI target; libiscsi-bin: a userspace initiator (iscsi-ls); systemd: systemd-analyze, which checks
+# the unit files in deploy/.
 missing=()
-for p in tgt libiscsi-bin; do installed "$p" || missing+=("$p"); done
+for p in tgt libiscsi-bin systemd; do installed "$p" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing apt packages: ${missing[*]}" >&2
   apt_install "${missing[@]}"

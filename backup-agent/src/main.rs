@@ -152,3 +152,19 @@ async fn open_repositories(
     }
     Ok(repos)
 }
+
+#[cfg(test)]
+mod tests {
+    /// The example a deployment starts from (docs/deploy.md) says what it means to say.
+    #[test]
+    fn the_deployment_example_is_a_valid_config() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/backup-agent.toml");
+        let cfg: super::BackupConfig = ember_common::config::load(Some(std::path::Path::new(example))).unwrap();
+        assert_eq!(cfg.agent.name.as_deref(), Some("backup1"));
+        assert!(cfg.agent.advertise.is_some() && cfg.agent.coordinator.is_some() && cfg.agent.tls.is_some());
+        assert_eq!(cfg.gc_grace_seconds, Some(60));
+        assert_eq!(cfg.repositories.len(), 1);
+        assert_eq!(cfg.repositories[0].name, "repo1");
+        assert_eq!(cfg.repositories[0].nfs_share.as_deref(), Some("nfs.example.net:/export/ember-backups"));
+    }
+}

@@ -27,6 +27,7 @@ pub struct ConnectArgs {
 }
 
 #[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct FileConfig {
     coordinator: Option<String>,
     ca: Option<PathBuf>,
@@ -87,5 +88,19 @@ impl ConnectArgs {
             crl: None,
         };
         tls.channel(&coordinator).map_err(|e| CliError::Other(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example in deploy/ names all four settings, with no key the CLI would not read.
+    #[test]
+    fn the_deployment_example_is_a_valid_config() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/cli.toml");
+        let cfg: FileConfig = ember_common::config::load(Some(std::path::Path::new(example))).unwrap();
+        assert_eq!(cfg.coordinator.as_deref(), Some("https://coordinator.example.net:7000"));
+        assert!(cfg.ca.is_some() && cfg.cert.is_some() && cfg.key.is_some());
     }
 }

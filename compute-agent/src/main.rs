@@ -234,6 +234,23 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
 #[cfg(test)]
 mod tests {
+    /// The example a deployment starts from (docs/deploy.md) says what it means to say.
+    #[test]
+    fn the_deployment_example_is_a_valid_config() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/compute-agent.toml");
+        let cfg: super::ComputeConfig = ember_common::config::load(Some(std::path::Path::new(example))).unwrap();
+        assert_eq!(cfg.agent.name.as_deref(), Some("compute1"));
+        assert!(cfg.agent.advertise.is_some() && cfg.agent.coordinator.is_some() && cfg.agent.tls.is_some());
+        assert_eq!(cfg.ip.as_deref(), Some("192.0.2.21"));
+        assert_eq!(cfg.libvirt_uri.as_deref(), Some("qemu:///system"));
+        assert_eq!(cfg.manage_libvirt, Some(false));
+        assert_eq!(cfg.iscsi_mode, Some(super::connector::IscsiMode::Kernel));
+        assert_eq!(cfg.detach_timeout_secs, Some(30));
+        assert!(cfg.state_dir.is_some());
+        assert_eq!(cfg.capacity.cpu_allocation_ratio, 4.0);
+        assert_eq!(cfg.capacity.reserved_host_memory_mb, 512);
+    }
+
     #[test]
     fn reads_initiator_name() {
         let text = "## DO NOT EDIT\n#InitiatorName=iqn.old\nInitiatorName=iqn.1993-08.org.debian:01:abc\n";

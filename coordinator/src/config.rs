@@ -57,3 +57,26 @@ impl Default for CoordinatorConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example a deployment starts from (docs/deploy.md) is read as it means: unknown keys are refused, and
+    /// every quota it sets is one the coordinator has.
+    #[test]
+    fn the_deployment_example_is_a_valid_config() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/coordinator.toml");
+        let cfg: CoordinatorConfig = ember_common::config::load(Some(std::path::Path::new(example))).unwrap();
+        assert_eq!(cfg.listen, "0.0.0.0:7000");
+        assert_eq!(cfg.database, PathBuf::from("/var/lib/ember/ember.db"));
+        assert_eq!(cfg.key_file, Some(PathBuf::from("/var/lib/ember/master.key")));
+        assert!(cfg.tls.as_ref().is_some_and(|t| t.crl.is_some()));
+        assert_eq!((cfg.operations_retention_days, cfg.peer_timeout_seconds), (90, 20));
+        let known: Vec<&str> = crate::quotas::BASE_RESOURCES.iter().map(|(name, _)| *name).collect();
+        assert!(!cfg.default_quotas.is_empty());
+        for name in cfg.default_quotas.keys() {
+            assert!(known.contains(&name.as_str()), "unknown quota {name}");
+        }
+    }
+}

@@ -216,3 +216,26 @@ impl StorageConfig {
         Ok(self.backends.clone())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example a deployment starts from (docs/deploy.md) says what it means to say.
+    #[test]
+    fn the_deployment_example_is_a_valid_config() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/storage-agent.toml");
+        let cfg: StorageConfig = ember_common::config::load(Some(std::path::Path::new(example))).unwrap();
+        assert_eq!(cfg.agent.name.as_deref(), Some("storage1"));
+        assert!(cfg.agent.advertise.is_some() && cfg.agent.coordinator.is_some() && cfg.agent.tls.is_some());
+        assert!(cfg.state_dir.is_some());
+        assert!(!cfg.tgt.manage, "the system's tgtd keeps exports through agent restarts");
+        assert_eq!(cfg.copy_bandwidth_mib, 200);
+        let backends = cfg.checked_backends().unwrap();
+        assert_eq!(backends.len(), 2);
+        assert_eq!((backends[0].driver.as_str(), backends[0].lvm_type), ("lvm", LvmType::Thin));
+        assert_eq!(backends[0].volume_group.as_deref(), Some("ember-vg"));
+        assert_eq!((backends[0].reserved_percentage, backends[0].max_over_subscription_ratio), (5, 20.0));
+        assert_eq!(backends[1].nfs_share.as_deref(), Some("nfs.example.net:/export/ember-volumes"));
+    }
+}
