@@ -1,7 +1,7 @@
 //! `ember certs`: the fleet CA and per-role certificates.
 
 use crate::connect::CliError;
-use ember_common::certs::{IssueRequest, init_ca, issue, issued, revoke};
+use ember_common::certs::{IssueRequest, init_ca, issue, issued, renew, revoke};
 use ember_common::identity::{Identity, Role};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -51,6 +51,23 @@ enum CertsAction {
         #[arg(long, default_value_t = 365)]
         days: i64,
     },
+    /// Issue a successor to NAME's newest certificate that is not revoked: the same role, project, DNS names and
+    /// IP addresses, a new key, as many days as the old one (or --days). The old one stays valid: restart the
+    /// daemon with the new files, then revoke the old one if it should not run to its end.
+    Renew {
+        /// Directory holding the CA.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Whose certificate.
+        #[arg(long)]
+        name: String,
+        /// Where to write <name>.pem and <name>.key (which must not exist there).
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days; default as long as the certificate it replaces.
+        #[arg(long)]
+        days: Option<i64>,
+    },
     /// List the certificates the CA in --dir issued (as it recorded them), with their expiry and whether they
     /// are revoked.
     List {
@@ -80,6 +97,7 @@ pub fn run(cmd: CertsCmd, json: bool) -> Result<(), CliError> {
     let (cert, key) = match cmd.action {
         CertsAction::List { dir } => return run_list(&dir, json),
         CertsAction::Revoke { dir, certs, serial, name } => return run_revoke(&dir, &certs, &serial, &name, json),
+        CertsAction::Renew { dir, name, out, days } => return run_renew(&dir, &name, days, &out, json),
         CertsAction::Init { dir, common_name } => init_ca(&dir, &common_name).map_err(|e| e.to_string())?,
         CertsAction::Issue { dir, role, name, project, dns, ip, out, days } => {
             let req = IssueRequest { identity: Identity { role, name: name.clone(), project }, dns, ips: ip, days };
@@ -91,6 +109,36 @@ pub fn run(cmd: CertsCmd, json: bool) -> Result<(), CliError> {
     } else {
         println!("certificate: {}\nkey:         {}", cert.display(), key.display());
     }
+    Ok(())
+}
+
+fn run_renew(
+    dir: &std::path::Path,
+    name: &str,
+    days: Option<i64>,
+    out: &std::path::Path,
+    json: bool,
+) -> Result<(), CliError> {
+    let done = renew(dir, name, days, out).map_err(|e| e.to_string())?;
+    let (old, req) = (&done.replaced, &done.request);
+    if json {
+        crate::output::json(&serde_json::json!({
+            "cert": done.cert, "key": done.key, "days": req.days, "dns": req.dns, "ips": req.ips,
+            "replaces": { "serial": old.serial, "expires": old.expires() },
+        }));
+        return Ok(());
+    }
+    let addresses: Vec<String> = req.dns.iter().cloned().chain(req.ips.iter().map(IpAddr::to_string)).collect();
+    println!("renewed {} {} for {} days ({})", req.identity.role, req.identity.name, req.days, addresses.join(", "));
+    println!("certificate: {}\nkey:         {}", done.cert.display(), done.key.display());
+    println!(
+        "it replaces serial {} (expires {}), which stays valid: restart the daemon with the new files, then \
+         `ember certs revoke --dir {} --serial {}` if the old one should not run to its end",
+        old.serial,
+        old.expires(),
+        dir.display(),
+        old.serial
+    );
     Ok(())
 }
 

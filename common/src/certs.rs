@@ -12,7 +12,7 @@ use rcgen::{
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use time::{Duration, OffsetDateTime};
-use x509_parser::prelude::{CertificateRevocationList, FromDer, X509Certificate};
+use x509_parser::prelude::{CertificateRevocationList, FromDer, GeneralName, X509Certificate};
 
 /// Why a certificate operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -245,6 +245,63 @@ pub fn issued(ca_dir: &Path) -> Result<Vec<Issued>, CertError> {
     Ok(found)
 }
 
+/// What a [`renew`] issued.
+#[derive(Debug)]
+pub struct Renewal {
+    /// The new certificate and key.
+    pub cert: PathBuf,
+    /// The new key.
+    pub key: PathBuf,
+    /// The certificate it replaces (still valid until it expires or is revoked).
+    pub replaced: Issued,
+    /// What the new one carries.
+    pub request: IssueRequest,
+}
+
+/// Issues a successor to the newest certificate the CA recorded for `name` that is not revoked: the same
+/// identity and the same DNS names and IP addresses (which callers check against the holder's address), a new
+/// key, valid for `days` (default: as long as the one it replaces was). Written to `<out_dir>/<name>.pem` and
+/// `.key`, which must not exist. The old certificate stays valid, so the daemon can move to the new one when
+/// it restarts; revoke the old one then, if it should not outlive that.
+pub fn renew(ca_dir: &Path, name: &str, days: Option<i64>, out_dir: &Path) -> Result<Renewal, CertError> {
+    let all = issued(ca_dir)?;
+    let current: Vec<&Issued> = all.iter().filter(|c| c.identity.name == name && !c.revoked).collect();
+    let Some(replaced) = current.last() else {
+        return Err(CertError::Invalid(format!("the CA has issued no certificate to {name:?} that is not revoked")));
+    };
+    if current.iter().any(|c| c.identity != replaced.identity) {
+        return Err(CertError::Invalid(format!(
+            "{name:?} holds certificates of more than one identity; issue the new one with `certs issue`"
+        )));
+    }
+    let pem = read_file(&replaced.path)?;
+    let invalid = |e: String| CertError::Invalid(format!("{}: {e}", replaced.path.display()));
+    let der = crate::revocation::pem_block(pem.as_bytes(), "CERTIFICATE").map_err(invalid)?;
+    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| invalid(e.to_string()))?;
+    let (mut dns, mut ips) = (Vec::new(), Vec::new());
+    if let Ok(Some(sans)) = cert.subject_alternative_name() {
+        for san in &sans.value.general_names {
+            match san {
+                GeneralName::DNSName(d) => dns.push(d.to_string()),
+                GeneralName::IPAddress(bytes) => {
+                    if let Ok(v4) = <[u8; 4]>::try_from(*bytes) {
+                        ips.push(IpAddr::from(v4));
+                    } else if let Ok(v6) = <[u8; 16]>::try_from(*bytes) {
+                        ips.push(IpAddr::from(v6));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    // `issue` starts a certificate an hour back (clock skew): its validity is the rest, in whole days.
+    let validity = cert.validity();
+    let lasted = (validity.not_after.timestamp() - validity.not_before.timestamp() - 3600) / 86_400;
+    let request = IssueRequest { identity: replaced.identity.clone(), dns, ips, days: days.unwrap_or(lasted.max(1)) };
+    let (cert, key) = issue(ca_dir, &request, out_dir, name)?;
+    Ok(Renewal { cert, key, replaced: (*replaced).clone(), request })
+}
+
 /// Adds certificates to the CA's revocation list (`<ca_dir>/crl.pem`, created on first use): each of
 /// `certs` (PEM files, which must be this CA's), each of `serials` (hex, colons allowed, for a certificate
 /// whose file is lost), and every certificate the CA recorded as issued to one of `names`. The list is signed
@@ -362,6 +419,38 @@ mod tests {
 
         let bad = IssueRequest { identity: Identity { role: Role::Member, name: "bob".into(), project: None }, ..req };
         assert!(matches!(issue(dir.path(), &bad, dir.path(), "bob"), Err(CertError::Invalid(_))));
+    }
+
+    #[test]
+    fn a_renewal_keeps_the_identity_and_the_addresses_with_a_new_key_and_serial() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path(), "test CA").unwrap();
+        let identity = Identity { role: Role::StorageAgent, name: "storage1".into(), project: None };
+        let req = IssueRequest {
+            identity: identity.clone(),
+            dns: vec!["storage1.example.net".into()],
+            ips: vec!["192.0.2.11".parse().unwrap(), "2001:db8::11".parse().unwrap()],
+            days: 30,
+        };
+        let (old_cert, old_key) = issue(dir.path(), &req, &dir.path().join("old"), "storage1").unwrap();
+        let renewed = renew(dir.path(), "storage1", None, &dir.path().join("new")).unwrap();
+        assert_eq!(renewed.cert, dir.path().join("new/storage1.pem"));
+        assert_eq!((renewed.request.identity.clone(), renewed.request.days), (identity, 30));
+        assert_eq!((renewed.request.dns.clone(), renewed.request.ips.clone()), (req.dns, req.ips));
+        assert_eq!(renewed.replaced.path.parent(), Some(dir.path().join(ISSUED).as_path()));
+        assert_ne!(std::fs::read(&old_key).unwrap(), std::fs::read(&renewed.key).unwrap(), "a new key");
+        let serial = |p: &Path| {
+            let der = pem_body(&std::fs::read_to_string(p).unwrap());
+            X509Certificate::from_der(&der).unwrap().1.tbs_certificate.serial.to_bytes_be()
+        };
+        assert_ne!(serial(&old_cert), serial(&renewed.cert));
+        assert_eq!(issued(dir.path()).unwrap().len(), 2, "the CA recorded both");
+        assert!(renew(dir.path(), "storage1", Some(90), &dir.path().join("new")).is_err(), "never overwrites");
+        assert_eq!(renew(dir.path(), "storage1", Some(90), &dir.path().join("newer")).unwrap().request.days, 90);
+
+        revoke(dir.path(), &[], &[], &["storage1".into()]).unwrap();
+        let err = renew(dir.path(), "storage1", None, &dir.path().join("after")).unwrap_err().to_string();
+        assert!(err.contains("no certificate to \"storage1\" that is not revoked"), "{err}");
     }
 
     fn pem_body(pem: &str) -> Vec<u8> {

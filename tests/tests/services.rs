@@ -303,7 +303,7 @@ async fn the_fleet_shows_when_each_certificate_expires_and_warns_before() {
     let mut fleet = Fleet::new();
     fleet.start_coordinator();
     let (backend, _dir) = fleet.file_backend("b1", "");
-    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    let agent = fleet.start_agent("storage", "storage1", &backend);
     ember_fleet_tests::volumes::wait_backend(&fleet, "storage1@b1").await;
     let not_after = |stem: &str| {
         let pem = std::fs::read(fleet.tls(stem).cert).unwrap();
@@ -334,4 +334,38 @@ async fn the_fleet_shows_when_each_certificate_expires_and_warns_before() {
     let log = fleet.coordinator.as_ref().unwrap().log_text();
     let warned = |who: &str| log.lines().any(|l| l.contains("the certificate expires soon") && l.contains(who));
     assert!(warned("host=storage1") && warned("host=this coordinator"), "{log}");
+
+    // Renewed: the same identity and addresses for 90 days; the agent restarted with it shows the new expiry.
+    let ca_dir = fleet.ca_dir();
+    let renewed_dir = fleet.subdir("renewed");
+    let (ok, out, err) = fleet.cli(&[
+        "certs",
+        "renew",
+        "--dir",
+        ca_dir.to_str().unwrap(),
+        "--name",
+        "storage1",
+        "--days",
+        "90",
+        "--out",
+        renewed_dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("renewed storage-agent storage1 for 90 days (localhost, 127.0.0.1)"), "{out}");
+    let mut agent = agent;
+    tokio::task::spawn_blocking(move || agent.terminate()).await.unwrap();
+    let in_place = fleet.tls("storage-agent-storage1");
+    std::fs::copy(renewed_dir.join("storage1.pem"), &in_place.cert).unwrap();
+    std::fs::copy(renewed_dir.join("storage1.key"), &in_place.key).unwrap();
+    let renewed_expiry = not_after("storage-agent-storage1");
+    assert!(renewed_expiry >= agent_expiry + 87 * 86_400, "{renewed_expiry} vs {agent_expiry}");
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    let listed = wait_for("the agent to register with its new certificate", Duration::from_secs(30), || async {
+        let listed = services(&fleet).await;
+        let s = find(&listed, "storage1@b1")?.clone();
+        (s.up && s.certificate_expires_at.map(|t| t.seconds) == Some(renewed_expiry)).then_some(s)
+    })
+    .await;
+    let (ok, out, _) = fleet.cli(&["service", "list"]);
+    assert!(ok && !out.lines().any(|l| l.contains("storage1@b1") && l.contains("(in ")), "{out}\n{listed:?}");
 }
