@@ -2,12 +2,15 @@
 //! with the coordinator and then heartbeats.
 
 use crate::config::{ConfigError, required};
+use crate::revocation::RevokedSerials;
 use crate::tls::{TlsError, TlsFiles};
 use ember_proto::agent::v1::{HeartbeatRequest, RegisterRequest, registration_client::RegistrationClient};
 use serde::Deserialize;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tonic::Code;
+use tonic::transport::Channel;
 
 /// Settings every agent has (the `[agent]`-level keys of its TOML file).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -162,10 +165,12 @@ pub async fn registration_loop(
     peer_timeout: Duration,
     report: impl Fn() -> RegisterRequest + Send + Sync + 'static,
 ) -> Result<(), TlsError> {
-    let mut client = RegistrationClient::new(tls.channel_with(coordinator_url, peer_timeout)?);
+    let connect = || tls.channel_with(coordinator_url, peer_timeout).map(RegistrationClient::new);
+    let (mut client, mut list) = (connect()?, crate::revocation::current());
     let mut backoff = Duration::from_millis(200);
     let mut reports = Reports::new(report, REPORT_PATIENCE);
     loop {
+        reconnect_after_revocations(&mut client, &mut list, &connect)?;
         let request = reports.next().await;
         let interval = match client.register(request.clone()).await {
             Ok(resp) => {
@@ -185,6 +190,7 @@ pub async fn registration_loop(
         ticker.tick().await;
         loop {
             ticker.tick().await;
+            reconnect_after_revocations(&mut client, &mut list, &connect)?;
             let r = reports.next().await;
             let hb = HeartbeatRequest {
                 name: r.name,
@@ -203,6 +209,22 @@ pub async fn registration_loop(
             }
         }
     }
+}
+
+/// Replaces `client` when a revocation list came into force after `made_under`, the list it was made under:
+/// the coordinator's certificate is checked when a connection is made, so an agent stops reporting to a
+/// coordinator revoked since it connected.
+fn reconnect_after_revocations(
+    client: &mut RegistrationClient<Channel>,
+    made_under: &mut Arc<RevokedSerials>,
+    connect: &impl Fn() -> Result<RegistrationClient<Channel>, TlsError>,
+) -> Result<(), TlsError> {
+    let list = crate::revocation::current();
+    if !Arc::ptr_eq(made_under, &list) {
+        *client = connect()?;
+        *made_under = list;
+    }
+    Ok(())
 }
 
 /// A new random instance id, made at each agent start.

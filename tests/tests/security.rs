@@ -524,3 +524,22 @@ async fn the_coordinator_sends_nothing_to_an_agent_revoked_after_it_connected() 
     let initiators: Vec<&str> = shown.exports.iter().map(|e| e.initiator.as_str()).collect();
     assert_eq!(initiators, [before], "the refused export is not recorded");
 }
+
+/// An agent checks the coordinator's certificate again when the list changes, not only when it first connects:
+/// once the coordinator's certificate is revoked, the agent stops reporting to it (on the connection it already
+/// had), says why in its log, and goes down in the coordinator's view.
+#[tokio::test]
+async fn an_agent_stops_reporting_to_a_coordinator_revoked_after_it_registered() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let storage = fleet.start_agent("storage", "storage1", &fleet.file_backend("b1", "").0);
+    ember_fleet_tests::volumes::wait_backend(&fleet, "storage1@b1").await;
+    let ca_dir = fleet.ca_dir();
+    let (ok, out, err) = fleet.cli(&["certs", "revoke", "--dir", ca_dir.to_str().unwrap(), "--name", "coordinator"]);
+    assert!(ok && out.contains("coordinator coordinator"), "{out}\n{err}");
+    wait_for("the agent to refuse the coordinator", Duration::from_secs(30), || async {
+        storage.log_text().contains("refusing a server whose certificate is revoked").then_some(())
+    })
+    .await;
+    ember_fleet_tests::backups::wait_down(&fleet, "storage1@b1").await;
+}
