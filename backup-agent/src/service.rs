@@ -3,6 +3,7 @@
 //! restores write them back.
 
 use crate::repo::{Index, Manifest, Repository, hex};
+use ember_common::revocation::{AcceptedServer, revokes};
 use ember_common::tls::TlsFiles;
 use ember_proto::agent::v1::backup_agent_server::BackupAgent;
 use ember_proto::agent::v1::storage_agent_client::StorageAgentClient;
@@ -161,14 +162,25 @@ impl Backups {
     }
 
     fn storage(&self, source: &VolumeSource) -> Result<StorageAgentClient<ember_common::access_log::Traced>, Status> {
+        Ok(self.storage_noting_server(source)?.0)
+    }
+
+    /// [`Self::storage`], and where the storage agent's certificate is noted when the client connects, for a
+    /// restore to stop sending a volume's data to a node whose certificate is revoked meanwhile.
+    fn storage_noting_server(
+        &self,
+        source: &VolumeSource,
+    ) -> Result<(StorageAgentClient<ember_common::access_log::Traced>, AcceptedServer), Status> {
         if !source.storage_endpoint.starts_with("https://") {
             return Err(Status::invalid_argument("source.storage_endpoint: must be an https:// URL"));
         }
-        let channel = self
+        let (channel, accepted) = self
             .tls
-            .channel_with(&source.storage_endpoint, self.peer_timeout)
+            .channel_noting_server(&source.storage_endpoint, self.peer_timeout)
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        Ok(StorageAgentClient::new(ember_common::access_log::traced(channel)).max_decoding_message_size(128 << 20))
+        let client =
+            StorageAgentClient::new(ember_common::access_log::traced(channel)).max_decoding_message_size(128 << 20);
+        Ok((client, accepted))
     }
 
     /// Lists backup `id` as running in `repo` from now, by the repository's clock, until the guard drops. The
@@ -372,6 +384,7 @@ impl Backups {
         let blank = req.target_is_blank;
         let (_tracked, done, moved) = self.track(&req.backup_id, manifest.volume_size);
         let workers = self.workers;
+        let (mut client, storage_node) = self.storage_noting_server(&target)?;
         let producer = tokio::spawn(async move {
             if tx.send(first).await.is_err() {
                 return Ok(());
@@ -397,6 +410,10 @@ impl Backups {
             while let Some(item) = reads.next().await {
                 let (pos, data) = item?;
                 done.store((pos * cs).min(manifest.volume_size), Ordering::Relaxed);
+                // A node whose certificate was revoked since the restore connected gets no more of the volume.
+                if revokes(&storage_node) {
+                    return Err("the storage agent's certificate was revoked during the restore".to_string());
+                }
                 match data {
                     Some(plain) => {
                         moved.fetch_add(plain.len() as u64, Ordering::Relaxed);
@@ -430,7 +447,6 @@ impl Backups {
             Ok::<(), String>(())
         });
         let started = std::time::Instant::now();
-        let mut client = self.storage(&target)?;
         let written = client.write_volume(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
         // A chunk that fails its check stops the stream; that failure, not the short write, is the answer.
         match producer.await.map_err(|e| Status::internal(e.to_string()))? {

@@ -109,6 +109,18 @@ fn install(list: RevokedSerials) {
 #[derive(Debug)]
 pub struct ServerVerifier {
     chain: Arc<rustls::client::WebPkiServerVerifier>,
+    /// The serial number of the last server certificate it accepted.
+    accepted: AcceptedServer,
+}
+
+/// The serial number of the server certificate a channel's verifier last accepted (none before it connects):
+/// a client with a long stream to that server checks it against lists that come into force meanwhile.
+pub type AcceptedServer = Arc<std::sync::Mutex<Option<Vec<u8>>>>;
+
+/// Whether the list in force revokes the server certificate `accepted` names.
+pub fn revokes(accepted: &AcceptedServer) -> bool {
+    let serial = accepted.lock().expect("accepted server").clone();
+    serial.is_some_and(|s| current().contains_serial(&s))
 }
 
 impl ServerVerifier {
@@ -123,7 +135,12 @@ impl ServerVerifier {
         let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()
             .map_err(|e| e.to_string())?;
-        Ok(ServerVerifier { chain })
+        Ok(ServerVerifier { chain, accepted: AcceptedServer::default() })
+    }
+
+    /// Where it notes the serial number of each server certificate it accepts.
+    pub fn accepted(&self) -> AcceptedServer {
+        self.accepted.clone()
     }
 }
 
@@ -147,6 +164,7 @@ impl rustls::client::danger::ServerCertVerifier for ServerVerifier {
             );
             return Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked));
         }
+        *self.accepted.lock().expect("accepted server") = Some(cert.tbs_certificate.serial.to_bytes_be());
         Ok(verified)
     }
 

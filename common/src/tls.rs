@@ -133,9 +133,22 @@ impl TlsFiles {
     /// host gone from the network) would hold each call to it, and the operation behind the call, forever.
     /// Long calls are not limited: a peer that answers pings may take hours over a copy.
     pub fn channel_with(&self, url: &str, peer_timeout: Duration) -> Result<Channel, TlsError> {
+        Ok(self.channel_noting_server(url, peer_timeout)?.0)
+    }
+
+    /// [`TlsFiles::channel_with`], and where the serial number of the server certificate it accepts is noted,
+    /// for a client that keeps sending to that server to check it against lists that come into force later
+    /// ([`crate::revocation::revokes`]).
+    pub fn channel_noting_server(
+        &self,
+        url: &str,
+        peer_timeout: Duration,
+    ) -> Result<(Channel, crate::revocation::AcceptedServer), TlsError> {
         let (ping_every, ping_patience) = ping_schedule(peer_timeout);
+        let verifier = self.server_verifier()?;
+        let accepted = verifier.accepted();
         let endpoint = Endpoint::from_shared(url.to_string())?
-            .tls_config_with_verifier(self.client_config()?.timeout(peer_timeout), self.server_verifier()?)?
+            .tls_config_with_verifier(self.client_config()?.timeout(peer_timeout), verifier)?
             .connect_timeout(peer_timeout.min(Duration::from_secs(5)))
             .http2_keep_alive_interval(ping_every)
             .keep_alive_timeout(ping_patience)
@@ -143,7 +156,7 @@ impl TlsFiles {
             .initial_stream_window_size(Some(16 << 20))
             .initial_connection_window_size(Some(32 << 20))
             .tcp_nodelay(true);
-        Ok(endpoint.connect_lazy())
+        Ok((endpoint.connect_lazy(), accepted))
     }
 }
 

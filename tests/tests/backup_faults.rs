@@ -693,3 +693,38 @@ async fn a_backup_whose_agent_is_gone_when_it_resumes_ends_in_error_and_frees_th
     assert_eq!(wait_backup(&backups, &again.id).await.status, "available");
     ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
+
+/// A restore checks the storage node it writes to when a new revocation list comes into force, not only when it
+/// connected: once that node's certificate is revoked, the restore sends it no more of the volume and fails,
+/// and the new volume ends `error`.
+#[tokio::test]
+async fn a_restore_stops_sending_to_a_storage_node_revoked_while_it_runs() {
+    let (OneSite { fleet, backend: _, dir, repo: _, storage: _storage, backup1: agent }, held) =
+        OneSite::start_held_at("backup.pause_restore_chunk").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    fill(&dir.join(format!("volume-{}", v.id)), 0, 5, 4 << 20);
+    let backups = BackupServiceClient::new(fleet.admin());
+    let b = start_backup(&backups, &v.id).await;
+    assert_eq!(wait_backup(&backups, &b.id).await.status, "available");
+    let restore = RestoreBackupRequest { backup_id: b.id.clone(), ..Default::default() };
+    let target = backups.clone().restore_backup(restore).await.unwrap().into_inner().volume_id;
+    wait_paused(&agent, "the restore to be under way").await;
+
+    let ca_dir = fleet.ca_dir();
+    let (ok, out, err) = fleet.cli(&["certs", "revoke", "--dir", ca_dir.to_str().unwrap(), "--name", "storage1"]);
+    assert!(ok && out.contains("storage-agent storage1"), "{out}\n{err}");
+    wait_for("the backup agent to put the new list in force", Duration::from_secs(30), || async {
+        agent.log_text().contains("new certificate revocation list in force").then_some(())
+    })
+    .await;
+    held.release();
+    let failed = wait_volume(&volumes, &target, "error").await;
+    assert!(failed.status_reason.contains("revoked during the restore"), "{failed:?}");
+    // The data is in the volume's first 4 MiB: none of it reached the node.
+    let mut head = Vec::new();
+    if let Ok(file) = std::fs::File::open(dir.join(format!("volume-{target}"))) {
+        std::io::Read::read_to_end(&mut std::io::Read::take(file, 4 << 20), &mut head).unwrap();
+    }
+    assert!(head.iter().all(|&b| b == 0), "the revoked node got none of the volume's data");
+}
