@@ -219,10 +219,9 @@ fn reconnect_after_revocations(
     made_under: &mut Arc<RevokedSerials>,
     connect: &impl Fn() -> Result<RegistrationClient<Channel>, TlsError>,
 ) -> Result<(), TlsError> {
-    let list = crate::revocation::current();
-    if !Arc::ptr_eq(made_under, &list) {
+    if crate::revocation::changed_since(made_under) {
+        *made_under = crate::revocation::current();
         *client = connect()?;
-        *made_under = list;
     }
     Ok(())
 }

@@ -35,13 +35,13 @@ impl Agents {
     /// (carrying CHAP secrets or LUKS passphrases, say) go through a new connection, which a revoked agent
     /// cannot complete. Calls still running on the old one finish there.
     fn channel(&self, endpoint: &str) -> Result<Channel> {
-        let list = ember_common::revocation::current();
         let mut channels = self.channels.lock().expect("channel cache");
         if let Some((c, made_under)) = channels.get(endpoint)
-            && Arc::ptr_eq(made_under, &list)
+            && !ember_common::revocation::changed_since(made_under)
         {
             return Ok(c.clone());
         }
+        let list = ember_common::revocation::current();
         let c = self
             .tls
             .channel_with(endpoint, self.peer_timeout)
