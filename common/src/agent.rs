@@ -2,12 +2,10 @@
 //! with the coordinator and then heartbeats.
 
 use crate::config::{ConfigError, required};
-use crate::revocation::RevokedSerials;
-use crate::tls::{TlsError, TlsFiles};
+use crate::tls::{ConnectionTerms, TlsError, TlsFiles};
 use ember_proto::agent::v1::{HeartbeatRequest, RegisterRequest, registration_client::RegistrationClient};
 use serde::Deserialize;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -166,11 +164,11 @@ pub async fn registration_loop(
     report: impl Fn() -> RegisterRequest + Send + Sync + 'static,
 ) -> Result<(), TlsError> {
     let connect = || tls.channel_with(coordinator_url, peer_timeout).map(RegistrationClient::new);
-    let (mut client, mut list) = (connect()?, crate::revocation::current());
+    let (mut client, mut terms) = (connect()?, tls.connection_terms());
     let mut backoff = Duration::from_millis(200);
     let mut reports = Reports::new(report, REPORT_PATIENCE);
     loop {
-        reconnect_after_revocations(&mut client, &mut list, &connect)?;
+        reconnect_when_terms_change(&mut client, &mut terms, tls, &connect)?;
         let request = reports.next().await;
         let interval = match client.register(request.clone()).await {
             Ok(resp) => {
@@ -190,7 +188,7 @@ pub async fn registration_loop(
         ticker.tick().await;
         loop {
             ticker.tick().await;
-            reconnect_after_revocations(&mut client, &mut list, &connect)?;
+            reconnect_when_terms_change(&mut client, &mut terms, tls, &connect)?;
             let r = reports.next().await;
             let hb = HeartbeatRequest {
                 name: r.name,
@@ -211,16 +209,18 @@ pub async fn registration_loop(
     }
 }
 
-/// Replaces `client` when a revocation list came into force after `made_under`, the list it was made under:
-/// the coordinator's certificate is checked when a connection is made, so an agent stops reporting to a
-/// coordinator revoked since it connected.
-fn reconnect_after_revocations(
+/// Replaces `client` when a revocation list came into force, or this agent's certificate was renewed, since
+/// it was made (under `made_under`): the coordinator's certificate is checked when a connection is made, so an
+/// agent stops reporting to a coordinator revoked since it connected; and a new connection presents the
+/// renewed certificate, so the old one can be revoked.
+fn reconnect_when_terms_change(
     client: &mut RegistrationClient<Channel>,
-    made_under: &mut Arc<RevokedSerials>,
+    made_under: &mut ConnectionTerms,
+    tls: &TlsFiles,
     connect: &impl Fn() -> Result<RegistrationClient<Channel>, TlsError>,
 ) -> Result<(), TlsError> {
-    if crate::revocation::changed_since(made_under) {
-        *made_under = crate::revocation::current();
+    if made_under.outdated(tls) {
+        *made_under = tls.connection_terms();
         *client = connect()?;
     }
     Ok(())
@@ -249,8 +249,10 @@ where
     F: Fn(&str, &str) -> RegisterRequest + Send + Sync + 'static,
 {
     let shutdown = crate::server::shutdown_signal();
-    // Before the first call to the coordinator: a revoked certificate is refused from the start.
+    // Before the first call to the coordinator: a revoked certificate is refused from the start, and the
+    // certificate presented follows renewals.
     crate::revocation::watch(&id.tls)?;
+    crate::own_certificate::watch(&id.tls)?;
     let (listener, addr) = crate::server::bind(&id.listen).await?;
     let endpoint = id.advertise.clone().unwrap_or_else(|| url_for(addr));
     let instance_id = new_instance_id();

@@ -13,6 +13,7 @@ pub mod image_source;
 pub mod logging;
 pub mod luks;
 pub mod nfs;
+pub mod own_certificate;
 pub mod qos;
 pub mod revocation;
 pub mod revoked_calls;
@@ -20,6 +21,7 @@ pub mod runner;
 pub mod server;
 pub mod stub;
 pub mod tls;
+pub mod tls_incoming;
 
 /// This build's software version, reported at registration.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -92,12 +92,6 @@ pub fn current() -> Arc<RevokedSerials> {
     CURRENT.borrow().clone()
 }
 
-/// Whether a list came into force after `made_under` (the list in force when a connection was made). A client
-/// that keeps a connection makes a new one then, so that the server's certificate is checked again.
-pub fn changed_since(made_under: &Arc<RevokedSerials>) -> bool {
-    !Arc::ptr_eq(made_under, &current())
-}
-
 /// A receiver that sees every list put in force from now on.
 pub fn subscribe() -> tokio::sync::watch::Receiver<Arc<RevokedSerials>> {
     CURRENT.subscribe()

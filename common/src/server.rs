@@ -7,7 +7,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::service::{Routes, RoutesBuilder};
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
 /// Why serving failed.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +89,7 @@ pub async fn serve(
     let routes: Routes = services.routes();
     // Before the first call can arrive: a revoked certificate is refused from the start.
     crate::revocation::watch(tls)?;
+    let tls_config = tls.server_config()?;
     let (ping_every, ping_patience) = crate::tls::ping_schedule(peer_timeout);
     Server::builder()
         .http2_keepalive_interval(Some(ping_every))
@@ -97,12 +97,11 @@ pub async fn serve(
         // Large HTTP/2 windows: volume data streams at hundreds of MB/s, which 64 KiB windows throttle.
         .initial_stream_window_size(Some(16 << 20))
         .initial_connection_window_size(Some(32 << 20))
-        .tls_config(tls.server_config()?.timeout(peer_timeout))?
         .layer(crate::access_log::AccessLogLayer)
         // Inside the access log, which so records a call cut short by a revocation as UNAUTHENTICATED.
         .layer(crate::revoked_calls::EndOnRevocationLayer)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
+        .serve_with_incoming_shutdown(crate::tls_incoming::accept(listener, tls_config, peer_timeout), shutdown)
         .await?;
     Ok(())
 }

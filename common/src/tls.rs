@@ -3,8 +3,7 @@
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity as TlsIdentity, ServerTlsConfig};
-use x509_parser::prelude::{FromDer, X509Certificate};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Identity as TlsIdentity};
 
 /// Where a daemon's or client's TLS material lives.
 #[derive(Debug, Clone, Deserialize)]
@@ -92,16 +91,45 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, TlsError> {
 }
 
 impl TlsFiles {
-    /// A server config that demands a client certificate signed by the fleet CA.
-    pub fn server_config(&self) -> Result<ServerTlsConfig, TlsError> {
-        Ok(ServerTlsConfig::new()
-            .identity(TlsIdentity::from_pem(read(&self.cert)?, read(&self.key)?))
-            .client_ca_root(Certificate::from_pem(read(&self.ca)?)))
+    /// A server config that demands a client certificate signed by the fleet CA, and presents this daemon's
+    /// certificate as it is when each connection is made ([`crate::own_certificate`]). Starts following the
+    /// certificate's files.
+    pub fn server_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        let ca_invalid = |reason: String| TlsError::Ca { path: self.ca.clone(), reason };
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&read(&self.ca)?) {
+            roots.add(cert.map_err(|e| ca_invalid(e.to_string()))?).map_err(|e| ca_invalid(e.to_string()))?;
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider.clone())
+            .build()
+            .map_err(|e| ca_invalid(e.to_string()))?;
+        let presenter = crate::own_certificate::Presenter(crate::own_certificate::watch(self)?);
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ca_invalid(e.to_string()))?
+            .with_client_cert_verifier(clients)
+            .with_cert_resolver(std::sync::Arc::new(presenter));
+        // gRPC is HTTP/2 only.
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(std::sync::Arc::new(config))
     }
 
-    /// A client config presenting our certificate; the server is checked by [`TlsFiles::server_verifier`].
+    /// A client config presenting our certificate: the one in force when this process follows it
+    /// ([`crate::own_certificate::watched`]), else the files as they are. The server is checked by
+    /// [`TlsFiles::server_verifier`].
     fn client_config(&self) -> Result<ClientTlsConfig, TlsError> {
-        Ok(ClientTlsConfig::new().identity(TlsIdentity::from_pem(read(&self.cert)?, read(&self.key)?)))
+        let identity = match crate::own_certificate::watched(self) {
+            Some(own) => TlsIdentity::from_pem(&own.cert_pem, &own.key_pem),
+            None => TlsIdentity::from_pem(read(&self.cert)?, read(&self.key)?),
+        };
+        Ok(ClientTlsConfig::new().identity(identity))
+    }
+
+    /// What a connection made now is made under: see [`ConnectionTerms`].
+    pub fn connection_terms(&self) -> ConnectionTerms {
+        ConnectionTerms { revoked: crate::revocation::current(), own: crate::own_certificate::watched(self) }
     }
 
     /// The check of a server's certificate: signed by the fleet CA, naming the host called, and not revoked
@@ -110,15 +138,6 @@ impl TlsFiles {
         let verifier = crate::revocation::ServerVerifier::new(&read(&self.ca)?)
             .map_err(|reason| TlsError::Ca { path: self.ca.clone(), reason })?;
         Ok(std::sync::Arc::new(verifier))
-    }
-
-    /// When this daemon's own certificate expires, in seconds since the Unix epoch.
-    pub fn certificate_expiry(&self) -> Result<i64, TlsError> {
-        let pem = read(&self.cert)?;
-        let invalid = |reason: String| TlsError::Certificate { path: self.cert.clone(), reason };
-        let der = crate::revocation::pem_block(&pem, "CERTIFICATE").map_err(invalid)?;
-        let (_, cert) = X509Certificate::from_der(&der).map_err(|e| invalid(e.to_string()))?;
-        Ok(cert.validity().not_after.timestamp())
     }
 
     /// A lazily connecting channel to `url` (e.g. `https://127.0.0.1:7000`) that gives up on a silent peer
@@ -157,6 +176,29 @@ impl TlsFiles {
             .initial_connection_window_size(Some(32 << 20))
             .tcp_nodelay(true);
         Ok((endpoint.connect_lazy(), accepted))
+    }
+}
+
+/// What a kept connection was made under: the revocation list in force and the certificate this process
+/// presented. A client that keeps connections makes new ones when either changes: the peer's certificate is
+/// checked against the list when a connection is made, and a renewed certificate of ours is presented only on
+/// new connections (after which the old one can be revoked).
+#[derive(Debug, Clone)]
+pub struct ConnectionTerms {
+    revoked: std::sync::Arc<crate::revocation::RevokedSerials>,
+    own: Option<std::sync::Arc<crate::own_certificate::OwnCertificate>>,
+}
+
+impl ConnectionTerms {
+    /// Whether a connection made under these terms should be replaced by one made under `tls`'s terms now.
+    pub fn outdated(&self, tls: &TlsFiles) -> bool {
+        let now = tls.connection_terms();
+        let same_own = match (&self.own, &now.own) {
+            (Some(was), Some(is)) => std::sync::Arc::ptr_eq(was, is),
+            (None, None) => true,
+            _ => false,
+        };
+        !std::sync::Arc::ptr_eq(&self.revoked, &now.revoked) || !same_own
     }
 }
 

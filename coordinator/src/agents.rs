@@ -3,14 +3,13 @@
 
 use crate::error::{Error, Result};
 use ember_common::access_log::{Traced, traced};
-use ember_common::revocation::RevokedSerials;
-use ember_common::tls::TlsFiles;
+use ember_common::tls::{ConnectionTerms, TlsFiles};
 use ember_proto::agent::v1::backup_agent_client::BackupAgentClient;
 use ember_proto::agent::v1::compute_agent_client::ComputeAgentClient;
 use ember_proto::agent::v1::storage_agent_client::StorageAgentClient;
 use sqlx::SqlitePool;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 use tonic::transport::Channel;
 
@@ -19,8 +18,8 @@ pub struct Agents {
     tls: TlsFiles,
     /// How long a silent agent is given before the calls to it fail.
     peer_timeout: Duration,
-    /// Each endpoint's channel, with the revocation list in force when it was made.
-    channels: Mutex<HashMap<String, (Channel, Arc<RevokedSerials>)>>,
+    /// Each endpoint's channel, with the terms it was made under.
+    channels: Mutex<HashMap<String, (Channel, ConnectionTerms)>>,
     db: SqlitePool,
 }
 
@@ -30,23 +29,24 @@ impl Agents {
         Agents { tls, peer_timeout, channels: Mutex::new(HashMap::new()), db }
     }
 
-    /// The channel to `endpoint`. One made before the revocation list in force is replaced: an agent's
-    /// certificate is checked against the list when a connection is made, so calls made after a revocation
-    /// (carrying CHAP secrets or LUKS passphrases, say) go through a new connection, which a revoked agent
-    /// cannot complete. Calls still running on the old one finish there.
+    /// The channel to `endpoint`. One made before the revocation list in force, or before the coordinator's
+    /// certificate was renewed, is replaced: an agent's certificate is checked against the list when a
+    /// connection is made, so calls made after a revocation (carrying CHAP secrets or LUKS passphrases, say) go
+    /// through a new connection, which a revoked agent cannot complete; and a new connection presents the
+    /// renewed certificate, so the old one can be revoked. Calls still running on the old one finish there.
     fn channel(&self, endpoint: &str) -> Result<Channel> {
         let mut channels = self.channels.lock().expect("channel cache");
         if let Some((c, made_under)) = channels.get(endpoint)
-            && !ember_common::revocation::changed_since(made_under)
+            && !made_under.outdated(&self.tls)
         {
             return Ok(c.clone());
         }
-        let list = ember_common::revocation::current();
+        let terms = self.tls.connection_terms();
         let c = self
             .tls
             .channel_with(endpoint, self.peer_timeout)
             .map_err(|e| Error::FailedPrecondition(format!("agent endpoint {endpoint}: {e}")))?;
-        channels.insert(endpoint.to_string(), (c.clone(), list));
+        channels.insert(endpoint.to_string(), (c.clone(), terms));
         Ok(c)
     }
 

@@ -28,8 +28,8 @@ pub struct Ctx {
     pub changes: tokio::sync::broadcast::Sender<String>,
     /// Seals the keys of encrypted volumes.
     pub master_key: crate::encryption::MasterKey,
-    /// When the coordinator's own certificate expires (seconds since the epoch), for the metrics.
-    pub certificate_expiry: i64,
+    /// The coordinator's own certificate as it presents it now (it follows renewals), for the metrics.
+    pub own_certificate: tokio::sync::watch::Receiver<std::sync::Arc<ember_common::own_certificate::OwnCertificate>>,
 }
 
 impl Ctx {

@@ -163,8 +163,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!(database = %cfg.database.display(), "database open and migrated");
     let key_file = cfg.key_file.clone().unwrap_or_else(|| cfg.database.with_file_name("master.key"));
     let master_key = encryption::MasterKey::load_or_create(&key_file)?;
-    let certificate_expiry = tls.certificate_expiry()?;
-    registration::warn_if_expiring("this coordinator", "coordinator", certificate_expiry * 1000, clock::now_ms());
+    // Before the first call to an agent: the certificate presented follows renewals.
+    let own_certificate = ember_common::own_certificate::watch(&tls)?;
+    let expires_ms = own_certificate.borrow().expires_at * 1000;
+    registration::warn_if_expiring("this coordinator", "coordinator", expires_ms, clock::now_ms());
 
     let ctx = std::sync::Arc::new(context::Ctx {
         db: db.clone(),
@@ -177,7 +179,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         running_ops: Default::default(),
         changes: tokio::sync::broadcast::channel(1024).0,
         master_key,
-        certificate_expiry,
+        own_certificate,
     });
     // Before the first call to an agent: a revoked certificate is refused from the start.
     ember_common::revocation::watch(&tls)?;

@@ -91,7 +91,7 @@ pub async fn render(ctx: &Ctx) -> Result<String> {
         "ember_coordinator_certificate_expiry_timestamp_seconds",
         "gauge",
         "When the coordinator's own certificate expires, seconds since the epoch.",
-        &[(vec![], ctx.certificate_expiry as f64)],
+        &[(vec![], ctx.own_certificate.borrow().expires_at as f64)],
     );
 
     let pools = crate::pools::up(ctx).await?;

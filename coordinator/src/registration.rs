@@ -202,19 +202,25 @@ impl Registrar {
         Ok(())
     }
 
-    async fn heartbeat(&self, id: &Identity, req: HeartbeatRequest) -> Result<()> {
+    /// Records a heartbeat, and the certificate the agent presented with it (`certificate_expiry`): an agent
+    /// whose certificate was renewed presents the new one on its next connection, without registering again.
+    async fn heartbeat(&self, id: &Identity, req: HeartbeatRequest, certificate_expiry: Option<i64>) -> Result<()> {
         let role = check_claim(id, &req.name, req.role)?;
         let now = now_ms();
+        let expires_ms = certificate_expiry.map(|secs| secs.saturating_mul(1000));
         let mut tx = crate::db::write(&self.db).await?;
-        let touched =
-            sqlx::query("UPDATE services SET last_heartbeat = ? WHERE host = ? AND role = ? AND instance_id = ?")
-                .bind(now)
-                .bind(&req.name)
-                .bind(role)
-                .bind(&req.instance_id)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+        let touched = sqlx::query(
+            "UPDATE services SET last_heartbeat = ?, certificate_expires_at = COALESCE(?, certificate_expires_at) \
+             WHERE host = ? AND role = ? AND instance_id = ?",
+        )
+        .bind(now)
+        .bind(expires_ms)
+        .bind(&req.name)
+        .bind(role)
+        .bind(&req.instance_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         if touched == 0 {
             return Err(Error::not_found("service instance", format!("{}/{}", req.name, req.instance_id)));
         }
@@ -252,7 +258,8 @@ impl Registration for Registrar {
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         let id = caller(&req)?.clone();
-        self.heartbeat(&id, req.into_inner()).await?;
+        let expiry = peer_certificate_expiry(&req);
+        self.heartbeat(&id, req.into_inner(), expiry).await?;
         Ok(Response::new(HeartbeatResponse {}))
     }
 }

@@ -543,3 +543,101 @@ async fn an_agent_stops_reporting_to_a_coordinator_revoked_after_it_registered()
     .await;
     ember_fleet_tests::backups::wait_down(&fleet, "storage1@b1").await;
 }
+
+/// Renewing certificates needs no restart: `ember certs renew`, the new files copied over the old ones, and
+/// within seconds the coordinator and the agent present the new certificates on new connections, and the
+/// service list and the metrics show the new expiry dates. The old certificates can then be revoked at once
+/// and the fleet works on: the same agent process keeps reporting, and a volume is created through both.
+#[tokio::test]
+async fn certificates_renewed_in_place_are_taken_up_without_a_restart() {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let storage = fleet.start_agent("storage", "storage1", &fleet.file_backend("b1", "").0);
+    ember_fleet_tests::volumes::wait_backend(&fleet, "storage1@b1").await;
+    let storage_service = || async {
+        let listed = FleetServiceClient::new(fleet.admin()).list_services(ListServicesRequest::default()).await;
+        listed.unwrap().into_inner().services.into_iter().find(|s| s.name == "storage1@b1").expect("listed")
+    };
+    let registered = storage_service().await;
+    // (serial, not after) of a certificate file.
+    let certificate = |path: &std::path::Path| {
+        let der = ember_common::revocation::pem_block(&std::fs::read(path).unwrap(), "CERTIFICATE").unwrap();
+        let cert = X509Certificate::from_der(&der).unwrap().1;
+        (cert.tbs_certificate.serial.to_bytes_be(), cert.validity().not_after.timestamp())
+    };
+
+    let (ca_dir, old) = (fleet.ca_dir(), fleet.subdir("old"));
+    let mut renewed = Vec::new();
+    for (stem, name) in [("storage-agent-storage1", "storage1"), ("coordinator-coordinator", "coordinator")] {
+        let in_place = fleet.tls(stem);
+        let kept = old.join(format!("{name}.pem"));
+        std::fs::copy(&in_place.cert, &kept).unwrap();
+        let out = fleet.subdir(&format!("renewed-{name}"));
+        let (ca, to) = (ca_dir.to_str().unwrap(), out.to_str().unwrap());
+        let (ok, said, err) = fleet.cli(&["certs", "renew", "--dir", ca, "--name", name, "--days", "90", "--out", to]);
+        assert!(ok && said.contains(&format!("{name} for 90 days")), "{said}\n{err}");
+        // The key first: a daemon looking between the two copies sees a pair that does not match, and keeps
+        // the old one until it does.
+        std::fs::copy(out.join(format!("{name}.key")), &in_place.key).unwrap();
+        std::fs::copy(out.join(format!("{name}.pem")), &in_place.cert).unwrap();
+        let (old_serial, old_expiry) = certificate(&kept);
+        let (serial, expiry) = certificate(&in_place.cert);
+        assert!(serial != old_serial && expiry >= old_expiry + 87 * 86_400, "{name}: {expiry} vs {old_expiry}");
+        renewed.push((kept, serial, expiry));
+    }
+    let [(old_storage, storage_serial, storage_expiry), (old_coordinator, coordinator_serial, coordinator_expiry)] =
+        <[_; 2]>::try_from(renewed).unwrap();
+
+    // Each daemon presents its new certificate: to a client connecting now, and to those it calls.
+    let served_to_admin = |url: String| {
+        let admin = fleet.tls("admin-admin");
+        async move {
+            let (channel, accepted) = admin.channel_noting_server(&url, Duration::from_secs(10)).unwrap();
+            let _ = StorageAgentClient::new(channel).list_resources(ListResourcesRequest::default()).await;
+            accepted.lock().unwrap().clone()
+        }
+    };
+    wait_for("the coordinator to serve its renewed certificate", Duration::from_secs(30), || async {
+        (served_to_admin(fleet.coordinator_url()).await == Some(coordinator_serial.clone())).then_some(())
+    })
+    .await;
+    wait_for("the storage agent to serve its renewed certificate", Duration::from_secs(30), || async {
+        (served_to_admin(registered.endpoint.clone()).await == Some(storage_serial.clone())).then_some(())
+    })
+    .await;
+    wait_for("the agent to report with its renewed certificate", Duration::from_secs(30), || async {
+        let s = storage_service().await;
+        (s.certificate_expires_at.map(|t| t.seconds) == Some(storage_expiry)).then_some(())
+    })
+    .await;
+    let (ok, metrics, err) = fleet.cli(&["metrics"]);
+    let sample = format!("ember_coordinator_certificate_expiry_timestamp_seconds {coordinator_expiry}");
+    assert!(ok && metrics.lines().any(|l| l == sample), "{sample} missing:\n{metrics}\n{err}");
+
+    // The old certificates revoked, the fleet works on with the new ones.
+    let (ca, s, c) = (ca_dir.to_str().unwrap(), old_storage.to_str().unwrap(), old_coordinator.to_str().unwrap());
+    let (ok, out, err) = fleet.cli(&["certs", "revoke", "--dir", ca, s, c]);
+    assert!(ok && out.contains("now revokes 2 certificate(s)"), "{out}\n{err}");
+    let coordinator = fleet.coordinator.as_ref().unwrap();
+    wait_for("both daemons to put the new list in force", Duration::from_secs(30), || async {
+        let in_force = |log: String| log.contains("new certificate revocation list in force");
+        (in_force(coordinator.log_text()) && in_force(storage.log_text())).then_some(())
+    })
+    .await;
+    let revoked_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let v = ember_fleet_tests::volumes::new_volume(&volumes, 1).await;
+    assert_eq!(v.status, "available", "{v:?}");
+    let reporting = wait_for("the agent to heartbeat after the revocation", Duration::from_secs(30), || async {
+        let s = storage_service().await;
+        (s.last_heartbeat.as_ref().is_some_and(|t| t.seconds > revoked_at)).then_some(s)
+    })
+    .await;
+    assert!(reporting.up && reporting.instance_id == registered.instance_id, "the same agent: {reporting:?}");
+    assert!(!storage.is_stopped());
+    let log = storage.log_text();
+    assert!(log.contains("presenting a renewed certificate"), "{log}");
+    let troubles = ["refusing a server whose certificate is revoked", "registration failed", "heartbeat failed"];
+    assert!(!troubles.iter().any(|t| log.contains(t)), "{log}");
+}
