@@ -161,12 +161,9 @@ impl Backups {
         self.repos.get(name).cloned().ok_or_else(|| Status::not_found(format!("repository {name:?}")))
     }
 
-    fn storage(&self, source: &VolumeSource) -> Result<StorageAgentClient<ember_common::access_log::Traced>, Status> {
-        Ok(self.storage_noting_server(source)?.0)
-    }
-
-    /// [`Self::storage`], and where the storage agent's certificate is noted when the client connects, for a
-    /// restore to stop sending a volume's data to a node whose certificate is revoked meanwhile.
+    /// A client of the storage agent serving `source`, and where that agent's certificate is noted when the
+    /// client connects: a backup stops taking data from, and a restore stops sending a volume's data to, a node
+    /// whose certificate is revoked meanwhile.
     fn storage_noting_server(
         &self,
         source: &VolumeSource,
@@ -234,7 +231,7 @@ impl Backups {
             let unique: HashSet<&[u8; 32]> = p.entries.values().collect();
             unique.into_iter().for_each(|d| known.extend_from_slice(d));
         }
-        let mut client = self.storage(&source)?;
+        let (mut client, storage_node) = self.storage_noting_server(&source)?;
         let mut stream = client
             .read_volume(ReadVolumeRequest {
                 id: source.id.clone(),
@@ -261,6 +258,7 @@ impl Backups {
                 if self.stops.asked(&req.backup_id) {
                     return Err(Status::cancelled("stopped: the backup was deleted while it was being made"));
                 }
+                refuse_if_revoked(&storage_node)?;
                 let digest: [u8; 32] =
                     msg.sha256.as_slice().try_into().map_err(|_| Status::data_loss("chunk without a sha256"))?;
                 index.entries.insert(msg.offset / u64::from(repo.chunk_size), digest);
@@ -285,7 +283,7 @@ impl Backups {
                     sizes.insert(digest, n);
                     continue;
                 }
-                failpoint("backup.stage_chunk");
+                off_runtime(|| failpoint("backup.stage_chunk")).await?;
                 let r = repo.clone();
                 staging.push(tokio::task::spawn_blocking(move || {
                     r.stage_chunk(&msg.data, &digest).map(|(p, n)| (p, n, digest))
@@ -305,7 +303,7 @@ impl Backups {
             if self.stops.asked(&req.backup_id) {
                 return Err(Status::cancelled("stopped: the backup was deleted while it was being made"));
             }
-            Ok(())
+            refuse_if_revoked(&storage_node)
         }
         .await;
         if let Err(e) = result {
@@ -459,6 +457,16 @@ impl Backups {
             }
         }
     }
+}
+
+/// Fails a backup reading from a storage node whose certificate was revoked since the backup connected to it:
+/// nothing more from that node is taken, and nothing it sent is kept (the backup's staged chunks are removed
+/// and nothing is published).
+fn refuse_if_revoked(storage_node: &AcceptedServer) -> Result<(), Status> {
+    if revokes(storage_node) {
+        return Err(Status::unauthenticated("the storage agent's certificate was revoked during the backup"));
+    }
+    Ok(())
 }
 
 /// Test-only fault injection. `EMBER_FAILPOINTS=backup.stage_chunk` aborts the agent (like SIGKILL) when it

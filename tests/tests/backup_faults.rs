@@ -728,3 +728,33 @@ async fn a_restore_stops_sending_to_a_storage_node_revoked_while_it_runs() {
     }
     assert!(head.iter().all(|&b| b == 0), "the revoked node got none of the volume's data");
 }
+
+/// A backup checks the storage node it reads from when a new revocation list comes into force, as a restore
+/// does: once that node's certificate is revoked, the backup takes no more from it, keeps nothing it sent, and
+/// ends `error`.
+#[tokio::test]
+async fn a_backup_keeps_nothing_from_a_storage_node_revoked_while_it_runs() {
+    let (OneSite { fleet, backend: _, dir, repo, storage: _storage, backup1: agent }, held) =
+        OneSite::start_held_at("backup.pause_stage_chunk").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    fill(&dir.join(format!("volume-{}", v.id)), 0, 5, 16 << 20);
+    let backups = BackupServiceClient::new(fleet.admin());
+    let b = start_backup(&backups, &v.id).await;
+    wait_paused(&agent, "the backup to be under way").await;
+
+    let ca_dir = fleet.ca_dir();
+    let (ok, out, err) = fleet.cli(&["certs", "revoke", "--dir", ca_dir.to_str().unwrap(), "--name", "storage1"]);
+    assert!(ok && out.contains("storage-agent storage1"), "{out}\n{err}");
+    wait_for("the backup agent to put the new list in force", Duration::from_secs(30), || async {
+        agent.log_text().contains("new certificate revocation list in force").then_some(())
+    })
+    .await;
+    held.release();
+    let failed = wait_backup(&backups, &b.id).await;
+    assert_eq!(failed.status, "error", "{failed:?}");
+    assert!(failed.status_reason.contains("revoked during the backup"), "{failed:?}");
+    assert!(walkdir(&repo.join("chunks")).is_empty(), "nothing from the revoked node is kept");
+    assert!(walkdir(&repo.join("tmp")).is_empty(), "nor left staged");
+    assert!(!repo.join("backups").join(&b.id).join("manifest.json").exists());
+}
