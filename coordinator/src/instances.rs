@@ -83,13 +83,13 @@ impl Instances {
         if req.boot_volume_id.is_empty() == req.boot_snapshot_id.is_empty() {
             return Err(Error::invalid("boot_volume_id", "give exactly one of boot_volume_id and boot_snapshot_id"));
         }
-        let mut conn = self.ctx.db.acquire().await?;
-        // Checked now, so that a refusal leaves no boot volume; claimed below, in the transaction that records
-        // the instance.
-        placement::place(&mut conn, &req.host, vcpus, memory_mb.into(), self.ctx.service_down_ms).await?;
+        // One transaction for everything the create records, the boot volume made from a snapshot included: a
+        // refusal (no room on the host, a quota) makes nothing, also when creates race for the last room.
+        let mut tx = crate::db::write(&self.ctx.db).await?;
         let deltas = quota::instance_deltas(vcpus, memory_mb);
-        let (boot_volume_id, project) = if req.boot_snapshot_id.is_empty() {
-            let v = volumes::visible(&mut conn, who, &req.boot_volume_id).await?;
+        // The boot volume named, or none yet when it is to be made from a snapshot.
+        let (project, named_volume) = if req.boot_snapshot_id.is_empty() {
+            let v = volumes::visible(&mut tx, who, &req.boot_volume_id).await?;
             if v.status != "available" {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {} is {}; booting needs available",
@@ -102,29 +102,27 @@ impl Instances {
                     v.id
                 )));
             }
-            (v.id, v.project)
+            (v.project, Some(v.id))
         } else {
-            // The instance's quota first, in a transaction rolled back: a refusal must not leave a boot volume.
-            let project = crate::snapshots::visible(&mut conn, who, &req.boot_snapshot_id).await?.project;
-            drop(conn);
-            let mut probe = crate::db::write(&self.ctx.db).await?;
-            self.ctx.quota.consume(&mut probe, &project, &deltas).await?;
-            drop(probe);
-            let create = CreateVolumeRequest {
-                name: format!("{}-boot", req.name),
-                snapshot_id: req.boot_snapshot_id.clone(),
-                ..Default::default()
-            };
-            let v = crate::volumes::api::Volumes::new(self.ctx.clone()).create(who, create).await?;
-            conn = self.ctx.db.acquire().await?;
-            (v.id, v.project)
+            (crate::snapshots::visible(&mut tx, who, &req.boot_snapshot_id).await?.project, None)
         };
-        drop(conn);
+        let host = placement::place(&mut tx, &req.host, vcpus, memory_mb.into(), self.ctx.service_down_ms).await?;
+        self.ctx.quota.consume(&mut tx, &project, &deltas).await?;
+        let (boot_volume_id, volume_op) = match named_volume {
+            Some(id) => (id, None),
+            None => {
+                let create = CreateVolumeRequest {
+                    name: format!("{}-boot", req.name),
+                    snapshot_id: req.boot_snapshot_id.clone(),
+                    ..Default::default()
+                };
+                let volumes = crate::volumes::api::Volumes::new(self.ctx.clone());
+                let (v, op) = volumes.create_in(&mut tx, who, create).await?;
+                (v.id, op)
+            }
+        };
         let id = uuid::Uuid::new_v4().to_string();
         let now = now_ms();
-        let mut tx = crate::db::write(&self.ctx.db).await?;
-        self.ctx.quota.consume(&mut tx, &project, &deltas).await?;
-        let host = placement::place(&mut tx, &req.host, vcpus, memory_mb.into(), self.ctx.service_down_ms).await?;
         sqlx::query(
             "INSERT INTO instances (id, project, name, host, status, boot_volume_id, vcpus, memory_mb, \
              delete_on_terminate, created_at, updated_at) VALUES (?, ?, ?, ?, 'building', ?, ?, ?, ?, ?, ?)",
@@ -146,6 +144,9 @@ impl Instances {
         let shown = find(&mut tx, &id).await?.ok_or_else(|| Error::not_found("instance", &id))?;
         tx.commit().await?;
         tracing::info!(instance_id = %id, volume_id = %boot_volume_id, %host, "instance create accepted");
+        if let Some(volume_op) = volume_op {
+            operations::spawn(&self.ctx, volume_op);
+        }
         operations::spawn(&self.ctx, op);
         Ok(shown)
     }

@@ -225,6 +225,41 @@ async fn instances_count_against_their_projects_quota() {
     instances.clone().delete_instance(DeleteInstanceRequest { id: first.id.clone() }).await.unwrap();
     wait_instance_gone(&instances, &first.id).await;
     assert_eq!(used().await, (0, 0, 0));
+
+    // Creates from the snapshot racing for the one instance the quota allows: one wins, the others are refused,
+    // and none of them leaves a boot volume behind.
+    let racers: Vec<_> = (0..3)
+        .map(|n| {
+            let mut instances = instances.clone();
+            let req = CreateInstanceRequest {
+                name: format!("racer{n}"),
+                boot_snapshot_id: snapshot.id.clone(),
+                memory_mb: 64,
+                delete_on_terminate: true,
+                ..Default::default()
+            };
+            tokio::spawn(async move { instances.create_instance(req).await.map(tonic::Response::into_inner) })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for racer in racers {
+        outcomes.push(racer.await.unwrap());
+    }
+    let won: Vec<&Instance> = outcomes.iter().filter_map(|o| o.as_ref().ok()).collect();
+    assert_eq!(won.len(), 1, "{outcomes:?}");
+    for lost in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+        assert_eq!(lost.code(), tonic::Code::ResourceExhausted, "{lost:?}");
+    }
+    let listed = volumes.clone().list_volumes(ListVolumesRequest::default()).await.unwrap().into_inner().volumes;
+    let boot_volumes: Vec<&str> =
+        listed.iter().filter(|v| v.name.starts_with("racer")).map(|v| v.name.as_str()).collect();
+    assert_eq!(boot_volumes, [format!("{}-boot", won[0].name)], "only the winner's boot volume");
+    assert_eq!(usage(&fleet, "p1", "volumes").await, volumes_before + 1);
+    wait_instance(&instances, &won[0].id, "active").await;
+    instances.clone().delete_instance(DeleteInstanceRequest { id: won[0].id.clone() }).await.unwrap();
+    wait_instance_gone(&instances, &won[0].id).await;
+    ember_fleet_tests::volumes::wait_gone(&volumes, &won[0].boot_volume_id).await;
+    assert_eq!(used().await, (0, 0, 0));
     ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 

@@ -187,6 +187,26 @@ async fn resolve_source(
 impl Volumes {
     /// Validates and records a create, and starts its operation.
     pub async fn create(&self, who: &Identity, req: CreateVolumeRequest) -> Result<Volume> {
+        let mut tx = crate::db::write(&self.ctx.db).await?;
+        let (shown, op) = self.create_in(&mut tx, who, req).await?;
+        tx.commit().await?;
+        if let Some(op) = op {
+            failpoint::hit("create_volume.accepted");
+            operations::spawn(&self.ctx, op);
+        }
+        Ok(shown)
+    }
+
+    /// Validates and records a create in `tx`, for a caller that records more in the same transaction (an
+    /// instance booting from a snapshot, which so never leaves a boot volume behind when it is refused). Returns
+    /// the volume and the id of its operation, to start once `tx` commits (none for a repeat of an earlier
+    /// create).
+    pub async fn create_in(
+        &self,
+        tx: &mut SqliteConnection,
+        who: &Identity,
+        req: CreateVolumeRequest,
+    ) -> Result<(Volume, Option<String>)> {
         validate::text("name", &req.name, 255)?;
         validate::text("description", &req.description, 255)?;
         check_metadata("metadata", &req.metadata)?;
@@ -198,19 +218,18 @@ impl Volumes {
         if req.size_gb > MAX_SIZE_GB {
             return Err(Error::invalid("size_gb", format!("must be at most {MAX_SIZE_GB} GiB")));
         }
-        let mut tx = crate::db::write(&self.ctx.db).await?;
         // A repeat is answered before anything else: by now its source may be held (a backup `restoring`).
         let digest = request_digest(&req);
         if let Some(id) =
-            idempotency::earlier(&mut tx, idempotency::Table::Volumes, &project, &req.idempotency_key, &digest).await?
+            idempotency::earlier(tx, idempotency::Table::Volumes, &project, &req.idempotency_key, &digest).await?
         {
-            let v = store::find(&mut tx, &id).await?.ok_or_else(|| Error::not_found("volume", &id))?;
-            return store::to_proto(&mut tx, &v).await;
+            let v = store::find(tx, &id).await?.ok_or_else(|| Error::not_found("volume", &id))?;
+            return Ok((store::to_proto(tx, &v).await?, None));
         }
-        let type_id = type_id_for(&mut tx, who, &req.volume_type).await?;
-        let vtype = volume_types::load(&mut tx, &type_id).await?;
-        let source = resolve_source(&self.ctx, &mut tx, who, &req).await?;
-        let hints = super::affinity::accept(&mut tx, who, req.scheduler_hints.as_ref()).await?;
+        let type_id = type_id_for(tx, who, &req.volume_type).await?;
+        let vtype = volume_types::load(tx, &type_id).await?;
+        let source = resolve_source(&self.ctx, tx, who, &req).await?;
+        let hints = super::affinity::accept(tx, who, req.scheduler_hints.as_ref()).await?;
         if !req.image.is_empty() && encryption::spec(&vtype.extra_specs).is_ok_and(|s| s.is_some()) {
             return Err(Error::invalid(
                 "image",
@@ -232,10 +251,10 @@ impl Volumes {
                 format!("{:?} is not a zone with storage", req.availability_zone),
             ));
         }
-        check_new_size(&self.ctx, &mut tx, &project, &vtype, "size_gb", size_gb).await?;
-        self.ctx.quota.consume(&mut tx, &project, &quota::volume_deltas(&vtype.name, size_gb as i64)).await?;
+        check_new_size(&self.ctx, tx, &project, &vtype, "size_gb", size_gb).await?;
+        self.ctx.quota.consume(tx, &project, &quota::volume_deltas(&vtype.name, size_gb as i64)).await?;
         let id = uuid::Uuid::new_v4().to_string();
-        key_new_volume(&self.ctx, &mut tx, &vtype, source.as_ref(), &id).await?;
+        key_new_volume(&self.ctx, tx, &vtype, source.as_ref(), &id).await?;
         let now = now_ms();
         sqlx::query(
             "INSERT INTO volumes (id, project, name, description, size_gb, status, volume_type_id, availability_zone, \
@@ -263,14 +282,10 @@ impl Volumes {
         .await?;
         let only = source.and_then(|s| s.only);
         let payload = serde_json::json!({ "tried": [], "only": only, "image": req.image, "hints": hints });
-        let op = operations::insert(&mut tx, "create_volume", "volume", &id, "accepted", payload).await?;
-        let v = store::find(&mut tx, &id).await?.ok_or_else(|| Error::not_found("volume", &id))?;
-        let shown = store::to_proto(&mut tx, &v).await?;
-        tx.commit().await?;
+        let op = operations::insert(tx, "create_volume", "volume", &id, "accepted", payload).await?;
+        let v = store::find(tx, &id).await?.ok_or_else(|| Error::not_found("volume", &id))?;
         tracing::info!(volume_id = %id, project = %project, size_gb, volume_type = %vtype.name, "volume create accepted");
-        failpoint::hit("create_volume.accepted");
-        operations::spawn(&self.ctx, op);
-        Ok(shown)
+        Ok((store::to_proto(tx, &v).await?, Some(op)))
     }
 
     async fn list(&self, who: &Identity, req: &ListVolumesRequest) -> Result<ListVolumesResponse> {
