@@ -4,7 +4,7 @@
 use ember_fleet_tests::backups::{OneSite, fill, repository_toml, sha256, wait_down, wait_paused};
 use ember_fleet_tests::libvirt::{Domain, attach_request};
 use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_gone, wait_volume};
-use ember_fleet_tests::{iscsi, wait_for};
+use ember_fleet_tests::{Daemon, Fleet, iscsi, wait_for};
 use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
 use ember_proto::v1::backup_service_client::BackupServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
@@ -694,6 +694,17 @@ async fn a_backup_whose_agent_is_gone_when_it_resumes_ends_in_error_and_frees_th
     ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
+/// Revokes storage1's certificate, and waits until the backup agent `agent` has put the new list in force.
+async fn revoke_storage1(fleet: &Fleet, agent: &Daemon) {
+    let ca_dir = fleet.ca_dir();
+    let (ok, out, err) = fleet.cli(&["certs", "revoke", "--dir", ca_dir.to_str().unwrap(), "--name", "storage1"]);
+    assert!(ok && out.contains("storage-agent storage1"), "{out}\n{err}");
+    wait_for("the backup agent to put the new list in force", Duration::from_secs(30), || async {
+        agent.log_text().contains("new certificate revocation list in force").then_some(())
+    })
+    .await;
+}
+
 /// A restore checks the storage node it writes to when a new revocation list comes into force, not only when it
 /// connected: once that node's certificate is revoked, the restore sends it no more of the volume and fails,
 /// and the new volume ends `error`.
@@ -711,13 +722,7 @@ async fn a_restore_stops_sending_to_a_storage_node_revoked_while_it_runs() {
     let target = backups.clone().restore_backup(restore).await.unwrap().into_inner().volume_id;
     wait_paused(&agent, "the restore to be under way").await;
 
-    let ca_dir = fleet.ca_dir();
-    let (ok, out, err) = fleet.cli(&["certs", "revoke", "--dir", ca_dir.to_str().unwrap(), "--name", "storage1"]);
-    assert!(ok && out.contains("storage-agent storage1"), "{out}\n{err}");
-    wait_for("the backup agent to put the new list in force", Duration::from_secs(30), || async {
-        agent.log_text().contains("new certificate revocation list in force").then_some(())
-    })
-    .await;
+    revoke_storage1(&fleet, &agent).await;
     held.release();
     let failed = wait_volume(&volumes, &target, "error").await;
     assert!(failed.status_reason.contains("revoked during the restore"), "{failed:?}");
@@ -743,13 +748,7 @@ async fn a_backup_keeps_nothing_from_a_storage_node_revoked_while_it_runs() {
     let b = start_backup(&backups, &v.id).await;
     wait_paused(&agent, "the backup to be under way").await;
 
-    let ca_dir = fleet.ca_dir();
-    let (ok, out, err) = fleet.cli(&["certs", "revoke", "--dir", ca_dir.to_str().unwrap(), "--name", "storage1"]);
-    assert!(ok && out.contains("storage-agent storage1"), "{out}\n{err}");
-    wait_for("the backup agent to put the new list in force", Duration::from_secs(30), || async {
-        agent.log_text().contains("new certificate revocation list in force").then_some(())
-    })
-    .await;
+    revoke_storage1(&fleet, &agent).await;
     held.release();
     let failed = wait_backup(&backups, &b.id).await;
     assert_eq!(failed.status, "error", "{failed:?}");
