@@ -77,13 +77,28 @@ fn check(cert_pem: &[u8], key_pem: &[u8], ca_pem: &[u8], now: i64) -> Result<Own
     })
 }
 
+/// A certificate that expires within this many days is warned about: once it has expired, its daemon can reach
+/// no one in the fleet, nor they it.
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
+
+/// The whole days left before `expires_at` (seconds since the Unix epoch) when that is within
+/// [`EXPIRY_WARNING_DAYS`] of `now`.
+pub fn days_left_if_expiring(expires_at: i64, now: i64) -> Option<i64> {
+    let days_left = (expires_at - now).div_euclid(86_400);
+    (days_left < EXPIRY_WARNING_DAYS).then_some(days_left)
+}
+
+/// How often a daemon whose certificate expires soon says so in its log.
+const EXPIRY_WARNING_EVERY: i64 = 86_400;
+
 /// The pairs this process follows, by certificate path.
 static WATCHED: LazyLock<Mutex<HashMap<PathBuf, tokio::sync::watch::Receiver<Arc<OwnCertificate>>>>> =
     LazyLock::new(Default::default);
 
 /// Loads the pair `tls` names and keeps it current: a task looks at the files every
-/// [`crate::revocation::RELOAD_EVERY`] and puts each new sound pair in force. The pair must be sound now.
-/// Called again for the same files, it returns the same follower.
+/// [`crate::revocation::RELOAD_EVERY`] and puts each new sound pair in force, and warns daily while the one in
+/// force expires within [`EXPIRY_WARNING_DAYS`]. The pair must be sound now. Called again for the same files,
+/// it returns the same follower.
 pub fn watch(tls: &TlsFiles) -> Result<tokio::sync::watch::Receiver<Arc<OwnCertificate>>, TlsError> {
     let mut watched = WATCHED.lock().expect("own certificate followers");
     if let Some(current) = watched.get(&tls.cert) {
@@ -97,10 +112,22 @@ pub fn watch(tls: &TlsFiles) -> Result<tokio::sync::watch::Receiver<Arc<OwnCerti
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(crate::revocation::RELOAD_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut refused: Option<String> = None;
+        let (mut refused, mut warned_at): (Option<String>, Option<i64>) = (None, None);
         loop {
             tick.tick().await;
             let in_force = sender.borrow().clone();
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            if let Some(days_left) = days_left_if_expiring(in_force.expires_at, now)
+                && warned_at.is_none_or(|at| now - at >= EXPIRY_WARNING_EVERY)
+            {
+                tracing::warn!(
+                    serial = %in_force.serial,
+                    days_left,
+                    "this daemon's certificate expires soon: renew it (ember certs renew) and copy the new files over \
+                     the old ones; it is taken up without a restart"
+                );
+                warned_at = Some(now);
+            }
             let tls = tls.clone();
             let outcome = tokio::task::spawn_blocking(move || {
                 let same = |path: &PathBuf, bytes: &[u8]| std::fs::read(path).is_ok_and(|b| b == bytes);
@@ -115,7 +142,7 @@ pub fn watch(tls: &TlsFiles) -> Result<tokio::sync::watch::Receiver<Arc<OwnCerti
                 Ok(Ok(Some(renewed))) => {
                     tracing::info!(serial = %renewed.serial, expires_at = renewed.expires_at, "presenting a renewed certificate");
                     sender.send_replace(Arc::new(renewed));
-                    refused = None;
+                    (refused, warned_at) = (None, None);
                 }
                 Ok(Err(e)) if refused.as_deref() != Some(e.to_string().as_str()) => {
                     tracing::error!(error = %e, "new certificate refused; the last good one stays in force");
@@ -183,5 +210,15 @@ mod tests {
         let expired = check(&renewed_cert, &renewed_key, &ca, now + 31 * 86_400).unwrap_err();
         assert!(expired.contains("expired"), "{expired}");
         assert!(check(b"", &key, &ca, now).unwrap_err().contains("no certificate"));
+    }
+
+    #[test]
+    fn a_certificate_is_warned_about_in_its_last_thirty_days() {
+        let day = 86_400;
+        assert_eq!(days_left_if_expiring(100 * day, 60 * day), None);
+        assert_eq!(days_left_if_expiring(100 * day, 70 * day), None, "30 days left: not yet");
+        assert_eq!(days_left_if_expiring(100 * day, 70 * day + 1), Some(29));
+        assert_eq!(days_left_if_expiring(100 * day, 100 * day - 1), Some(0));
+        assert_eq!(days_left_if_expiring(100 * day, 101 * day), Some(-1), "expired");
     }
 }

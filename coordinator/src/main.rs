@@ -163,10 +163,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     tracing::info!(database = %cfg.database.display(), "database open and migrated");
     let key_file = cfg.key_file.clone().unwrap_or_else(|| cfg.database.with_file_name("master.key"));
     let master_key = encryption::MasterKey::load_or_create(&key_file)?;
-    // Before the first call to an agent: the certificate presented follows renewals.
+    // Before the first call to an agent: the certificate presented follows renewals (and is warned about
+    // daily when it expires soon).
     let own_certificate = ember_common::own_certificate::watch(&tls)?;
-    let expires_ms = own_certificate.borrow().expires_at * 1000;
-    registration::warn_if_expiring("this coordinator", "coordinator", expires_ms, clock::now_ms());
 
     let ctx = std::sync::Arc::new(context::Ctx {
         db: db.clone(),

@@ -123,19 +123,17 @@ pub fn backend_report(b: &Backend) -> serde_json::Value {
     })
 }
 
-/// An agent whose certificate expires within this many days is warned about at each registration.
-pub const EXPIRY_WARNING_DAYS: i64 = 30;
-
-/// Logs a warning when a daemon's certificate (expiring at `expires_ms`; 0 when not known) expires within
-/// [`EXPIRY_WARNING_DAYS`]: when it does, the daemon can no longer reach the rest of the fleet, nor they it.
+/// Logs a warning when the certificate an agent registers with (expiring at `expires_ms`; 0 when not known)
+/// expires within [`ember_common::own_certificate::EXPIRY_WARNING_DAYS`]: the agent warns daily too, but the
+/// coordinator's log is the one place that sees the whole fleet.
 pub fn warn_if_expiring(host: &str, role: &str, expires_ms: i64, now_ms: i64) {
-    let days_left = (expires_ms - now_ms).div_euclid(86_400_000);
-    if expires_ms != 0 && days_left < EXPIRY_WARNING_DAYS {
+    let days_left = ember_common::own_certificate::days_left_if_expiring(expires_ms / 1000, now_ms / 1000);
+    if let Some(days_left) = days_left.filter(|_| expires_ms != 0) {
         tracing::warn!(
             %host,
             role,
             days_left,
-            "the certificate expires soon: issue a new one (ember certs issue) and restart the daemon with it"
+            "the certificate expires soon: renew it (ember certs renew) and copy the new files over the old ones"
         );
     }
 }

@@ -332,8 +332,12 @@ async fn the_fleet_shows_when_each_certificate_expires_and_warns_before() {
         assert!(metrics.lines().any(|l| l == sample), "{sample} missing:\n{metrics}");
     }
     let log = fleet.coordinator.as_ref().unwrap().log_text();
-    let warned = |who: &str| log.lines().any(|l| l.contains("the certificate expires soon") && l.contains(who));
-    assert!(warned("host=storage1") && warned("host=this coordinator"), "{log}");
+    let warned = log.lines().any(|l| l.contains("the certificate expires soon") && l.contains("host=storage1"));
+    assert!(warned, "the coordinator warns of the agent's certificate: {log}");
+    for (who, log) in [("coordinator", log.clone()), ("storage agent", agent.log_text())] {
+        let own = log.lines().any(|l| l.contains("this daemon's certificate expires soon") && l.contains("days_left="));
+        assert!(own, "the {who} warns of its own certificate: {log}");
+    }
 
     // Renewed: the same identity and addresses for 90 days; the agent restarted with it shows the new expiry.
     let ca_dir = fleet.ca_dir();
