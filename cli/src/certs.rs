@@ -132,8 +132,9 @@ fn run_renew(
     println!("renewed {} {} for {} days ({})", req.identity.role, req.identity.name, req.days, addresses.join(", "));
     println!("certificate: {}\nkey:         {}", done.cert.display(), done.key.display());
     println!(
-        "it replaces serial {} (expires {}), which stays valid: restart the daemon with the new files, then \
-         `ember certs revoke --dir {} --serial {}` if the old one should not run to its end",
+        "it replaces serial {} (expires {}), which stays valid: copy the key, then the certificate, over the \
+         daemon's files (it takes them up within seconds, without a restart, and logs \"presenting a renewed \
+         certificate\"), then `ember certs revoke --dir {} --serial {}` if the old one should not run to its end",
         old.serial,
         old.expires(),
         dir.display(),
