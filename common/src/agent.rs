@@ -196,9 +196,10 @@ pub async fn registration_loop(
                 instance_id: r.instance_id,
                 backends: r.backends,
                 repositories: r.repositories,
+                crl_number: crate::revocation::current().number,
             };
             match client.heartbeat(hb).await {
-                Ok(_) => {}
+                Ok(resp) => adopt_revocations(tls, &resp.into_inner().crl),
                 Err(s) if s.code() == Code::NotFound => {
                     tracing::warn!("coordinator does not know this instance; registering again");
                     break;
@@ -206,6 +207,19 @@ pub async fn registration_loop(
                 Err(s) => tracing::warn!(code = ?s.code(), message = s.message(), "heartbeat failed"),
             }
         }
+    }
+}
+
+/// Puts in force the revocation list the coordinator handed on with a heartbeat (`crl`, empty when it has
+/// nothing newer), once the fleet CA's signature on it checks out.
+fn adopt_revocations(tls: &TlsFiles, crl: &[u8]) {
+    if crl.is_empty() {
+        return;
+    }
+    match crate::revocation::adopt(tls, crl) {
+        Ok(Some(number)) => tracing::info!(number, "new certificate revocation list in force, from the coordinator"),
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, "certificate revocation list from the coordinator refused"),
     }
 }
 

@@ -29,6 +29,11 @@ pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
 pub struct RevokedSerials {
     /// Big-endian, without leading zero bytes.
     serials: HashSet<Vec<u8>>,
+    /// The list's number (its crlNumber extension; 0 when it has none): `ember certs revoke` numbers each
+    /// list one past the last, so a larger number is a later list.
+    pub number: u64,
+    /// The list as the CA wrote it (PEM), for the coordinator to hand on to agents.
+    pub pem: Vec<u8>,
 }
 
 impl RevokedSerials {
@@ -79,7 +84,11 @@ pub fn parse(ca_pem: &[u8], crl_pem: &[u8]) -> Result<RevokedSerials, String> {
         return Err(format!("issued by {}, not by the fleet CA {}", crl.issuer(), ca.subject()));
     }
     crl.verify_signature(ca.public_key()).map_err(|e| format!("not signed by the fleet CA: {e}"))?;
-    Ok(RevokedSerials { serials: crl.iter_revoked_certificates().map(|r| r.serial().to_bytes_be()).collect() })
+    Ok(RevokedSerials {
+        serials: crl.iter_revoked_certificates().map(|r| r.serial().to_bytes_be()).collect(),
+        number: crl.crl_number().and_then(|n| u64::try_from(n).ok()).unwrap_or(0),
+        pem: crl_pem.to_vec(),
+    })
 }
 
 /// The list this process enforces; empty until [`watch`] loads one. A watch channel, so that calls already
@@ -97,8 +106,37 @@ pub fn subscribe() -> tokio::sync::watch::Receiver<Arc<RevokedSerials>> {
     CURRENT.subscribe()
 }
 
-fn install(list: RevokedSerials) {
-    CURRENT.send_replace(Arc::new(list));
+/// Puts `list` in force unless the one in force is later (a larger number): a list never goes back, whether it
+/// comes from the file or from the coordinator. Returns whether it was put in force.
+fn install(list: RevokedSerials) -> bool {
+    CURRENT.send_if_modified(|current| {
+        let later = is_later(&list, current);
+        if later {
+            *current = Arc::new(list);
+        }
+        later
+    })
+}
+
+/// Whether `list` replaces `current`: a larger number, or the same number with other contents (lists made by
+/// other tools may carry no number at all).
+fn is_later(list: &RevokedSerials, current: &RevokedSerials) -> bool {
+    list.number > current.number || (list.number == current.number && list.serials != current.serials)
+}
+
+/// Puts in force a list the coordinator handed on (`crl_pem`), after checking that the fleet CA in `tls`
+/// signed it, when it is later than the one in force. Returns the number of the list put in force, if any.
+///
+/// It is kept in memory only: the `[tls] crl` file may be the CA's own list (the all-in-one fleet's is), which
+/// a write here could put back to an earlier one while `ember certs revoke` writes the next. A restarted agent
+/// starts from its file and has the coordinator's list again at its first heartbeat.
+pub fn adopt(tls: &TlsFiles, crl_pem: &[u8]) -> Result<Option<u64>, CrlError> {
+    let path = tls.crl.clone().unwrap_or_default();
+    let err = |reason: String| CrlError { path: path.clone(), reason };
+    let ca = std::fs::read(&tls.ca).map_err(|e| err(format!("reading the CA {}: {e}", tls.ca.display())))?;
+    let list = parse(&ca, crl_pem).map_err(|e| err(format!("from the coordinator: {e}")))?;
+    let number = list.number;
+    Ok(install(list).then_some(number))
 }
 
 /// The server-certificate check of a daemon calling another: the fleet CA's chain and the server's name, as
@@ -257,8 +295,12 @@ pub fn watch(tls: &TlsFiles) -> Result<(), CrlError> {
             };
             match outcome {
                 Ok(Some((bytes, list))) if seen.as_ref() != Some(&bytes) => {
-                    tracing::info!(crl = %crl.display(), revoked = list.len(), "new certificate revocation list in force");
-                    install(list);
+                    let (revoked, number) = (list.len(), list.number);
+                    if install(list) {
+                        tracing::info!(crl = %crl.display(), revoked, number, "new certificate revocation list in force");
+                    } else if current().pem != bytes {
+                        tracing::warn!(crl = %crl.display(), number, in_force = current().number, "the file holds an older list than the one in force; it is ignored");
+                    }
                     seen = Some(bytes);
                     refused = None;
                 }
@@ -295,6 +337,22 @@ mod tests {
     fn listed(list: &RevokedSerials, cert: &Path) -> bool {
         let der = pem_block(&std::fs::read(cert).unwrap(), "CERTIFICATE").unwrap();
         list.contains(&X509Certificate::from_der(&der).unwrap().1)
+    }
+
+    #[test]
+    fn a_list_never_goes_back_to_an_earlier_one() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path(), "test CA").unwrap();
+        let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+        let (alice, bob) = (member(dir.path(), "alice"), member(dir.path(), "bob"));
+        let first = revoke(dir.path(), std::slice::from_ref(&alice), &[], &[]).unwrap();
+        let first = parse(&ca, &std::fs::read(&first.crl).unwrap()).unwrap();
+        let second = revoke(dir.path(), std::slice::from_ref(&bob), &[], &[]).unwrap();
+        let second = parse(&ca, &std::fs::read(&second.crl).unwrap()).unwrap();
+        assert_eq!((first.number, second.number), (1, 2));
+        assert!(is_later(&first, &RevokedSerials::default()) && is_later(&second, &first));
+        assert!(!is_later(&first, &second), "an older list does not replace a newer one");
+        assert!(!is_later(&second, &second), "nor does the same one");
     }
 
     #[test]

@@ -257,7 +257,12 @@ impl Registration for Registrar {
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         let id = caller(&req)?.clone();
         let expiry = peer_certificate_expiry(&req);
-        self.heartbeat(&id, req.into_inner(), expiry).await?;
-        Ok(Response::new(HeartbeatResponse {}))
+        let req = req.into_inner();
+        let agent_has = req.crl_number;
+        self.heartbeat(&id, req, expiry).await?;
+        // Revocations reach the agents through the coordinator: a list copied here is handed on.
+        let list = ember_common::revocation::current();
+        let crl = if list.number > agent_has { list.pem.clone() } else { Vec::new() };
+        Ok(Response::new(HeartbeatResponse { crl }))
     }
 }

@@ -343,6 +343,21 @@ impl Fleet {
     pub fn start_agent_with(&self, kind: &str, name: &str, extra_toml: &str, env: &[(&str, &str)]) -> Daemon {
         let mut cmd = self.agent_command(kind, name, extra_toml);
         cmd.envs(env.iter().copied());
+        self.spawn_agent(kind, name, cmd)
+    }
+
+    /// [`Fleet::start_agent`] with no revocation list file of its own (no `[tls] crl`): it learns of
+    /// revocations from the coordinator only.
+    pub fn start_agent_without_crl(&self, kind: &str, name: &str, extra_toml: &str) -> Daemon {
+        let cmd = self.agent_command(kind, name, extra_toml);
+        let config = self.dir.path().join(format!("{kind}-{name}.toml"));
+        let text = std::fs::read_to_string(&config).expect("agent config");
+        let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with("crl = ")).collect();
+        std::fs::write(&config, kept.join("\n")).expect("agent config");
+        self.spawn_agent(kind, name, cmd)
+    }
+
+    fn spawn_agent(&self, kind: &str, name: &str, cmd: Command) -> Daemon {
         let daemon = Daemon::start(cmd, self.dir.path().join(format!("{kind}-{name}-{}.log", self.next_log())));
         if kind == "storage" {
             self.storage_agents.lock().unwrap().push(daemon.child.id());

@@ -641,3 +641,37 @@ async fn certificates_renewed_in_place_are_taken_up_without_a_restart() {
     let troubles = ["refusing a server whose certificate is revoked", "registration failed", "heartbeat failed"];
     assert!(!troubles.iter().any(|t| log.contains(t)), "{log}");
 }
+
+/// A revocation reaches every agent through the coordinator: an agent with no list file of its own is handed the
+/// coordinator's list with a heartbeat, checks the fleet CA's signature on it, and refuses the certificate it
+/// revokes. Operators copy the list to the coordinator; the agents follow.
+#[tokio::test]
+async fn a_revocation_copied_to_the_coordinator_reaches_the_agents() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let storage = fleet.start_agent_without_crl("storage", "storage1", &fleet.file_backend("b1", "").0);
+    ember_fleet_tests::volumes::wait_backend(&fleet, "storage1@b1").await;
+    let retired = fleet.issue(Role::Coordinator, "old-coordinator", None);
+    let from_retired = StorageAgentClient::new(retired.channel(&storage.url()).unwrap());
+    from_retired.clone().list_resources(ListResourcesRequest::default()).await.expect("retired, before");
+
+    let ca_dir = fleet.ca_dir();
+    let (ok, out, err) =
+        fleet.cli(&["certs", "revoke", "--dir", ca_dir.to_str().unwrap(), retired.cert.to_str().unwrap()]);
+    assert!(ok && out.contains("now revokes 1 certificate(s)"), "{out}\n{err}");
+    let refused = |e: &tonic::Status| e.code() == Code::Unauthenticated && e.message().contains("is revoked");
+    wait_for("the storage agent to refuse the retired coordinator", Duration::from_secs(30), || async {
+        from_retired.clone().list_resources(ListResourcesRequest::default()).await.err().filter(refused)
+    })
+    .await;
+    let log = storage.log_text();
+    assert!(log.contains("new certificate revocation list in force, from the coordinator number=1"), "{log}");
+    // The fleet's own coordinator is still served, and the agent still reports to it.
+    StorageAgentClient::new(fleet.tls("coordinator-coordinator").channel(&storage.url()).unwrap())
+        .list_resources(ListResourcesRequest::default())
+        .await
+        .expect("the fleet's coordinator");
+    let config = fleet.database().with_file_name("storage-storage1.toml");
+    let config = std::fs::read_to_string(config).unwrap();
+    assert!(!config.contains("crl ="), "the agent has no list file: {config}");
+}
