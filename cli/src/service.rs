@@ -163,6 +163,7 @@ fn to_json(s: &Service) -> serde_json::Value {
         "updated_at": output::time(&s.last_heartbeat), "disabled_reason": s.disabled_reason,
         "instance_id": s.instance_id, "endpoint": s.endpoint, "version": s.version,
         "certificate_expires_at": output::time(&s.certificate_expires_at),
+        "revocation_list_number": s.revocation_list_number,
         "compute": s.compute.as_ref().map(|c| serde_json::json!({
             "instances": c.instances, "vcpus": c.vcpus, "vcpus_used": c.vcpus_used,
             "memory_mb": c.memory_mb, "memory_mb_used": c.memory_mb_used,
@@ -226,11 +227,12 @@ fn print(services: &[Service], json: bool) {
                 if s.up { "up" } else { "down" }.into(),
                 output::time(&s.last_heartbeat),
                 expires(&s.certificate_expires_at),
+                s.revocation_list_number.to_string(),
                 s.disabled_reason.clone(),
             ]
         })
         .collect();
-    let header = ["Binary", "Host", "Zone", "Status", "State", "Updated At", "Cert Expires", "Disabled Reason"];
+    let header = ["Binary", "Host", "Zone", "Status", "State", "Updated At", "Cert Expires", "CRL", "Disabled Reason"];
     output::table(&header, &rows);
 }
 

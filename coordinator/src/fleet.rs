@@ -61,7 +61,7 @@ impl Fleet {
         let now = now_ms();
         let rows = sqlx::query(
             "SELECT host, role, backend, availability_zone, enabled, disabled_reason, last_heartbeat, instance_id, \
-             endpoint, version, certificate_expires_at FROM services WHERE (?1 IS NULL OR role = ?1) AND (?2 = '' OR host = ?2) \
+             endpoint, version, certificate_expires_at, crl_number FROM services WHERE (?1 IS NULL OR role = ?1) AND (?2 = '' OR host = ?2) \
              ORDER BY role, host, backend",
         )
         .bind(role_column(role))
@@ -98,6 +98,7 @@ impl Fleet {
                     endpoint: r.get(8),
                     version: r.get(9),
                     certificate_expires_at: Some(r.get::<i64, _>(10)).filter(|ms| *ms != 0).map(timestamp),
+                    revocation_list_number: r.get::<i64, _>(11).max(0) as u64,
                 }
             })
             .collect())

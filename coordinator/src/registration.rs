@@ -208,11 +208,12 @@ impl Registrar {
         let expires_ms = certificate_expiry.map(|secs| secs.saturating_mul(1000));
         let mut tx = crate::db::write(&self.db).await?;
         let touched = sqlx::query(
-            "UPDATE services SET last_heartbeat = ?, certificate_expires_at = COALESCE(?, certificate_expires_at) \
-             WHERE host = ? AND role = ? AND instance_id = ?",
+            "UPDATE services SET last_heartbeat = ?, certificate_expires_at = COALESCE(?, certificate_expires_at), \
+             crl_number = ? WHERE host = ? AND role = ? AND instance_id = ?",
         )
         .bind(now)
         .bind(expires_ms)
+        .bind(i64::try_from(req.crl_number).unwrap_or(i64::MAX))
         .bind(&req.name)
         .bind(role)
         .bind(&req.instance_id)

@@ -666,6 +666,22 @@ async fn a_revocation_copied_to_the_coordinator_reaches_the_agents() {
     .await;
     let log = storage.log_text();
     assert!(log.contains("new certificate revocation list in force, from the coordinator number=1"), "{log}");
+    // The service list shows which list each agent has, so an operator sees the revocation reach it.
+    wait_for("the agent to report the list it has", Duration::from_secs(30), || async {
+        let listed = FleetServiceClient::new(fleet.admin()).list_services(ListServicesRequest::default()).await;
+        let services = listed.unwrap().into_inner().services;
+        services.iter().any(|s| s.name == "storage1@b1" && s.revocation_list_number == 1).then_some(())
+    })
+    .await;
+    let (ok, out, err) = fleet.cli(&["service", "list"]);
+    let row: Vec<String> = out
+        .lines()
+        .find(|l| l.contains("storage1@b1"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    assert!(ok && out.contains(" CRL ") && row.last().map(String::as_str) == Some("1"), "{out}\n{err}");
     // The fleet's own coordinator is still served, and the agent still reports to it.
     StorageAgentClient::new(fleet.tls("coordinator-coordinator").channel(&storage.url()).unwrap())
         .list_resources(ListResourcesRequest::default())
