@@ -8,7 +8,7 @@
 //! signed it and it has not expired. Files caught half-copied, or a certificate from another CA, leave the
 //! last good pair in force and are logged.
 
-use crate::tls::{TlsError, TlsFiles};
+use crate::tls::{TlsError, TlsFiles, read};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
@@ -36,10 +36,6 @@ impl std::fmt::Debug for OwnCertificate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OwnCertificate").field("serial", &self.serial).field("expires_at", &self.expires_at).finish()
     }
-}
-
-fn read(path: &PathBuf) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read { path: path.clone(), source })
 }
 
 /// The pair `tls` names, checked: the key matches the certificate, which the fleet CA signed and which has

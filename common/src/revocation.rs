@@ -139,6 +139,17 @@ pub fn adopt(tls: &TlsFiles, crl_pem: &[u8]) -> Result<Option<u64>, CrlError> {
     Ok(install(list).then_some(number))
 }
 
+/// The fleet CA's certificates in `ca_pem`, as the roots rustls checks peers' certificates against (servers'
+/// by [`ServerVerifier`], clients' by a daemon's server, [`crate::tls::TlsFiles::server_config`]).
+pub fn fleet_roots(ca_pem: &[u8]) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.map_err(|e| format!("the CA certificate: {e}"))?).map_err(|e| e.to_string())?;
+    }
+    Ok(roots)
+}
+
 /// The server-certificate check of a daemon calling another: the fleet CA's chain and the server's name, as
 /// rustls checks them, and then the list in force, so that a retired node's certificate, revoked, cannot pose
 /// as a storage node (which is sent volume data, CHAP secrets and LUKS passphrases) or as the coordinator.
@@ -164,11 +175,7 @@ pub fn revokes(accepted: &AcceptedServer) -> bool {
 impl ServerVerifier {
     /// A verifier trusting the CA certificates in `ca_pem`.
     pub fn new(ca_pem: &[u8]) -> Result<ServerVerifier, String> {
-        use rustls::pki_types::{CertificateDer, pem::PemObject};
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(ca_pem) {
-            roots.add(cert.map_err(|e| format!("the CA certificate: {e}"))?).map_err(|e| e.to_string())?;
-        }
+        let roots = fleet_roots(ca_pem)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()

@@ -86,7 +86,7 @@ impl TlsArgs {
     }
 }
 
-fn read(path: &PathBuf) -> Result<Vec<u8>, TlsError> {
+pub(crate) fn read(path: &PathBuf) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read { path: path.clone(), source })
 }
 
@@ -95,12 +95,8 @@ impl TlsFiles {
     /// certificate as it is when each connection is made ([`crate::own_certificate`]). Starts following the
     /// certificate's files.
     pub fn server_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
-        use rustls::pki_types::{CertificateDer, pem::PemObject};
         let ca_invalid = |reason: String| TlsError::Ca { path: self.ca.clone(), reason };
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(&read(&self.ca)?) {
-            roots.add(cert.map_err(|e| ca_invalid(e.to_string()))?).map_err(|e| ca_invalid(e.to_string()))?;
-        }
+        let roots = crate::revocation::fleet_roots(&read(&self.ca)?).map_err(ca_invalid)?;
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
         let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider.clone())
             .build()
