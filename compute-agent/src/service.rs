@@ -136,11 +136,13 @@ impl Compute {
             let live = self.virsh.disks(&uuid, false).await?;
             let persistent = self.virsh.disks(&uuid, true).await?;
             let in_live = live.iter().find(|d| d.serial == r.volume_id).filter(|_| active);
-            if let Some(d) = in_live.or_else(|| persistent.iter().find(|d| d.serial == r.volume_id)) {
+            let in_config = persistent.iter().find(|d| d.serial == r.volume_id);
+            if let Some(d) = in_live.or(in_config) {
                 let libvirt_started = Instant::now();
-                // An unplug the guest has not finished yet (a retry after a timeout) makes libvirt refuse a second
-                // request; the live XML decides either way.
-                let requested = self.virsh.detach_disk(&uuid, &d.target, in_live.is_some()).await;
+                // A retry after a timeout asks the guest again (QEMU lets an unplug request be repeated once the
+                // guest has ignored one, as Linux does while a disk it just got is still powering on). libvirt may
+                // refuse the request while the guest works on an earlier one; the live XML decides either way.
+                let requested = self.virsh.detach_disk(&uuid, &d.target, in_live.is_some(), in_config.is_some()).await;
                 let why = match requested {
                     Ok(()) => String::new(),
                     Err(e) if in_live.is_some() => format!(" (libvirt: {e})"),

@@ -34,6 +34,15 @@ impl DomainState {
     }
 }
 
+/// virsh detach-disk's flag for a disk in the running domain (`live`) and/or its persistent definition (`config`).
+fn detach_scope(live: bool, config: bool) -> &'static str {
+    match (live, config) {
+        (true, true) => "--persistent",
+        (true, false) => "--live",
+        _ => "--config",
+    }
+}
+
 /// Parses `virsh list --all --uuid --name`: one `UUID NAME` pair per line.
 pub fn parse_domain_list(text: &str) -> Vec<(String, String)> {
     text.lines()
@@ -114,11 +123,12 @@ impl Virsh {
         self.run(&["attach-device", uuid, &xml_file.to_string_lossy(), "--persistent"]).await.map(drop)
     }
 
-    /// Asks the guest to release disk `target` and drops it from the persistent definition. libvirt may
-    /// report success while the guest still holds the disk: callers confirm with the live XML.
-    pub async fn detach_disk(&self, uuid: &str, target: &str, live: bool) -> Result<()> {
-        let scope = if live { "--persistent" } else { "--config" };
-        self.run(&["detach-disk", uuid, target, scope]).await.map(drop)
+    /// Asks the guest to release disk `target` (`live`) and drops it from the persistent definition (`config`).
+    /// libvirt may report success while the guest still holds the disk: callers confirm with the live XML. A
+    /// repeated request names only where the disk still is: libvirt refuses one naming a definition that no
+    /// longer has it.
+    pub async fn detach_disk(&self, uuid: &str, target: &str, live: bool, config: bool) -> Result<()> {
+        self.run(&["detach-disk", uuid, target, detach_scope(live, config)]).await.map(drop)
     }
 
     /// Resizes disk `target` of a running domain to `bytes` (QEMU's block_resize; the guest is told). A size QEMU
@@ -209,6 +219,15 @@ impl Virsh {
 
 #[cfg(test)]
 mod tests {
+    /// A repeated unplug (the definition already without the disk) names only the running domain, which libvirt
+    /// accepts; naming the definition too would be refused.
+    #[test]
+    fn a_detach_names_only_where_the_disk_still_is() {
+        assert_eq!(super::detach_scope(true, true), "--persistent");
+        assert_eq!(super::detach_scope(true, false), "--live");
+        assert_eq!(super::detach_scope(false, true), "--config");
+    }
+
     #[test]
     fn parses_the_domain_list() {
         let text = "7c0d1e9a-0000-4000-8000-000000000001 vm-one\n7c0d1e9a-0000-4000-8000-000000000002 vm-two\n\n";

@@ -3,12 +3,14 @@
 //! the compute host's initiator, then the compute agent connects it and adds the disk to the libvirt domain.
 //! Detach reverses it: the compute agent removes the disk (confirmed gone) and disconnects, then the export
 //! goes. Both agents' calls are idempotent, so the reconciler re-runs a flow from the start after any crash;
-//! a failed attach is undone on both agents before the record goes.
+//! a failed attach is undone on both agents before the record goes. A forced detach leaves the host out; what
+//! that may leave in its guest is released once the host answers (`leftovers.rs`).
 
 use crate::auth::{can_see, who};
 use crate::clock::{now_ms, timestamp};
 use crate::context::Ctx;
 use crate::error::{Error, Result};
+use crate::leftovers;
 use crate::operations::{self, Op, Outcome};
 use crate::validate;
 use crate::volumes::{flow::transient, store as volumes};
@@ -324,7 +326,39 @@ async fn abandon_attach(
         // Retrying a refusal would hold the volume for ever; the reason names the export left behind.
         Err(status) => format!("{ABANDONED}; its export on {} was refused removal: {}", v.host, status.message()),
     };
-    fail_attach(ctx, op, v, &reason).await
+    fail_attach(ctx, op, v, &reason, true).await
+}
+
+/// Records for release what attachment `id`, ended by a forced detach, may have left on its compute host; inside
+/// the transaction that removes the attachment.
+async fn record_leftover(conn: &mut SqliteConnection, id: &str) -> Result<()> {
+    let row: Option<(String, String, String, String)> =
+        sqlx::query_as("SELECT volume_id, instance, host, coalesce(connection, '') FROM attachments WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if let Some((volume_id, instance, host, connection)) = row {
+        let left = leftovers::Leftover {
+            attachment_id: id,
+            volume_id: &volume_id,
+            instance: &instance,
+            host: &host,
+            connection: &connection,
+        };
+        leftovers::record(conn, left).await?;
+    }
+    Ok(())
+}
+
+/// Has an attach wait, with the reason shown on its attachment.
+async fn wait_for_release(ctx: &Ctx, attachment_id: &str, why: String) -> Result<Outcome> {
+    sqlx::query("UPDATE attachments SET status_reason = ?, updated_at = ? WHERE id = ? AND status = 'attaching'")
+        .bind(&why)
+        .bind(now_ms())
+        .bind(attachment_id)
+        .execute(&ctx.db)
+        .await?;
+    Ok(Outcome::Waiting(why))
 }
 
 pub(crate) async fn load(ctx: &Ctx, id: &str) -> Result<Option<(sqlx::sqlite::SqliteRow, volumes::VolumeRow)>> {
@@ -406,9 +440,13 @@ pub(crate) fn compute_transient(status: &Status) -> bool {
     matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown)
 }
 
-/// Ends a failed attach: the record goes and the volume settles, with the reason on both.
-async fn fail_attach(ctx: &Arc<Ctx>, op: &Op, v: &volumes::VolumeRow, reason: &str) -> Result<Outcome> {
+/// Ends a failed attach: the record goes and the volume settles, with the reason on both. An attach a forced
+/// detach ended (`forced`) may have reached its host, which is asked to release the disk later.
+async fn fail_attach(ctx: &Arc<Ctx>, op: &Op, v: &volumes::VolumeRow, reason: &str, forced: bool) -> Result<Outcome> {
     let mut tx = crate::db::write(&ctx.db).await?;
+    if forced {
+        record_leftover(&mut tx, &op.resource_id).await?;
+    }
     sqlx::query("DELETE FROM attachments WHERE id = ?").bind(&op.resource_id).execute(&mut *tx).await?;
     settle_volume(&mut tx, &v.id, reason).await?;
     operations::finish(&mut tx, op, Some(reason)).await?;
@@ -519,13 +557,16 @@ pub async fn attach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     if a.get::<&str, _>(4) == "detaching" {
         return abandon_attach(ctx, &op, &v, &host, &initiator).await;
     }
+    if let Some(why) = leftovers::wait_reason(&mut *ctx.db.acquire().await?, &v.id, &host).await? {
+        return wait_for_release(ctx, &op.resource_id, why).await;
+    }
     let export_started = std::time::Instant::now();
     let connection = match export_attachment(ctx, &op.resource_id, &v, &initiator, read_only).await? {
         Ok(c) => c,
         Err(status) if transient(&status) => return Ok(Outcome::Retry(status.message().to_string())),
         Err(status) => {
             let reason = format!("attach failed: export on {}: {}", v.host, status.message());
-            return fail_attach(ctx, &op, &v, &reason).await;
+            return fail_attach(ctx, &op, &v, &reason, false).await;
         }
     };
     let export_ms = export_started.elapsed().as_millis() as u64;
@@ -560,14 +601,15 @@ pub async fn attach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
                 return Ok(Outcome::Retry(format!("undoing a failed attach on {}: {}", v.host, e.message())));
             }
             let reason = format!("attach failed on {host}: {}", status.message());
-            return fail_attach(ctx, &op, &v, &reason).await;
+            return fail_attach(ctx, &op, &v, &reason, false).await;
         }
     };
     let compute_ms = compute_started.elapsed().as_millis() as u64;
     crate::failpoint::hit("attach.attached");
     let mut tx = crate::db::write(&ctx.db).await?;
     let attached = sqlx::query(
-        "UPDATE attachments SET status = 'attached', device = ?, updated_at = ? WHERE id = ? AND status = 'attaching'",
+        "UPDATE attachments SET status = 'attached', device = ?, status_reason = '', updated_at = ? \
+         WHERE id = ? AND status = 'attaching'",
     )
     .bind(&device)
     .bind(now_ms())
@@ -576,8 +618,8 @@ pub async fn attach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     .await?
     .rows_affected();
     if attached == 0 {
-        // A detach was forced while the host attached: as with any forced detach, the host is not asked, and its
-        // guest keeps a disk it can no longer reach.
+        // A detach was forced while the host attached: as with any forced detach, the host is not asked now; the
+        // disk its guest got is released later, as a leftover.
         drop(tx);
         return abandon_attach(ctx, &op, &v, &host, &initiator).await;
     }
@@ -648,6 +690,9 @@ pub async fn detach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         ctx.changed(&v.id);
         tracing::warn!(attachment_id = %op.resource_id, volume_id = %v.id, reason, "detach failed");
         return Ok(Outcome::Finished);
+    }
+    if op.payload["force"].as_bool().unwrap_or(false) {
+        record_leftover(&mut tx, &op.resource_id).await?;
     }
     sqlx::query("DELETE FROM attachments WHERE id = ?").bind(&op.resource_id).execute(&mut *tx).await?;
     settle_volume(&mut tx, &v.id, "").await?;

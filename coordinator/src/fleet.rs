@@ -185,6 +185,8 @@ impl Fleet {
         if !held.is_empty() {
             return Err(Error::FailedPrecondition(format!("service {} still holds {held}", req.name)));
         }
+        // A host gone for good will never release the disks forced detaches left on it.
+        let abandoned = if role == "compute" { crate::leftovers::give_up_on_host(&mut tx, host).await? } else { 0 };
         sqlx::query("DELETE FROM services WHERE host = ?1 AND role = ?2 AND (?3 IS NULL OR backend = ?3)")
             .bind(host)
             .bind(role)
@@ -194,6 +196,9 @@ impl Fleet {
         tx.commit().await?;
         for s in &matching {
             tracing::warn!(service = %s.name, role, "service removed");
+        }
+        if abandoned > 0 {
+            tracing::warn!(host, abandoned, "releases of disks left by forced detaches given up with their host");
         }
         Ok(matching)
     }

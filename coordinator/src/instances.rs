@@ -273,6 +273,9 @@ pub async fn boot_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     if v.status == "creating" {
         return Ok(Outcome::Retry(format!("boot volume {} is still being created", v.id)));
     }
+    if let Some(why) = crate::leftovers::wait_reason(&mut *ctx.db.acquire().await?, &v.id, &i.host).await? {
+        return Ok(Outcome::Waiting(why));
+    }
     let attachment = match reserve_boot_volume(ctx, &i, &v).await? {
         Ok(a) => a,
         Err(reason) => return set_status(ctx, &op, &i.id, "error", &reason).await,

@@ -15,6 +15,7 @@ mod failpoint;
 mod fleet;
 mod idempotency;
 mod instances;
+mod leftovers;
 mod metrics;
 mod operations;
 mod paging;

@@ -183,9 +183,11 @@ async fn a_detach_the_guest_never_acknowledges_fails_clearly_and_a_retry_finishe
     assert_released(&fleet, &v.id).await;
 }
 
-/// A compute host gone for good: its detach waits for it, for ever. An admin forces it (Cinder's
+/// A compute host that is down: its detach waits for it, for ever. An admin forces it (Cinder's
 /// os-force_detach): the host is not asked, the volume's export is removed on the storage side so the host
-/// cannot reach it again, and the volume is free.
+/// cannot reach it again, and the volume is free. When the host is back, it releases the disk its guest kept;
+/// an attach of the volume to that host waits for that release, so it neither reaches the old disk through a
+/// new export nor loses its own disk to the release.
 #[tokio::test]
 async fn a_detach_waiting_for_a_dead_compute_host_is_forced_by_an_admin() {
     let ComputeFleet { fleet, dir: _, storage: _storage, mut compute } = ComputeFleet::start("").await;
@@ -206,6 +208,8 @@ async fn a_detach_waiting_for_a_dead_compute_host_is_forced_by_an_admin() {
         "in-use"
     );
     assert!(fleet.tgt_show("storage1").contains(&format!("volume-{}", v.id)), "exported while attached");
+    // The guest's writes are done (writes hanging on the removed export would hold the disk in the guest).
+    domain.wait_console(&format!("DISK-WRITTEN serial={}", &v.id[..20]), WAIT).await;
 
     compute.kill();
     let detach = DetachRequest { attachment_id: a.id.clone(), force: false };
@@ -219,13 +223,51 @@ async fn a_detach_waiting_for_a_dead_compute_host_is_forced_by_an_admin() {
     assert_eq!(waiting.status, "detaching");
 
     force_detach(&fleet, &volumes, &a.id, &v.id).await;
-    // The host was not asked: its guest still has the disk (and would get I/O errors on it).
-    assert!(domain.xml(false).contains(&format!("<serial>{}</serial>", v.id)), "the dead host was not touched");
+    // The host was not asked: its guest still has the disk (and gets I/O errors on it) until the host is back.
+    let serial = format!("<serial>{}</serial>", v.id);
+    assert!(domain.xml(false).contains(&serial), "the dead host was not touched");
+    assert_eq!(release_state(&fleet, &a.id).await.as_deref(), Some("running"));
+
+    let again = attachments.clone().attach(attach_request(&v.id, &domain.name)).await.unwrap().into_inner();
+    let get = GetAttachmentRequest { id: again.id.clone() };
+    let waiting = wait_for("the new attach to wait for the release", WAIT, || async {
+        let a = attachments.clone().get_attachment(get.clone()).await.ok()?.into_inner();
+        a.status_reason.contains("waiting for compute1 to release the disk").then_some(a)
+    })
+    .await;
+    assert_eq!(waiting.status, "attaching", "{waiting:?}");
+    assert!(!fleet.tgt_show("storage1").contains(&format!("volume-{}", v.id)), "exported again before the release");
+
+    let compute = fleet.start_agent("compute", "compute1", "");
+    let attached = wait_for("the new attach to end", WAIT, || async {
+        let a = attachments.clone().get_attachment(get.clone()).await.ok()?.into_inner();
+        (a.status == "attached").then_some(a)
+    })
+    .await;
+    assert_eq!(attached.status_reason, "", "{attached:?}");
+    assert_eq!(release_state(&fleet, &a.id).await.as_deref(), Some("done"));
+    let log = compute.log_text();
+    let (released, reattached) = (log.find("volume detached"), log.rfind("volume attached"));
+    assert!(released.is_some() && released < reattached, "the old disk went before the new one came: {log}");
+    assert_eq!(domain.xml(false).matches(&serial).count(), 1, "the guest has the new disk");
+    attachments.clone().detach(DetachRequest { attachment_id: again.id, force: false }).await.unwrap();
+    wait_volume(&volumes, &v.id, "available").await;
+    assert_released(&fleet, &v.id).await;
+}
+
+/// The state of the release of the disk that attachment `attachment_id`, forced away, left on its host.
+async fn release_state(fleet: &Fleet, attachment_id: &str) -> Option<String> {
+    sqlx::query_scalar("SELECT state FROM operations WHERE kind = 'release_disk' AND resource_id = ?")
+        .bind(attachment_id)
+        .fetch_optional(&fleet.db().await)
+        .await
+        .unwrap()
 }
 
 /// A compute host that dies before an attach reaches it: the attach waits for it, with the volume exported to
 /// it and `attaching`. An admin's forced detach ends that attach: the export goes, the host is not asked, and the
-/// volume is free, with the reason.
+/// volume is free, with the reason. The release of whatever the host got waits for it, until an admin removes the
+/// host from the fleet as gone for good.
 #[tokio::test]
 async fn an_attach_waiting_for_a_dead_compute_host_is_ended_by_a_forced_detach() {
     let ComputeFleet { fleet, dir: _, storage: _storage, mut compute } = ComputeFleet::start("").await;
@@ -257,11 +299,27 @@ async fn an_attach_waiting_for_a_dead_compute_host_is_ended_by_a_forced_detach()
             .unwrap();
     assert_eq!(state, "failed");
     assert!(error.contains("was not asked"), "{error}");
+
+    assert_eq!(release_state(&fleet, &a.id).await.as_deref(), Some("running"));
+    let removed = wait_for("compute1 to be removed once down", WAIT, || async {
+        let (ok, out, _) = fleet.cli_off_runtime(&["service", "delete", "compute1"]).await;
+        ok.then_some(out)
+    })
+    .await;
+    assert!(removed.contains("compute1"), "{removed}");
+    let (state, error): (String, String) =
+        sqlx::query_as("SELECT state, error FROM operations WHERE kind = 'release_disk' AND resource_id = ?")
+            .bind(&a.id)
+            .fetch_one(&fleet.db().await)
+            .await
+            .unwrap();
+    assert_eq!(state, "failed");
+    assert!(error.contains("compute1 was removed from the fleet"), "{error}");
 }
 
 /// A detach forced while the compute host is in the middle of the attach (frozen there, then thawed): the host
-/// finishes attaching, but the forced detach holds. The attach ends, the export goes, and the host is not asked
-/// again, so its guest keeps a disk it can no longer reach, as with any forced detach.
+/// finishes attaching, but the forced detach holds. The attach ends and the export goes without the host; then,
+/// as after any forced detach, the host releases the disk its guest got.
 #[tokio::test]
 async fn a_detach_forced_while_the_host_attaches_ends_the_attach() {
     let mut fleet = Fleet::new();
@@ -291,8 +349,11 @@ async fn a_detach_forced_while_the_host_attaches_ends_the_attach() {
     assert!(free.attachments.is_empty(), "{free:?}");
     assert_released_from_storage(&fleet, &v.id).await;
     assert!(compute.log_text().contains("volume attached"), "the host finished its attach");
-    assert!(!compute.log_text().contains("volume detached"), "the host was asked to detach");
-    assert!(domain.xml(false).contains(&format!("<serial>{}</serial>", v.id)), "the guest was left alone");
+    // The release is recorded with the attach's end. It finishes once the guest lets the disk go, which takes
+    // minutes here: the guest's first writes to the disk hang on its removed export until they time out. The
+    // release itself is tested with a host that comes back, above.
+    let release = release_state(&fleet, &a.id).await;
+    assert!(matches!(release.as_deref(), Some("running" | "done")), "{release:?}");
 }
 
 /// An attached volume grows under its running guest (Cinder's extend of an in-use volume): the storage agent grows

@@ -1,0 +1,139 @@
+//! Disks left in guests by forced detaches. A forced detach does not ask the compute host (it is down, or an admin
+//! gave up on it), so its guest may keep the disk and the host its connection to the volume. Each one is recorded,
+//! in the transaction that ends the attachment, as a `release_disk` operation that has the host remove the disk and
+//! disconnect once it answers again.
+//!
+//! A connection left on a host could reach the volume again as soon as it is exported to that host once more, and a
+//! release made after a new attach would remove the new disk. So, while a release is pending, no attach or boot of
+//! the same volume on the same host goes further than recording its intent: it waits ([`wait_reason`]), and the
+//! release wakes it when done.
+
+use crate::clock::now_ms;
+use crate::context::Ctx;
+use crate::error::Result;
+use crate::operations::{self, Op, Outcome};
+use ember_proto::agent::v1 as agent;
+use sqlx::SqliteConnection;
+use std::sync::Arc;
+
+/// The operation kind of a pending release.
+pub const KIND: &str = "release_disk";
+
+/// What a forced detach left on a compute host.
+pub struct Leftover<'a> {
+    /// The attachment that was forced away (the operation's resource).
+    pub attachment_id: &'a str,
+    /// The volume.
+    pub volume_id: &'a str,
+    /// The libvirt domain that may still have the disk.
+    pub instance: &'a str,
+    /// The compute host.
+    pub host: &'a str,
+    /// The connection facts as stored on the attachment (no secrets).
+    pub connection: &'a str,
+}
+
+/// Records `left` for release, in the caller's transaction (the one that ends the attachment). An attachment with no
+/// connection recorded never reached its host, so it leaves nothing.
+pub async fn record(conn: &mut SqliteConnection, left: Leftover<'_>) -> Result<Option<String>> {
+    let Ok(connection) = serde_json::from_str::<serde_json::Value>(left.connection) else {
+        return Ok(None);
+    };
+    if connection.as_object().is_none_or(|c| c.is_empty()) {
+        return Ok(None);
+    }
+    let payload = serde_json::json!({
+        "volume_id": left.volume_id, "instance": left.instance, "host": left.host, "connection": connection,
+    });
+    let op = operations::insert(conn, KIND, "attachment", left.attachment_id, "releasing", payload).await?;
+    tracing::warn!(
+        attachment_id = left.attachment_id,
+        volume_id = left.volume_id,
+        host = left.host,
+        instance = left.instance,
+        "the disk a forced detach left will be released when the host answers"
+    );
+    Ok(Some(op))
+}
+
+/// Why an attach or boot of `volume_id` on `host` must wait, if it must: a disk a forced detach left there is not
+/// released yet.
+pub async fn wait_reason(conn: &mut SqliteConnection, volume_id: &str, host: &str) -> Result<Option<String>> {
+    let pending: Option<(String, String)> = sqlx::query_as(
+        "SELECT json_extract(payload, '$.instance'), coalesce(json_extract(payload, '$.refused'), '') \
+         FROM operations WHERE kind = ?1 AND state = 'running' \
+         AND json_extract(payload, '$.volume_id') = ?2 AND json_extract(payload, '$.host') = ?3 \
+         ORDER BY created_at LIMIT 1",
+    )
+    .bind(KIND)
+    .bind(volume_id)
+    .bind(host)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(pending.map(|(instance, refused)| {
+        let why = if refused.is_empty() { String::new() } else { format!(" (last try: {refused})") };
+        format!("waiting for {host} to release the disk a forced detach left in instance {instance}{why}")
+    }))
+}
+
+/// Release flow: the compute agent removes the disk from the domain (if it still has it) and disconnects. A host
+/// that cannot be reached is retried until it answers; so is a refusal (a guest that does not let the disk go),
+/// which is kept on the operation for the attaches it holds back to show. Then the attaches and boots that
+/// waited for it go on.
+pub async fn release_flow(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
+    let text = |k: &str| op.payload[k].as_str().unwrap_or_default().to_string();
+    let (volume_id, instance, host) = (text("volume_id"), text("instance"), text("host"));
+    let connection = crate::attachments::connection_from_json(&op.payload["connection"]);
+    let mut compute = ctx.agents.compute(&host).await?;
+    let released = compute
+        .detach_volume(agent::DetachVolumeRequest {
+            volume_id: volume_id.clone(),
+            instance: instance.clone(),
+            connection: Some(connection),
+        })
+        .await;
+    match released {
+        Ok(_) => {}
+        Err(status) if crate::attachments::compute_transient(&status) => {
+            return Ok(Outcome::Retry(format!("{host} cannot release a leftover disk yet: {}", status.message())));
+        }
+        Err(status) => {
+            op.payload["refused"] = serde_json::Value::from(status.message());
+            let step = op.step.clone();
+            operations::advance(&mut *ctx.db.acquire().await?, &mut op, &step).await?;
+            return Ok(Outcome::Retry(format!("{host} refused to release a leftover disk: {}", status.message())));
+        }
+    }
+    operations::finish(&mut *ctx.db.acquire().await?, &op, None).await?;
+    tracing::info!(attachment_id = %op.resource_id, %volume_id, %host, %instance, "leftover disk released");
+    // Attaches wait on their attachment, boots on their instance.
+    let waiting: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM attachments WHERE volume_id = ?1 AND host = ?2 \
+         UNION SELECT id FROM instances WHERE boot_volume_id = ?1 AND host = ?2",
+    )
+    .bind(&volume_id)
+    .bind(&host)
+    .fetch_all(&ctx.db)
+    .await?;
+    for resource in waiting {
+        operations::wake(ctx, &resource).await;
+    }
+    Ok(Outcome::Finished)
+}
+
+/// Ends, as not done, the releases pending on compute host `host`, which an admin is removing from the fleet
+/// as gone for good; returns how many. Inside the caller's transaction.
+pub async fn give_up_on_host(conn: &mut SqliteConnection, host: &str) -> Result<u64> {
+    let ended = sqlx::query(
+        "UPDATE operations SET state = 'failed', error = ?, updated_at = ? \
+         WHERE kind = ? AND state = 'running' AND json_extract(payload, '$.host') = ?",
+    )
+    .bind(format!("not released: compute host {host} was removed from the fleet"))
+    .bind(now_ms())
+    .bind(KIND)
+    .bind(host)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok(ended)
+}
