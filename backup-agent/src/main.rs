@@ -117,6 +117,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             })
             .collect(),
         compute_capacity: None,
+        crl_number: 0, // the registration loop sets it
     })
     .await
 }

@@ -169,10 +169,13 @@ pub async fn registration_loop(
     let mut reports = Reports::new(report, REPORT_PATIENCE);
     loop {
         reconnect_when_terms_change(&mut client, &mut terms, tls, &connect)?;
-        let request = reports.next().await;
+        let mut request = reports.next().await;
+        request.crl_number = crate::revocation::current().number;
         let interval = match client.register(request.clone()).await {
             Ok(resp) => {
-                let secs = resp.into_inner().heartbeat_interval_seconds.max(1);
+                let resp = resp.into_inner();
+                adopt_revocations(tls, &resp.crl);
+                let secs = resp.heartbeat_interval_seconds.max(1);
                 tracing::info!(name = %request.name, instance_id = %request.instance_id, "registered with the coordinator");
                 backoff = Duration::from_millis(200);
                 Duration::from_secs(secs as u64)
@@ -210,8 +213,8 @@ pub async fn registration_loop(
     }
 }
 
-/// Puts in force the revocation list the coordinator handed on with a heartbeat (`crl`, empty when it has
-/// nothing newer), once the fleet CA's signature on it checks out.
+/// Puts in force the revocation list the coordinator handed on at registration or with a heartbeat (`crl`, empty
+/// when it has nothing newer), once the fleet CA's signature on it checks out.
 fn adopt_revocations(tls: &TlsFiles, crl: &[u8]) {
     if crl.is_empty() {
         return;

@@ -226,6 +226,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             connector: Some(connector.clone()),
             repositories: vec![],
             compute_capacity: Some(compute_capacity),
+            crl_number: 0, // the registration loop sets it
         })
         .await;
     libvirt.stop().await;

@@ -173,12 +173,12 @@ impl Registrar {
         for (backend, az, report) in rows {
             sqlx::query(
                 "INSERT INTO services (host, role, backend, availability_zone, endpoint, instance_id, version, \
-                 api_version, report, created_at, last_heartbeat, certificate_expires_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                 api_version, report, created_at, last_heartbeat, certificate_expires_at, crl_number) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
                  ON CONFLICT (host, role, backend) DO UPDATE SET availability_zone = excluded.availability_zone, \
                  endpoint = excluded.endpoint, instance_id = excluded.instance_id, version = excluded.version, \
                  api_version = excluded.api_version, report = excluded.report, last_heartbeat = excluded.last_heartbeat, \
-                 certificate_expires_at = excluded.certificate_expires_at",
+                 certificate_expires_at = excluded.certificate_expires_at, crl_number = excluded.crl_number",
             )
             .bind(&req.name)
             .bind(role)
@@ -192,6 +192,7 @@ impl Registrar {
             .bind(now)
             .bind(now)
             .bind(expires_ms)
+            .bind(list_number(req.crl_number))
             .execute(&mut *tx)
             .await?;
         }
@@ -213,7 +214,7 @@ impl Registrar {
         )
         .bind(now)
         .bind(expires_ms)
-        .bind(i64::try_from(req.crl_number).unwrap_or(i64::MAX))
+        .bind(list_number(req.crl_number))
         .bind(&req.name)
         .bind(role)
         .bind(&req.instance_id)
@@ -251,19 +252,30 @@ impl Registration for Registrar {
     async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         let id = caller(&req)?.clone();
         let expiry = peer_certificate_expiry(&req);
-        self.register(&id, req.into_inner(), expiry).await?;
-        Ok(Response::new(RegisterResponse { heartbeat_interval_seconds: self.heartbeat_interval_seconds }))
+        let req = req.into_inner();
+        let crl = newer_revocations(req.crl_number);
+        self.register(&id, req, expiry).await?;
+        Ok(Response::new(RegisterResponse { heartbeat_interval_seconds: self.heartbeat_interval_seconds, crl }))
     }
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         let id = caller(&req)?.clone();
         let expiry = peer_certificate_expiry(&req);
         let req = req.into_inner();
-        let agent_has = req.crl_number;
+        let crl = newer_revocations(req.crl_number);
         self.heartbeat(&id, req, expiry).await?;
-        // Revocations reach the agents through the coordinator: a list copied here is handed on.
-        let list = ember_common::revocation::current();
-        let crl = if list.number > agent_has { list.pem.clone() } else { Vec::new() };
         Ok(Response::new(HeartbeatResponse { crl }))
     }
+}
+
+/// The revocation list in force here (PEM) when it is later than the agent's list number `agent_has`, else empty:
+/// revocations reach the agents through the coordinator, so a list copied here is handed on.
+fn newer_revocations(agent_has: u64) -> Vec<u8> {
+    let list = ember_common::revocation::current();
+    if list.number > agent_has { list.pem.clone() } else { Vec::new() }
+}
+
+/// A list number as stored (SQLite integers are signed).
+fn list_number(number: u64) -> i64 {
+    i64::try_from(number).unwrap_or(i64::MAX)
 }

@@ -116,6 +116,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             connector: None,
             repositories: vec![],
             compute_capacity: None,
+            crl_number: 0, // the registration loop sets it
         })
         .await;
     // Stopping the keeper drops our tgtd, which ends it; an agent killed outright leaves tgtd running with its

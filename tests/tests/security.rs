@@ -690,4 +690,17 @@ async fn a_revocation_copied_to_the_coordinator_reaches_the_agents() {
     let config = fleet.database().with_file_name("storage-storage1.toml");
     let config = std::fs::read_to_string(config).unwrap();
     assert!(!config.contains("crl ="), "the agent has no list file: {config}");
+
+    // An agent that starts without the list gets it when it registers, before its first heartbeat.
+    let late = fleet.start_agent_without_crl("storage", "storage2", &fleet.file_backend("b2", "").0);
+    wait_for("storage2 to register", Duration::from_secs(30), || async {
+        late.log_text().contains("registered with the coordinator").then_some(())
+    })
+    .await;
+    let to_late = StorageAgentClient::new(retired.channel(&late.url()).unwrap());
+    let err = to_late.clone().list_resources(ListResourcesRequest::default()).await.unwrap_err();
+    assert!(refused(&err), "{err:?}");
+    let log = late.log_text();
+    let adopted = log.find("new certificate revocation list in force, from the coordinator number=1");
+    assert!(adopted.is_some() && adopted < log.find("registered with the coordinator"), "{log}");
 }
