@@ -274,6 +274,12 @@ pub async fn boot_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         return Ok(Outcome::Retry(format!("boot volume {} is still being created", v.id)));
     }
     if let Some(why) = crate::leftovers::wait_reason(&mut *ctx.db.acquire().await?, &v.id, &i.host).await? {
+        sqlx::query("UPDATE instances SET status_reason = ?, updated_at = ? WHERE id = ?")
+            .bind(&why)
+            .bind(now_ms())
+            .bind(&i.id)
+            .execute(&ctx.db)
+            .await?;
         return Ok(Outcome::Waiting(why));
     }
     let attachment = match reserve_boot_volume(ctx, &i, &v).await? {
@@ -311,7 +317,7 @@ pub async fn boot_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         .execute(&mut *tx)
         .await?;
     settle_volume(&mut tx, &v.id, "").await?;
-    sqlx::query("UPDATE instances SET status = 'active', updated_at = ? WHERE id = ?")
+    sqlx::query("UPDATE instances SET status = 'active', status_reason = '', updated_at = ? WHERE id = ?")
         .bind(now_ms())
         .bind(&i.id)
         .execute(&mut *tx)

@@ -3,10 +3,11 @@
 //! data is on the storage side, and a detach leaves nothing behind (live XML, libvirt secrets, tgt targets,
 //! the coordinator's records). Failed attaches change nothing.
 
-use ember_fleet_tests::libvirt::{ComputeFleet, Domain, attach_request, secrets, virsh};
+use ember_fleet_tests::libvirt::{ComputeFleet, Domain, attach_request, boot_config, secrets, virsh};
 use ember_fleet_tests::volumes::{db_state, new_volume, wait_backend, wait_volume};
 use ember_fleet_tests::{Fleet, wait_for};
 use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
+use ember_proto::v1::instance_service_client::InstanceServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
 use ember_proto::v1::volume_type_service_client::VolumeTypeServiceClient;
 use ember_proto::v1::*;
@@ -253,6 +254,66 @@ async fn a_detach_waiting_for_a_dead_compute_host_is_forced_by_an_admin() {
     attachments.clone().detach(DetachRequest { attachment_id: again.id, force: false }).await.unwrap();
     wait_volume(&volumes, &v.id, "available").await;
     assert_released(&fleet, &v.id).await;
+}
+
+/// A guest that keeps the disk a forced detach left (here: paused) makes its host refuse the release, which is
+/// retried. Meanwhile an instance booting from that volume on that host waits before its export, saying why,
+/// and boots once the guest has let the disk go.
+#[tokio::test]
+async fn a_boot_from_a_volume_waits_until_the_disk_a_forced_detach_left_is_released() {
+    let ComputeFleet { fleet, dir: _, storage: _storage, compute: _compute } =
+        ComputeFleet::start(&boot_config()).await;
+    let domain = Domain::boot("ember-keep").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let attachments = AttachmentServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    let a = attachments.clone().attach(attach_request(&v.id, &domain.name)).await.unwrap().into_inner();
+    wait_volume(&volumes, &v.id, "in-use").await;
+    domain.wait_console(&format!("DISK-WRITTEN serial={}", &v.id[..20]), WAIT).await;
+
+    domain.suspend();
+    attachments.clone().detach(DetachRequest { attachment_id: a.id.clone(), force: true }).await.unwrap();
+    wait_volume(&volumes, &v.id, "available").await;
+    let bootable = UpdateVolumeRequest { id: v.id.clone(), bootable: Some(true), ..Default::default() };
+    volumes.clone().update_volume(bootable).await.unwrap();
+    let instances = InstanceServiceClient::new(fleet.admin());
+    let create = CreateInstanceRequest {
+        name: "after-leftover".into(),
+        boot_volume_id: v.id.clone(),
+        host: "compute1".into(),
+        ..Default::default()
+    };
+    let vm = instances.clone().create_instance(create).await.unwrap().into_inner();
+    let get = GetInstanceRequest { id: vm.id.clone() };
+    let waiting = wait_for("the boot to wait for the release the guest refuses", WAIT, || async {
+        let i = instances.clone().get_instance(get.clone()).await.ok()?.into_inner();
+        i.status_reason.contains("waiting for compute1 to release the disk").then_some(i)
+    })
+    .await;
+    assert_ne!(waiting.status, "active", "{waiting:?}");
+    let refused = wait_for("the release to be refused", WAIT, || async {
+        let i = instances.clone().get_instance(get.clone()).await.ok()?.into_inner();
+        i.status_reason.contains("did not release").then_some(i)
+    })
+    .await;
+    assert_ne!(refused.status, "active", "{refused:?}");
+    assert_eq!(release_state(&fleet, &a.id).await.as_deref(), Some("running"));
+
+    domain.resume();
+    let active = wait_for("the instance to boot", WAIT, || async {
+        let i = instances.clone().get_instance(get.clone()).await.ok()?.into_inner();
+        (i.status == "active").then_some(i)
+    })
+    .await;
+    assert_eq!(active.status_reason, "", "{active:?}");
+    assert_eq!(release_state(&fleet, &a.id).await.as_deref(), Some("done"));
+    assert!(!domain.xml(false).contains(&format!("<serial>{}</serial>", v.id)), "the guest let the disk go");
+    instances.clone().delete_instance(DeleteInstanceRequest { id: vm.id.clone() }).await.unwrap();
+    wait_for("the instance to go", WAIT, || async {
+        let got = instances.clone().get_instance(GetInstanceRequest { id: vm.id.clone() }).await;
+        matches!(got, Err(s) if s.code() == tonic::Code::NotFound).then_some(())
+    })
+    .await;
 }
 
 /// The state of the release of the disk that attachment `attachment_id`, forced away, left on its host.
