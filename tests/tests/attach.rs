@@ -318,8 +318,14 @@ async fn a_boot_from_a_volume_waits_until_the_disk_a_forced_detach_left_is_relea
 
 /// The state of the release of the disk that attachment `attachment_id`, forced away, left on its host.
 async fn release_state(fleet: &Fleet, attachment_id: &str) -> Option<String> {
-    sqlx::query_scalar("SELECT state FROM operations WHERE kind = 'release_disk' AND resource_id = ?")
-        .bind(attachment_id)
+    operation(fleet, "release_disk", attachment_id).await.map(|(state, _)| state)
+}
+
+/// The state and error of the operation of `kind` on `resource_id`, if there is one.
+async fn operation(fleet: &Fleet, kind: &str, resource_id: &str) -> Option<(String, String)> {
+    sqlx::query_as("SELECT state, error FROM operations WHERE kind = ? AND resource_id = ?")
+        .bind(kind)
+        .bind(resource_id)
         .fetch_optional(&fleet.db().await)
         .await
         .unwrap()
@@ -352,12 +358,7 @@ async fn an_attach_waiting_for_a_dead_compute_host_is_ended_by_a_forced_detach()
     assert!(err.message().contains("an admin may force it"), "{err:?}");
     let free = force_detach(&fleet, &volumes, &a.id, &v.id).await;
     assert!(free.status_reason.contains("attach abandoned"), "{free:?}");
-    let (state, error): (String, String) =
-        sqlx::query_as("SELECT state, error FROM operations WHERE kind = 'attach' AND resource_id = ?")
-            .bind(&a.id)
-            .fetch_one(&fleet.db().await)
-            .await
-            .unwrap();
+    let (state, error) = operation(&fleet, "attach", &a.id).await.unwrap();
     assert_eq!(state, "failed");
     assert!(error.contains("was not asked"), "{error}");
 
@@ -368,12 +369,7 @@ async fn an_attach_waiting_for_a_dead_compute_host_is_ended_by_a_forced_detach()
     })
     .await;
     assert!(removed.contains("compute1"), "{removed}");
-    let (state, error): (String, String) =
-        sqlx::query_as("SELECT state, error FROM operations WHERE kind = 'release_disk' AND resource_id = ?")
-            .bind(&a.id)
-            .fetch_one(&fleet.db().await)
-            .await
-            .unwrap();
+    let (state, error) = operation(&fleet, "release_disk", &a.id).await.unwrap();
     assert_eq!(state, "failed");
     assert!(error.contains("compute1 was removed from the fleet"), "{error}");
 }
