@@ -57,6 +57,9 @@ enum InstanceAction {
     Delete {
         /// Instance id.
         id: String,
+        /// Admin: without its compute host, which is down (its domain is destroyed if it comes back).
+        #[arg(long)]
+        force: bool,
         /// Wait until it is gone.
         #[arg(long)]
         wait: bool,
@@ -150,8 +153,8 @@ pub async fn run(cmd: InstanceCmd, conn: &ConnectArgs, json: bool) -> Result<(),
         InstanceAction::ConsoleLog { id } => {
             print!("{}", client.get_console_log(GetInstanceRequest { id }).await?.into_inner().text)
         }
-        InstanceAction::Delete { id, wait: w } => {
-            client.delete_instance(DeleteInstanceRequest { id: id.clone() }).await?;
+        InstanceAction::Delete { id, force, wait: w } => {
+            client.delete_instance(DeleteInstanceRequest { id: id.clone(), force }).await?;
             if w && let Some(i) = wait(&mut client, &id).await? {
                 return Err(CliError::Other(format!("instance {} is {}: {}", i.id, i.status, i.status_reason)));
             }

@@ -329,9 +329,9 @@ async fn abandon_attach(
     fail_attach(ctx, op, v, &reason, true).await
 }
 
-/// Records for release what attachment `id`, ended by a forced detach, may have left on its compute host; inside
-/// the transaction that removes the attachment.
-async fn record_leftover(conn: &mut SqliteConnection, id: &str) -> Result<()> {
+/// Records for release what attachment `id`, ended without its compute host (a forced detach or instance delete),
+/// may have left there; inside the transaction that removes the attachment.
+pub(crate) async fn record_leftover(conn: &mut SqliteConnection, id: &str) -> Result<()> {
     let row: Option<(String, String, String, String)> =
         sqlx::query_as("SELECT volume_id, instance, host, coalesce(connection, '') FROM attachments WHERE id = ?")
             .bind(id)

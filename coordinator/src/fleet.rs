@@ -141,7 +141,7 @@ async fn holdings(conn: &mut sqlx::SqliteConnection, role: &str, host: &str, bac
         )],
         "compute" => &[
             ("SELECT COUNT(*) FROM attachments WHERE host = ?1", "attachment(s)", "detach them (--force)"),
-            ("SELECT COUNT(*) FROM instances WHERE host = ?1", "instance(s)", "delete them"),
+            ("SELECT COUNT(*) FROM instances WHERE host = ?1", "instance(s)", "delete them (--force)"),
         ],
         _ => &[(
             "SELECT COUNT(*) FROM backups WHERE host = ?1",

@@ -5,7 +5,7 @@
 //! deletes the boot volume when asked to. Booting from a snapshot first creates the volume from it.
 
 use crate::attachments::{
-    compute_transient, export_attachment, settle_volume, stored_connection, unexport_unless_shared,
+    compute_transient, export_attachment, record_leftover, settle_volume, stored_connection, unexport_unless_shared,
 };
 use crate::auth::{can_see, who};
 use crate::clock::{now_ms, timestamp};
@@ -151,10 +151,26 @@ impl Instances {
         Ok(shown)
     }
 
-    async fn delete(&self, who: &Identity, id: &str) -> Result<()> {
+    async fn delete(&self, who: &Identity, id: &str, force: bool) -> Result<()> {
+        if force && who.role != Role::Admin {
+            return Err(Error::PermissionDenied("only admins may force an instance's delete".into()));
+        }
         let mut tx = crate::db::write(&self.ctx.db).await?;
         let i = visible(&mut tx, who, id).await?;
         if i.status == "deleting" {
+            if force {
+                // Its next attempt leaves the host out.
+                sqlx::query(
+                    "UPDATE operations SET payload = json_set(payload, '$.force', json('true')), updated_at = ? \
+                     WHERE kind = 'delete_instance' AND resource_id = ? AND state = 'running'",
+                )
+                .bind(now_ms())
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                operations::wake(&self.ctx, id).await;
+            }
             return Ok(());
         }
         let moved = sqlx::query(
@@ -171,8 +187,8 @@ impl Instances {
                 i.status
             )));
         }
-        let op =
-            operations::insert(&mut tx, "delete_instance", "instance", id, "deleting", serde_json::json!({})).await?;
+        let payload = serde_json::json!({ "force": force });
+        let op = operations::insert(&mut tx, "delete_instance", "instance", id, "deleting", payload).await?;
         tx.commit().await?;
         operations::spawn(&self.ctx, op);
         Ok(())
@@ -232,24 +248,35 @@ async fn reserve_boot_volume(ctx: &Ctx, i: &Instance, v: &volumes::VolumeRow) ->
     Ok(Ok(id))
 }
 
-/// Disconnects and unexports one attachment of a (destroyed) instance and drops its record. `Err` = retry.
-async fn release(ctx: &Arc<Ctx>, instance_id: &str, attachment_id: &str) -> Result<Result<(), String>> {
+/// Disconnects and unexports one attachment of a (destroyed) instance and drops its record. `Err` = retry. A
+/// forced delete (`without_host`) does not ask the host: what it left there is released once it answers.
+async fn release(
+    ctx: &Arc<Ctx>,
+    instance_id: &str,
+    attachment_id: &str,
+    without_host: bool,
+) -> Result<Result<(), String>> {
     let Some((a, v)) = crate::attachments::load(ctx, attachment_id).await? else { return Ok(Ok(())) };
     let connector: serde_json::Value = serde_json::from_str(a.get::<&str, _>(9))?;
     let initiator = connector["initiator"].as_str().unwrap_or_default().to_string();
-    let mut compute = ctx.agents.compute(a.get::<&str, _>(3)).await?;
-    let detach = agent::DetachVolumeRequest {
-        volume_id: v.id.clone(),
-        instance: instance_id.to_string(),
-        connection: Some(stored_connection(&a)),
-    };
-    if let Err(s) = compute.detach_volume(detach).await {
-        return Ok(Err(format!("disconnecting volume {}: {}", v.id, s.message())));
+    if !without_host {
+        let mut compute = ctx.agents.compute(a.get::<&str, _>(3)).await?;
+        let detach = agent::DetachVolumeRequest {
+            volume_id: v.id.clone(),
+            instance: instance_id.to_string(),
+            connection: Some(stored_connection(&a)),
+        };
+        if let Err(s) = compute.detach_volume(detach).await {
+            return Ok(Err(format!("disconnecting volume {}: {}", v.id, s.message())));
+        }
     }
     if let Err(s) = unexport_unless_shared(ctx, attachment_id, &v, &initiator).await? {
         return Ok(Err(format!("unexporting volume {}: {}", v.id, s.message())));
     }
     let mut tx = crate::db::write(&ctx.db).await?;
+    if without_host {
+        record_leftover(&mut tx, attachment_id).await?;
+    }
     sqlx::query("DELETE FROM attachments WHERE id = ?").bind(attachment_id).execute(&mut *tx).await?;
     settle_volume(&mut tx, &v.id, "").await?;
     tx.commit().await?;
@@ -343,14 +370,15 @@ async fn fail_boot(ctx: &Arc<Ctx>, op: &Op, i: &Instance, attachment: &str, why:
     if let Err(s) = compute.destroy_instance(agent::DestroyInstanceRequest { instance_id: i.id.clone() }).await {
         return Ok(Outcome::Retry(format!("undoing a failed boot: {}", s.message())));
     }
-    if let Err(reason) = release(ctx, &i.id, attachment).await? {
+    if let Err(reason) = release(ctx, &i.id, attachment, false).await? {
         return Ok(Outcome::Retry(format!("undoing a failed boot: {reason}")));
     }
     set_status(ctx, op, &i.id, "error", &format!("boot failed: {why}")).await
 }
 
 /// Delete flow: destroy the domain → release every volume attached to the instance → delete the boot volume
-/// when asked → the record goes.
+/// when asked → the record goes. A forced delete leaves the host out: the volumes are only unexported, and what
+/// the host may still have (the domain, its disks) is released once it answers (`leftovers.rs`).
 pub async fn delete_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     let mut conn = ctx.db.acquire().await?;
     let Some(i) = find(&mut conn, &op.resource_id).await? else {
@@ -363,14 +391,19 @@ pub async fn delete_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         .fetch_all(&mut *conn)
         .await?;
     drop(conn);
-    let mut compute = ctx.agents.compute(&i.host).await?;
-    match compute.destroy_instance(agent::DestroyInstanceRequest { instance_id: i.id.clone() }).await {
-        Ok(_) => {}
-        Err(s) if compute_transient(&s) => return Ok(Outcome::Retry(s.message().to_string())),
-        Err(s) => return set_status(ctx, &op, &i.id, "error", &format!("delete failed: {}", s.message())).await,
+    let forced = op.payload["force"].as_bool().unwrap_or(false);
+    if forced {
+        tracing::warn!(instance_id = %i.id, host = %i.host, "forced delete: the host is not asked");
+    } else {
+        let mut compute = ctx.agents.compute(&i.host).await?;
+        match compute.destroy_instance(agent::DestroyInstanceRequest { instance_id: i.id.clone() }).await {
+            Ok(_) => {}
+            Err(s) if compute_transient(&s) => return Ok(Outcome::Retry(s.message().to_string())),
+            Err(s) => return set_status(ctx, &op, &i.id, "error", &format!("delete failed: {}", s.message())).await,
+        }
     }
     for a in attachments {
-        if let Err(reason) = release(ctx, &i.id, &a).await? {
+        if let Err(reason) = release(ctx, &i.id, &a, forced).await? {
             return Ok(Outcome::Retry(reason));
         }
     }
@@ -384,6 +417,9 @@ pub async fn delete_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         }
     }
     let mut tx = crate::db::write(&ctx.db).await?;
+    if forced {
+        crate::leftovers::record_domain(&mut tx, &i.id, &i.host).await?;
+    }
     let removed = sqlx::query("DELETE FROM instances WHERE id = ?").bind(&i.id).execute(&mut *tx).await?;
     if removed.rows_affected() == 1 {
         ctx.quota.release(&mut tx, &i.project, &quota::instance_deltas(i.vcpus, i.memory_mb)).await?;
@@ -437,7 +473,8 @@ impl InstanceService for Instances {
         req: Request<DeleteInstanceRequest>,
     ) -> Result<Response<DeleteInstanceResponse>, Status> {
         let who = who(&req)?;
-        Instances::delete(self, &who, &req.get_ref().id).await?;
+        let r = req.get_ref();
+        Instances::delete(self, &who, &r.id, r.force).await?;
         Ok(Response::new(DeleteInstanceResponse {}))
     }
 }

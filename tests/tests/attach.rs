@@ -308,7 +308,7 @@ async fn a_boot_from_a_volume_waits_until_the_disk_a_forced_detach_left_is_relea
     assert_eq!(active.status_reason, "", "{active:?}");
     assert_eq!(release_state(&fleet, &a.id).await.as_deref(), Some("done"));
     assert!(!domain.xml(false).contains(&format!("<serial>{}</serial>", v.id)), "the guest let the disk go");
-    instances.clone().delete_instance(DeleteInstanceRequest { id: vm.id.clone() }).await.unwrap();
+    instances.clone().delete_instance(DeleteInstanceRequest { id: vm.id.clone(), force: false }).await.unwrap();
     wait_for("the instance to go", WAIT, || async {
         let got = instances.clone().get_instance(GetInstanceRequest { id: vm.id.clone() }).await;
         matches!(got, Err(s) if s.code() == tonic::Code::NotFound).then_some(())

@@ -125,7 +125,7 @@ async fn an_instance_boots_from_a_volume_made_from_an_image_and_takes_a_hot_atta
     wait_console(&instances, &vm.id, &format!("DISK-GONE serial={}", &data.id[..20])).await;
 
     // Delete: the domain, its secret, the export and the boot volume (delete on terminate) all go.
-    instances.clone().delete_instance(DeleteInstanceRequest { id: vm.id.clone() }).await.unwrap();
+    instances.clone().delete_instance(DeleteInstanceRequest { id: vm.id.clone(), force: false }).await.unwrap();
     wait_for("the instance record to go", WAIT, || async {
         let gone = instances.clone().get_instance(GetInstanceRequest { id: vm.id.clone() }).await;
         matches!(gone, Err(s) if s.code() == tonic::Code::NotFound).then_some(())
@@ -167,7 +167,7 @@ async fn an_instance_boots_from_a_volume_made_from_an_image_and_takes_a_hot_atta
     let vm2 = wait_instance(&instances, &vm2.id, "active").await;
     let made = wait_volume(&volumes, &vm2.boot_volume_id, "in-use").await;
     assert_eq!(made.source_snapshot_id, snap.id);
-    instances.clone().delete_instance(DeleteInstanceRequest { id: vm2.id.clone() }).await.unwrap();
+    instances.clone().delete_instance(DeleteInstanceRequest { id: vm2.id.clone(), force: false }).await.unwrap();
     wait_volume(&volumes, &made.id, "available").await;
     assert!(!domain_exists(&vm2.id), "the domain went; the boot volume stays (no delete on terminate)");
 }
@@ -222,7 +222,7 @@ async fn instances_count_against_their_projects_quota() {
     assert!(err.message().contains("instances"), "{err:?}");
     assert_eq!(usage(&fleet, "p1", "volumes").await, volumes_before, "no boot volume was made");
 
-    instances.clone().delete_instance(DeleteInstanceRequest { id: first.id.clone() }).await.unwrap();
+    instances.clone().delete_instance(DeleteInstanceRequest { id: first.id.clone(), force: false }).await.unwrap();
     wait_instance_gone(&instances, &first.id).await;
     assert_eq!(used().await, (0, 0, 0));
 
@@ -256,7 +256,7 @@ async fn instances_count_against_their_projects_quota() {
     assert_eq!(boot_volumes, [format!("{}-boot", won[0].name)], "only the winner's boot volume");
     assert_eq!(usage(&fleet, "p1", "volumes").await, volumes_before + 1);
     wait_instance(&instances, &won[0].id, "active").await;
-    instances.clone().delete_instance(DeleteInstanceRequest { id: won[0].id.clone() }).await.unwrap();
+    instances.clone().delete_instance(DeleteInstanceRequest { id: won[0].id.clone(), force: false }).await.unwrap();
     wait_instance_gone(&instances, &won[0].id).await;
     ember_fleet_tests::volumes::wait_gone(&volumes, &won[0].boot_volume_id).await;
     assert_eq!(used().await, (0, 0, 0));
@@ -316,7 +316,7 @@ async fn an_instance_without_a_host_goes_to_the_least_busy_compute_host_that_is_
     let second = fleet.start_agent("compute", "compute2", &boot_config());
     second.wait_registered().await;
     for i in &made {
-        instances.clone().delete_instance(DeleteInstanceRequest { id: i.id.clone() }).await.unwrap();
+        instances.clone().delete_instance(DeleteInstanceRequest { id: i.id.clone(), force: false }).await.unwrap();
     }
     for i in &made {
         wait_instance_gone(&instances, &i.id).await;
@@ -420,7 +420,7 @@ async fn instances_go_only_where_the_compute_host_has_room_for_them() {
     // Deleted, they give their room back.
     for i in &made {
         wait_instance(&instances, &i.id, "active").await;
-        instances.clone().delete_instance(DeleteInstanceRequest { id: i.id.clone() }).await.unwrap();
+        instances.clone().delete_instance(DeleteInstanceRequest { id: i.id.clone(), force: false }).await.unwrap();
     }
     for i in &made {
         wait_instance_gone(&instances, &i.id).await;
@@ -429,4 +429,68 @@ async fn instances_go_only_where_the_compute_host_has_room_for_them() {
     assert_eq!(row(&shown, "compute1"), "compute1 up enabled 0 0/2 0/1024", "{shown}");
     assert_eq!(row(&shown, "compute2"), "compute2 up enabled 0 0/16 0/4096", "{shown}");
     ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
+}
+
+/// A compute host that is down holds back the delete of its instances, for ever. An admin forces it (Nova's
+/// local delete): the host is not asked, the instance's volumes are unexported and free, and the instance is gone.
+/// When the host is back, it destroys the domain that was left running there and lets its disk go.
+#[tokio::test]
+async fn an_instance_on_a_compute_host_that_is_down_is_deleted_by_an_admin() {
+    let ComputeFleet { fleet, dir: _, storage: _storage, mut compute } = ComputeFleet::start(&boot_config()).await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    let bootable = UpdateVolumeRequest { id: v.id.clone(), bootable: Some(true), ..Default::default() };
+    volumes.clone().update_volume(bootable).await.unwrap();
+    let instances = InstanceServiceClient::new(fleet.admin());
+    let create = CreateInstanceRequest { name: "stranded".into(), boot_volume_id: v.id.clone(), ..Default::default() };
+    let vm = instances.clone().create_instance(create).await.unwrap().into_inner();
+    wait_instance(&instances, &vm.id, "active").await;
+    assert!(domain_exists(&vm.id));
+
+    compute.kill();
+    instances.clone().delete_instance(DeleteInstanceRequest { id: vm.id.clone(), force: false }).await.unwrap();
+    let coordinator = fleet.coordinator.as_ref().unwrap();
+    wait_for("the delete to wait for the host", WAIT, || async {
+        coordinator.log_text().contains("operation paused").then_some(())
+    })
+    .await;
+    let get = GetInstanceRequest { id: vm.id.clone() };
+    assert_eq!(instances.clone().get_instance(get).await.unwrap().into_inner().status, "deleting");
+
+    let forced = DeleteInstanceRequest { id: vm.id.clone(), force: true };
+    let err = InstanceServiceClient::new(fleet.member("alice", "p1")).delete_instance(forced).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let (ok, out, err) = fleet.cli_off_runtime(&["instance", "delete", &vm.id, "--force", "--wait"]).await;
+    assert!(ok && out.contains("deleted"), "{out}\n{err}");
+    wait_instance_gone(&instances, &vm.id).await;
+    let free = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
+    assert_eq!((free.status.as_str(), free.attachments.len()), ("available", 0), "{free:?}");
+    assert!(!fleet.tgt_show("storage1").contains(&format!("volume-{}", v.id)), "the export was left");
+    assert!(domain_exists(&vm.id), "the host was not asked");
+    assert_eq!(leftover_state(&fleet, "destroy_domain", &vm.id).await.as_deref(), Some("running"));
+
+    let _compute = fleet.start_agent("compute", "compute1", &boot_config());
+    wait_for("the host to destroy the domain left there", WAIT, || async {
+        let done = leftover_state(&fleet, "destroy_domain", &vm.id).await.as_deref() == Some("done");
+        (done && !domain_exists(&vm.id)).then_some(())
+    })
+    .await;
+    wait_for("the host to let the boot disk go", WAIT, || async {
+        let states: Vec<String> = sqlx::query_scalar("SELECT state FROM operations WHERE kind = 'release_disk'")
+            .fetch_all(&fleet.db().await)
+            .await
+            .unwrap();
+        (states == ["done"]).then_some(())
+    })
+    .await;
+}
+
+/// The state of the operation of `kind` that lets go of what `resource_id` left on its host.
+async fn leftover_state(fleet: &ember_fleet_tests::Fleet, kind: &str, resource_id: &str) -> Option<String> {
+    sqlx::query_scalar("SELECT state FROM operations WHERE kind = ? AND resource_id = ?")
+        .bind(kind)
+        .bind(resource_id)
+        .fetch_optional(&fleet.db().await)
+        .await
+        .unwrap()
 }

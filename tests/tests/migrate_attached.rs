@@ -297,7 +297,7 @@ async fn a_running_instance_s_boot_volume_moves_to_another_storage_host() {
     wait_volume(&volumes, &data.id, "in-use").await;
     console(format!("DISK-WRITTEN serial={}", &data.id[..20])).await;
 
-    instances.clone().delete_instance(DeleteInstanceRequest { id: vm.id.clone() }).await.unwrap();
+    instances.clone().delete_instance(DeleteInstanceRequest { id: vm.id.clone(), force: false }).await.unwrap();
     ember_fleet_tests::volumes::wait_gone(&volumes, &boot.id).await;
     assert!(!domain_exists(&vm.id));
     assert!(!hosts.dir2.join(format!("volume-{}", boot.id)).exists(), "the boot volume went from its new pool");
