@@ -173,17 +173,22 @@ impl Instances {
             }
             return Ok(());
         }
+        // A boot waiting for a host that is down is ended by a forced delete: the boot operation gives up at its
+        // next step (`boot_flow`), and the delete waits for that.
         let moved = sqlx::query(
-            "UPDATE instances SET status = 'deleting', updated_at = ? WHERE id = ? AND status IN ('active', 'error')",
+            "UPDATE instances SET status = 'deleting', updated_at = ? \
+             WHERE id = ? AND (status IN ('active', 'error') OR (? AND status = 'building'))",
         )
         .bind(now_ms())
         .bind(id)
+        .bind(force)
         .execute(&mut *tx)
         .await?
         .rows_affected();
         if moved == 0 {
+            let hint = if i.status == "building" { " (an admin may force it)" } else { "" };
             return Err(Error::FailedPrecondition(format!(
-                "instance {id} is {}; delete needs active or error",
+                "instance {id} is {}; delete needs active or error{hint}",
                 i.status
             )));
         }
@@ -284,6 +289,9 @@ async fn release(
     Ok(Ok(()))
 }
 
+/// The error recorded on a boot that a forced delete ended.
+const BOOT_ABANDONED: &str = "boot abandoned: the instance was deleted by force";
+
 /// Boot flow: wait for the boot volume → reserve it → export → the compute agent defines and starts the
 /// domain → active. A refusal undoes everything and leaves the instance in `error` with the reason.
 pub async fn boot_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
@@ -292,6 +300,10 @@ pub async fn boot_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         operations::finish(&mut conn, &op, Some("instance no longer exists")).await?;
         return Ok(Outcome::Finished);
     };
+    if i.status == "deleting" {
+        operations::finish(&mut conn, &op, Some(BOOT_ABANDONED)).await?;
+        return Ok(Outcome::Finished);
+    }
     let Some(v) = volumes::find(&mut conn, &i.boot_volume_id).await? else {
         drop(conn);
         return set_status(ctx, &op, &i.id, "error", "the boot volume no longer exists").await;
@@ -338,17 +350,27 @@ pub async fn boot_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         Err(s) => return fail_boot(ctx, &op, &i, &attachment, &format!("start on {}: {}", i.host, s.message())).await,
     }
     let mut tx = crate::db::write(&ctx.db).await?;
+    let active = sqlx::query(
+        "UPDATE instances SET status = 'active', status_reason = '', updated_at = ? WHERE id = ? AND status = 'building'",
+    )
+    .bind(now_ms())
+    .bind(&i.id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if active == 0 {
+        // A forced delete took the instance over while the host started it: the delete, waiting for this
+        // operation to end, has the host destroy the domain when it can.
+        operations::finish(&mut tx, &op, Some(BOOT_ABANDONED)).await?;
+        tx.commit().await?;
+        return Ok(Outcome::Finished);
+    }
     sqlx::query("UPDATE attachments SET status = 'attached', device = 'vda', updated_at = ? WHERE id = ?")
         .bind(now_ms())
         .bind(&attachment)
         .execute(&mut *tx)
         .await?;
     settle_volume(&mut tx, &v.id, "").await?;
-    sqlx::query("UPDATE instances SET status = 'active', status_reason = '', updated_at = ? WHERE id = ?")
-        .bind(now_ms())
-        .bind(&i.id)
-        .execute(&mut *tx)
-        .await?;
     operations::finish(&mut tx, &op, None).await?;
     tx.commit().await?;
     ctx.changed(&v.id);
@@ -390,6 +412,16 @@ pub async fn delete_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         .bind(format!("ember-{}", i.id))
         .fetch_all(&mut *conn)
         .await?;
+    let booting: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM operations WHERE kind = 'boot_instance' AND resource_id = ? AND state = 'running'",
+    )
+    .bind(&i.id)
+    .fetch_one(&mut *conn)
+    .await?;
+    if booting > 0 {
+        // It ends at its next step, seeing the instance deleting, and wakes this operation.
+        return Ok(Outcome::Waiting(format!("the boot of instance {} ends first", i.id)));
+    }
     drop(conn);
     let forced = op.payload["force"].as_bool().unwrap_or(false);
     if forced {

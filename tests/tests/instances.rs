@@ -485,6 +485,47 @@ async fn an_instance_on_a_compute_host_that_is_down_is_deleted_by_an_admin() {
     .await;
 }
 
+/// A host that dies as an instance is placed on it leaves the boot waiting for it, `building`. A plain delete is
+/// refused; an admin's forced delete ends the boot and frees its volume.
+#[tokio::test]
+async fn an_instance_whose_boot_waits_for_a_host_that_is_down_is_deleted_by_an_admin() {
+    let ComputeFleet { fleet, dir: _, storage: _storage, mut compute } = ComputeFleet::start(&boot_config()).await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    let bootable = UpdateVolumeRequest { id: v.id.clone(), bootable: Some(true), ..Default::default() };
+    volumes.clone().update_volume(bootable).await.unwrap();
+    // Killed just before the create: it is still `up` (its last heartbeat is recent), so the instance goes there.
+    compute.kill();
+    let instances = InstanceServiceClient::new(fleet.admin());
+    let create = CreateInstanceRequest { name: "unborn".into(), boot_volume_id: v.id.clone(), ..Default::default() };
+    let vm = instances.clone().create_instance(create).await.unwrap().into_inner();
+    let coordinator = fleet.coordinator.as_ref().unwrap();
+    wait_for("the boot to wait for the host", WAIT, || async {
+        coordinator.log_text().contains("operation paused").then_some(())
+    })
+    .await;
+    let get = GetInstanceRequest { id: vm.id.clone() };
+    assert_eq!(instances.clone().get_instance(get).await.unwrap().into_inner().status, "building");
+
+    let plain = DeleteInstanceRequest { id: vm.id.clone(), force: false };
+    let err = instances.clone().delete_instance(plain).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("an admin may force it"), "{err:?}");
+    let (ok, out, err) = fleet.cli_off_runtime(&["instance", "delete", &vm.id, "--force", "--wait"]).await;
+    assert!(ok && out.contains("deleted"), "{out}\n{err}");
+    let free = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
+    assert_eq!((free.status.as_str(), free.attachments.len()), ("available", 0), "{free:?}");
+    assert!(!fleet.tgt_show("storage1").contains(&format!("volume-{}", v.id)), "the export was left");
+    let (state, error): (String, String) =
+        sqlx::query_as("SELECT state, error FROM operations WHERE kind = 'boot_instance' AND resource_id = ?")
+            .bind(&vm.id)
+            .fetch_one(&fleet.db().await)
+            .await
+            .unwrap();
+    assert_eq!((state.as_str(), error.as_str()), ("failed", "boot abandoned: the instance was deleted by force"));
+    assert_eq!(leftover_state(&fleet, "destroy_domain", &vm.id).await.as_deref(), Some("running"));
+}
+
 /// The state of the operation of `kind` that lets go of what `resource_id` left on its host.
 async fn leftover_state(fleet: &ember_fleet_tests::Fleet, kind: &str, resource_id: &str) -> Option<String> {
     sqlx::query_scalar("SELECT state FROM operations WHERE kind = ? AND resource_id = ?")
