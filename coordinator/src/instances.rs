@@ -351,7 +351,8 @@ pub async fn boot_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     }
     let mut tx = crate::db::write(&ctx.db).await?;
     let active = sqlx::query(
-        "UPDATE instances SET status = 'active', status_reason = '', updated_at = ? WHERE id = ? AND status = 'building'",
+        "UPDATE instances SET status = 'active', status_reason = '', updated_at = ? \
+         WHERE id = ? AND status = 'building'",
     )
     .bind(now_ms())
     .bind(&i.id)

@@ -18,14 +18,14 @@ use sqlx::SqliteConnection;
 use std::sync::Arc;
 
 /// The operation kind of a pending disk release.
-pub const KIND: &str = "release_disk";
+pub const DISK_KIND: &str = "release_disk";
 
 /// The operation kind of a pending destruction of a deleted instance's domain.
 pub const DOMAIN_KIND: &str = "destroy_domain";
 
-/// What a forced detach left on a compute host.
+/// A disk an attachment ended without its compute host may have left there.
 pub struct Leftover<'a> {
-    /// The attachment that was forced away (the operation's resource).
+    /// The attachment that ended (the operation's resource).
     pub attachment_id: &'a str,
     /// The volume.
     pub volume_id: &'a str,
@@ -49,13 +49,13 @@ pub async fn record(conn: &mut SqliteConnection, left: Leftover<'_>) -> Result<O
     let payload = serde_json::json!({
         "volume_id": left.volume_id, "instance": left.instance, "host": left.host, "connection": connection,
     });
-    let op = operations::insert(conn, KIND, "attachment", left.attachment_id, "releasing", payload).await?;
+    let op = operations::insert(conn, DISK_KIND, "attachment", left.attachment_id, "releasing", payload).await?;
     tracing::warn!(
         attachment_id = left.attachment_id,
         volume_id = left.volume_id,
         host = left.host,
         instance = left.instance,
-        "the disk a forced detach left will be released when the host answers"
+        "the disk left without the host will be released when the host answers"
     );
     Ok(Some(op))
 }
@@ -73,8 +73,8 @@ pub async fn record_domain(conn: &mut SqliteConnection, instance_id: &str, host:
     Ok(op)
 }
 
-/// Why an attach or boot of `volume_id` on `host` must wait, if it must: a disk a forced detach left there is not
-/// released yet.
+/// Why an attach or boot of `volume_id` on `host` must wait, if it must: a disk left there by a forced detach or
+/// instance delete is not released yet.
 pub async fn wait_reason(conn: &mut SqliteConnection, volume_id: &str, host: &str) -> Result<Option<String>> {
     let pending: Option<(String, String)> = sqlx::query_as(
         "SELECT json_extract(payload, '$.instance'), coalesce(json_extract(payload, '$.refused'), '') \
@@ -82,14 +82,14 @@ pub async fn wait_reason(conn: &mut SqliteConnection, volume_id: &str, host: &st
          AND json_extract(payload, '$.volume_id') = ?2 AND json_extract(payload, '$.host') = ?3 \
          ORDER BY created_at LIMIT 1",
     )
-    .bind(KIND)
+    .bind(DISK_KIND)
     .bind(volume_id)
     .bind(host)
     .fetch_optional(&mut *conn)
     .await?;
     Ok(pending.map(|(instance, refused)| {
         let why = if refused.is_empty() { String::new() } else { format!(" (last try: {refused})") };
-        format!("waiting for {host} to release the disk a forced detach left in instance {instance}{why}")
+        format!("waiting for {host} to release the disk left in instance {instance} by a forced detach or delete{why}")
     }))
 }
 
@@ -141,8 +141,8 @@ pub async fn release_flow(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
     Ok(Outcome::Finished)
 }
 
-/// Ends, as not done, the releases (disks and domains) pending on compute host `host`, which an admin is removing from the fleet
-/// as gone for good; returns how many. Inside the caller's transaction.
+/// Ends, as not done, the releases (disks and domains) pending on compute host `host`, which an admin is removing
+/// from the fleet as gone for good; returns how many. Inside the caller's transaction.
 pub async fn give_up_on_host(conn: &mut SqliteConnection, host: &str) -> Result<u64> {
     let ended = sqlx::query(
         "UPDATE operations SET state = 'failed', error = ?, updated_at = ? \
@@ -150,7 +150,7 @@ pub async fn give_up_on_host(conn: &mut SqliteConnection, host: &str) -> Result<
     )
     .bind(format!("not done: compute host {host} was removed from the fleet"))
     .bind(now_ms())
-    .bind(KIND)
+    .bind(DISK_KIND)
     .bind(DOMAIN_KIND)
     .bind(host)
     .execute(&mut *conn)

@@ -209,7 +209,7 @@ async fn run(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         "import_backup" => crate::backups::import_flow(ctx, op).await,
         "attach" => crate::attachments::attach_flow(ctx, op).await,
         "detach" => crate::attachments::detach_flow(ctx, op).await,
-        crate::leftovers::KIND | crate::leftovers::DOMAIN_KIND => crate::leftovers::release_flow(ctx, op).await,
+        crate::leftovers::DISK_KIND | crate::leftovers::DOMAIN_KIND => crate::leftovers::release_flow(ctx, op).await,
         "boot_instance" => crate::instances::boot_flow(ctx, op).await,
         "delete_instance" => crate::instances::delete_flow(ctx, op).await,
         other => {
