@@ -229,8 +229,9 @@ enum VolumeAction {
     Detach {
         /// Attachment or volume id.
         id: String,
-        /// Admin: without the compute host, for a host that is gone for good; the host loses access to the
-        /// volume and its guest is not told. Also takes over a detach, or ends an attach, waiting for that host.
+        /// Admin: without the compute host, for a host that is down; the host loses access to the volume now,
+        /// and is asked to take the disk from its guest if it comes back. Also takes over a detach, or ends an
+        /// attach, waiting for that host.
         #[arg(long)]
         force: bool,
         /// Wait until detached.
