@@ -215,7 +215,7 @@ impl Attachments {
         let status: String = a.get(4);
         if status == "detaching" {
             if force {
-                force_running_detach(&mut tx, id).await?;
+                operations::force(&mut tx, "detach", id).await?;
                 tx.commit().await?;
                 operations::wake(&self.ctx, id).await;
             }
@@ -260,21 +260,6 @@ impl Attachments {
         operations::spawn(&self.ctx, op);
         Ok(())
     }
-}
-
-/// Turns the detach of attachment `id` that is waiting for its compute host into a forced one: its next
-/// attempt leaves the host out.
-async fn force_running_detach(conn: &mut sqlx::SqliteConnection, id: &str) -> Result<()> {
-    sqlx::query(
-        "UPDATE operations SET payload = json_set(payload, '$.force', json('true')), updated_at = ? \
-         WHERE kind = 'detach' AND resource_id = ? AND state = 'running'",
-    )
-    .bind(now_ms())
-    .bind(id)
-    .execute(&mut *conn)
-    .await?;
-    tracing::warn!(attachment_id = %id, "detach forced: the compute host will not be asked");
-    Ok(())
 }
 
 /// Turns attachment `id`, whose attach is still running (typically retrying against a compute host that is gone),

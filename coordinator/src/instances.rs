@@ -159,15 +159,7 @@ impl Instances {
         let i = visible(&mut tx, who, id).await?;
         if i.status == "deleting" {
             if force {
-                // Its next attempt leaves the host out.
-                sqlx::query(
-                    "UPDATE operations SET payload = json_set(payload, '$.force', json('true')), updated_at = ? \
-                     WHERE kind = 'delete_instance' AND resource_id = ? AND state = 'running'",
-                )
-                .bind(now_ms())
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+                operations::force(&mut tx, "delete_instance", id).await?;
                 tx.commit().await?;
                 operations::wake(&self.ctx, id).await;
             }

@@ -90,6 +90,22 @@ pub async fn record_done(
     Ok(())
 }
 
+/// Marks the running operation of `kind` on `resource_id` forced (`payload.force`): its next attempt leaves out
+/// the compute host it waits for.
+pub async fn force(conn: &mut SqliteConnection, kind: &str, resource_id: &str) -> Result<()> {
+    sqlx::query(
+        "UPDATE operations SET payload = json_set(payload, '$.force', json('true')), updated_at = ? \
+         WHERE kind = ? AND resource_id = ? AND state = 'running'",
+    )
+    .bind(now_ms())
+    .bind(kind)
+    .bind(resource_id)
+    .execute(&mut *conn)
+    .await?;
+    tracing::warn!(kind, resource_id, "forced: the compute host will not be asked");
+    Ok(())
+}
+
 /// Ends an operation.
 pub async fn finish(conn: &mut SqliteConnection, op: &Op, failed: Option<&str>) -> Result<()> {
     sqlx::query("UPDATE operations SET state = ?, error = ?, updated_at = ? WHERE id = ?")

@@ -328,6 +328,28 @@ impl Fleet {
         self.dir.path().join("ember.db")
     }
 
+    /// Waits until the coordinator has paused an operation to retry it: what `what` names now waits for an agent
+    /// that cannot be reached.
+    pub async fn wait_operation_paused(&self, what: &str) {
+        let coordinator = self.coordinator.as_ref().expect("a coordinator");
+        wait_for(what, Duration::from_secs(60), || async {
+            coordinator.log_text().contains("operation paused").then_some(())
+        })
+        .await
+    }
+
+    /// The state and error of the operation of `kind` on `resource_id`, if there is one (the latest).
+    pub async fn operation(&self, kind: &str, resource_id: &str) -> Option<(String, String)> {
+        sqlx::query_as(
+            "SELECT state, error FROM operations WHERE kind = ? AND resource_id = ? ORDER BY created_at DESC LIMIT 1",
+        )
+        .bind(kind)
+        .bind(resource_id)
+        .fetch_optional(&self.db().await)
+        .await
+        .expect("reading operations")
+    }
+
     /// The coordinator's URL.
     pub fn coordinator_url(&self) -> String {
         self.coordinator.as_ref().expect("coordinator started").url()

@@ -39,6 +39,13 @@ pub async fn new_volume(client: &VolumeServiceClient<Channel>, size_gb: u64) -> 
     wait_volume(client, &v.id, "available").await
 }
 
+/// A new, blank 1 GiB volume marked bootable: an instance's domain starts from it (its kernel finds no root).
+pub async fn new_bootable_volume(client: &VolumeServiceClient<Channel>) -> Volume {
+    let v = new_volume(client, 1).await;
+    let bootable = UpdateVolumeRequest { id: v.id.clone(), bootable: Some(true), ..Default::default() };
+    client.clone().update_volume(bootable).await.expect("mark bootable").into_inner()
+}
+
 /// Waits until snapshot `id` has `status` and returns it.
 pub async fn wait_snapshot(client: &SnapshotServiceClient<Channel>, id: &str, status: &str) -> Snapshot {
     wait_for(&format!("snapshot {id} to be {status}"), WAIT, || {

@@ -4,7 +4,7 @@
 //! the coordinator's records). Failed attaches change nothing.
 
 use ember_fleet_tests::libvirt::{ComputeFleet, Domain, attach_request, boot_config, secrets, virsh};
-use ember_fleet_tests::volumes::{db_state, new_volume, wait_backend, wait_volume};
+use ember_fleet_tests::volumes::{db_state, new_bootable_volume, new_volume, wait_backend, wait_volume};
 use ember_fleet_tests::{Fleet, wait_for};
 use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
 use ember_proto::v1::instance_service_client::InstanceServiceClient;
@@ -215,11 +215,7 @@ async fn a_detach_waiting_for_a_dead_compute_host_is_forced_by_an_admin() {
     compute.kill();
     let detach = DetachRequest { attachment_id: a.id.clone(), force: false };
     attachments.clone().detach(detach).await.unwrap();
-    let coordinator = fleet.coordinator.as_ref().unwrap();
-    wait_for("the detach to wait for the host", WAIT, || async {
-        coordinator.log_text().contains("operation paused").then_some(())
-    })
-    .await;
+    fleet.wait_operation_paused("the detach to wait for the host").await;
     let waiting = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
     assert_eq!(waiting.status, "detaching");
 
@@ -266,7 +262,7 @@ async fn a_boot_from_a_volume_waits_until_the_disk_a_forced_detach_left_is_relea
     let domain = Domain::boot("ember-keep").await;
     let volumes = VolumeServiceClient::new(fleet.admin());
     let attachments = AttachmentServiceClient::new(fleet.admin());
-    let v = new_volume(&volumes, 1).await;
+    let v = new_bootable_volume(&volumes).await;
     let a = attachments.clone().attach(attach_request(&v.id, &domain.name)).await.unwrap().into_inner();
     wait_volume(&volumes, &v.id, "in-use").await;
     domain.wait_console(&format!("DISK-WRITTEN serial={}", &v.id[..20]), WAIT).await;
@@ -274,8 +270,6 @@ async fn a_boot_from_a_volume_waits_until_the_disk_a_forced_detach_left_is_relea
     domain.suspend();
     attachments.clone().detach(DetachRequest { attachment_id: a.id.clone(), force: true }).await.unwrap();
     wait_volume(&volumes, &v.id, "available").await;
-    let bootable = UpdateVolumeRequest { id: v.id.clone(), bootable: Some(true), ..Default::default() };
-    volumes.clone().update_volume(bootable).await.unwrap();
     let instances = InstanceServiceClient::new(fleet.admin());
     let create = CreateInstanceRequest {
         name: "after-leftover".into(),
@@ -318,17 +312,7 @@ async fn a_boot_from_a_volume_waits_until_the_disk_a_forced_detach_left_is_relea
 
 /// The state of the release of the disk that attachment `attachment_id`, forced away, left on its host.
 async fn release_state(fleet: &Fleet, attachment_id: &str) -> Option<String> {
-    operation(fleet, "release_disk", attachment_id).await.map(|(state, _)| state)
-}
-
-/// The state and error of the operation of `kind` on `resource_id`, if there is one.
-async fn operation(fleet: &Fleet, kind: &str, resource_id: &str) -> Option<(String, String)> {
-    sqlx::query_as("SELECT state, error FROM operations WHERE kind = ? AND resource_id = ?")
-        .bind(kind)
-        .bind(resource_id)
-        .fetch_optional(&fleet.db().await)
-        .await
-        .unwrap()
+    fleet.operation("release_disk", attachment_id).await.map(|(state, _)| state)
 }
 
 /// A compute host that dies before an attach reaches it: the attach waits for it, with the volume exported to
@@ -343,11 +327,7 @@ async fn an_attach_waiting_for_a_dead_compute_host_is_ended_by_a_forced_detach()
     let v = new_volume(&volumes, 1).await;
     compute.kill();
     let a = attachments.clone().attach(attach_request(&v.id, "ember-gone")).await.unwrap().into_inner();
-    let coordinator = fleet.coordinator.as_ref().unwrap();
-    wait_for("the attach to wait for the host", WAIT, || async {
-        coordinator.log_text().contains("operation paused").then_some(())
-    })
-    .await;
+    fleet.wait_operation_paused("the attach to wait for the host").await;
     assert!(fleet.tgt_show("storage1").contains(&format!("volume-{}", v.id)), "exported before the host is asked");
     let waiting = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
     assert_eq!(waiting.status, "attaching");
@@ -358,7 +338,7 @@ async fn an_attach_waiting_for_a_dead_compute_host_is_ended_by_a_forced_detach()
     assert!(err.message().contains("an admin may force it"), "{err:?}");
     let free = force_detach(&fleet, &volumes, &a.id, &v.id).await;
     assert!(free.status_reason.contains("attach abandoned"), "{free:?}");
-    let (state, error) = operation(&fleet, "attach", &a.id).await.unwrap();
+    let (state, error) = fleet.operation("attach", &a.id).await.unwrap();
     assert_eq!(state, "failed");
     assert!(error.contains("was not asked"), "{error}");
 
@@ -369,7 +349,7 @@ async fn an_attach_waiting_for_a_dead_compute_host_is_ended_by_a_forced_detach()
     })
     .await;
     assert!(removed.contains("compute1"), "{removed}");
-    let (state, error) = operation(&fleet, "release_disk", &a.id).await.unwrap();
+    let (state, error) = fleet.operation("release_disk", &a.id).await.unwrap();
     assert_eq!(state, "failed");
     assert!(error.contains("compute1 was removed from the fleet"), "{error}");
 }

@@ -4,7 +4,7 @@
 //! volume — leaving no domain, secret, target or record. Booting from a snapshot makes the volume first.
 
 use ember_fleet_tests::libvirt::{ComputeFleet, attach_request, boot_config, domain_exists, qcow2_root_image, secrets};
-use ember_fleet_tests::volumes::{new_volume, wait_gone, wait_volume};
+use ember_fleet_tests::volumes::{new_bootable_volume, new_volume, wait_gone, wait_volume};
 use ember_fleet_tests::wait_for;
 use ember_proto::v1::attachment_service_client::AttachmentServiceClient;
 use ember_proto::v1::instance_service_client::InstanceServiceClient;
@@ -438,9 +438,7 @@ async fn instances_go_only_where_the_compute_host_has_room_for_them() {
 async fn an_instance_on_a_compute_host_that_is_down_is_deleted_by_an_admin() {
     let ComputeFleet { fleet, dir: _, storage: _storage, mut compute } = ComputeFleet::start(&boot_config()).await;
     let volumes = VolumeServiceClient::new(fleet.admin());
-    let v = new_volume(&volumes, 1).await;
-    let bootable = UpdateVolumeRequest { id: v.id.clone(), bootable: Some(true), ..Default::default() };
-    volumes.clone().update_volume(bootable).await.unwrap();
+    let v = new_bootable_volume(&volumes).await;
     let instances = InstanceServiceClient::new(fleet.admin());
     let create = CreateInstanceRequest { name: "stranded".into(), boot_volume_id: v.id.clone(), ..Default::default() };
     let vm = instances.clone().create_instance(create).await.unwrap().into_inner();
@@ -449,11 +447,7 @@ async fn an_instance_on_a_compute_host_that_is_down_is_deleted_by_an_admin() {
 
     compute.kill();
     instances.clone().delete_instance(DeleteInstanceRequest { id: vm.id.clone(), force: false }).await.unwrap();
-    let coordinator = fleet.coordinator.as_ref().unwrap();
-    wait_for("the delete to wait for the host", WAIT, || async {
-        coordinator.log_text().contains("operation paused").then_some(())
-    })
-    .await;
+    fleet.wait_operation_paused("the delete to wait for the host").await;
     let get = GetInstanceRequest { id: vm.id.clone() };
     assert_eq!(instances.clone().get_instance(get).await.unwrap().into_inner().status, "deleting");
 
@@ -491,19 +485,13 @@ async fn an_instance_on_a_compute_host_that_is_down_is_deleted_by_an_admin() {
 async fn an_instance_whose_boot_waits_for_a_host_that_is_down_is_deleted_by_an_admin() {
     let ComputeFleet { fleet, dir: _, storage: _storage, mut compute } = ComputeFleet::start(&boot_config()).await;
     let volumes = VolumeServiceClient::new(fleet.admin());
-    let v = new_volume(&volumes, 1).await;
-    let bootable = UpdateVolumeRequest { id: v.id.clone(), bootable: Some(true), ..Default::default() };
-    volumes.clone().update_volume(bootable).await.unwrap();
+    let v = new_bootable_volume(&volumes).await;
     // Killed just before the create: it is still `up` (its last heartbeat is recent), so the instance goes there.
     compute.kill();
     let instances = InstanceServiceClient::new(fleet.admin());
     let create = CreateInstanceRequest { name: "unborn".into(), boot_volume_id: v.id.clone(), ..Default::default() };
     let vm = instances.clone().create_instance(create).await.unwrap().into_inner();
-    let coordinator = fleet.coordinator.as_ref().unwrap();
-    wait_for("the boot to wait for the host", WAIT, || async {
-        coordinator.log_text().contains("operation paused").then_some(())
-    })
-    .await;
+    fleet.wait_operation_paused("the boot to wait for the host").await;
     let get = GetInstanceRequest { id: vm.id.clone() };
     assert_eq!(instances.clone().get_instance(get).await.unwrap().into_inner().status, "building");
 
@@ -516,22 +504,12 @@ async fn an_instance_whose_boot_waits_for_a_host_that_is_down_is_deleted_by_an_a
     let free = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
     assert_eq!((free.status.as_str(), free.attachments.len()), ("available", 0), "{free:?}");
     assert!(!fleet.tgt_show("storage1").contains(&format!("volume-{}", v.id)), "the export was left");
-    let (state, error): (String, String) =
-        sqlx::query_as("SELECT state, error FROM operations WHERE kind = 'boot_instance' AND resource_id = ?")
-            .bind(&vm.id)
-            .fetch_one(&fleet.db().await)
-            .await
-            .unwrap();
+    let (state, error) = fleet.operation("boot_instance", &vm.id).await.unwrap();
     assert_eq!((state.as_str(), error.as_str()), ("failed", "boot abandoned: the instance was deleted by force"));
     assert_eq!(leftover_state(&fleet, "destroy_domain", &vm.id).await.as_deref(), Some("running"));
 }
 
 /// The state of the operation of `kind` that lets go of what `resource_id` left on its host.
 async fn leftover_state(fleet: &ember_fleet_tests::Fleet, kind: &str, resource_id: &str) -> Option<String> {
-    sqlx::query_scalar("SELECT state FROM operations WHERE kind = ? AND resource_id = ?")
-        .bind(kind)
-        .bind(resource_id)
-        .fetch_optional(&fleet.db().await)
-        .await
-        .unwrap()
+    fleet.operation(kind, resource_id).await.map(|(state, _)| state)
 }

@@ -210,11 +210,7 @@ async fn a_forced_detach_ends_an_attached_retype_whose_compute_host_is_gone() {
     let started = volumes.clone().retype_volume(retype).await.unwrap().into_inner();
     assert_eq!((started.status.as_str(), started.migrating_to.as_str()), ("retyping", "storage2@file2"));
     assert_eq!(usage(&hosts.fleet, "admin", "gigabytes_on2").await, 1, "the new type's quota is reserved");
-    let coordinator = hosts.fleet.coordinator.as_ref().unwrap();
-    wait_for("the swap to wait for the compute host", WAIT, || async {
-        coordinator.log_text().contains("operation paused").then_some(())
-    })
-    .await;
+    hosts.fleet.wait_operation_paused("the swap to wait for the compute host").await;
 
     let force = DetachRequest { attachment_id: v.attachments[0].id.clone(), force: true };
     AttachmentServiceClient::new(hosts.fleet.admin()).detach(force).await.unwrap();
