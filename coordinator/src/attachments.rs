@@ -314,27 +314,6 @@ async fn abandon_attach(
     fail_attach(ctx, op, v, &reason, true).await
 }
 
-/// Records for release what attachment `id`, ended without its compute host (a forced detach or instance delete),
-/// may have left there; inside the transaction that removes the attachment.
-pub(crate) async fn record_leftover(conn: &mut SqliteConnection, id: &str) -> Result<()> {
-    let row: Option<(String, String, String, String)> =
-        sqlx::query_as("SELECT volume_id, instance, host, coalesce(connection, '') FROM attachments WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&mut *conn)
-            .await?;
-    if let Some((volume_id, instance, host, connection)) = row {
-        let left = leftovers::Leftover {
-            attachment_id: id,
-            volume_id: &volume_id,
-            instance: &instance,
-            host: &host,
-            connection: &connection,
-        };
-        leftovers::record(conn, left).await?;
-    }
-    Ok(())
-}
-
 /// Has an attach wait, with the reason shown on its attachment.
 async fn wait_for_release(ctx: &Ctx, attachment_id: &str, why: String) -> Result<Outcome> {
     sqlx::query("UPDATE attachments SET status_reason = ?, updated_at = ? WHERE id = ? AND status = 'attaching'")
@@ -430,7 +409,7 @@ pub(crate) fn compute_transient(status: &Status) -> bool {
 async fn fail_attach(ctx: &Arc<Ctx>, op: &Op, v: &volumes::VolumeRow, reason: &str, forced: bool) -> Result<Outcome> {
     let mut tx = crate::db::write(&ctx.db).await?;
     if forced {
-        record_leftover(&mut tx, &op.resource_id).await?;
+        leftovers::record_disk(&mut tx, &op.resource_id).await?;
     }
     sqlx::query("DELETE FROM attachments WHERE id = ?").bind(&op.resource_id).execute(&mut *tx).await?;
     settle_volume(&mut tx, &v.id, reason).await?;
@@ -677,7 +656,7 @@ pub async fn detach_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         return Ok(Outcome::Finished);
     }
     if op.payload["force"].as_bool().unwrap_or(false) {
-        record_leftover(&mut tx, &op.resource_id).await?;
+        leftovers::record_disk(&mut tx, &op.resource_id).await?;
     }
     sqlx::query("DELETE FROM attachments WHERE id = ?").bind(&op.resource_id).execute(&mut *tx).await?;
     settle_volume(&mut tx, &v.id, "").await?;

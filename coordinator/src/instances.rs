@@ -5,7 +5,7 @@
 //! deletes the boot volume when asked to. Booting from a snapshot first creates the volume from it.
 
 use crate::attachments::{
-    compute_transient, export_attachment, record_leftover, settle_volume, stored_connection, unexport_unless_shared,
+    compute_transient, export_attachment, settle_volume, stored_connection, unexport_unless_shared,
 };
 use crate::auth::{can_see, who};
 use crate::clock::{now_ms, timestamp};
@@ -272,7 +272,7 @@ async fn release(
     }
     let mut tx = crate::db::write(&ctx.db).await?;
     if without_host {
-        record_leftover(&mut tx, attachment_id).await?;
+        crate::leftovers::record_disk(&mut tx, attachment_id).await?;
     }
     sqlx::query("DELETE FROM attachments WHERE id = ?").bind(attachment_id).execute(&mut *tx).await?;
     settle_volume(&mut tx, &v.id, "").await?;

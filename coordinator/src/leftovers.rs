@@ -23,41 +23,32 @@ pub const DISK_KIND: &str = "release_disk";
 /// The operation kind of a pending destruction of a deleted instance's domain.
 pub const DOMAIN_KIND: &str = "destroy_domain";
 
-/// A disk an attachment ended without its compute host may have left there.
-pub struct Leftover<'a> {
-    /// The attachment that ended (the operation's resource).
-    pub attachment_id: &'a str,
-    /// The volume.
-    pub volume_id: &'a str,
-    /// The libvirt domain that may still have the disk.
-    pub instance: &'a str,
-    /// The compute host.
-    pub host: &'a str,
-    /// The connection facts as stored on the attachment (no secrets).
-    pub connection: &'a str,
-}
-
-/// Records `left` for release, in the caller's transaction (the one that ends the attachment). An attachment with no
+/// Records for release what attachment `attachment_id`, ended without its compute host (a forced detach or
+/// instance delete), may have left there; in the transaction that removes the attachment. An attachment with no
 /// connection recorded never reached its host, so it leaves nothing.
-pub async fn record(conn: &mut SqliteConnection, left: Leftover<'_>) -> Result<Option<String>> {
-    let Ok(connection) = serde_json::from_str::<serde_json::Value>(left.connection) else {
-        return Ok(None);
-    };
+pub async fn record_disk(conn: &mut SqliteConnection, attachment_id: &str) -> Result<()> {
+    let row: Option<(String, String, String, String)> =
+        sqlx::query_as("SELECT volume_id, instance, host, coalesce(connection, '') FROM attachments WHERE id = ?")
+            .bind(attachment_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((volume_id, instance, host, connection)) = row else { return Ok(()) };
+    let Ok(connection) = serde_json::from_str::<serde_json::Value>(&connection) else { return Ok(()) };
     if connection.as_object().is_none_or(|c| c.is_empty()) {
-        return Ok(None);
+        return Ok(());
     }
     let payload = serde_json::json!({
-        "volume_id": left.volume_id, "instance": left.instance, "host": left.host, "connection": connection,
+        "volume_id": volume_id, "instance": instance, "host": host, "connection": connection,
     });
-    let op = operations::insert(conn, DISK_KIND, "attachment", left.attachment_id, "releasing", payload).await?;
+    operations::insert(conn, DISK_KIND, "attachment", attachment_id, "releasing", payload).await?;
     tracing::warn!(
-        attachment_id = left.attachment_id,
-        volume_id = left.volume_id,
-        host = left.host,
-        instance = left.instance,
+        attachment_id,
+        %volume_id,
+        %host,
+        %instance,
         "the disk left without the host will be released when the host answers"
     );
-    Ok(Some(op))
+    Ok(())
 }
 
 /// Records, in the caller's transaction (the one that removes the instance), that instance `instance_id`'s domain
