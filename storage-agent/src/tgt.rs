@@ -252,29 +252,30 @@ impl Tgt {
 
     /// Removes LUN 1 of target `tid`, once the commands in flight on it have drained, and adds it again.
     async fn remake_lun(&self, tid: &str, backing: &str) -> Result<()> {
-        let delete = ["--mode", "logicalunit", "--op", "delete", "--tid", tid, "--lun", "1"];
+        self.once_lun_idle(tid, &["--mode", "logicalunit", "--op", "delete", "--tid", tid, "--lun", "1"]).await?;
+        self.add_lun(tid, backing).await
+    }
+
+    /// Runs `args` (a removal that tgtd refuses while the LUN of target `tid` has commands in flight), asking
+    /// again until the LUN has drained or [`LUN_IDLE_WAIT`] has passed.
+    async fn once_lun_idle(&self, tid: &str, args: &[&str]) -> Result<()> {
         let mut waited = Duration::ZERO;
         loop {
-            match self.tgtadm(&delete).await {
+            match self.tgtadm(args).await {
                 Err(e) if lun_in_use(&e) && waited < LUN_IDLE_WAIT => {
                     tracing::debug!(tid, "LUN busy with initiator commands; asking again");
                     tokio::time::sleep(LUN_IDLE_POLL).await;
                     waited += LUN_IDLE_POLL;
                 }
-                done => {
-                    done?;
-                    break;
-                }
+                done => return Ok(done.map(drop)?),
             }
         }
-        self.add_lun(tid, backing).await
     }
 
     /// Removes the target (ending its sessions) and its account. Removing what is gone succeeds.
     pub async fn remove(&self, iqn: &str, username: &str) -> Result<()> {
         if let Some(t) = self.targets().await?.into_iter().find(|t| t.iqn == iqn) {
-            let tid = t.tid.to_string();
-            self.tgtadm(&["--mode", "target", "--op", "delete", "--force", "--tid", &tid]).await?;
+            self.delete_target(&t.tid.to_string()).await?;
         }
         if username.is_empty() {
             return Ok(());
@@ -283,6 +284,27 @@ impl Tgt {
             Err(e) if !already(&e, "can't find") => Err(AgentError::from(e)),
             _ => Ok(()),
         }
+    }
+
+    /// Deletes target `tid`, ending its sessions.
+    ///
+    /// tgtd refuses to, even forced, while initiator commands are in flight on its LUN, which busy initiators keep
+    /// it from ever being. So a busy target is taken offline (tgtd stops executing new commands) and the delete is
+    /// asked again as the LUN drains. Should it not drain, the target serves again (see [`Tgt::resume`]) and the
+    /// refusal is returned; should the agent stop in between, its keeper resumes the target (its export is still
+    /// recorded) and the next removal asked starts over.
+    async fn delete_target(&self, tid: &str) -> Result<()> {
+        let delete = ["--mode", "target", "--op", "delete", "--force", "--tid", tid];
+        match self.tgtadm(&delete).await {
+            Err(e) if lun_in_use(&e) => tracing::info!(tid, "target busy with initiator commands; taking it offline"),
+            done => return Ok(done.map(drop)?),
+        }
+        self.set_state(tid, "offline").await?;
+        let deleted = self.once_lun_idle(tid, &delete).await;
+        if deleted.is_err() {
+            self.resume(tid).await?;
+        }
+        deleted
     }
 }
 

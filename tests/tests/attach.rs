@@ -382,7 +382,8 @@ async fn a_detach_forced_while_the_host_attaches_ends_the_attach() {
     compute.signal("CONT");
 
     let free = wait_failed_attach(&volumes, &v.id).await;
-    assert!(free.status_reason.contains("attach abandoned"), "{free:?}");
+    // The guest may be reading the disk it just got: its export goes all the same.
+    assert!(free.status_reason.contains("attach abandoned") && free.status_reason.contains("not asked"), "{free:?}");
     assert!(free.attachments.is_empty(), "{free:?}");
     assert_released_from_storage(&fleet, &v.id).await;
     assert!(compute.log_text().contains("volume attached"), "the host finished its attach");

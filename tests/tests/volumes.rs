@@ -252,22 +252,7 @@ async fn an_exported_volume_grows_while_initiators_read_it() {
     let url = iscsi::url(&info, &info.auth_password);
 
     // Three initiators, each with 32 reads in flight at all times, for some seconds.
-    let mut readers = Readers(
-        (0..3)
-            .map(|_| {
-                std::process::Command::new("qemu-img")
-                    .args(["bench", "-f", "raw", "-c", "100000", "-d", "32", &url])
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .spawn()
-                    .expect("qemu-img bench")
-            })
-            .collect(),
-    );
-    wait_for("the three initiators to log in", WAIT, || async {
-        (fleet.tgt_show("storage1").matches("I_T nexus: ").count() == 3).then_some(())
-    })
-    .await;
+    let mut readers = busy_readers(&fleet, &url).await;
 
     volumes.extend_volume(ExtendVolumeRequest { id: v.id.clone(), new_size_gb: 2 }).await.unwrap();
     let grown = wait_volume(&mut volumes, &v.id, "available").await;
@@ -281,6 +266,48 @@ async fn an_exported_volume_grows_while_initiators_read_it() {
     assert_eq!(std::fs::metadata(dir.join(format!("volume-{}", v.id))).unwrap().len(), 2 << 30);
     assert_eq!(iscsi::size(&url).unwrap(), 2 << 30, "the initiator sees the new capacity");
     assert!(fleet.tgt_show("storage1").contains("State: ready"), "the target serves again");
+}
+
+/// Busy initiators' access ends (TerminateConnection) while they read: tgtd refuses to remove a target whose LUN
+/// has commands in flight, even when forced ("this logical unit is still active"), so the agent takes the target
+/// offline for the LUN to drain before removing it. Access ends at once, for good: the target is gone.
+#[tokio::test]
+async fn a_connection_ends_while_its_initiators_read() {
+    let (fleet, _storage, _dir) = fleet_with_storage().await;
+    let mut volumes = VolumeServiceClient::new(fleet.admin());
+    let create = CreateVolumeRequest { size_gb: 1, name: "busy".into(), ..Default::default() };
+    let v = volumes.create_volume(create).await.unwrap().into_inner();
+    wait_volume(&mut volumes, &v.id, "available").await;
+    let connect = InitializeConnectionRequest { volume_id: v.id.clone(), connector: connector("iqn.2026-11.test:h") };
+    let info = volumes.initialize_connection(connect).await.unwrap().into_inner();
+    let _readers = busy_readers(&fleet, &iscsi::url(&info, &info.auth_password)).await;
+
+    let end = TerminateConnectionRequest { volume_id: v.id.clone(), connector: connector("iqn.2026-11.test:h") };
+    volumes.terminate_connection(end).await.unwrap();
+    let shown = fleet.tgt_show("storage1");
+    assert!(!shown.contains(&info.target_iqn), "the target outlived the end of its connection:\n{shown}");
+    assert!(iscsi::size(&iscsi::url(&info, &info.auth_password)).is_err(), "the volume is still reachable");
+}
+
+/// Three initiators reading volume `url` with 32 reads in flight each, once all three are logged in.
+async fn busy_readers(fleet: &Fleet, url: &str) -> Readers {
+    let readers = Readers(
+        (0..3)
+            .map(|_| {
+                std::process::Command::new("qemu-img")
+                    .args(["bench", "-f", "raw", "-c", "100000", "-d", "32", url])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("qemu-img bench")
+            })
+            .collect(),
+    );
+    wait_for("the three initiators to log in", WAIT, || async {
+        (fleet.tgt_show("storage1").matches("I_T nexus: ").count() == 3).then_some(())
+    })
+    .await;
+    readers
 }
 
 /// A storage agent that stops while its target is offline for a LUN refresh: tgtd (which outlives it) keeps the
