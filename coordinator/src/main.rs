@@ -213,7 +213,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .add_service(InstanceServiceServer::with_interceptor(instances::Instances::new(ctx.clone()), public.clone()))
         .add_service(TransferServiceServer::with_interceptor(transfers::Transfers::new(ctx.clone()), public))
         .add_service(RegistrationServer::with_interceptor(
-            registration::Registrar::new(db.clone(), cfg.heartbeat_interval_seconds),
+            registration::Registrar::new(ctx.clone(), cfg.heartbeat_interval_seconds),
             require_roles(AGENTS),
         ));
     tracing::info!(%addr, "coordinator serving");

@@ -246,17 +246,22 @@ pub async fn reconcile_forever(ctx: Arc<Ctx>, every: Duration) {
             Ok(n) => tracing::warn!(removed = n, "orphan sweep removed files"),
             Err(e) => tracing::error!("orphan sweep: {e}"),
         }
-        match sqlx::query_scalar::<_, String>("SELECT id FROM operations WHERE state = 'running' ORDER BY created_at")
-            .fetch_all(&ctx.db)
-            .await
-        {
-            Ok(ids) => {
-                for id in ids {
-                    spawn(&ctx, id);
-                }
+        resume_all(ctx.clone()).await;
+    }
+}
+
+/// Hands every unfinished operation to a worker (those already running in this process keep theirs).
+pub async fn resume_all(ctx: Arc<Ctx>) {
+    match sqlx::query_scalar::<_, String>("SELECT id FROM operations WHERE state = 'running' ORDER BY created_at")
+        .fetch_all(&ctx.db)
+        .await
+    {
+        Ok(ids) => {
+            for id in ids {
+                spawn(&ctx, id);
             }
-            Err(e) => tracing::error!("reconciler: {e}"),
         }
+        Err(e) => tracing::error!("resuming operations: {e}"),
     }
 }
 

@@ -6,19 +6,19 @@ use crate::error::{Error, Result};
 use ember_common::identity::{Identity, Role, caller, peer_certificate_expiry, valid_name};
 use ember_proto::agent::v1::registration_server::Registration;
 use ember_proto::agent::v1::*;
-use sqlx::SqlitePool;
+use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 /// The gRPC service.
 pub struct Registrar {
-    db: SqlitePool,
+    ctx: Arc<crate::context::Ctx>,
     heartbeat_interval_seconds: u32,
 }
 
 impl Registrar {
-    /// Registers agents into `db`, asking them to heartbeat every `heartbeat_interval_seconds`.
-    pub fn new(db: SqlitePool, heartbeat_interval_seconds: u32) -> Self {
-        Registrar { db, heartbeat_interval_seconds }
+    /// Registers agents into the state of `ctx`, asking them to heartbeat every `heartbeat_interval_seconds`.
+    pub fn new(ctx: Arc<crate::context::Ctx>, heartbeat_interval_seconds: u32) -> Self {
+        Registrar { ctx, heartbeat_interval_seconds }
     }
 }
 
@@ -154,7 +154,7 @@ impl Registrar {
         let now = now_ms();
         let expires_ms = certificate_expiry.map_or(0, |secs| secs.saturating_mul(1000));
         warn_if_expiring(&req.name, role, expires_ms, now);
-        let mut tx = crate::db::write(&self.db).await?;
+        let mut tx = crate::db::write(&self.ctx.db).await?;
         // Backends the agent no longer reports go; the rest keep their enabled/disabled state.
         let keep: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
         let existing: Vec<String> = sqlx::query_scalar("SELECT backend FROM services WHERE host = ? AND role = ?")
@@ -207,7 +207,7 @@ impl Registrar {
         let role = check_claim(id, &req.name, req.role)?;
         let now = now_ms();
         let expires_ms = certificate_expiry.map(|secs| secs.saturating_mul(1000));
-        let mut tx = crate::db::write(&self.db).await?;
+        let mut tx = crate::db::write(&self.ctx.db).await?;
         let touched = sqlx::query(
             "UPDATE services SET last_heartbeat = ?, certificate_expires_at = COALESCE(?, certificate_expires_at), \
              crl_number = ? WHERE host = ? AND role = ? AND instance_id = ?",
@@ -255,6 +255,10 @@ impl Registration for Registrar {
         let req = req.into_inner();
         let crl = newer_revocations(req.crl_number);
         self.register(&id, req, expiry).await?;
+        // An agent registers when it starts: the operations paused while it was away (a delete, the release of a
+        // disk a forced detach left) go on now rather than at the next reconcile pass. It serves before it
+        // registers, so they reach it.
+        tokio::spawn(crate::operations::resume_all(self.ctx.clone()));
         Ok(Response::new(RegisterResponse { heartbeat_interval_seconds: self.heartbeat_interval_seconds, crl }))
     }
 

@@ -147,6 +147,8 @@ pub struct Fleet {
     tgt_ports: std::sync::Mutex<std::collections::HashMap<String, (u16, u16)>>,
     /// Process ids of the storage agents started, to end them (and then their tgtds) with the fleet.
     storage_agents: std::sync::Mutex<Vec<u32>>,
+    /// Seconds between the coordinator's reconcile passes (1 unless a test needs them out of the way).
+    pub reconcile_interval_seconds: u32,
 }
 
 /// A free TCP port on loopback right now.
@@ -225,7 +227,13 @@ impl Fleet {
         ember_common::install_crypto_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         init_ca(&dir.path().join("ca"), "test fleet CA").expect("CA");
-        let fleet = Fleet { dir, coordinator: None, tgt_ports: Default::default(), storage_agents: Default::default() };
+        let fleet = Fleet {
+            dir,
+            coordinator: None,
+            tgt_ports: Default::default(),
+            storage_agents: Default::default(),
+            reconcile_interval_seconds: 1,
+        };
         fleet.issue(Role::Coordinator, "coordinator", None);
         fleet.issue(Role::Admin, "admin", None);
         fleet
@@ -284,7 +292,8 @@ impl Fleet {
         }
         let mut cmd = Command::new(bin("ember-coordinator"));
         cmd.envs(env.iter().copied());
-        cmd.args(["--listen", &listen, "--reconcile-interval", "1", "--database"])
+        let reconcile = self.reconcile_interval_seconds.to_string();
+        cmd.args(["--listen", &listen, "--reconcile-interval", &reconcile, "--database"])
             .arg(self.database())
             .arg("--ca")
             .arg(&tls.ca)

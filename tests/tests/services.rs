@@ -373,3 +373,40 @@ async fn the_fleet_shows_when_each_certificate_expires_and_warns_before() {
     let (ok, out, _) = fleet.cli(&["service", "list"]);
     assert!(ok && !out.lines().any(|l| l.contains("storage1@b1") && l.contains("(in ")), "{out}\n{listed:?}");
 }
+
+/// An operation paused because its agent is down goes on the moment the agent registers again, not at the
+/// coordinator's next reconcile pass (an hour away here): a volume deleted while its storage agent was down is
+/// gone as soon as the agent is back.
+#[tokio::test]
+async fn a_paused_operation_goes_on_as_soon_as_its_agent_registers_again() {
+    let mut fleet = Fleet::new();
+    fleet.reconcile_interval_seconds = 3600;
+    fleet.start_coordinator();
+    let (backend, dir) = fleet.file_backend("file1", "");
+    let mut storage = fleet.start_agent("storage", "storage1", &backend);
+    storage.wait_registered().await;
+    let mut volumes = VolumeServiceClient::new(fleet.admin());
+    let create = CreateVolumeRequest { size_gb: 1, ..Default::default() };
+    let v = volumes.create_volume(create).await.unwrap().into_inner();
+    wait_for("the volume to be available", Duration::from_secs(30), || async {
+        let got = VolumeServiceClient::new(fleet.admin()).get_volume(GetVolumeRequest { id: v.id.clone() }).await;
+        (got.ok()?.into_inner().status == "available").then_some(())
+    })
+    .await;
+
+    storage.kill();
+    volumes.delete_volume(DeleteVolumeRequest { id: v.id.clone(), ..Default::default() }).await.unwrap();
+    fleet.wait_operation_paused("the delete to pause while the storage agent is down").await;
+    let (state, error) = fleet.operation("delete_volume", &v.id).await.expect("a delete operation");
+    assert_eq!(state, "running", "{error}");
+    assert!(dir.join(format!("volume-{}", v.id)).exists(), "the file went while its agent was down");
+
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    wait_for("the delete to finish once the agent is back", Duration::from_secs(30), || async {
+        let got = VolumeServiceClient::new(fleet.admin()).get_volume(GetVolumeRequest { id: v.id.clone() }).await;
+        (got.err()?.code() == tonic::Code::NotFound).then_some(())
+    })
+    .await;
+    assert!(!dir.join(format!("volume-{}", v.id)).exists(), "the volume's file is left");
+    assert_eq!(fleet.operation("delete_volume", &v.id).await.map(|o| o.0).as_deref(), Some("done"));
+}
