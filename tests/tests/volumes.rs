@@ -244,11 +244,7 @@ impl Drop for Readers {
 async fn an_exported_volume_grows_while_initiators_read_it() {
     let (fleet, storage, dir) = fleet_with_storage().await;
     let mut volumes = VolumeServiceClient::new(fleet.admin());
-    let create = CreateVolumeRequest { size_gb: 1, name: "busy".into(), ..Default::default() };
-    let v = volumes.create_volume(create).await.unwrap().into_inner();
-    wait_volume(&mut volumes, &v.id, "available").await;
-    let connect = InitializeConnectionRequest { volume_id: v.id.clone(), connector: connector("iqn.2026-11.test:h") };
-    let info = volumes.initialize_connection(connect).await.unwrap().into_inner();
+    let (v, info) = exported_volume(&mut volumes).await;
     let url = iscsi::url(&info, &info.auth_password);
 
     // Three initiators, each with 32 reads in flight at all times, for some seconds.
@@ -275,11 +271,7 @@ async fn an_exported_volume_grows_while_initiators_read_it() {
 async fn a_connection_ends_while_its_initiators_read() {
     let (fleet, _storage, _dir) = fleet_with_storage().await;
     let mut volumes = VolumeServiceClient::new(fleet.admin());
-    let create = CreateVolumeRequest { size_gb: 1, name: "busy".into(), ..Default::default() };
-    let v = volumes.create_volume(create).await.unwrap().into_inner();
-    wait_volume(&mut volumes, &v.id, "available").await;
-    let connect = InitializeConnectionRequest { volume_id: v.id.clone(), connector: connector("iqn.2026-11.test:h") };
-    let info = volumes.initialize_connection(connect).await.unwrap().into_inner();
+    let (v, info) = exported_volume(&mut volumes).await;
     let _readers = busy_readers(&fleet, &iscsi::url(&info, &info.auth_password)).await;
 
     let end = TerminateConnectionRequest { volume_id: v.id.clone(), connector: connector("iqn.2026-11.test:h") };
@@ -287,6 +279,15 @@ async fn a_connection_ends_while_its_initiators_read() {
     let shown = fleet.tgt_show("storage1");
     assert!(!shown.contains(&info.target_iqn), "the target outlived the end of its connection:\n{shown}");
     assert!(iscsi::size(&iscsi::url(&info, &info.auth_password)).is_err(), "the volume is still reachable");
+}
+
+/// A new 1 GiB volume, available and exported to initiator `iqn.2026-11.test:h`, with its connection.
+async fn exported_volume(volumes: &mut VolumeServiceClient<Channel>) -> (Volume, ConnectionInfo) {
+    let create = CreateVolumeRequest { size_gb: 1, name: "busy".into(), ..Default::default() };
+    let v = volumes.create_volume(create).await.unwrap().into_inner();
+    wait_volume(volumes, &v.id, "available").await;
+    let connect = InitializeConnectionRequest { volume_id: v.id.clone(), connector: connector("iqn.2026-11.test:h") };
+    (v, volumes.initialize_connection(connect).await.unwrap().into_inner())
 }
 
 /// Three initiators reading volume `url` with 32 reads in flight each, once all three are logged in.
