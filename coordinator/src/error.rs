@@ -33,6 +33,9 @@ pub enum Error {
     /// Quota or capacity exhausted.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// An agent the call needs could not be reached (it is down or restarting); the same call may succeed later.
+    #[error("{0}")]
+    Unavailable(String),
     /// The database failed.
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
@@ -57,6 +60,33 @@ impl Error {
     pub fn not_found(kind: &'static str, id: impl Into<String>) -> Self {
         Error::NotFound { kind, id: id.into() }
     }
+
+    /// What a request answers when an agent it called directly failed with `status`, `what` saying what was
+    /// asked of which agent: UNAVAILABLE when the agent could not be reached, so that automation knows to try
+    /// again, else FAILED_PRECONDITION with the agent's reason.
+    pub fn from_agent(what: &str, status: &Status) -> Self {
+        let message = format!("{what}: {}", status.message());
+        if crate::volumes::flow::transient(status) && !refused_in_handshake(status) {
+            Error::Unavailable(message)
+        } else {
+            Error::FailedPrecondition(message)
+        }
+    }
+}
+
+/// Whether the connection behind `status` failed in its TLS handshake (the agent's certificate is revoked, say):
+/// trying again would not help.
+fn refused_in_handshake(status: &Status) -> bool {
+    let mut cause = std::error::Error::source(status);
+    while let Some(e) = cause {
+        // An I/O error carries the TLS error it wraps as its payload, not as its source.
+        let inner = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).map(|i| i as &dyn std::error::Error);
+        if e.is::<rustls::Error>() || inner.is_some_and(|i| i.is::<rustls::Error>()) {
+            return true;
+        }
+        cause = inner.or_else(|| e.source());
+    }
+    false
 }
 
 impl From<Error> for Status {
@@ -69,6 +99,7 @@ impl From<Error> for Status {
             Error::AlreadyExists(_) => Status::already_exists(message),
             Error::PermissionDenied(_) => Status::permission_denied(message),
             Error::ResourceExhausted(_) => Status::resource_exhausted(message),
+            Error::Unavailable(_) => Status::unavailable(message),
             Error::Db(ref inner) => {
                 tracing::error!(error = %inner, "database error");
                 Status::internal(message)

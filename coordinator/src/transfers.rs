@@ -172,13 +172,11 @@ impl Transfers {
             initiator: String::new(),
         };
         self.ctx.agents.storage(&v.host).await?.unexport_volume(request).await.map_err(|s| {
-            Error::FailedPrecondition(format!(
-                "volume {}: its exports must be closed before it changes hands, and storage node {} could not do \
-                 it: {}",
-                v.id,
-                v.host,
-                s.message()
-            ))
+            let what = format!(
+                "volume {}: its exports must be closed before it changes hands, and storage node {} could not do it",
+                v.id, v.host
+            );
+            Error::from_agent(&what, &s)
         })?;
         tracing::info!(volume_id = %v.id, "exports closed for a transfer");
         Ok(())

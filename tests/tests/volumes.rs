@@ -350,3 +350,38 @@ async fn a_lun_refresh_cut_short_by_a_crash_leaves_no_target_offline() {
     let url = iscsi::url(&info, &info.auth_password);
     assert_eq!(iscsi::size(&url).unwrap(), 2 << 30, "served again, at the new size");
 }
+
+/// InitializeConnection and TerminateConnection ask the volume's storage node while the caller waits. While that
+/// node is down they answer UNAVAILABLE, naming it, so that automation knows to try again; the refused call
+/// changes no record. Once the node is back, the same calls succeed.
+#[tokio::test]
+async fn connections_asked_of_a_storage_node_that_is_down_are_unavailable_until_it_is_back() {
+    let mut fleet = Fleet::new();
+    fleet.start_coordinator();
+    let (backend, _dir) = fleet.file_backend("file1", "");
+    let mut storage = fleet.start_agent("storage", "storage1", &backend);
+    storage.wait_registered().await;
+    let mut volumes = VolumeServiceClient::new(fleet.admin());
+    let (v, info) = exported_volume(&mut volumes).await;
+    let exports = |v: Volume| v.exports.iter().map(|e| e.initiator.clone()).collect::<Vec<_>>();
+
+    storage.kill();
+    let end = TerminateConnectionRequest { volume_id: v.id.clone(), connector: connector("iqn.2026-11.test:h") };
+    let err = volumes.terminate_connection(end.clone()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("unexporting on storage1"), "{err:?}");
+    let other = InitializeConnectionRequest { volume_id: v.id.clone(), connector: connector("iqn.2026-11.test:g") };
+    let err = volumes.initialize_connection(other.clone()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("exporting on storage1"), "{err:?}");
+    let unchanged = wait_volume(&mut volumes, &v.id, "available").await;
+    assert_eq!(exports(unchanged), ["iqn.2026-11.test:h"], "a refused call changed the records");
+
+    let storage = fleet.start_agent("storage", "storage1", &backend);
+    storage.wait_registered().await;
+    volumes.initialize_connection(other).await.unwrap();
+    volumes.terminate_connection(end).await.unwrap();
+    let now = wait_volume(&mut volumes, &v.id, "available").await;
+    assert_eq!(exports(now), ["iqn.2026-11.test:g"]);
+    assert!(iscsi::size(&iscsi::url(&info, &info.auth_password)).is_ok(), "the other initiator's export went too");
+}

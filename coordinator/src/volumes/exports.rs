@@ -46,7 +46,7 @@ pub async fn initialize(ctx: &Arc<Ctx>, who: &Identity, req: InitializeConnectio
                 read_only,
             })
             .await
-            .map_err(|s| Error::FailedPrecondition(format!("exporting on {}: {}", v.host, s.message())))
+            .map_err(|s| Error::from_agent(&format!("exporting on {}", v.host), &s))
     }
     .await;
     let export = match exported {
@@ -101,7 +101,7 @@ pub async fn terminate(ctx: &Arc<Ctx>, who: &Identity, req: TerminateConnectionR
                 initiator: connector.initiator.clone(),
             })
             .await
-            .map_err(|s| Error::FailedPrecondition(format!("unexporting on {}: {}", v.host, s.message())))?;
+            .map_err(|s| Error::from_agent(&format!("unexporting on {}", v.host), &s))?;
     }
     forget_export(ctx, &v.id, &connector.initiator).await?;
     tracing::info!(volume_id = %v.id, initiator = %connector.initiator, kept_for_attachment = attached > 0, "connection terminated");

@@ -49,7 +49,7 @@ pub(crate) fn whole_gib(bytes: u64) -> Option<u64> {
 pub(crate) fn refused_by_agent(kind: &'static str, id: &str, pool: &str, status: &tonic::Status) -> Error {
     match status.code() {
         tonic::Code::NotFound => Error::not_found(kind, format!("{id} on {pool}")),
-        _ => Error::FailedPrecondition(format!("asking {pool}: {}", status.message())),
+        _ => Error::from_agent(&format!("asking {pool}"), status),
     }
 }
 

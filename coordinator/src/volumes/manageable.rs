@@ -52,7 +52,7 @@ pub async fn list(ctx: &Ctx, who: &Identity, req: ListManageableRequest) -> Resu
     let held = client
         .list_resources(agent::ListResourcesRequest { backend: backend.to_string() })
         .await
-        .map_err(|s| Error::FailedPrecondition(format!("asking {}: {}", req.pool, s.message())))?
+        .map_err(|s| Error::from_agent(&format!("asking {}", req.pool), &s))?
         .into_inner();
     // What the coordinator knows: its volumes and snapshots, and the temporary snapshots running backups read.
     let known: HashSet<String> = sqlx::query_scalar("SELECT id FROM volumes UNION ALL SELECT id FROM snapshots")
