@@ -3,8 +3,6 @@
 use crate::agents::Agents;
 use crate::quota::QuotaEngine;
 use sqlx::SqlitePool;
-use std::collections::HashSet;
-use std::sync::Mutex;
 
 /// Shared by the API handlers and the operation workers.
 pub struct Ctx {
@@ -22,8 +20,8 @@ pub struct Ctx {
     pub capacity_weight_multiplier: f64,
     /// A service silent for longer is down and not scheduled.
     pub service_down_ms: i64,
-    /// Operation ids with a worker running in this process.
-    pub running_ops: Mutex<HashSet<String>>,
+    /// The operations with a worker running in this process.
+    pub workers: crate::operations::Workers,
     /// Ids of resources whose state an operation just committed; watchers wake on them.
     pub changes: tokio::sync::broadcast::Sender<String>,
     /// Seals the keys of encrypted volumes.

@@ -176,7 +176,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         max_attempts: cfg.max_attempts.max(1),
         capacity_weight_multiplier: cfg.capacity_weight_multiplier,
         service_down_ms: i64::from(cfg.service_down_seconds) * 1000,
-        running_ops: Default::default(),
+        workers: Default::default(),
         changes: tokio::sync::broadcast::channel(1024).0,
         master_key,
         own_certificate,

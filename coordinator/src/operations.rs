@@ -152,36 +152,85 @@ pub enum Outcome {
     Waiting(String),
 }
 
+/// The operations with a worker running in this process, each with whether it was asked to run again while
+/// it ran. A wake that finds a worker busy (an agent registering while the worker waits on that agent's old
+/// connection, say) is not lost: the worker runs the operation once more instead of leaving it paused until
+/// the next reconcile pass.
+#[derive(Default)]
+pub struct Workers(std::sync::Mutex<std::collections::HashMap<String, bool>>);
+
+impl Workers {
+    /// Claims operation `id` for a new worker. False if a worker has it already, which is then asked to run it
+    /// once more when it stops short of the end.
+    pub fn claim(&self, id: &str) -> bool {
+        let mut running = self.0.lock().expect("worker set");
+        match running.get_mut(id) {
+            Some(again) => {
+                *again = true;
+                false
+            }
+            None => {
+                running.insert(id.to_string(), false);
+                true
+            }
+        }
+    }
+
+    /// Whether the worker of `id`, which stopped short of the end, should run it again; if not, it is released.
+    fn again(&self, id: &str) -> bool {
+        let mut running = self.0.lock().expect("worker set");
+        if running.get(id) == Some(&true) {
+            running.insert(id.to_string(), false);
+            return true;
+        }
+        running.remove(id);
+        false
+    }
+
+    /// Releases operation `id`: its worker has stopped.
+    pub fn release(&self, id: &str) {
+        self.0.lock().expect("worker set").remove(id);
+    }
+}
+
 /// Starts a worker for operation `id` unless one is running in this process.
 pub fn spawn(ctx: &Arc<Ctx>, id: String) {
-    if !ctx.running_ops.lock().expect("op set").insert(id.clone()) {
+    if !ctx.workers.claim(&id) {
         return;
     }
     let ctx = ctx.clone();
     tokio::spawn(async move {
-        let (result, resource) = match load(&ctx, &id).await {
-            Ok(Some(op)) => {
-                let resource = op.resource_id.clone();
-                // The worker runs on behalf of the request that recorded the operation, here or after a restart.
-                let span = tracing::info_span!("operation", request_id = %op.request_id, op_id = %op.id);
-                let work = run(&ctx, op.clone()).instrument(span);
-                let result = ember_common::access_log::with_request_id(op.request_id, work).await;
-                ctx.changed(&resource);
-                (result, Some(resource))
+        loop {
+            let (result, resource) = match load(&ctx, &id).await {
+                Ok(Some(op)) => {
+                    let resource = op.resource_id.clone();
+                    // The worker runs on behalf of the request that recorded the operation, here or after a
+                    // restart.
+                    let span = tracing::info_span!("operation", request_id = %op.request_id, op_id = %op.id);
+                    let work = run(&ctx, op.clone()).instrument(span);
+                    let result = ember_common::access_log::with_request_id(op.request_id, work).await;
+                    ctx.changed(&resource);
+                    (result, Some(resource))
+                }
+                Ok(None) => (Ok(Outcome::Finished), None),
+                Err(e) => (Err(e), None),
+            };
+            match result {
+                Ok(Outcome::Finished) => {
+                    ctx.workers.release(&id);
+                    if let Some(resource) = resource {
+                        wake(&ctx, &resource).await;
+                    }
+                    return;
+                }
+                Ok(Outcome::Retry(why)) => tracing::warn!(op_id = %id, %why, "operation paused; will retry"),
+                Ok(Outcome::Waiting(why)) => tracing::debug!(op_id = %id, %why, "operation waiting"),
+                Err(e) => tracing::error!(op_id = %id, "operation worker failed: {e}; will retry"),
             }
-            Ok(None) => (Ok(Outcome::Finished), None),
-            Err(e) => (Err(e), None),
-        };
-        let finished = matches!(result, Ok(Outcome::Finished));
-        match result {
-            Ok(Outcome::Finished) => {}
-            Ok(Outcome::Retry(why)) => tracing::warn!(op_id = %id, %why, "operation paused; will retry"),
-            Ok(Outcome::Waiting(why)) => tracing::debug!(op_id = %id, %why, "operation waiting"),
-            Err(e) => tracing::error!(op_id = %id, "operation worker failed: {e}; will retry"),
-        }
-        ctx.running_ops.lock().expect("op set").remove(&id);
-        if let (true, Some(resource)) = (finished, resource) {
-            wake(&ctx, &resource).await;
+            if !ctx.workers.again(&id) {
+                return;
+            }
+            tracing::info!(op_id = %id, "operation woken while it ran; running it again");
         }
     });
 }
@@ -312,5 +361,31 @@ pub async fn purge_forever(db: sqlx::SqlitePool, retention: Duration) {
             }
             Err(e) => tracing::error!("purging finished operations: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Workers;
+
+    #[test]
+    fn a_wake_while_the_worker_runs_makes_it_run_once_more() {
+        let workers = Workers::default();
+        assert!(workers.claim("op1"), "the first claim starts a worker");
+        assert!(!workers.claim("op1"), "a second worker started");
+        assert!(!workers.claim("op1"), "a third worker started");
+        assert!(workers.again("op1"), "the wakes were lost");
+        assert!(!workers.again("op1"), "two wakes during one run make one more run, not two");
+        assert!(workers.claim("op1"), "the worker that stopped still holds the operation");
+    }
+
+    #[test]
+    fn a_released_operation_can_be_claimed_again() {
+        let workers = Workers::default();
+        assert!(workers.claim("op1"));
+        assert!(!workers.claim("op1"));
+        workers.release("op1");
+        assert!(workers.claim("op1"), "a release left the operation claimed");
+        assert!(!workers.again("op1"), "a fresh claim is asked to run again");
     }
 }

@@ -410,3 +410,49 @@ async fn a_paused_operation_goes_on_as_soon_as_its_agent_registers_again() {
     assert!(!dir.join(format!("volume-{}", v.id)).exists(), "the volume's file is left");
     assert_eq!(fleet.operation("delete_volume", &v.id).await.map(|o| o.0).as_deref(), Some("done"));
 }
+
+/// A registration that comes while the operation it would resume is still in its call to the agent's old,
+/// frozen process is not lost: the worker runs the operation again as soon as that call gives up.
+#[tokio::test]
+async fn an_operation_woken_while_its_worker_waits_on_a_frozen_agent_runs_again_at_once() {
+    let mut fleet = Fleet::new();
+    fleet.reconcile_interval_seconds = 3600;
+    // Long enough for the new agent to register while the extend still waits on the frozen one.
+    fleet.start_coordinator_with(&[("EMBER_PEER_TIMEOUT", "10")]);
+    let (backend, dir) = fleet.file_backend("file1", "");
+    let freeze = [("EMBER_FAILPOINTS", "storage.freeze_in_extend_volume")];
+    let frozen = fleet.start_agent_with("storage", "storage1", &backend, &freeze);
+    frozen.wait_registered().await;
+    let mut volumes = VolumeServiceClient::new(fleet.admin());
+    let v = volumes.create_volume(CreateVolumeRequest { size_gb: 1, ..Default::default() }).await.unwrap().into_inner();
+    let available = |size: u64| {
+        let fleet = &fleet;
+        let id = v.id.clone();
+        async move {
+            let got = VolumeServiceClient::new(fleet.admin()).get_volume(GetVolumeRequest { id }).await;
+            let got = got.ok()?.into_inner();
+            (got.status == "available" && got.size_gb == size).then_some(())
+        }
+    };
+    wait_for("the volume to be available", Duration::from_secs(30), || available(1)).await;
+
+    volumes.extend_volume(ExtendVolumeRequest { id: v.id.clone(), new_size_gb: 2 }).await.unwrap();
+    wait_for("the agent to freeze in the extend", Duration::from_secs(30), || async {
+        frozen.is_stopped().then_some(())
+    })
+    .await;
+    let restarted = fleet.start_agent("storage", "storage1", &backend);
+    restarted.wait_registered().await;
+    let coordinator_log = fleet.coordinator.as_ref().expect("a coordinator").log_text();
+    assert!(
+        !coordinator_log.contains("operation paused"),
+        "the extend gave up on the frozen agent before the new one registered; the test proves nothing"
+    );
+
+    wait_for("the extend to finish through the new agent", Duration::from_secs(40), || available(2)).await;
+    let file = std::fs::metadata(dir.join(format!("volume-{}", v.id))).expect("the volume's file");
+    assert_eq!(file.len(), 2 << 30, "the file was not extended");
+    assert_eq!(fleet.operation("extend_volume", &v.id).await.map(|o| o.0).as_deref(), Some("done"));
+    let coordinator_log = fleet.coordinator.as_ref().expect("a coordinator").log_text();
+    assert!(coordinator_log.contains("operation paused"), "the extend never waited on the frozen agent");
+}

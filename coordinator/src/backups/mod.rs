@@ -537,12 +537,16 @@ impl Backups {
         .await?;
         let payload = serde_json::json!({ "directory": r.directory, "cinder_backup_id": r.cinder_backup_id });
         let op = operations::insert(&mut tx, "import_backup", "backup", &id, "importing", payload).await?;
-        tx.commit().await?;
         // Run it now and answer with the outcome; a crash leaves the operation for the reconciler, which is
-        // kept off it meanwhile. It runs as a task of its own: a caller that goes away (its request dropped)
+        // kept off it meanwhile: claimed before the commit makes it visible, so no reconcile pass can start a
+        // second worker on it. It runs as a task of its own: a caller that goes away (its request dropped)
         // must not take the import with it, or the operation would stay marked as running here, out of the
         // reconciler's reach, and the backup `creating` until a restart.
-        self.ctx.running_ops.lock().expect("op set").insert(op.clone());
+        self.ctx.workers.claim(&op);
+        if let Err(e) = tx.commit().await {
+            self.ctx.workers.release(&op);
+            return Err(e.into());
+        }
         let ctx = self.ctx.clone();
         let flow = Op {
             id: op.clone(),
@@ -557,7 +561,7 @@ impl Backups {
         let import = tokio::spawn(async move {
             let request_id = flow.request_id.clone();
             let done = ember_common::access_log::with_request_id(request_id, import_flow(&ctx, flow)).await;
-            ctx.running_ops.lock().expect("op set").remove(&op);
+            ctx.workers.release(&op);
             done
         });
         match import.await {
@@ -566,7 +570,7 @@ impl Backups {
             }
             Err(stopped) => {
                 // The task panicked: the operation is left to the reconciler.
-                self.ctx.running_ops.lock().expect("op set").remove(&op_id);
+                self.ctx.workers.release(&op_id);
                 return Err(Error::FailedPrecondition(format!(
                     "backup {id}: the import stopped ({stopped}); the coordinator resumes it in the background"
                 )));
