@@ -85,3 +85,17 @@ impl Agents {
         Ok(StorageAgentClient::new(traced(self.channel(&endpoint)?)).max_decoding_message_size(64 << 20))
     }
 }
+
+/// A storage or backup agent's error that means "try again later" (it could not be reached, or the call was cut
+/// short) rather than "this failed"; the operation that made the call pauses and retries it.
+pub fn transient(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown)
+}
+
+/// [`transient`] for the compute agent, whose own refusals are final and whose guest-release deadline is
+/// DEADLINE_EXCEEDED, which must surface rather than loop: only a lost connection is worth a retry.
+pub fn compute_transient(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(status.code(), Code::Unavailable | Code::Cancelled | Code::Unknown)
+}

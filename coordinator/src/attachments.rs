@@ -6,6 +6,7 @@
 //! a failed attach is undone on both agents before the record goes. A forced detach leaves the host out; what
 //! that may leave in its guest is released once the host answers (`leftovers.rs`).
 
+use crate::agents::{compute_transient, transient};
 use crate::auth::{can_see, who};
 use crate::clock::{now_ms, timestamp};
 use crate::context::Ctx;
@@ -13,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::leftovers;
 use crate::operations::{self, Op, Outcome};
 use crate::validate;
-use crate::volumes::{flow::transient, store as volumes};
+use crate::volumes::store as volumes;
 use ember_common::identity::{Identity, Role, valid_name};
 use ember_proto::agent::v1 as agent;
 use ember_proto::v1::attachment_service_server::AttachmentService;
@@ -396,12 +397,6 @@ pub(crate) async fn unexport_unless_shared(
         })
         .await;
     Ok(call.map(drop))
-}
-
-/// The compute agent's own refusals are final; only a lost connection is worth a retry (its guest-release
-/// deadline is DEADLINE_EXCEEDED and must surface, not loop).
-pub(crate) fn compute_transient(status: &Status) -> bool {
-    matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown)
 }
 
 /// Ends a failed attach: the record goes and the volume settles, with the reason on both. An attach a forced

@@ -66,7 +66,7 @@ impl Error {
     /// again, else FAILED_PRECONDITION with the agent's reason.
     pub fn from_agent(what: &str, status: &Status) -> Self {
         let message = format!("{what}: {}", status.message());
-        if crate::volumes::flow::transient(status) && !refused_in_handshake(status) {
+        if crate::agents::transient(status) && !refused_in_handshake(status) {
             Error::Unavailable(message)
         } else {
             Error::FailedPrecondition(message)

@@ -4,15 +4,14 @@
 //! id; delete destroys the domain, then detaches every volume of the instance (disconnect, unexport), and
 //! deletes the boot volume when asked to. Booting from a snapshot first creates the volume from it.
 
-use crate::attachments::{
-    compute_transient, export_attachment, settle_volume, stored_connection, unexport_unless_shared,
-};
+use crate::agents::{compute_transient, transient};
+use crate::attachments::{export_attachment, settle_volume, stored_connection, unexport_unless_shared};
 use crate::auth::{can_see, who};
 use crate::clock::{now_ms, timestamp};
 use crate::context::Ctx;
 use crate::error::{Error, Result};
 use crate::operations::{self, Op, Outcome};
-use crate::volumes::{flow::transient, store as volumes};
+use crate::volumes::store as volumes;
 use crate::{placement, quota, validate};
 use ember_common::identity::{Identity, Role};
 use ember_proto::agent::v1 as agent;

@@ -105,7 +105,7 @@ pub async fn release_flow(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
     };
     match released {
         Ok(()) => {}
-        Err(status) if crate::attachments::compute_transient(&status) => {
+        Err(status) if crate::agents::compute_transient(&status) => {
             return Ok(Outcome::Retry(format!("{host} cannot let go of a leftover yet: {}", status.message())));
         }
         Err(status) => {

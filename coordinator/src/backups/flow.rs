@@ -3,10 +3,11 @@
 //! move the data.
 
 use super::{BackupRow, agent_is_up, deltas, find, set_status};
+use crate::agents::transient;
 use crate::context::Ctx;
 use crate::error::{Error, Result};
 use crate::operations::{self, Op, Outcome};
-use crate::volumes::{flow::transient, store as volumes};
+use crate::volumes::store as volumes;
 use crate::{quota, snapshots};
 use ember_proto::agent::v1 as agent;
 use sqlx::SqliteConnection;

@@ -4,10 +4,11 @@
 //! left. One the agent refuses stops the cascade: it and those not reached are `error_deleting`, with the reason,
 //! and so is the volume; deleting again (with cascade) goes on from there.
 
+use crate::agents::transient;
 use crate::context::Ctx;
 use crate::error::{Error, Result};
 use crate::failpoint;
-use crate::volumes::{flow::transient, store::VolumeRow};
+use crate::volumes::store::VolumeRow;
 use ember_proto::agent::v1 as agent;
 use sqlx::SqliteConnection;
 

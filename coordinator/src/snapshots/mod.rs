@@ -7,12 +7,13 @@ pub mod manage;
 
 pub use cascade::{Cascade, delete_all_of, start_cascade};
 
+use crate::agents::transient;
 use crate::auth::{can_see, who};
 use crate::clock::{now_ms, timestamp};
 use crate::context::Ctx;
 use crate::error::{Error, Result};
 use crate::operations::{self, Op, Outcome};
-use crate::volumes::{flow::transient, store as volumes};
+use crate::volumes::store as volumes;
 use crate::{failpoint, idempotency, quota, validate};
 use ember_common::identity::{Identity, Role};
 use ember_proto::agent::v1 as agent;

@@ -3,6 +3,7 @@
 //! before the next begins, so a restarted coordinator resumes exactly where it stopped.
 
 use super::store;
+use crate::agents::transient;
 use crate::context::Ctx;
 use crate::error::Result;
 use crate::operations::{self, Op, Outcome};
@@ -11,12 +12,6 @@ use crate::snapshots::Cascade;
 use crate::{failpoint, pools, quota, volume_types};
 use ember_proto::agent::v1 as agent;
 use std::sync::Arc;
-use tonic::Code;
-
-/// An agent error that means "try again later" rather than "this failed".
-pub fn transient(status: &tonic::Status) -> bool {
-    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown)
-}
 
 fn tried(op: &Op) -> Vec<String> {
     op.payload["tried"].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect()

@@ -213,7 +213,7 @@ pub async fn unmanage_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     let mut tx = crate::db::write(&ctx.db).await?;
     match call {
         Ok(_) => super::flow::forget(ctx, &mut tx, &v, "unmanaged").await?,
-        Err(s) if super::flow::transient(&s) => {
+        Err(s) if crate::agents::transient(&s) => {
             return Ok(Outcome::Retry(format!("storage agent {}: {}", v.host, s.message())));
         }
         Err(s) => {

@@ -12,9 +12,9 @@
 //!
 //! An attached (`in-use`) volume moves too, its guest running: see `swap.rs` for its steps in place of `copying`.
 
-use super::flow::transient;
 use super::store::{self, VolumeRow};
 use super::swap::{self, AttachedLeg};
+use crate::agents::transient;
 use crate::context::Ctx;
 use crate::error::{Error, Result};
 use crate::operations::{self, Op, Outcome};

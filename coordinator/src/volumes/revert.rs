@@ -6,10 +6,10 @@
 //! revert puts it right.
 
 use super::store;
+use crate::agents::transient;
 use crate::context::Ctx;
 use crate::error::{Error, Result};
 use crate::operations::{self, Op, Outcome};
-use crate::volumes::flow::transient;
 use crate::{snapshots, validate};
 use ember_common::identity::Identity;
 use ember_proto::agent::v1 as agent;

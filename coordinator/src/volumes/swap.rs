@@ -14,7 +14,8 @@
 //! whose compute host is gone for good forces the detach, and the migration then gives up.
 
 use super::store::VolumeRow;
-use crate::attachments::{self, compute_transient};
+use crate::agents::compute_transient;
+use crate::attachments;
 use crate::context::Ctx;
 use crate::error::{Error, Result};
 use crate::operations::Op;
@@ -135,7 +136,7 @@ pub(crate) async fn export_new_copy(
             crate::operations::advance(&mut conn, op, "swapping").await?;
             Ok(Step::Next)
         }
-        Err(status) if crate::volumes::flow::transient(&status) => Ok(Step::Retry(status.message().to_string())),
+        Err(status) if crate::agents::transient(&status) => Ok(Step::Retry(status.message().to_string())),
         Err(status) => Ok(Step::GiveUp(format!("export on {to_host}: {}", status.message()))),
     }
 }
