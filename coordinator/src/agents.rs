@@ -99,3 +99,10 @@ pub fn compute_transient(status: &tonic::Status) -> bool {
     use tonic::Code;
     matches!(status.code(), Code::Unavailable | Code::Cancelled | Code::Unknown)
 }
+
+/// Whether an agent's error says the call did not get an answer (the agent could not be reached, stopped
+/// answering, or the connection was cut), as opposed to an answer that refused or failed.
+pub fn unreachable(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled)
+}

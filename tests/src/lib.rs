@@ -149,6 +149,9 @@ pub struct Fleet {
     storage_agents: std::sync::Mutex<Vec<u32>>,
     /// Seconds between the coordinator's reconcile passes (1 unless a test needs them out of the way).
     pub reconcile_interval_seconds: u32,
+    /// Seconds without a heartbeat before the coordinator counts a service down ([`SERVICE_DOWN_SECONDS`]
+    /// unless a test needs a service to stay up while its agent restarts).
+    pub service_down_seconds: u32,
 }
 
 /// A free TCP port on loopback right now.
@@ -233,6 +236,7 @@ impl Fleet {
             tgt_ports: Default::default(),
             storage_agents: Default::default(),
             reconcile_interval_seconds: 1,
+            service_down_seconds: SERVICE_DOWN_SECONDS,
         };
         fleet.issue(Role::Coordinator, "coordinator", None);
         fleet.issue(Role::Admin, "admin", None);
@@ -304,7 +308,7 @@ impl Fleet {
             .arg("--crl")
             .arg(self.crl())
             .args(["--heartbeat-interval", &HEARTBEAT_SECONDS.to_string()])
-            .args(["--service-down", &SERVICE_DOWN_SECONDS.to_string()]);
+            .args(["--service-down", &self.service_down_seconds.to_string()]);
         let log = self.dir.path().join(format!("coordinator-{}.log", self.next_log()));
         self.coordinator = Some(Daemon::start(cmd, log));
         self.coordinator.as_ref().unwrap()

@@ -197,3 +197,41 @@ async fn a_backup_goes_to_the_zone_asked_for_and_an_incremental_stays_with_its_p
     let now = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
     assert_eq!(now.status, "available");
 }
+
+/// A restore into a new volume that no pool can take (its one storage node is down) ends with that volume in
+/// error, naming why, and the backup released: not held `restoring`, and so undeletable, for ever.
+#[tokio::test]
+async fn a_restore_whose_new_volume_finds_no_pool_releases_the_backup() {
+    let ember_fleet_tests::backups::OneSite { fleet, backend, dir, repo: _, mut storage, backup1: _backup1 } =
+        ember_fleet_tests::backups::OneSite::start().await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    ember_fleet_tests::backups::fill(&dir.join(format!("volume-{}", v.id)), 4 << 20, 21, 1 << 20);
+    let backups = BackupServiceClient::new(fleet.admin());
+    let b = backups
+        .clone()
+        .create_backup(CreateBackupRequest { volume_id: v.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(wait_backup_settled(&backups, &b.id).await.status, "available");
+
+    storage.kill();
+    wait_down(&fleet, "storage1@file1").await;
+    let target = restore_new(&backups, &volumes, &b.id).await;
+    assert_eq!(target.status, "error", "{target:?}");
+    assert!(target.status_reason.contains("No valid backend"), "{target:?}");
+    let released = wait_backup_settled(&backups, &b.id).await;
+    assert_eq!(released.status, "available", "the backup is still held by the failed restore: {released:?}");
+
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    wait_backend(&fleet, "storage1@file1").await;
+    let restored = restore_new(&backups, &volumes, &b.id).await;
+    assert_eq!(restored.status, "available", "{restored:?}");
+    assert_eq!(
+        sha256(&dir.join(format!("volume-{}", restored.id))),
+        sha256(&dir.join(format!("volume-{}", v.id))),
+        "the second restore is not the volume backed up"
+    );
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
+}

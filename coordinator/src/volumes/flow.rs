@@ -83,8 +83,7 @@ pub async fn create(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
                         } else {
                             none.to_string()
                         };
-                        store::transition(&mut tx, &v.id, &["creating"], "error", &reason).await?;
-                        operations::finish(&mut tx, &op, Some(&reason)).await?;
+                        fail_create(&mut tx, &v, &op, &reason).await?;
                         tx.commit().await?;
                         return Ok(Outcome::Finished);
                     }
@@ -137,9 +136,13 @@ pub async fn create(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
                         tx.commit().await?;
                         return Ok(Outcome::Finished);
                     }
+                    Err(status) if unreachable_for_now(ctx, &mut op, &v, &status).await? => {
+                        return Ok(Outcome::Retry(format!("{}@{}: {}", v.host, v.backend, status.message())));
+                    }
                     Err(status) => {
                         let pool = format!("{}@{}", v.host, v.backend);
                         tracing::warn!(volume_id = %v.id, %pool, code = ?status.code(), message = status.message(), "create failed on the backend");
+                        op.payload.as_object_mut().map(|p| p.remove("unreachable_since_ms"));
                         // Leave nothing behind on the backend that failed; the orphan sweeper catches what
                         // an unreachable agent still holds.
                         let _ = client
@@ -165,8 +168,7 @@ pub async fn create(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
                             op.attempt,
                             status.message()
                         );
-                        store::transition(&mut tx, &v.id, &["creating"], "error", &reason).await?;
-                        operations::finish(&mut tx, &op, Some(&reason)).await?;
+                        fail_create(&mut tx, &v, &op, &reason).await?;
                         tx.commit().await?;
                         return Ok(Outcome::Finished);
                     }
@@ -179,6 +181,44 @@ pub async fn create(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
             }
         }
     }
+}
+
+/// Whether the create on `v`'s pool, whose agent could not be reached (`status`), should wait for that agent
+/// rather than go elsewhere: while the pool's service is up and for at most the time a service is given before
+/// it counts as down, counted from the first such failure (recorded in the operation). An agent that restarts
+/// then builds the volume as soon as it registers again, instead of the create failing when no other pool
+/// can take it; one that stays unreachable (frozen, or serving an address the coordinator cannot reach while
+/// its heartbeats arrive) gives the volume to the next pool, or to `error`, as any failed attempt does.
+async fn unreachable_for_now(ctx: &Ctx, op: &mut Op, v: &store::VolumeRow, status: &tonic::Status) -> Result<bool> {
+    if !crate::agents::unreachable(status) {
+        return Ok(false);
+    }
+    let now = crate::clock::now_ms();
+    let since = op.payload["unreachable_since_ms"].as_i64().unwrap_or(now);
+    let mut conn = crate::db::write(&ctx.db).await?;
+    let served = super::manage::pool_served(ctx, &mut conn, &v.host, &v.backend).await?;
+    if !served || now - since >= ctx.service_down_ms {
+        return Ok(false);
+    }
+    if op.payload["unreachable_since_ms"].is_null() {
+        op.payload["unreachable_since_ms"] = serde_json::json!(since);
+        let step = op.step.clone();
+        operations::advance(&mut conn, op, &step).await?;
+        let reason = format!("waiting for {}@{}, which cannot be reached: {}", v.host, v.backend, status.message());
+        store::transition(&mut conn, &v.id, &["creating"], "creating", &reason).await?;
+        conn.commit().await?;
+    }
+    tracing::warn!(volume_id = %v.id, pool = %format!("{}@{}", v.host, v.backend), message = status.message(), "create waits for its storage agent");
+    Ok(true)
+}
+
+/// Ends the create of `v` in `error` with `reason`. A volume that was to be restored from a backup releases
+/// that backup, which the restore held `restoring` (and so undeletable) until the volume was built.
+async fn fail_create(tx: &mut sqlx::SqliteConnection, v: &store::VolumeRow, op: &Op, reason: &str) -> Result<()> {
+    if store::transition(tx, &v.id, &["creating"], "error", reason).await? && !v.source_backup_id.is_empty() {
+        crate::backups::restore_done(tx, &v.source_backup_id).await?;
+    }
+    operations::finish(tx, op, Some(reason)).await
 }
 
 /// How the agent formats a new blank volume of an encrypted type (with the key `create` made for it); `None`
