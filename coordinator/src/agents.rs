@@ -106,3 +106,16 @@ pub fn unreachable(status: &tonic::Status) -> bool {
     use tonic::Code;
     matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled)
 }
+
+/// Whether the call behind `status` never reached its agent: the connection was refused (no agent listens
+/// there now, as while it restarts), so the agent did nothing of what was asked.
+pub fn never_reached(status: &tonic::Status) -> bool {
+    let mut cause = std::error::Error::source(status);
+    while let Some(e) = cause {
+        if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused) {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}

@@ -77,6 +77,25 @@ pub async fn advance(conn: &mut SqliteConnection, op: &mut Op, step: &str) -> Re
     Ok(())
 }
 
+/// Whether an operation whose agent did not answer should pause and try again later rather than fail: while
+/// the agent's service is `up`, and for at most `limit_ms` (the time a silent service is given before it counts
+/// as down) from the first such failure, which is recorded in the operation (`unreachable_since_ms`). So an
+/// agent being restarted finds the work waiting for it when it registers again, and one that stays away (or
+/// that the coordinator cannot reach while its heartbeats arrive) lets the operation fail after all.
+pub async fn wait_for_agent(conn: &mut SqliteConnection, op: &mut Op, up: bool, limit_ms: i64) -> Result<bool> {
+    let now = now_ms();
+    let since = op.payload["unreachable_since_ms"].as_i64();
+    if !up || since.is_some_and(|since| now - since >= limit_ms) {
+        return Ok(false);
+    }
+    if since.is_none() {
+        op.payload["unreachable_since_ms"] = serde_json::json!(now);
+        let step = op.step.clone();
+        advance(conn, op, &step).await?;
+    }
+    Ok(true)
+}
+
 /// Records an operation that was done whole inside the caller's transaction, with no agent to call: kept, like
 /// every operation, as the history the orphan sweeper reads (until [`purge_finished`]).
 pub async fn record_done(
@@ -285,7 +304,8 @@ async fn run(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     }
 }
 
-/// Hands every unfinished operation to a worker now, then again every `every`; sweeps orphans each time.
+/// Hands every unfinished operation to a worker now, then again every `every`; sweeps orphans and releases
+/// backups held by no restore each time.
 pub async fn reconcile_forever(ctx: Arc<Ctx>, every: Duration) {
     let mut ticker = tokio::time::interval(every);
     loop {
@@ -294,6 +314,9 @@ pub async fn reconcile_forever(ctx: Arc<Ctx>, every: Duration) {
             Ok(0) => {}
             Ok(n) => tracing::warn!(removed = n, "orphan sweep removed files"),
             Err(e) => tracing::error!("orphan sweep: {e}"),
+        }
+        if let Err(e) = crate::backups::release_unheld(&ctx).await {
+            tracing::error!("releasing backups held by no restore: {e}");
         }
         resume_all(ctx.clone()).await;
     }

@@ -1,6 +1,7 @@
 //! Where backups go: to the repository with the most free space, as the backup agents report it with every
 //! heartbeat, and never to a full one. The repositories are small tmpfs mounts, so their free space is known
-//! and nothing else in the machine changes it. And to the availability zone a create asks for.
+//! and nothing else in the machine changes it. And to the availability zone a create asks for. And a restore
+//! into a new volume that no pool can take releases its backup.
 
 use ember_fleet_tests::backups::{restore_new, sha256, wait_backup_settled, wait_down};
 use ember_fleet_tests::volumes::{new_volume, wait_backend};
@@ -234,4 +235,40 @@ async fn a_restore_whose_new_volume_finds_no_pool_releases_the_backup() {
         "the second restore is not the volume backed up"
     );
     ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
+}
+
+/// A backup held `restoring` by no restore (what a create that failed before its restore began left, before
+/// that was fixed) is released by the coordinator's next reconcile pass, and can then be deleted.
+#[tokio::test]
+async fn a_backup_held_by_no_restore_is_released() {
+    let site = ember_fleet_tests::backups::OneSite::start().await;
+    let volumes = VolumeServiceClient::new(site.fleet.admin());
+    let v = new_volume(&volumes, 1).await;
+    let backups = BackupServiceClient::new(site.fleet.admin());
+    let b = backups
+        .clone()
+        .create_backup(CreateBackupRequest { volume_id: v.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(wait_backup_settled(&backups, &b.id).await.status, "available");
+
+    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", site.fleet.database().display())).await.unwrap();
+    let held = sqlx::query("UPDATE backups SET status = 'restoring' WHERE id = ?").bind(&b.id).execute(&db).await;
+    assert_eq!(held.unwrap().rows_affected(), 1);
+    wait_for("the backup to be released", Duration::from_secs(30), || {
+        let mut backups = backups.clone();
+        let id = b.id.clone();
+        async move {
+            (backups.get_backup(GetBackupRequest { id }).await.ok()?.into_inner().status == "available").then_some(())
+        }
+    })
+    .await;
+    backups.clone().delete_backup(DeleteBackupRequest { id: b.id.clone(), ..Default::default() }).await.unwrap();
+    wait_for("the backup to be deleted", Duration::from_secs(30), || {
+        let mut backups = backups.clone();
+        let id = b.id.clone();
+        async move { (backups.get_backup(GetBackupRequest { id }).await.err()?.code() == Code::NotFound).then_some(()) }
+    })
+    .await;
 }

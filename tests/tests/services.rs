@@ -456,33 +456,3 @@ async fn an_operation_woken_while_its_worker_waits_on_a_frozen_agent_runs_again_
     let coordinator_log = fleet.coordinator.as_ref().expect("a coordinator").log_text();
     assert!(coordinator_log.contains("operation paused"), "the extend never waited on the frozen agent");
 }
-
-/// A create whose storage agent is restarting (its service still up) waits for it, rather than failing when no
-/// other pool can take the volume: the agent builds the volume as soon as it registers again.
-#[tokio::test]
-async fn a_create_waits_for_its_storage_agent_to_restart_while_its_service_is_up() {
-    let mut fleet = Fleet::new();
-    fleet.reconcile_interval_seconds = 3600;
-    fleet.service_down_seconds = 60;
-    fleet.start_coordinator();
-    let (backend, dir) = fleet.file_backend("file1", "");
-    let mut storage = fleet.start_agent("storage", "storage1", &backend);
-    ember_fleet_tests::volumes::wait_backend(&fleet, "storage1@file1").await;
-
-    storage.kill();
-    let volumes = VolumeServiceClient::new(fleet.admin());
-    let create = CreateVolumeRequest { size_gb: 1, ..Default::default() };
-    let v = volumes.clone().create_volume(create).await.unwrap().into_inner();
-    fleet.wait_operation_paused("the create to wait for its storage agent").await;
-    let waiting = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
-    assert_eq!(waiting.status, "creating", "{waiting:?}");
-    assert_eq!(waiting.host, "storage1@file1", "{waiting:?}");
-    assert!(waiting.status_reason.contains("waiting for storage1@file1"), "{waiting:?}");
-
-    let _storage = fleet.start_agent("storage", "storage1", &backend);
-    let built = ember_fleet_tests::volumes::wait_volume(&volumes, &v.id, "available").await;
-    assert_eq!((built.host.as_str(), built.status_reason.as_str()), ("storage1@file1", ""));
-    let file = std::fs::metadata(dir.join(format!("volume-{}", v.id))).expect("the volume's file");
-    assert_eq!(file.len(), 1 << 30);
-    assert_eq!(fleet.operation("create_volume", &v.id).await.map(|o| o.0).as_deref(), Some("done"));
-}

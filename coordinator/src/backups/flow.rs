@@ -340,32 +340,46 @@ async fn with_progress<T>(
     }
 }
 
+/// Why a restore failed: what to tell the user, and the backup agent's answer when the call to it failed.
+pub struct RestoreFailed {
+    /// The reason, naming the backup.
+    pub message: String,
+    /// The backup agent's host.
+    pub host: String,
+    /// The backup agent's answer, if the call to it failed.
+    pub status: Option<tonic::Status>,
+}
+
 /// Writes backup `backup_id` into volume `v` through the backup agent; `blank` when `v` is new.
 pub async fn restore_into(
     ctx: &Ctx,
     backup_id: &str,
     v: &volumes::VolumeRow,
     blank: bool,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), RestoreFailed> {
+    let failed = |host: &str, message: String| RestoreFailed { message, host: host.to_string(), status: None };
     let b = {
-        let mut conn = ctx.db.acquire().await.map_err(|e| e.to_string())?;
+        let mut conn = ctx.db.acquire().await.map_err(|e| failed("", e.to_string()))?;
         find(&mut conn, backup_id)
             .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("backup {backup_id} no longer exists"))?
+            .map_err(|e| failed("", e.to_string()))?
+            .ok_or_else(|| failed("", format!("backup {backup_id} no longer exists")))?
     };
-    let mut client = ctx.agents.backup(&b.host).await.map_err(|e| e.to_string())?;
-    let target = location(ctx, v, v.id.clone(), false, v.size_gb).await.map_err(|e| e.to_string())?;
+    let mut client = ctx.agents.backup(&b.host).await.map_err(|e| failed(&b.host, e.to_string()))?;
+    let target = location(ctx, v, v.id.clone(), false, v.size_gb).await.map_err(|e| failed(&b.host, e.to_string()))?;
     let request = agent::RestoreBackupRequest {
         backup_id: b.id.clone(),
         repository: b.repository.clone(),
         target: Some(target),
         target_is_blank: blank,
     };
-    with_progress(ctx, client.clone(), &b.id, "restoring", client.restore_backup(request))
-        .await
-        .map(|_| ())
-        .map_err(|s| format!("restore of backup {}: {}", b.id, s.message()))
+    with_progress(ctx, client.clone(), &b.id, "restoring", client.restore_backup(request)).await.map(|_| ()).map_err(
+        |s| RestoreFailed {
+            message: format!("restore of backup {}: {}", b.id, s.message()),
+            host: b.host.clone(),
+            status: Some(s),
+        },
+    )
 }
 
 /// Puts a backup back to `available` after a restore (whatever its outcome); its progress is its own again.
@@ -376,8 +390,32 @@ pub async fn restore_done(conn: &mut SqliteConnection, backup_id: &str) -> Resul
     Ok(())
 }
 
+/// Puts back to `available` every backup held `restoring` by no unfinished restore (neither the create of a
+/// volume from it nor a restore onto a volume), and returns their ids. The hold and its operation are recorded
+/// in one transaction and every restore releases its backup as it ends, so this finds only what an earlier
+/// version left held (a create that failed before its restore began did not release it), which could then
+/// neither be deleted nor restored again.
+pub async fn release_unheld(ctx: &Ctx) -> Result<Vec<String>> {
+    let mut tx = crate::db::write(&ctx.db).await?;
+    let ids: Vec<String> = sqlx::query_scalar(
+        "SELECT b.id FROM backups b WHERE b.status = 'restoring' \
+         AND NOT EXISTS (SELECT 1 FROM operations o JOIN volumes v ON v.id = o.resource_id \
+                         WHERE o.state = 'running' AND o.kind = 'create_volume' AND v.source_backup_id = b.id) \
+         AND NOT EXISTS (SELECT 1 FROM operations o WHERE o.state = 'running' AND o.kind = 'restore_backup' \
+                         AND json_extract(o.payload, '$.backup_id') = b.id)",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    for id in &ids {
+        restore_done(&mut tx, id).await?;
+        tracing::warn!(backup_id = %id, "backup held by no restore released");
+    }
+    tx.commit().await?;
+    Ok(ids)
+}
+
 /// Restore onto an existing volume: `restoring-backup` → available, or `error_restoring`.
-pub async fn restore_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
+pub async fn restore_flow(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
     let backup_id = op.payload["backup_id"].as_str().unwrap_or_default().to_string();
     let mut conn = ctx.db.acquire().await?;
     let Some(v) = volumes::find(&mut conn, &op.resource_id).await? else {
@@ -386,6 +424,11 @@ pub async fn restore_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     };
     drop(conn);
     let result = restore_into(ctx, &backup_id, &v, false).await;
+    if let Err(RestoreFailed { host, status: Some(status), .. }) = &result
+        && crate::volumes::flow::backup_agent_restarting(ctx, &mut op, &v, "restoring-backup", host, status).await?
+    {
+        return Ok(Outcome::Retry(format!("{host}: {}", status.message())));
+    }
     let mut tx = crate::db::write(&ctx.db).await?;
     restore_done(&mut tx, &backup_id).await?;
     match result {
@@ -393,7 +436,8 @@ pub async fn restore_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
             volumes::transition(&mut tx, &v.id, &["restoring-backup"], "available", "").await?;
             operations::finish(&mut tx, &op, None).await?;
         }
-        Err(msg) => {
+        Err(failed) => {
+            let msg = failed.message;
             volumes::transition(&mut tx, &v.id, &["restoring-backup"], "error_restoring", &msg).await?;
             operations::finish(&mut tx, &op, Some(&msg)).await?;
         }

@@ -21,7 +21,10 @@ use tonic::{Request, Response, Status};
 mod flow;
 mod placement;
 mod verify;
-pub use flow::{create_flow, delete_flow, describe_flow, import_flow, restore_done, restore_flow, restore_into};
+pub use flow::{
+    RestoreFailed, create_flow, delete_flow, describe_flow, import_flow, release_unheld, restore_done, restore_flow,
+    restore_into,
+};
 use placement::choose_repository;
 pub use placement::reported_repositories;
 

@@ -4,6 +4,7 @@
 
 use super::store;
 use crate::agents::transient;
+use crate::backups::RestoreFailed;
 use crate::context::Ctx;
 use crate::error::Result;
 use crate::operations::{self, Op, Outcome};
@@ -114,6 +115,12 @@ pub async fn create(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
                         } else {
                             crate::backups::restore_into(ctx, &v.source_backup_id, &v, true).await
                         };
+                        if let Err(RestoreFailed { host, status: Some(status), .. }) = &restored
+                            && backup_agent_restarting(ctx, &mut op, &v, "creating", host, status).await?
+                        {
+                            // The create is asked again when the agent is back, and finds its volume made.
+                            return Ok(Outcome::Retry(format!("{host}: {}", status.message())));
+                        }
                         let mut tx = crate::db::write(&ctx.db).await?;
                         if !v.source_backup_id.is_empty() {
                             crate::backups::restore_done(&mut tx, &v.source_backup_id).await?;
@@ -128,9 +135,9 @@ pub async fn create(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
                                 store::transition(&mut tx, &v.id, &["creating"], "available", "").await?;
                                 operations::finish(&mut tx, &op, None).await?;
                             }
-                            Err(msg) => {
-                                store::transition(&mut tx, &v.id, &["creating"], "error", &msg).await?;
-                                operations::finish(&mut tx, &op, Some(&msg)).await?;
+                            Err(failed) => {
+                                store::transition(&mut tx, &v.id, &["creating"], "error", &failed.message).await?;
+                                operations::finish(&mut tx, &op, Some(&failed.message)).await?;
                             }
                         }
                         tx.commit().await?;
@@ -183,32 +190,61 @@ pub async fn create(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
     }
 }
 
-/// Whether the create on `v`'s pool, whose agent could not be reached (`status`), should wait for that agent
-/// rather than go elsewhere: while the pool's service is up and for at most the time a service is given before
-/// it counts as down, counted from the first such failure (recorded in the operation). An agent that restarts
-/// then builds the volume as soon as it registers again, instead of the create failing when no other pool
-/// can take it; one that stays unreachable (frozen, or serving an address the coordinator cannot reach while
-/// its heartbeats arrive) gives the volume to the next pool, or to `error`, as any failed attempt does.
+/// Whether the create on `v`'s pool, whose agent did not answer (`status`), should wait for that agent rather
+/// than go elsewhere ([`operations::wait_for_agent`]): an agent that restarts then builds the volume as soon as
+/// it registers again, instead of the create failing when no other pool can take it; one that stays
+/// unreachable (frozen, or serving an address the coordinator cannot reach while its heartbeats arrive) gives
+/// the volume to the next pool, or to `error`, as any failed attempt does.
 async fn unreachable_for_now(ctx: &Ctx, op: &mut Op, v: &store::VolumeRow, status: &tonic::Status) -> Result<bool> {
     if !crate::agents::unreachable(status) {
         return Ok(false);
     }
-    let now = crate::clock::now_ms();
-    let since = op.payload["unreachable_since_ms"].as_i64().unwrap_or(now);
-    let mut conn = crate::db::write(&ctx.db).await?;
-    let served = super::manage::pool_served(ctx, &mut conn, &v.host, &v.backend).await?;
-    if !served || now - since >= ctx.service_down_ms {
+    let mut tx = crate::db::write(&ctx.db).await?;
+    let served = super::manage::pool_served(ctx, &mut tx, &v.host, &v.backend).await?;
+    let pool = format!("{}@{}", v.host, v.backend);
+    waits(ctx, tx, op, v, "creating", served, unreachable_reason(&pool, status)).await
+}
+
+/// Whether the restore into volume `v` (in `state`: `creating`, or `restoring-backup` when it existed), whose
+/// backup agent `host` refused the connection (it is not running, as while it restarts), should wait for that
+/// agent ([`operations::wait_for_agent`]). Nothing was written yet; a restore that failed on its way still
+/// fails, leaving the volume in error.
+pub(crate) async fn backup_agent_restarting(
+    ctx: &Ctx,
+    op: &mut Op,
+    v: &store::VolumeRow,
+    state: &str,
+    host: &str,
+    status: &tonic::Status,
+) -> Result<bool> {
+    if !crate::agents::never_reached(status) {
         return Ok(false);
     }
-    if op.payload["unreachable_since_ms"].is_null() {
-        op.payload["unreachable_since_ms"] = serde_json::json!(since);
-        let step = op.step.clone();
-        operations::advance(&mut conn, op, &step).await?;
-        let reason = format!("waiting for {}@{}, which cannot be reached: {}", v.host, v.backend, status.message());
-        store::transition(&mut conn, &v.id, &["creating"], "creating", &reason).await?;
-        conn.commit().await?;
+    let mut tx = crate::db::write(&ctx.db).await?;
+    let up = crate::backups::agent_is_up(ctx, &mut tx, host).await?;
+    waits(ctx, tx, op, v, state, up, unreachable_reason(host, status)).await
+}
+
+fn unreachable_reason(agent: &str, status: &tonic::Status) -> String {
+    format!("waiting for {agent}, which cannot be reached: {}", status.message())
+}
+
+/// [`operations::wait_for_agent`] for volume `v`, in `state`, with the reason in its `status_reason`.
+async fn waits(
+    ctx: &Ctx,
+    mut tx: crate::db::WriteTx,
+    op: &mut Op,
+    v: &store::VolumeRow,
+    state: &str,
+    up: bool,
+    reason: String,
+) -> Result<bool> {
+    if !operations::wait_for_agent(&mut tx, op, up, ctx.service_down_ms).await? {
+        return Ok(false);
     }
-    tracing::warn!(volume_id = %v.id, pool = %format!("{}@{}", v.host, v.backend), message = status.message(), "create waits for its storage agent");
+    store::transition(&mut tx, &v.id, &[state], state, &reason).await?;
+    tx.commit().await?;
+    tracing::warn!(volume_id = %v.id, %reason, "volume waits for an agent");
     Ok(true)
 }
 
