@@ -348,14 +348,15 @@ pub async fn run(cmd: BackupCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
         BackupAction::Show { id } => print(&[client.get_backup(GetBackupRequest { id }).await?.into_inner()], json),
         BackupAction::Delete { id, wait: _, forget: true, force: _ } => {
             client.delete_backup(DeleteBackupRequest { id: id.clone(), forget: true, force: false }).await?;
-            println!("backup {id} forgotten");
+            output::confirm(json, "backup", &id, "forgotten", &format!("backup {id} forgotten"));
         }
         BackupAction::Delete { id, wait: w, forget: false, force } => {
             client.delete_backup(DeleteBackupRequest { id: id.clone(), forget: false, force }).await?;
             if w && let Some(b) = wait(&mut client, &id).await? {
                 return Err(CliError::Other(format!("backup {} is {}: {}", b.id, b.status, b.status_reason)));
             }
-            println!("backup {id} {}", if w { "deleted" } else { "deleting" });
+            let status = if w { "deleted" } else { "deleting" };
+            output::confirm(json, "backup", &id, status, &format!("backup {id} {status}"));
         }
         BackupAction::Restore { id, volume, name, size, volume_type, availability_zone, wait: w } => {
             let r = client

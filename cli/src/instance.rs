@@ -158,7 +158,8 @@ pub async fn run(cmd: InstanceCmd, conn: &ConnectArgs, json: bool) -> Result<(),
             if w && let Some(i) = wait(&mut client, &id).await? {
                 return Err(CliError::Other(format!("instance {} is {}: {}", i.id, i.status, i.status_reason)));
             }
-            println!("instance {id} {}", if w { "deleted" } else { "deleting" });
+            let status = if w { "deleted" } else { "deleting" };
+            output::confirm(json, "instance", &id, status, &format!("instance {id} {status}"));
         }
     }
     Ok(())

@@ -25,6 +25,16 @@ pub fn json(value: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
 }
 
+/// Confirms a change that leaves nothing to show (a delete, an unexport): for scripts
+/// `{"kind": …, "id": …, "status": …}`, for people `text`.
+pub fn confirm(json: bool, kind: &str, id: &str, status: &str, text: &str) {
+    if json {
+        self::json(&serde_json::json!({ "kind": kind, "id": id, "status": status }));
+    } else {
+        println!("{text}");
+    }
+}
+
 /// A timestamp as RFC 3339 UTC, or empty.
 pub fn time(ts: &Option<Timestamp>) -> String {
     ts.as_ref().map(|t| t.to_string()).unwrap_or_default()

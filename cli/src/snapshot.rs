@@ -171,14 +171,16 @@ pub async fn run(cmd: SnapshotCmd, conn: &ConnectArgs, json: bool) -> Result<(),
         }
         SnapshotAction::Unmanage { id } => {
             client.unmanage_snapshot(UnmanageSnapshotRequest { id: id.clone() }).await?;
-            println!("snapshot {id} unmanaged; its data stays on the backend");
+            let text = format!("snapshot {id} unmanaged; its data stays on the backend");
+            output::confirm(json, "snapshot", &id, "unmanaged", &text);
         }
         SnapshotAction::Delete { id, wait: w } => {
             client.delete_snapshot(DeleteSnapshotRequest { id: id.clone() }).await?;
             if w && let Some(s) = wait(&mut client, &id).await? {
                 return Err(CliError::Other(format!("snapshot {} is {}: {}", s.id, s.status, s.status_reason)));
             }
-            println!("snapshot {id} {}", if w { "deleted" } else { "deleting" });
+            let status = if w { "deleted" } else { "deleting" };
+            output::confirm(json, "snapshot", &id, status, &format!("snapshot {id} {status}"));
         }
     }
     Ok(())

@@ -107,7 +107,13 @@ pub async fn run(cmd: TransferCmd, conn: &ConnectArgs, json: bool) -> Result<(),
         }
         TransferAction::Delete { id } => {
             client.delete_transfer(DeleteTransferRequest { id: id.clone() }).await?;
-            println!("transfer {id} deleted; its volume is available again");
+            output::confirm(
+                json,
+                "transfer",
+                &id,
+                "deleted",
+                &format!("transfer {id} deleted; its volume is available again"),
+            );
         }
         TransferAction::Accept { id, auth_key, project } => {
             let t = client.accept_transfer(AcceptTransferRequest { id, auth_key, project }).await?.into_inner();

@@ -400,7 +400,7 @@ async fn finish_when(
             Ok(())
         }
         None => {
-            println!("volume {} deleted", v.id);
+            output::confirm(json, "volume", &v.id, "deleted", &format!("volume {} deleted", v.id));
             Ok(())
         }
     }
@@ -498,19 +498,27 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
             if wait && let Some(v) = wait_volume(&mut client, &id).await? {
                 return Err(CliError::Other(format!("volume {} is {}: {}", v.id, v.status, v.status_reason)));
             }
-            println!("volume {} {}; its data stays on {}", v.id, if wait { "unmanaged" } else { "unmanaging" }, v.host);
+            let status = if wait { "unmanaged" } else { "unmanaging" };
+            output::confirm(
+                json,
+                "volume",
+                &v.id,
+                status,
+                &format!("volume {} {status}; its data stays on {}", v.id, v.host),
+            );
             Ok(())
         }
         VolumeAction::Delete { id, forget, cascade, wait } => {
             client.delete_volume(DeleteVolumeRequest { id: id.clone(), forget, cascade }).await?;
             if forget {
-                println!("volume {id} forgotten");
+                output::confirm(json, "volume", &id, "forgotten", &format!("volume {id} forgotten"));
                 return Ok(());
             }
             if wait && let Some(v) = wait_volume(&mut client, &id).await? {
                 return Err(CliError::Other(format!("volume {} is {}: {}", v.id, v.status, v.status_reason)));
             }
-            println!("volume {id} {}", if wait { "deleted" } else { "deleting" });
+            let status = if wait { "deleted" } else { "deleting" };
+            output::confirm(json, "volume", &id, status, &format!("volume {id} {status}"));
             Ok(())
         }
         VolumeAction::Manage { pool, id, project, naming: Naming { name, description, volume_type }, foreign } => {
@@ -527,7 +535,11 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
             let v = client.migrate_volume(MigrateVolumeRequest { id, pool }).await?.into_inner();
             let (from, to) = (v.host.clone(), v.migrating_to.clone());
             if !wait {
-                println!("volume {} migrating from {from} to {to}", v.id);
+                if json {
+                    print_volumes(&[v], json);
+                } else {
+                    println!("volume {} migrating from {from} to {to}", v.id);
+                }
                 return Ok(());
             }
             match wait_volume(&mut client, &v.id).await? {
@@ -618,7 +630,14 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                     }
                 }
             }
-            println!("attachment {attachment_id} {}", if wait { "detached" } else { "detaching" });
+            let status = if wait { "detached" } else { "detaching" };
+            output::confirm(
+                json,
+                "attachment",
+                &attachment_id,
+                status,
+                &format!("attachment {attachment_id} {status}"),
+            );
             Ok(())
         }
         VolumeAction::Export { id, initiator, host, ip } => {
@@ -651,7 +670,7 @@ pub async fn run(cmd: VolumeCmd, conn: &ConnectArgs, json: bool) -> Result<(), C
                     connector: Some(Connector { initiator, ..Default::default() }),
                 })
                 .await?;
-            println!("volume {id} unexported");
+            output::confirm(json, "volume", &id, "unexported", &format!("volume {id} unexported"));
             Ok(())
         }
     }
