@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""A chaos soak of the all-in-one fleet, by hand (not part of CI: it is random by design).
+
+It runs the coordinator, the storage agent and the backup agent of a fleet that `./scripts/fleet.sh` made
+(stop that first; its state directory holds the configs), drives a workload through the `ember` CLI from a
+few threads (creates, clones, snapshots, backups full and incremental, restores, extends, reverts, deletes)
+and meanwhile SIGKILLs one of the three daemons every 2-6 s and starts it again 0.2-3 s later. Then it waits
+for everything to settle and checks what must hold after any crash:
+
+- no volume, snapshot or backup is left in a transitional status;
+- `ember quota check` finds no drift between recorded usage and what exists;
+- the file backend holds exactly the volumes and snapshots the coordinator places there;
+- every available backup verifies (every chunk present and hashing to its name).
+
+Exit status 0 when all hold. Usage:
+
+    EMBER_STATE=/tmp/f ./scripts/fleet.sh      # once, to make the state directory; then stop it (Ctrl-C)
+    ./scripts/chaos.py /tmp/f [SECONDS] [SEED]  # default 120 s, seed 1
+
+The workload runs as admin, whose quotas it raises first; the log is STATE/chaos.log.
+"""
+import collections
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+STATE = sys.argv[1]
+DURATION = float(sys.argv[2]) if len(sys.argv) > 2 else 120
+SEED = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+BIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target",
+                   "release" if os.environ.get("EMBER_RELEASE") else "debug")
+DAEMONS = {"coordinator": "ember-coordinator", "storage": "ember-storage-agent", "backup": "ember-backup-agent"}
+TRANSITIONAL = {"creating", "deleting", "extending", "restoring-backup", "backing-up", "reverting", "restoring",
+                "attaching", "detaching", "migrating", "retyping", "maintenance"}
+SETTLE_SECONDS = 180
+
+env = dict(os.environ, EMBER_CLI_CONFIG=f"{STATE}/cli.toml")
+log = open(f"{STATE}/chaos.log", "a")
+log_lock = threading.Lock()
+procs = {}
+stop = threading.Event()
+
+
+def say(*words):
+    with log_lock:
+        print(time.strftime("%H:%M:%S"), *words, file=log, flush=True)
+
+
+def start(name):
+    out = open(f"{STATE}/logs/{name}.log", "a")
+    procs[name] = subprocess.Popen([f"{BIN}/{DAEMONS[name]}", "--config", f"{STATE}/{name}.toml"],
+                                   stdout=out, stderr=out)
+    say("started", name, procs[name].pid)
+
+
+def ember(*args, timeout=60):
+    """The CLI's JSON answer, or None (the error is logged)."""
+    try:
+        r = subprocess.run([f"{BIN}/ember", "--json", *args], env=env, capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        say("timeout", *args)
+        return None
+    if r.returncode != 0:
+        say("refused", " ".join(args[:3]), r.stderr.strip()[:300])
+        return None
+    try:
+        return json.loads(r.stdout) if r.stdout.strip() else {}
+    except json.JSONDecodeError:
+        return {}  # a command that answers in text (e.g. a delete's confirmation)
+
+
+def listed(kind):
+    return ember(kind, "list") or []
+
+
+def one_step(r):
+    op = r.choice(["create", "create_image", "snapshot", "clone", "backup", "incremental", "restore",
+                   "delete_volume", "delete_snapshot", "delete_backup", "extend", "revert"])
+    if op == "create":
+        ember("volume", "create", "--size", "1")
+        return
+    if op == "create_image":
+        ember("volume", "create", "--size", "1", "--image", f"{STATE}/images/chaos-seed.raw")
+        return
+    volumes, snapshots = listed("volume"), listed("snapshot")
+    usable = [v for v in volumes if v["status"] == "available"]
+    broken = [v for v in volumes if v["status"].startswith("error")]
+    snaps = [s for s in snapshots if s["status"] == "available"]
+    backups = [b for b in listed("backup") if b["status"] == "available"]
+    if op == "snapshot" and usable:
+        ember("snapshot", "create", r.choice(usable)["id"])
+    elif op == "clone" and snaps:
+        s = r.choice(snaps)
+        ember("volume", "create", "--snapshot", s["id"], "--size", str(s["size_gb"]))
+    elif op in ("backup", "incremental") and usable:
+        ember("backup", "create", r.choice(usable)["id"], *(["--incremental"] if op == "incremental" else []))
+    elif op == "restore" and backups:
+        ember("backup", "restore", r.choice(backups)["id"])
+    elif op == "delete_volume" and (len(usable) > 4 or broken):
+        ember("volume", "delete", r.choice(broken or usable)["id"], "--cascade")
+    elif op == "delete_snapshot" and snaps:
+        ember("snapshot", "delete", r.choice(snaps)["id"])
+    elif op == "delete_backup" and backups:
+        ember("backup", "delete", r.choice(backups)["id"])
+    elif op == "extend" and usable:
+        v = r.choice(usable)
+        ember("volume", "extend", v["id"], str(v["size_gb"] + 1))
+    elif op == "revert" and snaps:
+        s = r.choice(snaps)
+        ember("volume", "revert", s["volume_id"], s["id"])
+
+
+def workload(n):
+    r = random.Random(SEED * 100 + n)
+    while not stop.is_set():
+        one_step(r)
+        time.sleep(r.uniform(0.05, 0.4))
+
+
+def chaos():
+    r = random.Random(SEED)
+    kills = 0
+    while not stop.wait(r.uniform(2, 6)):
+        name = r.choice(list(DAEMONS))
+        procs[name].send_signal(signal.SIGKILL)
+        procs[name].wait()
+        kills += 1
+        say("killed", name)
+        time.sleep(r.uniform(0.2, 3))
+        start(name)
+    say("kills", kills)
+
+
+def settle():
+    """What is still transitional after SETTLE_SECONDS (empty when everything settled)."""
+    deadline = time.time() + SETTLE_SECONDS
+    while True:
+        busy = [(kind, x["id"], x["status"]) for kind in ("volume", "snapshot", "backup")
+                for x in listed(kind) if x["status"] in TRANSITIONAL]
+        if not busy or time.time() > deadline:
+            return busy
+        time.sleep(2)
+
+
+def main():
+    image = f"{STATE}/images/chaos-seed.raw"
+    if not os.path.exists(image):
+        os.makedirs(os.path.dirname(image), exist_ok=True)
+        with open(image, "wb") as f:
+            f.write(random.Random(SEED).randbytes(48 << 20))
+    for name in DAEMONS:
+        start(name)
+    time.sleep(3)
+    ember("quota", "set", "admin", "volumes=40", "snapshots=40", "backups=40", "gigabytes=2000",
+          "backup_gigabytes=2000")
+    threads = [threading.Thread(target=workload, args=(n,)) for n in range(3)] + [threading.Thread(target=chaos)]
+    for t in threads:
+        t.start()
+    time.sleep(DURATION)
+    stop.set()
+    for t in threads:
+        t.join()
+    print(f"chaos over after {DURATION:.0f} s; waiting up to {SETTLE_SECONDS} s for everything to settle")
+    problems = []
+    busy = settle()
+    if busy:
+        problems.append(f"still transitional: {busy}")
+    volumes, snapshots = listed("volume"), listed("snapshot")
+    for kind, items in (("volume", volumes), ("snapshot", snapshots), ("backup", listed("backup"))):
+        print(kind, dict(collections.Counter(x["status"] for x in items)))
+        for x in items:
+            if x["status"] != "available":
+                print("  ", x["id"], x["status"], x.get("status_reason", "")[:300])
+    drifts = (ember("quota", "check") or {}).get("drifts", ["(quota check failed)"])
+    if drifts:
+        problems.append(f"quota drift: {drifts}")
+    files = set(os.listdir(f"{STATE}/file-backend"))
+    placed = {f"volume-{v['id']}" for v in volumes if v["host"]} | {f"snapshot-{s['id']}" for s in snapshots}
+    if files - placed:
+        problems.append(f"files the coordinator does not place: {sorted(files - placed)}")
+    if placed - files:
+        problems.append(f"records without a file: {sorted(placed - files)}")
+    for b in listed("backup"):
+        if b["status"] == "available":
+            verdict = ember("backup", "verify", b["id"], timeout=300) or {}
+            if not verdict.get("ok"):
+                problems.append(f"backup {b['id']} does not verify: {verdict}")
+    for p in procs.values():
+        p.terminate()
+    print("\n".join(problems) if problems else "every check held")
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()
