@@ -23,6 +23,19 @@ pub async fn wait_backup_settled(client: &BackupServiceClient<Channel>, id: &str
     .await
 }
 
+/// Makes a full backup of volume `volume_id` and returns it once available (panics if it fails).
+pub async fn new_backup(backups: &BackupServiceClient<Channel>, volume_id: &str) -> Backup {
+    let b = backups
+        .clone()
+        .create_backup(CreateBackupRequest { volume_id: volume_id.into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let b = wait_backup_settled(backups, &b.id).await;
+    assert_eq!(b.status, "available", "{b:?}");
+    b
+}
+
 /// Restores `backup` into a new volume and returns that volume once it has settled (available or error).
 pub async fn restore_new(
     backups: &BackupServiceClient<Channel>,

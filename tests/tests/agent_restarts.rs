@@ -63,14 +63,7 @@ async fn restores_wait_for_their_backup_agent_to_restart_while_its_service_is_up
     let source = new_volume(&volumes, 1).await;
     let source_file = dir.join(format!("volume-{}", source.id));
     fill(&source_file, 3 << 20, 31, 2 << 20);
-    let b = backups
-        .clone()
-        .create_backup(CreateBackupRequest { volume_id: source.id.clone(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
-    let b = ember_fleet_tests::backups::wait_backup_settled(&backups, &b.id).await;
-    assert_eq!(b.status, "available", "{b:?}");
+    let b = ember_fleet_tests::backups::new_backup(&backups, &source.id).await;
     let waiting = |id: String| {
         let volumes = volumes.clone();
         async move {

@@ -209,13 +209,7 @@ async fn a_restore_whose_new_volume_finds_no_pool_releases_the_backup() {
     let v = new_volume(&volumes, 1).await;
     ember_fleet_tests::backups::fill(&dir.join(format!("volume-{}", v.id)), 4 << 20, 21, 1 << 20);
     let backups = BackupServiceClient::new(fleet.admin());
-    let b = backups
-        .clone()
-        .create_backup(CreateBackupRequest { volume_id: v.id.clone(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(wait_backup_settled(&backups, &b.id).await.status, "available");
+    let b = ember_fleet_tests::backups::new_backup(&backups, &v.id).await;
 
     storage.kill();
     wait_down(&fleet, "storage1@file1").await;
@@ -245,13 +239,7 @@ async fn a_backup_held_by_no_restore_is_released() {
     let volumes = VolumeServiceClient::new(site.fleet.admin());
     let v = new_volume(&volumes, 1).await;
     let backups = BackupServiceClient::new(site.fleet.admin());
-    let b = backups
-        .clone()
-        .create_backup(CreateBackupRequest { volume_id: v.id.clone(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(wait_backup_settled(&backups, &b.id).await.status, "available");
+    let b = ember_fleet_tests::backups::new_backup(&backups, &v.id).await;
 
     let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", site.fleet.database().display())).await.unwrap();
     let held = sqlx::query("UPDATE backups SET status = 'restoring' WHERE id = ?").bind(&b.id).execute(&db).await;
