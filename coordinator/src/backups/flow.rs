@@ -344,10 +344,9 @@ async fn with_progress<T>(
 pub struct RestoreFailed {
     /// The reason, naming the backup.
     pub message: String,
-    /// The backup agent's host.
-    pub host: String,
-    /// The backup agent's answer, if the call to it failed.
-    pub status: Option<tonic::Status>,
+    /// The backup agent's host and its answer, when the call to it failed (rather than, say, the backup's
+    /// record being gone).
+    pub agent: Option<(String, tonic::Status)>,
 }
 
 /// Writes backup `backup_id` into volume `v` through the backup agent; `blank` when `v` is new.
@@ -357,16 +356,16 @@ pub async fn restore_into(
     v: &volumes::VolumeRow,
     blank: bool,
 ) -> std::result::Result<(), RestoreFailed> {
-    let failed = |host: &str, message: String| RestoreFailed { message, host: host.to_string(), status: None };
+    let failed = |message: String| RestoreFailed { message, agent: None };
     let b = {
-        let mut conn = ctx.db.acquire().await.map_err(|e| failed("", e.to_string()))?;
+        let mut conn = ctx.db.acquire().await.map_err(|e| failed(e.to_string()))?;
         find(&mut conn, backup_id)
             .await
-            .map_err(|e| failed("", e.to_string()))?
-            .ok_or_else(|| failed("", format!("backup {backup_id} no longer exists")))?
+            .map_err(|e| failed(e.to_string()))?
+            .ok_or_else(|| failed(format!("backup {backup_id} no longer exists")))?
     };
-    let mut client = ctx.agents.backup(&b.host).await.map_err(|e| failed(&b.host, e.to_string()))?;
-    let target = location(ctx, v, v.id.clone(), false, v.size_gb).await.map_err(|e| failed(&b.host, e.to_string()))?;
+    let mut client = ctx.agents.backup(&b.host).await.map_err(|e| failed(e.to_string()))?;
+    let target = location(ctx, v, v.id.clone(), false, v.size_gb).await.map_err(|e| failed(e.to_string()))?;
     let request = agent::RestoreBackupRequest {
         backup_id: b.id.clone(),
         repository: b.repository.clone(),
@@ -376,8 +375,7 @@ pub async fn restore_into(
     with_progress(ctx, client.clone(), &b.id, "restoring", client.restore_backup(request)).await.map(|_| ()).map_err(
         |s| RestoreFailed {
             message: format!("restore of backup {}: {}", b.id, s.message()),
-            host: b.host.clone(),
-            status: Some(s),
+            agent: Some((b.host.clone(), s)),
         },
     )
 }
@@ -424,7 +422,7 @@ pub async fn restore_flow(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
     };
     drop(conn);
     let result = restore_into(ctx, &backup_id, &v, false).await;
-    if let Err(RestoreFailed { host, status: Some(status), .. }) = &result
+    if let Err(RestoreFailed { agent: Some((host, status)), .. }) = &result
         && crate::volumes::flow::backup_agent_restarting(ctx, &mut op, &v, "restoring-backup", host, status).await?
     {
         return Ok(Outcome::Retry(format!("{host}: {}", status.message())));

@@ -115,7 +115,7 @@ pub async fn create(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
                         } else {
                             crate::backups::restore_into(ctx, &v.source_backup_id, &v, true).await
                         };
-                        if let Err(RestoreFailed { host, status: Some(status), .. }) = &restored
+                        if let Err(RestoreFailed { agent: Some((host, status)), .. }) = &restored
                             && backup_agent_restarting(ctx, &mut op, &v, "creating", host, status).await?
                         {
                             // The create is asked again when the agent is back, and finds its volume made.
@@ -225,6 +225,7 @@ pub(crate) async fn backup_agent_restarting(
     waits(ctx, tx, op, v, state, up, unreachable_reason(host, status)).await
 }
 
+/// The status reason of a volume whose operation waits for `agent`, which answered `status` or not at all.
 fn unreachable_reason(agent: &str, status: &tonic::Status) -> String {
     format!("waiting for {agent}, which cannot be reached: {}", status.message())
 }
