@@ -176,7 +176,12 @@ pub async fn create_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
             let why = format!("backup agent {} is down ({})", b.host, s.message());
             finish_create(ctx, &op, &b, &v, temp.as_deref(), Err(why)).await
         }
-        Err(s) => finish_create(ctx, &op, &b, &v, temp.as_deref(), Err(s.message().to_string())).await,
+        // The agent's own refusal, or a call cut short (the agent died mid-backup): either way, the reason names
+        // the agent, whose log says more.
+        Err(s) => {
+            let why = format!("backup agent {}: {}", b.host, s.message());
+            finish_create(ctx, &op, &b, &v, temp.as_deref(), Err(why)).await
+        }
     }
 }
 
