@@ -101,10 +101,12 @@ pub fn compute_transient(status: &tonic::Status) -> bool {
 }
 
 /// Whether an agent's error says the call did not get an answer (the agent could not be reached, stopped
-/// answering, or the connection was cut), as opposed to an answer that refused or failed.
+/// answering, or the connection was cut), as opposed to an answer that refused or failed. A connection cut
+/// mid-call (the agent killed while it worked) reaches tonic as UNKNOWN ("transport error", "h2 protocol
+/// error"); agents never answer UNKNOWN themselves.
 pub fn unreachable(status: &tonic::Status) -> bool {
     use tonic::Code;
-    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled)
+    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown)
 }
 
 /// Whether the call behind `status` never reached its agent: the connection was refused (no agent listens

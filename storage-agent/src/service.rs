@@ -275,6 +275,8 @@ impl Storage {
         }
         // Tests: `storage.freeze_in_create_volume` freezes the agent here, mid-call.
         failpoint::freeze_once("storage.freeze_in_create_volume");
+        // Tests: `storage.abort_in_create_volume` kills the agent here, mid-call, as an operator's restart would.
+        failpoint::abort_if_armed("storage.abort_in_create_volume");
         let backend = self.backend(&req.backend)?;
         if req.size_gb == 0 {
             return Err(AgentError::InvalidArgument { field: "size_gb", message: "must be at least 1".into() });

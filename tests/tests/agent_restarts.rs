@@ -1,12 +1,14 @@
 //! Work asked of an agent while it is being restarted (its process gone, its service still up) waits for it
 //! and goes on as soon as it registers again, instead of failing because nothing answered: a volume create on
-//! its storage agent, and restores whose backup agent refuses the connection. The coordinator's reconcile
+//! its storage agent (also one that the agent's death cut short), and restores whose backup agent refuses the
+//! connection. The coordinator's reconcile
 //! passes are an hour apart, so it is the agent's registration that resumes the work.
 
 use ember_fleet_tests::backups::{fill, repository_toml, sha256};
-use ember_fleet_tests::volumes::{new_volume, wait_backend, wait_volume};
+use ember_fleet_tests::volumes::{new_snapshot, new_volume, wait_backend, wait_volume};
 use ember_fleet_tests::{Fleet, wait_for};
 use ember_proto::v1::backup_service_client::BackupServiceClient;
+use ember_proto::v1::snapshot_service_client::SnapshotServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
 use ember_proto::v1::*;
 use std::time::Duration;
@@ -45,6 +47,46 @@ async fn a_create_waits_for_its_storage_agent_to_restart_while_its_service_is_up
     let file = std::fs::metadata(dir.join(format!("volume-{}", v.id))).expect("the volume's file");
     assert_eq!(file.len(), 1 << 30);
     assert_eq!(fleet.operation("create_volume", &v.id).await.map(|o| o.0).as_deref(), Some("done"));
+}
+
+/// A clone of a snapshot can only be made where the snapshot is, so it has no other pool to go to. Its storage
+/// agent dying in the middle of the call (the connection cut, not refused) leaves the clone waiting for the agent,
+/// not in error; the restarted agent makes it, whole.
+#[tokio::test]
+async fn a_clone_whose_storage_agent_dies_mid_call_waits_for_it_and_is_whole() {
+    let fleet = patient_fleet();
+    let (backend, dir) = fleet.file_backend("file1", "");
+    let mut storage = fleet.start_agent("storage", "storage1", &backend);
+    wait_backend(&fleet, "storage1@file1").await;
+    let volumes = VolumeServiceClient::new(fleet.admin());
+    let source = new_volume(&volumes, 1).await;
+    let source_file = dir.join(format!("volume-{}", source.id));
+    fill(&source_file, 1 << 20, 17, 3 << 20);
+    let snapshot = new_snapshot(&SnapshotServiceClient::new(fleet.admin()), &source.id).await;
+    let snapshot_sha = sha256(&dir.join(format!("snapshot-{}", snapshot.id)));
+    fill(&source_file, 1 << 20, 18, 3 << 20); // the volume moves on; the clone is of the snapshot
+
+    storage.kill();
+    let mut dying = fleet.start_agent_with(
+        "storage",
+        "storage1",
+        &backend,
+        &[("EMBER_FAILPOINTS", "storage.abort_in_create_volume")],
+    );
+    dying.wait_registered().await;
+    let clone = CreateVolumeRequest { size_gb: 1, snapshot_id: snapshot.id.clone(), ..Default::default() };
+    let v = volumes.clone().create_volume(clone).await.unwrap().into_inner();
+    assert!(!dying.wait_exit(Duration::from_secs(60)).success(), "the agent died in the create");
+    fleet.wait_operation_paused("the clone to wait for its storage agent").await;
+    let waiting = volumes.clone().get_volume(GetVolumeRequest { id: v.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(waiting.status, "creating", "{waiting:?}");
+    assert!(waiting.status_reason.contains("waiting for storage1@file1"), "{waiting:?}");
+
+    let _storage = fleet.start_agent("storage", "storage1", &backend);
+    let built = wait_volume(&volumes, &v.id, "available").await;
+    assert_eq!(built.status_reason, "", "{built:?}");
+    assert_eq!(sha256(&dir.join(format!("volume-{}", v.id))), snapshot_sha, "the clone holds the snapshot's data");
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
 }
 
 /// Restores whose backup agent is down when they start, onto an existing volume and into a new one, wait with
