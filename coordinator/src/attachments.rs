@@ -117,14 +117,21 @@ pub struct Attachments {
 /// any libvirt domain of a host (one ember did not create too); a member only an ember instance of their own
 /// project (by its id, or its domain name `ember-<id>`), as Nova lets a user attach only to their own servers:
 /// otherwise a member could put a disk into another project's guest. `host` may be left empty for an ember
-/// instance, which runs where it was placed.
+/// instance, which runs where it was placed. An ember instance must be `active`, as Nova's attach asks: one
+/// being deleted would otherwise take a disk that its delete, already under way, does not know of.
 async fn target_host(conn: &mut SqliteConnection, who: &Identity, instance: &str, host: &str) -> Result<String> {
-    let ours: Option<(String, String)> =
-        sqlx::query_as("SELECT project, host FROM instances WHERE id = ?1 OR 'ember-' || id = ?1")
+    let ours: Option<(String, String, String, String)> =
+        sqlx::query_as("SELECT id, project, host, status FROM instances WHERE id = ?1 OR 'ember-' || id = ?1")
             .bind(instance)
             .fetch_optional(&mut *conn)
             .await?;
-    let ours = ours.filter(|(project, _)| can_see(who, project));
+    let ours = ours.filter(|(_, project, _, _)| can_see(who, project));
+    if let Some((id, _, _, status)) = &ours
+        && status != "active"
+    {
+        return Err(Error::FailedPrecondition(format!("instance {id} is {status}; attach needs active")));
+    }
+    let ours = ours.map(|(_, project, runs_on, _)| (project, runs_on));
     if who.role != Role::Admin && ours.is_none() {
         // One answer whether it is another project's instance or no instance of ember's: nothing leaks.
         return Err(Error::PermissionDenied(format!(

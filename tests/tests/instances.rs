@@ -450,6 +450,7 @@ async fn an_instance_on_a_compute_host_that_is_down_is_deleted_by_an_admin() {
     fleet.wait_operation_paused("the delete to wait for the host").await;
     let get = GetInstanceRequest { id: vm.id.clone() };
     assert_eq!(instances.clone().get_instance(get).await.unwrap().into_inner().status, "deleting");
+    assert_no_attach_to(&fleet, &volumes, &vm.id, "deleting").await;
 
     let forced = DeleteInstanceRequest { id: vm.id.clone(), force: true };
     let err = InstanceServiceClient::new(fleet.member("alice", "p1")).delete_instance(forced).await.unwrap_err();
@@ -494,6 +495,7 @@ async fn an_instance_whose_boot_waits_for_a_host_that_is_down_is_deleted_by_an_a
     fleet.wait_operation_paused("the boot to wait for the host").await;
     let get = GetInstanceRequest { id: vm.id.clone() };
     assert_eq!(instances.clone().get_instance(get).await.unwrap().into_inner().status, "building");
+    assert_no_attach_to(&fleet, &volumes, &vm.id, "building").await;
 
     let plain = DeleteInstanceRequest { id: vm.id.clone(), force: false };
     let err = instances.clone().delete_instance(plain).await.unwrap_err();
@@ -507,6 +509,23 @@ async fn an_instance_whose_boot_waits_for_a_host_that_is_down_is_deleted_by_an_a
     let (state, error) = fleet.operation("boot_instance", &vm.id).await.unwrap();
     assert_eq!((state.as_str(), error.as_str()), ("failed", "boot abandoned: the instance was deleted by force"));
     assert_eq!(leftover_state(&fleet, "destroy_domain", &vm.id).await.as_deref(), Some("running"));
+}
+
+/// An attach to instance `id`, which is `status` (not active), is refused naming why, and its volume stays
+/// available with no attachment, as Nova refuses one to a server being built or deleted.
+async fn assert_no_attach_to(
+    fleet: &ember_fleet_tests::Fleet,
+    volumes: &VolumeServiceClient<Channel>,
+    id: &str,
+    status: &str,
+) {
+    let data = new_volume(volumes, 1).await;
+    let attachments = AttachmentServiceClient::new(fleet.admin());
+    let err = attachments.clone().attach(attach_request(&data.id, id)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains(&format!("instance {id} is {status}; attach needs active")), "{err:?}");
+    let after = volumes.clone().get_volume(GetVolumeRequest { id: data.id.clone() }).await.unwrap().into_inner();
+    assert_eq!((after.status.as_str(), after.attachments.len()), ("available", 0), "{after:?}");
 }
 
 /// The state of the operation of `kind` that lets go of what `resource_id` left on its host.
