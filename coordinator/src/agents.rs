@@ -101,12 +101,18 @@ pub fn compute_transient(status: &tonic::Status) -> bool {
 }
 
 /// Whether an agent's error says the call did not get an answer (the agent could not be reached, stopped
-/// answering, or the connection was cut), as opposed to an answer that refused or failed. A connection cut
-/// mid-call (the agent killed while it worked) reaches tonic as UNKNOWN ("transport error", "h2 protocol
-/// error"); agents never answer UNKNOWN themselves.
+/// answering, or the connection was cut), as opposed to an answer that refused or failed.
 pub fn unreachable(status: &tonic::Status) -> bool {
     use tonic::Code;
-    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown)
+    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled) || cut_short(status)
+}
+
+/// Whether the call behind `status` lost its connection mid-call (the agent killed while it worked, or the link
+/// broken): tonic makes such a status here, as UNKNOWN ("transport error", "h2 protocol error"), with the
+/// transport's error as its source. An UNKNOWN the agent answered (one it passed on from its own peer, say) has
+/// no source.
+pub fn cut_short(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unknown && std::error::Error::source(status).is_some()
 }
 
 /// Whether the call behind `status` never reached its agent: the connection was refused (no agent listens

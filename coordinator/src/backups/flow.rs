@@ -165,9 +165,11 @@ pub async fn create_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     let call = with_progress(ctx, client.clone(), &b.id, "creating", client.create_backup(request)).await;
     match call {
         Ok(resp) => finish_create(ctx, &op, &b, &v, temp.as_deref(), Ok(resp.into_inner())).await,
-        // Unreachable: a restarting agent is waited for; one that is down (it was up when the backup was
-        // accepted) fails the backup, so that its volume or snapshot is not held until it comes back.
-        Err(s) if s.code() == tonic::Code::Unavailable => {
+        // Unreachable, or the call cut short by the agent's death: a restarting agent is waited for, and asked
+        // again when it registers (it refuses a second run of a backup it is still making, and answers for one it
+        // finished); one that is down (it was up when the backup was accepted) fails the backup, so that its
+        // volume or snapshot is not held until it comes back.
+        Err(s) if s.code() == tonic::Code::Unavailable || crate::agents::cut_short(&s) => {
             let mut conn = ctx.db.acquire().await?;
             if agent_is_up(ctx, &mut conn, &b.host).await? {
                 return Ok(Outcome::Retry(format!("backup agent {}: {}", b.host, s.message())));
