@@ -156,6 +156,11 @@ impl OneSite {
     pub async fn start_with(backup_env: &[(&str, &str)]) -> OneSite {
         let mut fleet = Fleet::new();
         fleet.start_coordinator();
+        Self::start_on(fleet, backup_env).await
+    }
+
+    /// [`OneSite::start_with`] on `fleet`, whose coordinator runs already (started with settings of its own).
+    pub async fn start_on(fleet: Fleet, backup_env: &[(&str, &str)]) -> OneSite {
         let (backend, dir) = fleet.file_backend("file1", "");
         let storage = fleet.start_agent("storage", "storage1", &backend);
         let repo = fleet.subdir("repo1");

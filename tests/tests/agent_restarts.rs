@@ -4,7 +4,7 @@
 //! restores whose backup agent refuses the connection. The coordinator's reconcile
 //! passes are an hour apart, so it is the agent's registration that resumes the work.
 
-use ember_fleet_tests::backups::{fill, repository_toml, sha256};
+use ember_fleet_tests::backups::{OneSite, fill, repository_toml, sha256};
 use ember_fleet_tests::volumes::{new_snapshot, new_volume, wait_backend, wait_volume};
 use ember_fleet_tests::{Fleet, wait_for};
 use ember_proto::v1::backup_service_client::BackupServiceClient;
@@ -12,6 +12,7 @@ use ember_proto::v1::snapshot_service_client::SnapshotServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
 use ember_proto::v1::*;
 use std::time::Duration;
+use tonic::transport::Channel;
 
 /// A fleet whose services stay up for a minute without heartbeats, and whose reconcile passes are an hour apart.
 fn patient_fleet() -> Fleet {
@@ -22,36 +23,16 @@ fn patient_fleet() -> Fleet {
     fleet
 }
 
-/// A patient fleet with a storage agent (file backend), a backup agent (started with `backup_env`) and a 1 GiB
-/// volume holding 5 MiB of data to back up.
-struct BackupSite {
-    fleet: Fleet,
-    dir: std::path::PathBuf,
-    repo: std::path::PathBuf,
-    _storage: ember_fleet_tests::Daemon,
-    backup1: ember_fleet_tests::Daemon,
-    volumes: VolumeServiceClient<tonic::transport::Channel>,
-    backups: BackupServiceClient<tonic::transport::Channel>,
-    source: Volume,
-    source_file: std::path::PathBuf,
-}
-
-impl BackupSite {
-    async fn start(backup_env: &[(&str, &str)]) -> BackupSite {
-        let fleet = patient_fleet();
-        let (backend, dir) = fleet.file_backend("file1", "");
-        let _storage = fleet.start_agent("storage", "storage1", &backend);
-        let repo = fleet.subdir("repo1");
-        let backup1 = fleet.start_agent_with("backup", "backup1", &repository_toml(&repo), backup_env);
-        wait_backend(&fleet, "storage1@file1").await;
-        wait_backend(&fleet, "backup1").await;
-        let volumes = VolumeServiceClient::new(fleet.admin());
-        let backups = BackupServiceClient::new(fleet.admin());
-        let source = new_volume(&volumes, 1).await;
-        let source_file = dir.join(format!("volume-{}", source.id));
-        fill(&source_file, 2 << 20, 41, 5 << 20);
-        BackupSite { fleet, dir, repo, _storage, backup1, volumes, backups, source, source_file }
-    }
+/// A 1 GiB volume of `site` holding 5 MiB of data to back up, its file, and clients for volumes and backups.
+async fn source_volume(
+    site: &OneSite,
+) -> (VolumeServiceClient<Channel>, BackupServiceClient<Channel>, Volume, std::path::PathBuf) {
+    let volumes = VolumeServiceClient::new(site.fleet.admin());
+    let backups = BackupServiceClient::new(site.fleet.admin());
+    let source = new_volume(&volumes, 1).await;
+    let source_file = site.dir.join(format!("volume-{}", source.id));
+    fill(&source_file, 2 << 20, 41, 5 << 20);
+    (volumes, backups, source, source_file)
 }
 
 /// A create whose storage agent is restarting (its service still up) waits for it, rather than failing when no
@@ -125,8 +106,9 @@ async fn a_clone_whose_storage_agent_dies_mid_call_waits_for_it_and_is_whole() {
 /// and the restarted agent makes it from the start: it verifies, and restores whole.
 #[tokio::test]
 async fn a_backup_whose_agent_dies_mid_backup_is_made_once_the_agent_is_back() {
-    let site = BackupSite::start(&[("EMBER_FAILPOINTS", "backup.stage_chunk")]).await;
-    let BackupSite { fleet, dir, repo, volumes, backups, source, source_file, backup1: mut dying, .. } = site;
+    let site = OneSite::start_on(patient_fleet(), &[("EMBER_FAILPOINTS", "backup.stage_chunk")]).await;
+    let (volumes, backups, source, source_file) = source_volume(&site).await;
+    let OneSite { fleet, dir, repo, storage: _storage, backup1: mut dying, .. } = site;
     let create = CreateBackupRequest { volume_id: source.id.clone(), ..Default::default() };
     let b = backups.clone().create_backup(create).await.unwrap().into_inner();
     assert!(!dying.wait_exit(Duration::from_secs(60)).success(), "the agent died staging a chunk");
@@ -153,8 +135,9 @@ async fn a_backup_whose_agent_dies_mid_backup_is_made_once_the_agent_is_back() {
 /// the reason shown and finish, whole, once the agent is back.
 #[tokio::test]
 async fn restores_wait_for_their_backup_agent_to_restart_while_its_service_is_up() {
-    let site = BackupSite::start(&[]).await;
-    let BackupSite { fleet, dir, repo, volumes, backups, source, source_file, mut backup1, .. } = site;
+    let site = OneSite::start_on(patient_fleet(), &[]).await;
+    let (volumes, backups, source, source_file) = source_volume(&site).await;
+    let OneSite { fleet, dir, repo, storage: _storage, mut backup1, .. } = site;
     let b = ember_fleet_tests::backups::new_backup(&backups, &source.id).await;
     let waiting = |id: String| {
         let volumes = volumes.clone();
