@@ -6,10 +6,10 @@ check() {
   local name=$1
   shift
   if "$@" >>"$OUT/checks.log" 2>&1; then
-    echo "[PASS] $name"
+    echo "[PASS] $name (${SECONDS}s)"
     passed=$((passed + 1))
   else
-    echo "[FAIL] $name"
+    echo "[FAIL] $name (${SECONDS}s)"
     failed=$((failed + 1))
   fi
 }
@@ -39,6 +39,7 @@ absent() { ! "$@"; }
 json_field() { sed -n "s/^ *\"$1\": \"\{0,1\}\([^\",]*\)\"\{0,1\},\{0,1\}\$/\\1/p" | head -1; }
 # Prints the closing line and exits with the number of failures.
 finish() {
+  kill "$watchdog_pid" 2>/dev/null
   echo "guest checks ($1): $passed passed, $failed failed"
   exit "$failed"
 }
@@ -66,14 +67,14 @@ suite_pid=$$
 ember() {
   local rc=0
   timeout "$EMBER_STEP_LIMIT" "$JOB/ember" "$@" || rc=$?
-  [ "$rc" != 124 ] || stuck "ember $*"
+  [ "$rc" != 124 ] || stuck "stuck for ${EMBER_STEP_LIMIT}s: ember $*"
   return "$rc"
 }
-# stuck WHAT: the evidence of a hang (every process and what it waits on, the stacks of those in D state,
+# stuck WHY: the evidence of a hang (every process and what it waits on, the stacks of those in D state,
 # the kernel's and the daemons' last lines, the LVs and device-mapper tables), then the suite's end.
 stuck() {
   {
-    echo "=== stuck for ${EMBER_STEP_LIMIT}s: $1"
+    echo "=== $1"
     echo "--- processes (pid state wchan: command)"
     local p cmd
     for p in /proc/[0-9]*; do
@@ -99,3 +100,15 @@ stuck() {
   } 2>&1 | tee "$OUT/stuck.txt" >"${EMBER_CONSOLE:-/dev/console}"
   kill -TERM "$suite_pid"
 }
+# The host stops the guest at ember.timeout= seconds (run-guest.sh). A suite still running 90 s before then
+# ends as stuck, so that the console says what the guest was doing rather than stopping mid-step. The host's
+# clock starts a few seconds before the guest's, which the margin covers.
+tier_timeout=$(sed -n 's/.*ember\.timeout=\([0-9]*\).*/\1/p' /proc/cmdline)
+watchdog_pid=
+if [ -n "$tier_timeout" ]; then
+  (
+    sleep $((tier_timeout - 90 - $(cut -d. -f1 /proc/uptime)))
+    stuck "out of time: the host stops the guest at ${tier_timeout}s"
+  ) &
+  watchdog_pid=$!
+fi

@@ -36,28 +36,33 @@ cat "$IMAGE/initramfs.cpio" "$WORK/job.cpio" > "$WORK/initrd"
 drives=()
 for ((i = 0; i < ${EMBER_GUEST_DISKS:-1}; i++)); do
   truncate -s "${EMBER_GUEST_DISK_SIZE:-4G}" "$WORK/data$i.img"
-  drives+=(-drive "file=$WORK/data$i.img,format=raw,if=none,id=data$i,cache=unsafe,aio=threads"
+  # detect-zeroes: the guest's wipes and zero runs become cheap zero ranges in the sparse file instead of
+  # gigabytes of writes onto the host's disk, whose speed varies from machine to machine and hour to hour.
+  drives+=(-drive "file=$WORK/data$i.img,format=raw,if=none,id=data$i,cache=unsafe,aio=threads,detect-zeroes=on"
            -device "virtio-blk-pci,drive=data$i,serial=ember-data$i")
 done
 truncate -s 256M "$WORK/out.tar"
 drives+=(-drive "file=$WORK/out.tar,format=raw,if=none,id=out,cache=unsafe"
          -device "virtio-blk-pci,drive=out,serial=ember-out")
 
+# The guest learns its time limit from its command line (ember.timeout=), so that it can say what it was doing
+# before the limit instead of being cut off mid-step (lib.sh).
+timeout=${EMBER_GUEST_TIMEOUT:-900}
 started=$SECONDS
 # KVM does not work on this machine kind (nested virtualisation), so TCG; -no-reboot makes poweroff or a
 # panic end QEMU.
 qemu-system-x86_64 -nodefaults -no-user-config -M q35 -accel tcg,thread=multi -cpu max \
   -smp 2 -m "${EMBER_GUEST_MEM:-2G}" -display none -monitor none -serial stdio -nic none -no-reboot \
   -device virtio-rng-pci -kernel "$IMAGE/vmlinuz" -initrd "$WORK/initrd" \
-  -append "console=ttyS0,115200 panic=-1 oops=panic rdinit=/init quiet loglevel=3" \
+  -append "console=ttyS0,115200 panic=-1 oops=panic rdinit=/init quiet loglevel=3 ember.timeout=$timeout" \
   "${drives[@]}" < /dev/null > "$WORK/console.raw" 2>&1 &
 qemu_pid=$!
 tail -n +1 -F --pid="$qemu_pid" "$WORK/console.raw" 2>/dev/null | sed -u 's/\r$//' | tee "$OUTDIR/console.log" &
 tail_pid=$!
 timed_out=0
 while kill -0 "$qemu_pid" 2>/dev/null; do
-  if ((SECONDS - started >= ${EMBER_GUEST_TIMEOUT:-900})); then
-    echo "guest: no exit after ${EMBER_GUEST_TIMEOUT:-900}s; stopping QEMU" >&2
+  if ((SECONDS - started >= timeout)); then
+    echo "guest: no exit after ${timeout}s; stopping QEMU" >&2
     kill "$qemu_pid"
     timed_out=1
     break
