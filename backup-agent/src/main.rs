@@ -4,6 +4,7 @@
 mod chunk;
 mod cinder;
 mod repo;
+mod restore;
 mod service;
 mod stops;
 mod verify;
@@ -86,6 +87,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2),
         gc_grace: std::time::Duration::from_secs(file.gc_grace_seconds.unwrap_or(60)),
         progress: Default::default(),
+        restoring: Default::default(),
         stops: Default::default(),
     });
     let (name, az, repos) = (id.name.clone(), id.availability_zone.clone(), file.repositories.clone());

@@ -36,6 +36,10 @@ pub struct Backups {
     pub progress: Mutex<HashMap<String, Progress>>,
     /// Backups asked to stop (their delete waits for them).
     pub stops: crate::stops::Stops,
+    /// The volumes a restore is writing now. The coordinator asks again for a restore whose call was cut short;
+    /// while the first is still ending here (its caller's connection lost, not its own), the second is refused,
+    /// so that no volume ever has two writers.
+    pub restoring: Mutex<HashSet<String>>,
 }
 
 /// How far a backup or a restore has come: bytes of the volume done (by offset) out of its size, and bytes of
@@ -58,7 +62,7 @@ impl Drop for Running<'_> {
 }
 
 /// Withdraws a progress report when dropped.
-struct Tracked<'a>(&'a Backups, String);
+pub(crate) struct Tracked<'a>(&'a Backups, String);
 
 impl Drop for Tracked<'_> {
     fn drop(&mut self) {
@@ -150,7 +154,7 @@ fn now_rfc3339() -> String {
 impl Backups {
     /// Reports the progress of backup `id`'s backup or restore over `total` bytes until the guard drops:
     /// through the counters returned, of the volume's bytes done (by offset) and of data bytes moved.
-    fn track(&self, id: &str, total: u64) -> (Tracked<'_>, Arc<AtomicU64>, Arc<AtomicU64>) {
+    pub(crate) fn track(&self, id: &str, total: u64) -> (Tracked<'_>, Arc<AtomicU64>, Arc<AtomicU64>) {
         let (done, data) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let progress = Progress { done: done.clone(), total, data: data.clone() };
         self.progress.lock().expect("progress").insert(id.to_string(), progress);
@@ -164,7 +168,7 @@ impl Backups {
     /// A client of the storage agent serving `source`, and where that agent's certificate is noted when the
     /// client connects: a backup stops taking data from, and a restore stops sending a volume's data to, a node
     /// whose certificate is revoked meanwhile.
-    fn storage_noting_server(
+    pub(crate) fn storage_noting_server(
         &self,
         source: &VolumeSource,
     ) -> Result<(StorageAgentClient<ember_common::access_log::Traced>, AcceptedServer), Status> {
@@ -351,112 +355,6 @@ impl Backups {
         resp.chunks_transferred = staged_count as u64;
         Ok(resp)
     }
-
-    async fn restore(&self, req: RestoreBackupRequest) -> Result<RestoreBackupResponse, Status> {
-        check_id("backup_id", &req.backup_id)?;
-        let repo = self.repo(&req.repository)?;
-        let target = req.target.ok_or_else(|| Status::invalid_argument("target: is required"))?;
-        check_id("target.id", &target.id)?;
-        let (manifest, index) = load_backup(&repo, &req.backup_id).await?.map_err(io_status("backup"))?;
-        if target.size_bytes != 0 && target.size_bytes < manifest.volume_size {
-            return Err(Status::failed_precondition(format!(
-                "target holds {} bytes; the backup needs {}",
-                target.size_bytes, manifest.volume_size
-            )));
-        }
-        // Refuse early when a chunk is missing altogether.
-        let (r, entries) = (repo.clone(), Arc::new(index.entries));
-        let all = entries.clone();
-        if let Some(d) = off_runtime(move || all.values().find(|d| !r.chunk_path(d).exists()).copied()).await? {
-            return Err(Status::data_loss(format!("chunk {} is missing", hex(&d))));
-        }
-        let cs = u64::from(index.chunk_size);
-        let positions = manifest.volume_size.div_ceil(cs);
-        let (tx, rx) = tokio::sync::mpsc::channel::<VolumeChunk>(16);
-        let first = VolumeChunk {
-            volume_id: target.id.clone(),
-            backend: target.backend.clone(),
-            volume_size: manifest.volume_size,
-            ..Default::default()
-        };
-        let blank = req.target_is_blank;
-        let (_tracked, done, moved) = self.track(&req.backup_id, manifest.volume_size);
-        let workers = self.workers;
-        let (mut client, storage_node) = self.storage_noting_server(&target)?;
-        let producer = tokio::spawn(async move {
-            if tx.send(first).await.is_err() {
-                return Ok(());
-            }
-            let mut zero_run: Option<(u64, u64)> = None;
-            let reads = futures::stream::iter(0..positions)
-                .map(|pos| {
-                    let (repo, entries) = (repo.clone(), entries.clone());
-                    async move {
-                        match entries.get(&pos).copied() {
-                            Some(d) => tokio::task::spawn_blocking(move || {
-                                failpoint("backup.restore_chunk");
-                                repo.read_chunk(&d).map(|p| (pos, Some(p)))
-                            })
-                            .await
-                            .unwrap_or_else(|e| Err(e.to_string())),
-                            None => Ok((pos, None)),
-                        }
-                    }
-                })
-                .buffered(workers * 2);
-            futures::pin_mut!(reads);
-            while let Some(item) = reads.next().await {
-                let (pos, data) = item?;
-                done.store((pos * cs).min(manifest.volume_size), Ordering::Relaxed);
-                // A node whose certificate was revoked since the restore connected gets no more of the volume.
-                if revokes(&storage_node) {
-                    return Err("the storage agent's certificate was revoked during the restore".to_string());
-                }
-                match data {
-                    Some(plain) => {
-                        moved.fetch_add(plain.len() as u64, Ordering::Relaxed);
-                        if let Some((off, len)) = zero_run.take() {
-                            let _ = tx.send(VolumeChunk { offset: off, zero_length: len, ..Default::default() }).await;
-                        }
-                        if tx
-                            .send(VolumeChunk { offset: pos * cs, data: plain.into(), ..Default::default() })
-                            .await
-                            .is_err()
-                        {
-                            return Ok(());
-                        }
-                    }
-                    None if !blank => {
-                        let len = cs.min(manifest.volume_size - pos * cs);
-                        zero_run = match zero_run {
-                            Some((off, l)) => Some((off, l + len)),
-                            None => Some((pos * cs, len)),
-                        };
-                    }
-                    None => {}
-                }
-            }
-            if let Some((off, len)) = zero_run {
-                let _ = tx.send(VolumeChunk { offset: off, zero_length: len, ..Default::default() }).await;
-            }
-            // Only now, after every chunk checked out: the storage agent keeps the volume marked incomplete
-            // until a stream ends with this.
-            let _ = tx.send(VolumeChunk { last: true, ..Default::default() }).await;
-            Ok::<(), String>(())
-        });
-        let started = std::time::Instant::now();
-        let written = client.write_volume(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
-        // A chunk that fails its check stops the stream; that failure, not the short write, is the answer.
-        match producer.await.map_err(|e| Status::internal(e.to_string()))? {
-            Err(msg) => Err(Status::data_loss(format!("restore stopped: {msg}"))),
-            Ok(()) => {
-                let bytes_written = written?.into_inner().bytes_written;
-                let ms = started.elapsed().as_millis() as u64;
-                tracing::info!(backup_id = %req.backup_id, volume_id = %target.id, bytes_written, ms, "restore complete");
-                Ok(RestoreBackupResponse { bytes_written })
-            }
-        }
-    }
 }
 
 /// Fails a backup reading from a storage node whose certificate was revoked since the backup connected to it:
@@ -476,7 +374,7 @@ fn refuse_if_revoked(storage_node: &AcceptedServer) -> Result<(), Status> {
 /// written), logging "failpoint pause", so a test can
 /// act while a backup is running: for five seconds, or, with `EMBER_FAILPOINT_RELEASE=<path>`, until that file
 /// exists (at most two minutes).
-fn failpoint(name: &str) {
+pub(crate) fn failpoint(name: &str) {
     static SEEN: Mutex<Option<HashMap<String, u32>>> = Mutex::new(None);
     let armed = std::env::var("EMBER_FAILPOINTS").unwrap_or_default();
     if armed.is_empty() {

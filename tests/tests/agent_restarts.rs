@@ -1,7 +1,7 @@
 //! Work asked of an agent while it is being restarted (its process gone, its service still up) waits for it
 //! and goes on as soon as it registers again, instead of failing because nothing answered: a volume create on
 //! its storage agent (also one that the agent's death cut short), a backup whose agent died making it, and
-//! restores whose backup agent refuses the connection. The coordinator's reconcile
+//! restores whose backup agent refuses the connection or dies while restoring. The coordinator's reconcile
 //! passes are an hour apart, so it is the agent's registration that resumes the work.
 
 use ember_fleet_tests::backups::{OneSite, fill, repository_toml, sha256};
@@ -131,6 +131,19 @@ async fn a_backup_whose_agent_dies_mid_backup_is_made_once_the_agent_is_back() {
     assert_eq!(sha256(&dir.join(format!("volume-{}", restored.volume_id))), sha256(&source_file), "not whole");
 }
 
+/// Volume `id` once its status reason says it waits for the backup agent `backup1`.
+async fn waiting_for_backup1(volumes: &VolumeServiceClient<Channel>, id: String) -> Volume {
+    wait_for("the restore to wait for backup1", Duration::from_secs(60), || {
+        let mut volumes = volumes.clone();
+        let id = id.clone();
+        async move {
+            let v = volumes.get_volume(GetVolumeRequest { id }).await.ok()?.into_inner();
+            v.status_reason.contains("waiting for backup1").then_some(v)
+        }
+    })
+    .await
+}
+
 /// Restores whose backup agent is down when they start, onto an existing volume and into a new one, wait with
 /// the reason shown and finish, whole, once the agent is back.
 #[tokio::test]
@@ -139,20 +152,7 @@ async fn restores_wait_for_their_backup_agent_to_restart_while_its_service_is_up
     let (volumes, backups, source, source_file) = source_volume(&site).await;
     let OneSite { fleet, dir, repo, storage: _storage, mut backup1, .. } = site;
     let b = ember_fleet_tests::backups::new_backup(&backups, &source.id).await;
-    let waiting = |id: String| {
-        let volumes = volumes.clone();
-        async move {
-            wait_for("the restore to wait for backup1", Duration::from_secs(30), || {
-                let mut volumes = volumes.clone();
-                let id = id.clone();
-                async move {
-                    let v = volumes.get_volume(GetVolumeRequest { id }).await.ok()?.into_inner();
-                    v.status_reason.contains("waiting for backup1").then_some(v)
-                }
-            })
-            .await
-        }
-    };
+    let waiting = |id: String| waiting_for_backup1(&volumes, id);
 
     let existing = new_volume(&volumes, 1).await;
     backup1.kill();
@@ -178,4 +178,45 @@ async fn restores_wait_for_their_backup_agent_to_restart_while_its_service_is_up
     let b = ember_fleet_tests::backups::wait_backup_settled(&backups, &b.id).await;
     assert_eq!(b.status, "available", "the backup is still held: {b:?}");
     ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
+}
+
+/// Restores whose backup agent dies while writing them (the call cut short), onto an existing volume and into a
+/// new one, wait for the agent while its service is up; the restarted agent writes the whole backup again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restores_whose_backup_agent_dies_mid_restore_finish_whole_once_the_agent_is_back() {
+    // The agent aborts as it reads a restore's second chunk.
+    let dies_restoring = [("EMBER_FAILPOINTS", "backup.restore_chunk")];
+    let site = OneSite::start_on(patient_fleet(), &dies_restoring).await;
+    let (volumes, backups, source, source_file) = source_volume(&site).await;
+    fill(&source_file, 9 << 20, 42, 1 << 20); // a third chunk, past a gap
+    let OneSite { fleet, dir, repo, storage: _storage, backup1: mut dying, .. } = site;
+    let b = ember_fleet_tests::backups::new_backup(&backups, &source.id).await;
+
+    let existing = new_volume(&volumes, 1).await;
+    fill(&dir.join(format!("volume-{}", existing.id)), 0, 7, 12 << 20); // what the restore must overwrite
+    let onto = RestoreBackupRequest { backup_id: b.id.clone(), volume_id: existing.id.clone(), ..Default::default() };
+    backups.clone().restore_backup(onto).await.unwrap();
+    assert!(!dying.wait_exit(Duration::from_secs(60)).success(), "the agent died restoring");
+    assert_eq!(waiting_for_backup1(&volumes, existing.id.clone()).await.status, "restoring-backup");
+    let mut backup1 = fleet.start_agent("backup", "backup1", &repository_toml(&repo));
+    let done = wait_volume(&volumes, &existing.id, "available").await;
+    assert_eq!(done.status_reason, "", "{done:?}");
+
+    backup1.kill();
+    let mut dying = fleet.start_agent_with("backup", "backup1", &repository_toml(&repo), &dies_restoring);
+    dying.wait_registered().await;
+    let restore = RestoreBackupRequest { backup_id: b.id.clone(), ..Default::default() };
+    let new = backups.clone().restore_backup(restore).await.unwrap().into_inner();
+    assert!(!dying.wait_exit(Duration::from_secs(60)).success(), "the agent died restoring");
+    assert_eq!(waiting_for_backup1(&volumes, new.volume_id.clone()).await.status, "creating");
+    let _backup1 = fleet.start_agent("backup", "backup1", &repository_toml(&repo));
+    let done = wait_volume(&volumes, &new.volume_id, "available").await;
+    assert_eq!(done.status_reason, "", "{done:?}");
+
+    let b = ember_fleet_tests::backups::wait_backup_settled(&backups, &b.id).await;
+    assert_eq!(b.status, "available", "the backup is still held: {b:?}");
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
+    let whole = sha256(&source_file);
+    assert_eq!(sha256(&dir.join(format!("volume-{}", existing.id))), whole, "the existing volume is not whole");
+    assert_eq!(sha256(&dir.join(format!("volume-{}", new.volume_id))), whole, "the new volume is not whole");
 }

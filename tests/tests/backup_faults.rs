@@ -368,7 +368,8 @@ fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
     files
 }
 
-/// The backup agent dies mid-restore: the restore target never becomes available with partial data.
+/// The backup agent dies mid-restore and stays dead: once its service is down, the restore fails, and the target
+/// never becomes available with partial data. (One restarted in time finishes the restore: agent_restarts.rs.)
 #[tokio::test]
 async fn a_backup_agent_killed_mid_restore_leaves_the_target_in_error() {
     let OneSite { fleet, backend: _, dir, repo, storage: _storage, backup1: mut agent } =

@@ -206,9 +206,12 @@ async fn unreachable_for_now(ctx: &Ctx, op: &mut Op, v: &store::VolumeRow, statu
 }
 
 /// Whether the restore into volume `v` (in `state`: `creating`, or `restoring-backup` when it existed), whose
-/// backup agent `host` refused the connection (it is not running, as while it restarts), should wait for that
-/// agent ([`operations::wait_for_agent`]). Nothing was written yet; a restore that failed on its way still
-/// fails, leaving the volume in error.
+/// backup agent `host` answered `status`, should wait for that agent ([`operations::wait_for_agent`]) and be
+/// asked again: when the agent refused the connection (it is not running, as while it restarts), when the call
+/// was cut short (the agent died while restoring), or when the agent is UNAVAILABLE (it is still ending an
+/// earlier run into `v`, whose caller's connection was lost). A restore that was cut short left `v` marked
+/// incomplete on its storage agent, and the repeated one writes all of the backup again. A restore the agent
+/// answered with a failure still fails, leaving the volume in error.
 pub(crate) async fn backup_agent_restarting(
     ctx: &Ctx,
     op: &mut Op,
@@ -217,7 +220,8 @@ pub(crate) async fn backup_agent_restarting(
     host: &str,
     status: &tonic::Status,
 ) -> Result<bool> {
-    if !crate::agents::never_reached(status) {
+    let again = status.code() == tonic::Code::Unavailable || crate::agents::cut_short(status);
+    if !(again || crate::agents::never_reached(status)) {
         return Ok(false);
     }
     let mut tx = crate::db::write(&ctx.db).await?;
