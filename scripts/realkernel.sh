@@ -43,13 +43,15 @@ kernel_failed() {
   grep -q 'Kernel panic - not syncing' "$out.console" && return
   [ -f "$out/stuck.txt" ] && ! grep -q '^=== out of time' "$out/stuck.txt" && grep -q '^--- kernel stack of' "$out/stuck.txt"
 }
-if [ "$status" != 0 ] && kernel_failed && ((SECONDS - started + limit > budget)); then
-  echo "guest: the guest kernel failed after $((SECONDS - started))s, too late for a second run" >&2
-elif [ "$status" != 0 ] && kernel_failed; then
-  rm -rf "$out.first" && cp -a "$out" "$out.first" && cp "$out.console" "$out.first/console.txt"
-  [ ! -f "$out/stuck.txt" ] || { echo "guest: a step was stuck in the kernel:" >&2; cat "$out/stuck.txt" >&2; }
-  echo "guest: the guest kernel failed (first run kept in $out.first); running the tier once more" >&2
-  run_guest
+if [ "$status" != 0 ] && kernel_failed; then
+  if ((SECONDS - started + limit > budget)); then
+    echo "guest: the guest kernel failed after $((SECONDS - started))s, too late for a second run" >&2
+  else
+    rm -rf "$out.first" && cp -a "$out" "$out.first" && cp "$out.console" "$out.first/console.txt"
+    [ ! -f "$out/stuck.txt" ] || { echo "guest: a step was stuck in the kernel:" >&2; cat "$out/stuck.txt" >&2; }
+    echo "guest: the guest kernel failed (first run kept in $out.first); running the tier once more" >&2
+    run_guest
+  fi
 fi
 grep -E '^\[(PASS|FAIL)\]|guest checks|^guest:' "$out.console" || true
 if [ "$status" != 0 ]; then

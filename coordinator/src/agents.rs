@@ -104,7 +104,7 @@ pub fn compute_transient(status: &tonic::Status) -> bool {
 /// answering, or the connection was cut), as opposed to an answer that refused or failed.
 pub fn unreachable(status: &tonic::Status) -> bool {
     use tonic::Code;
-    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled) || cut_short(status)
+    matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled) || ask_again(status)
 }
 
 /// Whether the call behind `status` lost its connection mid-call (the agent killed while it worked, or the link
@@ -115,15 +115,10 @@ pub fn cut_short(status: &tonic::Status) -> bool {
     status.code() == tonic::Code::Unknown && std::error::Error::source(status).is_some()
 }
 
-/// Whether the call behind `status` never reached its agent: the connection was refused (no agent listens
-/// there now, as while it restarts), so the agent did nothing of what was asked.
-pub fn never_reached(status: &tonic::Status) -> bool {
-    let mut cause = std::error::Error::source(status);
-    while let Some(e) = cause {
-        if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused) {
-            return true;
-        }
-        cause = e.source();
-    }
-    false
+/// Whether work whose call to its agent ended in `status` can be asked of that agent again, from the start, once
+/// it is up: the call got no answer (UNAVAILABLE: the connection refused, as while the agent restarts), was cut
+/// short (the agent died while it worked), or the agent asked for that itself (UNAVAILABLE: it still ends an
+/// earlier run of the same work). Backups and restores use it; the agents make a repeated one whole.
+pub fn ask_again(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable || cut_short(status)
 }

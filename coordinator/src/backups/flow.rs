@@ -169,7 +169,7 @@ pub async fn create_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
         // again when it registers (it refuses a second run of a backup it is still making, and answers for one it
         // finished); one that is down (it was up when the backup was accepted) fails the backup, so that its
         // volume or snapshot is not held until it comes back.
-        Err(s) if s.code() == tonic::Code::Unavailable || crate::agents::cut_short(&s) => {
+        Err(s) if crate::agents::ask_again(&s) => {
             let mut conn = ctx.db.acquire().await?;
             if agent_is_up(ctx, &mut conn, &b.host).await? {
                 return Ok(Outcome::Retry(format!("backup agent {}: {}", b.host, s.message())));

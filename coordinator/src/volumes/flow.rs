@@ -220,8 +220,7 @@ pub(crate) async fn backup_agent_restarting(
     host: &str,
     status: &tonic::Status,
 ) -> Result<bool> {
-    let again = status.code() == tonic::Code::Unavailable || crate::agents::cut_short(status);
-    if !(again || crate::agents::never_reached(status)) {
+    if !crate::agents::ask_again(status) {
         return Ok(false);
     }
     let mut tx = crate::db::write(&ctx.db).await?;
