@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ./scripts/install-deps.sh
+# A machine short of disk fails in the build or the guest tier with ENOSPC: say up front how much there is (a
+# fresh run needs about 6 GiB for the build and a few hundred MiB for the guest).
+df -h . /tmp | sed 's/^/disk: /'
 # The fleet tests start the real daemons, so every binary must exist before the tests run.
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -36,9 +36,11 @@ cat "$IMAGE/initramfs.cpio" "$WORK/job.cpio" > "$WORK/initrd"
 drives=()
 for ((i = 0; i < ${EMBER_GUEST_DISKS:-1}; i++)); do
   truncate -s "${EMBER_GUEST_DISK_SIZE:-4G}" "$WORK/data$i.img"
-  # detect-zeroes: the guest's wipes and zero runs become cheap zero ranges in the sparse file instead of
-  # gigabytes of writes onto the host's disk, whose speed varies from machine to machine and hour to hour.
-  drives+=(-drive "file=$WORK/data$i.img,format=raw,if=none,id=data$i,cache=unsafe,aio=threads,detect-zeroes=on"
+  # detect-zeroes=unmap: the guest's wipes and zero runs become holes punched in the sparse file instead of
+  # gigabytes written onto the host's disk, whose speed varies from machine to machine and hour to hour, and
+  # whose free space may be short (=on would still allocate those gigabytes, only without writing them).
+  zeroes=discard=unmap,detect-zeroes=unmap
+  drives+=(-drive "file=$WORK/data$i.img,format=raw,if=none,id=data$i,cache=unsafe,aio=threads,$zeroes"
            -device "virtio-blk-pci,drive=data$i,serial=ember-data$i")
 done
 truncate -s 256M "$WORK/out.tar"
@@ -74,7 +76,9 @@ qemu_pid=
 wait "$tail_pid" 2>/dev/null || true
 tar -xf "$WORK/out.tar" -C "$OUTDIR" 2>/dev/null || true
 rc=$(sed -n 's/.*@@EMBER_GUEST_EXIT=\([0-9]*\)@@.*/\1/p' "$OUTDIR/console.log" | tail -1)
-echo "guest: ran $((SECONDS - started))s, exit ${rc:-none}, outputs in $OUTDIR" >&2
+held=$(du -cm "$WORK"/data*.img 2>/dev/null | tail -1 | cut -f1)
+echo "guest: ran $((SECONDS - started))s, exit ${rc:-none}, data disks held ${held:-0} MiB of the host's disk," \
+  "outputs in $OUTDIR" >&2
 [ $timed_out = 0 ] || exit 124
 [ -n "$rc" ] || exit 125
 exit "$rc"
