@@ -134,12 +134,27 @@ impl Backups {
         match producer.await.map_err(|e| Status::internal(e.to_string()))? {
             Err(msg) => Err(Status::data_loss(format!("restore stopped: {msg}"))),
             Ok(()) => {
-                let bytes_written = written?.into_inner().bytes_written;
+                let bytes_written =
+                    written.map_err(|s| storage_lost(&target.storage_endpoint, s))?.into_inner().bytes_written;
                 let ms = started.elapsed().as_millis() as u64;
                 tracing::info!(backup_id = %req.backup_id, volume_id = %target.id, bytes_written, ms, "restore complete");
                 Ok(RestoreBackupResponse { bytes_written })
             }
         }
+    }
+}
+
+/// What the coordinator hears of a write to the storage agent at `endpoint` that ended in `status`. One cut short
+/// (the agent died mid-restore, or the link broke) or refused (it restarts) is UNAVAILABLE, which the coordinator
+/// waits out and asks again: the storage agent keeps the volume marked incomplete until a restore ends whole, and
+/// the next one writes it all. What the storage agent answered itself is passed on as it is.
+fn storage_lost(endpoint: &str, status: Status) -> Status {
+    if ember_common::agent::cut_short(&status) {
+        Status::unavailable(format!("the storage agent at {endpoint} went away mid-restore: {}", status.message()))
+    } else if status.code() == tonic::Code::Unavailable {
+        Status::unavailable(format!("the storage agent at {endpoint}: {}", status.message()))
+    } else {
+        status
     }
 }
 

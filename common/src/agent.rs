@@ -301,6 +301,14 @@ pub fn filesystem_space(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
     Ok((st.blocks() as u64 * frag, st.blocks_available() as u64 * frag))
 }
 
+/// Whether the call behind `status` lost its connection mid-call (its peer killed while it worked, or the link
+/// broken): tonic makes such a status on the caller's side, as UNKNOWN ("transport error", "h2 protocol error"),
+/// with the transport's error as its source. An UNKNOWN the peer answered (one it passed on from its own peer,
+/// say) has no source.
+pub fn cut_short(status: &tonic::Status) -> bool {
+    status.code() == Code::Unknown && std::error::Error::source(status).is_some()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -107,18 +107,11 @@ pub fn unreachable(status: &tonic::Status) -> bool {
     matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled) || ask_again(status)
 }
 
-/// Whether the call behind `status` lost its connection mid-call (the agent killed while it worked, or the link
-/// broken): tonic makes such a status here, as UNKNOWN ("transport error", "h2 protocol error"), with the
-/// transport's error as its source. An UNKNOWN the agent answered (one it passed on from its own peer, say) has
-/// no source.
-pub fn cut_short(status: &tonic::Status) -> bool {
-    status.code() == tonic::Code::Unknown && std::error::Error::source(status).is_some()
-}
-
 /// Whether work whose call to its agent ended in `status` can be asked of that agent again, from the start, once
 /// it is up: the call got no answer (UNAVAILABLE: the connection refused, as while the agent restarts), was cut
 /// short (the agent died while it worked), or the agent asked for that itself (UNAVAILABLE: it still ends an
-/// earlier run of the same work). Backups and restores use it; the agents make a repeated one whole.
+/// earlier run of the same work, or the peer it worked with went away mid-way). Backups and restores use it; the
+/// agents make a repeated one whole.
 pub fn ask_again(status: &tonic::Status) -> bool {
-    status.code() == tonic::Code::Unavailable || cut_short(status)
+    status.code() == tonic::Code::Unavailable || ember_common::agent::cut_short(status)
 }

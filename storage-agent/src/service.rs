@@ -534,8 +534,12 @@ impl StorageAgent for StorageService {
                 break;
             }
             whole = chunk.last;
+            let carries_data = !chunk.data.is_empty();
             if !writer.send(chunk).await {
                 break; // the writer stopped on an error; it is reported below
+            }
+            if carries_data {
+                failpoint::abort_if_armed("storage.abort_in_write_volume");
             }
             next = match stream.message().await {
                 Ok(n) => n,

@@ -228,9 +228,15 @@ pub(crate) async fn backup_agent_restarting(
     waits(ctx, tx, op, v, state, up, unreachable_reason(host, status)).await
 }
 
-/// The status reason of a volume whose operation waits for `agent`, which answered `status` or not at all.
+/// The status reason of a volume whose operation waits for `agent`, which answered `status` (saying why in its
+/// own words: a restore still ending there, the storage agent it wrote to gone) or did not answer at all.
 fn unreachable_reason(agent: &str, status: &tonic::Status) -> String {
-    format!("waiting for {agent}, which cannot be reached: {}", status.message())
+    let answered = std::error::Error::source(status).is_none() && status.code() == tonic::Code::Unavailable;
+    if answered {
+        format!("waiting for {agent}: {}", status.message())
+    } else {
+        format!("waiting for {agent}, which cannot be reached: {}", status.message())
+    }
 }
 
 /// [`operations::wait_for_agent`] for volume `v`, in `state`, with the reason in its `status_reason`.

@@ -1,8 +1,9 @@
 //! Work asked of an agent while it is being restarted (its process gone, its service still up) waits for it
 //! and goes on as soon as it registers again, instead of failing because nothing answered: a volume create on
 //! its storage agent (also one that the agent's death cut short), a backup whose agent died making it, and
-//! restores whose backup agent refuses the connection or dies while restoring. The coordinator's reconcile
-//! passes are an hour apart, so it is the agent's registration that resumes the work.
+//! restores whose backup agent refuses the connection or dies while restoring, or whose storage agent dies while
+//! they write to it. The coordinator's reconcile passes are an hour apart, so it is the agent's registration
+//! that resumes the work.
 
 use ember_fleet_tests::backups::{OneSite, fill, repository_toml, sha256};
 use ember_fleet_tests::volumes::{new_snapshot, new_volume, wait_backend, wait_volume};
@@ -133,12 +134,17 @@ async fn a_backup_whose_agent_dies_mid_backup_is_made_once_the_agent_is_back() {
 
 /// Volume `id` once its status reason says it waits for the backup agent `backup1`.
 async fn waiting_for_backup1(volumes: &VolumeServiceClient<Channel>, id: String) -> Volume {
-    wait_for("the restore to wait for backup1", Duration::from_secs(60), || {
+    waiting(volumes, id, "waiting for backup1").await
+}
+
+/// Volume `id` once its status reason contains `reason`.
+async fn waiting(volumes: &VolumeServiceClient<Channel>, id: String, reason: &str) -> Volume {
+    wait_for(&format!("the restore to say {reason:?}"), Duration::from_secs(60), || {
         let mut volumes = volumes.clone();
         let id = id.clone();
         async move {
             let v = volumes.get_volume(GetVolumeRequest { id }).await.ok()?.into_inner();
-            v.status_reason.contains("waiting for backup1").then_some(v)
+            v.status_reason.contains(reason).then_some(v)
         }
     })
     .await
@@ -210,6 +216,54 @@ async fn restores_whose_backup_agent_dies_mid_restore_finish_whole_once_the_agen
     assert!(!dying.wait_exit(Duration::from_secs(60)).success(), "the agent died restoring");
     assert_eq!(waiting_for_backup1(&volumes, new.volume_id.clone()).await.status, "creating");
     let _backup1 = fleet.start_agent("backup", "backup1", &repository_toml(&repo));
+    let done = wait_volume(&volumes, &new.volume_id, "available").await;
+    assert_eq!(done.status_reason, "", "{done:?}");
+
+    let b = ember_fleet_tests::backups::wait_backup_settled(&backups, &b.id).await;
+    assert_eq!(b.status, "available", "the backup is still held: {b:?}");
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
+    let whole = sha256(&source_file);
+    assert_eq!(sha256(&dir.join(format!("volume-{}", existing.id))), whole, "the existing volume is not whole");
+    assert_eq!(sha256(&dir.join(format!("volume-{}", new.volume_id))), whole, "the new volume is not whole");
+}
+
+/// Restores whose storage agent dies while they write to it (the backup agent's stream to it cut short), onto an
+/// existing volume and into a new one, wait for it, saying so, while its service is up; once it is back the backup
+/// agent writes the whole backup again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restores_whose_storage_agent_dies_mid_restore_finish_whole_once_it_is_back() {
+    let site = OneSite::start_on(patient_fleet(), &[]).await;
+    let (volumes, backups, source, source_file) = source_volume(&site).await;
+    fill(&source_file, 9 << 20, 42, 1 << 20); // a third chunk, past a gap
+    let OneSite { fleet, backend, dir, storage: mut storage1, backup1: _backup1, .. } = site;
+    let b = ember_fleet_tests::backups::new_backup(&backups, &source.id).await;
+    let existing = new_volume(&volumes, 1).await;
+    fill(&dir.join(format!("volume-{}", existing.id)), 0, 7, 12 << 20); // what the restore must overwrite
+    // The storage agent aborts as it receives a restore's first data.
+    let dies_writing = [("EMBER_FAILPOINTS", "storage.abort_in_write_volume")];
+    let gone = "went away mid-restore";
+
+    storage1.kill();
+    let mut dying = fleet.start_agent_with("storage", "storage1", &backend, &dies_writing);
+    dying.wait_registered().await;
+    let onto = RestoreBackupRequest { backup_id: b.id.clone(), volume_id: existing.id.clone(), ..Default::default() };
+    backups.clone().restore_backup(onto).await.unwrap();
+    assert!(!dying.wait_exit(Duration::from_secs(60)).success(), "the storage agent died in the restore");
+    let held = waiting(&volumes, existing.id.clone(), gone).await;
+    assert_eq!(held.status, "restoring-backup", "{held:?}");
+    assert!(held.status_reason.contains("waiting for backup1: the storage agent at https://"), "{held:?}");
+    let mut storage1 = fleet.start_agent("storage", "storage1", &backend);
+    let done = wait_volume(&volumes, &existing.id, "available").await;
+    assert_eq!(done.status_reason, "", "{done:?}");
+
+    storage1.kill();
+    let mut dying = fleet.start_agent_with("storage", "storage1", &backend, &dies_writing);
+    dying.wait_registered().await;
+    let restore = RestoreBackupRequest { backup_id: b.id.clone(), ..Default::default() };
+    let new = backups.clone().restore_backup(restore).await.unwrap().into_inner();
+    assert!(!dying.wait_exit(Duration::from_secs(60)).success(), "the storage agent died in the restore");
+    assert_eq!(waiting(&volumes, new.volume_id.clone(), gone).await.status, "creating");
+    let _storage1 = fleet.start_agent("storage", "storage1", &backend);
     let done = wait_volume(&volumes, &new.volume_id, "available").await;
     assert_eq!(done.status_reason, "", "{done:?}");
 

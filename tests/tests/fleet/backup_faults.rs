@@ -500,9 +500,10 @@ fn assert_rate_of(stderr: &str, data_bytes: u64) {
     assert!(rate * (secs + 0.05) < volume_mb / 4.0, "a rate of the volume's size, not of its data: {why}");
 }
 
-/// The storage agent dies while a restore writes into a new volume: the volume ends in `error`, never
-/// `available` with partial data, and the backup is usable again; a second restore after the agent's restart
-/// produces the whole volume.
+/// The storage agent dies while a restore writes into a new volume, and is not back before its service is down:
+/// the volume ends in `error` (having waited for it meanwhile, see `agent_restarts.rs`), never `available` with
+/// partial data, and the backup is usable again; a second restore after the agent's restart produces the whole
+/// volume.
 #[tokio::test]
 async fn a_storage_agent_killed_mid_restore_leaves_the_target_in_error() {
     let OneSite { fleet, backend, dir, repo: _, mut storage, backup1: agent } =
