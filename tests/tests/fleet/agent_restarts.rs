@@ -219,12 +219,7 @@ async fn restores_whose_backup_agent_dies_mid_restore_finish_whole_once_the_agen
     let done = wait_volume(&volumes, &new.volume_id, "available").await;
     assert_eq!(done.status_reason, "", "{done:?}");
 
-    let b = ember_fleet_tests::backups::wait_backup_settled(&backups, &b.id).await;
-    assert_eq!(b.status, "available", "the backup is still held: {b:?}");
-    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
-    let whole = sha256(&source_file);
-    assert_eq!(sha256(&dir.join(format!("volume-{}", existing.id))), whole, "the existing volume is not whole");
-    assert_eq!(sha256(&dir.join(format!("volume-{}", new.volume_id))), whole, "the new volume is not whole");
+    restored_whole(&fleet, &backups, &b.id, &source_file, &dir, [&existing.id, &new.volume_id]).await;
 }
 
 /// Restores whose storage agent dies while they write to it (the backup agent's stream to it cut short), onto an
@@ -267,10 +262,24 @@ async fn restores_whose_storage_agent_dies_mid_restore_finish_whole_once_it_is_b
     let done = wait_volume(&volumes, &new.volume_id, "available").await;
     assert_eq!(done.status_reason, "", "{done:?}");
 
-    let b = ember_fleet_tests::backups::wait_backup_settled(&backups, &b.id).await;
+    restored_whole(&fleet, &backups, &b.id, &source_file, &dir, [&existing.id, &new.volume_id]).await;
+}
+
+/// The closing checks of a test whose restores into `volume_ids` (of the file backend in `dir`) were cut short and
+/// redone: each volume holds the data of `source_file`, the backup is free again, and quota usage is exact.
+async fn restored_whole(
+    fleet: &Fleet,
+    backups: &BackupServiceClient<Channel>,
+    backup_id: &str,
+    source_file: &std::path::Path,
+    dir: &std::path::Path,
+    volume_ids: [&str; 2],
+) {
+    let b = ember_fleet_tests::backups::wait_backup_settled(backups, backup_id).await;
     assert_eq!(b.status, "available", "the backup is still held: {b:?}");
-    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
-    let whole = sha256(&source_file);
-    assert_eq!(sha256(&dir.join(format!("volume-{}", existing.id))), whole, "the existing volume is not whole");
-    assert_eq!(sha256(&dir.join(format!("volume-{}", new.volume_id))), whole, "the new volume is not whole");
+    ember_fleet_tests::volumes::assert_usage_exact(fleet).await;
+    let whole = sha256(source_file);
+    for id in volume_ids {
+        assert_eq!(sha256(&dir.join(format!("volume-{id}"))), whole, "volume {id} is not whole");
+    }
 }
