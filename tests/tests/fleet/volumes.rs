@@ -26,25 +26,6 @@ async fn wait_volume(client: &mut VolumeServiceClient<Channel>, id: &str, status
     c.get_volume(GetVolumeRequest { id: id.into() }).await.unwrap().into_inner()
 }
 
-async fn wait_gone(client: &mut VolumeServiceClient<Channel>, id: &str) {
-    let c = client.clone();
-    wait_for(&format!("volume {id} to be gone"), WAIT, || {
-        let mut c = c.clone();
-        let id = id.to_string();
-        async move {
-            match c.get_volume(GetVolumeRequest { id }).await {
-                Err(s) if s.code() == tonic::Code::NotFound => Some(()),
-                Ok(v) => {
-                    assert_ne!(v.get_ref().status, "error_deleting", "{:?}", v.get_ref());
-                    None
-                }
-                Err(_) => None,
-            }
-        }
-    })
-    .await;
-}
-
 async fn wait_snapshot(client: &mut SnapshotServiceClient<Channel>, id: &str, status: &str) {
     let c = client.clone();
     wait_for(&format!("snapshot {id} to be {status}"), WAIT, || {
@@ -208,7 +189,7 @@ async fn data_survives_snapshot_clone_and_extend_over_iscsi_and_delete_leaves_no
         volumes.delete_volume(DeleteVolumeRequest { id: id.clone(), ..Default::default() }).await.unwrap();
     }
     for id in [&v.id, &from_snap.id, &clone.id] {
-        wait_gone(&mut volumes, id).await;
+        ember_fleet_tests::volumes::wait_gone(&volumes, id).await;
     }
     volumes
         .delete_volume(DeleteVolumeRequest { id: v.id.clone(), ..Default::default() })
