@@ -2,7 +2,7 @@
 //! its storage agent, which keeps the volume marked incomplete until the stream ends whole.
 
 use crate::repo::hex;
-use crate::service::{Backups, check_id, failpoint, io_status, load_backup, off_runtime};
+use crate::service::{Backups, check_id, failpoint, io_status, load_backup, off_runtime, storage_lost};
 use ember_common::revocation::revokes;
 use ember_proto::agent::v1::*;
 use futures::StreamExt;
@@ -134,8 +134,10 @@ impl Backups {
         match producer.await.map_err(|e| Status::internal(e.to_string()))? {
             Err(msg) => Err(Status::data_loss(format!("restore stopped: {msg}"))),
             Ok(()) => {
-                let bytes_written =
-                    written.map_err(|s| storage_lost(&target.storage_endpoint, s))?.into_inner().bytes_written;
+                let bytes_written = written
+                    .map_err(|s| storage_lost(&target.storage_endpoint, "restore", s))?
+                    .into_inner()
+                    .bytes_written;
                 let ms = started.elapsed().as_millis() as u64;
                 tracing::info!(backup_id = %req.backup_id, volume_id = %target.id, bytes_written, ms, "restore complete");
                 Ok(RestoreBackupResponse { bytes_written })
@@ -144,23 +146,29 @@ impl Backups {
     }
 }
 
-/// What the coordinator hears of a write to the storage agent at `endpoint` that ended in `status`. One cut short
-/// (the agent died mid-restore, or the link broke) or refused (it restarts) is UNAVAILABLE, which the coordinator
-/// waits out and asks again: the storage agent keeps the volume marked incomplete until a restore ends whole, and
-/// the next one writes it all. What the storage agent answered itself is passed on as it is.
-fn storage_lost(endpoint: &str, status: Status) -> Status {
-    if ember_common::agent::cut_short(&status) {
-        Status::unavailable(format!("the storage agent at {endpoint} went away mid-restore: {}", status.message()))
-    } else if status.code() == tonic::Code::Unavailable {
-        Status::unavailable(format!("the storage agent at {endpoint}: {}", status.message()))
-    } else {
-        status
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_storage_agent_lost_mid_way_is_unavailable_and_its_own_answers_pass_on() {
+        let endpoint = "https://127.0.0.1:7001";
+        let cut = Status::from_error(Box::new(std::io::Error::other("error reading a body from connection")));
+        assert_eq!(cut.code(), tonic::Code::Unknown, "tonic's status for a cut connection");
+        let lost = storage_lost(endpoint, "restore", cut);
+        assert_eq!(lost.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            lost.message(),
+            "the storage agent at https://127.0.0.1:7001 went away mid-restore: error reading a body from connection"
+        );
+        let refused = storage_lost(endpoint, "backup", Status::unavailable("tcp connect error"));
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        assert_eq!(refused.message(), "the storage agent at https://127.0.0.1:7001: tcp connect error");
+        let answered = storage_lost(endpoint, "backup", Status::unknown("passed on from elsewhere"));
+        assert_eq!((answered.code(), answered.message()), (tonic::Code::Unknown, "passed on from elsewhere"));
+        let refusal = storage_lost(endpoint, "restore", Status::not_found("volume v1"));
+        assert_eq!((refusal.code(), refusal.message()), (tonic::Code::NotFound, "volume v1"));
+    }
 
     #[test]
     fn a_volume_has_one_restore_at_a_time_and_is_free_once_it_ends() {

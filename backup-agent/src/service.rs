@@ -244,9 +244,12 @@ impl Backups {
                 chunk_size: repo.chunk_size,
                 known_digests: known,
             })
-            .await?
+            .await
+            .map_err(|s| storage_lost(&source.storage_endpoint, "backup", s))?
             .into_inner();
-        let header = stream.message().await?.ok_or_else(|| Status::data_loss("storage agent sent no data"))?;
+        let lost = |s| storage_lost(&source.storage_endpoint, "backup", s);
+        let header =
+            stream.message().await.map_err(lost)?.ok_or_else(|| Status::data_loss("storage agent sent no data"))?;
         let volume_size = header.volume_size;
         let (_tracked, done, moved) = self.track(&req.backup_id, volume_size);
 
@@ -258,7 +261,7 @@ impl Backups {
         let mut untouched: Vec<[u8; 32]> = Vec::new();
         let mut new_bytes = 0u64;
         let result: Result<(), Status> = async {
-            while let Some(msg) = stream.message().await? {
+            while let Some(msg) = stream.message().await.map_err(lost)? {
                 if self.stops.asked(&req.backup_id) {
                     return Err(Status::cancelled("stopped: the backup was deleted while it was being made"));
                 }
@@ -692,5 +695,19 @@ impl BackupAgent for BackupService {
             off_runtime(move || repo.collect_garbage(cutoff)).await?.map_err(io_status("garbage collection"))?;
         tracing::info!(removed, freed, "garbage collected");
         Ok(Response::new(CollectGarbageResponse { chunks_removed: removed, bytes_freed: freed }))
+    }
+}
+/// What the coordinator hears of a call to the storage agent at `endpoint`, made for a `work` (backup or
+/// restore), that ended in `status`. One cut short (the agent died mid-way, or the link broke) or refused (it
+/// restarts) is UNAVAILABLE, which the coordinator waits out and asks again, for the whole work: a backup
+/// publishes nothing until it ends, and the storage agent keeps a volume marked incomplete until a restore into it
+/// ends whole. What the storage agent answered itself is passed on as it is.
+pub(crate) fn storage_lost(endpoint: &str, work: &str, status: Status) -> Status {
+    if ember_common::agent::cut_short(&status) {
+        Status::unavailable(format!("the storage agent at {endpoint} went away mid-{work}: {}", status.message()))
+    } else if status.code() == tonic::Code::Unavailable {
+        Status::unavailable(format!("the storage agent at {endpoint}: {}", status.message()))
+    } else {
+        status
     }
 }

@@ -154,8 +154,12 @@ fn send_in_order(
                 data: if known_chunk { Default::default() } else { Bytes::from_owner(buf) },
                 ..Default::default()
             };
+            let carries_data = !msg.data.is_empty();
             if tx.blocking_send(Ok(msg)).is_err() {
                 return Ok(()); // the reader went away
+            }
+            if carries_data {
+                ember_common::failpoint::abort_if_armed("storage.abort_in_read_volume");
             }
         }
     }

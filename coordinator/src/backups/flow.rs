@@ -110,7 +110,7 @@ async fn location(
 }
 
 /// Create flow: (temporary snapshot for an in-use volume) → the backup agent backs up → available.
-pub async fn create_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
+pub async fn create_flow(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
     let mut conn = ctx.db.acquire().await?;
     let Some(b) = find(&mut conn, &op.resource_id).await? else {
         operations::finish(&mut conn, &op, Some("backup no longer exists")).await?;
@@ -165,17 +165,25 @@ pub async fn create_flow(ctx: &Arc<Ctx>, op: Op) -> Result<Outcome> {
     let call = with_progress(ctx, client.clone(), &b.id, "creating", client.create_backup(request)).await;
     match call {
         Ok(resp) => finish_create(ctx, &op, &b, &v, temp.as_deref(), Ok(resp.into_inner())).await,
-        // Unreachable, or the call cut short by the agent's death: a restarting agent is waited for, and asked
-        // again when it registers (it refuses a second run of a backup it is still making, and answers for one it
-        // finished); one that is down (it was up when the backup was accepted) fails the backup, so that its
-        // volume or snapshot is not held until it comes back.
+        // Unreachable, the call cut short by the agent's death, or the storage agent it read from gone mid-way
+        // (the backup agent says so, UNAVAILABLE): a restarting agent is waited for, and asked again when an agent
+        // registers (the backup agent refuses a second run of a backup it is still making, and answers for one it
+        // finished), for as long as a service stays up without heartbeats from the first failure. A backup agent
+        // that is down (it was up when the backup was accepted), or a wait that ran out, fails the backup, so that
+        // its volume or snapshot is not held until the agent comes back.
         Err(s) if crate::agents::ask_again(&s) => {
-            let mut conn = ctx.db.acquire().await?;
-            if agent_is_up(ctx, &mut conn, &b.host).await? {
+            let mut tx = crate::db::write(&ctx.db).await?;
+            let up = agent_is_up(ctx, &mut tx, &b.host).await?;
+            if operations::wait_for_agent(&mut tx, &mut op, up, ctx.service_down_ms).await? {
+                tx.commit().await?;
                 return Ok(Outcome::Retry(format!("backup agent {}: {}", b.host, s.message())));
             }
-            drop(conn);
-            let why = format!("backup agent {} is down ({})", b.host, s.message());
+            drop(tx);
+            let why = if up {
+                format!("backup agent {}: {}", b.host, s.message())
+            } else {
+                format!("backup agent {} is down ({})", b.host, s.message())
+            };
             finish_create(ctx, &op, &b, &v, temp.as_deref(), Err(why)).await
         }
         // The agent's own refusal, or a call cut short (the agent died mid-backup): either way, the reason names

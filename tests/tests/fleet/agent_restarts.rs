@@ -1,9 +1,9 @@
 //! Work asked of an agent while it is being restarted (its process gone, its service still up) waits for it
 //! and goes on as soon as it registers again, instead of failing because nothing answered: a volume create on
-//! its storage agent (also one that the agent's death cut short), a backup whose agent died making it, and
-//! restores whose backup agent refuses the connection or dies while restoring, or whose storage agent dies while
-//! they write to it. The coordinator's reconcile passes are an hour apart, so it is the agent's registration
-//! that resumes the work.
+//! its storage agent (also one that the agent's death cut short), a backup whose backup or storage agent died
+//! while making it, and restores whose backup agent refuses the connection or dies while restoring, or whose
+//! storage agent dies while they write to it. The coordinator's reconcile passes are an hour apart, so it is the
+//! agent's registration that resumes the work.
 
 use ember_fleet_tests::backups::{OneSite, fill, repository_toml, sha256};
 use ember_fleet_tests::volumes::{new_snapshot, new_volume, wait_backend, wait_volume};
@@ -123,6 +123,43 @@ async fn a_backup_whose_agent_dies_mid_backup_is_made_once_the_agent_is_back() {
     let verified = backups.clone().verify_backup(VerifyBackupRequest { id: b.id.clone() }).await.unwrap().into_inner();
     let whole = verified.missing_chunks.is_empty() && verified.corrupt_chunks.is_empty();
     assert!(whole && verified.chunks_checked > 0, "{verified:?}");
+    let restore = RestoreBackupRequest { backup_id: b.id.clone(), ..Default::default() };
+    let restored = backups.clone().restore_backup(restore).await.unwrap().into_inner();
+    wait_volume(&volumes, &restored.volume_id, "available").await;
+    let v = volumes.clone().get_volume(GetVolumeRequest { id: source.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(v.status, "available", "the volume is free again: {v:?}");
+    ember_fleet_tests::volumes::assert_usage_exact(&fleet).await;
+    assert_eq!(sha256(&dir.join(format!("volume-{}", restored.volume_id))), sha256(&source_file), "not whole");
+}
+
+/// A backup whose storage agent dies while the backup agent reads the volume from it (that stream cut short)
+/// waits for the storage agent while its service is up, and is made from the start once it is back.
+#[tokio::test]
+async fn a_backup_whose_storage_agent_dies_mid_backup_is_made_once_the_storage_agent_is_back() {
+    let site = OneSite::start_on(patient_fleet(), &[]).await;
+    let (volumes, backups, source, source_file) = source_volume(&site).await;
+    let OneSite { fleet, backend, dir, storage: mut storage1, backup1: _backup1, .. } = site;
+    storage1.kill();
+    // The storage agent aborts as it sends a volume's first data.
+    let mut dying = fleet.start_agent_with(
+        "storage",
+        "storage1",
+        &backend,
+        &[("EMBER_FAILPOINTS", "storage.abort_in_read_volume")],
+    );
+    dying.wait_registered().await;
+    let create = CreateBackupRequest { volume_id: source.id.clone(), ..Default::default() };
+    let b = backups.clone().create_backup(create).await.unwrap().into_inner();
+    assert!(!dying.wait_exit(Duration::from_secs(60)).success(), "the storage agent died sending data");
+    fleet.wait_operation_paused("the backup to wait for its storage agent").await;
+    let log = fleet.coordinator.as_ref().unwrap().log_text();
+    assert!(log.contains("the storage agent at https://") && log.contains("went away mid-backup"), "{log}");
+    let get = GetBackupRequest { id: b.id.clone() };
+    assert_eq!(backups.clone().get_backup(get.clone()).await.unwrap().into_inner().status, "creating");
+
+    let _storage1 = fleet.start_agent("storage", "storage1", &backend);
+    let made = ember_fleet_tests::backups::wait_backup_settled(&backups, &b.id).await;
+    assert_eq!((made.status.as_str(), made.status_reason.as_str()), ("available", ""), "{made:?}");
     let restore = RestoreBackupRequest { backup_id: b.id.clone(), ..Default::default() };
     let restored = backups.clone().restore_backup(restore).await.unwrap().into_inner();
     wait_volume(&volumes, &restored.volume_id, "available").await;
