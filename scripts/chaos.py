@@ -18,7 +18,8 @@ Exit status 0 when all hold. Usage:
     EMBER_STATE=/tmp/f ./scripts/fleet.sh      # once, to make the state directory; then stop it (Ctrl-C)
     ./scripts/chaos.py /tmp/f [SECONDS] [SEED]  # default 120 s, seed 1
 
-The workload runs as admin, whose quotas it raises first; the log is STATE/chaos.log.
+The workload runs as admin, whose quotas it raises first, and keeps below them (from 30 volumes, or 30 backups, it
+deletes instead of making more); the log is STATE/chaos.log.
 
 With EMBER_CHAOS_COMPUTE=1 the compute agent joins in (libvirtd must answer: `./scripts/libvirtd.sh start`;
 the project's instance image must be built: tests/realkernel/instance-image.sh): the workload also boots up to
@@ -57,6 +58,9 @@ TRANSITIONAL = {"creating", "deleting", "extending", "restoring-backup", "backin
 INSTANCE_IMAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target", "realkernel", "instance",
                               "root.raw")
 MAX_INSTANCES = 3
+# Volumes, and backups: from this many on (of the quota's 40 each) the workload deletes instead of making more,
+# so that a long soak keeps making, restoring and deleting rather than being refused by its quota.
+CROWDED = 30
 SETTLE_SECONDS = 180
 
 env = dict(os.environ, EMBER_CLI_CONFIG=f"{STATE}/cli.toml")
@@ -125,17 +129,24 @@ def one_step(r):
     if COMPUTE:
         ops += ["boot", "attach", "attach", "detach", "detach", "delete_instance"]
     op = r.choice(ops)
+    volumes, snapshots, all_backups = listed("volume"), listed("snapshot"), listed("backup")
+    if op in ("create", "create_image", "clone", "restore") and len(volumes) >= CROWDED:
+        op = "delete_volume"
+    if op in ("backup", "incremental") and len(all_backups) >= CROWDED:
+        op = "delete_backup"
     if op == "create":
         ember("volume", "create", "--size", "1")
         return
     if op == "create_image":
         ember("volume", "create", "--size", "1", "--image", f"{STATE}/images/chaos-seed.raw")
         return
-    volumes, snapshots = listed("volume"), listed("snapshot")
     usable = [v for v in volumes if v["status"] == "available"]
     broken = [v for v in volumes if v["status"].startswith("error")]
     snaps = [s for s in snapshots if s["status"] == "available"]
-    backups = [b for b in listed("backup") if b["status"] == "available"]
+    backups = [b for b in all_backups if b["status"] == "available"]
+    # A backup that an incremental builds on is refused deletion: the workload picks among the others.
+    parents = {b.get("parent_id") for b in all_backups}
+    leaves = [b for b in backups if b["id"] not in parents]
     if op in ("boot", "attach", "detach", "delete_instance"):
         compute_step(r, op, usable)
     elif op == "snapshot" and usable:
@@ -151,8 +162,8 @@ def one_step(r):
         ember("volume", "delete", r.choice(broken or usable)["id"], "--cascade")
     elif op == "delete_snapshot" and snaps:
         ember("snapshot", "delete", r.choice(snaps)["id"])
-    elif op == "delete_backup" and backups:
-        ember("backup", "delete", r.choice(backups)["id"])
+    elif op == "delete_backup" and leaves:
+        ember("backup", "delete", r.choice(leaves)["id"])
     elif op == "extend" and usable:
         v = r.choice(usable)
         ember("volume", "extend", v["id"], str(v["size_gb"] + 1))
