@@ -17,6 +17,9 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 IMAGE=${EMBER_GUEST_CACHE:-$HERE/../../target/realkernel}/out
 [ -f "$IMAGE/initramfs.cpio" ] || { echo "no guest image in $IMAGE: run build-guest.sh" >&2; exit 2; }
 mkdir -p "$OUTDIR"
+# A run killed outright (SIGKILL skips the trap below) leaves its working directory behind; sweep those of
+# runs long over (a run lasts at most the tier's 50-minute budget), so that they do not pile up on the disk.
+find /tmp -maxdepth 1 -type d -name 'ember-guest.*' -mmin +180 -exec rm -rf {} + 2>/dev/null || true
 WORK=$(mktemp -d /tmp/ember-guest.XXXXXX)
 qemu_pid=
 cleanup() {
