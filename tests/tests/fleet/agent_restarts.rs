@@ -7,7 +7,7 @@
 
 use ember_fleet_tests::backups::{OneSite, fill, repository_toml, sha256};
 use ember_fleet_tests::volumes::{new_snapshot, new_volume, wait_backend, wait_volume};
-use ember_fleet_tests::{Fleet, wait_for};
+use ember_fleet_tests::{Daemon, Fleet, wait_for};
 use ember_proto::v1::backup_service_client::BackupServiceClient;
 use ember_proto::v1::snapshot_service_client::SnapshotServiceClient;
 use ember_proto::v1::volume_service_client::VolumeServiceClient;
@@ -79,14 +79,7 @@ async fn a_clone_whose_storage_agent_dies_mid_call_waits_for_it_and_is_whole() {
     let snapshot = new_snapshot(&SnapshotServiceClient::new(fleet.admin()), &source.id).await;
     fill(&source_file, 1 << 20, 18, 3 << 20); // the volume moves on; the clone is of the snapshot
 
-    storage.kill();
-    let mut dying = fleet.start_agent_with(
-        "storage",
-        "storage1",
-        &backend,
-        &[("EMBER_FAILPOINTS", "storage.abort_in_create_volume")],
-    );
-    dying.wait_registered().await;
+    let mut dying = storage1_dying_at(&fleet, &backend, &mut storage, "storage.abort_in_create_volume").await;
     let clone = CreateVolumeRequest { size_gb: 1, snapshot_id: snapshot.id.clone(), ..Default::default() };
     let v = volumes.clone().create_volume(clone).await.unwrap().into_inner();
     assert!(!dying.wait_exit(Duration::from_secs(60)).success(), "the agent died in the create");
@@ -139,15 +132,8 @@ async fn a_backup_whose_storage_agent_dies_mid_backup_is_made_once_the_storage_a
     let site = OneSite::start_on(patient_fleet(), &[]).await;
     let (volumes, backups, source, source_file) = source_volume(&site).await;
     let OneSite { fleet, backend, dir, storage: mut storage1, backup1: _backup1, .. } = site;
-    storage1.kill();
     // The storage agent aborts as it sends a volume's first data.
-    let mut dying = fleet.start_agent_with(
-        "storage",
-        "storage1",
-        &backend,
-        &[("EMBER_FAILPOINTS", "storage.abort_in_read_volume")],
-    );
-    dying.wait_registered().await;
+    let mut dying = storage1_dying_at(&fleet, &backend, &mut storage1, "storage.abort_in_read_volume").await;
     let create = CreateBackupRequest { volume_id: source.id.clone(), ..Default::default() };
     let b = backups.clone().create_backup(create).await.unwrap().into_inner();
     assert!(!dying.wait_exit(Duration::from_secs(60)).success(), "the storage agent died sending data");
@@ -272,12 +258,10 @@ async fn restores_whose_storage_agent_dies_mid_restore_finish_whole_once_it_is_b
     let existing = new_volume(&volumes, 1).await;
     fill(&dir.join(format!("volume-{}", existing.id)), 0, 7, 12 << 20); // what the restore must overwrite
     // The storage agent aborts as it receives a restore's first data.
-    let dies_writing = [("EMBER_FAILPOINTS", "storage.abort_in_write_volume")];
+    let dies_writing = "storage.abort_in_write_volume";
     let gone = "went away mid-restore";
 
-    storage1.kill();
-    let mut dying = fleet.start_agent_with("storage", "storage1", &backend, &dies_writing);
-    dying.wait_registered().await;
+    let mut dying = storage1_dying_at(&fleet, &backend, &mut storage1, dies_writing).await;
     let onto = RestoreBackupRequest { backup_id: b.id.clone(), volume_id: existing.id.clone(), ..Default::default() };
     backups.clone().restore_backup(onto).await.unwrap();
     assert!(!dying.wait_exit(Duration::from_secs(60)).success(), "the storage agent died in the restore");
@@ -288,9 +272,7 @@ async fn restores_whose_storage_agent_dies_mid_restore_finish_whole_once_it_is_b
     let done = wait_volume(&volumes, &existing.id, "available").await;
     assert_eq!(done.status_reason, "", "{done:?}");
 
-    storage1.kill();
-    let mut dying = fleet.start_agent_with("storage", "storage1", &backend, &dies_writing);
-    dying.wait_registered().await;
+    let mut dying = storage1_dying_at(&fleet, &backend, &mut storage1, dies_writing).await;
     let restore = RestoreBackupRequest { backup_id: b.id.clone(), ..Default::default() };
     let new = backups.clone().restore_backup(restore).await.unwrap().into_inner();
     assert!(!dying.wait_exit(Duration::from_secs(60)).success(), "the storage agent died in the restore");
@@ -319,4 +301,13 @@ async fn restored_whole(
     for id in volume_ids {
         assert_eq!(sha256(&dir.join(format!("volume-{id}"))), whole, "volume {id} is not whole");
     }
+}
+
+/// Replaces storage agent `storage1` (the process `running`) with one that aborts at failpoint `point`, once it
+/// has registered.
+async fn storage1_dying_at(fleet: &Fleet, backend: &str, running: &mut Daemon, point: &str) -> Daemon {
+    running.kill();
+    let dying = fleet.start_agent_with("storage", "storage1", backend, &[("EMBER_FAILPOINTS", point)]);
+    dying.wait_registered().await;
+    dying
 }
