@@ -697,6 +697,7 @@ impl BackupAgent for BackupService {
         Ok(Response::new(CollectGarbageResponse { chunks_removed: removed, bytes_freed: freed }))
     }
 }
+
 /// What the coordinator hears of a call to the storage agent at `endpoint`, made for a `work` (backup or
 /// restore), that ended in `status`. One cut short (the agent died mid-way, or the link broke) or refused (it
 /// restarts) is UNAVAILABLE, which the coordinator waits out and asks again, for the whole work: a backup

@@ -186,8 +186,7 @@ pub async fn create_flow(ctx: &Arc<Ctx>, mut op: Op) -> Result<Outcome> {
             };
             finish_create(ctx, &op, &b, &v, temp.as_deref(), Err(why)).await
         }
-        // The agent's own refusal, or a call cut short (the agent died mid-backup): either way, the reason names
-        // the agent, whose log says more.
+        // The agent's own refusal: the reason names the agent, whose log says more.
         Err(s) => {
             let why = format!("backup agent {}: {}", b.host, s.message());
             finish_create(ctx, &op, &b, &v, temp.as_deref(), Err(why)).await
