@@ -13,11 +13,13 @@ state=${EMBER_STATE:-$root/.ember-dev}
 port=${EMBER_PORT:-7000}
 
 ./scripts/install-deps.sh
+# EMBER_FLEET_BUILT=1: the caller built the binaries already (the test suite, whose other tests run them while
+# this runs: a rebuild here would replace them under those tests).
 if [ "${EMBER_RELEASE:-}" = 1 ]; then
-  cargo build --workspace --bins --locked --release
+  [ "${EMBER_FLEET_BUILT:-}" = 1 ] || cargo build --workspace --bins --locked --release
   bin=$root/target/release
 else
-  cargo build --workspace --bins --locked
+  [ "${EMBER_FLEET_BUILT:-}" = 1 ] || cargo build --workspace --bins --locked
   bin=$root/target/debug
 fi
 

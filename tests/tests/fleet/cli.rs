@@ -85,6 +85,7 @@ async fn readme_fleet_script_starts_a_working_fleet_and_stops_on_ctrl_c() {
         .arg(format!("{root}/scripts/fleet.sh"))
         .env("EMBER_STATE", state.path())
         .env("EMBER_PORT", port.to_string())
+        .env("EMBER_FLEET_BUILT", "1")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
